@@ -5,12 +5,12 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <map>
 #include <mutex>
 
 #include "ferry/io.h"
 #include "io/descriptors.h"
+#include "util/fs.h"
 
 namespace ferry {
 namespace {
@@ -36,8 +36,7 @@ FileDescriptors open_descriptors(const std::string& path, OpenMode mode, bool tr
     throw IoException(whole_file_error(errno, mode == OpenMode::kRead ? IoOp::kRead : IoOp::kWrite,
                                        path));
   }
-  std::string directory = std::filesystem::path(path).parent_path().string();
-  if (try_direct && supports_direct_io(directory.empty() ? "." : directory)) {
+  if (try_direct && supports_direct_io(fs::parent_directory(path))) {
     fds.direct = ::open(path.c_str(), (flags & ~O_CREAT) | O_DIRECT);
   }
   return fds;
@@ -128,7 +127,7 @@ std::unique_ptr<StripedFile> StripedFile::open(Env& env, const std::vector<std::
               " bytes is invalid: it must be a positive multiple of ", kIoAlignment);
   std::vector<std::unique_ptr<File>> members;
   for (const std::string& directory : directories) {
-    FERRY_CHECK(std::filesystem::is_directory(directory), "NVMe directory '", directory,
+    FERRY_CHECK(fs::is_directory(directory), "NVMe directory '", directory,
                 "' does not exist or is not a directory; create it or pass another one");
     members.push_back(env.open(directory + "/" + name, mode, try_direct));
   }

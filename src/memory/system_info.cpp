@@ -3,13 +3,13 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-#include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include "ferry/io.h"
 #include "ferry/memory.h"
 #include "ferry/system.h"
+#include "util/fs.h"
 
 #if FERRY_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -100,7 +100,7 @@ HostTierInfo probe_host_tier() {
 DiskTierInfo probe_disk_tier(const std::string& directory) {
   DiskTierInfo info;
   info.directory = directory;
-  info.exists = std::filesystem::is_directory(directory);
+  info.exists = fs::is_directory(directory);
   if (!info.exists) return info;
   struct statvfs vfs{};
   if (statvfs(directory.c_str(), &vfs) == 0) {
