@@ -94,6 +94,13 @@ struct AdagradParams {
   double eps = 1e-10;
 };
 
+// Throw ferry::Error naming the bad value and the valid range (lr < 0, a beta outside [0, 1),
+// eps <= 0, ...). The step functions call them; so do the torch::optim adapters at construction.
+void check_params(const AdamWParams& params);
+void check_params(const AdamParams& params);
+void check_params(const SgdParams& params);
+void check_params(const AdagradParams& params);
+
 StepReport adamw_step(const AdamWParams& params, const StepContext& context, FloatSpan master,
                       FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad,
                       OutputSpan out = {});

@@ -110,6 +110,44 @@ StepReport run_step(const StepContext& context, const GradSpan& grad, const Tile
 
 }  // namespace
 
+void check_params(const AdamWParams& params) {
+  constexpr const char* kName = "AdamW";
+  check_at_least_zero(kName, "lr", params.lr);
+  check_beta(kName, "beta1", params.beta1);
+  check_beta(kName, "beta2", params.beta2);
+  check_eps(kName, params.eps);
+  check_at_least_zero(kName, "weight_decay", params.weight_decay);
+}
+
+void check_params(const AdamParams& params) {
+  constexpr const char* kName = "Adam";
+  check_at_least_zero(kName, "lr", params.lr);
+  check_beta(kName, "beta1", params.beta1);
+  check_beta(kName, "beta2", params.beta2);
+  check_eps(kName, params.eps);
+  check_at_least_zero(kName, "weight_decay", params.weight_decay);
+}
+
+void check_params(const SgdParams& params) {
+  constexpr const char* kName = "SGD";
+  check_at_least_zero(kName, "lr", params.lr);
+  check_at_least_zero(kName, "momentum", params.momentum);
+  check_at_least_zero(kName, "weight_decay", params.weight_decay);
+  FERRY_CHECK(std::isfinite(params.dampening), kName, ": dampening = ", params.dampening,
+              " is invalid; it must be finite");
+  FERRY_CHECK(!params.nesterov || (params.momentum > 0 && params.dampening == 0), kName,
+              ": nesterov needs momentum > 0 and dampening = 0, got momentum = ", params.momentum,
+              " and dampening = ", params.dampening);
+}
+
+void check_params(const AdagradParams& params) {
+  constexpr const char* kName = "Adagrad";
+  check_at_least_zero(kName, "lr", params.lr);
+  check_at_least_zero(kName, "lr_decay", params.lr_decay);
+  check_at_least_zero(kName, "weight_decay", params.weight_decay);
+  check_eps(kName, params.eps);
+}
+
 StepReport adamw_step(const AdamWParams& params, const StepContext& context, FloatSpan master,
                       FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad, OutputSpan out) {
   constexpr const char* kOp = "adamw_step";
@@ -117,11 +155,7 @@ StepReport adamw_step(const AdamWParams& params, const StepContext& context, Flo
   check_span(kOp, "exp_avg", exp_avg.data, exp_avg.size, master.size);
   check_span(kOp, "exp_avg_sq", exp_avg_sq.data, exp_avg_sq.size, master.size);
   check_context(kOp, context);
-  check_at_least_zero(kOp, "lr", params.lr);
-  check_beta(kOp, "beta1", params.beta1);
-  check_beta(kOp, "beta2", params.beta2);
-  check_eps(kOp, params.eps);
-  check_at_least_zero(kOp, "weight_decay", params.weight_decay);
+  check_params(params);
 
   detail::AdamConstants c =
       adam_constants(params.lr, params.beta1, params.beta2, params.eps, context);
@@ -138,11 +172,7 @@ StepReport adam_step(const AdamParams& params, const StepContext& context, Float
   check_span(kOp, "exp_avg", exp_avg.data, exp_avg.size, master.size);
   check_span(kOp, "exp_avg_sq", exp_avg_sq.data, exp_avg_sq.size, master.size);
   check_context(kOp, context);
-  check_at_least_zero(kOp, "lr", params.lr);
-  check_beta(kOp, "beta1", params.beta1);
-  check_beta(kOp, "beta2", params.beta2);
-  check_eps(kOp, params.eps);
-  check_at_least_zero(kOp, "weight_decay", params.weight_decay);
+  check_params(params);
 
   detail::AdamConstants c =
       adam_constants(params.lr, params.beta1, params.beta2, params.eps, context);
@@ -157,14 +187,7 @@ StepReport sgd_step(const SgdParams& params, const StepContext& context, FloatSp
   constexpr const char* kOp = "sgd_step";
   check_spans(kOp, master, grad, out);
   check_context(kOp, context);
-  check_at_least_zero(kOp, "lr", params.lr);
-  check_at_least_zero(kOp, "momentum", params.momentum);
-  check_at_least_zero(kOp, "weight_decay", params.weight_decay);
-  FERRY_CHECK(std::isfinite(params.dampening), kOp, ": dampening = ", params.dampening,
-              " is invalid; it must be finite");
-  FERRY_CHECK(!params.nesterov || (params.momentum > 0 && params.dampening == 0), kOp,
-              ": nesterov needs momentum > 0 and dampening = 0, got momentum = ", params.momentum,
-              " and dampening = ", params.dampening);
+  check_params(params);
   const bool use_momentum = params.momentum != 0;
   if (use_momentum) {
     check_span(kOp, "momentum_buffer", momentum_buffer.data, momentum_buffer.size, master.size);
@@ -190,10 +213,7 @@ StepReport adagrad_step(const AdagradParams& params, const StepContext& context,
   check_spans(kOp, master, grad, out);
   check_span(kOp, "state_sum", state_sum.data, state_sum.size, master.size);
   check_context(kOp, context);
-  check_at_least_zero(kOp, "lr", params.lr);
-  check_at_least_zero(kOp, "lr_decay", params.lr_decay);
-  check_at_least_zero(kOp, "weight_decay", params.weight_decay);
-  check_eps(kOp, params.eps);
+  check_params(params);
 
   detail::AdagradConstants c{};
   c.grad_multiplier = grad_multiplier(context);

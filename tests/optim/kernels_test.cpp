@@ -407,7 +407,7 @@ TEST_CASE("bad arguments name the value and what would be valid", "[optim][error
   REQUIRE_THROWS_WITH(adamw(good, context, m, grad, {}), Catch::Contains("clip_coef inf is invalid"));
 
   REQUIRE_THROWS_WITH(adam_step(AdamParams{1e-3, 0.9, 0.999, -1e-8, 0}, {}, master, m, v, grad),
-                      Catch::Contains("adam_step: eps = -1e-08 is invalid"));
+                      Catch::Contains("Adam: eps = -1e-08 is invalid"));
   REQUIRE_THROWS_WITH(sgd_step(SgdParams{0.1, 0.0, 0.0, 0.0, true}, {}, master, {}, grad),
                       Catch::Contains("nesterov needs momentum > 0 and dampening = 0"));
   REQUIRE_THROWS_WITH(sgd_step(SgdParams{0.1, 0.9, 0.0, 0.0, false}, {}, master, {}, grad),
