@@ -18,7 +18,7 @@ constexpr int64_t kDim = 16;
 class EmbeddingStem : public ferry::Stem {
  public:
   EmbeddingStem() {
-    weight_ = register_parameter("embed.weight", torch::randn({kVocab, kDim}) * 0.1);
+    weight_ = register_parameter("embedding", torch::randn({kVocab, kDim}) * 0.1);
   }
   torch::Tensor forward(const torch::Tensor& tokens, const ferry::StepContext&) override {
     return weight_.index({tokens});
