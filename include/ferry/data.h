@@ -1,0 +1,198 @@
+#pragma once
+
+// ferry's data layer: token sources, a byte-level tokenizer, a loader that packs or pads
+// examples into batches with seeded shuffling and an exact resume position, and the built-in
+// demo task with its metrics. It knows nothing of models: the engine hands these batches to
+// whatever layered model it drives. docs/data.md describes the formats.
+//
+// Note: labels follow the Hugging Face convention. They are aligned with input_ids, not
+// shifted: labels[t] is the token at position t, or kIgnoreIndex where it is not to be
+// learned, and the loss compares logits[t - 1] with labels[t].
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace ferry::data {
+
+constexpr int64_t kIgnoreIndex = -100;
+
+// One training example: a document, or a prompt followed by its completion.
+struct Example {
+  std::vector<int64_t> tokens;
+  int64_t prompt_tokens = 0;  // leading tokens that answer-only training never learns
+};
+
+// 256 byte tokens followed by three special tokens. A model with a larger vocabulary trains on
+// these ids unchanged; it simply never sees the ids above kVocabSize.
+class ByteTokenizer {
+ public:
+  static constexpr int64_t kBos = 256;
+  static constexpr int64_t kEos = 257;
+  static constexpr int64_t kPad = 258;
+  static constexpr int64_t kVocabSize = 259;
+
+  std::vector<int64_t> encode(std::string_view text) const;
+  // The inverse of encode: special tokens are dropped, ids outside the vocabulary throw.
+  std::string decode(const std::vector<int64_t>& ids) const;
+
+  // BOS text EOS, with no prompt.
+  Example encode_document(std::string_view text) const;
+  // BOS prompt completion EOS, where BOS and the prompt are the example's prompt tokens.
+  Example encode_prompt_completion(std::string_view prompt, std::string_view completion) const;
+};
+
+// Random access to examples. get() must return a non-empty example for every index below
+// size(), the same one each time, and may be called from one thread at a time.
+class Dataset {
+ public:
+  virtual ~Dataset() = default;
+  virtual int64_t size() const = 0;
+  virtual Example get(int64_t index) const = 0;
+  // Names the source in error messages: its path, or what generated it.
+  virtual const std::string& name() const = 0;
+};
+
+enum class TokenDtype { kUint16, kUint32 };
+
+// ".u32.bin" and ".uint32.bin" hold uint32 tokens; any other ".bin" holds uint16 (nanoGPT's
+// format, enough for vocabularies up to 65536). Throws for a path not ending in ".bin".
+TokenDtype token_dtype_from_path(const std::string& path);
+
+// A flat array of little-endian tokens with no header, memory-mapped. Its examples are
+// consecutive windows of example_tokens tokens; the last one may be shorter. The dtype is
+// token_dtype_from_path(path) unless given.
+std::shared_ptr<const Dataset> open_token_file(const std::string& path, int64_t example_tokens,
+                                               std::optional<TokenDtype> dtype = std::nullopt);
+
+// JSON Lines, byte-tokenized: each non-empty line is an object with a string "text" field (a
+// document), or string "prompt" and "completion" fields (a prompt-completion example).
+std::shared_ptr<const Dataset> open_jsonl(const std::string& path);
+
+// Plain text, byte-tokenized: documents are separated by one or more blank lines.
+std::shared_ptr<const Dataset> open_text(const std::string& path);
+
+// Chooses the source by extension: ".bin" a token file, ".jsonl" JSON Lines, otherwise text.
+std::shared_ptr<const Dataset> open_dataset(const std::string& path, int64_t example_tokens);
+
+// Examples held in memory; none may be empty.
+std::shared_ptr<const Dataset> make_dataset(std::string name, std::vector<Example> examples);
+
+struct LoaderOptions {
+  int64_t batch_size = 8;
+  int64_t sequence_length = 256;
+  // Packing concatenates examples into full rows; an example that does not fit continues at
+  // the start of the next row. Without packing each row holds one example, truncated to
+  // sequence_length or padded to it.
+  bool pack = true;
+  bool answer_only = false;  // labels are kIgnoreIndex on every prompt token
+  bool shuffle = true;       // a new permutation of the examples every epoch
+  uint64_t seed = 0;
+  std::optional<int64_t> vocab_size;  // when set, every token id must be below it
+  int64_t pad_token = ByteTokenizer::kPad;
+};
+
+// All int64 [batch_size, sequence_length].
+struct Batch {
+  at::Tensor input_ids;
+  at::Tensor labels;          // aligned with input_ids; kIgnoreIndex where nothing is learned
+  at::Tensor attention_mask;  // 1 for real tokens, 0 for padding (never 0 when packing)
+  at::Tensor position_ids;    // 0 at each example's start and at each row's start
+};
+
+// Where a loader is in its endless stream of examples, plus what it must match on restore.
+struct LoaderState {
+  int64_t epoch = 0;         // completed passes over the dataset
+  int64_t position = 0;      // index, in this epoch's order, of the next example to read
+  int64_t token_offset = 0;  // tokens of that example already emitted (only when packing)
+  uint64_t seed = 0;
+  bool shuffle = true;
+  int64_t dataset_size = 0;
+
+  std::string to_json() const;
+  static LoaderState from_json(const std::string& json);
+};
+
+// An endless stream of batches: after the last example of an epoch comes the first of the
+// next epoch's order, within the same batch if need be.
+class DataLoader {
+ public:
+  DataLoader(std::shared_ptr<const Dataset> dataset, LoaderOptions options);
+
+  Batch next();
+
+  // The batches after restore(state()) are identical to the ones an uninterrupted loader
+  // gives, also in a new process. Batch size and sequence length may change in between.
+  LoaderState state() const;
+  void restore(const LoaderState& state);
+
+  const LoaderOptions& options() const { return options_; }
+  const Dataset& dataset() const { return *dataset_; }
+
+ private:
+  const Example& current_example();
+  void advance_example();
+  void fill_packed_row(int64_t* tokens, int64_t* labels, int64_t* positions);
+  void fill_padded_row(int64_t* tokens, int64_t* labels, int64_t* mask, int64_t* positions);
+
+  std::shared_ptr<const Dataset> dataset_;
+  LoaderOptions options_;
+  int64_t epoch_ = 0;
+  int64_t position_ = 0;
+  int64_t token_offset_ = 0;
+  std::vector<int64_t> order_;              // this epoch's permutation of the example indices
+  std::optional<Example> current_example_;  // order_[position_], once read
+};
+
+// The built-in fine-tuning task: addition of two numbers of 1 to max_digits digits each,
+// prompt "57+68=" and completion "125". A problem's split follows from a hash of the problem
+// and the seed, so the train and eval problems of one seed never overlap.
+struct AdditionTask {
+  int64_t max_digits = 2;
+  uint64_t seed = 0;
+};
+
+enum class Split { kTrain, kEval };
+
+struct PromptCompletion {
+  std::string prompt;
+  std::string completion;
+};
+
+// count problems of one split, drawn with replacement; the same for the same task and count.
+std::vector<PromptCompletion> addition_problems(const AdditionTask& task, Split split,
+                                                int64_t count);
+
+// The problems byte-tokenized with encode_prompt_completion, for answer-only training.
+std::shared_ptr<const Dataset> addition_dataset(const AdditionTask& task, Split split,
+                                                int64_t count);
+
+// Greedy generation by the model under evaluation: the new token ids after prompt, at most
+// max_new_tokens of them. Generation may stop early at ByteTokenizer::kEos.
+using GenerateFn = std::function<std::vector<int64_t>(const std::vector<int64_t>& prompt,
+                                                      int64_t max_new_tokens)>;
+
+// The fraction of problems whose generated answer, up to its first EOS, is exactly the
+// completion. Each prompt is BOS prompt, as in training.
+double exact_match_accuracy(const std::vector<PromptCompletion>& problems,
+                            const GenerateFn& generate);
+
+struct AnswerAccuracy {
+  double token_accuracy = 0;  // learned positions whose argmax prediction is right
+  double row_accuracy = 0;    // rows with a learned position where every one is right
+  int64_t answer_tokens = 0;
+  int64_t answer_rows = 0;
+};
+
+// Teacher-forced accuracy from one forward pass, without generation: logits [B, T, V] are
+// compared with labels [B, T] shifted by one, as the loss does. With answer-only labels
+// and one problem per row, row_accuracy is the exact-match accuracy under teacher forcing.
+AnswerAccuracy teacher_forced_accuracy(const at::Tensor& logits, const at::Tensor& labels);
+
+}  // namespace ferry::data
