@@ -27,10 +27,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-# Tolerances on max |logit difference| for logits of magnitude O(1..10).
+# Tolerances on max |logit difference|.
 FP32_TOL = 2e-3          # same math, different kernels (SDPA variants, reduction order)
-BF16_TOL = 0.15          # both sides in bf16, rounding at different points
-BF16_RATIO = 2.0         # and ferry-bf16 vs fp32 may be at most this times transformers' own
+BF16_REL_TOL = 0.05      # both in bf16: at most 5% of the largest fp32 logit
+BF16_RATIO = 3.0         # and ferry-bf16 vs fp32 at most 3x transformers' own bf16 error
 ROUNDTRIP_TOL = 1e-5     # identical weights through ferry's writer, transformers both times
 
 VOCAB, SEQ, BATCH = 1000, 24, 2
@@ -130,7 +130,8 @@ def compare_family(name, model_class, config, binary, device, work, rows):
     err32 = max_error(ferry32, hf32)
     rows.append((name, "fp32 ferry vs transformers", err32, FP32_TOL, err32 <= FP32_TOL))
     err16 = max_error(ferry16, hf16)
-    rows.append((name, "bf16 ferry vs transformers", err16, BF16_TOL, err16 <= BF16_TOL))
+    bf16_tol = BF16_REL_TOL * hf32.abs().max().item()
+    rows.append((name, "bf16 ferry vs transformers", err16, bf16_tol, err16 <= bf16_tol))
     own = max_error(hf16, hf32)
     ours = max_error(ferry16, hf32)
     limit = BF16_RATIO * own + 1e-3

@@ -537,17 +537,21 @@ std::string ModelConfig::to_hf_json() const {
       out["rms_norm_eps"] = norm_eps;
       out["hidden_act"] = activation_name(activation);
       out["initializer_range"] = initializer_range;
-      out["rope_theta"] = rope_theta;
-      if (rope_scaling.type == "default") {
-        out["rope_scaling"] = nullptr;
-      } else {
-        out["rope_scaling"] = {
-            {"rope_type", rope_scaling.type},
-            {"factor", rope_scaling.factor},
-            {"low_freq_factor", rope_scaling.low_freq_factor},
-            {"high_freq_factor", rope_scaling.high_freq_factor},
-            {"original_max_position_embeddings", rope_scaling.original_max_position_embeddings}};
+      // Both spellings: transformers 4.x reads rope_theta and rope_scaling, 5.x
+      // rope_parameters; each ignores the other's keys.
+      OrderedJson rope = {{"rope_type", rope_scaling.type}};
+      if (rope_scaling.type != "default") {
+        rope["factor"] = rope_scaling.factor;
       }
+      if (rope_scaling.type == "llama3") {
+        rope["low_freq_factor"] = rope_scaling.low_freq_factor;
+        rope["high_freq_factor"] = rope_scaling.high_freq_factor;
+        rope["original_max_position_embeddings"] = rope_scaling.original_max_position_embeddings;
+      }
+      out["rope_theta"] = rope_theta;
+      out["rope_scaling"] = rope_scaling.type == "default" ? OrderedJson(nullptr) : rope;
+      rope["rope_theta"] = rope_theta;
+      out["rope_parameters"] = rope;
       if (model_type == "llama") {
         out["attention_bias"] = qkv_bias;
         out["mlp_bias"] = mlp_bias;

@@ -328,7 +328,7 @@ void initialize_part(torch::nn::Module& part, const std::vector<ParameterSpec>& 
                      const ModelConfig& config, at::Generator& generator) {
   torch::NoGradGuard no_grad;
   auto named = part.named_parameters();
-  const double std = config.initializer_range;
+  const double init_std = config.initializer_range;
   for (const ParameterSpec& spec : specs) {
     const torch::Tensor* parameter = named.find(spec.name);
     FERRY_CHECK(parameter != nullptr, "cannot initialise '", spec.name,
@@ -336,13 +336,13 @@ void initialize_part(torch::nn::Module& part, const std::vector<ParameterSpec>& 
     torch::Tensor values = torch::empty(spec.shape, torch::kFloat);
     switch (spec.init) {
       case Init::kNormal:
-        values.normal_(0.0, std, generator);
+        values.normal_(0.0, init_std, generator);
         break;
       case Init::kResidualNormal:
-        values.normal_(0.0, std / std::sqrt(2.0 * config.num_layers), generator);
+        values.normal_(0.0, init_std / std::sqrt(2.0 * config.num_layers), generator);
         break;
       case Init::kEmbedding:
-        values.normal_(0.0, std, generator);
+        values.normal_(0.0, init_std, generator);
         if (config.pad_token_id >= 0 && config.pad_token_id < spec.shape[0]) {
           values[config.pad_token_id].zero_();
         }

@@ -135,6 +135,9 @@ TEST_CASE("checkpoint: dtypes convert explicitly on load", "[checkpoint]") {
     CHECK(torch::equal(converted[i], original[i].to(torch::kBFloat16)));
   }
 
+  LayeredModel as_fp16 = models::from_pretrained(fp32_dir.path(), {DType::kF16});
+  CHECK(torch::equal(as_fp16.parameters()[3], original[3].to(torch::kHalf)));
+
   models::save_pretrained(as_bf16, bf16_dir.path());
   CHECK(safetensors::Checkpoint(bf16_dir.path()).tensor("model.embed_tokens.weight").dtype ==
         DType::kBF16);
