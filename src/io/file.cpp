@@ -10,7 +10,7 @@
 
 #include "ferry/io.h"
 #include "io/descriptors.h"
-#include "util/fs.h"
+#include "ferry/fs.h"
 
 namespace ferry {
 namespace {

@@ -9,7 +9,7 @@
 #include "ferry/io.h"
 #include "ferry/memory.h"
 #include "ferry/system.h"
-#include "util/fs.h"
+#include "ferry/fs.h"
 
 #if FERRY_WITH_CUDA
 #include <cuda_runtime_api.h>

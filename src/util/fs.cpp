@@ -1,4 +1,4 @@
-#include "util/fs.h"
+#include "ferry/fs.h"
 
 #include <dirent.h>
 #include <ftw.h>

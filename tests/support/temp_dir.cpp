@@ -2,7 +2,7 @@
 
 #include <cstdlib>
 
-#include "util/fs.h"
+#include "ferry/fs.h"
 
 namespace ferry::testing {
 
