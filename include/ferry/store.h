@@ -55,6 +55,8 @@ struct StoreOptions {
   // fails with BudgetExceeded naming the tier and the shortfall.
   double budget_wait_seconds = 0;
   std::string nvme_file_name = "ferry-store.bin";
+  // Opens the NVMe tier's files; nullptr means Env::posix(). Tests pass a FaultInjectingEnv.
+  Env* env = nullptr;
 };
 
 namespace detail {
@@ -113,6 +115,10 @@ class Store {
   std::size_t size() const;
 
   CopyState state(BundleId id, Tier tier) const;
+  // Whether the copy on `tier` holds the bundle's latest contents. A copy that another tier's
+  // mark_dirty made stale keeps its memory and its state (kReady) but is not up to date: fetch
+  // refreshes it, and it may be evicted or overwritten freely.
+  bool up_to_date(BundleId id, Tier tier) const;
 
   // The GPU or host copy as a flat uint8 tensor of spec.bytes (a view of the bundle's memory:
   // device memory, or the pinned host arena). Throws unless the copy is kReady or kDirty.
