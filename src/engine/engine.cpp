@@ -318,7 +318,6 @@ void Engine::Impl::prepare_gradients(std::size_t index) {
   // The device copy went down to the host in the previous micro-batch: once that copy is done
   // the device gradients start again from zero.
   gradients_down[index].wait();
-  store->mark_dirty(parts[index].grads, Tier::kGpu);
   view(parts[index].grads, Tier::kGpu, compute_dtype, parts[index].numel).zero_();
   gradients_sent[index] = false;
 }
@@ -365,6 +364,7 @@ void Engine::Impl::gradients_ready(std::size_t index) {
   }
   // The previous micro-batch's work on this part reads the host copy we are about to refill.
   if (part_work[index].valid()) part_work[index].wait();
+  store->mark_dirty(parts[index].grads, Tier::kGpu);  // autograd wrote the device copy
   gradients_down[index] = store->write_back(parts[index].grads, Tier::kGpu, Tier::kHost);
   gradients_sent[index] = true;
   const bool update_now = last && !deferred_updates();

@@ -229,7 +229,7 @@ Store::Impl::Impl(const StoreOptions& options_in) : options(options_in) {
   if (options.host_budget_bytes > 0) {
     HostArenaOptions arena_options;
     arena_options.budget_bytes = options.host_budget_bytes;
-    arena_options.chunk_bytes = std::min(kMaxHostChunkBytes, round_up(options.host_budget_bytes));
+    arena_options.chunk_bytes = round_up(std::min(kMaxHostChunkBytes, options.host_budget_bytes));
     arena = std::make_unique<HostArena>(arena_options, io.get());
   }
   extents = std::make_unique<detail::ExtentAllocator>(budget_bytes[index(Tier::kNvme)]);
