@@ -455,9 +455,10 @@ TEST_CASE("bad arguments name the value and what would be valid", "[optim][error
   REQUIRE_THROWS_WITH(set_num_threads(-2), Catch::Contains("thread count -2 is invalid"));
   for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
     if (!isa_supported(isa)) {
-      REQUIRE_THROWS_WITH(set_isa(isa), Catch::Contains("this CPU lacks that ISA"));
+      REQUIRE_THROWS_WITH(set_isa(isa), Catch::Contains("this CPU lacks " + missing_cpu_features(isa)));
     }
   }
+  REQUIRE(missing_cpu_features(Isa::kScalar).empty());
 }
 
 }  // namespace
