@@ -133,6 +133,7 @@ GradStats grad_stats(GradSpan grad);
 enum class Isa : std::uint8_t { kScalar, kAvx2, kAvx512 };
 
 const char* isa_name(Isa isa);
+std::string missing_cpu_features(Isa isa);  // what isa needs that this CPU lacks, "" if none
 bool isa_supported(Isa isa);
 Isa best_isa();
 Isa active_isa();

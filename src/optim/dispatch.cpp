@@ -24,16 +24,28 @@ const char* isa_name(Isa isa) {
   return "unknown";
 }
 
-bool isa_supported(Isa isa) {
+std::string missing_cpu_features(Isa isa) {
+  std::string missing;
+  auto require = [&](bool present, const char* feature) {
+    if (!present) missing += (missing.empty() ? "" : ", ") + std::string(feature);
+  };
   switch (isa) {
-    case Isa::kScalar: return true;
-    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    case Isa::kScalar:
+      break;
+    case Isa::kAvx2:
+      require(__builtin_cpu_supports("avx2"), "avx2");
+      require(__builtin_cpu_supports("f16c"), "f16c");
+      break;
     case Isa::kAvx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl");
+      require(__builtin_cpu_supports("avx512f"), "avx512f");
+      require(__builtin_cpu_supports("avx512bw"), "avx512bw");
+      require(__builtin_cpu_supports("avx512vl"), "avx512vl");
+      break;
   }
-  return false;
+  return missing;
 }
+
+bool isa_supported(Isa isa) { return missing_cpu_features(isa).empty(); }
 
 Isa best_isa() {
   for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
@@ -53,8 +65,9 @@ Isa parse_isa(const std::string& name) {
 namespace {
 
 void check_supported(Isa isa, const char* source) {
-  FERRY_CHECK(isa_supported(isa), source, " asks for the ", isa_name(isa),
-              " optimizer kernels but this CPU lacks that ISA; the best it has is ",
+  const std::string missing = missing_cpu_features(isa);
+  FERRY_CHECK(missing.empty(), source, " asks for the ", isa_name(isa),
+              " optimizer kernels but this CPU lacks ", missing, "; the best it has is ",
               isa_name(best_isa()));
 }
 

@@ -2,7 +2,7 @@
 
 // The update rules, written once over a vector type V and instantiated by each
 // kernels_<isa>.cpp. V provides:
-//   Reg                      a register of kWidth fp32 lanes with + - * / operators
+//   Reg                      a register of kWidth fp32 lanes with + * / operators
 //   kWidth                   lanes per register (1 for the scalar reference)
 //   broadcast(float), sqrt(Reg)
 //   load(const float*, lanes), store(float*, Reg, lanes)            lanes <= kWidth
@@ -17,9 +17,11 @@
 //
 // Note: the operations and their order are those of LibTorch's CPU kernels (for example
 // addcdiv is p + (value * m) / denom), and no step may be fused into an FMA: that is what makes
-// every ISA produce the scalar reference's bits. The ISA files turn contraction off.
+// every ISA produce the scalar reference's bits. The ISA files turn contraction off. Like
+// torch, a zero weight decay adds no term at all (0 * Inf would turn an Inf weight into NaN).
 
 #include <cstdint>
+#include <type_traits>
 
 #include "optim/kernels.h"
 
@@ -76,7 +78,7 @@ void adam_tile(const AdamConstants& c, float* master, float* exp_avg, float* exp
   for_each_register<V>(tile, [&](std::int64_t i, int lanes) {
     Reg p = V::load(master + i, lanes);
     Reg g = load_grad<V, kGrad>(grad, i, lanes) * grad_multiplier;
-    g = g + l2 * p;
+    if (c.l2 != 0) g = g + l2 * p;
     p = p * decay;
     const Reg m = V::load(exp_avg + i, lanes) * beta1 + one_minus_beta1 * g;
     const Reg v = V::load(exp_avg_sq + i, lanes) * beta2 + one_minus_beta2 * g * g;
@@ -100,7 +102,8 @@ void sgd_tile(const SgdConstants& c, float* master, float* momentum_buffer, cons
   const Reg neg_lr = V::broadcast(c.neg_lr);
   for_each_register<V>(tile, [&](std::int64_t i, int lanes) {
     Reg p = V::load(master + i, lanes);
-    Reg d_p = load_grad<V, kGrad>(grad, i, lanes) * grad_multiplier + weight_decay * p;
+    Reg d_p = load_grad<V, kGrad>(grad, i, lanes) * grad_multiplier;
+    if (c.weight_decay != 0) d_p = d_p + weight_decay * p;
     if (c.use_momentum) {
       const Reg buf = c.first_step
                           ? d_p
@@ -125,7 +128,8 @@ void adagrad_tile(const AdagradConstants& c, float* master, float* state_sum, co
   const Reg neg_clr = V::broadcast(c.neg_clr);
   for_each_register<V>(tile, [&](std::int64_t i, int lanes) {
     Reg p = V::load(master + i, lanes);
-    const Reg g = load_grad<V, kGrad>(grad, i, lanes) * grad_multiplier + weight_decay * p;
+    Reg g = load_grad<V, kGrad>(grad, i, lanes) * grad_multiplier;
+    if (c.weight_decay != 0) g = g + weight_decay * p;
     const Reg sum = V::load(state_sum + i, lanes) + g * g;
     const Reg denom = V::sqrt(sum) + eps;
     p = p + neg_clr * g / denom;

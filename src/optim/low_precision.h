@@ -3,6 +3,8 @@
 // Scalar bf16/fp16 <-> fp32 conversions: the reference the vector kernels reproduce bit for bit.
 // Widening is exact; narrowing rounds to nearest-even, overflows to Inf, keeps NaN a (quiet)
 // NaN with its sign and top payload bits, as the F16C / AVX-512 conversion instructions do.
+// c10::BFloat16 and c10::Half round the same way but replace every NaN by one canonical NaN,
+// which the vector instructions do not, hence these.
 //
 // Note: not for the kernels_avx*.cpp files. These are plain inline functions; compiled under an
 // ISA pragma they could be merged by the linker into the scalar path (see kernel_loops.h).

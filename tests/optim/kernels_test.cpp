@@ -239,6 +239,42 @@ TEST_CASE("every vector ISA reproduces the scalar reference bit for bit", "[opti
   }
 }
 
+TEST_CASE("special values reach the low-precision copy the same way on every ISA", "[optim][isa]") {
+  IsaGuard guard;
+  const std::vector<float> specials = {
+      bits_float(0x7FC12345u), bits_float(0xFF812345u),  // NaNs with payloads, one signalling
+      std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+      -0.0f, 1e-45f, -3e-39f, 6e-8f, 3e-8f, 65504.0f, 65519.0f, 65520.0f, 3.4e38f,
+      bits_float(0x3F808000u), bits_float(0x3F818000u)};
+  // lr = 0 leaves the master as it is, so the copy is the rounding of these values.
+  const SgdParams keep{0.0, 0.0, 0.0, 0.0, false};
+  std::vector<float> zero_grad(specials.size(), 0.0f);
+  StepContext context;
+  context.grad_checked_finite = true;
+  for (DType out_dtype : {DType::kBF16, DType::kF16}) {
+    std::vector<float> master = specials;
+    std::vector<std::uint16_t> reference(specials.size());
+    const auto size = static_cast<std::int64_t>(specials.size());
+    set_isa(Isa::kScalar);
+    sgd_step(keep, context, FloatSpan{master.data(), size}, {},
+             GradSpan::f32(zero_grad.data(), size), OutputSpan{reference.data(), size, out_dtype});
+    for (size_t i = 0; i < specials.size(); ++i) {
+      const float widened = out_dtype == DType::kBF16 ? bf16_to_float(reference[i])
+                                                      : f16_to_float(reference[i]);
+      REQUIRE(std::isnan(widened) == std::isnan(specials[i]));
+    }
+    for (Isa isa : vector_isas()) {
+      INFO(isa_name(isa) << ", copy " << dtype_name(out_dtype));
+      std::vector<std::uint16_t> copy(specials.size());
+      master = specials;
+      set_isa(isa);
+      sgd_step(keep, context, FloatSpan{master.data(), size}, {},
+               GradSpan::f32(zero_grad.data(), size), OutputSpan{copy.data(), size, out_dtype});
+      REQUIRE(copy == reference);
+    }
+  }
+}
+
 TEST_CASE("the low-precision copy is the updated master rounded to nearest-even", "[optim]") {
   Problem problem(5000, 3);
   run_algorithm(Algorithm::kAdamW, problem, StepContext{}, DType::kF32,
@@ -419,9 +455,10 @@ TEST_CASE("bad arguments name the value and what would be valid", "[optim][error
   REQUIRE_THROWS_WITH(set_num_threads(-2), Catch::Contains("thread count -2 is invalid"));
   for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
     if (!isa_supported(isa)) {
-      REQUIRE_THROWS_WITH(set_isa(isa), Catch::Contains("this CPU lacks that ISA"));
+      REQUIRE_THROWS_WITH(set_isa(isa), Catch::Contains("this CPU lacks " + missing_cpu_features(isa)));
     }
   }
+  REQUIRE(missing_cpu_features(Isa::kScalar).empty());
 }
 
 }  // namespace
