@@ -97,7 +97,7 @@ struct StepResult {
   double grad_norm = 0;       // before clipping; NaN when the gradients were not finite
   double loss_scale = 1;
   bool skipped = false;       // non-finite gradients (fp16 overflow): nothing was updated
-  std::int64_t tokens = 0;    // tokens with a label, over the step's micro-batches
+  std::int64_t tokens = 0;    // input tokens over the step's micro-batches
 };
 
 // Seconds per phase, accumulated since construction; the residency manager's own statistics

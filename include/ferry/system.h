@@ -32,7 +32,18 @@ struct DiskTierInfo {
   std::string filesystem;
 };
 
+// The CUDA caching allocator's figures for the current device; zeros without CUDA.
+struct GpuMemoryStats {
+  uint64_t allocated_bytes = 0;
+  uint64_t peak_allocated_bytes = 0;  // since the last reset_gpu_peak_memory()
+  uint64_t reserved_bytes = 0;
+};
+
 GpuTierInfo probe_gpu_tier();
+GpuMemoryStats gpu_memory_stats();
+void reset_gpu_peak_memory();
+// Waits for all work queued on the current device; nothing without CUDA.
+void synchronize_gpu();
 HostTierInfo probe_host_tier();
 DiskTierInfo probe_disk_tier(const std::string& directory);
 

@@ -274,8 +274,7 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
   torch::Tensor mask = batch.attention_mask.defined() ? batch.attention_mask.to(config.device)
                                                       : torch::Tensor();
   saved.context = model.make_context(saved.tokens, mask);
-  saved.tokens_with_labels =
-      labels.narrow(1, 1, labels.size(1) - 1).ne(kIgnoreIndex).sum().item<std::int64_t>();
+  saved.token_count = saved.tokens.numel();
 
   const std::size_t block_count = model.num_blocks();
   use_parameters(0);
@@ -351,7 +350,7 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
   gradients_ready(0);
 
   step_loss_sum += loss_value;
-  step_tokens += saved.tokens_with_labels;
+  step_tokens += saved.token_count;
   ++micro_batches;
   stats.backward_seconds += seconds_since(start);
 }

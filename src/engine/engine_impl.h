@@ -47,7 +47,7 @@ struct PendingBackward {
   std::vector<SavedBlock> blocks;
   torch::Tensor head_input;
   torch::Tensor loss;
-  std::int64_t tokens_with_labels = 0;
+  std::int64_t token_count = 0;  // input tokens, padding included
 };
 
 }  // namespace ferry::detail

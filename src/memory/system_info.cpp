@@ -12,6 +12,7 @@
 #include "ferry/fs.h"
 
 #if FERRY_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <cuda_runtime_api.h>
 #endif
 
@@ -74,6 +75,37 @@ GpuTierInfo probe_gpu_tier() {
       "under its own budget";
 #endif
   return info;
+}
+
+GpuMemoryStats gpu_memory_stats() {
+  GpuMemoryStats stats;
+#if FERRY_WITH_CUDA
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return stats;
+  constexpr size_t all = 0;  // StatType::AGGREGATE: every pool
+  auto device_stats =
+      c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  stats.allocated_bytes = static_cast<uint64_t>(device_stats.allocated_bytes[all].current);
+  stats.peak_allocated_bytes = static_cast<uint64_t>(device_stats.allocated_bytes[all].peak);
+  stats.reserved_bytes = static_cast<uint64_t>(device_stats.reserved_bytes[all].current);
+#endif
+  return stats;
+}
+
+void reset_gpu_peak_memory() {
+#if FERRY_WITH_CUDA
+  int device = 0;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  }
+#endif
+}
+
+void synchronize_gpu() {
+#if FERRY_WITH_CUDA
+  int count = 0;
+  if (cudaGetDeviceCount(&count) == cudaSuccess && count > 0) cudaDeviceSynchronize();
+#endif
 }
 
 HostTierInfo probe_host_tier() {

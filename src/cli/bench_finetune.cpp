@@ -1,0 +1,188 @@
+// `ferry bench finetune`: tokens/s, model TFLOPS (6 x parameters x tokens / s) and peak GPU
+// memory of ferry's modes on one model shape, against a plain LibTorch loop over the same model
+// in the same run (the whole model on the device in bf16: one autograd graph, torch's fused
+// AdamW where the LibTorch version has it).
+
+#include <chrono>
+#include <cstdio>
+#include <cxxopts.hpp>
+#include <iostream>
+#include <optional>
+
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include "cli/command.h"
+#include "ferry/engine.h"
+#include "ferry/memory.h"
+#include "ferry/model.h"
+#include "ferry/system.h"
+
+namespace ferry::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Figures {
+  std::string what;
+  std::int64_t batch = 0;
+  double seconds_per_step = 0;
+  double tokens_per_s = 0;
+  double tflops = 0;
+  std::uint64_t peak_bytes = 0;
+  std::string note;
+};
+
+data::Batch random_batch(std::int64_t batch, std::int64_t seq, std::int64_t vocab, std::uint64_t seed) {
+  torch::Generator generator = at::detail::createCPUGenerator(seed);
+  data::Batch out;
+  out.input_ids = torch::randint(vocab, {batch, seq}, generator, torch::kLong);
+  out.labels = out.input_ids.clone();
+  out.attention_mask = torch::ones({batch, seq}, torch::kLong);
+  return out;
+}
+
+// Runs `step` warmup times, then times `steps` of them with the device drained around the timing.
+template <typename Step>
+double seconds_per_step(int warmup, int steps, Step step) {
+  for (int i = 0; i < warmup; ++i) step(i);
+  synchronize_gpu();
+  auto start = Clock::now();
+  for (int i = 0; i < steps; ++i) step(warmup + i);
+  synchronize_gpu();
+  return std::chrono::duration<double>(Clock::now() - start).count() / steps;
+}
+
+Figures finish(Figures figures, const models::ModelConfig& config, std::int64_t seq) {
+  const double tokens = static_cast<double>(figures.batch * seq);
+  figures.tokens_per_s = tokens / figures.seconds_per_step;
+  figures.tflops = 6.0 * static_cast<double>(config.parameter_count()) * figures.tokens_per_s / 1e12;
+  figures.peak_bytes = gpu_memory_stats().peak_allocated_bytes;
+  return figures;
+}
+
+Figures run_plain_libtorch(const models::ModelConfig& config, torch::Device device,
+                           std::int64_t batch, std::int64_t seq, int warmup, int steps) {
+  reset_gpu_peak_memory();
+  LayeredModel model = models::build(config, 1);
+  model.to(device, torch::kBFloat16);
+  std::vector<torch::Tensor> params = model.parameters();
+  Figures figures{"plain LibTorch, bf16", batch};
+  std::vector<data::Batch> batches;
+  for (int i = 0; i < 2; ++i) batches.push_back(random_batch(batch, seq, config.vocab_size, i));
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+  std::vector<torch::Tensor> exp_avg, exp_avg_sq, grads, state_steps;
+  for (const torch::Tensor& p : params) {
+    exp_avg.push_back(torch::zeros_like(p));
+    exp_avg_sq.push_back(torch::zeros_like(p));
+    state_steps.push_back(torch::zeros({}, p.options().dtype(torch::kFloat)));
+  }
+  figures.note = "at::_fused_adamw_";
+  auto optimizer_step = [&] {
+    torch::NoGradGuard no_grad;
+    grads.clear();
+    for (const torch::Tensor& p : params) grads.push_back(p.grad());
+    for (torch::Tensor& s : state_steps) s.add_(1);
+    at::_fused_adamw_(params, grads, exp_avg, exp_avg_sq, {}, state_steps, 1e-5, 0.9, 0.999, 0.0,
+                      1e-8, false, false);
+  };
+#else
+  torch::optim::AdamW adamw(params, torch::optim::AdamWOptions(1e-5).weight_decay(0.0));
+  figures.note = "torch::optim::AdamW";
+  auto optimizer_step = [&] { adamw.step(); };
+#endif
+  figures.seconds_per_step = seconds_per_step(warmup, steps, [&](int i) {
+    const data::Batch& b = batches[static_cast<size_t>(i) % batches.size()];
+    torch::Tensor tokens = b.input_ids.to(device);
+    torch::Tensor loss = model.loss(model.forward(tokens), b.labels.to(device));
+    loss.backward();
+    optimizer_step();
+    for (torch::Tensor& p : params) p.mutable_grad() = torch::Tensor();
+  });
+  return finish(figures, config, seq);
+}
+
+Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device device,
+                  std::int64_t batch, std::int64_t seq, int warmup, int steps) {
+  reset_gpu_peak_memory();
+  EngineConfig engine_config;
+  engine_config.mode = mode;
+  engine_config.precision = Precision::kBF16;
+  engine_config.device = device;
+  engine_config.optimizer.lr = 1e-5;
+  engine_config.keep_graph_blocks = config.num_layers;  // no recomputation, like the baseline
+  Engine engine(models::build(config, 1), engine_config);
+  std::vector<data::Batch> batches;
+  for (int i = 0; i < 2; ++i) batches.push_back(random_batch(batch, seq, config.vocab_size, i));
+  Figures figures{std::string("ferry ") + to_string(mode) + ", bf16", batch};
+  figures.seconds_per_step = seconds_per_step(warmup, steps, [&](int i) {
+    engine.train_step(batches[static_cast<size_t>(i) % batches.size()]);
+  });
+  EngineStats stats = engine.stats();
+  char note[128];
+  std::snprintf(note, sizeof note, "optimizer %.0f ms/step, waited %.0f ms/step",
+                1e3 * stats.optimizer_seconds / (warmup + steps),
+                1e3 * stats.optimizer_wait_seconds / (warmup + steps));
+  figures.note = note;
+  return finish(figures, config, seq);
+}
+
+int run_bench_finetune(int argc, char** argv) {
+  cxxopts::Options options(argv[0], "Measure ferry's modes against a plain LibTorch loop");
+  options.add_options()
+      ("model", "preset", cxxopts::value<std::string>()->default_value("llama-1.3b"))
+      ("modes", "ferry modes", cxxopts::value<std::vector<std::string>>()->default_value("gpu,zero-offload"))
+      ("batches", "batch sizes", cxxopts::value<std::vector<std::int64_t>>()->default_value("8,16"))
+      ("seq", "sequence length", cxxopts::value<std::int64_t>()->default_value("1024"))
+      ("warmup", "untimed steps", cxxopts::value<int>()->default_value("2"))
+      ("steps", "timed steps", cxxopts::value<int>()->default_value("5"))
+      ("baseline", "also run the plain LibTorch loop", cxxopts::value<bool>()->default_value("true"))
+      ("h,help", "show this help");
+  auto args = options.parse(argc, argv);
+  if (args.count("help")) {
+    std::cout << options.help() << "\n";
+    return 0;
+  }
+  const models::ModelConfig config = models::preset(args["model"].as<std::string>());
+  const torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+  const std::int64_t seq = args["seq"].as<std::int64_t>();
+  const int warmup = args["warmup"].as<int>();
+  const int steps = args["steps"].as<int>();
+  std::printf("bench finetune: %s (%.2fB parameters), sequence %lld, on %s, %s\n",
+              args["model"].as<std::string>().c_str(), static_cast<double>(config.parameter_count()) / 1e9,
+              static_cast<long long>(seq), device.str().c_str(), probe_gpu_tier().description.c_str());
+  std::printf("| %-28s | %5s | %8s | %9s | %7s | %9s | %8s | %s\n", "run", "batch", "s/step",
+              "tokens/s", "TFLOPS", "peak GPU", "vs plain", "notes");
+  for (std::int64_t batch : args["batches"].as<std::vector<std::int64_t>>()) {
+    std::optional<Figures> baseline;
+    auto print = [&](const Figures& f) {
+      std::string ratio = baseline ? std::to_string(f.tokens_per_s / baseline->tokens_per_s).substr(0, 4) + "x" : "";
+      std::printf("| %-28s | %5lld | %8.3f | %9.0f | %7.1f | %9s | %8s | %s\n", f.what.c_str(),
+                  static_cast<long long>(f.batch), f.seconds_per_step, f.tokens_per_s, f.tflops,
+                  format_bytes(f.peak_bytes).c_str(), ratio.c_str(), f.note.c_str());
+      std::fflush(stdout);
+    };
+    if (args["baseline"].as<bool>()) {
+      try {
+        baseline = run_plain_libtorch(config, device, batch, seq, warmup, steps);
+        print(*baseline);
+      } catch (const std::exception& error) {
+        std::printf("| plain LibTorch, bf16 | %lld | failed: %s\n", static_cast<long long>(batch), error.what());
+      }
+    }
+    for (const std::string& mode : args["modes"].as<std::vector<std::string>>()) {
+      try {
+        print(run_ferry(config, parse_mode(mode), device, batch, seq, warmup, steps));
+      } catch (const std::exception& error) {
+        std::printf("| ferry %s | %lld | failed: %s\n", mode.c_str(), static_cast<long long>(batch), error.what());
+      }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+FERRY_CLI_COMMAND("bench finetune", "tokens/s, TFLOPS and peak GPU memory of ferry's modes vs plain LibTorch", run_bench_finetune);
+
+}  // namespace ferry::cli
