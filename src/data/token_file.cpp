@@ -75,7 +75,8 @@ class TokenFileDataset final : public Dataset {
   int64_t size() const override { return (total_tokens_ + example_tokens_ - 1) / example_tokens_; }
 
   Example get(int64_t index) const override {
-    FERRY_ASSERT(index >= 0 && index < size(), "example ", index, " of ", name_);
+    FERRY_CHECK(index >= 0 && index < size(), "example index ", index, " of ", name_,
+                " is out of range: valid are 0 to ", size() - 1);
     int64_t begin = index * example_tokens_;
     int64_t end = std::min(begin + example_tokens_, total_tokens_);
     Example example;
