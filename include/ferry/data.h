@@ -151,8 +151,10 @@ class DataLoader {
 };
 
 // The built-in fine-tuning task: addition of two numbers of 1 to max_digits digits each,
-// prompt "57+68=" and completion "125". A problem's split follows from a hash of the problem
-// and the seed, so the train and eval problems of one seed never overlap.
+// written with leading zeros to a fixed width: with max_digits 2, prompt "07+68=" and
+// completion "075". Every digit then has a fixed position, which a small model learns in a
+// few hundred steps (docs/data.md). A problem's split follows from a hash of the problem and
+// the seed, so the train and eval problems of one seed never overlap.
 struct AdditionTask {
   int64_t max_digits = 2;
   uint64_t seed = 0;
