@@ -115,6 +115,10 @@ TEST_CASE("bad token files name the file and the problem") {
                     Contains("multiple of 4") && Contains("uint32"));
   CHECK_THROWS_WITH(ferry::data::open_token_file(dir.file("odd.bin"), 0),
                     Contains("example_tokens") && Contains("at least 1"));
+  CHECK_THROWS_WITH(ferry::data::open_token_file(dir.subdir("folder.bin"), 4),
+                    Contains("folder.bin is not a regular file"));
+  write_file(dir.file("empty.bin"), "");
+  CHECK(ferry::data::open_token_file(dir.file("empty.bin"), 4)->size() == 0);
 }
 
 TEST_CASE("JSON Lines hold documents and prompt-completion pairs") {
