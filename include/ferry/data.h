@@ -185,6 +185,13 @@ using GenerateFn = std::function<std::vector<int64_t>(const std::vector<int64_t>
 double exact_match_accuracy(const std::vector<PromptCompletion>& problems,
                             const GenerateFn& generate);
 
+// The same for several prompts per call, at most batch_size, answered in order. The addition
+// task's prompts all have one length, so they batch without padding.
+using BatchGenerateFn = std::function<std::vector<std::vector<int64_t>>(
+    const std::vector<std::vector<int64_t>>& prompts, int64_t max_new_tokens)>;
+double exact_match_accuracy(const std::vector<PromptCompletion>& problems,
+                            const BatchGenerateFn& generate, int64_t batch_size);
+
 struct AnswerAccuracy {
   double token_accuracy = 0;  // learned positions whose argmax prediction is right
   double row_accuracy = 0;    // rows with a learned position where every one is right

@@ -128,6 +128,32 @@ TEST_CASE("exact-match accuracy is 1 for the right answers and 0 for wrong ones"
                     Contains("more than the"));
 }
 
+TEST_CASE("batched exact-match accuracy answers every prompt once, in order") {
+  auto problems = ferry::data::addition_problems({2, 3}, Split::kEval, 40);
+  std::vector<int64_t> batch_sizes;
+  auto batched = [&](const std::vector<std::vector<int64_t>>& prompts, int64_t max_new_tokens) {
+    batch_sizes.push_back(static_cast<int64_t>(prompts.size()));
+    std::vector<std::vector<int64_t>> answers;
+    for (const auto& prompt : prompts) {
+      answers.push_back(oracle(0)(prompt, max_new_tokens));
+    }
+    return answers;
+  };
+  CHECK(ferry::data::exact_match_accuracy(problems, batched, 7) == 1.0);
+  CHECK(batch_sizes == std::vector<int64_t>{7, 7, 7, 7, 7, 5});
+
+  auto one_answer_short = [&](const std::vector<std::vector<int64_t>>& prompts,
+                              int64_t max_new_tokens) {
+    auto answers = batched(prompts, max_new_tokens);
+    answers.pop_back();
+    return answers;
+  };
+  CHECK_THROWS_WITH(ferry::data::exact_match_accuracy(problems, one_answer_short, 4),
+                    Contains("3 answers for 4 prompts"));
+  CHECK_THROWS_WITH(ferry::data::exact_match_accuracy(problems, batched, 0),
+                    Contains("batch_size is 0"));
+}
+
 TEST_CASE("teacher-forced accuracy compares logits at t - 1 with labels at t") {
   constexpr int64_t kIgnore = ferry::data::kIgnoreIndex;
   // Two rows of four positions; row 0 learns positions 2 and 3, row 1 learns position 3.
