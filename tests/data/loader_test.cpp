@@ -237,6 +237,15 @@ TEST_CASE("the example stream does not depend on the batch size") {
   CHECK(pairs.state().to_json() == triples.state().to_json());
 }
 
+TEST_CASE("a padding loader restored mid-example continues with the rest of it") {
+  DataLoader packing(three_examples(), in_order(1, 4, /*pack=*/true));
+  packing.next();
+  DataLoader padding(three_examples(), in_order(1, 6, /*pack=*/false));
+  padding.restore(packing.state());
+  CHECK(rows_of(padding.next().input_ids) == Rows{{5, 6, 7, 8, kPad, kPad}});
+  CHECK(rows_of(padding.next().input_ids) == Rows{{9, 10, kPad, kPad, kPad, kPad}});
+}
+
 TEST_CASE("a state that does not fit the loader is refused and changes nothing") {
   DataLoader loader(three_examples(), in_order(1, 4, /*pack=*/true));
   loader.next();
