@@ -16,7 +16,7 @@ std::vector<Command>& registry() {
 
 namespace {
 
-constexpr const char* kDefaultCommand = "info";
+constexpr const char* kDefaultCommand = "finetune";
 
 void print_usage() {
   std::cout << "ferry " << FERRY_VERSION_STRING

@@ -1,0 +1,111 @@
+#pragma once
+
+// The shape of a built-in model family, read from a Hugging Face config.json or a named preset.
+// Free of torch: the planner sizes a 175B model from a ModelConfig without allocating anything.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ferry/dtype.h"
+
+namespace ferry::models {
+
+// LLaMA covers Mistral and Qwen2: the same block with different biases, defaults and masks.
+enum class Family { kGpt2, kOpt, kLlama };
+
+enum class Activation {
+  kGeluTanh,  // "gelu_new": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+  kRelu,
+  kSilu,
+};
+
+// How a parameter is drawn by random initialisation, following each family's _init_weights.
+enum class Init {
+  kNormal,          // normal(0, initializer_range)
+  kResidualNormal,  // GPT-2 c_proj: normal(0, initializer_range / sqrt(2 * num_layers))
+  kEmbedding,       // normal(0, initializer_range), row pad_token_id zeroed when set
+  kZeros,           // biases
+  kOnes,            // norm weights
+};
+
+struct ParameterSpec {
+  std::string name;  // Hugging Face name relative to its part: "self_attn.q_proj.weight"
+  std::vector<std::int64_t> shape;
+  Init init = Init::kNormal;
+
+  std::int64_t numel() const;
+};
+
+// Rotary position embedding frequencies (transformers' rope_type "default", "linear", "llama3").
+struct RopeScaling {
+  std::string type = "default";
+  double factor = 1.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  std::int64_t original_max_position_embeddings = 8192;
+};
+
+struct ModelConfig {
+  Family family = Family::kLlama;
+  std::string model_type = "llama";  // "gpt2", "opt", "llama", "mistral", "qwen2"
+  std::int64_t vocab_size = 0;
+  std::int64_t hidden_size = 0;
+  std::int64_t num_layers = 0;
+  std::int64_t num_heads = 0;
+  std::int64_t num_kv_heads = 0;
+  std::int64_t head_dim = 0;
+  std::int64_t intermediate_size = 0;
+  std::int64_t max_position_embeddings = 0;
+  double norm_eps = 1e-5;
+  double initializer_range = 0.02;
+  Activation activation = Activation::kSilu;
+  bool tie_word_embeddings = false;
+  std::int64_t pad_token_id = -1;  // -1: none
+
+  // LLaMA family.
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  bool qkv_bias = false;          // Qwen2, LLaMA attention_bias
+  bool attention_out_bias = false;  // LLaMA attention_bias
+  bool mlp_bias = false;
+  std::int64_t sliding_window = 0;  // Mistral; 0: full causal attention
+
+  // OPT.
+  bool do_layer_norm_before = true;
+  std::int64_t word_embed_proj_dim = 0;  // 0: equal to hidden_size
+
+  DType dtype = DType::kF32;  // parameter dtype: F32, BF16 or F16
+
+  // Throws ferry::Error naming the field when the shape is inconsistent (heads that do not
+  // divide hidden_size, kv heads that do not divide heads, a dtype that is not F32/BF16/F16...).
+  void validate() const;
+
+  std::int64_t embed_dim() const;  // OPT's word_embed_proj_dim, else hidden_size
+
+  // The parameters of each part, in the order its module registers them.
+  std::vector<ParameterSpec> stem_parameters() const;
+  std::vector<ParameterSpec> block_parameters() const;  // identical for every block
+  std::vector<ParameterSpec> head_parameters() const;
+
+  std::int64_t stem_parameter_count() const;
+  std::int64_t block_parameter_count() const;
+  std::int64_t head_parameter_count() const;
+  std::int64_t parameter_count() const;  // stem + num_layers blocks + head
+  std::uint64_t block_bytes() const;     // block_parameter_count() in dtype
+
+  // Parses a Hugging Face config.json (text); `file` names it in errors. Missing fields take
+  // transformers' defaults for the model_type; unsupported ones are rejected by name.
+  static ModelConfig from_hf_json(const std::string& json_text, const std::string& file);
+  static ModelConfig from_hf_file(const std::string& path);
+
+  // A config.json that transformers loads as this model.
+  std::string to_hf_json() const;
+};
+
+// Named presets with the public architectures' shapes, plus tiny-* test sizes that run in
+// milliseconds. Throws, listing the valid names, for an unknown one.
+ModelConfig preset(const std::string& name);
+std::vector<std::string> preset_names();
+
+}  // namespace ferry::models

@@ -1,0 +1,150 @@
+#pragma once
+
+// The residency manager (DESIGN.md, layer 3). The unit of movement is a bundle: one part's
+// tensors of one role (bf16 parameters, fp32 master, exp_avg, exp_avg_sq, gradients, an
+// activation checkpoint) packed flat and aligned, so a block moves as one large transfer and one
+// large NVMe extent. A bundle has a home tier and copies on other tiers, each in an explicit
+// state. Copies between GPU and host run on CUDA streams ordered by events; copies between host
+// and NVMe run through the I/O engine. Every tier has a hard byte budget. See docs/store.md.
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/types.h>
+
+#include "ferry/io.h"
+#include "ferry/memory.h"
+
+namespace ferry {
+
+enum class Tier : std::uint8_t { kGpu = 0, kHost = 1, kNvme = 2 };
+constexpr int kTierCount = 3;
+const char* to_string(Tier tier);
+
+// Note: the life of one copy of a bundle on one tier.
+//   kAbsent -> (fetch / write_back into it) -> kLoading -> kReady
+//   kReady  -> (mark_dirty) -> kDirty -> (write_back from it) -> kWritingBack -> kReady
+//   kReady or kDirty with another up-to-date copy -> (evict) -> kAbsent
+// A copy in kLoading or kWritingBack has a transfer in flight and may not be evicted, written to
+// or read from until its Fence completes.
+enum class CopyState : std::uint8_t { kAbsent, kLoading, kReady, kDirty, kWritingBack };
+const char* to_string(CopyState state);
+
+using BundleId = std::uint32_t;
+
+struct BundleSpec {
+  std::string name;     // "block.3.master": for messages, statistics and traces
+  std::uint64_t bytes;  // rounded up to 4096 for storage; views expose exactly `bytes`
+  Tier home;            // where the bundle lives when nothing else holds it
+};
+
+struct StoreOptions {
+  // The GPU tier's device. On a CPU-only build (or with torch::kCPU) the GPU tier is ordinary
+  // memory under its own budget, so every layer runs in CI.
+  torch::Device device = torch::kCPU;
+  std::uint64_t gpu_budget_bytes = 0;
+  std::uint64_t host_budget_bytes = 0;
+  std::vector<std::string> nvme_directories;  // the NVMe tier's files are striped over these
+  std::uint64_t nvme_budget_bytes = UINT64_MAX;
+  std::size_t stripe_bytes = std::size_t{1} << 20;
+  IoOptions io;
+  // How long a fetch that would pass a budget waits for other threads' evictions before it
+  // fails with BudgetExceeded naming the tier and the shortfall.
+  double budget_wait_seconds = 0;
+  std::string nvme_file_name = "ferry-store.bin";
+  // Opens the NVMe tier's files; nullptr means Env::posix(). Tests pass a FaultInjectingEnv.
+  Env* env = nullptr;
+};
+
+namespace detail {
+struct FenceState;
+}
+
+// Completion of an asynchronous copy. Copyable; a default Fence is complete.
+class Fence {
+ public:
+  Fence() = default;
+  explicit Fence(std::shared_ptr<detail::FenceState> state) : state_(std::move(state)) {}
+  bool ready() const;
+  // Blocks the calling thread; throws IoException if an NVMe transfer behind it failed.
+  void wait() const;
+  // Makes work queued later on the current CUDA stream wait for this copy without blocking the
+  // host (cudaStreamWaitEvent); on the CPU it waits.
+  void order_current_stream() const;
+
+ private:
+  std::shared_ptr<detail::FenceState> state_;
+};
+
+struct TierStats {
+  std::uint64_t budget_bytes = 0;
+  std::uint64_t used_bytes = 0;
+  std::uint64_t peak_bytes = 0;
+  std::uint64_t refusals = 0;
+};
+
+// One direction between two tiers.
+struct TransferStats {
+  std::uint64_t bytes = 0;
+  std::uint64_t transfers = 0;
+  double busy_seconds = 0;    // time with at least one transfer of this pair in flight
+  double waited_seconds = 0;  // time callers spent blocked in Fence::wait on this pair
+};
+
+struct StoreStats {
+  TierStats tiers[kTierCount];
+  TransferStats transfers[kTierCount][kTierCount];  // [from][to]
+};
+
+class Store {
+ public:
+  explicit Store(StoreOptions options);
+  ~Store();  // waits for transfers in flight
+  Store(const Store&) = delete;
+  Store& operator=(const Store&) = delete;
+
+  const StoreOptions& options() const { return options_; }
+
+  // Registers a bundle and allocates its home copy (zero-filled, kReady). Throws BudgetExceeded
+  // when the home tier's budget cannot hold it.
+  BundleId add(const BundleSpec& spec);
+  const BundleSpec& spec(BundleId id) const;
+  std::size_t size() const;
+
+  CopyState state(BundleId id, Tier tier) const;
+  // Whether the copy on `tier` holds the bundle's latest contents. A copy that another tier's
+  // mark_dirty made stale keeps its memory and its state (kReady) but is not up to date: fetch
+  // refreshes it, and it may be evicted or overwritten freely.
+  bool up_to_date(BundleId id, Tier tier) const;
+
+  // The GPU or host copy as a flat uint8 tensor of spec.bytes (a view of the bundle's memory:
+  // device memory, or the pinned host arena). Throws unless the copy is kReady or kDirty.
+  torch::Tensor tensor(BundleId id, Tier tier) const;
+
+  // Makes the copy on `to` up to date from the nearest up-to-date copy (GPU <- host <- NVMe;
+  // NVMe -> GPU stages through a host copy, which stays). Allocates `to`'s copy if absent; a
+  // copy already kReady returns a complete Fence.
+  Fence fetch(BundleId id, Tier to);
+  // The copy on `tier` was modified by the caller: other tiers' copies become stale.
+  void mark_dirty(BundleId id, Tier tier);
+  // Copies `from` (kReady or kDirty) to `to`, allocating it if absent; `from` is clean afterwards.
+  Fence write_back(BundleId id, Tier from, Tier to);
+  // Drops the copy on `tier`. Throws ferry::Error for the home copy, the only up-to-date copy,
+  // or a copy with a transfer in flight.
+  void evict(BundleId id, Tier tier);
+
+  // Waits for every transfer in flight.
+  void synchronize();
+
+  StoreStats stats() const;
+
+ private:
+  struct Impl;
+  StoreOptions options_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ferry

@@ -1,0 +1,558 @@
+#include <torch/autograd.h>
+
+#include <cmath>
+#include <limits>
+
+#include "engine/engine_impl.h"
+#include "ferry/check.h"
+
+namespace ferry {
+namespace detail {
+
+SerialWorker::SerialWorker() : thread_([this] { run(); }) {}
+
+SerialWorker::~SerialWorker() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_one();
+  thread_.join();
+}
+
+std::shared_future<void> SerialWorker::submit(std::function<void()> task) {
+  std::packaged_task<void()> packaged(std::move(task));
+  std::shared_future<void> done = packaged.get_future().share();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    tasks_.push_back(std::move(packaged));
+  }
+  wake_.notify_one();
+  return done;
+}
+
+void SerialWorker::run() {
+  for (;;) {
+    std::packaged_task<void()> task;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [this] { return stopping_ || !tasks_.empty(); });
+      if (tasks_.empty()) return;
+      task = std::move(tasks_.front());
+      tasks_.pop_front();
+    }
+    task();
+  }
+}
+
+}  // namespace detail
+
+namespace {
+
+using detail::Part;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+torch::ScalarType compute_dtype_of(Precision precision) {
+  switch (precision) {
+    case Precision::kF32: return torch::kFloat;
+    case Precision::kBF16: return torch::kBFloat16;
+    case Precision::kF16: return torch::kHalf;
+  }
+  return torch::kFloat;
+}
+
+void validate(const EngineConfig& config) {
+  FERRY_CHECK(config.grad_accumulation >= 1, "grad_accumulation = ", config.grad_accumulation,
+              " is invalid: it must be at least 1");
+  FERRY_CHECK(config.max_grad_norm >= 0 && std::isfinite(config.max_grad_norm),
+              "max_grad_norm = ", config.max_grad_norm, " is invalid: use 0 (off) or a positive norm");
+  FERRY_CHECK(config.keep_graph_blocks >= 0, "keep_graph_blocks = ", config.keep_graph_blocks,
+              " is invalid: it must be >= 0");
+  FERRY_CHECK(config.schedule.warmup_steps >= 0, "warmup_steps = ", config.schedule.warmup_steps,
+              " is invalid: it must be >= 0");
+  FERRY_CHECK(config.schedule.kind == LrSchedule::kConstant || config.schedule.total_steps > 0,
+              "the ", to_string(config.schedule.kind),
+              " schedule needs total_steps > 0; got ", config.schedule.total_steps);
+  FERRY_CHECK(config.schedule.min_lr_ratio >= 0 && config.schedule.min_lr_ratio <= 1,
+              "min_lr_ratio = ", config.schedule.min_lr_ratio, " is invalid: use 0 to 1");
+  FERRY_CHECK(config.device.is_cpu() || config.device.is_cuda(), "device ", config.device,
+              " is not supported: use cpu or cuda");
+  detail::validate(config.optimizer);
+}
+
+// Moves what is not a parameter (buffers) to the device; parameters move into bundles.
+void move_buffers(torch::nn::Module& module, torch::Device device) {
+  for (auto& buffer : module.buffers(/*recurse=*/true)) buffer.set_data(buffer.data().to(device));
+}
+
+}  // namespace
+
+Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
+    : model(std::move(model_in)),
+      config(std::move(config_in)),
+      compute_dtype(compute_dtype_of(config.precision)),
+      optimizer_tier(config.mode == Mode::kGpu ? Tier::kGpu : Tier::kHost),
+      scaler(config.loss_scale, config.loss_scale.enabled.value_or(config.precision == Precision::kF16)) {
+  validate(config);
+  if (config.optimizer_threads > 0) optim::set_num_threads(config.optimizer_threads);
+  parts = detail::describe_parts(model);
+  detail::TierDemand needed = demand();
+  check_budgets(needed);
+
+  StoreOptions options;
+  options.device = config.device;
+  options.gpu_budget_bytes = config.gpu_budget_bytes ? config.gpu_budget_bytes : UINT64_MAX;
+  options.host_budget_bytes = config.host_budget_bytes ? config.host_budget_bytes : UINT64_MAX;
+  store = std::make_unique<Store>(options);
+  allocate_and_bind();
+
+  const std::size_t count = parts.size();
+  part_stats.assign(count, {});
+  part_updated.assign(count, false);
+  uploads.assign(count, Fence());
+  gradients_down.assign(count, Fence());
+  gradients_sent.assign(count, false);
+  part_work.assign(count, {});
+  model.train(true);
+}
+
+Engine::Impl::~Impl() {
+  for (auto& work : part_work) {
+    if (work.valid()) work.wait();
+  }
+}
+
+detail::TierDemand Engine::Impl::demand() const {
+  detail::TierDemand demand;
+  auto round_up = [](std::uint64_t bytes) { return (bytes + 4095) / 4096 * 4096; };
+  const std::uint64_t compute_size = torch::elementSize(compute_dtype);
+  const bool separate_master = compute_dtype != torch::kFloat;
+  const int state_count = detail::optimizer_state_count(config.optimizer);
+  std::uint64_t params = 0, grads = 0, master = 0, states = 0, accumulator = 0;
+  for (const Part& part : parts) {
+    const std::uint64_t numel = static_cast<std::uint64_t>(part.numel);
+    params += round_up(numel * compute_size);
+    grads += round_up(numel * compute_size);
+    if (separate_master) master += round_up(numel * 4);
+    states += state_count * round_up(numel * 4);
+    if (config.grad_accumulation > 1) accumulator += round_up(numel * 4);
+  }
+  auto add = [&](Tier tier, const char* what, std::uint64_t bytes) {
+    if (bytes == 0) return;
+    const int t = static_cast<int>(tier);
+    demand.bytes[t] += bytes;
+    demand.breakdown[t] += (demand.breakdown[t].empty() ? "" : ", ") + std::string(what) + " " +
+                           format_bytes(bytes);
+  };
+  add(Tier::kGpu, "parameters", params);
+  add(Tier::kGpu, "gradients", grads);
+  add(optimizer_tier, "fp32 master", master);
+  add(optimizer_tier, "optimizer states", states);
+  add(optimizer_tier, "gradient accumulator", accumulator);
+  if (offloaded()) {
+    add(Tier::kHost, "parameter staging", params);
+    add(Tier::kHost, "gradient staging", grads);
+  }
+  return demand;
+}
+
+void Engine::Impl::check_budgets(const detail::TierDemand& needed) const {
+  for (Tier tier : {Tier::kGpu, Tier::kHost}) {
+    const std::uint64_t budget = tier == Tier::kGpu ? config.gpu_budget_bytes : config.host_budget_bytes;
+    const std::uint64_t bytes = needed.bytes[static_cast<int>(tier)];
+    if (budget == 0 || bytes <= budget) continue;
+    throw BudgetExceeded(detail::concat(
+        to_string(config.mode), " mode needs ", format_bytes(bytes), " on the ", to_string(tier),
+        " tier (", needed.breakdown[static_cast<int>(tier)], ") but the ", to_string(tier),
+        " budget is ", format_bytes(budget), ": ", format_bytes(bytes - budget),
+        " short. Raise --", to_string(tier), "-budget to at least ", format_bytes(bytes),
+        tier == Tier::kGpu && config.mode == Mode::kGpu ? ", or use --mode zero-offload" : "",
+        " (activations come on top of this)"));
+  }
+}
+
+torch::Tensor Engine::Impl::view(BundleId id, Tier tier, torch::ScalarType dtype,
+                                 std::int64_t numel) const {
+  return detail::typed_view(*store, id, tier, dtype, numel);
+}
+
+void Engine::Impl::allocate_and_bind() {
+  torch::NoGradGuard no_grad;
+  const bool separate_master = compute_dtype != torch::kFloat;
+  const int state_count = detail::optimizer_state_count(config.optimizer);
+  const std::uint64_t compute_size = torch::elementSize(compute_dtype);
+  move_buffers(*model.stem(), config.device);
+  for (const auto& block : model.blocks()) move_buffers(*block, config.device);
+  move_buffers(*model.head(), config.device);
+
+  for (Part& part : parts) {
+    const std::uint64_t numel = static_cast<std::uint64_t>(part.numel);
+    part.params = store->add({part.name + ".params", numel * compute_size, Tier::kGpu});
+    part.grads = store->add({part.name + ".grads", numel * compute_size, Tier::kGpu});
+    if (separate_master) part.master = store->add({part.name + ".master", numel * 4, optimizer_tier});
+    for (int i = 0; i < state_count; ++i) {
+      part.states.push_back(
+          store->add({part.name + ".state" + std::to_string(i), numel * 4, optimizer_tier}));
+    }
+    if (config.grad_accumulation > 1) {
+      part.accumulator = store->add({part.name + ".accumulator", numel * 4, optimizer_tier});
+    }
+
+    torch::Tensor params = view(part.params, Tier::kGpu, compute_dtype, part.numel);
+    torch::Tensor grads = view(part.grads, Tier::kGpu, compute_dtype, part.numel);
+    torch::Tensor master = separate_master ? view(part.master, optimizer_tier, torch::kFloat, part.numel)
+                                           : torch::Tensor();
+    for (detail::ParameterSlice& slice : part.slices) {
+      torch::Tensor original = slice.parameter.detach();
+      torch::Tensor param_view = params.narrow(0, slice.offset, slice.numel).view(slice.shape);
+      param_view.copy_(original);
+      if (separate_master) {
+        master.narrow(0, slice.offset, slice.numel).view(slice.shape).copy_(original);
+      }
+      slice.parameter.set_data(param_view);
+      slice.parameter.mutable_grad() = grads.narrow(0, slice.offset, slice.numel).view(slice.shape);
+    }
+    store->mark_dirty(part.params, Tier::kGpu);
+    if (separate_master) store->mark_dirty(part.master, optimizer_tier);
+    if (offloaded()) {
+      // The host copies: the staging for updated parameters (for fp32, the master itself) and for
+      // gradients coming down.
+      store->write_back(part.params, Tier::kGpu, Tier::kHost).wait();
+      store->write_back(part.grads, Tier::kGpu, Tier::kHost).wait();
+    }
+  }
+}
+
+torch::Tensor Engine::Impl::master_view(const Part& part) const {
+  if (part.master != detail::kNoBundle) {
+    return view(part.master, optimizer_tier, torch::kFloat, part.numel);
+  }
+  return view(part.params, optimizer_tier, torch::kFloat, part.numel);
+}
+
+torch::Tensor Engine::Impl::gradient_view(const Part& part) const {
+  if (part.accumulator != detail::kNoBundle) {
+    return view(part.accumulator, optimizer_tier, torch::kFloat, part.numel);
+  }
+  return view(part.grads, optimizer_tier, compute_dtype, part.numel);
+}
+
+bool Engine::Impl::deferred_updates() const {
+  // Note: an update may only start once nothing can still cancel or rescale it. Global-norm
+  // clipping needs every part's gradient norm, and a loss-scale overflow anywhere skips the
+  // whole step, so with either the updates wait for the end of backward (the gradients still
+  // stream down and are measured during it). The gpu mode updates in step() by definition.
+  return config.mode == Mode::kGpu || config.max_grad_norm > 0 || scaler.enabled();
+}
+
+// --- forward ----------------------------------------------------------------------------------
+
+void Engine::Impl::use_parameters(std::size_t index) { uploads[index].order_current_stream(); }
+
+torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
+  FERRY_CHECK(!pending, "forward() was called twice without backward() in between");
+  FERRY_CHECK(micro_batches < config.grad_accumulation, "forward() after ", micro_batches,
+              " micro-batches: call step() every grad_accumulation = ", config.grad_accumulation,
+              " micro-batches");
+  FERRY_CHECK(batch.input_ids.defined() && batch.input_ids.dim() == 2, "a batch needs input_ids of shape [batch, seq]");
+  FERRY_CHECK(batch.labels.defined() && batch.labels.sizes() == batch.input_ids.sizes(),
+              "labels must have the shape of input_ids ", batch.input_ids.sizes(), "; got ",
+              batch.labels.defined() ? batch.labels.sizes() : torch::IntArrayRef{});
+  auto start = Clock::now();
+  if (micro_batches == 0) {
+    step_lr = detail::scheduled_lr(config.schedule, config.optimizer.lr, steps + 1);
+    step_loss_sum = 0;
+    step_tokens = 0;
+  }
+  detail::PendingBackward saved;
+  saved.tokens = batch.input_ids.to(config.device, torch::kLong);
+  torch::Tensor labels = batch.labels.to(config.device, torch::kLong);
+  torch::Tensor mask = batch.attention_mask.defined() ? batch.attention_mask.to(config.device)
+                                                      : torch::Tensor();
+  saved.context = model.make_context(saved.tokens, mask);
+  saved.tokens_with_labels =
+      labels.narrow(1, 1, labels.size(1) - 1).ne(kIgnoreIndex).sum().item<std::int64_t>();
+
+  const std::size_t block_count = model.num_blocks();
+  use_parameters(0);
+  saved.stem_output = model.stem()->forward(saved.tokens, saved.context);
+  torch::Tensor hidden = saved.stem_output.detach();
+  const std::size_t first_kept =
+      block_count - std::min<std::size_t>(block_count, static_cast<std::size_t>(config.keep_graph_blocks));
+  for (std::size_t i = 0; i < block_count; ++i) {
+    use_parameters(i + 1);
+    detail::PendingBackward::SavedBlock block;
+    if (i >= first_kept) {
+      block.input = hidden.detach().requires_grad_(true);
+      block.output = model.blocks()[i]->forward(block.input, saved.context);
+      hidden = block.output.detach();
+    } else {
+      block.input = hidden;
+      if (config.offload_checkpoints && !config.device.is_cpu()) {
+        block.input = torch::empty_like(hidden, torch::TensorOptions().device(torch::kCPU).pinned_memory(true));
+        block.input.copy_(hidden, /*non_blocking=*/true);
+      }
+      torch::NoGradGuard no_grad;
+      hidden = model.blocks()[i]->forward(hidden, saved.context);
+    }
+    saved.blocks.push_back(std::move(block));
+  }
+  use_parameters(parts.size() - 1);
+  saved.head_input = hidden.detach().requires_grad_(true);
+  torch::Tensor logits = model.head()->forward(saved.head_input, saved.context);
+  saved.loss = model.loss(logits, labels);
+  torch::Tensor loss = saved.loss;
+  pending = std::move(saved);
+  stats.forward_seconds += seconds_since(start);
+  return loss;
+}
+
+// --- backward ---------------------------------------------------------------------------------
+
+void Engine::Impl::prepare_gradients(std::size_t index) {
+  if (!gradients_sent[index]) return;
+  // The device copy went down to the host in the previous micro-batch: once that copy is done
+  // the device gradients start again from zero.
+  gradients_down[index].wait();
+  store->mark_dirty(parts[index].grads, Tier::kGpu);
+  view(parts[index].grads, Tier::kGpu, compute_dtype, parts[index].numel).zero_();
+  gradients_sent[index] = false;
+}
+
+void Engine::Impl::backward(const torch::Tensor& loss) {
+  FERRY_CHECK(pending, "backward() needs a forward() first");
+  FERRY_CHECK(loss.is_same(pending->loss), "backward() takes the loss that forward() returned");
+  auto start = Clock::now();
+  detail::PendingBackward saved = std::move(*pending);
+  pending.reset();
+  for (std::size_t i = 0; i < parts.size(); ++i) prepare_gradients(i);
+
+  const double loss_value = saved.loss.item<double>();
+  torch::Tensor scaled = saved.loss * (scaler.scale() / static_cast<double>(config.grad_accumulation));
+  torch::autograd::backward({scaled});
+  gradients_ready(parts.size() - 1);
+
+  torch::Tensor gradient = saved.head_input.grad();
+  for (std::size_t i = saved.blocks.size(); i-- > 0;) {
+    detail::PendingBackward::SavedBlock& block = saved.blocks[i];
+    if (!block.output.defined()) {
+      block.input = block.input.to(config.device, /*non_blocking=*/true).detach().requires_grad_(true);
+      block.output = model.blocks()[i]->forward(block.input, saved.context);
+    }
+    torch::autograd::backward({block.output}, {gradient});
+    gradient = block.input.grad();
+    block = {};
+    gradients_ready(i + 1);
+  }
+  torch::autograd::backward({saved.stem_output}, {gradient});
+  gradients_ready(0);
+
+  step_loss_sum += loss_value;
+  step_tokens += saved.tokens_with_labels;
+  ++micro_batches;
+  stats.backward_seconds += seconds_since(start);
+}
+
+void Engine::Impl::gradients_ready(std::size_t index) {
+  const bool last = micro_batches + 1 == config.grad_accumulation;
+  if (!offloaded()) {
+    accumulate_and_measure(index, last);
+    return;
+  }
+  // The previous micro-batch's work on this part reads the host copy we are about to refill.
+  if (part_work[index].valid()) part_work[index].wait();
+  gradients_down[index] = store->write_back(parts[index].grads, Tier::kGpu, Tier::kHost);
+  gradients_sent[index] = true;
+  const bool update_now = last && !deferred_updates();
+  const std::int64_t step = steps + 1;
+  const double lr = step_lr;
+  part_work[index] = worker.submit([this, index, last, update_now, step, lr] {
+    gradients_down[index].wait();
+    accumulate_and_measure(index, last);
+    if (update_now) {
+      part_updated[index] = true;
+      if (part_stats[index].finite) update(index, {step, lr, 1.0, 1.0, true});
+    }
+  });
+}
+
+void Engine::Impl::accumulate_and_measure(std::size_t index, bool last_micro_batch) {
+  const Part& part = parts[index];
+  if (part.accumulator != detail::kNoBundle) {
+    torch::NoGradGuard no_grad;
+    view(part.accumulator, optimizer_tier, torch::kFloat, part.numel)
+        .add_(view(part.grads, optimizer_tier, compute_dtype, part.numel));
+    if (!offloaded()) view(part.grads, Tier::kGpu, compute_dtype, part.numel).zero_();
+  }
+  if (last_micro_batch) part_stats[index] = detail::gradient_stats(gradient_view(part));
+}
+
+bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& context) {
+  auto start = Clock::now();
+  const Part& part = parts[index];
+  detail::PartUpdate update;
+  update.master = master_view(part);
+  for (BundleId state : part.states) {
+    update.states.push_back(view(state, optimizer_tier, torch::kFloat, part.numel));
+  }
+  update.grad = gradient_view(part);
+  if (part.master != detail::kNoBundle) {
+    update.output = view(part.params, optimizer_tier, compute_dtype, part.numel);
+  }
+  update.decay_numel = part.decay_numel;
+  if (offloaded()) uploads[index].wait();  // the host staging copy is free again
+  bool skipped = detail::apply_update(config.optimizer, context, update);
+  if (offloaded() && !skipped) {
+    store->mark_dirty(part.params, Tier::kHost);
+    uploads[index] = store->write_back(part.params, Tier::kHost, Tier::kGpu);
+  }
+  std::lock_guard<std::mutex> lock(stats_mutex);
+  stats.optimizer_seconds += seconds_since(start);
+  return skipped;
+}
+
+void Engine::Impl::wait_for_workers() {
+  auto start = Clock::now();
+  for (auto& work : part_work) {
+    if (work.valid()) work.get();
+  }
+  stats.optimizer_wait_seconds += seconds_since(start);
+}
+
+// --- step -------------------------------------------------------------------------------------
+
+StepResult Engine::Impl::step() {
+  FERRY_CHECK(!pending, "step() between forward() and backward(): call backward() first");
+  FERRY_CHECK(micro_batches == config.grad_accumulation, "step() after ", micro_batches,
+              " micro-batches; grad_accumulation is ", config.grad_accumulation);
+  wait_for_workers();
+
+  StepResult result;
+  result.loss = step_loss_sum / static_cast<double>(micro_batches);
+  result.lr = step_lr;
+  result.loss_scale = scaler.scale();
+  result.tokens = step_tokens;
+  double sum_squares = 0;
+  bool finite = true;
+  for (const optim::GradStats& part : part_stats) {
+    sum_squares += part.sum_squares;
+    finite = finite && part.finite;
+  }
+  const double grad_norm = std::sqrt(sum_squares) / scaler.scale();
+  result.grad_norm = finite ? grad_norm : std::numeric_limits<double>::quiet_NaN();
+  result.skipped = scaler.enabled() && !finite;
+
+  if (!result.skipped) {
+    double clip_coef = 1.0;
+    if (config.max_grad_norm > 0 && finite) {
+      clip_coef = std::min(1.0, config.max_grad_norm / (grad_norm + 1e-6));
+    }
+    const detail::UpdateContext context{steps + 1, step_lr, scaler.scale(), clip_coef, true};
+    for (std::size_t i = 0; i < parts.size(); ++i) {
+      if (part_updated[i]) continue;
+      if (!part_stats[i].finite) continue;  // without loss scaling a non-finite part is left as is
+      update(i, context);
+    }
+  }
+  for (Part& part : parts) {
+    if (part.accumulator != detail::kNoBundle) {
+      view(part.accumulator, optimizer_tier, torch::kFloat, part.numel).zero_();
+    }
+  }
+  if (!offloaded()) {
+    for (const Part& part : parts) view(part.grads, Tier::kGpu, compute_dtype, part.numel).zero_();
+  }
+  scaler.update(!finite);
+  part_updated.assign(parts.size(), false);
+  micro_batches = 0;
+  result.step = ++steps;
+  stats.steps = steps;
+  return result;
+}
+
+torch::Tensor Engine::Impl::run_inference(const torch::Tensor& tokens,
+                                          const torch::Tensor& padding_mask) {
+  FERRY_CHECK(!pending, "inference between forward() and backward(): call backward() first");
+  torch::NoGradGuard no_grad;
+  torch::Tensor input = tokens.to(config.device, torch::kLong);
+  StepContext context = model.make_context(
+      input, padding_mask.defined() ? padding_mask.to(config.device) : torch::Tensor());
+  use_parameters(0);
+  torch::Tensor hidden = model.stem()->forward(input, context);
+  for (std::size_t i = 0; i < model.num_blocks(); ++i) {
+    use_parameters(i + 1);
+    hidden = model.blocks()[i]->forward(hidden, context);
+  }
+  use_parameters(parts.size() - 1);
+  return model.head()->forward(hidden, context);
+}
+
+// --- Engine -----------------------------------------------------------------------------------
+
+Engine::Engine(LayeredModel model, EngineConfig config)
+    : impl_(std::make_unique<Impl>(std::move(model), std::move(config))) {}
+
+Engine::~Engine() = default;
+
+torch::Tensor Engine::forward(const data::Batch& batch) { return impl_->forward(batch); }
+
+void Engine::backward(const torch::Tensor& loss) { impl_->backward(loss); }
+
+StepResult Engine::step() { return impl_->step(); }
+
+std::optional<StepResult> Engine::train_step(const data::Batch& batch) {
+  backward(forward(batch));
+  if (impl_->micro_batches < impl_->config.grad_accumulation) return std::nullopt;
+  return step();
+}
+
+double Engine::evaluate(const data::Batch& batch) {
+  torch::Tensor logits = impl_->run_inference(batch.input_ids, batch.attention_mask);
+  torch::NoGradGuard no_grad;
+  return impl_->model.loss(logits, batch.labels.to(impl_->config.device, torch::kLong)).item<double>();
+}
+
+torch::Tensor Engine::logits(const torch::Tensor& tokens) {
+  return impl_->run_inference(tokens, torch::Tensor());
+}
+
+std::vector<std::int64_t> Engine::generate(const std::vector<std::int64_t>& prompt,
+                                           std::int64_t max_new_tokens,
+                                           std::optional<std::int64_t> stop_token) {
+  FERRY_CHECK(!prompt.empty(), "generate() needs a prompt of at least one token");
+  std::vector<std::int64_t> sequence = prompt;
+  std::vector<std::int64_t> generated;
+  for (std::int64_t i = 0; i < max_new_tokens; ++i) {
+    torch::Tensor tokens = torch::tensor(sequence, torch::kLong).unsqueeze(0);
+    torch::Tensor logits = impl_->run_inference(tokens, torch::Tensor());
+    std::int64_t next = logits.select(1, logits.size(1) - 1).argmax(-1).item<std::int64_t>();
+    if (stop_token && next == *stop_token) break;
+    generated.push_back(next);
+    sequence.push_back(next);
+  }
+  return generated;
+}
+
+const LayeredModel& Engine::model() const { return impl_->model; }
+const EngineConfig& Engine::config() const { return impl_->config; }
+std::int64_t Engine::steps_taken() const { return impl_->steps; }
+
+double Engine::current_lr() const {
+  return detail::scheduled_lr(impl_->config.schedule, impl_->config.optimizer.lr, impl_->steps + 1);
+}
+
+EngineStats Engine::stats() const {
+  EngineStats stats;
+  {
+    std::lock_guard<std::mutex> lock(impl_->stats_mutex);
+    stats = impl_->stats;
+  }
+  stats.store = impl_->store->stats();
+  return stats;
+}
+
+}  // namespace ferry

@@ -1,0 +1,56 @@
+#include "engine/parts.h"
+
+#include "ferry/check.h"
+
+namespace ferry::detail {
+namespace {
+
+Part describe(std::string name, models::Part kind, std::int64_t index, torch::nn::Module& module) {
+  Part part;
+  part.name = std::move(name);
+  part.kind = kind;
+  part.index = index;
+  part.module = &module;
+  std::vector<ParameterSlice> decayed, not_decayed;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+    ParameterSlice slice;
+    slice.name = item.key();
+    slice.parameter = item.value();
+    slice.shape = item.value().sizes().vec();
+    slice.numel = item.value().numel();
+    (is_no_decay(slice.name, slice.parameter) ? not_decayed : decayed).push_back(std::move(slice));
+  }
+  for (auto* group : {&decayed, &not_decayed}) {
+    for (ParameterSlice& slice : *group) {
+      slice.offset = part.numel;
+      part.numel += slice.numel;
+      if (group == &decayed) part.decay_numel += slice.numel;
+      part.slices.push_back(std::move(slice));
+    }
+  }
+  FERRY_CHECK(part.numel > 0, "model part '", part.name,
+              "' has no parameters; every part the engine drives must own at least one");
+  return part;
+}
+
+}  // namespace
+
+std::vector<Part> describe_parts(const LayeredModel& model) {
+  std::vector<Part> parts;
+  parts.push_back(describe("stem", models::Part::kStem, 0, *model.stem()));
+  for (std::size_t i = 0; i < model.num_blocks(); ++i) {
+    parts.push_back(describe("block." + std::to_string(i), models::Part::kBlock,
+                             static_cast<std::int64_t>(i), *model.blocks()[i]));
+  }
+  parts.push_back(describe("head", models::Part::kHead, 0, *model.head()));
+  return parts;
+}
+
+torch::Tensor typed_view(const Store& store, BundleId id, Tier tier, torch::ScalarType dtype,
+                         std::int64_t numel) {
+  torch::Tensor bytes = store.tensor(id, tier);
+  const std::int64_t size = static_cast<std::int64_t>(torch::elementSize(dtype));
+  return bytes.narrow(0, 0, numel * size).view(dtype);
+}
+
+}  // namespace ferry::detail

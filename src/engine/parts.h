@@ -1,0 +1,63 @@
+#pragma once
+
+// A part of the model (the stem, one block, the head) as the engine holds it: its parameters
+// packed into bundles of the residency manager, and the module rebound to views of them.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include "ferry/engine.h"
+#include "ferry/model.h"
+#include "ferry/store.h"
+
+namespace ferry::detail {
+
+// Note: a part's parameters are laid out in its bundles with every decayed parameter first and
+// the norms and biases after them, so the optimizer sees two contiguous ranges per part rather
+// than one call per tensor. Offsets are in elements; every bundle of the part uses the same ones.
+struct ParameterSlice {
+  std::string name;  // relative to the part, as the module registers it ("mlp.up_proj.weight")
+  torch::Tensor parameter;
+  std::int64_t offset = 0;
+  std::vector<std::int64_t> shape;
+  std::int64_t numel = 0;
+};
+
+// Which bundles a part has depends on the mode and the precision; absent ones are kNoBundle.
+constexpr BundleId kNoBundle = UINT32_MAX;
+
+struct Part {
+  std::string name;  // "stem", "block.3", "head"
+  models::Part kind = models::Part::kBlock;
+  std::int64_t index = 0;  // the block number
+  torch::nn::Module* module = nullptr;
+  std::vector<ParameterSlice> slices;
+  std::int64_t numel = 0;
+  std::int64_t decay_numel = 0;
+
+  BundleId params = kNoBundle;  // compute dtype, home GPU; modules see views of it
+  BundleId grads = kNoBundle;   // compute dtype, home GPU; parameters' .grad are views of it
+  BundleId master = kNoBundle;  // fp32 on the optimizer's tier, when the compute dtype is not
+  std::vector<BundleId> states;  // fp32 on the optimizer's tier
+  BundleId accumulator = kNoBundle;  // fp32 gradient sum over micro-batches, when there are several
+};
+
+// The parts of a model in execution order: stem, blocks, head. Slices are laid out, bundles
+// not yet allocated.
+std::vector<Part> describe_parts(const LayeredModel& model);
+
+// Bytes each tier needs for the bundles a mode keeps, before anything is allocated.
+struct TierDemand {
+  std::uint64_t bytes[kTierCount] = {0, 0, 0};
+  std::string breakdown[kTierCount];  // "params 12.0 MiB, grads 12.0 MiB, ..."
+};
+
+// A flat view of a bundle's copy on `tier` as `dtype`, numel elements long.
+torch::Tensor typed_view(const Store& store, BundleId id, Tier tier, torch::ScalarType dtype,
+                         std::int64_t numel);
+
+}  // namespace ferry::detail

@@ -1,0 +1,521 @@
+#include "ferry/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <utility>
+
+#include <nlohmann/json.hpp>
+
+#include "ferry/check.h"
+
+namespace ferry::safetensors {
+namespace {
+
+using Json = nlohmann::json;
+using OrderedJson = nlohmann::ordered_json;
+
+std::uint64_t read_le64(const unsigned char* bytes) {
+  std::uint64_t value = 0;
+  for (int i = 7; i >= 0; --i) {
+    value = (value << 8) | bytes[i];
+  }
+  return value;
+}
+
+void write_le64(std::uint64_t value, unsigned char* bytes) {
+  for (int i = 0; i < 8; ++i) {
+    bytes[i] = static_cast<unsigned char>(value >> (8 * i));
+  }
+}
+
+std::string io_failure(const char* what, const std::string& path, std::uint64_t offset,
+                       std::uint64_t bytes, int error) {
+  return detail::concat(what, " failed on ", path, " at offset ", offset, " for ", bytes,
+                        " bytes: ", std::strerror(error), " (errno ", error, ")");
+}
+
+void pread_fully(int fd, void* dst, std::uint64_t bytes, std::uint64_t offset,
+                 const std::string& path) {
+  auto* cursor = static_cast<unsigned char*>(dst);
+  std::uint64_t done = 0;
+  while (done < bytes) {
+    ssize_t got = ::pread(fd, cursor + done, bytes - done, static_cast<off_t>(offset + done));
+    if (got < 0 && errno == EINTR) {
+      continue;
+    }
+    FERRY_CHECK(got >= 0, io_failure("pread", path, offset + done, bytes - done, errno));
+    FERRY_CHECK(got > 0, path, ": truncated: expected ", bytes, " bytes at offset ", offset,
+                " but the file ends after ", done);
+    done += static_cast<std::uint64_t>(got);
+  }
+}
+
+void write_fully(int fd, const void* src, std::uint64_t bytes, std::uint64_t offset,
+                 const std::string& path) {
+  const auto* cursor = static_cast<const unsigned char*>(src);
+  std::uint64_t done = 0;
+  while (done < bytes) {
+    ssize_t put = ::pwrite(fd, cursor + done, bytes - done, static_cast<off_t>(offset + done));
+    if (put < 0 && errno == EINTR) {
+      continue;
+    }
+    FERRY_CHECK(put > 0, io_failure("pwrite", path, offset + done, bytes - done, errno));
+    done += static_cast<std::uint64_t>(put);
+  }
+}
+
+// An owned file descriptor.
+class File {
+ public:
+  File(const std::string& path, int flags, mode_t mode = 0) : path_(path) {
+    fd_ = ::open(path.c_str(), flags | O_CLOEXEC, mode);
+    FERRY_CHECK(fd_ >= 0, "cannot open ", path, ": ", std::strerror(errno), " (errno ", errno, ")");
+  }
+  ~File() {
+    if (fd_ >= 0) {
+      ::close(fd_);
+    }
+  }
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+
+  int fd() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
+  void sync() const {
+    FERRY_CHECK(::fsync(fd_) == 0, io_failure("fsync", path_, 0, 0, errno));
+  }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
+
+std::uint64_t file_size(int fd, const std::string& path) {
+  struct stat info {};
+  FERRY_CHECK(::fstat(fd, &info) == 0, io_failure("fstat", path, 0, 0, errno));
+  return static_cast<std::uint64_t>(info.st_size);
+}
+
+// Writes `bytes` to `path` through a temporary file, fsync and rename, so that a crash leaves
+// either the old file or the new one.
+void write_atomically(const std::string& path, const std::string& bytes) {
+  const std::string temporary = path + ".tmp";
+  {
+    File file(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    write_fully(file.fd(), bytes.data(), bytes.size(), 0, temporary);
+    file.sync();
+  }
+  FERRY_CHECK(::rename(temporary.c_str(), path.c_str()) == 0,
+              "cannot rename ", temporary, " to ", path, ": ", std::strerror(errno));
+}
+
+void sync_directory(const std::string& dir) {
+  File directory(dir, O_RDONLY | O_DIRECTORY);
+  directory.sync();
+}
+
+std::string parent_directory(const std::string& path) {
+  std::filesystem::path parent = std::filesystem::path(path).parent_path();
+  return parent.empty() ? "." : parent.string();
+}
+
+std::string describe_shape(const std::vector<std::int64_t>& shape) {
+  std::string text = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    text += (i == 0 ? "" : ", ") + std::to_string(shape[i]);
+  }
+  return text + "]";
+}
+
+// Multiplies without overflow; false when the product does not fit in 64 bits.
+bool multiply(std::uint64_t a, std::uint64_t b, std::uint64_t* product) {
+  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) {
+    return false;
+  }
+  *product = a * b;
+  return true;
+}
+
+TensorInfo parse_tensor(const std::string& name, const Json& entry, std::uint64_t buffer_bytes,
+                        const std::string& file) {
+  const std::string where = file + ": tensor '" + name + "'";
+  FERRY_CHECK(entry.is_object(), where, ": expected an object with dtype, shape, data_offsets");
+  for (const auto& field : entry.items()) {
+    FERRY_CHECK(field.key() == "dtype" || field.key() == "shape" || field.key() == "data_offsets",
+                where, ": unexpected field '", field.key(),
+                "' (valid: dtype, shape, data_offsets)");
+  }
+
+  TensorInfo info;
+  info.name = name;
+  auto dtype = entry.find("dtype");
+  FERRY_CHECK(dtype != entry.end() && dtype->is_string(), where, ": missing string field dtype");
+  auto parsed = parse_dtype(dtype->get_ref<const std::string&>());
+  FERRY_CHECK(parsed.has_value(), where, ": unknown dtype '", dtype->get_ref<const std::string&>(),
+              "' (valid: ", valid_dtype_names(), ")");
+  info.dtype = *parsed;
+
+  auto shape = entry.find("shape");
+  FERRY_CHECK(shape != entry.end() && shape->is_array(), where,
+              ": missing field shape (an array of non-negative integers)");
+  std::uint64_t expected_bytes = dtype_size(info.dtype);
+  for (const Json& dim : *shape) {
+    FERRY_CHECK(dim.is_number_unsigned() && dim.get<std::uint64_t>() <=
+                    static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()),
+                where, ": shape entry ", dim.dump(), " is not a non-negative integer");
+    info.shape.push_back(dim.get<std::int64_t>());
+    FERRY_CHECK(multiply(expected_bytes, dim.get<std::uint64_t>(), &expected_bytes), where,
+                ": shape ", shape->dump(), " overflows 64 bits");
+  }
+
+  auto offsets = entry.find("data_offsets");
+  FERRY_CHECK(offsets != entry.end() && offsets->is_array() && offsets->size() == 2 &&
+                  (*offsets)[0].is_number_unsigned() && (*offsets)[1].is_number_unsigned(),
+              where, ": data_offsets must be [begin, end] with non-negative integers");
+  info.data_begin = (*offsets)[0].get<std::uint64_t>();
+  info.data_end = (*offsets)[1].get<std::uint64_t>();
+  FERRY_CHECK(info.data_begin <= info.data_end, where, ": data_offsets [", info.data_begin, ", ",
+              info.data_end, "] end before they begin");
+  FERRY_CHECK(info.data_end <= buffer_bytes, where, ": data_offsets [", info.data_begin, ", ",
+              info.data_end, "] are out of range: the byte buffer has ", buffer_bytes, " bytes");
+  FERRY_CHECK(info.bytes() == expected_bytes, where, ": shape ", describe_shape(info.shape),
+              " of ", dtype_name(info.dtype), " needs ", expected_bytes,
+              " bytes but data_offsets span ", info.bytes());
+  return info;
+}
+
+// Note: safetensors requires the tensors to tile the buffer exactly. A hole or an overlap means
+// the header does not describe the data, and loading it would silently produce garbage.
+void check_tiling(const Header& header, const std::string& file) {
+  std::uint64_t expected_begin = 0;
+  const TensorInfo* previous = nullptr;
+  for (const TensorInfo& info : header.tensors) {
+    FERRY_CHECK(info.data_begin >= expected_begin, file, ": tensors '", previous->name, "' and '",
+                info.name, "' overlap: '", info.name, "' begins at ", info.data_begin,
+                " before '", previous->name, "' ends at ", expected_begin);
+    FERRY_CHECK(info.data_begin == expected_begin, file, ": a hole of ",
+                info.data_begin - expected_begin, " bytes precedes tensor '", info.name,
+                "' at offset ", expected_begin, " (tensors must tile the buffer)");
+    expected_begin = info.data_end;
+    previous = &info;
+  }
+  FERRY_CHECK(expected_begin == header.buffer_bytes, file, ": the byte buffer has ",
+              header.buffer_bytes, " bytes but the tensors cover only ", expected_begin);
+}
+
+}  // namespace
+
+std::int64_t TensorInfo::numel() const {
+  std::int64_t count = 1;
+  for (std::int64_t dim : shape) {
+    count *= dim;
+  }
+  return count;
+}
+
+const TensorInfo* Header::find(std::string_view name) const {
+  for (const TensorInfo& info : tensors) {
+    if (info.name == name) {
+      return &info;
+    }
+  }
+  return nullptr;
+}
+
+Header parse_header(const void* data, std::size_t size, std::uint64_t file_bytes,
+                    const std::string& file) {
+  FERRY_CHECK(file_bytes >= 8 && size >= 8, file, ": truncated: ", file_bytes,
+              " bytes, but a safetensors file starts with an 8-byte header length");
+  const auto* bytes = static_cast<const unsigned char*>(data);
+  const std::uint64_t header_bytes = read_le64(bytes);
+  FERRY_CHECK(header_bytes <= file_bytes - 8, file, ": header length ", header_bytes,
+              " runs past the end of the file (", file_bytes, " bytes)");
+  FERRY_CHECK(header_bytes <= kMaxHeaderBytes, file, ": header length ", header_bytes,
+              " exceeds the limit of ", kMaxHeaderBytes, " bytes");
+  FERRY_ASSERT(size >= 8 + header_bytes, "parse_header needs the whole header in memory");
+
+  const char* text = reinterpret_cast<const char*>(bytes + 8);
+  Json root = Json::parse(text, text + header_bytes, nullptr, /*allow_exceptions=*/false);
+  FERRY_CHECK(!root.is_discarded(), file, ": header is not valid JSON");
+  FERRY_CHECK(root.is_object(), file, ": header must be a JSON object, got ", root.type_name());
+
+  Header header;
+  header.buffer_offset = 8 + header_bytes;
+  header.buffer_bytes = file_bytes - header.buffer_offset;
+  for (const auto& item : root.items()) {
+    if (item.key() == "__metadata__") {
+      FERRY_CHECK(item.value().is_object(), file, ": __metadata__ must be an object of strings");
+      for (const auto& entry : item.value().items()) {
+        FERRY_CHECK(entry.value().is_string(), file, ": __metadata__ field '", entry.key(),
+                    "' must be a string, got ", entry.value().dump());
+        header.metadata[entry.key()] = entry.value().get<std::string>();
+      }
+      continue;
+    }
+    header.tensors.push_back(parse_tensor(item.key(), item.value(), header.buffer_bytes, file));
+  }
+  std::sort(header.tensors.begin(), header.tensors.end(),
+            [](const TensorInfo& a, const TensorInfo& b) {
+              return std::tie(a.data_begin, a.data_end) < std::tie(b.data_begin, b.data_end);
+            });
+  check_tiling(header, file);
+  return header;
+}
+
+Reader::Reader(const std::string& path) : path_(path) {
+  File file(path, O_RDONLY);
+  const std::uint64_t bytes = file_size(file.fd(), path);
+  FERRY_CHECK(bytes >= 8, path, ": truncated: ", bytes,
+              " bytes, but a safetensors file starts with an 8-byte header length");
+  unsigned char length[8];
+  pread_fully(file.fd(), length, 8, 0, path);
+  const std::uint64_t header_bytes = read_le64(length);
+  FERRY_CHECK(header_bytes <= bytes - 8, path, ": header length ", header_bytes,
+              " runs past the end of the file (", bytes, " bytes)");
+  FERRY_CHECK(header_bytes <= kMaxHeaderBytes, path, ": header length ", header_bytes,
+              " exceeds the limit of ", kMaxHeaderBytes, " bytes");
+  std::string prefix(8 + header_bytes, '\0');
+  pread_fully(file.fd(), prefix.data(), prefix.size(), 0, path);
+  header_ = parse_header(prefix.data(), prefix.size(), bytes, path);
+  fd_ = file.release();
+}
+
+Reader::~Reader() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+  }
+}
+
+Reader::Reader(Reader&& other) noexcept
+    : path_(std::move(other.path_)),
+      fd_(std::exchange(other.fd_, -1)),
+      header_(std::move(other.header_)) {}
+
+Reader& Reader::operator=(Reader&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) {
+      ::close(fd_);
+    }
+    path_ = std::move(other.path_);
+    fd_ = std::exchange(other.fd_, -1);
+    header_ = std::move(other.header_);
+  }
+  return *this;
+}
+
+const TensorInfo& Reader::tensor(std::string_view name) const {
+  const TensorInfo* info = header_.find(name);
+  FERRY_CHECK(info != nullptr, path_, ": no tensor named '", name, "' (the file has ",
+              header_.tensors.size(), " tensors)");
+  return *info;
+}
+
+void Reader::read_into(std::string_view name, void* dst, std::uint64_t dst_bytes) const {
+  const TensorInfo& info = tensor(name);
+  FERRY_CHECK(dst_bytes == info.bytes(), path_, ": tensor '", name, "' has ", info.bytes(),
+              " bytes but the destination has ", dst_bytes);
+  pread_fully(fd_, dst, info.bytes(), header_.buffer_offset + info.data_begin, path_);
+}
+
+std::uint64_t TensorView::bytes() const {
+  std::uint64_t total = dtype_size(dtype);
+  for (std::int64_t dim : shape) {
+    total *= static_cast<std::uint64_t>(dim);
+  }
+  return total;
+}
+
+void write_file(const std::string& path, const std::vector<TensorView>& tensors,
+                const std::map<std::string, std::string>& metadata) {
+  OrderedJson header = OrderedJson::object();
+  OrderedJson meta = OrderedJson::object();
+  meta["format"] = "pt";
+  for (const auto& [key, value] : metadata) {
+    meta[key] = value;
+  }
+  header["__metadata__"] = meta;
+
+  std::set<std::string> names;
+  std::uint64_t offset = 0;
+  for (const TensorView& tensor : tensors) {
+    FERRY_CHECK(tensor.name != "__metadata__" && !tensor.name.empty(), path,
+                ": invalid tensor name '", tensor.name, "'");
+    FERRY_CHECK(names.insert(tensor.name).second, path, ": tensor name '", tensor.name,
+                "' appears twice");
+    for (std::int64_t dim : tensor.shape) {
+      FERRY_CHECK(dim >= 0, path, ": tensor '", tensor.name, "' has negative shape ",
+                  describe_shape(tensor.shape));
+    }
+    FERRY_CHECK(tensor.data != nullptr || tensor.bytes() == 0, path, ": tensor '", tensor.name,
+                "' has no data");
+    header[tensor.name] = {{"dtype", std::string(dtype_name(tensor.dtype))},
+                           {"shape", tensor.shape},
+                           {"data_offsets", {offset, offset + tensor.bytes()}}};
+    offset += tensor.bytes();
+  }
+
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  unsigned char length[8];
+  write_le64(text.size(), length);
+
+  const std::string temporary = path + ".tmp";
+  {
+    File file(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    write_fully(file.fd(), length, 8, 0, temporary);
+    write_fully(file.fd(), text.data(), text.size(), 8, temporary);
+    std::uint64_t position = 8 + text.size();
+    for (const TensorView& tensor : tensors) {
+      write_fully(file.fd(), tensor.data, tensor.bytes(), position, temporary);
+      position += tensor.bytes();
+    }
+    file.sync();
+  }
+  FERRY_CHECK(::rename(temporary.c_str(), path.c_str()) == 0, "cannot rename ", temporary, " to ",
+              path, ": ", std::strerror(errno));
+  sync_directory(parent_directory(path));
+}
+
+std::vector<std::string> write_checkpoint(const std::string& dir,
+                                          const std::vector<TensorView>& tensors,
+                                          std::uint64_t max_shard_bytes) {
+  FERRY_CHECK(max_shard_bytes > 0, "max_shard_bytes must be positive, got 0");
+  std::filesystem::create_directories(dir);
+
+  std::vector<std::vector<TensorView>> shards(1);
+  std::uint64_t shard_bytes = 0;
+  std::uint64_t total_bytes = 0;
+  for (const TensorView& tensor : tensors) {
+    if (!shards.back().empty() && shard_bytes + tensor.bytes() > max_shard_bytes) {
+      shards.emplace_back();
+      shard_bytes = 0;
+    }
+    shards.back().push_back(tensor);
+    shard_bytes += tensor.bytes();
+    total_bytes += tensor.bytes();
+  }
+
+  const std::string index_path = dir + "/" + kIndexFileName;
+  if (shards.size() == 1) {
+    write_file(dir + "/" + kSingleFileName, tensors);
+    std::filesystem::remove(index_path);
+    return {kSingleFileName};
+  }
+
+  std::vector<std::string> files;
+  Json weight_map = Json::object();
+  for (std::size_t i = 0; i < shards.size(); ++i) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
+    write_file(dir + "/" + name, shards[i]);
+    for (const TensorView& tensor : shards[i]) {
+      weight_map[tensor.name] = name;
+    }
+    files.emplace_back(name);
+  }
+  Json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
+  write_atomically(index_path, index.dump(2) + "\n");
+  std::filesystem::remove(dir + "/" + kSingleFileName);
+  sync_directory(dir);
+  files.emplace_back(kIndexFileName);
+  return files;
+}
+
+Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
+  if (std::filesystem::is_regular_file(dir)) {
+    readers_.emplace_back(dir);
+    for (const TensorInfo& info : readers_.back().header().tensors) {
+      shard_of_.emplace(info.name, 0);
+    }
+    return;
+  }
+  const std::string index_path = dir + "/" + kIndexFileName;
+  const std::string single_path = dir + "/" + kSingleFileName;
+  if (!std::filesystem::exists(index_path)) {
+    FERRY_CHECK(std::filesystem::exists(single_path), dir, ": no ", kSingleFileName, " or ",
+                kIndexFileName, " in this directory");
+    readers_.emplace_back(single_path);
+    for (const TensorInfo& info : readers_.back().header().tensors) {
+      shard_of_.emplace(info.name, 0);
+    }
+    return;
+  }
+
+  std::ifstream stream(index_path);
+  FERRY_CHECK(stream.good(), "cannot read ", index_path);
+  Json index = Json::parse(stream, nullptr, /*allow_exceptions=*/false);
+  FERRY_CHECK(!index.is_discarded() && index.is_object(), index_path,
+              ": not a JSON object");
+  auto weight_map = index.find("weight_map");
+  FERRY_CHECK(weight_map != index.end() && weight_map->is_object(), index_path,
+              ": missing object field weight_map");
+
+  std::map<std::string, std::size_t> reader_of_file;
+  for (const auto& item : weight_map->items()) {
+    FERRY_CHECK(item.value().is_string(), index_path, ": weight_map entry '", item.key(),
+                "' must name a file, got ", item.value().dump());
+    const std::string file = item.value().get<std::string>();
+    FERRY_CHECK(!file.empty() && file.find('/') == std::string::npos, index_path,
+                ": weight_map entry '", item.key(), "' names '", file,
+                "', which is not a file name in this directory");
+    auto [position, inserted] = reader_of_file.emplace(file, readers_.size());
+    if (inserted) {
+      readers_.emplace_back(dir + "/" + file);
+    }
+    const Reader& reader = readers_[position->second];
+    FERRY_CHECK(reader.header().find(item.key()) != nullptr, index_path, ": tensor '",
+                item.key(), "' is mapped to ", file, ", which does not contain it");
+    shard_of_.emplace(item.key(), position->second);
+  }
+  for (std::size_t i = 0; i < readers_.size(); ++i) {
+    for (const TensorInfo& info : readers_[i].header().tensors) {
+      auto mapped = shard_of_.find(info.name);
+      FERRY_CHECK(mapped != shard_of_.end() && mapped->second == i, readers_[i].path(),
+                  ": unexpected tensor '", info.name, "' that ", index_path,
+                  " does not map to this file");
+    }
+  }
+}
+
+std::vector<std::string> Checkpoint::names() const {
+  std::vector<std::string> result;
+  result.reserve(shard_of_.size());
+  for (const auto& entry : shard_of_) {
+    result.push_back(entry.first);
+  }
+  return result;
+}
+
+bool Checkpoint::contains(std::string_view name) const {
+  return shard_of_.find(name) != shard_of_.end();
+}
+
+const Reader& Checkpoint::reader_of(std::string_view name) const {
+  auto found = shard_of_.find(name);
+  FERRY_CHECK(found != shard_of_.end(), dir_, ": checkpoint has no tensor named '", name, "'");
+  return readers_[found->second];
+}
+
+const TensorInfo& Checkpoint::tensor(std::string_view name) const {
+  return reader_of(name).tensor(name);
+}
+
+const std::string& Checkpoint::file_of(std::string_view name) const {
+  return reader_of(name).path();
+}
+
+void Checkpoint::read_into(std::string_view name, void* dst, std::uint64_t dst_bytes) const {
+  reader_of(name).read_into(name, dst, dst_bytes);
+}
+
+}  // namespace ferry::safetensors

@@ -1,0 +1,753 @@
+#include "ferry/store.h"
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "store/device_copy.h"
+#include "store/extent_allocator.h"
+#include "store/fence.h"
+#include "util/fs.h"
+
+namespace ferry {
+
+const char* to_string(Tier tier) {
+  switch (tier) {
+    case Tier::kGpu: return "gpu";
+    case Tier::kHost: return "host";
+    case Tier::kNvme: return "nvme";
+  }
+  return "unknown tier";
+}
+
+const char* to_string(CopyState state) {
+  switch (state) {
+    case CopyState::kAbsent: return "absent";
+    case CopyState::kLoading: return "loading";
+    case CopyState::kReady: return "ready";
+    case CopyState::kDirty: return "dirty";
+    case CopyState::kWritingBack: return "writing back";
+  }
+  return "unknown state";
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr Tier kTiers[kTierCount] = {Tier::kGpu, Tier::kHost, Tier::kNvme};
+constexpr std::uint64_t kMaxHostChunkBytes = std::uint64_t{256} << 20;
+
+int index(Tier tier) { return static_cast<int>(tier); }
+
+std::uint64_t round_up(std::uint64_t bytes) {
+  return (bytes + kIoAlignment - 1) / kIoAlignment * kIoAlignment;
+}
+
+bool in_flight(CopyState state) {
+  return state == CopyState::kLoading || state == CopyState::kWritingBack;
+}
+
+void check_tier(Tier tier) {
+  FERRY_CHECK(tier == Tier::kGpu || tier == Tier::kHost || tier == Tier::kNvme, "tier ",
+              static_cast<int>(tier), " is not a tier: use Tier::kGpu, Tier::kHost or Tier::kNvme");
+}
+
+// GPU <-> host and host <-> NVMe are one hop; GPU <-> NVMe stages through the host.
+bool adjacent(Tier a, Tier b) { return std::abs(index(a) - index(b)) == 1; }
+
+class SynchronousCopier final : public detail::DeviceCopier {
+ public:
+  explicit SynchronousCopier(torch::Device device) : device_(device) {}
+
+  torch::Device device() const override { return device_; }
+  std::shared_ptr<detail::DeviceEvent> record_current_stream() override { return nullptr; }
+  std::shared_ptr<detail::DeviceEvent> copy(torch::Tensor destination, const torch::Tensor& source,
+                                            detail::DeviceEvent* after,
+                                            std::function<void()> done) override {
+    destination.copy_(source);
+    done();
+    return nullptr;
+  }
+
+ private:
+  torch::Device device_;
+};
+
+// One copy of a bundle on one tier.
+struct Copy {
+  CopyState state = CopyState::kAbsent;
+  // The bundle version the contents hold (0: none). A copy is up to date when it is kReady,
+  // kDirty or kWritingBack and holds the bundle's current version.
+  std::uint64_t version = 0;
+  int readers = 0;  // transfers reading from this copy
+  std::shared_ptr<detail::FenceState> loading;  // the transfer into this copy, while kLoading
+  torch::Tensor gpu;                            // kGpu: storage_bytes of uint8
+  HostBlock host;                               // kHost
+  std::uint64_t nvme_offset = 0;                // kNvme: the extent in the store's file
+  bool reads_as_zeros = false;  // kNvme: never written since add(), so it reads as zeros
+};
+
+struct Bundle {
+  BundleSpec spec;
+  std::uint64_t storage_bytes = 0;  // spec.bytes rounded up to 4096
+  std::uint64_t version = 1;        // raised by mark_dirty
+  Copy copies[kTierCount];
+
+  Copy& at(Tier tier) { return copies[index(tier)]; }
+  const Copy& at(Tier tier) const { return copies[index(tier)]; }
+  bool up_to_date(Tier tier) const {
+    const Copy& copy = at(tier);
+    return (copy.state == CopyState::kReady || copy.state == CopyState::kDirty ||
+            copy.state == CopyState::kWritingBack) &&
+           copy.version == version;
+  }
+};
+
+std::string describe(const Bundle& bundle, BundleId id, Tier tier) {
+  return detail::concat("the ", to_string(tier), " copy of bundle '", bundle.spec.name, "' (id ",
+                        id, ")");
+}
+
+// One fetch or write-back: one or two hops along `route`.
+struct Transfer {
+  BundleId id = 0;
+  Bundle* bundle = nullptr;
+  Tier route[3] = {};
+  int hops = 0;
+  std::shared_ptr<detail::FenceState> fence;
+  std::shared_ptr<detail::DeviceEvent> after;  // the requesting stream, for device copies
+  // A write-back keeps its origin kWritingBack until the last hop ends, then restores this.
+  bool write_back = false;
+  CopyState origin_state = CopyState::kReady;
+  // Per tier: whether this transfer allocated the copy (it frees it again if it fails), and the
+  // state and version an existing copy had before.
+  bool allocated[kTierCount] = {};
+  CopyState previous_state[kTierCount] = {};
+  std::uint64_t previous_version[kTierCount] = {};
+};
+
+}  // namespace
+
+namespace detail {
+
+std::unique_ptr<DeviceCopier> make_device_copier(torch::Device device) {
+#if FERRY_WITH_CUDA
+  if (device.is_cuda()) return make_cuda_copier(device);
+#endif
+  FERRY_CHECK(device.is_cpu(), "the store's GPU tier cannot use device ", device,
+              ": this build of ferry has no CUDA; use torch::kCPU, or a CUDA build of LibTorch");
+  return std::make_unique<SynchronousCopier>(device);
+}
+
+}  // namespace detail
+
+// Note: lock ordering and where transitions happen. `mutex` guards every bundle's copies, the
+// tier accounting and the extent allocator. It is never held while calling into the I/O engine
+// (whose callbacks may run inside read()/write() on the calling thread), the device copier, or
+// while allocating GPU memory; those run between a transfer's start under the lock and its
+// completion under the lock. A transfer's state transitions are applied eagerly on completion,
+// under `mutex`, by whichever thread learns of it: the I/O engine's completion thread for
+// NVMe hops, the CUDA host function for device copies, or the calling thread for synchronous
+// copies. The second hop of an NVMe -> GPU fetch is issued from the I/O completion callback
+// (with CUDA only queued there: the copy itself runs on the copy stream); the second hop of a
+// GPU -> NVMe write-back is submitted from the device copy's completion. A device copy is
+// therefore always followed by I/O, never by another CUDA call from the host function.
+// FenceState's and the host arena's mutexes are leaves below `mutex`.
+struct Store::Impl {
+  explicit Impl(const StoreOptions& options);
+
+  Bundle& bundle_locked(BundleId id);
+  // Allocates the memory of `tier`'s copy; false when the tier's budget cannot hold it now.
+  bool allocate_locked(Bundle& bundle, Tier tier);
+  // Allocates each absent copy in `tiers`; returns the first tier that had no room (after
+  // undoing the others), or nullopt.
+  std::optional<Tier> allocate_absent_locked(Bundle& bundle, const std::vector<Tier>& tiers,
+                                             std::vector<Tier>* allocated);
+  // Frees `tier`'s copy. A GPU tensor moves to `released` so it is destroyed after unlocking.
+  void free_locked(Bundle& bundle, Tier tier, torch::Tensor* released);
+  // Waits for an eviction until `deadline`; false when the deadline has passed.
+  bool wait_for_room(std::unique_lock<std::mutex>& lock, Clock::time_point deadline);
+  BudgetExceeded budget_exceeded_locked(Tier tier, const std::string& request,
+                                        std::uint64_t bytes, double waited_seconds);
+  void check_tier_configured(const Bundle& bundle, Tier tier) const;
+
+  // Claims the copies along the route and counts the transfer in flight.
+  std::shared_ptr<Transfer> begin_locked(BundleId id, Bundle& bundle, std::vector<Tier> route,
+                                         const std::vector<Tier>& allocated, bool write_back);
+  // Creates GPU memory for copies the transfer allocated and starts its first hop.
+  void launch(const std::shared_ptr<Transfer>& transfer);
+  void run_hop(const std::shared_ptr<Transfer>& transfer, int hop);
+  void finish_hop(const std::shared_ptr<Transfer>& transfer, int hop, std::exception_ptr error,
+                  std::uint64_t moved_bytes);
+  // Undoes the claim on a copy the transfer did not fill; `touched`: its contents may have
+  // been partly overwritten.
+  void abandon_locked(Transfer& transfer, Tier tier, bool touched, torch::Tensor* released);
+  torch::Tensor storage(Bundle& bundle, Tier tier);
+
+  void synchronize();
+
+  const StoreOptions options;
+  std::unique_ptr<detail::DeviceCopier> copier;
+  std::shared_ptr<detail::TransferCounters> counters = std::make_shared<detail::TransferCounters>();
+  std::unique_ptr<IoEngine> io;      // null without NVMe directories
+  std::unique_ptr<StripedFile> file;  // the NVMe tier's one file
+  std::unique_ptr<HostArena> arena;  // null with a zero host budget
+  std::uint64_t budget_bytes[kTierCount] = {};
+  std::atomic<std::uint64_t> used_bytes[kTierCount] = {};
+  std::atomic<std::uint64_t> peak_bytes[kTierCount] = {};
+  std::atomic<std::uint64_t> refusals[kTierCount] = {};
+
+  mutable std::mutex mutex;
+  std::condition_variable room;  // a tier freed memory
+  std::condition_variable idle;  // the last transfer in flight ended
+  int transfers_in_flight = 0;
+  std::unique_ptr<detail::ExtentAllocator> extents;
+  std::vector<std::unique_ptr<Bundle>> bundles;
+};
+
+Store::Impl::Impl(const StoreOptions& options_in) : options(options_in) {
+  copier = detail::make_device_copier(options.device);
+  if (!options.nvme_directories.empty()) {
+    FERRY_CHECK(options.stripe_bytes > 0 && options.stripe_bytes % kIoAlignment == 0,
+                "store stripe size ", options.stripe_bytes,
+                " bytes is invalid: use a positive multiple of 4096");
+    for (const std::string& directory : options.nvme_directories) fs::make_directories(directory);
+    io = IoEngine::create(options.io);
+    Env& env = options.env != nullptr ? *options.env : Env::posix();
+    file = StripedFile::open(env, options.nvme_directories, options.nvme_file_name,
+                             OpenMode::kCreate, options.stripe_bytes, options.io.direct_io);
+    budget_bytes[index(Tier::kNvme)] = options.nvme_budget_bytes;
+  }
+  budget_bytes[index(Tier::kGpu)] = options.gpu_budget_bytes;
+  budget_bytes[index(Tier::kHost)] = options.host_budget_bytes;
+  if (options.host_budget_bytes > 0) {
+    HostArenaOptions arena_options;
+    arena_options.budget_bytes = options.host_budget_bytes;
+    arena_options.chunk_bytes = std::min(kMaxHostChunkBytes, round_up(options.host_budget_bytes));
+    arena = std::make_unique<HostArena>(arena_options, io.get());
+  }
+  extents = std::make_unique<detail::ExtentAllocator>(budget_bytes[index(Tier::kNvme)]);
+}
+
+Bundle& Store::Impl::bundle_locked(BundleId id) {
+  FERRY_CHECK(id < bundles.size(), "unknown BundleId ", id, ": the store holds ", bundles.size(),
+              " bundles", bundles.empty() ? "" : detail::concat(" (ids 0 to ", bundles.size() - 1, ")"));
+  return *bundles[id];
+}
+
+void Store::Impl::check_tier_configured(const Bundle& bundle, Tier tier) const {
+  check_tier(tier);
+  FERRY_CHECK(tier != Tier::kNvme || file != nullptr, "bundle '", bundle.spec.name,
+              "' needs the nvme tier, but StoreOptions::nvme_directories is empty: give the "
+              "store at least one directory for its NVMe file");
+}
+
+bool Store::Impl::allocate_locked(Bundle& bundle, Tier tier) {
+  int t = index(tier);
+  std::uint64_t bytes = bundle.storage_bytes;
+  if (used_bytes[t].load() + bytes > budget_bytes[t]) return false;
+  Copy& copy = bundle.at(tier);
+  switch (tier) {
+    case Tier::kGpu:
+      break;  // the tensor is created by the requesting thread, outside the lock
+    case Tier::kHost:
+      copy.host = arena->try_allocate(bytes);
+      if (!copy.host) return false;
+      break;
+    case Tier::kNvme: {
+      std::optional<std::uint64_t> offset = extents->allocate(bytes);
+      if (!offset) return false;
+      copy.nvme_offset = *offset;
+      copy.reads_as_zeros = false;
+      break;
+    }
+  }
+  std::uint64_t used = used_bytes[t].fetch_add(bytes) + bytes;
+  if (used > peak_bytes[t].load()) peak_bytes[t].store(used);
+  return true;
+}
+
+std::optional<Tier> Store::Impl::allocate_absent_locked(Bundle& bundle,
+                                                        const std::vector<Tier>& tiers,
+                                                        std::vector<Tier>* allocated) {
+  allocated->clear();
+  for (Tier tier : tiers) {
+    if (bundle.at(tier).state != CopyState::kAbsent) continue;
+    if (!allocate_locked(bundle, tier)) {
+      for (Tier undo : *allocated) {
+        torch::Tensor unused;
+        free_locked(bundle, undo, &unused);
+      }
+      allocated->clear();
+      return tier;
+    }
+    allocated->push_back(tier);
+  }
+  return std::nullopt;
+}
+
+void Store::Impl::free_locked(Bundle& bundle, Tier tier, torch::Tensor* released) {
+  Copy& copy = bundle.at(tier);
+  FERRY_ASSERT(copy.readers == 0, "freed ", describe(bundle, 0, tier), " while it is read");
+  switch (tier) {
+    case Tier::kGpu: *released = std::move(copy.gpu); break;
+    case Tier::kHost: copy.host.reset(); break;
+    case Tier::kNvme:
+      extents->free(copy.nvme_offset, bundle.storage_bytes);
+      copy.reads_as_zeros = false;
+      break;
+  }
+  used_bytes[index(tier)].fetch_sub(bundle.storage_bytes);
+  copy.state = CopyState::kAbsent;
+  copy.version = 0;
+  copy.loading = nullptr;
+  room.notify_all();
+}
+
+bool Store::Impl::wait_for_room(std::unique_lock<std::mutex>& lock, Clock::time_point deadline) {
+  if (Clock::now() >= deadline) return false;
+  room.wait_until(lock, deadline);
+  return true;
+}
+
+BudgetExceeded Store::Impl::budget_exceeded_locked(Tier tier, const std::string& request,
+                                                   std::uint64_t bytes, double waited_seconds) {
+  int t = index(tier);
+  refusals[t].fetch_add(1);
+  std::uint64_t used = used_bytes[t].load();
+  std::uint64_t budget = budget_bytes[t];
+  std::string why =
+      used + bytes > budget
+          ? detail::concat(format_bytes(used + bytes - budget), " short")
+          : detail::concat(format_bytes(budget - used), " are free but no free range is that large");
+  std::string waited =
+      waited_seconds > 0 ? detail::concat(" after waiting ", waited_seconds, " s for evictions") : "";
+  return BudgetExceeded(detail::concat(
+      to_string(tier), " budget ", format_bytes(budget), ": ", format_bytes(used), " in use, ",
+      request, " needs ", format_bytes(bytes), ", ", why, waited, "; raise the ", to_string(tier),
+      " budget (StoreOptions::", to_string(tier), "_budget_bytes) or evict other bundles from the ",
+      to_string(tier), " tier first"));
+}
+
+std::shared_ptr<Transfer> Store::Impl::begin_locked(BundleId id, Bundle& bundle,
+                                                    std::vector<Tier> route,
+                                                    const std::vector<Tier>& allocated,
+                                                    bool write_back) {
+  auto transfer = std::make_shared<Transfer>();
+  transfer->id = id;
+  transfer->bundle = &bundle;
+  transfer->hops = static_cast<int>(route.size()) - 1;
+  std::copy(route.begin(), route.end(), transfer->route);
+  transfer->fence = std::make_shared<detail::FenceState>(counters, route[0], route[1]);
+  transfer->write_back = write_back;
+  for (Tier tier : allocated) transfer->allocated[index(tier)] = true;
+  for (size_t i = 1; i < route.size(); ++i) {
+    Copy& copy = bundle.at(route[i]);
+    transfer->previous_state[index(route[i])] = copy.state;
+    transfer->previous_version[index(route[i])] = copy.version;
+    copy.state = CopyState::kLoading;
+    copy.version = bundle.version;
+    copy.loading = transfer->fence;
+  }
+  Copy& origin = bundle.at(route[0]);
+  if (write_back) {
+    transfer->origin_state = origin.state;
+    origin.state = CopyState::kWritingBack;
+  }
+  ++origin.readers;
+  ++transfers_in_flight;
+  return transfer;
+}
+
+void Store::Impl::launch(const std::shared_ptr<Transfer>& transfer) {
+  Bundle& bundle = *transfer->bundle;
+  try {
+    if (transfer->allocated[index(Tier::kGpu)]) {
+      torch::Tensor memory = torch::empty(
+          {static_cast<std::int64_t>(bundle.storage_bytes)},
+          torch::TensorOptions().dtype(torch::kUInt8).device(copier->device()));
+      std::lock_guard<std::mutex> lock(mutex);
+      bundle.at(Tier::kGpu).gpu = std::move(memory);
+    }
+    transfer->after = copier->record_current_stream();
+  } catch (...) {
+    transfer->fence->begin_hop(0, transfer->route[0], transfer->route[1]);
+    counters->begin(transfer->route[0], transfer->route[1]);
+    finish_hop(transfer, 0, std::current_exception(), 0);
+    return;
+  }
+  run_hop(transfer, 0);
+}
+
+torch::Tensor Store::Impl::storage(Bundle& bundle, Tier tier) {
+  Copy& copy = bundle.at(tier);
+  if (tier == Tier::kGpu) return copy.gpu;
+  return torch::from_blob(copy.host.data(), {static_cast<std::int64_t>(bundle.storage_bytes)},
+                          torch::TensorOptions().dtype(torch::kUInt8));
+}
+
+// Runs without the lock: the copies on this hop are claimed (kLoading, or read-pinned), so no
+// other thread changes their memory.
+void Store::Impl::run_hop(const std::shared_ptr<Transfer>& transfer, int hop) {
+  Bundle& bundle = *transfer->bundle;
+  Tier from = transfer->route[hop];
+  Tier to = transfer->route[hop + 1];
+  Copy& source = bundle.at(from);
+  Copy& destination = bundle.at(to);
+  std::uint64_t bytes = bundle.storage_bytes;
+  transfer->fence->begin_hop(hop, from, to);
+  counters->begin(from, to);
+  try {
+    if (from == Tier::kNvme && source.reads_as_zeros) {
+      std::memset(destination.host.data(), 0, bytes);
+      finish_hop(transfer, hop, nullptr, 0);
+    } else if (from == Tier::kNvme || to == Tier::kNvme) {
+      auto done = [this, transfer, hop, bytes](const IoError* error) {
+        finish_hop(transfer, hop, error ? std::make_exception_ptr(IoException(*error)) : nullptr,
+                   bytes);
+      };
+      if (from == Tier::kNvme) {
+        io->read(*file, source.nvme_offset, destination.host.data(), bytes, done);
+      } else {
+        io->write(*file, destination.nvme_offset, source.host.data(), bytes, done);
+      }
+    } else {
+      std::shared_ptr<detail::DeviceEvent> copied = copier->copy(
+          storage(bundle, to), storage(bundle, from), transfer->after.get(),
+          [this, transfer, hop, bytes] { finish_hop(transfer, hop, nullptr, bytes); });
+      if (copied) transfer->fence->set_device_event(hop, std::move(copied));
+    }
+  } catch (...) {
+    finish_hop(transfer, hop, std::current_exception(), 0);
+  }
+}
+
+void Store::Impl::abandon_locked(Transfer& transfer, Tier tier, bool touched,
+                                 torch::Tensor* released) {
+  Copy& copy = transfer.bundle->at(tier);
+  if (transfer.allocated[index(tier)]) {
+    free_locked(*transfer.bundle, tier, released);
+    return;
+  }
+  copy.loading = nullptr;
+  copy.state = transfer.previous_state[index(tier)];
+  copy.version = touched ? 0 : transfer.previous_version[index(tier)];
+  if (touched && copy.state == CopyState::kDirty) copy.state = CopyState::kReady;
+  if (touched && tier == Tier::kNvme) copy.reads_as_zeros = false;
+}
+
+void Store::Impl::finish_hop(const std::shared_ptr<Transfer>& transfer, int hop,
+                             std::exception_ptr error, std::uint64_t moved_bytes) {
+  Tier from = transfer->route[hop];
+  Tier to = transfer->route[hop + 1];
+  counters->end(from, to, error ? 0 : moved_bytes);
+  torch::Tensor released[kTierCount];
+  bool next_hop = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    Bundle& bundle = *transfer->bundle;
+    --bundle.at(from).readers;
+    if (error) {
+      for (int later = hop + 1; later <= transfer->hops; ++later) {
+        Tier tier = transfer->route[later];
+        abandon_locked(*transfer, tier, later == hop + 1, &released[index(tier)]);
+      }
+    } else {
+      Copy& destination = bundle.at(to);
+      destination.state = CopyState::kReady;
+      destination.loading = nullptr;
+      if (to == Tier::kNvme) destination.reads_as_zeros = false;
+      next_hop = hop + 1 < transfer->hops;
+      if (next_hop) ++destination.readers;
+    }
+    if (!next_hop) {
+      if (transfer->write_back) {
+        bundle.at(transfer->route[0]).state = error ? transfer->origin_state : CopyState::kReady;
+      }
+      transfer->fence->complete(error);
+      if (--transfers_in_flight == 0) idle.notify_all();
+    }
+  }
+  if (next_hop) run_hop(transfer, hop + 1);
+}
+
+void Store::Impl::synchronize() {
+  std::unique_lock<std::mutex> lock(mutex);
+  idle.wait(lock, [this] { return transfers_in_flight == 0; });
+}
+
+// ---------------------------------------------------------------------------------------------
+
+Store::Store(StoreOptions options)
+    : options_(std::move(options)), impl_(std::make_unique<Impl>(options_)) {}
+
+Store::~Store() {
+  impl_->synchronize();
+  // The last completion callbacks may still be returning.
+  if (impl_->io) impl_->io->drain();
+}
+
+BundleId Store::add(const BundleSpec& spec) {
+  auto bundle = std::make_unique<Bundle>();
+  bundle->spec = spec;
+  bundle->storage_bytes = round_up(spec.bytes);
+  FERRY_CHECK(spec.bytes > 0, "bundle '", spec.name, "' has 0 bytes: a bundle needs at least 1 byte");
+  impl_->check_tier_configured(*bundle, spec.home);
+  Tier home = spec.home;
+  Copy& copy = bundle->at(home);
+  {
+    std::unique_lock<std::mutex> lock(impl_->mutex);
+    Clock::time_point start = Clock::now();
+    Clock::time_point deadline =
+        start + std::chrono::duration_cast<Clock::duration>(
+                    std::chrono::duration<double>(options_.budget_wait_seconds));
+    while (!impl_->allocate_locked(*bundle, home)) {
+      if (!impl_->wait_for_room(lock, deadline)) {
+        throw impl_->budget_exceeded_locked(
+            home, detail::concat("adding bundle '", spec.name, "'"), bundle->storage_bytes,
+            std::chrono::duration<double>(Clock::now() - start).count());
+      }
+    }
+  }
+  try {
+    switch (home) {
+      case Tier::kGpu:
+        copy.gpu = torch::zeros(
+            {static_cast<std::int64_t>(bundle->storage_bytes)},
+            torch::TensorOptions().dtype(torch::kUInt8).device(impl_->copier->device()));
+        break;
+      case Tier::kHost: std::memset(copy.host.data(), 0, bundle->storage_bytes); break;
+      case Tier::kNvme: copy.reads_as_zeros = true; break;
+    }
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    torch::Tensor released;
+    impl_->free_locked(*bundle, home, &released);
+    throw;
+  }
+  copy.state = CopyState::kReady;
+  copy.version = bundle->version;
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  impl_->bundles.push_back(std::move(bundle));
+  return static_cast<BundleId>(impl_->bundles.size() - 1);
+}
+
+const BundleSpec& Store::spec(BundleId id) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->bundle_locked(id).spec;
+}
+
+std::size_t Store::size() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->bundles.size();
+}
+
+CopyState Store::state(BundleId id, Tier tier) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  Bundle& bundle = impl_->bundle_locked(id);
+  check_tier(tier);
+  return bundle.at(tier).state;
+}
+
+bool Store::up_to_date(BundleId id, Tier tier) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  Bundle& bundle = impl_->bundle_locked(id);
+  check_tier(tier);
+  return bundle.up_to_date(tier);
+}
+
+torch::Tensor Store::tensor(BundleId id, Tier tier) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  Bundle& bundle = impl_->bundle_locked(id);
+  FERRY_CHECK(tier == Tier::kGpu || tier == Tier::kHost, "no tensor for ",
+              describe(bundle, id, tier), ": only gpu and host copies are memory; fetch it first");
+  const Copy& copy = bundle.at(tier);
+  FERRY_CHECK(copy.state == CopyState::kReady || copy.state == CopyState::kDirty, "no tensor for ",
+              describe(bundle, id, tier), ": it is ", to_string(copy.state),
+              copy.state == CopyState::kAbsent ? "; fetch it first" : "; wait for its Fence first");
+  auto bytes = static_cast<std::int64_t>(bundle.spec.bytes);
+  if (tier == Tier::kGpu) return copy.gpu.narrow(0, 0, bytes);
+  return torch::from_blob(copy.host.data(), {bytes}, torch::TensorOptions().dtype(torch::kUInt8));
+}
+
+Fence Store::fetch(BundleId id, Tier to) {
+  std::unique_lock<std::mutex> lock(impl_->mutex);
+  Clock::time_point start = Clock::now();
+  Clock::time_point deadline = start + std::chrono::duration_cast<Clock::duration>(
+                                           std::chrono::duration<double>(options_.budget_wait_seconds));
+  for (;;) {
+    Bundle& bundle = impl_->bundle_locked(id);
+    impl_->check_tier_configured(bundle, to);
+    Copy& target = bundle.at(to);
+    if (target.state == CopyState::kLoading && target.version == bundle.version) {
+      return Fence(target.loading);
+    }
+    FERRY_CHECK(!in_flight(target.state) && target.readers == 0, "cannot fetch into ",
+                describe(bundle, id, to), ": it is ", to_string(target.state),
+                " with a transfer in flight; wait for its Fence first");
+    if (bundle.up_to_date(to)) return Fence();
+
+    // The nearest up-to-date copy: GPU and NVMe prefer the host, the host prefers the GPU.
+    const Tier preference[kTierCount][2] = {
+        {Tier::kHost, Tier::kNvme}, {Tier::kGpu, Tier::kNvme}, {Tier::kHost, Tier::kGpu}};
+    const Tier* candidates = preference[index(to)];
+    Copy& nearest = bundle.at(candidates[0]);
+    if (nearest.state == CopyState::kLoading && nearest.version == bundle.version) {
+      // It is on its way: wait for it rather than reading from further away.
+      Fence arriving(nearest.loading);
+      lock.unlock();
+      try {
+        arriving.wait();
+      } catch (const std::exception&) {
+        // That transfer's own caller sees its error; this fetch plans again without it.
+      }
+      lock.lock();
+      continue;
+    }
+    Tier source = bundle.up_to_date(candidates[0]) ? candidates[0] : candidates[1];
+    FERRY_ASSERT(bundle.up_to_date(source), "bundle '", bundle.spec.name,
+                 "' has no up-to-date copy to fetch ", to_string(to), " from");
+    std::vector<Tier> route = {source, to};
+    if (!adjacent(source, to)) {
+      route = {source, Tier::kHost, to};
+      Copy& staging = bundle.at(Tier::kHost);
+      FERRY_CHECK(!in_flight(staging.state) && staging.readers == 0, "cannot fetch ",
+                  describe(bundle, id, to), " from ", to_string(source), " through ",
+                  describe(bundle, id, Tier::kHost), ": it is ", to_string(staging.state),
+                  " with a transfer in flight; wait for its Fence first");
+    }
+    std::vector<Tier> allocated;
+    std::optional<Tier> short_tier = impl_->allocate_absent_locked(
+        bundle, std::vector<Tier>(route.begin() + 1, route.end()), &allocated);
+    if (!short_tier) {
+      std::shared_ptr<Transfer> transfer =
+          impl_->begin_locked(id, bundle, route, allocated, /*write_back=*/false);
+      lock.unlock();
+      impl_->launch(transfer);
+      return Fence(transfer->fence);
+    }
+    if (!impl_->wait_for_room(lock, deadline)) {
+      throw impl_->budget_exceeded_locked(
+          *short_tier, detail::concat("the fetch of ", bundle.spec.name, " to ", to_string(to)),
+          bundle.storage_bytes, std::chrono::duration<double>(Clock::now() - start).count());
+    }
+  }
+}
+
+void Store::mark_dirty(BundleId id, Tier tier) {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  Bundle& bundle = impl_->bundle_locked(id);
+  impl_->check_tier_configured(bundle, tier);
+  FERRY_CHECK(tier != Tier::kNvme, "cannot mark ", describe(bundle, id, tier),
+              " dirty: NVMe copies are never modified in place; modify the host or gpu copy and "
+              "write it back");
+  Copy& copy = bundle.at(tier);
+  FERRY_CHECK(copy.state == CopyState::kReady || copy.state == CopyState::kDirty,
+              "cannot mark ", describe(bundle, id, tier), " dirty: it is ", to_string(copy.state),
+              "; only a ready or dirty copy can be modified");
+  FERRY_CHECK(copy.readers == 0, "cannot mark ", describe(bundle, id, tier),
+              " dirty: a transfer is reading it; wait for its Fence first");
+  copy.version = ++bundle.version;
+  copy.state = CopyState::kDirty;
+}
+
+Fence Store::write_back(BundleId id, Tier from, Tier to) {
+  std::unique_lock<std::mutex> lock(impl_->mutex);
+  Clock::time_point start = Clock::now();
+  Clock::time_point deadline = start + std::chrono::duration_cast<Clock::duration>(
+                                           std::chrono::duration<double>(options_.budget_wait_seconds));
+  for (;;) {
+    Bundle& bundle = impl_->bundle_locked(id);
+    impl_->check_tier_configured(bundle, from);
+    impl_->check_tier_configured(bundle, to);
+    FERRY_CHECK(from != to, "cannot write ", describe(bundle, id, from),
+                " back to itself: give two different tiers");
+    Copy& origin = bundle.at(from);
+    FERRY_CHECK(origin.state == CopyState::kReady || origin.state == CopyState::kDirty,
+                "cannot write back from ", describe(bundle, id, from), ": it is ",
+                to_string(origin.state), "; only a ready or dirty copy can be written back");
+    FERRY_CHECK(bundle.up_to_date(from), "cannot write back from ", describe(bundle, id, from),
+                ": it is stale (another copy was marked dirty since); write back from the "
+                "up-to-date copy");
+    Copy& target = bundle.at(to);
+    FERRY_CHECK(!in_flight(target.state) && target.readers == 0, "cannot write back into ",
+                describe(bundle, id, to), ": it is ", to_string(target.state),
+                " with a transfer in flight; wait for its Fence first");
+    if (bundle.up_to_date(to)) {
+      origin.state = CopyState::kReady;
+      return Fence();
+    }
+    std::vector<Tier> route = {from, to};
+    if (!adjacent(from, to)) {
+      route = {from, Tier::kHost, to};
+      Copy& staging = bundle.at(Tier::kHost);
+      FERRY_CHECK(!in_flight(staging.state) && staging.readers == 0, "cannot write ",
+                  describe(bundle, id, from), " back to ", to_string(to), " through ",
+                  describe(bundle, id, Tier::kHost), ": it is ", to_string(staging.state),
+                  " with a transfer in flight; wait for its Fence first");
+    }
+    std::vector<Tier> allocated;
+    std::optional<Tier> short_tier = impl_->allocate_absent_locked(
+        bundle, std::vector<Tier>(route.begin() + 1, route.end()), &allocated);
+    if (!short_tier) {
+      std::shared_ptr<Transfer> transfer =
+          impl_->begin_locked(id, bundle, route, allocated, /*write_back=*/true);
+      lock.unlock();
+      impl_->launch(transfer);
+      return Fence(transfer->fence);
+    }
+    if (!impl_->wait_for_room(lock, deadline)) {
+      throw impl_->budget_exceeded_locked(
+          *short_tier,
+          detail::concat("the write-back of ", bundle.spec.name, " to ", to_string(to)),
+          bundle.storage_bytes, std::chrono::duration<double>(Clock::now() - start).count());
+    }
+  }
+}
+
+void Store::evict(BundleId id, Tier tier) {
+  torch::Tensor released;
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  Bundle& bundle = impl_->bundle_locked(id);
+  impl_->check_tier_configured(bundle, tier);
+  Copy& copy = bundle.at(tier);
+  FERRY_CHECK(tier != bundle.spec.home, "cannot evict ", describe(bundle, id, tier),
+              ": it is the bundle's home copy (", to_string(copy.state),
+              "); only copies on other tiers can be dropped");
+  FERRY_CHECK(copy.state != CopyState::kAbsent, "cannot evict ", describe(bundle, id, tier),
+              ": it is already absent");
+  FERRY_CHECK(!in_flight(copy.state) && copy.readers == 0, "cannot evict ",
+              describe(bundle, id, tier), ": it is ", to_string(copy.state),
+              " with a transfer in flight; wait for its Fence first");
+  if (bundle.up_to_date(tier)) {
+    bool another = false;
+    for (Tier other : kTiers) another = another || (other != tier && bundle.up_to_date(other));
+    FERRY_CHECK(another, "cannot evict ", describe(bundle, id, tier), ": it is ",
+                to_string(copy.state), " and the only up-to-date copy; write it back to ",
+                to_string(bundle.spec.home), " first");
+  }
+  impl_->free_locked(bundle, tier, &released);
+}
+
+void Store::synchronize() { impl_->synchronize(); }
+
+StoreStats Store::stats() const {
+  StoreStats stats;
+  for (Tier tier : kTiers) {
+    int t = index(tier);
+    stats.tiers[t].budget_bytes = impl_->budget_bytes[t];
+    stats.tiers[t].used_bytes = impl_->used_bytes[t].load(std::memory_order_relaxed);
+    stats.tiers[t].peak_bytes = impl_->peak_bytes[t].load(std::memory_order_relaxed);
+    stats.tiers[t].refusals = impl_->refusals[t].load(std::memory_order_relaxed);
+    for (Tier to : kTiers) stats.transfers[t][index(to)] = impl_->counters->read(tier, to);
+  }
+  return stats;
+}
+
+}  // namespace ferry

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Run HERE (Debian 12, with network to Debian's mirrors): downloads the Debian packages the GPU
+# machine lacks into .device-debs/ (git-ignored), to be sent there with the device tool's
+# `carry` argument. See docs/gpu-machine.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p .device-debs
+cd .device-debs
+apt-get download \
+  liburing2 liburing-dev libtbb12 libtbbmalloc2 libtbbbind-2-5 libtbb-dev libaio1 libaio-dev \
+  nlohmann-json3-dev catch2 libcxxopts-dev
+ls -1 *.deb

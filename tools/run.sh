@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The README's two commands:
+#   tools/run.sh main   set up, build, and run the main job on its built-in default
+#   tools/run.sh test   set up, build, and run the whole test suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+what=${1:-}
+if [[ $what != main && $what != test ]]; then
+  echo "usage: tools/run.sh main|test" >&2
+  exit 2
+fi
+
+tools/setup.sh
+jobs=$(nproc)
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DFERRY_BUILD_TESTS=$([[ $what == test ]] && echo ON || echo OFF)
+cmake --build build -j "$jobs"
+
+if [[ $what == main ]]; then
+  exec ./build/ferry
+fi
+ctest --test-dir build --output-on-failure -j "$jobs"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs ferry's build and test dependencies from Debian 12's own packages (run as root).
+# Safe to run again: apt-get skips what is already there.
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build pkg-config
+  libtorch-dev python3-torch python3-pytest pybind11-dev
+  liburing-dev libaio-dev libtbb-dev
+  libcxxopts-dev catch2 nlohmann-json3-dev
+)
+
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
+    missing+=("$package")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "ferry setup: missing packages: ${missing[*]}; run this script as root" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
