@@ -151,8 +151,10 @@ class DataLoader {
 };
 
 // The built-in fine-tuning task: addition of two numbers of 1 to max_digits digits each,
-// prompt "57+68=" and completion "125". A problem's split follows from a hash of the problem
-// and the seed, so the train and eval problems of one seed never overlap.
+// written with leading zeros to a fixed width: with max_digits 2, prompt "07+68=" and
+// completion "075". Every digit then has a fixed position, which a small model learns in a
+// few hundred steps (docs/data.md). A problem's split follows from a hash of the problem and
+// the seed, so the train and eval problems of one seed never overlap.
 struct AdditionTask {
   int64_t max_digits = 2;
   uint64_t seed = 0;
@@ -182,6 +184,13 @@ using GenerateFn = std::function<std::vector<int64_t>(const std::vector<int64_t>
 // completion. Each prompt is BOS prompt, as in training.
 double exact_match_accuracy(const std::vector<PromptCompletion>& problems,
                             const GenerateFn& generate);
+
+// The same for several prompts per call, at most batch_size, answered in order. The addition
+// task's prompts all have one length, so they batch without padding.
+using BatchGenerateFn = std::function<std::vector<std::vector<int64_t>>(
+    const std::vector<std::vector<int64_t>>& prompts, int64_t max_new_tokens)>;
+double exact_match_accuracy(const std::vector<PromptCompletion>& problems,
+                            const BatchGenerateFn& generate, int64_t batch_size);
 
 struct AnswerAccuracy {
   double token_accuracy = 0;  // learned positions whose argmax prediction is right

@@ -29,6 +29,11 @@ Split split_of(int64_t a, int64_t b, uint64_t seed) {
 
 const char* split_name(Split split) { return split == Split::kTrain ? "train" : "eval"; }
 
+std::string zero_padded(int64_t value, int64_t digits) {
+  std::string text = std::to_string(value);
+  return std::string(digits - static_cast<int64_t>(text.size()), '0') + text;
+}
+
 }  // namespace
 
 std::vector<PromptCompletion> addition_problems(const AdditionTask& task, Split split,
@@ -50,8 +55,9 @@ std::vector<PromptCompletion> addition_problems(const AdditionTask& task, Split 
     int64_t a = random_number(rng, task.max_digits);
     int64_t b = random_number(rng, task.max_digits);
     if (split_of(a, b, task.seed) == split) {
-      problems.push_back({std::to_string(a) + "+" + std::to_string(b) + "=",
-                          std::to_string(a + b)});
+      problems.push_back({zero_padded(a, task.max_digits) + "+" +
+                              zero_padded(b, task.max_digits) + "=",
+                          zero_padded(a + b, task.max_digits + 1)});
     }
   }
   return problems;

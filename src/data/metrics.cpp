@@ -7,27 +7,66 @@
 
 namespace ferry::data {
 
-double exact_match_accuracy(const std::vector<PromptCompletion>& problems,
-                            const GenerateFn& generate) {
-  FERRY_CHECK(!problems.empty(), "exact_match_accuracy needs at least one problem, got none");
-  FERRY_CHECK(generate != nullptr, "exact_match_accuracy needs a generate function, got none");
-  ByteTokenizer tokenizer;
+namespace {
+
+int64_t answer_budget(const std::vector<PromptCompletion>& problems) {
   int64_t max_new_tokens = 0;
   for (const PromptCompletion& problem : problems) {
     max_new_tokens = std::max<int64_t>(max_new_tokens, problem.completion.size() + 1);
   }
+  return max_new_tokens;
+}
+
+std::vector<int64_t> prompt_tokens(const PromptCompletion& problem) {
+  std::vector<int64_t> prompt = ByteTokenizer().encode(problem.prompt);
+  prompt.insert(prompt.begin(), ByteTokenizer::kBos);
+  return prompt;
+}
+
+bool is_exact_match(std::vector<int64_t> answer, const PromptCompletion& problem,
+                    int64_t max_new_tokens) {
+  FERRY_CHECK(static_cast<int64_t>(answer.size()) <= max_new_tokens, "generate returned ",
+              answer.size(), " tokens for prompt \"", problem.prompt, "\", more than the ",
+              max_new_tokens, " asked for");
+  answer.erase(std::find(answer.begin(), answer.end(), ByteTokenizer::kEos), answer.end());
+  return answer == ByteTokenizer().encode(problem.completion);
+}
+
+}  // namespace
+
+double exact_match_accuracy(const std::vector<PromptCompletion>& problems,
+                            const GenerateFn& generate) {
+  FERRY_CHECK(generate != nullptr, "exact_match_accuracy needs a generate function, got none");
+  auto one_at_a_time = [&](const std::vector<std::vector<int64_t>>& prompts,
+                           int64_t max_new_tokens) {
+    return std::vector<std::vector<int64_t>>{generate(prompts.front(), max_new_tokens)};
+  };
+  return exact_match_accuracy(problems, one_at_a_time, 1);
+}
+
+double exact_match_accuracy(const std::vector<PromptCompletion>& problems,
+                            const BatchGenerateFn& generate, int64_t batch_size) {
+  FERRY_CHECK(!problems.empty(), "exact_match_accuracy needs at least one problem, got none");
+  FERRY_CHECK(generate != nullptr, "exact_match_accuracy needs a generate function, got none");
+  FERRY_CHECK(batch_size > 0, "exact_match_accuracy batch_size is ", batch_size,
+              ": it must be at least 1");
+  const int64_t count = static_cast<int64_t>(problems.size());
+  const int64_t max_new_tokens = answer_budget(problems);
   int64_t matches = 0;
-  for (const PromptCompletion& problem : problems) {
-    std::vector<int64_t> prompt = tokenizer.encode(problem.prompt);
-    prompt.insert(prompt.begin(), ByteTokenizer::kBos);
-    std::vector<int64_t> answer = generate(prompt, max_new_tokens);
-    FERRY_CHECK(static_cast<int64_t>(answer.size()) <= max_new_tokens, "generate returned ",
-                answer.size(), " tokens for prompt \"", problem.prompt, "\", more than the ",
-                max_new_tokens, " asked for");
-    answer.erase(std::find(answer.begin(), answer.end(), ByteTokenizer::kEos), answer.end());
-    matches += answer == tokenizer.encode(problem.completion) ? 1 : 0;
+  for (int64_t begin = 0; begin < count; begin += batch_size) {
+    int64_t end = std::min(begin + batch_size, count);
+    std::vector<std::vector<int64_t>> prompts;
+    for (int64_t i = begin; i < end; ++i) {
+      prompts.push_back(prompt_tokens(problems[i]));
+    }
+    std::vector<std::vector<int64_t>> answers = generate(prompts, max_new_tokens);
+    FERRY_CHECK(static_cast<int64_t>(answers.size()) == end - begin, "generate returned ",
+                answers.size(), " answers for ", end - begin, " prompts");
+    for (int64_t i = begin; i < end; ++i) {
+      matches += is_exact_match(std::move(answers[i - begin]), problems[i], max_new_tokens);
+    }
   }
-  return static_cast<double>(matches) / static_cast<double>(problems.size());
+  return static_cast<double>(matches) / static_cast<double>(count);
 }
 
 AnswerAccuracy teacher_forced_accuracy(const at::Tensor& logits, const at::Tensor& labels) {

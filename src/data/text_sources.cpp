@@ -28,7 +28,8 @@ class InMemoryDataset final : public Dataset {
   int64_t size() const override { return static_cast<int64_t>(examples_.size()); }
 
   Example get(int64_t index) const override {
-    FERRY_ASSERT(index >= 0 && index < size(), "example ", index, " of ", name_);
+    FERRY_CHECK(index >= 0 && index < size(), "example index ", index, " of ", name_,
+                " is out of range: valid are 0 to ", size() - 1);
     return examples_[index];
   }
 

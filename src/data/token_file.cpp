@@ -30,18 +30,22 @@ class MappedFile {
   explicit MappedFile(const std::string& path) {
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     FERRY_CHECK(fd >= 0, "cannot open token file ", path, ": ", std::strerror(errno));
+    // The mapping keeps the file open, so the descriptor closes when the constructor ends.
+    struct CloseOnExit {
+      int fd;
+      ~CloseOnExit() { ::close(fd); }
+    } close_on_exit{fd};
     struct stat info {};
-    int stat_result = ::fstat(fd, &info);
-    int stat_errno = errno;
-    if (stat_result == 0 && info.st_size > 0) {
+    FERRY_CHECK(::fstat(fd, &info) == 0, "cannot stat token file ", path, ": ",
+                std::strerror(errno));
+    FERRY_CHECK(S_ISREG(info.st_mode), "token file ", path, " is not a regular file");
+    if (info.st_size > 0) {
+      void* data = ::mmap(nullptr, info.st_size, PROT_READ, MAP_SHARED, fd, 0);
+      FERRY_CHECK(data != MAP_FAILED, "cannot memory-map token file ", path, " (",
+                  info.st_size, " bytes): ", std::strerror(errno));
+      data_ = data;
       size_bytes_ = static_cast<size_t>(info.st_size);
-      data_ = ::mmap(nullptr, size_bytes_, PROT_READ, MAP_SHARED, fd, 0);
-      stat_errno = errno;
     }
-    ::close(fd);
-    FERRY_CHECK(stat_result == 0, "cannot stat token file ", path, ": ", std::strerror(stat_errno));
-    FERRY_CHECK(data_ != MAP_FAILED, "cannot memory-map token file ", path, " (", size_bytes_,
-                " bytes): ", std::strerror(stat_errno));
   }
   ~MappedFile() {
     if (size_bytes_ > 0) {
@@ -75,7 +79,8 @@ class TokenFileDataset final : public Dataset {
   int64_t size() const override { return (total_tokens_ + example_tokens_ - 1) / example_tokens_; }
 
   Example get(int64_t index) const override {
-    FERRY_ASSERT(index >= 0 && index < size(), "example ", index, " of ", name_);
+    FERRY_CHECK(index >= 0 && index < size(), "example index ", index, " of ", name_,
+                " is out of range: valid are 0 to ", size() - 1);
     int64_t begin = index * example_tokens_;
     int64_t end = std::min(begin + example_tokens_, total_tokens_);
     Example example;

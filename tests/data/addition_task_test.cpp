@@ -26,14 +26,17 @@ std::set<std::string> prompts_of(const std::vector<PromptCompletion>& problems) 
   return prompts;
 }
 
-// Reads "a+b=" back from the prompt tokens and answers (a + b + error) then EOS.
+// Reads "a+b=" back from the prompt tokens and answers a + b + error, one digit wider than
+// a, then EOS.
 ferry::data::GenerateFn oracle(int64_t error) {
   return [error](const std::vector<int64_t>& prompt, int64_t max_new_tokens) {
     REQUIRE(prompt.front() == ByteTokenizer::kBos);
     std::string text = ByteTokenizer().decode(prompt);
     size_t plus = text.find('+');
     int64_t sum = std::stoll(text.substr(0, plus)) + std::stoll(text.substr(plus + 1)) + error;
-    std::vector<int64_t> answer = ByteTokenizer().encode(std::to_string(sum));
+    std::string digits = std::to_string(sum);
+    digits.insert(0, plus + 1 - digits.size(), '0');
+    std::vector<int64_t> answer = ByteTokenizer().encode(digits);
     answer.push_back(ByteTokenizer::kEos);
     return answer;
   };
@@ -41,18 +44,22 @@ ferry::data::GenerateFn oracle(int64_t error) {
 
 }  // namespace
 
-TEST_CASE("addition problems are correct sums with at most max_digits digits") {
+TEST_CASE("addition problems are correct sums written to a fixed width") {
   AdditionTask task{3, 4};
+  std::set<int64_t> sum_lengths;
   for (const PromptCompletion& problem : ferry::data::addition_problems(task, Split::kTrain, 500)) {
-    size_t plus = problem.prompt.find('+');
-    REQUIRE(plus != std::string::npos);
-    REQUIRE(problem.prompt.back() == '=');
-    std::string a = problem.prompt.substr(0, plus);
-    std::string b = problem.prompt.substr(plus + 1, problem.prompt.size() - plus - 2);
-    CHECK(a.size() <= 3);
-    CHECK(b.size() <= 3);
-    CHECK(std::to_string(std::stoll(a) + std::stoll(b)) == problem.completion);
+    REQUIRE(problem.prompt.size() == 8);
+    REQUIRE(problem.prompt[3] == '+');
+    REQUIRE(problem.prompt[7] == '=');
+    int64_t a = std::stoll(problem.prompt.substr(0, 3));
+    int64_t b = std::stoll(problem.prompt.substr(4, 3));
+    REQUIRE(problem.completion.size() == 4);
+    CHECK(std::stoll(problem.completion) == a + b);
+    sum_lengths.insert(std::to_string(a + b).size());
   }
+  // Short numbers are as likely as long ones, so every length of sum occurs.
+  CHECK(sum_lengths == std::set<int64_t>{1, 2, 3, 4});
+  CHECK(ferry::data::addition_problems({1, 0}, Split::kTrain, 1).front().prompt.size() == 4);
 }
 
 TEST_CASE("addition problems follow the seed and the split") {
@@ -84,7 +91,7 @@ TEST_CASE("the addition dataset is byte-tokenized with the prompt marked") {
         problems[i].prompt, problems[i].completion);
     CHECK(example.tokens == expected.tokens);
     CHECK(example.prompt_tokens == expected.prompt_tokens);
-    CHECK(example.tokens.size() <= 16);
+    CHECK(example.tokens.size() == 14);
   }
   CHECK_THAT(dataset->name(), Contains("addition") && Contains("eval"));
 }
@@ -119,6 +126,32 @@ TEST_CASE("exact-match accuracy is 1 for the right answers and 0 for wrong ones"
   };
   CHECK_THROWS_WITH(ferry::data::exact_match_accuracy(problems, too_many),
                     Contains("more than the"));
+}
+
+TEST_CASE("batched exact-match accuracy answers every prompt once, in order") {
+  auto problems = ferry::data::addition_problems({2, 3}, Split::kEval, 40);
+  std::vector<int64_t> batch_sizes;
+  auto batched = [&](const std::vector<std::vector<int64_t>>& prompts, int64_t max_new_tokens) {
+    batch_sizes.push_back(static_cast<int64_t>(prompts.size()));
+    std::vector<std::vector<int64_t>> answers;
+    for (const auto& prompt : prompts) {
+      answers.push_back(oracle(0)(prompt, max_new_tokens));
+    }
+    return answers;
+  };
+  CHECK(ferry::data::exact_match_accuracy(problems, batched, 7) == 1.0);
+  CHECK(batch_sizes == std::vector<int64_t>{7, 7, 7, 7, 7, 5});
+
+  auto one_answer_short = [&](const std::vector<std::vector<int64_t>>& prompts,
+                              int64_t max_new_tokens) {
+    auto answers = batched(prompts, max_new_tokens);
+    answers.pop_back();
+    return answers;
+  };
+  CHECK_THROWS_WITH(ferry::data::exact_match_accuracy(problems, one_answer_short, 4),
+                    Contains("3 answers for 4 prompts"));
+  CHECK_THROWS_WITH(ferry::data::exact_match_accuracy(problems, batched, 0),
+                    Contains("batch_size is 0"));
 }
 
 TEST_CASE("teacher-forced accuracy compares logits at t - 1 with labels at t") {

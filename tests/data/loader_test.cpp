@@ -104,6 +104,30 @@ TEST_CASE("packing fills whole rows and carries examples over rows and epochs") 
   CHECK(loader.state().epoch == 1);
 }
 
+TEST_CASE("packed rows are the epoch-ordered stream of examples cut into rows") {
+  auto dataset = ferry::data::addition_dataset({2, 8}, ferry::data::Split::kTrain, 9);
+  LoaderOptions options;
+  options.batch_size = 3;
+  options.sequence_length = 7;
+  options.seed = 21;
+  std::vector<int64_t> stream;
+  for (int64_t epoch = 0; epoch < 4; ++epoch) {
+    for (int64_t index : ferry::data::epoch_order(dataset->size(), options.seed, epoch, true)) {
+      std::vector<int64_t> tokens = dataset->get(index).tokens;
+      stream.insert(stream.end(), tokens.begin(), tokens.end());
+    }
+  }
+  DataLoader loader(dataset, options);
+  std::vector<int64_t> packed;
+  while (packed.size() + 21 <= stream.size()) {
+    for (const auto& row : rows_of(loader.next().input_ids)) {
+      packed.insert(packed.end(), row.begin(), row.end());
+    }
+  }
+  CHECK(packed == std::vector<int64_t>(stream.begin(), stream.begin() + packed.size()));
+  CHECK(loader.state().epoch == 3);
+}
+
 TEST_CASE("answer-only labels ignore prompt tokens, also across a row boundary") {
   LoaderOptions options = in_order(2, 4, /*pack=*/true);
   options.answer_only = true;
@@ -211,6 +235,15 @@ TEST_CASE("the example stream does not depend on the batch size") {
   }
   CHECK(from_pairs == from_triples);
   CHECK(pairs.state().to_json() == triples.state().to_json());
+}
+
+TEST_CASE("a padding loader restored mid-example continues with the rest of it") {
+  DataLoader packing(three_examples(), in_order(1, 4, /*pack=*/true));
+  packing.next();
+  DataLoader padding(three_examples(), in_order(1, 6, /*pack=*/false));
+  padding.restore(packing.state());
+  CHECK(rows_of(padding.next().input_ids) == Rows{{5, 6, 7, 8, kPad, kPad}});
+  CHECK(rows_of(padding.next().input_ids) == Rows{{9, 10, kPad, kPad, kPad, kPad}});
 }
 
 TEST_CASE("a state that does not fit the loader is refused and changes nothing") {

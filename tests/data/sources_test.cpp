@@ -80,6 +80,7 @@ TEST_CASE("token files are cut into windows of uint16 or uint32 tokens") {
   CHECK(uint16_tokens->get(2).tokens == std::vector<int64_t>{9, 65535});
   CHECK(uint16_tokens->get(2).prompt_tokens == 0);
   CHECK(uint16_tokens->name() == dir.file("tokens.bin"));
+  CHECK_THROWS_WITH(uint16_tokens->get(3), Contains("example index 3") && Contains("0 to 2"));
 
   write_file(dir.file("tokens.u32.bin"), little_endian({70000, 1, 4294967295u}, 4));
   auto uint32_tokens = ferry::data::open_token_file(dir.file("tokens.u32.bin"), 2);
@@ -114,6 +115,10 @@ TEST_CASE("bad token files name the file and the problem") {
                     Contains("multiple of 4") && Contains("uint32"));
   CHECK_THROWS_WITH(ferry::data::open_token_file(dir.file("odd.bin"), 0),
                     Contains("example_tokens") && Contains("at least 1"));
+  CHECK_THROWS_WITH(ferry::data::open_token_file(dir.subdir("folder.bin"), 4),
+                    Contains("folder.bin is not a regular file"));
+  write_file(dir.file("empty.bin"), "");
+  CHECK(ferry::data::open_token_file(dir.file("empty.bin"), 4)->size() == 0);
 }
 
 TEST_CASE("JSON Lines hold documents and prompt-completion pairs") {
@@ -181,4 +186,6 @@ TEST_CASE("in-memory datasets reject empty examples and bad prompt lengths") {
                     Contains("example 1 of mine has no tokens"));
   CHECK_THROWS_WITH(ferry::data::make_dataset("mine", {{{1, 2}, 3}}),
                     Contains("prompt_tokens 3") && Contains("0 to its 2 tokens"));
+  CHECK_THROWS_WITH(ferry::data::make_dataset("mine", {{{1}, 0}})->get(-1),
+                    Contains("example index -1 of mine") && Contains("0 to 0"));
 }
