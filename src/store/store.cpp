@@ -210,10 +210,12 @@ struct Store::Impl {
   // Creates GPU memory for copies the transfer allocated and starts its first hop.
   void launch(const std::shared_ptr<Transfer>& transfer);
   void run_hop(const std::shared_ptr<Transfer>& transfer, int hop);
+  // Applies the end of one hop and starts the next. Never throws: it runs on completion threads,
+  // and a transfer must finish exactly once.
   void finish_hop(const std::shared_ptr<Transfer>& transfer, int hop, std::exception_ptr error,
-                  std::uint64_t moved_bytes);
-  // Undoes the claim on a copy the transfer did not fill; `touched`: its contents may have
-  // been partly overwritten.
+                  std::uint64_t moved_bytes) noexcept;
+  // Undoes the claim on a copy the transfer did not fill. `touched`: a failed hop wrote into it,
+  // so its contents are garbage: it is freed, or, for the home copy, left stale.
   void abandon_locked(Transfer& transfer, Tier tier, bool touched, torch::Tensor* released);
   torch::Tensor storage(Bundle& bundle, Tier tier);
 
@@ -475,20 +477,20 @@ void Store::Impl::run_hop(const std::shared_ptr<Transfer>& transfer, int hop) {
 
 void Store::Impl::abandon_locked(Transfer& transfer, Tier tier, bool touched,
                                  torch::Tensor* released) {
-  Copy& copy = transfer.bundle->at(tier);
-  if (transfer.allocated[index(tier)]) {
-    free_locked(*transfer.bundle, tier, released);
+  Bundle& bundle = *transfer.bundle;
+  Copy& copy = bundle.at(tier);
+  if (transfer.allocated[index(tier)] || (touched && tier != bundle.spec.home)) {
+    free_locked(bundle, tier, released);
     return;
   }
   copy.loading = nullptr;
-  copy.state = transfer.previous_state[index(tier)];
+  copy.state = touched ? CopyState::kReady : transfer.previous_state[index(tier)];
   copy.version = touched ? 0 : transfer.previous_version[index(tier)];
-  if (touched && copy.state == CopyState::kDirty) copy.state = CopyState::kReady;
   if (touched && tier == Tier::kNvme) copy.reads_as_zeros = false;
 }
 
 void Store::Impl::finish_hop(const std::shared_ptr<Transfer>& transfer, int hop,
-                             std::exception_ptr error, std::uint64_t moved_bytes) {
+                             std::exception_ptr error, std::uint64_t moved_bytes) noexcept {
   Tier from = transfer->route[hop];
   Tier to = transfer->route[hop + 1];
   counters->end(from, to, error ? 0 : moved_bytes);

@@ -118,9 +118,13 @@ class GatedEnv : public Env {
 
 TEST_CASE("random bytes survive GPU -> host -> NVMe -> host -> GPU for several bundles") {
   torch::Device device = GENERATE(from_range(test_devices()));
-  INFO("device " << device);
+  IoBackendKind backend = GENERATE(IoBackendKind::kIoUring, IoBackendKind::kLibaio,
+                                   IoBackendKind::kThreadPool);
+  INFO("device " << device << ", I/O backend " << to_string(backend));
   TempDir dir;
-  Store store(options_in(dir, device));
+  StoreOptions options = options_in(dir, device);
+  options.io.backend = backend;
+  Store store(options);
   const std::uint64_t sizes[] = {1, 4096, 100000, kMiB + 13};
   std::vector<BundleId> ids;
   std::vector<torch::Tensor> contents;
