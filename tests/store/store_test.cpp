@@ -244,9 +244,13 @@ TEST_CASE("the state machine moves through every state and refuses what it does 
 }
 
 TEST_CASE("a copy with a transfer in flight is loading and refuses everything else") {
+  IoBackendKind backend = GENERATE(IoBackendKind::kIoUring, IoBackendKind::kLibaio,
+                                   IoBackendKind::kThreadPool);
+  INFO("I/O backend " << to_string(backend));
   TempDir dir;
   GatedEnv env;
   StoreOptions options = options_in(dir, torch::kCPU);
+  options.io.backend = backend;
   options.env = &env;
   options.io.queue_depth = 1;
   options.io.block_bytes = 4096;
