@@ -182,7 +182,8 @@ std::unique_ptr<DeviceCopier> make_device_copier(torch::Device device) {
 // (with CUDA only queued there: the copy itself runs on the copy stream); the second hop of a
 // GPU -> NVMe write-back is submitted from the device copy's completion. A device copy is
 // therefore always followed by I/O, never by another CUDA call from the host function.
-// FenceState's and the host arena's mutexes are leaves below `mutex`.
+// FenceState's mutex and the host arena's (which registers chunks with the I/O engine) rank
+// below `mutex`.
 struct Store::Impl {
   explicit Impl(const StoreOptions& options);
 
