@@ -174,14 +174,13 @@ std::unique_ptr<DeviceCopier> make_device_copier(torch::Device device) {
 // Note: lock ordering and where transitions happen. `mutex` guards every bundle's copies, the
 // tier accounting and the extent allocator. It is never held while calling into the I/O engine
 // (whose callbacks may run inside read()/write() on the calling thread), the device copier, or
-// while allocating GPU memory; those run between a transfer's start under the lock and its
-// completion under the lock. A transfer's state transitions are applied eagerly on completion,
-// under `mutex`, by whichever thread learns of it: the I/O engine's completion thread for
-// NVMe hops, the CUDA host function for device copies, or the calling thread for synchronous
-// copies. The second hop of an NVMe -> GPU fetch is issued from the I/O completion callback
-// (with CUDA only queued there: the copy itself runs on the copy stream); the second hop of a
-// GPU -> NVMe write-back is submitted from the device copy's completion. A device copy is
-// therefore always followed by I/O, never by another CUDA call from the host function.
+// while creating or destroying GPU memory; those run between a transfer's start under the lock
+// and its completion under the lock. A transfer's state transitions are applied eagerly on
+// completion, under `mutex`, by whichever thread learns of it: the I/O engine's completion
+// thread for NVMe hops, the CUDA copier's completion thread for device copies, or the calling
+// thread for synchronous copies. So the second hop of an NVMe -> GPU fetch is issued from the
+// I/O completion callback (with CUDA only queued there: the copy runs on the copy stream), and
+// the second hop of a GPU -> NVMe write-back is submitted from the device copy's completion.
 // FenceState's mutex and the host arena's (which registers chunks with the I/O engine) rank
 // below `mutex`.
 struct Store::Impl {
@@ -423,7 +422,9 @@ void Store::Impl::launch(const std::shared_ptr<Transfer>& transfer) {
       std::lock_guard<std::mutex> lock(mutex);
       bundle.at(Tier::kGpu).gpu = std::move(memory);
     }
-    transfer->after = copier->record_current_stream();
+    if (transfer->route[0] == Tier::kGpu || transfer->route[transfer->hops] == Tier::kGpu) {
+      transfer->after = copier->record_current_stream();
+    }
   } catch (...) {
     transfer->fence->begin_hop(0, transfer->route[0], transfer->route[1]);
     counters->begin(transfer->route[0], transfer->route[1]);
