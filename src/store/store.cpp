@@ -42,6 +42,7 @@ using Clock = std::chrono::steady_clock;
 
 constexpr Tier kTiers[kTierCount] = {Tier::kGpu, Tier::kHost, Tier::kNvme};
 constexpr std::uint64_t kMaxHostChunkBytes = std::uint64_t{256} << 20;
+constexpr double kYearSeconds = 365.0 * 24 * 3600;
 
 int index(Tier tier) { return static_cast<int>(tier); }
 
@@ -61,10 +62,11 @@ void check_tier(Tier tier) {
 // How long a request may wait for other threads to free room in a tier.
 class BudgetWait {
  public:
+  // Waits longer than a year are clamped to one, so the deadline cannot overflow.
   explicit BudgetWait(double seconds)
       : start_(Clock::now()),
         deadline_(start_ + std::chrono::duration_cast<Clock::duration>(
-                               std::chrono::duration<double>(seconds))) {}
+                               std::chrono::duration<double>(std::min(seconds, kYearSeconds)))) {}
   Clock::time_point deadline() const { return deadline_; }
   double waited_seconds() const {
     return std::chrono::duration<double>(Clock::now() - start_).count();
