@@ -29,7 +29,10 @@ const char* to_string(Tier tier);
 //   kReady  -> (mark_dirty) -> kDirty -> (write_back from it) -> kWritingBack -> kReady
 //   kReady or kDirty with another up-to-date copy -> (evict) -> kAbsent
 // A copy in kLoading or kWritingBack has a transfer in flight and may not be evicted, written to
-// or read from until its Fence completes.
+// or read from until its Fence completes (the store itself may still copy out of a copy that is
+// writing back). Which copies hold the latest contents is tracked apart from these states: after
+// mark_dirty on one tier, the other tiers' copies are stale (see up_to_date) but keep their
+// memory and state until they are refreshed or evicted.
 enum class CopyState : std::uint8_t { kAbsent, kLoading, kReady, kDirty, kWritingBack };
 const char* to_string(CopyState state);
 
@@ -126,14 +129,17 @@ class Store {
 
   // Makes the copy on `to` up to date from the nearest up-to-date copy (GPU <- host <- NVMe;
   // NVMe -> GPU stages through a host copy, which stays). Allocates `to`'s copy if absent; a
-  // copy already kReady returns a complete Fence.
+  // copy already up to date returns a complete Fence, and one already loading the latest contents
+  // returns that transfer's Fence.
   Fence fetch(BundleId id, Tier to);
   // The copy on `tier` was modified by the caller: other tiers' copies become stale.
   void mark_dirty(BundleId id, Tier tier);
-  // Copies `from` (kReady or kDirty) to `to`, allocating it if absent; `from` is clean afterwards.
+  // Copies `from` (kReady or kDirty, up to date) to `to`, allocating it if absent; `from` is
+  // clean afterwards. GPU <-> NVMe stages through a host copy, which stays. Nothing moves when
+  // `to` is already up to date.
   Fence write_back(BundleId id, Tier from, Tier to);
   // Drops the copy on `tier`. Throws ferry::Error for the home copy, the only up-to-date copy,
-  // or a copy with a transfer in flight.
+  // an absent copy, or a copy with a transfer in flight.
   void evict(BundleId id, Tier tier);
 
   // Waits for every transfer in flight.

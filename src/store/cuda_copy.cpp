@@ -1,6 +1,11 @@
 // The CUDA half of device_copy.h; compiled only when the LibTorch found has CUDA.
 #if FERRY_WITH_CUDA
 
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -27,17 +32,69 @@ class CudaEvent final : public DeviceEvent {
   at::cuda::CUDAEvent event_;
 };
 
-void CUDART_CB run_done(void* data) {
-  std::unique_ptr<std::function<void()>> done(static_cast<std::function<void()>*>(data));
-  (*done)();
+// Runs the `done` callbacks of finished copies, in order, on a thread of its own.
+class CompletionThread {
+ public:
+  CompletionThread() : thread_([this] { run(); }) {}
+  ~CompletionThread() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    posted_.notify_one();
+    thread_.join();
+  }
+
+  void post(std::function<void()> done) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back(std::move(done));
+    }
+    posted_.notify_one();
+  }
+
+ private:
+  void run() {
+    for (;;) {
+      std::function<void()> done;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        posted_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        done = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      done();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable posted_;
+  std::deque<std::function<void()>> queue_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+struct PendingCopy {
+  CompletionThread* completions;
+  std::function<void()> done;
+};
+
+void CUDART_CB post_done(void* data) {
+  std::unique_ptr<PendingCopy> pending(static_cast<PendingCopy*>(data));
+  pending->completions->post(std::move(pending->done));
 }
 
 // Note: one copy stream per direction, so uploads never queue behind downloads. Each copy first
 // makes its stream wait for the work that was queued on the requesting thread's current
 // (compute) stream when the transfer was asked for: a copy into a GPU copy must not overwrite
 // memory that kernels still read (or that the caching allocator just recycled from them), and a
-// copy out of one must see what they wrote. The store learns of completion from a host function
-// queued behind the copy (cudaLaunchHostFunc), so no thread of its own watches events.
+// copy out of one must see what they wrote.
+//
+// Note: completion is learnt from a host function queued behind the copy (cudaLaunchHostFunc).
+// It only hands `done` to the completion thread: `done` takes the store's mutex, and a thread
+// holding that mutex may make a CUDA call (the host arena page-locks chunks with
+// cudaHostRegister) that waits for the very stream the host function blocks.
 class CudaCopier final : public DeviceCopier {
  public:
   explicit CudaCopier(torch::Device device)
@@ -70,8 +127,8 @@ class CudaCopier final : public DeviceCopier {
       destination.copy_(source, /*non_blocking=*/true);
     }
     auto copied = std::make_shared<CudaEvent>(device_.index(), stream);
-    auto pending = std::make_unique<std::function<void()>>(std::move(done));
-    C10_CUDA_CHECK(cudaLaunchHostFunc(stream.stream(), &run_done, pending.get()));
+    auto pending = std::make_unique<PendingCopy>(PendingCopy{&completions_, std::move(done)});
+    C10_CUDA_CHECK(cudaLaunchHostFunc(stream.stream(), &post_done, pending.get()));
     pending.release();
     return copied;
   }
@@ -80,6 +137,8 @@ class CudaCopier final : public DeviceCopier {
   torch::Device device_;
   c10::cuda::CUDAStream to_device_;
   c10::cuda::CUDAStream to_host_;
+  // Destroyed after the destructor synchronized the streams: every host function has posted.
+  CompletionThread completions_;
 };
 
 }  // namespace

@@ -33,9 +33,8 @@ class DeviceCopier {
   // Copies `source` into `destination` (same byte size; one on device(), one in pinned host
   // memory), ordered after `after` (from record_current_stream; null when synchronous). `done`
   // runs exactly once, after the copy finished: before copy() returns when the copy is
-  // synchronous, else on a CUDA driver thread, where it must make no CUDA calls. Returns the
-  // copy's event, or null when the copy already finished. Throws, without running `done`, if
-  // the copy cannot start.
+  // synchronous, else on the copier's completion thread. Returns the copy's event, or null when
+  // the copy already finished. Throws, without running `done`, if the copy cannot start.
   virtual std::shared_ptr<DeviceEvent> copy(torch::Tensor destination, const torch::Tensor& source,
                                             DeviceEvent* after,
                                             std::function<void()> done) = 0;

@@ -42,6 +42,7 @@ using Clock = std::chrono::steady_clock;
 
 constexpr Tier kTiers[kTierCount] = {Tier::kGpu, Tier::kHost, Tier::kNvme};
 constexpr std::uint64_t kMaxHostChunkBytes = std::uint64_t{256} << 20;
+constexpr double kYearSeconds = 365.0 * 24 * 3600;
 
 int index(Tier tier) { return static_cast<int>(tier); }
 
@@ -57,6 +58,24 @@ void check_tier(Tier tier) {
   FERRY_CHECK(tier == Tier::kGpu || tier == Tier::kHost || tier == Tier::kNvme, "tier ",
               static_cast<int>(tier), " is not a tier: use Tier::kGpu, Tier::kHost or Tier::kNvme");
 }
+
+// How long a request may wait for other threads to free room in a tier.
+class BudgetWait {
+ public:
+  // Waits longer than a year are clamped to one, so the deadline cannot overflow.
+  explicit BudgetWait(double seconds)
+      : start_(Clock::now()),
+        deadline_(start_ + std::chrono::duration_cast<Clock::duration>(
+                               std::chrono::duration<double>(std::min(seconds, kYearSeconds)))) {}
+  Clock::time_point deadline() const { return deadline_; }
+  double waited_seconds() const {
+    return std::chrono::duration<double>(Clock::now() - start_).count();
+  }
+
+ private:
+  Clock::time_point start_;
+  Clock::time_point deadline_;
+};
 
 // GPU <-> host and host <-> NVMe are one hop; GPU <-> NVMe stages through the host.
 bool adjacent(Tier a, Tier b) { return std::abs(index(a) - index(b)) == 1; }
@@ -94,6 +113,7 @@ struct Copy {
 };
 
 struct Bundle {
+  BundleId id = 0;
   BundleSpec spec;
   std::uint64_t storage_bytes = 0;  // spec.bytes rounded up to 4096
   std::uint64_t version = 1;        // raised by mark_dirty
@@ -109,21 +129,27 @@ struct Bundle {
   }
 };
 
-std::string describe(const Bundle& bundle, BundleId id, Tier tier) {
+std::string describe(const Bundle& bundle, Tier tier) {
   return detail::concat("the ", to_string(tier), " copy of bundle '", bundle.spec.name, "' (id ",
-                        id, ")");
+                        bundle.id, ")");
 }
 
-// One fetch or write-back: one or two hops along `route`.
+// One fetch or write-back: one hop from route[0] to route[1], or two when it stages through
+// the host (route[1]) between the GPU and NVMe.
 struct Transfer {
-  BundleId id = 0;
-  Bundle* bundle = nullptr;
-  Tier route[3] = {};
-  int hops = 0;
+  Transfer(Bundle* bundle_in, Tier from, Tier to, bool write_back_in)
+      : bundle(bundle_in),
+        route{from, adjacent(from, to) ? to : Tier::kHost, to},
+        hops(adjacent(from, to) ? 1 : 2),
+        write_back(write_back_in) {}
+
+  Bundle* bundle;
+  Tier route[3];
+  int hops;
   std::shared_ptr<detail::FenceState> fence;
   std::shared_ptr<detail::DeviceEvent> after;  // the requesting stream, for device copies
   // A write-back keeps its origin kWritingBack until the last hop ends, then restores this.
-  bool write_back = false;
+  bool write_back;
   CopyState origin_state = CopyState::kReady;
   // Per tier: whether this transfer allocated the copy (it frees it again if it fails), and the
   // state and version an existing copy had before.
@@ -150,43 +176,48 @@ std::unique_ptr<DeviceCopier> make_device_copier(torch::Device device) {
 // Note: lock ordering and where transitions happen. `mutex` guards every bundle's copies, the
 // tier accounting and the extent allocator. It is never held while calling into the I/O engine
 // (whose callbacks may run inside read()/write() on the calling thread), the device copier, or
-// while allocating GPU memory; those run between a transfer's start under the lock and its
-// completion under the lock. A transfer's state transitions are applied eagerly on completion,
-// under `mutex`, by whichever thread learns of it: the I/O engine's completion thread for
-// NVMe hops, the CUDA host function for device copies, or the calling thread for synchronous
-// copies. The second hop of an NVMe -> GPU fetch is issued from the I/O completion callback
-// (with CUDA only queued there: the copy itself runs on the copy stream); the second hop of a
-// GPU -> NVMe write-back is submitted from the device copy's completion. A device copy is
-// therefore always followed by I/O, never by another CUDA call from the host function.
-// FenceState's and the host arena's mutexes are leaves below `mutex`.
+// while creating or destroying GPU memory; those run between a transfer's start under the lock
+// and its completion under the lock. A transfer's state transitions are applied eagerly on
+// completion, under `mutex`, by whichever thread learns of it: the I/O engine's completion
+// thread for NVMe hops, the CUDA copier's completion thread for device copies, or the calling
+// thread for synchronous copies. So the second hop of an NVMe -> GPU fetch is issued from the
+// I/O completion callback (with CUDA only queued there: the copy runs on the copy stream), and
+// the second hop of a GPU -> NVMe write-back is submitted from the device copy's completion.
+// FenceState's mutex and the host arena's (which registers chunks with the I/O engine) rank
+// below `mutex`.
 struct Store::Impl {
   explicit Impl(const StoreOptions& options);
 
   Bundle& bundle_locked(BundleId id);
   // Allocates the memory of `tier`'s copy; false when the tier's budget cannot hold it now.
   bool allocate_locked(Bundle& bundle, Tier tier);
-  // Allocates each absent copy in `tiers`; returns the first tier that had no room (after
-  // undoing the others), or nullopt.
-  std::optional<Tier> allocate_absent_locked(Bundle& bundle, const std::vector<Tier>& tiers,
-                                             std::vector<Tier>* allocated);
+  // Allocates each absent copy the transfer writes into, noting them in transfer.allocated;
+  // returns the first tier that had no room (after undoing the others), or nullopt.
+  std::optional<Tier> allocate_absent_locked(Transfer& transfer);
   // Frees `tier`'s copy. A GPU tensor moves to `released` so it is destroyed after unlocking.
   void free_locked(Bundle& bundle, Tier tier, torch::Tensor* released);
-  // Waits for an eviction until `deadline`; false when the deadline has passed.
-  bool wait_for_room(std::unique_lock<std::mutex>& lock, Clock::time_point deadline);
+  // Waits for a tier to free memory; false when the wait is over.
+  bool wait_for_room(std::unique_lock<std::mutex>& lock, const BudgetWait& wait);
   BudgetExceeded budget_exceeded_locked(Tier tier, const std::string& request,
-                                        std::uint64_t bytes, double waited_seconds);
+                                        std::uint64_t bytes, const BudgetWait& wait);
   void check_tier_configured(const Bundle& bundle, Tier tier) const;
 
+  // Allocates the copies that the route from `from` to `to` lacks and starts the transfer. When
+  // a tier has no room it waits for some and returns nullopt, for the caller to plan again (the
+  // bundle may have changed meanwhile); once the wait is over it throws BudgetExceeded.
+  std::optional<Fence> try_start(std::unique_lock<std::mutex>& lock, Bundle& bundle, Tier from,
+                                 Tier to, bool write_back, const BudgetWait& wait);
   // Claims the copies along the route and counts the transfer in flight.
-  std::shared_ptr<Transfer> begin_locked(BundleId id, Bundle& bundle, std::vector<Tier> route,
-                                         const std::vector<Tier>& allocated, bool write_back);
+  void begin_locked(Transfer& transfer);
   // Creates GPU memory for copies the transfer allocated and starts its first hop.
   void launch(const std::shared_ptr<Transfer>& transfer);
   void run_hop(const std::shared_ptr<Transfer>& transfer, int hop);
+  // Applies the end of one hop and starts the next. Never throws: it runs on completion threads,
+  // and a transfer must finish exactly once.
   void finish_hop(const std::shared_ptr<Transfer>& transfer, int hop, std::exception_ptr error,
-                  std::uint64_t moved_bytes);
-  // Undoes the claim on a copy the transfer did not fill; `touched`: its contents may have
-  // been partly overwritten.
+                  std::uint64_t moved_bytes) noexcept;
+  // Undoes the claim on a copy the transfer did not fill. `touched`: a failed hop wrote into it,
+  // so its contents are garbage: it is freed, or, for the home copy, left stale.
   void abandon_locked(Transfer& transfer, Tier tier, bool touched, torch::Tensor* released);
   torch::Tensor storage(Bundle& bundle, Tier tier);
 
@@ -273,28 +304,28 @@ bool Store::Impl::allocate_locked(Bundle& bundle, Tier tier) {
   return true;
 }
 
-std::optional<Tier> Store::Impl::allocate_absent_locked(Bundle& bundle,
-                                                        const std::vector<Tier>& tiers,
-                                                        std::vector<Tier>* allocated) {
-  allocated->clear();
-  for (Tier tier : tiers) {
+std::optional<Tier> Store::Impl::allocate_absent_locked(Transfer& transfer) {
+  Bundle& bundle = *transfer.bundle;
+  for (int hop = 1; hop <= transfer.hops; ++hop) {
+    Tier tier = transfer.route[hop];
     if (bundle.at(tier).state != CopyState::kAbsent) continue;
     if (!allocate_locked(bundle, tier)) {
-      for (Tier undo : *allocated) {
-        torch::Tensor unused;
+      for (Tier undo : kTiers) {
+        if (!transfer.allocated[index(undo)]) continue;
+        torch::Tensor unused;  // GPU memory is created only once the transfer starts
         free_locked(bundle, undo, &unused);
+        transfer.allocated[index(undo)] = false;
       }
-      allocated->clear();
       return tier;
     }
-    allocated->push_back(tier);
+    transfer.allocated[index(tier)] = true;
   }
   return std::nullopt;
 }
 
 void Store::Impl::free_locked(Bundle& bundle, Tier tier, torch::Tensor* released) {
   Copy& copy = bundle.at(tier);
-  FERRY_ASSERT(copy.readers == 0, "freed ", describe(bundle, 0, tier), " while it is read");
+  FERRY_ASSERT(copy.readers == 0, "freed ", describe(bundle, tier), " while it is read");
   switch (tier) {
     case Tier::kGpu: *released = std::move(copy.gpu); break;
     case Tier::kHost: copy.host.reset(); break;
@@ -310,14 +341,15 @@ void Store::Impl::free_locked(Bundle& bundle, Tier tier, torch::Tensor* released
   room.notify_all();
 }
 
-bool Store::Impl::wait_for_room(std::unique_lock<std::mutex>& lock, Clock::time_point deadline) {
-  if (Clock::now() >= deadline) return false;
-  room.wait_until(lock, deadline);
+bool Store::Impl::wait_for_room(std::unique_lock<std::mutex>& lock, const BudgetWait& wait) {
+  if (Clock::now() >= wait.deadline()) return false;
+  room.wait_until(lock, wait.deadline());
   return true;
 }
 
 BudgetExceeded Store::Impl::budget_exceeded_locked(Tier tier, const std::string& request,
-                                                   std::uint64_t bytes, double waited_seconds) {
+                                                   std::uint64_t bytes, const BudgetWait& wait) {
+  double waited_seconds = wait.waited_seconds();
   int t = index(tier);
   refusals[t].fetch_add(1);
   std::uint64_t used = used_bytes[t].load();
@@ -335,34 +367,51 @@ BudgetExceeded Store::Impl::budget_exceeded_locked(Tier tier, const std::string&
       to_string(tier), " tier first"));
 }
 
-std::shared_ptr<Transfer> Store::Impl::begin_locked(BundleId id, Bundle& bundle,
-                                                    std::vector<Tier> route,
-                                                    const std::vector<Tier>& allocated,
-                                                    bool write_back) {
-  auto transfer = std::make_shared<Transfer>();
-  transfer->id = id;
-  transfer->bundle = &bundle;
-  transfer->hops = static_cast<int>(route.size()) - 1;
-  std::copy(route.begin(), route.end(), transfer->route);
-  transfer->fence = std::make_shared<detail::FenceState>(counters, route[0], route[1]);
-  transfer->write_back = write_back;
-  for (Tier tier : allocated) transfer->allocated[index(tier)] = true;
-  for (size_t i = 1; i < route.size(); ++i) {
-    Copy& copy = bundle.at(route[i]);
-    transfer->previous_state[index(route[i])] = copy.state;
-    transfer->previous_version[index(route[i])] = copy.version;
+void Store::Impl::begin_locked(Transfer& transfer) {
+  Bundle& bundle = *transfer.bundle;
+  transfer.fence =
+      std::make_shared<detail::FenceState>(counters, transfer.route[0], transfer.route[1]);
+  for (int hop = 1; hop <= transfer.hops; ++hop) {
+    Tier tier = transfer.route[hop];
+    Copy& copy = bundle.at(tier);
+    transfer.previous_state[index(tier)] = copy.state;
+    transfer.previous_version[index(tier)] = copy.version;
     copy.state = CopyState::kLoading;
     copy.version = bundle.version;
-    copy.loading = transfer->fence;
+    copy.loading = transfer.fence;
   }
-  Copy& origin = bundle.at(route[0]);
-  if (write_back) {
-    transfer->origin_state = origin.state;
+  Copy& origin = bundle.at(transfer.route[0]);
+  if (transfer.write_back) {
+    transfer.origin_state = origin.state;
     origin.state = CopyState::kWritingBack;
   }
   ++origin.readers;
   ++transfers_in_flight;
-  return transfer;
+}
+
+std::optional<Fence> Store::Impl::try_start(std::unique_lock<std::mutex>& lock, Bundle& bundle,
+                                            Tier from, Tier to, bool write_back,
+                                            const BudgetWait& wait) {
+  auto transfer = std::make_shared<Transfer>(&bundle, from, to, write_back);
+  if (transfer->hops == 2) {
+    const Copy& staging = bundle.at(Tier::kHost);
+    FERRY_CHECK(!in_flight(staging.state) && staging.readers == 0, "cannot move bundle '",
+                bundle.spec.name, "' from ", to_string(from), " to ", to_string(to),
+                " through ", describe(bundle, Tier::kHost), ": it is ", to_string(staging.state),
+                " with a transfer in flight; wait for its Fence first");
+  }
+  if (std::optional<Tier> short_tier = allocate_absent_locked(*transfer)) {
+    if (wait_for_room(lock, wait)) return std::nullopt;
+    throw budget_exceeded_locked(
+        *short_tier,
+        detail::concat(write_back ? "the write-back of " : "the fetch of ", bundle.spec.name,
+                       " to ", to_string(to)),
+        bundle.storage_bytes, wait);
+  }
+  begin_locked(*transfer);
+  lock.unlock();
+  launch(transfer);
+  return Fence(transfer->fence);
 }
 
 void Store::Impl::launch(const std::shared_ptr<Transfer>& transfer) {
@@ -375,7 +424,9 @@ void Store::Impl::launch(const std::shared_ptr<Transfer>& transfer) {
       std::lock_guard<std::mutex> lock(mutex);
       bundle.at(Tier::kGpu).gpu = std::move(memory);
     }
-    transfer->after = copier->record_current_stream();
+    if (transfer->route[0] == Tier::kGpu || transfer->route[transfer->hops] == Tier::kGpu) {
+      transfer->after = copier->record_current_stream();
+    }
   } catch (...) {
     transfer->fence->begin_hop(0, transfer->route[0], transfer->route[1]);
     counters->begin(transfer->route[0], transfer->route[1]);
@@ -430,20 +481,20 @@ void Store::Impl::run_hop(const std::shared_ptr<Transfer>& transfer, int hop) {
 
 void Store::Impl::abandon_locked(Transfer& transfer, Tier tier, bool touched,
                                  torch::Tensor* released) {
-  Copy& copy = transfer.bundle->at(tier);
-  if (transfer.allocated[index(tier)]) {
-    free_locked(*transfer.bundle, tier, released);
+  Bundle& bundle = *transfer.bundle;
+  Copy& copy = bundle.at(tier);
+  if (transfer.allocated[index(tier)] || (touched && tier != bundle.spec.home)) {
+    free_locked(bundle, tier, released);
     return;
   }
   copy.loading = nullptr;
-  copy.state = transfer.previous_state[index(tier)];
+  copy.state = touched ? CopyState::kReady : transfer.previous_state[index(tier)];
   copy.version = touched ? 0 : transfer.previous_version[index(tier)];
-  if (touched && copy.state == CopyState::kDirty) copy.state = CopyState::kReady;
   if (touched && tier == Tier::kNvme) copy.reads_as_zeros = false;
 }
 
 void Store::Impl::finish_hop(const std::shared_ptr<Transfer>& transfer, int hop,
-                             std::exception_ptr error, std::uint64_t moved_bytes) {
+                             std::exception_ptr error, std::uint64_t moved_bytes) noexcept {
   Tier from = transfer->route[hop];
   Tier to = transfer->route[hop + 1];
   counters->end(from, to, error ? 0 : moved_bytes);
@@ -502,16 +553,12 @@ BundleId Store::add(const BundleSpec& spec) {
   Tier home = spec.home;
   Copy& copy = bundle->at(home);
   {
+    BudgetWait wait(options_.budget_wait_seconds);
     std::unique_lock<std::mutex> lock(impl_->mutex);
-    Clock::time_point start = Clock::now();
-    Clock::time_point deadline =
-        start + std::chrono::duration_cast<Clock::duration>(
-                    std::chrono::duration<double>(options_.budget_wait_seconds));
     while (!impl_->allocate_locked(*bundle, home)) {
-      if (!impl_->wait_for_room(lock, deadline)) {
-        throw impl_->budget_exceeded_locked(
-            home, detail::concat("adding bundle '", spec.name, "'"), bundle->storage_bytes,
-            std::chrono::duration<double>(Clock::now() - start).count());
+      if (!impl_->wait_for_room(lock, wait)) {
+        throw impl_->budget_exceeded_locked(home, detail::concat("adding bundle '", spec.name, "'"),
+                                            bundle->storage_bytes, wait);
       }
     }
   }
@@ -534,8 +581,9 @@ BundleId Store::add(const BundleSpec& spec) {
   copy.state = CopyState::kReady;
   copy.version = bundle->version;
   std::lock_guard<std::mutex> lock(impl_->mutex);
+  bundle->id = static_cast<BundleId>(impl_->bundles.size());
   impl_->bundles.push_back(std::move(bundle));
-  return static_cast<BundleId>(impl_->bundles.size() - 1);
+  return impl_->bundles.back()->id;
 }
 
 const BundleSpec& Store::spec(BundleId id) const {
@@ -566,10 +614,10 @@ torch::Tensor Store::tensor(BundleId id, Tier tier) const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   Bundle& bundle = impl_->bundle_locked(id);
   FERRY_CHECK(tier == Tier::kGpu || tier == Tier::kHost, "no tensor for ",
-              describe(bundle, id, tier), ": only gpu and host copies are memory; fetch it first");
+              describe(bundle, tier), ": only gpu and host copies are memory; fetch it first");
   const Copy& copy = bundle.at(tier);
   FERRY_CHECK(copy.state == CopyState::kReady || copy.state == CopyState::kDirty, "no tensor for ",
-              describe(bundle, id, tier), ": it is ", to_string(copy.state),
+              describe(bundle, tier), ": it is ", to_string(copy.state),
               copy.state == CopyState::kAbsent ? "; fetch it first" : "; wait for its Fence first");
   auto bytes = static_cast<std::int64_t>(bundle.spec.bytes);
   if (tier == Tier::kGpu) return copy.gpu.narrow(0, 0, bytes);
@@ -577,10 +625,8 @@ torch::Tensor Store::tensor(BundleId id, Tier tier) const {
 }
 
 Fence Store::fetch(BundleId id, Tier to) {
+  BudgetWait wait(options_.budget_wait_seconds);
   std::unique_lock<std::mutex> lock(impl_->mutex);
-  Clock::time_point start = Clock::now();
-  Clock::time_point deadline = start + std::chrono::duration_cast<Clock::duration>(
-                                           std::chrono::duration<double>(options_.budget_wait_seconds));
   for (;;) {
     Bundle& bundle = impl_->bundle_locked(id);
     impl_->check_tier_configured(bundle, to);
@@ -589,7 +635,7 @@ Fence Store::fetch(BundleId id, Tier to) {
       return Fence(target.loading);
     }
     FERRY_CHECK(!in_flight(target.state) && target.readers == 0, "cannot fetch into ",
-                describe(bundle, id, to), ": it is ", to_string(target.state),
+                describe(bundle, to), ": it is ", to_string(target.state),
                 " with a transfer in flight; wait for its Fence first");
     if (bundle.up_to_date(to)) return Fence();
 
@@ -613,29 +659,8 @@ Fence Store::fetch(BundleId id, Tier to) {
     Tier source = bundle.up_to_date(candidates[0]) ? candidates[0] : candidates[1];
     FERRY_ASSERT(bundle.up_to_date(source), "bundle '", bundle.spec.name,
                  "' has no up-to-date copy to fetch ", to_string(to), " from");
-    std::vector<Tier> route = {source, to};
-    if (!adjacent(source, to)) {
-      route = {source, Tier::kHost, to};
-      Copy& staging = bundle.at(Tier::kHost);
-      FERRY_CHECK(!in_flight(staging.state) && staging.readers == 0, "cannot fetch ",
-                  describe(bundle, id, to), " from ", to_string(source), " through ",
-                  describe(bundle, id, Tier::kHost), ": it is ", to_string(staging.state),
-                  " with a transfer in flight; wait for its Fence first");
-    }
-    std::vector<Tier> allocated;
-    std::optional<Tier> short_tier = impl_->allocate_absent_locked(
-        bundle, std::vector<Tier>(route.begin() + 1, route.end()), &allocated);
-    if (!short_tier) {
-      std::shared_ptr<Transfer> transfer =
-          impl_->begin_locked(id, bundle, route, allocated, /*write_back=*/false);
-      lock.unlock();
-      impl_->launch(transfer);
-      return Fence(transfer->fence);
-    }
-    if (!impl_->wait_for_room(lock, deadline)) {
-      throw impl_->budget_exceeded_locked(
-          *short_tier, detail::concat("the fetch of ", bundle.spec.name, " to ", to_string(to)),
-          bundle.storage_bytes, std::chrono::duration<double>(Clock::now() - start).count());
+    if (std::optional<Fence> started = impl_->try_start(lock, bundle, source, to, false, wait)) {
+      return *started;
     }
   }
 }
@@ -644,69 +669,45 @@ void Store::mark_dirty(BundleId id, Tier tier) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   Bundle& bundle = impl_->bundle_locked(id);
   impl_->check_tier_configured(bundle, tier);
-  FERRY_CHECK(tier != Tier::kNvme, "cannot mark ", describe(bundle, id, tier),
+  FERRY_CHECK(tier != Tier::kNvme, "cannot mark ", describe(bundle, tier),
               " dirty: NVMe copies are never modified in place; modify the host or gpu copy and "
               "write it back");
   Copy& copy = bundle.at(tier);
   FERRY_CHECK(copy.state == CopyState::kReady || copy.state == CopyState::kDirty,
-              "cannot mark ", describe(bundle, id, tier), " dirty: it is ", to_string(copy.state),
+              "cannot mark ", describe(bundle, tier), " dirty: it is ", to_string(copy.state),
               "; only a ready or dirty copy can be modified");
-  FERRY_CHECK(copy.readers == 0, "cannot mark ", describe(bundle, id, tier),
+  FERRY_CHECK(copy.readers == 0, "cannot mark ", describe(bundle, tier),
               " dirty: a transfer is reading it; wait for its Fence first");
   copy.version = ++bundle.version;
   copy.state = CopyState::kDirty;
 }
 
 Fence Store::write_back(BundleId id, Tier from, Tier to) {
+  BudgetWait wait(options_.budget_wait_seconds);
   std::unique_lock<std::mutex> lock(impl_->mutex);
-  Clock::time_point start = Clock::now();
-  Clock::time_point deadline = start + std::chrono::duration_cast<Clock::duration>(
-                                           std::chrono::duration<double>(options_.budget_wait_seconds));
   for (;;) {
     Bundle& bundle = impl_->bundle_locked(id);
     impl_->check_tier_configured(bundle, from);
     impl_->check_tier_configured(bundle, to);
-    FERRY_CHECK(from != to, "cannot write ", describe(bundle, id, from),
+    FERRY_CHECK(from != to, "cannot write ", describe(bundle, from),
                 " back to itself: give two different tiers");
     Copy& origin = bundle.at(from);
     FERRY_CHECK(origin.state == CopyState::kReady || origin.state == CopyState::kDirty,
-                "cannot write back from ", describe(bundle, id, from), ": it is ",
+                "cannot write back from ", describe(bundle, from), ": it is ",
                 to_string(origin.state), "; only a ready or dirty copy can be written back");
-    FERRY_CHECK(bundle.up_to_date(from), "cannot write back from ", describe(bundle, id, from),
+    FERRY_CHECK(bundle.up_to_date(from), "cannot write back from ", describe(bundle, from),
                 ": it is stale (another copy was marked dirty since); write back from the "
                 "up-to-date copy");
     Copy& target = bundle.at(to);
     FERRY_CHECK(!in_flight(target.state) && target.readers == 0, "cannot write back into ",
-                describe(bundle, id, to), ": it is ", to_string(target.state),
+                describe(bundle, to), ": it is ", to_string(target.state),
                 " with a transfer in flight; wait for its Fence first");
     if (bundle.up_to_date(to)) {
       origin.state = CopyState::kReady;
       return Fence();
     }
-    std::vector<Tier> route = {from, to};
-    if (!adjacent(from, to)) {
-      route = {from, Tier::kHost, to};
-      Copy& staging = bundle.at(Tier::kHost);
-      FERRY_CHECK(!in_flight(staging.state) && staging.readers == 0, "cannot write ",
-                  describe(bundle, id, from), " back to ", to_string(to), " through ",
-                  describe(bundle, id, Tier::kHost), ": it is ", to_string(staging.state),
-                  " with a transfer in flight; wait for its Fence first");
-    }
-    std::vector<Tier> allocated;
-    std::optional<Tier> short_tier = impl_->allocate_absent_locked(
-        bundle, std::vector<Tier>(route.begin() + 1, route.end()), &allocated);
-    if (!short_tier) {
-      std::shared_ptr<Transfer> transfer =
-          impl_->begin_locked(id, bundle, route, allocated, /*write_back=*/true);
-      lock.unlock();
-      impl_->launch(transfer);
-      return Fence(transfer->fence);
-    }
-    if (!impl_->wait_for_room(lock, deadline)) {
-      throw impl_->budget_exceeded_locked(
-          *short_tier,
-          detail::concat("the write-back of ", bundle.spec.name, " to ", to_string(to)),
-          bundle.storage_bytes, std::chrono::duration<double>(Clock::now() - start).count());
+    if (std::optional<Fence> started = impl_->try_start(lock, bundle, from, to, true, wait)) {
+      return *started;
     }
   }
 }
@@ -717,18 +718,18 @@ void Store::evict(BundleId id, Tier tier) {
   Bundle& bundle = impl_->bundle_locked(id);
   impl_->check_tier_configured(bundle, tier);
   Copy& copy = bundle.at(tier);
-  FERRY_CHECK(tier != bundle.spec.home, "cannot evict ", describe(bundle, id, tier),
+  FERRY_CHECK(tier != bundle.spec.home, "cannot evict ", describe(bundle, tier),
               ": it is the bundle's home copy (", to_string(copy.state),
               "); only copies on other tiers can be dropped");
-  FERRY_CHECK(copy.state != CopyState::kAbsent, "cannot evict ", describe(bundle, id, tier),
+  FERRY_CHECK(copy.state != CopyState::kAbsent, "cannot evict ", describe(bundle, tier),
               ": it is already absent");
   FERRY_CHECK(!in_flight(copy.state) && copy.readers == 0, "cannot evict ",
-              describe(bundle, id, tier), ": it is ", to_string(copy.state),
+              describe(bundle, tier), ": it is ", to_string(copy.state),
               " with a transfer in flight; wait for its Fence first");
   if (bundle.up_to_date(tier)) {
     bool another = false;
     for (Tier other : kTiers) another = another || (other != tier && bundle.up_to_date(other));
-    FERRY_CHECK(another, "cannot evict ", describe(bundle, id, tier), ": it is ",
+    FERRY_CHECK(another, "cannot evict ", describe(bundle, tier), ": it is ",
                 to_string(copy.state), " and the only up-to-date copy; write it back to ",
                 to_string(bundle.spec.home), " first");
   }
