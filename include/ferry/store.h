@@ -132,6 +132,11 @@ class Store {
   // copy already up to date returns a complete Fence, and one already loading the latest contents
   // returns that transfer's Fence.
   Fence fetch(BundleId id, Tier to);
+  // Gives the bundle a zero-filled copy on `tier` (gpu or host) that the caller is about to
+  // write, without moving anything: the copy is kDirty, the other copies stale. For scratch
+  // contents such as a part's gradients, whose device copy lives only while backward writes it.
+  // Waits for room like fetch; throws for a copy that is not absent.
+  void allocate(BundleId id, Tier tier);
   // The copy on `tier` was modified by the caller: other tiers' copies become stale.
   void mark_dirty(BundleId id, Tier tier);
   // Copies `from` (kReady or kDirty, up to date) to `to`, allocating it if absent; `from` is

@@ -103,14 +103,15 @@ Figures run_plain_libtorch(const models::ModelConfig& config, torch::Device devi
 }
 
 Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device device,
-                  std::int64_t batch, std::int64_t seq, int warmup, int steps) {
+                  std::int64_t batch, std::int64_t seq, int warmup, int steps,
+                  std::int64_t keep_graph_blocks) {
   reset_gpu_peak_memory();
   EngineConfig engine_config;
   engine_config.mode = mode;
   engine_config.precision = Precision::kBF16;
   engine_config.device = device;
   engine_config.optimizer.lr = 1e-5;
-  engine_config.keep_graph_blocks = config.num_layers;  // no recomputation, like the baseline
+  engine_config.keep_graph_blocks = keep_graph_blocks;
   Engine engine(models::build(config, 1), engine_config);
   std::vector<data::Batch> batches;
   for (int i = 0; i < 2; ++i) batches.push_back(random_batch(batch, seq, config.vocab_size, i));
@@ -123,7 +124,7 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
   std::snprintf(note, sizeof note, "optimizer %.0f ms/step, waited %.0f ms/step",
                 1e3 * stats.optimizer_seconds / (warmup + steps),
                 1e3 * stats.optimizer_wait_seconds / (warmup + steps));
-  figures.note = note;
+  figures.note = note + std::string(", keeps ") + std::to_string(keep_graph_blocks) + " graphs";
   return finish(figures, config, seq);
 }
 
@@ -137,13 +138,22 @@ int run_bench_finetune(int argc, char** argv) {
       ("warmup", "untimed steps", cxxopts::value<int>()->default_value("2"))
       ("steps", "timed steps", cxxopts::value<int>()->default_value("5"))
       ("baseline", "also run the plain LibTorch loop", cxxopts::value<bool>()->default_value("true"))
+      ("keep-graph", "blocks that keep their graph (-1: all, no recomputation, like the baseline)",
+       cxxopts::value<std::int64_t>()->default_value("-1"))
+      ("dtype", "dtype the model is built in on the host before ferry takes it", cxxopts::value<std::string>()->default_value("F32"))
       ("h,help", "show this help");
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
     std::cout << options.help() << "\n";
     return 0;
   }
-  const models::ModelConfig config = models::preset(args["model"].as<std::string>());
+  models::ModelConfig config = models::preset(args["model"].as<std::string>());
+  std::optional<DType> dtype = parse_dtype(args["dtype"].as<std::string>());
+  FERRY_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "--dtype must be F32 or BF16");
+  config.dtype = *dtype;
+  const std::int64_t keep_graph = args["keep-graph"].as<std::int64_t>() < 0
+                                      ? config.num_layers
+                                      : args["keep-graph"].as<std::int64_t>();
   const torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
   const std::int64_t seq = args["seq"].as<std::int64_t>();
   const int warmup = args["warmup"].as<int>();
@@ -172,7 +182,7 @@ int run_bench_finetune(int argc, char** argv) {
     }
     for (const std::string& mode : args["modes"].as<std::vector<std::string>>()) {
       try {
-        print(run_ferry(config, parse_mode(mode), device, batch, seq, warmup, steps));
+        print(run_ferry(config, parse_mode(mode), device, batch, seq, warmup, steps, keep_graph));
       } catch (const std::exception& error) {
         std::printf("| ferry %s | %lld | failed: %s\n", mode.c_str(), static_cast<long long>(batch), error.what());
       }

@@ -98,6 +98,7 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
       optimizer_tier(config.mode == Mode::kGpu ? Tier::kGpu : Tier::kHost),
       scaler(config.loss_scale, config.loss_scale.enabled.value_or(config.precision == Precision::kF16)) {
   validate(config);
+  if (config.device.is_cuda() && !config.device.has_index()) config.device = torch::Device(torch::kCUDA, 0);
   if (config.optimizer_threads > 0) optim::set_num_threads(config.optimizer_threads);
   parts = detail::describe_parts(model);
   detail::TierDemand needed = demand();
@@ -107,6 +108,8 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
   options.device = config.device;
   options.gpu_budget_bytes = config.gpu_budget_bytes ? config.gpu_budget_bytes : UINT64_MAX;
   options.host_budget_bytes = config.host_budget_bytes ? config.host_budget_bytes : UINT64_MAX;
+  // A part's device gradients may wait for the previous parts' to go down and be evicted.
+  options.budget_wait_seconds = 60;
   store = std::make_unique<Store>(options);
   allocate_and_bind();
 
@@ -115,7 +118,6 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
   part_updated.assign(count, false);
   uploads.assign(count, Fence());
   gradients_down.assign(count, Fence());
-  gradients_sent.assign(count, false);
   part_work.assign(count, {});
   model.train(true);
 }
@@ -132,11 +134,12 @@ detail::TierDemand Engine::Impl::demand() const {
   const std::uint64_t compute_size = torch::elementSize(compute_dtype);
   const bool separate_master = compute_dtype != torch::kFloat;
   const int state_count = detail::optimizer_state_count(config.optimizer);
-  std::uint64_t params = 0, grads = 0, master = 0, states = 0, accumulator = 0;
+  std::uint64_t params = 0, grads = 0, master = 0, states = 0, accumulator = 0, largest = 0;
   for (const Part& part : parts) {
     const std::uint64_t numel = static_cast<std::uint64_t>(part.numel);
     params += round_up(numel * compute_size);
     grads += round_up(numel * compute_size);
+    largest = std::max(largest, round_up(numel * compute_size));
     if (separate_master) master += round_up(numel * 4);
     states += state_count * round_up(numel * 4);
     if (config.grad_accumulation > 1) accumulator += round_up(numel * 4);
@@ -149,7 +152,10 @@ detail::TierDemand Engine::Impl::demand() const {
                            format_bytes(bytes);
   };
   add(Tier::kGpu, "parameters", params);
-  add(Tier::kGpu, "gradients", grads);
+  // Offloaded, the device holds the stem's gradients through backward (a tied head adds to them)
+  // plus the part in backward and the one still going down.
+  const std::uint64_t stem_grads = round_up(static_cast<std::uint64_t>(parts.front().numel) * compute_size);
+  add(Tier::kGpu, "gradients", offloaded() ? std::min(grads, stem_grads + 2 * largest) : grads);
   add(optimizer_tier, "fp32 master", master);
   add(optimizer_tier, "optimizer states", states);
   add(optimizer_tier, "gradient accumulator", accumulator);
@@ -192,7 +198,11 @@ void Engine::Impl::allocate_and_bind() {
   for (Part& part : parts) {
     const std::uint64_t numel = static_cast<std::uint64_t>(part.numel);
     part.params = store->add({part.name + ".params", numel * compute_size, Tier::kGpu});
-    part.grads = store->add({part.name + ".grads", numel * compute_size, Tier::kGpu});
+    // Note: in the offload modes a part's gradients live on the host; their device copy exists
+    // only from just before the part's backward until it has gone down, so the device holds a
+    // few parts' gradients at a time instead of the whole model's.
+    part.grads = store->add({part.name + ".grads", numel * compute_size,
+                             offloaded() ? Tier::kHost : Tier::kGpu});
     if (separate_master) part.master = store->add({part.name + ".master", numel * 4, optimizer_tier});
     for (int i = 0; i < state_count; ++i) {
       part.states.push_back(
@@ -203,7 +213,6 @@ void Engine::Impl::allocate_and_bind() {
     }
 
     torch::Tensor params = view(part.params, Tier::kGpu, compute_dtype, part.numel);
-    torch::Tensor grads = view(part.grads, Tier::kGpu, compute_dtype, part.numel);
     torch::Tensor master = separate_master ? view(part.master, optimizer_tier, torch::kFloat, part.numel)
                                            : torch::Tensor();
     for (detail::ParameterSlice& slice : part.slices) {
@@ -214,15 +223,13 @@ void Engine::Impl::allocate_and_bind() {
         master.narrow(0, slice.offset, slice.numel).view(slice.shape).copy_(original);
       }
       slice.parameter.set_data(param_view);
-      slice.parameter.mutable_grad() = grads.narrow(0, slice.offset, slice.numel).view(slice.shape);
     }
+    if (!offloaded()) bind_gradients(part);
     store->mark_dirty(part.params, Tier::kGpu);
     if (separate_master) store->mark_dirty(part.master, optimizer_tier);
     if (offloaded()) {
-      // The host copies: the staging for updated parameters (for fp32, the master itself) and for
-      // gradients coming down.
+      // The host staging for updated parameters (for fp32, the master itself).
       store->write_back(part.params, Tier::kGpu, Tier::kHost).wait();
-      store->write_back(part.grads, Tier::kGpu, Tier::kHost).wait();
     }
   }
 }
@@ -312,13 +319,24 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
 
 // --- backward ---------------------------------------------------------------------------------
 
+void Engine::Impl::bind_gradients(const Part& part) {
+  torch::Tensor grads = view(part.grads, Tier::kGpu, compute_dtype, part.numel);
+  for (const detail::ParameterSlice& slice : part.slices) {
+    slice.parameter.mutable_grad() = grads.narrow(0, slice.offset, slice.numel).view(slice.shape);
+  }
+}
+
+void Engine::Impl::unbind_gradients(const Part& part) {
+  for (const detail::ParameterSlice& slice : part.slices) slice.parameter.mutable_grad() = torch::Tensor();
+}
+
 void Engine::Impl::prepare_gradients(std::size_t index) {
-  if (!gradients_sent[index]) return;
-  // The device copy went down to the host in the previous micro-batch: once that copy is done
-  // the device gradients start again from zero.
-  gradients_down[index].wait();
-  view(parts[index].grads, Tier::kGpu, compute_dtype, parts[index].numel).zero_();
-  gradients_sent[index] = false;
+  if (!offloaded()) return;
+  // A fresh, zeroed device copy for this micro-batch's gradients of the part. The previous one
+  // is evicted by the worker once it has gone down.
+  if (part_work[index].valid()) part_work[index].wait();
+  store->allocate(parts[index].grads, Tier::kGpu);
+  bind_gradients(parts[index]);
 }
 
 void Engine::Impl::backward(const torch::Tensor& loss) {
@@ -327,7 +345,9 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
   auto start = Clock::now();
   detail::PendingBackward saved = std::move(*pending);
   pending.reset();
-  for (std::size_t i = 0; i < parts.size(); ++i) prepare_gradients(i);
+  // The stem's gradients collect from the head too when the embedding is tied.
+  prepare_gradients(0);
+  prepare_gradients(parts.size() - 1);
 
   const double loss_value = saved.loss.item<double>();
   torch::Tensor scaled = saved.loss * (scaler.scale() / static_cast<double>(config.grad_accumulation));
@@ -336,6 +356,7 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
 
   torch::Tensor gradient = saved.head_input.grad();
   for (std::size_t i = saved.blocks.size(); i-- > 0;) {
+    prepare_gradients(i + 1);
     detail::PendingBackward::SavedBlock& block = saved.blocks[i];
     if (!block.output.defined()) {
       block.input = block.input.to(config.device, /*non_blocking=*/true).detach().requires_grad_(true);
@@ -361,16 +382,15 @@ void Engine::Impl::gradients_ready(std::size_t index) {
     accumulate_and_measure(index, last);
     return;
   }
-  // The previous micro-batch's work on this part reads the host copy we are about to refill.
-  if (part_work[index].valid()) part_work[index].wait();
   store->mark_dirty(parts[index].grads, Tier::kGpu);  // autograd wrote the device copy
   gradients_down[index] = store->write_back(parts[index].grads, Tier::kGpu, Tier::kHost);
-  gradients_sent[index] = true;
+  unbind_gradients(parts[index]);
   const bool update_now = last && !deferred_updates();
   const std::int64_t step = steps + 1;
   const double lr = step_lr;
   part_work[index] = worker.submit([this, index, last, update_now, step, lr] {
     gradients_down[index].wait();
+    store->evict(parts[index].grads, Tier::kGpu);
     accumulate_and_measure(index, last);
     if (update_now) {
       part_updated[index] = true;

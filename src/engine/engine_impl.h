@@ -71,6 +71,8 @@ struct Engine::Impl {
 
   // Per part.
   void use_parameters(std::size_t part);
+  void bind_gradients(const detail::Part& part);
+  void unbind_gradients(const detail::Part& part);
   void prepare_gradients(std::size_t part);
   void gradients_ready(std::size_t part);
   void accumulate_and_measure(std::size_t part, bool last_micro_batch);
@@ -102,7 +104,6 @@ struct Engine::Impl {
   std::vector<bool> part_updated;
   std::vector<Fence> uploads;         // parameters going up to the device
   std::vector<Fence> gradients_down;  // gradients going down to the host
-  std::vector<bool> gradients_sent;   // the device copy must be zeroed before reuse
   std::vector<std::shared_future<void>> part_work;
   detail::SerialWorker worker;
 

@@ -83,11 +83,15 @@ GpuMemoryStats gpu_memory_stats() {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return stats;
   constexpr size_t all = 0;  // StatType::AGGREGATE: every pool
-  auto device_stats =
-      c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
-  stats.allocated_bytes = static_cast<uint64_t>(device_stats.allocated_bytes[all].current);
-  stats.peak_allocated_bytes = static_cast<uint64_t>(device_stats.allocated_bytes[all].peak);
-  stats.reserved_bytes = static_cast<uint64_t>(device_stats.reserved_bytes[all].current);
+  try {
+    auto device_stats =
+        c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    stats.allocated_bytes = static_cast<uint64_t>(device_stats.allocated_bytes[all].current);
+    stats.peak_allocated_bytes = static_cast<uint64_t>(device_stats.allocated_bytes[all].peak);
+    stats.reserved_bytes = static_cast<uint64_t>(device_stats.reserved_bytes[all].current);
+  } catch (const c10::Error&) {
+    // The caching allocator starts with the first CUDA allocation: nothing allocated yet.
+  }
 #endif
   return stats;
 }
@@ -95,8 +99,11 @@ GpuMemoryStats gpu_memory_stats() {
 void reset_gpu_peak_memory() {
 #if FERRY_WITH_CUDA
   int device = 0;
-  if (cudaGetDevice(&device) == cudaSuccess) {
+  if (cudaGetDevice(&device) != cudaSuccess) return;
+  try {
     c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  } catch (const c10::Error&) {
+    // Not started yet (nothing allocated): there is no peak to reset.
   }
 #endif
 }

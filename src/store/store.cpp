@@ -665,6 +665,46 @@ Fence Store::fetch(BundleId id, Tier to) {
   }
 }
 
+void Store::allocate(BundleId id, Tier tier) {
+  BudgetWait wait(options_.budget_wait_seconds);
+  std::unique_lock<std::mutex> lock(impl_->mutex);
+  Bundle& bundle = impl_->bundle_locked(id);
+  impl_->check_tier_configured(bundle, tier);
+  FERRY_CHECK(tier != Tier::kNvme, "cannot allocate ", describe(bundle, tier),
+              " for writing: NVMe copies are written through write_back");
+  Copy& copy = bundle.at(tier);
+  FERRY_CHECK(copy.state == CopyState::kAbsent, "cannot allocate ", describe(bundle, tier),
+              ": it is already ", to_string(copy.state));
+  while (!impl_->allocate_locked(bundle, tier)) {
+    if (!impl_->wait_for_room(lock, wait)) {
+      throw impl_->budget_exceeded_locked(tier, detail::concat("allocating ", describe(bundle, tier)),
+                                          bundle.storage_bytes, wait);
+    }
+  }
+  // Claimed before the memory exists, so no other thread allocates this copy meanwhile.
+  copy.state = CopyState::kLoading;
+  lock.unlock();
+  torch::Tensor memory;
+  try {
+    if (tier == Tier::kGpu) {
+      memory = torch::zeros({static_cast<std::int64_t>(bundle.storage_bytes)},
+                            torch::TensorOptions().dtype(torch::kUInt8).device(impl_->copier->device()));
+    } else {
+      std::memset(copy.host.data(), 0, bundle.storage_bytes);
+    }
+  } catch (...) {
+    lock.lock();
+    torch::Tensor released;
+    impl_->free_locked(bundle, tier, &released);
+    copy.state = CopyState::kAbsent;
+    throw;
+  }
+  lock.lock();
+  if (tier == Tier::kGpu) copy.gpu = std::move(memory);
+  copy.version = ++bundle.version;
+  copy.state = CopyState::kDirty;
+}
+
 void Store::mark_dirty(BundleId id, Tier tier) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   Bundle& bundle = impl_->bundle_locked(id);

@@ -487,3 +487,29 @@ TEST_CASE("a store without NVMe directories refuses the NVMe tier with what to c
   CHECK_THROWS_WITH(store.write_back(id, Tier::kGpu, Tier::kNvme), Contains("nvme_directories"));
   CHECK(store.state(id, Tier::kNvme) == CopyState::kAbsent);
 }
+
+TEST_CASE("allocate gives a scratch copy to write, which goes down and is dropped") {
+  torch::Device device = GENERATE(from_range(test_devices()));
+  TempDir dir;
+  StoreOptions options = options_in(dir, device);
+  options.gpu_budget_bytes = 8192;
+  Store store(options);
+  BundleId grads = store.add({"block.0.grads", 5000, Tier::kHost});
+  store.allocate(grads, Tier::kGpu);
+  CHECK(store.state(grads, Tier::kGpu) == CopyState::kDirty);
+  CHECK(store.up_to_date(grads, Tier::kGpu));
+  CHECK_FALSE(store.up_to_date(grads, Tier::kHost));
+  CHECK(all_zero(store.tensor(grads, Tier::kGpu)));
+  CHECK_THROWS_WITH(store.allocate(grads, Tier::kGpu), Contains("already dirty"));
+
+  torch::Tensor data = random_bytes(5000, 3);
+  store.tensor(grads, Tier::kGpu).copy_(data.to(device));
+  store.write_back(grads, Tier::kGpu, Tier::kHost).wait();
+  store.evict(grads, Tier::kGpu);
+  CHECK(same_bytes(store.tensor(grads, Tier::kHost), data));
+  CHECK(store.stats().tiers[static_cast<int>(Tier::kGpu)].used_bytes == 0);
+
+  BundleId other = store.add({"block.1.grads", 5000, Tier::kHost});
+  store.allocate(other, Tier::kGpu);
+  CHECK_THROWS_WITH(store.allocate(grads, Tier::kGpu), Contains("gpu budget") && Contains("short"));
+}
