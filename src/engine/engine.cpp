@@ -115,6 +115,7 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
 
   const std::size_t count = parts.size();
   part_stats.assign(count, {});
+  device_stats.assign(count, torch::Tensor());
   part_updated.assign(count, false);
   uploads.assign(count, Fence());
   gradients_down.assign(count, Fence());
@@ -272,7 +273,7 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
   auto start = Clock::now();
   if (micro_batches == 0) {
     step_lr = detail::scheduled_lr(config.schedule, config.optimizer.lr, steps + 1);
-    step_loss_sum = 0;
+    step_loss_sum = torch::Tensor();
     step_tokens = 0;
   }
   detail::PendingBackward saved;
@@ -349,7 +350,6 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
   prepare_gradients(0);
   prepare_gradients(parts.size() - 1);
 
-  const double loss_value = saved.loss.item<double>();
   torch::Tensor scaled = saved.loss * (scaler.scale() / static_cast<double>(config.grad_accumulation));
   torch::autograd::backward({scaled});
   gradients_ready(parts.size() - 1);
@@ -370,7 +370,10 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
   torch::autograd::backward({saved.stem_output}, {gradient});
   gradients_ready(0);
 
-  step_loss_sum += loss_value;
+  // Summed on the device and read once in step(): a read here would stall the host until the
+  // device caught up, and it could no longer queue work ahead.
+  torch::Tensor loss_value = saved.loss.detach().to(torch::kDouble);
+  step_loss_sum = step_loss_sum.defined() ? step_loss_sum + loss_value : loss_value;
   step_tokens += saved.token_count;
   ++micro_batches;
   stats.backward_seconds += seconds_since(start);
@@ -407,7 +410,13 @@ void Engine::Impl::accumulate_and_measure(std::size_t index, bool last_micro_bat
         .add_(view(part.grads, optimizer_tier, compute_dtype, part.numel));
     if (!offloaded()) view(part.grads, Tier::kGpu, compute_dtype, part.numel).zero_();
   }
-  if (last_micro_batch) part_stats[index] = detail::gradient_stats(gradient_view(part));
+  if (!last_micro_batch) return;
+  torch::Tensor grad = gradient_view(part);
+  if (grad.device().is_cpu()) {
+    part_stats[index] = detail::gradient_stats(grad);
+  } else {
+    device_stats[index] = detail::device_gradient_stats(grad);  // read in step()
+  }
 }
 
 bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& context) {
@@ -434,6 +443,23 @@ bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& contex
   return skipped;
 }
 
+void Engine::Impl::read_device_stats() {
+  std::vector<std::size_t> measured;
+  std::vector<torch::Tensor> pending_stats;
+  for (std::size_t i = 0; i < device_stats.size(); ++i) {
+    if (!device_stats[i].defined()) continue;
+    measured.push_back(i);
+    pending_stats.push_back(device_stats[i]);
+    device_stats[i] = torch::Tensor();
+  }
+  if (measured.empty()) return;
+  torch::Tensor values = torch::stack(pending_stats).to(torch::kCPU);
+  for (std::size_t j = 0; j < measured.size(); ++j) {
+    part_stats[measured[j]] = {values[static_cast<std::int64_t>(j)][0].item<double>(),
+                               values[static_cast<std::int64_t>(j)][1].item<double>() == 0};
+  }
+}
+
 void Engine::Impl::wait_for_workers() {
   auto start = Clock::now();
   for (auto& work : part_work) {
@@ -449,9 +475,10 @@ StepResult Engine::Impl::step() {
   FERRY_CHECK(micro_batches == config.grad_accumulation, "step() after ", micro_batches,
               " micro-batches; grad_accumulation is ", config.grad_accumulation);
   wait_for_workers();
+  read_device_stats();
 
   StepResult result;
-  result.loss = step_loss_sum / static_cast<double>(micro_batches);
+  result.loss = step_loss_sum.item<double>() / static_cast<double>(micro_batches);
   result.lr = step_lr;
   result.loss_scale = scaler.scale();
   result.tokens = step_tokens;

@@ -78,6 +78,7 @@ struct Engine::Impl {
   void accumulate_and_measure(std::size_t part, bool last_micro_batch);
   bool update(std::size_t part, const detail::UpdateContext& context);
   void wait_for_workers();
+  void read_device_stats();
 
   torch::Tensor view(BundleId id, Tier tier, torch::ScalarType dtype, std::int64_t numel) const;
   torch::Tensor master_view(const detail::Part& part) const;
@@ -95,12 +96,13 @@ struct Engine::Impl {
 
   std::int64_t steps = 0;          // optimizer steps taken
   std::int64_t micro_batches = 0;  // in the current step
-  double step_loss_sum = 0;
+  torch::Tensor step_loss_sum;  // fp64 on the device, over the step's micro-batches
   std::int64_t step_tokens = 0;
   double step_lr = 0;
   std::optional<detail::PendingBackward> pending;
 
   std::vector<optim::GradStats> part_stats;
+  std::vector<torch::Tensor> device_stats;  // [sum of squares, non-finite count] still on a device
   std::vector<bool> part_updated;
   std::vector<Fence> uploads;         // parameters going up to the device
   std::vector<Fence> gradients_down;  // gradients going down to the host

@@ -175,9 +175,14 @@ bool apply_update(const OptimizerConfig& config, const UpdateContext& context, P
 
 optim::GradStats gradient_stats(const torch::Tensor& grad) {
   if (grad.device().is_cpu()) return optim::grad_stats(grad_span(grad, 0, grad.numel()));
+  torch::Tensor stats = device_gradient_stats(grad).to(torch::kCPU);
+  return {stats[0].item<double>(), stats[1].item<double>() == 0};
+}
+
+torch::Tensor device_gradient_stats(const torch::Tensor& grad) {
   torch::NoGradGuard no_grad;
   torch::Tensor wide = grad.to(torch::kDouble);
-  return {wide.square().sum().item<double>(), wide.isfinite().all().item<bool>()};
+  return torch::stack({wide.square().sum(), wide.isfinite().logical_not().sum().to(torch::kDouble)});
 }
 
 LossScaler::LossScaler(const LossScaleConfig& config, bool enabled)

@@ -47,6 +47,9 @@ bool apply_update(const OptimizerConfig& config, const UpdateContext& context, P
 
 // Sum of squares (in fp64) and finiteness of a raw gradient.
 optim::GradStats gradient_stats(const torch::Tensor& grad);
+// The same for a gradient on a device, without waiting for it: a 2-element fp64 tensor on the
+// device, [sum of squares, number of non-finite elements].
+torch::Tensor device_gradient_stats(const torch::Tensor& grad);
 
 // Dynamic loss scaling as torch.cuda.amp.GradScaler does it.
 class LossScaler {
