@@ -32,13 +32,13 @@ const Json& defaults() {
   static const Json kDefaults = {
       {"model", "tiny-llama"},       {"data", "demo"},          {"mode", "zero-offload"},
       {"precision", "fp32"},         {"device", "auto"},        {"gpu_budget", "0"},
-      {"host_budget", "0"},          {"steps", 300},            {"batch", 16},
+      {"host_budget", "0"},          {"steps", 400},            {"batch", 32},
       {"seq", 16},                   {"lr", 3e-3},              {"schedule", "cosine"},
       {"warmup", 20},                {"min_lr_ratio", 0.1},     {"optimizer", "adamw"},
       {"weight_decay", 0.01},        {"grad_accum", 1},         {"max_grad_norm", 1.0},
       {"keep_graph_blocks", 0},      {"seed", 1},               {"out", "runs/demo"},
       {"resume", "none"},            {"save_every", 0},         {"eval_problems", 100},
-      {"log_every", 10},             {"demo_digits", 2},
+      {"log_every", 10},             {"demo_digits", 1},
   };
   return kDefaults;
 }

@@ -331,11 +331,22 @@ void Engine::Impl::unbind_gradients(const Part& part) {
   for (const detail::ParameterSlice& slice : part.slices) slice.parameter.mutable_grad() = torch::Tensor();
 }
 
+void Engine::Impl::release_gradients(std::size_t keep) {
+  while (gradients_on_device.size() > keep ||
+         (!gradients_on_device.empty() && gradients_down[gradients_on_device.front()].ready())) {
+    const std::size_t index = gradients_on_device.front();
+    gradients_down[index].wait();
+    store->evict(parts[index].grads, Tier::kGpu);
+    gradients_on_device.pop_front();
+  }
+}
+
 void Engine::Impl::prepare_gradients(std::size_t index) {
   if (!offloaded()) return;
-  // A fresh, zeroed device copy for this micro-batch's gradients of the part. The previous one
-  // is evicted by the worker once it has gone down.
-  if (part_work[index].valid()) part_work[index].wait();
+  // A fresh, zeroed device copy for this micro-batch's gradients of the part, once at most
+  // two earlier parts' are still going down (the stem's, kept for a tied head, aside).
+  release_gradients(2);
+  if (part_work[index].valid()) part_work[index].wait();  // still reading the host copy
   store->allocate(parts[index].grads, Tier::kGpu);
   bind_gradients(parts[index]);
 }
@@ -387,13 +398,13 @@ void Engine::Impl::gradients_ready(std::size_t index) {
   }
   store->mark_dirty(parts[index].grads, Tier::kGpu);  // autograd wrote the device copy
   gradients_down[index] = store->write_back(parts[index].grads, Tier::kGpu, Tier::kHost);
+  gradients_on_device.push_back(index);
   unbind_gradients(parts[index]);
   const bool update_now = last && !deferred_updates();
   const std::int64_t step = steps + 1;
   const double lr = step_lr;
   part_work[index] = worker.submit([this, index, last, update_now, step, lr] {
     gradients_down[index].wait();
-    store->evict(parts[index].grads, Tier::kGpu);
     accumulate_and_measure(index, last);
     if (update_now) {
       part_updated[index] = true;
@@ -475,6 +486,7 @@ StepResult Engine::Impl::step() {
   FERRY_CHECK(micro_batches == config.grad_accumulation, "step() after ", micro_batches,
               " micro-batches; grad_accumulation is ", config.grad_accumulation);
   wait_for_workers();
+  release_gradients(0);
   read_device_stats();
 
   StepResult result;

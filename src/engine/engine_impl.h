@@ -74,6 +74,9 @@ struct Engine::Impl {
   void bind_gradients(const detail::Part& part);
   void unbind_gradients(const detail::Part& part);
   void prepare_gradients(std::size_t part);
+  // Evicts device gradients that have gone down, waiting for the oldest while more than `keep`
+  // are still on the device.
+  void release_gradients(std::size_t keep);
   void gradients_ready(std::size_t part);
   void accumulate_and_measure(std::size_t part, bool last_micro_batch);
   bool update(std::size_t part, const detail::UpdateContext& context);
@@ -106,6 +109,7 @@ struct Engine::Impl {
   std::vector<bool> part_updated;
   std::vector<Fence> uploads;         // parameters going up to the device
   std::vector<Fence> gradients_down;  // gradients going down to the host
+  std::deque<std::size_t> gradients_on_device;  // parts whose device gradients are not evicted yet
   std::vector<std::shared_future<void>> part_work;
   detail::SerialWorker worker;
 
