@@ -357,6 +357,7 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
   auto start = Clock::now();
   detail::PendingBackward saved = std::move(*pending);
   pending.reset();
+  release_gradients(0);  // the previous micro-batch's device gradients are all down
   // The stem's gradients collect from the head too when the embedding is tied.
   prepare_gradients(0);
   prepare_gradients(parts.size() - 1);
