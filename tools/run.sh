@@ -20,3 +20,5 @@ if [[ $what == main ]]; then
   exec ./build/ferry
 fi
 ctest --test-dir build --output-on-failure -j "$jobs"
+# The safetensors header parser under libFuzzer, briefly (tests/fuzz).
+FERRY_FUZZ_BUILD_DIR="$PWD/build/fuzz" tools/run_fuzz.sh 30

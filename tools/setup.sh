@@ -8,6 +8,7 @@ packages=(
   libtorch-dev python3-torch python3-pytest pybind11-dev
   liburing-dev libaio-dev libtbb-dev
   libcxxopts-dev catch2 nlohmann-json3-dev
+  clang-14 libclang-rt-14-dev
 )
 
 missing=()

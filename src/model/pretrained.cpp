@@ -2,13 +2,13 @@
 // modules, config.json, and safetensors read straight into parameters.
 
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <set>
 
 #include <ATen/ATen.h>
 
 #include "ferry/check.h"
+#include "ferry/fs.h"
 #include "ferry/model.h"
 
 namespace ferry::models {
@@ -226,7 +226,7 @@ void save_pretrained(const LayeredModel& model, const std::string& dir,
               "was assembled by hand (write its tensors with safetensors::write_file instead)");
   ModelConfig config = *model.config();
   config.dtype = to_dtype(model.dtype());
-  std::filesystem::create_directories(dir);
+  fs::make_directories(dir);
 
   std::vector<torch::Tensor> host_copies;
   std::vector<safetensors::TensorView> views;

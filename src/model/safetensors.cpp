@@ -8,7 +8,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <set>
@@ -17,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ferry/check.h"
+#include "ferry/fs.h"
 
 namespace ferry::safetensors {
 namespace {
@@ -122,11 +122,6 @@ void write_atomically(const std::string& path, const std::string& bytes) {
 void sync_directory(const std::string& dir) {
   File directory(dir, O_RDONLY | O_DIRECTORY);
   directory.sync();
-}
-
-std::string parent_directory(const std::string& path) {
-  std::filesystem::path parent = std::filesystem::path(path).parent_path();
-  return parent.empty() ? "." : parent.string();
 }
 
 std::string describe_shape(const std::vector<std::int64_t>& shape) {
@@ -383,14 +378,14 @@ void write_file(const std::string& path, const std::vector<TensorView>& tensors,
   }
   FERRY_CHECK(::rename(temporary.c_str(), path.c_str()) == 0, "cannot rename ", temporary, " to ",
               path, ": ", std::strerror(errno));
-  sync_directory(parent_directory(path));
+  sync_directory(fs::parent_directory(path));
 }
 
 std::vector<std::string> write_checkpoint(const std::string& dir,
                                           const std::vector<TensorView>& tensors,
                                           std::uint64_t max_shard_bytes) {
   FERRY_CHECK(max_shard_bytes > 0, "max_shard_bytes must be positive, got 0");
-  std::filesystem::create_directories(dir);
+  fs::make_directories(dir);
 
   std::vector<std::vector<TensorView>> shards(1);
   std::uint64_t shard_bytes = 0;
@@ -408,7 +403,7 @@ std::vector<std::string> write_checkpoint(const std::string& dir,
   const std::string index_path = dir + "/" + kIndexFileName;
   if (shards.size() == 1) {
     write_file(dir + "/" + kSingleFileName, tensors);
-    std::filesystem::remove(index_path);
+    std::remove(index_path.c_str());
     return {kSingleFileName};
   }
 
@@ -425,14 +420,14 @@ std::vector<std::string> write_checkpoint(const std::string& dir,
   }
   Json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
   write_atomically(index_path, index.dump(2) + "\n");
-  std::filesystem::remove(dir + "/" + kSingleFileName);
+  std::remove((dir + "/" + kSingleFileName).c_str());
   sync_directory(dir);
   files.emplace_back(kIndexFileName);
   return files;
 }
 
 Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
-  if (std::filesystem::is_regular_file(dir)) {
+  if (fs::exists(dir) && !fs::is_directory(dir)) {
     readers_.emplace_back(dir);
     for (const TensorInfo& info : readers_.back().header().tensors) {
       shard_of_.emplace(info.name, 0);
@@ -441,8 +436,8 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
   }
   const std::string index_path = dir + "/" + kIndexFileName;
   const std::string single_path = dir + "/" + kSingleFileName;
-  if (!std::filesystem::exists(index_path)) {
-    FERRY_CHECK(std::filesystem::exists(single_path), dir, ": no ", kSingleFileName, " or ",
+  if (!fs::exists(index_path)) {
+    FERRY_CHECK(fs::exists(single_path), dir, ": no ", kSingleFileName, " or ",
                 kIndexFileName, " in this directory");
     readers_.emplace_back(single_path);
     for (const TensorInfo& info : readers_.back().header().tensors) {

@@ -12,7 +12,7 @@
 #include "store/device_copy.h"
 #include "store/extent_allocator.h"
 #include "store/fence.h"
-#include "util/fs.h"
+#include "ferry/fs.h"
 
 namespace ferry {
 
