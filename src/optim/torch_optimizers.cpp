@@ -156,6 +156,27 @@ void check_groups(const char* who, const std::vector<OptimizerParamGroup>& group
   }
 }
 
+// Adam and AdamW keep the same per-parameter state and differ only in the update rule.
+template <typename ParamState, typename States, typename Params, typename Rule>
+optim::StepReport adam_family_update(const char* who, States& states, const torch::Tensor& param,
+                                     const torch::Tensor& grad, const Params& params, Rule rule) {
+  auto& state = state_for<ParamState>(states, param, [&] {
+    auto fresh = std::make_unique<ParamState>();
+    fresh->exp_avg(torch::zeros_like(param));
+    fresh->exp_avg_sq(torch::zeros_like(param));
+    return fresh;
+  });
+  optim::StepContext context;
+  context.step = state.step() + 1;
+  const optim::StepReport report =
+      rule(params, context, float_span(who, "parameter", param),
+           float_span(who, "exp_avg", state.exp_avg()),
+           float_span(who, "exp_avg_sq", state.exp_avg_sq()), grad_span(who, grad, param),
+           optim::OutputSpan{});
+  if (!report.skipped) state.step(context.step);
+  return report;
+}
+
 }  // namespace
 
 torch::Tensor CpuOptimizer::step(LossClosure closure) {
@@ -178,6 +199,7 @@ torch::Tensor CpuOptimizer::step(LossClosure closure) {
 
 // AdamW ------------------------------------------------------------------------------------
 
+
 CpuAdamW::CpuAdamW(std::vector<OptimizerParamGroup> param_groups,
                    torch::optim::AdamWOptions defaults)
     : CpuOptimizer(std::move(param_groups),
@@ -191,23 +213,10 @@ CpuAdamW::CpuAdamW(std::vector<torch::Tensor> params, torch::optim::AdamWOptions
 
 optim::StepReport CpuAdamW::update(OptimizerOptions& options, const torch::Tensor& param,
                                    const torch::Tensor& grad) {
-  constexpr const char* kWho = "CpuAdamW";
-  const optim::AdamWParams params =
-      adamw_params(static_cast<const torch::optim::AdamWOptions&>(options));
-  auto& state = state_for<torch::optim::AdamWParamState>(state_, param, [&] {
-    auto fresh = std::make_unique<torch::optim::AdamWParamState>();
-    fresh->exp_avg(torch::zeros_like(param));
-    fresh->exp_avg_sq(torch::zeros_like(param));
-    return fresh;
-  });
-  optim::StepContext context;
-  context.step = state.step() + 1;
-  const optim::StepReport report = optim::adamw_step(
-      params, context, float_span(kWho, "parameter", param),
-      float_span(kWho, "exp_avg", state.exp_avg()),
-      float_span(kWho, "exp_avg_sq", state.exp_avg_sq()), grad_span(kWho, grad, param));
-  if (!report.skipped) state.step(context.step);
-  return report;
+  return adam_family_update<torch::optim::AdamWParamState>(
+      "CpuAdamW", state_, param, grad,
+      adamw_params(static_cast<const torch::optim::AdamWOptions&>(options)),
+      [](auto&&... args) { return optim::adamw_step(args...); });
 }
 
 void CpuAdamW::save(torch::serialize::OutputArchive& archive) const {
@@ -235,23 +244,10 @@ CpuAdam::CpuAdam(std::vector<torch::Tensor> params, torch::optim::AdamOptions de
 
 optim::StepReport CpuAdam::update(OptimizerOptions& options, const torch::Tensor& param,
                                   const torch::Tensor& grad) {
-  constexpr const char* kWho = "CpuAdam";
-  const optim::AdamParams params =
-      adam_params(static_cast<const torch::optim::AdamOptions&>(options));
-  auto& state = state_for<torch::optim::AdamParamState>(state_, param, [&] {
-    auto fresh = std::make_unique<torch::optim::AdamParamState>();
-    fresh->exp_avg(torch::zeros_like(param));
-    fresh->exp_avg_sq(torch::zeros_like(param));
-    return fresh;
-  });
-  optim::StepContext context;
-  context.step = state.step() + 1;
-  const optim::StepReport report = optim::adam_step(
-      params, context, float_span(kWho, "parameter", param),
-      float_span(kWho, "exp_avg", state.exp_avg()),
-      float_span(kWho, "exp_avg_sq", state.exp_avg_sq()), grad_span(kWho, grad, param));
-  if (!report.skipped) state.step(context.step);
-  return report;
+  return adam_family_update<torch::optim::AdamParamState>(
+      "CpuAdam", state_, param, grad,
+      adam_params(static_cast<const torch::optim::AdamOptions&>(options)),
+      [](auto&&... args) { return optim::adam_step(args...); });
 }
 
 void CpuAdam::save(torch::serialize::OutputArchive& archive) const {
