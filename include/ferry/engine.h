@@ -87,6 +87,9 @@ struct EngineConfig {
   bool offload_checkpoints = false;
   // Threads for the CPU optimizer (0: one per core).
   int optimizer_threads = 0;
+  // Record spans for write_trace(). On a CUDA device the engine then waits for the device at
+  // every part boundary, so compute spans are real at the cost of some overlap.
+  bool trace = false;
 };
 
 // What one optimizer step did.
@@ -145,6 +148,10 @@ class Engine {
   void save(const std::string& dir, const std::string& extra_json = "{}");
   // Restores what save wrote; returns `extra`. The model must have the same shape.
   std::string load(const std::string& dir);
+
+  // Writes the spans recorded so far (config.trace) as a Chrome trace and returns a one-line
+  // summary of how much of the CPU optimizer's time overlapped compute.
+  std::string write_trace(const std::string& path) const;
 
   const LayeredModel& model() const;
   const EngineConfig& config() const;

@@ -38,7 +38,7 @@ const Json& defaults() {
       {"weight_decay", 0.01},        {"grad_accum", 1},         {"max_grad_norm", 1.0},
       {"keep_graph_blocks", 0},      {"seed", 1},               {"out", "runs/demo"},
       {"resume", "none"},            {"save_every", 0},         {"eval_problems", 100},
-      {"log_every", 10},             {"demo_digits", 1},
+      {"log_every", 10},             {"demo_digits", 1},           {"trace", ""},
   };
   return kDefaults;
 }
@@ -110,6 +110,7 @@ EngineConfig engine_config(const Json& job) {
   config.grad_accumulation = job["grad_accum"];
   config.max_grad_norm = job["max_grad_norm"];
   config.keep_graph_blocks = job["keep_graph_blocks"];
+  config.trace = !job["trace"].get<std::string>().empty();
   return config;
 }
 
@@ -266,6 +267,10 @@ int run_finetune(int argc, char** argv) {
     std::fprintf(stderr, "exact-match accuracy after %lld steps: %.1f%% (final loss %.4f)\n",
                  static_cast<long long>(engine.steps_taken()),
                  100 * demo_accuracy(engine, task, eval_problems), last.loss);
+  }
+  if (config.trace) {
+    std::fprintf(stderr, "trace: %s\n  %s\n", std::string(job["trace"]).c_str(),
+                 engine.write_trace(job["trace"]).c_str());
   }
   EngineStats stats = engine.stats();
   std::fprintf(stderr, "time: forward %.1f s, backward %.1f s, optimizer %.1f s (waited %.1f s)\n",

@@ -96,7 +96,8 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
       config(std::move(config_in)),
       compute_dtype(compute_dtype_of(config.precision)),
       optimizer_tier(config.mode == Mode::kGpu ? Tier::kGpu : Tier::kHost),
-      scaler(config.loss_scale, config.loss_scale.enabled.value_or(config.precision == Precision::kF16)) {
+      scaler(config.loss_scale, config.loss_scale.enabled.value_or(config.precision == Precision::kF16)),
+      tracer(config.trace) {
   validate(config);
   if (config.device.is_cuda() && !config.device.has_index()) config.device = torch::Device(torch::kCUDA, 0);
   if (config.optimizer_threads > 0) optim::set_num_threads(config.optimizer_threads);
@@ -286,7 +287,8 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
 
   const std::size_t block_count = model.num_blocks();
   use_parameters(0);
-  saved.stem_output = model.stem()->forward(saved.tokens, saved.context);
+  traced("forward stem", detail::Track::kCompute,
+         [&] { saved.stem_output = model.stem()->forward(saved.tokens, saved.context); });
   torch::Tensor hidden = saved.stem_output.detach();
   const std::size_t first_kept =
       block_count - std::min<std::size_t>(block_count, static_cast<std::size_t>(config.keep_graph_blocks));
@@ -295,7 +297,8 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
     detail::PendingBackward::SavedBlock block;
     if (i >= first_kept) {
       block.input = hidden.detach().requires_grad_(true);
-      block.output = model.blocks()[i]->forward(block.input, saved.context);
+      traced("forward block." + std::to_string(i), detail::Track::kCompute,
+             [&] { block.output = model.blocks()[i]->forward(block.input, saved.context); });
       hidden = block.output.detach();
     } else {
       block.input = hidden;
@@ -304,14 +307,16 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
         block.input.copy_(hidden, /*non_blocking=*/true);
       }
       torch::NoGradGuard no_grad;
-      hidden = model.blocks()[i]->forward(hidden, saved.context);
+      traced("forward block." + std::to_string(i), detail::Track::kCompute,
+             [&] { hidden = model.blocks()[i]->forward(hidden, saved.context); });
     }
     saved.blocks.push_back(std::move(block));
   }
   use_parameters(parts.size() - 1);
   saved.head_input = hidden.detach().requires_grad_(true);
-  torch::Tensor logits = model.head()->forward(saved.head_input, saved.context);
-  saved.loss = model.loss(logits, labels);
+  traced("forward head and loss", detail::Track::kCompute, [&] {
+    saved.loss = model.loss(model.head()->forward(saved.head_input, saved.context), labels);
+  });
   torch::Tensor loss = saved.loss;
   pending = std::move(saved);
   stats.forward_seconds += seconds_since(start);
@@ -363,23 +368,26 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
   prepare_gradients(parts.size() - 1);
 
   torch::Tensor scaled = saved.loss * (scaler.scale() / static_cast<double>(config.grad_accumulation));
-  torch::autograd::backward({scaled});
+  traced("backward head and loss", detail::Track::kCompute, [&] { torch::autograd::backward({scaled}); });
   gradients_ready(parts.size() - 1);
 
   torch::Tensor gradient = saved.head_input.grad();
   for (std::size_t i = saved.blocks.size(); i-- > 0;) {
     prepare_gradients(i + 1);
     detail::PendingBackward::SavedBlock& block = saved.blocks[i];
-    if (!block.output.defined()) {
-      block.input = block.input.to(config.device, /*non_blocking=*/true).detach().requires_grad_(true);
-      block.output = model.blocks()[i]->forward(block.input, saved.context);
-    }
-    torch::autograd::backward({block.output}, {gradient});
+    traced("backward block." + std::to_string(i), detail::Track::kCompute, [&] {
+      if (!block.output.defined()) {
+        block.input = block.input.to(config.device, /*non_blocking=*/true).detach().requires_grad_(true);
+        block.output = model.blocks()[i]->forward(block.input, saved.context);
+      }
+      torch::autograd::backward({block.output}, {gradient});
+    });
     gradient = block.input.grad();
     block = {};
     gradients_ready(i + 1);
   }
-  torch::autograd::backward({saved.stem_output}, {gradient});
+  traced("backward stem", detail::Track::kCompute,
+         [&] { torch::autograd::backward({saved.stem_output}, {gradient}); });
   gradients_ready(0);
 
   // Summed on the device and read once in step(): a read here would stall the host until the
@@ -404,13 +412,18 @@ void Engine::Impl::gradients_ready(std::size_t index) {
   const bool update_now = last && !deferred_updates();
   const std::int64_t step = steps + 1;
   const double lr = step_lr;
-  part_work[index] = worker.submit([this, index, last, update_now, step, lr] {
+  const auto sent = detail::Tracer::Clock::now();
+  part_work[index] = worker.submit([this, index, last, update_now, step, lr, sent] {
     gradients_down[index].wait();
-    accumulate_and_measure(index, last);
-    if (update_now) {
-      part_updated[index] = true;
-      if (part_stats[index].finite) update(index, {step, lr, 1.0, 1.0, true});
-    }
+    tracer.record(parts[index].name + " gradients", detail::Track::kGradientsDown, sent,
+                  detail::Tracer::Clock::now());
+    traced("update " + parts[index].name, detail::Track::kOptimizer, [&] {
+      accumulate_and_measure(index, last);
+      if (update_now) {
+        part_updated[index] = true;
+        if (part_stats[index].finite) update(index, {step, lr, 1.0, 1.0, true});
+      }
+    });
   });
 }
 
@@ -514,7 +527,7 @@ StepResult Engine::Impl::step() {
     for (std::size_t i = 0; i < parts.size(); ++i) {
       if (part_updated[i]) continue;
       if (!part_stats[i].finite) continue;  // without loss scaling a non-finite part is left as is
-      update(i, context);
+      traced("update " + parts[i].name, detail::Track::kOptimizer, [&] { update(i, context); });
     }
   }
   for (Part& part : parts) {
@@ -594,6 +607,12 @@ std::vector<std::int64_t> Engine::generate(const std::vector<std::int64_t>& prom
     sequence.push_back(next);
   }
   return generated;
+}
+
+std::string Engine::write_trace(const std::string& path) const {
+  FERRY_CHECK(impl_->tracer.enabled(), "write_trace() needs EngineConfig::trace = true");
+  impl_->tracer.write(path);
+  return impl_->tracer.overlap_summary();
 }
 
 const LayeredModel& Engine::model() const { return impl_->model; }

@@ -12,8 +12,10 @@
 #include <vector>
 
 #include "engine/parts.h"
+#include "engine/trace.h"
 #include "engine/update.h"
 #include "ferry/engine.h"
+#include "ferry/system.h"
 
 namespace ferry::detail {
 
@@ -113,6 +115,17 @@ struct Engine::Impl {
   std::vector<std::shared_future<void>> part_work;
   detail::SerialWorker worker;
 
+  // Runs f, and records it as a span on `track` when tracing.
+  template <typename F>
+  void traced(const std::string& name, detail::Track track, F f) {
+    if (!tracer.enabled()) return f();
+    auto start = detail::Tracer::Clock::now();
+    f();
+    if (track == detail::Track::kCompute && config.device.is_cuda()) synchronize_gpu();
+    tracer.record(name, track, start, detail::Tracer::Clock::now());
+  }
+
+  detail::Tracer tracer;
   EngineStats stats;
   std::mutex stats_mutex;  // optimizer_seconds is written by the worker
 };

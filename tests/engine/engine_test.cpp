@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <fstream>
 #include <cmath>
 #include <thread>
 
@@ -273,4 +274,22 @@ TEST_CASE("on a CUDA device zero-offload follows the gpu mode") {
     }
     CHECK(reference.steps.back().loss < reference.steps.front().loss);
   }
+}
+
+TEST_CASE("a traced run writes compute, gradient and optimizer spans and an overlap summary") {
+  EngineConfig config = base_config(Mode::kZeroOffload);
+  config.trace = true;
+  Engine engine = make_engine("tiny-llama", config);
+  auto loader = demo_loader(4);
+  for (int i = 0; i < 3; ++i) engine.train_step(loader->next());
+  TempDir dir;
+  std::string summary = engine.write_trace(dir.file("trace.json"));
+  CHECK_THAT(summary, Catch::Contains("CPU optimizer") && Catch::Contains("overlapped compute"));
+  std::ifstream in(dir.file("trace.json"));
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK_THAT(text, Catch::Contains("\"traceEvents\"") && Catch::Contains("backward block.1") &&
+                       Catch::Contains("update block.0") && Catch::Contains("block.0 gradients"));
+
+  Engine untraced = make_engine("tiny-llama", base_config(Mode::kZeroOffload));
+  CHECK_THROWS_WITH(untraced.write_trace(dir.file("x.json")), Catch::Contains("trace = true"));
 }
