@@ -73,6 +73,16 @@ void check_eps(const char* op, double eps) {
               " is invalid; it must be finite and > 0");
 }
 
+// Adam and AdamW take the same settings with the same ranges.
+template <class Params>
+void check_adam_family(const char* name, const Params& params) {
+  check_at_least_zero(name, "lr", params.lr);
+  check_beta(name, "beta1", params.beta1);
+  check_beta(name, "beta2", params.beta2);
+  check_eps(name, params.eps);
+  check_at_least_zero(name, "weight_decay", params.weight_decay);
+}
+
 float grad_multiplier(const StepContext& context) {
   return static_cast<float>(context.clip_coef / context.grad_scale);
 }
@@ -110,23 +120,9 @@ StepReport run_step(const StepContext& context, const GradSpan& grad, const Tile
 
 }  // namespace
 
-void check_params(const AdamWParams& params) {
-  constexpr const char* kName = "AdamW";
-  check_at_least_zero(kName, "lr", params.lr);
-  check_beta(kName, "beta1", params.beta1);
-  check_beta(kName, "beta2", params.beta2);
-  check_eps(kName, params.eps);
-  check_at_least_zero(kName, "weight_decay", params.weight_decay);
-}
+void check_params(const AdamWParams& params) { check_adam_family("AdamW", params); }
 
-void check_params(const AdamParams& params) {
-  constexpr const char* kName = "Adam";
-  check_at_least_zero(kName, "lr", params.lr);
-  check_beta(kName, "beta1", params.beta1);
-  check_beta(kName, "beta2", params.beta2);
-  check_eps(kName, params.eps);
-  check_at_least_zero(kName, "weight_decay", params.weight_decay);
-}
+void check_params(const AdamParams& params) { check_adam_family("Adam", params); }
 
 void check_params(const SgdParams& params) {
   constexpr const char* kName = "SGD";
