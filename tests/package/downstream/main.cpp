@@ -1,0 +1,9 @@
+#include <ferry/engine.h>
+#include <ferry/version.h>
+#include <iostream>
+int main() {
+  ferry::EngineConfig config;
+  config.mode = ferry::Mode::kZeroOffload;
+  ferry::Engine engine(ferry::models::build(ferry::models::preset("tiny-llama"), 1), config);
+  std::cout << "ferry " << FERRY_VERSION_STRING << " engine with " << engine.model().parameter_count() << " parameters\n";
+}
