@@ -10,7 +10,6 @@ Part describe(std::string name, models::Part kind, std::int64_t index, torch::nn
   part.name = std::move(name);
   part.kind = kind;
   part.index = index;
-  part.module = &module;
   std::vector<ParameterSlice> decayed, not_decayed;
   for (const auto& item : module.named_parameters(/*recurse=*/true)) {
     ParameterSlice slice;

@@ -34,7 +34,6 @@ struct Part {
   std::string name;  // "stem", "block.3", "head"
   models::Part kind = models::Part::kBlock;
   std::int64_t index = 0;  // the block number
-  torch::nn::Module* module = nullptr;
   std::vector<ParameterSlice> slices;
   std::int64_t numel = 0;
   std::int64_t decay_numel = 0;
