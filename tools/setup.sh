@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build pkg-config
-  libtorch-dev python3-torch python3-pytest pybind11-dev
+  libtorch-dev
   liburing-dev libaio-dev libtbb-dev
   libcxxopts-dev catch2 nlohmann-json3-dev
   clang-14 libclang-rt-14-dev
