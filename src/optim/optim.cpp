@@ -144,38 +144,43 @@ void check_params(const AdagradParams& params) {
   check_eps(kName, params.eps);
 }
 
-StepReport adamw_step(const AdamWParams& params, const StepContext& context, FloatSpan master,
-                      FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad, OutputSpan out) {
-  constexpr const char* kOp = "adamw_step";
-  check_spans(kOp, master, grad, out);
-  check_span(kOp, "exp_avg", exp_avg.data, exp_avg.size, master.size);
-  check_span(kOp, "exp_avg_sq", exp_avg_sq.data, exp_avg_sq.size, master.size);
-  check_context(kOp, context);
+namespace {
+
+// Adam and AdamW run one kernel; they differ in where weight decay enters the constants.
+template <class Params>
+StepReport adam_family_step(const char* op, const Params& params, const StepContext& context,
+                            FloatSpan master, FloatSpan exp_avg, FloatSpan exp_avg_sq,
+                            GradSpan grad, OutputSpan out, bool decoupled_decay) {
+  check_spans(op, master, grad, out);
+  check_span(op, "exp_avg", exp_avg.data, exp_avg.size, master.size);
+  check_span(op, "exp_avg_sq", exp_avg_sq.data, exp_avg_sq.size, master.size);
+  check_context(op, context);
   check_params(params);
 
   detail::AdamConstants c =
       adam_constants(params.lr, params.beta1, params.beta2, params.eps, context);
-  c.decay = static_cast<float>(1 - params.lr * params.weight_decay);
+  if (decoupled_decay) {
+    c.decay = static_cast<float>(1 - params.lr * params.weight_decay);
+  } else {
+    c.l2 = static_cast<float>(params.weight_decay);
+  }
   return run_step(context, grad, [&](const detail::KernelTable& kernels, Tile tile) {
     kernels.adam(c, master.data, exp_avg.data, exp_avg_sq.data, grad, out, tile);
   });
 }
 
+}  // namespace
+
+StepReport adamw_step(const AdamWParams& params, const StepContext& context, FloatSpan master,
+                      FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad, OutputSpan out) {
+  return adam_family_step("adamw_step", params, context, master, exp_avg, exp_avg_sq, grad, out,
+                          /*decoupled_decay=*/true);
+}
+
 StepReport adam_step(const AdamParams& params, const StepContext& context, FloatSpan master,
                      FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad, OutputSpan out) {
-  constexpr const char* kOp = "adam_step";
-  check_spans(kOp, master, grad, out);
-  check_span(kOp, "exp_avg", exp_avg.data, exp_avg.size, master.size);
-  check_span(kOp, "exp_avg_sq", exp_avg_sq.data, exp_avg_sq.size, master.size);
-  check_context(kOp, context);
-  check_params(params);
-
-  detail::AdamConstants c =
-      adam_constants(params.lr, params.beta1, params.beta2, params.eps, context);
-  c.l2 = static_cast<float>(params.weight_decay);
-  return run_step(context, grad, [&](const detail::KernelTable& kernels, Tile tile) {
-    kernels.adam(c, master.data, exp_avg.data, exp_avg_sq.data, grad, out, tile);
-  });
+  return adam_family_step("adam_step", params, context, master, exp_avg, exp_avg_sq, grad, out,
+                          /*decoupled_decay=*/false);
 }
 
 StepReport sgd_step(const SgdParams& params, const StepContext& context, FloatSpan master,
