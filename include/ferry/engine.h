@@ -26,9 +26,12 @@
 
 namespace ferry {
 
-enum class Mode { kGpu, kZeroOffload };
+// gpu: everything on the device, the reference. zero-offload: parameters on the device, fp32
+// master and optimizer states on the host, the CPU optimizer overlapped with backward. zo2:
+// zeroth-order (MeZO), forward only, block weights streamed from host memory or NVMe.
+enum class Mode { kGpu, kZeroOffload, kZo2 };
 const char* to_string(Mode mode);
-Mode parse_mode(const std::string& name);  // "gpu", "zero-offload"
+Mode parse_mode(const std::string& name);  // "gpu", "zero-offload", "zo2"
 
 enum class Precision { kF32, kBF16, kF16 };
 const char* to_string(Precision precision);
@@ -69,15 +72,41 @@ struct LossScaleConfig {
   std::int64_t growth_interval = 2000;
 };
 
+// Zeroth-order training (mode zo2; MeZO, Malladi et al. 2023, as ZO2 runs it). Each step draws
+// `samples` directions z ~ N(0, I), regenerated from a counter-based generator keyed by the step's
+// seed and the part (never stored); the projected gradient of sample s is
+// g_s = (loss(theta + eps z_s) - loss(theta - eps z_s)) / (2 eps), and the update direction is the
+// mean of g_s z_s. The optimizer (OptimizerConfig) consumes it: sgd (with momentum when set),
+// adam or adamw; weight decay skips norms and biases. See docs/zo2.md.
+struct ZoConfig {
+  double eps = 1e-3;
+  std::int64_t samples = 1;
+  std::uint64_t seed = 0;
+  // Where the blocks' weights (and their optimizer states) live: host (pinned) or nvme. With
+  // nvme, the first `host_blocks` blocks stay in host memory; the stem and head stay on the GPU.
+  Tier block_tier = Tier::kHost;
+  std::int64_t host_blocks = 0;
+  // The stored weights' precision; default: the compute precision. fp32 storage under bf16/fp16
+  // compute is an fp32 master: needed when lr * |update| is below half an ulp of the weights
+  // (bf16 has 8 mantissa bits: updates under ~0.4% of a weight round away).
+  std::optional<Precision> storage;
+  // Blocks on the device at once: one computing, the next ones uploading, earlier ones going down.
+  std::int64_t blocks_in_flight = 3;
+};
+
 struct EngineConfig {
   Mode mode = Mode::kZeroOffload;
   Precision precision = Precision::kF32;
   torch::Device device = torch::kCPU;  // the GPU tier; kCPU runs everything on the host
   std::uint64_t gpu_budget_bytes = 0;   // 0: everything the mode needs on the device
   std::uint64_t host_budget_bytes = 0;  // 0: everything the mode needs on the host
+  // The NVMe tier's directories (one per SSD; files are striped over them) and its budget.
+  std::vector<std::string> nvme_directories;
+  std::uint64_t nvme_budget_bytes = 0;  // 0: no limit beyond the disks'
   OptimizerConfig optimizer;
   ScheduleConfig schedule;
   LossScaleConfig loss_scale;
+  ZoConfig zo;  // mode zo2 only
   std::int64_t grad_accumulation = 1;  // micro-batches per optimizer step
   double max_grad_norm = 0.0;          // global-norm clipping; 0 turns it off
   // Activation checkpointing at block boundaries: the last `keep_graph_blocks` blocks keep their
@@ -92,6 +121,27 @@ struct EngineConfig {
   bool trace = false;
 };
 
+// The engine's sizing: the bytes it keeps on each tier for a model, activations aside. The engine
+// allocates by it and refuses to start when a budget cannot hold it; `ferry plan` reports it for
+// models that are never built.
+struct PartShape {
+  std::string name;    // "stem", "block.0", ..., "head"
+  std::int64_t numel;  // the parameters the part owns (a tied head owns none of the embedding)
+};
+std::vector<PartShape> part_shapes(const models::ModelConfig& config);
+
+struct TierDemand {
+  struct Item {
+    std::string role;  // "parameters", "fp32 master", ...
+    std::uint64_t bytes;
+  };
+  std::uint64_t bytes[kTierCount] = {0, 0, 0};
+  std::vector<Item> items[kTierCount];
+  std::string describe(Tier tier) const;  // "parameters 12.0 MiB, gradients 12.0 MiB"
+};
+// Throws ferry::Error for a configuration the engine would reject.
+TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig& config);
+
 // What one optimizer step did.
 struct StepResult {
   std::int64_t step = 0;      // optimizer steps taken so far, skipped ones included
@@ -101,6 +151,9 @@ struct StepResult {
   double loss_scale = 1;
   bool skipped = false;       // non-finite gradients (fp16 overflow): nothing was updated
   std::int64_t tokens = 0;    // input tokens over the step's micro-batches
+  // zo2: per sample, the losses at theta + eps z and theta - eps z and the projected gradient.
+  // `loss` is then the mean of both losses over the samples.
+  std::vector<double> loss_plus, loss_minus, projected_grads;
 };
 
 // Seconds per phase, accumulated since construction; the residency manager's own statistics

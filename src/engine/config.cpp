@@ -22,12 +22,13 @@ const char* to_string(Mode mode) {
   switch (mode) {
     case Mode::kGpu: return "gpu";
     case Mode::kZeroOffload: return "zero-offload";
+    case Mode::kZo2: return "zo2";
   }
   return "unknown";
 }
 
 Mode parse_mode(const std::string& name) {
-  static const Mode kModes[] = {Mode::kGpu, Mode::kZeroOffload};
+  static const Mode kModes[] = {Mode::kGpu, Mode::kZeroOffload, Mode::kZo2};
   return parse_choice(name, "mode", kModes, to_string);
 }
 

@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "engine/engine_impl.h"
+#include "engine/sizing.h"
 #include "ferry/check.h"
 
 namespace ferry {
@@ -65,25 +66,6 @@ torch::ScalarType compute_dtype_of(Precision precision) {
   return torch::kFloat;
 }
 
-void validate(const EngineConfig& config) {
-  FERRY_CHECK(config.grad_accumulation >= 1, "grad_accumulation = ", config.grad_accumulation,
-              " is invalid: it must be at least 1");
-  FERRY_CHECK(config.max_grad_norm >= 0 && std::isfinite(config.max_grad_norm),
-              "max_grad_norm = ", config.max_grad_norm, " is invalid: use 0 (off) or a positive norm");
-  FERRY_CHECK(config.keep_graph_blocks >= 0, "keep_graph_blocks = ", config.keep_graph_blocks,
-              " is invalid: it must be >= 0");
-  FERRY_CHECK(config.schedule.warmup_steps >= 0, "warmup_steps = ", config.schedule.warmup_steps,
-              " is invalid: it must be >= 0");
-  FERRY_CHECK(config.schedule.kind == LrSchedule::kConstant || config.schedule.total_steps > 0,
-              "the ", to_string(config.schedule.kind),
-              " schedule needs total_steps > 0; got ", config.schedule.total_steps);
-  FERRY_CHECK(config.schedule.min_lr_ratio >= 0 && config.schedule.min_lr_ratio <= 1,
-              "min_lr_ratio = ", config.schedule.min_lr_ratio, " is invalid: use 0 to 1");
-  FERRY_CHECK(config.device.is_cpu() || config.device.is_cuda(), "device ", config.device,
-              " is not supported: use cpu or cuda");
-  detail::validate(config.optimizer);
-}
-
 // Moves what is not a parameter (buffers) to the device; parameters move into bundles.
 void move_buffers(torch::nn::Module& module, torch::Device device) {
   for (auto& buffer : module.buffers(/*recurse=*/true)) buffer.set_data(buffer.data().to(device));
@@ -98,20 +80,13 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
       optimizer_tier(config.mode == Mode::kGpu ? Tier::kGpu : Tier::kHost),
       scaler(config.loss_scale, config.loss_scale.enabled.value_or(config.precision == Precision::kF16)),
       tracer(config.trace) {
-  validate(config);
+  detail::validate(config);
   if (config.device.is_cuda() && !config.device.has_index()) config.device = torch::Device(torch::kCUDA, 0);
   if (config.optimizer_threads > 0) optim::set_num_threads(config.optimizer_threads);
   parts = detail::describe_parts(model);
-  detail::TierDemand needed = demand();
-  check_budgets(needed);
-
-  StoreOptions options;
-  options.device = config.device;
-  options.gpu_budget_bytes = config.gpu_budget_bytes ? config.gpu_budget_bytes : UINT64_MAX;
-  options.host_budget_bytes = config.host_budget_bytes ? config.host_budget_bytes : UINT64_MAX;
-  // A part's device gradients may wait for the previous parts' to go down and be evicted.
-  options.budget_wait_seconds = 60;
-  store = std::make_unique<Store>(options);
+  TierDemand needed = demand();
+  detail::check_budgets(needed, config);
+  store = std::make_unique<Store>(detail::store_options(config));
   allocate_and_bind();
 
   const std::size_t count = parts.size();
@@ -130,57 +105,10 @@ Engine::Impl::~Impl() {
   }
 }
 
-detail::TierDemand Engine::Impl::demand() const {
-  detail::TierDemand demand;
-  auto round_up = [](std::uint64_t bytes) { return (bytes + 4095) / 4096 * 4096; };
-  const std::uint64_t compute_size = torch::elementSize(compute_dtype);
-  const bool separate_master = compute_dtype != torch::kFloat;
-  const int state_count = detail::optimizer_state_count(config.optimizer);
-  std::uint64_t params = 0, grads = 0, master = 0, states = 0, accumulator = 0, largest = 0;
-  for (const Part& part : parts) {
-    const std::uint64_t numel = static_cast<std::uint64_t>(part.numel);
-    params += round_up(numel * compute_size);
-    grads += round_up(numel * compute_size);
-    largest = std::max(largest, round_up(numel * compute_size));
-    if (separate_master) master += round_up(numel * 4);
-    states += state_count * round_up(numel * 4);
-    if (config.grad_accumulation > 1) accumulator += round_up(numel * 4);
-  }
-  auto add = [&](Tier tier, const char* what, std::uint64_t bytes) {
-    if (bytes == 0) return;
-    const int t = static_cast<int>(tier);
-    demand.bytes[t] += bytes;
-    demand.breakdown[t] += (demand.breakdown[t].empty() ? "" : ", ") + std::string(what) + " " +
-                           format_bytes(bytes);
-  };
-  add(Tier::kGpu, "parameters", params);
-  // Offloaded, the device holds the stem's gradients through backward (a tied head adds to them)
-  // plus the part in backward and the one still going down.
-  const std::uint64_t stem_grads = round_up(static_cast<std::uint64_t>(parts.front().numel) * compute_size);
-  add(Tier::kGpu, "gradients", offloaded() ? std::min(grads, stem_grads + 2 * largest) : grads);
-  add(optimizer_tier, "fp32 master", master);
-  add(optimizer_tier, "optimizer states", states);
-  add(optimizer_tier, "gradient accumulator", accumulator);
-  if (offloaded()) {
-    add(Tier::kHost, "parameter staging", params);
-    add(Tier::kHost, "gradient staging", grads);
-  }
-  return demand;
-}
-
-void Engine::Impl::check_budgets(const detail::TierDemand& needed) const {
-  for (Tier tier : {Tier::kGpu, Tier::kHost}) {
-    const std::uint64_t budget = tier == Tier::kGpu ? config.gpu_budget_bytes : config.host_budget_bytes;
-    const std::uint64_t bytes = needed.bytes[static_cast<int>(tier)];
-    if (budget == 0 || bytes <= budget) continue;
-    throw BudgetExceeded(detail::concat(
-        to_string(config.mode), " mode needs ", format_bytes(bytes), " on the ", to_string(tier),
-        " tier (", needed.breakdown[static_cast<int>(tier)], ") but the ", to_string(tier),
-        " budget is ", format_bytes(budget), ": ", format_bytes(bytes - budget),
-        " short. Raise --", to_string(tier), "-budget to at least ", format_bytes(bytes),
-        tier == Tier::kGpu && config.mode == Mode::kGpu ? ", or use --mode zero-offload" : "",
-        " (activations come on top of this)"));
-  }
+TierDemand Engine::Impl::demand() const {
+  std::vector<PartShape> shapes;
+  for (const Part& part : parts) shapes.push_back({part.name, part.numel});
+  return engine_demand(shapes, config);
 }
 
 torch::Tensor Engine::Impl::view(BundleId id, Tier tier, torch::ScalarType dtype,

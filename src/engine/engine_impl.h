@@ -62,8 +62,7 @@ struct Engine::Impl {
 
   // Setup.
   void allocate_and_bind();
-  detail::TierDemand demand() const;
-  void check_budgets(const detail::TierDemand& demand) const;
+  TierDemand demand() const;
 
   // The step.
   torch::Tensor forward(const data::Batch& batch);

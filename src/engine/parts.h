@@ -49,12 +49,6 @@ struct Part {
 // not yet allocated.
 std::vector<Part> describe_parts(const LayeredModel& model);
 
-// Bytes each tier needs for the bundles a mode keeps, before anything is allocated.
-struct TierDemand {
-  std::uint64_t bytes[kTierCount] = {0, 0, 0};
-  std::string breakdown[kTierCount];  // "params 12.0 MiB, grads 12.0 MiB, ..."
-};
-
 // A flat view of a bundle's copy on `tier` as `dtype`, numel elements long.
 torch::Tensor typed_view(const Store& store, BundleId id, Tier tier, torch::ScalarType dtype,
                          std::int64_t numel);

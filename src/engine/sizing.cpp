@@ -1,0 +1,203 @@
+// The engine's sizing (ferry::engine_demand): the bytes each mode keeps on each tier, computed
+// from part sizes alone so that a model can be sized without being built.
+
+#include <algorithm>
+#include <cmath>
+
+#include "engine/sizing.h"
+#include "engine/update.h"
+#include "ferry/check.h"
+#include "ferry/memory.h"
+
+namespace ferry {
+namespace {
+
+std::uint64_t round_up(std::uint64_t bytes) { return (bytes + 4095) / 4096 * 4096; }
+
+std::uint64_t element_size(Precision precision) { return precision == Precision::kF32 ? 4 : 2; }
+
+void validate_zo(const EngineConfig& config) {
+  const ZoConfig& zo = config.zo;
+  FERRY_CHECK(zo.eps > 0 && std::isfinite(zo.eps), "zo eps = ", zo.eps,
+              " is invalid: it must be a positive perturbation scale (MeZO uses 1e-3)");
+  FERRY_CHECK(zo.samples >= 1, "zo samples = ", zo.samples, " is invalid: it must be at least 1");
+  FERRY_CHECK(zo.block_tier == Tier::kHost || zo.block_tier == Tier::kNvme, "zo block tier ",
+              to_string(zo.block_tier), " is invalid: use host or nvme");
+  FERRY_CHECK(zo.host_blocks >= 0, "zo host_blocks = ", zo.host_blocks, " is invalid: it must be >= 0");
+  FERRY_CHECK(zo.block_tier == Tier::kNvme || zo.host_blocks == 0,
+              "zo host_blocks = ", zo.host_blocks, " only applies with block tier nvme");
+  FERRY_CHECK(zo.block_tier != Tier::kNvme || !config.nvme_directories.empty(),
+              "zo block tier nvme needs at least one NVMe directory (--nvme DIR[,DIR...])");
+  FERRY_CHECK(zo.blocks_in_flight >= 2, "zo blocks_in_flight = ", zo.blocks_in_flight,
+              " is invalid: it must be at least 2 (one computing, one uploading)");
+  FERRY_CHECK(config.optimizer.kind != OptimizerKind::kAdagrad,
+              "zo2 mode supports the optimizers sgd (with or without momentum), adam and adamw; "
+              "got adagrad");
+  FERRY_CHECK(config.grad_accumulation == 1, "grad_accumulation = ", config.grad_accumulation,
+              " is invalid in zo2 mode: it has no gradients to accumulate; use zo samples for more "
+              "perturbations per step");
+  FERRY_CHECK(config.max_grad_norm == 0, "max_grad_norm = ", config.max_grad_norm,
+              " is invalid in zo2 mode: it has no gradient to clip; use 0");
+  FERRY_CHECK(config.precision != Precision::kF16 || config.loss_scale.enabled != true,
+              "loss scaling is invalid in zo2 mode: there is no backward pass to scale");
+}
+
+}  // namespace
+
+namespace detail {
+
+void validate(const EngineConfig& config) {
+  FERRY_CHECK(config.grad_accumulation >= 1, "grad_accumulation = ", config.grad_accumulation,
+              " is invalid: it must be at least 1");
+  FERRY_CHECK(config.max_grad_norm >= 0 && std::isfinite(config.max_grad_norm),
+              "max_grad_norm = ", config.max_grad_norm, " is invalid: use 0 (off) or a positive norm");
+  FERRY_CHECK(config.keep_graph_blocks >= 0, "keep_graph_blocks = ", config.keep_graph_blocks,
+              " is invalid: it must be >= 0");
+  FERRY_CHECK(config.schedule.warmup_steps >= 0, "warmup_steps = ", config.schedule.warmup_steps,
+              " is invalid: it must be >= 0");
+  FERRY_CHECK(config.schedule.kind == LrSchedule::kConstant || config.schedule.total_steps > 0,
+              "the ", to_string(config.schedule.kind),
+              " schedule needs total_steps > 0; got ", config.schedule.total_steps);
+  FERRY_CHECK(config.schedule.min_lr_ratio >= 0 && config.schedule.min_lr_ratio <= 1,
+              "min_lr_ratio = ", config.schedule.min_lr_ratio, " is invalid: use 0 to 1");
+  FERRY_CHECK(config.device.is_cpu() || config.device.is_cuda(), "device ", config.device,
+              " is not supported: use cpu or cuda");
+  validate(config.optimizer);
+  if (config.mode == Mode::kZo2) validate_zo(config);
+}
+
+Tier zo_block_home(const ZoConfig& zo, std::int64_t block) {
+  return zo.block_tier == Tier::kNvme && block < zo.host_blocks ? Tier::kHost : zo.block_tier;
+}
+
+Precision zo_storage(const EngineConfig& config) {
+  return config.zo.storage.value_or(config.precision);
+}
+
+void check_budgets(const TierDemand& needed, const EngineConfig& config) {
+  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
+    const std::uint64_t budget = tier == Tier::kGpu    ? config.gpu_budget_bytes
+                                 : tier == Tier::kHost ? config.host_budget_bytes
+                                                       : config.nvme_budget_bytes;
+    const std::uint64_t bytes = needed.bytes[static_cast<int>(tier)];
+    if (budget == 0 || bytes <= budget) continue;
+    throw BudgetExceeded(detail::concat(
+        to_string(config.mode), " mode needs ", format_bytes(bytes), " on the ", to_string(tier),
+        " tier (", needed.describe(tier), ") but the ", to_string(tier),
+        " budget is ", format_bytes(budget), ": ", format_bytes(bytes - budget),
+        " short. Raise --", to_string(tier), "-budget to at least ", format_bytes(bytes),
+        tier == Tier::kGpu && config.mode == Mode::kGpu ? ", or use --mode zero-offload" : "",
+        " (activations come on top of this)"));
+  }
+}
+
+StoreOptions store_options(const EngineConfig& config) {
+  StoreOptions options;
+  options.device = config.device;
+  options.gpu_budget_bytes = config.gpu_budget_bytes ? config.gpu_budget_bytes : UINT64_MAX;
+  options.host_budget_bytes = config.host_budget_bytes ? config.host_budget_bytes : UINT64_MAX;
+  options.nvme_budget_bytes = config.nvme_budget_bytes ? config.nvme_budget_bytes : UINT64_MAX;
+  options.nvme_directories = config.nvme_directories;
+  // A copy may wait for earlier ones to finish their transfers and be evicted.
+  options.budget_wait_seconds = 60;
+  return options;
+}
+
+}  // namespace detail
+
+std::string TierDemand::describe(Tier tier) const {
+  std::string text;
+  for (const Item& item : items[static_cast<int>(tier)]) {
+    text += (text.empty() ? "" : ", ") + item.role + " " + format_bytes(item.bytes);
+  }
+  return text;
+}
+
+std::vector<PartShape> part_shapes(const models::ModelConfig& config) {
+  std::vector<PartShape> parts;
+  parts.push_back({"stem", config.stem_parameter_count()});
+  for (std::int64_t i = 0; i < config.num_layers; ++i) {
+    parts.push_back({"block." + std::to_string(i), config.block_parameter_count()});
+  }
+  parts.push_back({"head", config.head_parameter_count()});
+  return parts;
+}
+
+TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig& config) {
+  detail::validate(config);
+  FERRY_CHECK(parts.size() >= 2, "a model needs a stem and a head; got ", parts.size(), " parts");
+  TierDemand demand;
+  auto add = [&](Tier tier, const char* role, std::uint64_t bytes) {
+    if (bytes == 0) return;
+    demand.bytes[static_cast<int>(tier)] += bytes;
+    demand.items[static_cast<int>(tier)].push_back({role, bytes});
+  };
+  const std::uint64_t compute_size = element_size(config.precision);
+  const int state_count = detail::optimizer_state_count(config.optimizer);
+
+  if (config.mode == Mode::kZo2) {
+    // Stem and head live on the device with their states; each block lives on its home tier and
+    // visits the device (stored weights, states and the perturbed compute copy) a few at a time.
+    const std::uint64_t storage_size = element_size(detail::zo_storage(config));
+    std::uint64_t resident = 0, resident_compute = 0, resident_states = 0;
+    std::uint64_t home[kTierCount] = {0, 0, 0}, home_states[kTierCount] = {0, 0, 0};
+    std::uint64_t block_bytes = 0, block_states = 0, block_compute = 0;
+    for (std::size_t i = 0; i < parts.size(); ++i) {
+      const auto numel = static_cast<std::uint64_t>(parts[i].numel);
+      const bool is_block = i > 0 && i + 1 < parts.size();
+      if (!is_block) {
+        resident += round_up(numel * storage_size);
+        resident_compute += round_up(numel * compute_size);
+        resident_states += state_count * round_up(numel * 4);
+        continue;
+      }
+      const int tier = static_cast<int>(detail::zo_block_home(config.zo, static_cast<std::int64_t>(i - 1)));
+      home[tier] += round_up(numel * storage_size);
+      home_states[tier] += state_count * round_up(numel * 4);
+      block_bytes = std::max(block_bytes, round_up(numel * storage_size));
+      block_states = std::max(block_states, state_count * round_up(numel * 4));
+      block_compute = std::max(block_compute, round_up(numel * compute_size));
+    }
+    const std::uint64_t in_flight = static_cast<std::uint64_t>(config.zo.blocks_in_flight);
+    add(Tier::kGpu, "stem and head", resident + resident_states);
+    add(Tier::kGpu, "stem and head compute copies", resident_compute);
+    add(Tier::kGpu, "blocks in flight", in_flight * (block_bytes + block_states + block_compute));
+    for (Tier tier : {Tier::kHost, Tier::kNvme}) {
+      add(tier, "block weights", home[static_cast<int>(tier)]);
+      add(tier, "block optimizer states", home_states[static_cast<int>(tier)]);
+    }
+    if (home[static_cast<int>(Tier::kNvme)] > 0) {
+      add(Tier::kHost, "NVMe staging", in_flight * (block_bytes + block_states));
+    }
+    return demand;
+  }
+
+  const bool offloaded = config.mode == Mode::kZeroOffload;
+  const Tier optimizer_tier = config.mode == Mode::kGpu ? Tier::kGpu : Tier::kHost;
+  const bool separate_master = config.precision != Precision::kF32;
+  std::uint64_t params = 0, grads = 0, master = 0, states = 0, accumulator = 0, largest = 0;
+  for (const PartShape& part : parts) {
+    const auto numel = static_cast<std::uint64_t>(part.numel);
+    params += round_up(numel * compute_size);
+    grads += round_up(numel * compute_size);
+    largest = std::max(largest, round_up(numel * compute_size));
+    if (separate_master) master += round_up(numel * 4);
+    states += state_count * round_up(numel * 4);
+    if (config.grad_accumulation > 1) accumulator += round_up(numel * 4);
+  }
+  add(Tier::kGpu, "parameters", params);
+  // Offloaded, the device holds the stem's gradients through backward (a tied head adds to them)
+  // plus the part in backward and the one still going down.
+  const std::uint64_t stem_grads = round_up(static_cast<std::uint64_t>(parts.front().numel) * compute_size);
+  add(Tier::kGpu, "gradients", offloaded ? std::min(grads, stem_grads + 2 * largest) : grads);
+  add(optimizer_tier, "fp32 master", master);
+  add(optimizer_tier, "optimizer states", states);
+  add(optimizer_tier, "gradient accumulator", accumulator);
+  if (offloaded) {
+    add(Tier::kHost, "parameter staging", params);
+    add(Tier::kHost, "gradient staging", grads);
+  }
+  return demand;
+}
+
+}  // namespace ferry
