@@ -94,6 +94,11 @@ struct ZoConfig {
   std::int64_t blocks_in_flight = 3;
 };
 
+// The seed of sample `sample`'s direction in step `step` (counted from 1): z for part p is the
+// Philox normal sequence optim::ZoDirection{seed, p} over the part's parameters, laid out as the
+// engine packs them (decayed parameters first, in registration order, then norms and biases).
+std::uint64_t zo_step_seed(std::uint64_t seed, std::int64_t step, std::int64_t sample);
+
 struct EngineConfig {
   Mode mode = Mode::kZeroOffload;
   Precision precision = Precision::kF32;
@@ -178,6 +183,7 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   // One micro-batch: returns its loss (a scalar); backward() must follow before the next forward.
+  // The first-order modes only: zo2 trains with train_step().
   torch::Tensor forward(const data::Batch& batch);
   void backward(const torch::Tensor& loss);
   // Applies the accumulated gradients. Call once every grad_accumulation micro-batches.
@@ -185,6 +191,11 @@ class Engine {
   // forward, backward and, every grad_accumulation micro-batches, step. Returns the step's result
   // when one was taken.
   std::optional<StepResult> train_step(const data::Batch& batch);
+
+  // zo2 applies each step's update when the parts next come to the device (in the next step);
+  // flush() applies it now. evaluate, logits, generate and save flush first; call it at the end of
+  // training before reading the weights any other way. A no-op in the other modes.
+  void flush();
 
   // Loss without gradients, and logits for generation. Neither changes the training state.
   double evaluate(const data::Batch& batch);
@@ -213,8 +224,10 @@ class Engine {
   EngineStats stats() const;
 
  private:
-  struct Impl;
+  struct Impl;  // gpu and zero-offload
+  struct Zo2;
   std::unique_ptr<Impl> impl_;
+  std::unique_ptr<Zo2> zo2_;
 };
 
 }  // namespace ferry

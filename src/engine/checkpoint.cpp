@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "engine/engine_impl.h"
+#include "engine/zo2.h"
 #include "ferry/check.h"
 #include "ferry/safetensors.h"
 #include "ferry/fs.h"
@@ -90,73 +91,60 @@ torch::Tensor on_host(const torch::Tensor& source) {
   return source.device().is_cpu() ? source : source.to(torch::kCPU);
 }
 
-}  // namespace
+// One part's fp32 weights and optimizer states, on the host, as a checkpoint holds them.
+struct PartValues {
+  torch::Tensor weights;
+  std::vector<torch::Tensor> states;
+};
 
-void Engine::save(const std::string& dir, const std::string& extra_json) {
-  Impl& impl = *impl_;
-  FERRY_CHECK(!impl.pending && impl.micro_batches == 0, "save() in the middle of a step (",
-              impl.micro_batches, " of ", impl.config.grad_accumulation,
-              " micro-batches done): save after step()");
-  nlohmann::json extra;
+nlohmann::json parse_extra(const std::string& extra_json) {
   try {
-    extra = nlohmann::json::parse(extra_json);
+    return nlohmann::json::parse(extra_json);
   } catch (const nlohmann::json::exception& error) {
     throw Error(detail::concat("save(): extra state is not valid JSON: ", error.what()));
   }
-  impl.wait_for_workers();
-  impl.store->synchronize();
+}
 
+// Writes `dir` atomically: weights, optimizer states, config.json and trainer_state.json.
+void write_checkpoint(const std::string& dir, const LayeredModel& model,
+                      const std::vector<detail::Part>& parts, const std::vector<PartValues>& values,
+                      OptimizerKind kind, const nlohmann::json& state) {
   const std::string staged = dir + ".partial";
   fs::remove_tree(staged);
   fs::make_directories(staged);
 
-  std::vector<torch::Tensor> keep_alive;
   std::vector<safetensors::TensorView> weights, optimizer;
-  const std::vector<std::string> states = state_names(impl.config.optimizer.kind);
-  for (const detail::Part& part : impl.parts) {
-    torch::Tensor master = on_host(impl.master_view(part));
-    keep_alive.push_back(master);
-    std::vector<torch::Tensor> state_tensors;
-    for (BundleId state : part.states) {
-      state_tensors.push_back(on_host(impl.view(state, impl.optimizer_tier, torch::kFloat, part.numel)));
-      keep_alive.push_back(state_tensors.back());
-    }
+  const std::vector<std::string> states = state_names(kind);
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    const detail::Part& part = parts[p];
     for (const detail::ParameterSlice& slice : part.slices) {
-      const std::string name = tensor_name(impl.model, part, slice);
+      const std::string name = tensor_name(model, part, slice);
       const std::uint64_t offset = static_cast<std::uint64_t>(slice.offset) * 4;
       weights.push_back({name, DType::kF32, slice.shape,
-                         static_cast<const char*>(master.data_ptr()) + offset});
-      for (std::size_t i = 0; i < state_tensors.size(); ++i) {
+                         static_cast<const char*>(values[p].weights.data_ptr()) + offset});
+      for (std::size_t i = 0; i < values[p].states.size(); ++i) {
         optimizer.push_back({name + "." + states[i], DType::kF32, slice.shape,
-                             static_cast<const char*>(state_tensors[i].data_ptr()) + offset});
+                             static_cast<const char*>(values[p].states[i].data_ptr()) + offset});
       }
     }
   }
   safetensors::write_checkpoint(staged, weights, models::kDefaultMaxShardBytes);
   if (!optimizer.empty()) safetensors::write_file(staged + "/" + kOptimizerFile, optimizer);
-  if (impl.model.config()) {
-    models::ModelConfig config = *impl.model.config();
-    config.dtype = DType::kF32;  // the weights are the fp32 master
+  if (model.config()) {
+    models::ModelConfig config = *model.config();
+    config.dtype = DType::kF32;  // the weights are written in fp32
     write_text_file(staged + "/config.json", config.to_hf_json());
   }
-  nlohmann::json state = {
-      {"format", kFormat},
-      {"step", impl.steps},
-      {"mode", to_string(impl.config.mode)},
-      {"precision", to_string(impl.config.precision)},
-      {"optimizer", to_string(impl.config.optimizer.kind)},
-      {"loss_scale", impl.scaler.raw_scale()},
-      {"loss_scale_clean_steps", impl.scaler.clean_steps()},
-      {"extra", extra},
-  };
-  write_text_file(staged + "/" + kStateFile, state.dump(2));
+  nlohmann::json full = state;
+  full["format"] = kFormat;
+  full["optimizer"] = to_string(kind);
+  write_text_file(staged + "/" + kStateFile, full.dump(2));
   fsync_path(staged, true);
   swap_into_place(staged, dir);
 }
 
-std::string Engine::load(const std::string& dir) {
-  Impl& impl = *impl_;
-  FERRY_CHECK(!impl.pending && impl.micro_batches == 0, "load() in the middle of a step");
+// Reads trainer_state.json and checks that the checkpoint suits an engine of this mode family.
+nlohmann::json read_state(const std::string& dir, const EngineConfig& config) {
   FERRY_CHECK(fs::is_directory(dir), "checkpoint directory '", dir, "' does not exist");
   nlohmann::json state;
   try {
@@ -166,32 +154,33 @@ std::string Engine::load(const std::string& dir) {
   }
   FERRY_CHECK(state.value("format", "") == kFormat, dir, "/", kStateFile, " has format '",
               state.value("format", ""), "'; this ferry reads '", kFormat, "'");
-  FERRY_CHECK(state.value("optimizer", "") == to_string(impl.config.optimizer.kind), "checkpoint '",
+  FERRY_CHECK(state.value("optimizer", "") == to_string(config.optimizer.kind), "checkpoint '",
               dir, "' holds ", state.value("optimizer", "?"), " state but the engine runs ",
-              to_string(impl.config.optimizer.kind));
-  impl.wait_for_workers();
-  impl.store->synchronize();
+              to_string(config.optimizer.kind));
+  const bool saved_zo2 = state.value("mode", "") == to_string(Mode::kZo2);
+  FERRY_CHECK(saved_zo2 == (config.mode == Mode::kZo2), "checkpoint '", dir, "' was written in ",
+              state.value("mode", "?"), " mode, whose optimizer state means something else in ",
+              to_string(config.mode), " mode");
+  return state;
+}
 
+// Reads every part's values and checks every shape before the caller changes anything.
+std::vector<PartValues> read_values(const std::string& dir, const LayeredModel& model,
+                                    const std::vector<detail::Part>& parts, OptimizerKind kind,
+                                    std::size_t state_count) {
   safetensors::Checkpoint weights(dir);
-  const bool has_states = !impl.parts.front().states.empty();
   std::optional<safetensors::Reader> optimizer;
-  if (has_states) optimizer.emplace(dir + "/" + kOptimizerFile);
-  const std::vector<std::string> states = state_names(impl.config.optimizer.kind);
-
-  // Read everything and check every shape before changing anything.
-  struct Loaded {
-    torch::Tensor master;
-    std::vector<torch::Tensor> states;
-  };
-  std::vector<Loaded> loaded;
-  for (const detail::Part& part : impl.parts) {
-    Loaded values;
-    values.master = torch::empty({part.numel}, torch::kFloat);
-    for (std::size_t i = 0; i < part.states.size(); ++i) {
+  if (state_count > 0) optimizer.emplace(dir + "/" + kOptimizerFile);
+  const std::vector<std::string> states = state_names(kind);
+  std::vector<PartValues> loaded;
+  for (const detail::Part& part : parts) {
+    PartValues values;
+    values.weights = torch::empty({part.numel}, torch::kFloat);
+    for (std::size_t i = 0; i < state_count; ++i) {
       values.states.push_back(torch::empty({part.numel}, torch::kFloat));
     }
     for (const detail::ParameterSlice& slice : part.slices) {
-      const std::string name = tensor_name(impl.model, part, slice);
+      const std::string name = tensor_name(model, part, slice);
       FERRY_CHECK(weights.contains(name), "checkpoint '", dir, "' has no tensor '", name,
                   "': it was written for another model");
       const safetensors::TensorInfo& info = weights.tensor(name);
@@ -199,7 +188,7 @@ std::string Engine::load(const std::string& dir) {
                   "': tensor '", name, "' is ", dtype_name(info.dtype), " ",
                   torch::IntArrayRef(info.shape), " but the model has F32 ",
                   torch::IntArrayRef(slice.shape), ": it was written for another model");
-      weights.read_into(name, values.master.data_ptr<float>() + slice.offset,
+      weights.read_into(name, values.weights.data_ptr<float>() + slice.offset,
                         static_cast<std::uint64_t>(slice.numel) * 4);
       for (std::size_t i = 0; i < values.states.size(); ++i) {
         optimizer->read_into(name + "." + states[i], values.states[i].data_ptr<float>() + slice.offset,
@@ -208,12 +197,76 @@ std::string Engine::load(const std::string& dir) {
     }
     loaded.push_back(std::move(values));
   }
+  return loaded;
+}
+
+}  // namespace
+
+void Engine::save(const std::string& dir, const std::string& extra_json) {
+  const nlohmann::json extra = parse_extra(extra_json);
+  if (zo2_) {
+    Zo2& zo2 = *zo2_;
+    zo2.flush();
+    std::vector<PartValues> values;
+    for (std::size_t p = 0; p < zo2.parts.size(); ++p) {
+      values.push_back({zo2.read_weights(p), zo2.read_states(p)});
+    }
+    nlohmann::json state = {{"step", zo2.steps}, {"mode", to_string(Mode::kZo2)},
+                            {"zo_seed", zo2.config.zo.seed}, {"extra", extra}};
+    write_checkpoint(dir, zo2.model, zo2.parts, values, zo2.config.optimizer.kind, state);
+    return;
+  }
+  Impl& impl = *impl_;
+  FERRY_CHECK(!impl.pending && impl.micro_batches == 0, "save() in the middle of a step (",
+              impl.micro_batches, " of ", impl.config.grad_accumulation,
+              " micro-batches done): save after step()");
+  impl.wait_for_workers();
+  impl.store->synchronize();
+  std::vector<PartValues> values;
+  for (const detail::Part& part : impl.parts) {
+    PartValues part_values{on_host(impl.master_view(part)), {}};
+    for (BundleId state : part.states) {
+      part_values.states.push_back(on_host(impl.view(state, impl.optimizer_tier, torch::kFloat, part.numel)));
+    }
+    values.push_back(std::move(part_values));
+  }
+  nlohmann::json state = {
+      {"step", impl.steps},
+      {"mode", to_string(impl.config.mode)},
+      {"precision", to_string(impl.config.precision)},
+      {"loss_scale", impl.scaler.raw_scale()},
+      {"loss_scale_clean_steps", impl.scaler.clean_steps()},
+      {"extra", extra},
+  };
+  write_checkpoint(dir, impl.model, impl.parts, values, impl.config.optimizer.kind, state);
+}
+
+std::string Engine::load(const std::string& dir) {
+  const nlohmann::json state = read_state(dir, config());
+  if (zo2_) {
+    Zo2& zo2 = *zo2_;
+    zo2.flush();
+    std::vector<PartValues> loaded =
+        read_values(dir, zo2.model, zo2.parts, zo2.config.optimizer.kind, zo2.bundles.front().states.size());
+    for (std::size_t p = 0; p < zo2.parts.size(); ++p) {
+      zo2.write_part(p, loaded[p].weights.to(zo2.storage_dtype), loaded[p].states);
+    }
+    zo2.steps = state.value("step", std::int64_t{0});
+    zo2.stats.steps = zo2.steps;
+    return state.contains("extra") ? state["extra"].dump() : "{}";
+  }
+  Impl& impl = *impl_;
+  FERRY_CHECK(!impl.pending && impl.micro_batches == 0, "load() in the middle of a step");
+  impl.wait_for_workers();
+  impl.store->synchronize();
+  std::vector<PartValues> loaded =
+      read_values(dir, impl.model, impl.parts, impl.config.optimizer.kind, impl.parts.front().states.size());
 
   torch::NoGradGuard no_grad;
   for (std::size_t p = 0; p < impl.parts.size(); ++p) {
     const detail::Part& part = impl.parts[p];
     torch::Tensor master = impl.master_view(part);
-    master.copy_(loaded[p].master);
+    master.copy_(loaded[p].weights);
     for (std::size_t i = 0; i < part.states.size(); ++i) {
       impl.view(part.states[i], impl.optimizer_tier, torch::kFloat, part.numel).copy_(loaded[p].states[i]);
     }

@@ -5,6 +5,7 @@
 
 #include "engine/engine_impl.h"
 #include "engine/sizing.h"
+#include "engine/zo2.h"
 #include "ferry/check.h"
 
 namespace ferry {
@@ -57,26 +58,12 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-torch::ScalarType compute_dtype_of(Precision precision) {
-  switch (precision) {
-    case Precision::kF32: return torch::kFloat;
-    case Precision::kBF16: return torch::kBFloat16;
-    case Precision::kF16: return torch::kHalf;
-  }
-  return torch::kFloat;
-}
-
-// Moves what is not a parameter (buffers) to the device; parameters move into bundles.
-void move_buffers(torch::nn::Module& module, torch::Device device) {
-  for (auto& buffer : module.buffers(/*recurse=*/true)) buffer.set_data(buffer.data().to(device));
-}
-
 }  // namespace
 
 Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
     : model(std::move(model_in)),
       config(std::move(config_in)),
-      compute_dtype(compute_dtype_of(config.precision)),
+      compute_dtype(detail::scalar_type(config.precision)),
       optimizer_tier(config.mode == Mode::kGpu ? Tier::kGpu : Tier::kHost),
       scaler(config.loss_scale, config.loss_scale.enabled.value_or(config.precision == Precision::kF16)),
       tracer(config.trace) {
@@ -121,9 +108,7 @@ void Engine::Impl::allocate_and_bind() {
   const bool separate_master = compute_dtype != torch::kFloat;
   const int state_count = detail::optimizer_state_count(config.optimizer);
   const std::uint64_t compute_size = torch::elementSize(compute_dtype);
-  move_buffers(*model.stem(), config.device);
-  for (const auto& block : model.blocks()) move_buffers(*block, config.device);
-  move_buffers(*model.head(), config.device);
+  detail::move_buffers(model, config.device);
 
   for (Part& part : parts) {
     const std::uint64_t numel = static_cast<std::uint64_t>(part.numel);
@@ -493,31 +478,58 @@ torch::Tensor Engine::Impl::run_inference(const torch::Tensor& tokens,
 
 // --- Engine -----------------------------------------------------------------------------------
 
-Engine::Engine(LayeredModel model, EngineConfig config)
-    : impl_(std::make_unique<Impl>(std::move(model), std::move(config))) {}
+Engine::Engine(LayeredModel model, EngineConfig config) {
+  if (config.mode == Mode::kZo2) {
+    zo2_ = std::make_unique<Zo2>(std::move(model), std::move(config));
+  } else {
+    impl_ = std::make_unique<Impl>(std::move(model), std::move(config));
+  }
+}
 
 Engine::~Engine() = default;
 
-torch::Tensor Engine::forward(const data::Batch& batch) { return impl_->forward(batch); }
+namespace {
+void check_first_order(bool zo2, const char* call) {
+  FERRY_CHECK(!zo2, call, " is not available in zo2 mode: it has no backward pass; train with "
+              "train_step(batch), which runs both perturbed forwards and the update");
+}
+}  // namespace
 
-void Engine::backward(const torch::Tensor& loss) { impl_->backward(loss); }
+torch::Tensor Engine::forward(const data::Batch& batch) {
+  check_first_order(zo2_ != nullptr, "forward()");
+  return impl_->forward(batch);
+}
 
-StepResult Engine::step() { return impl_->step(); }
+void Engine::backward(const torch::Tensor& loss) {
+  check_first_order(zo2_ != nullptr, "backward()");
+  impl_->backward(loss);
+}
+
+StepResult Engine::step() {
+  check_first_order(zo2_ != nullptr, "step()");
+  return impl_->step();
+}
 
 std::optional<StepResult> Engine::train_step(const data::Batch& batch) {
+  if (zo2_) return zo2_->train_step(batch);
   backward(forward(batch));
   if (impl_->micro_batches < impl_->config.grad_accumulation) return std::nullopt;
   return step();
 }
 
+void Engine::flush() {
+  if (zo2_) zo2_->flush();
+}
+
 double Engine::evaluate(const data::Batch& batch) {
-  torch::Tensor logits = impl_->run_inference(batch.input_ids, batch.attention_mask);
+  torch::Tensor logits = impl_ ? impl_->run_inference(batch.input_ids, batch.attention_mask)
+                               : zo2_->logits(batch.input_ids, batch.attention_mask);
   torch::NoGradGuard no_grad;
-  return impl_->model.loss(logits, batch.labels.to(impl_->config.device, torch::kLong)).item<double>();
+  return model().loss(logits, batch.labels.to(config().device, torch::kLong)).item<double>();
 }
 
 torch::Tensor Engine::logits(const torch::Tensor& tokens) {
-  return impl_->run_inference(tokens, torch::Tensor());
+  return impl_ ? impl_->run_inference(tokens, torch::Tensor()) : zo2_->logits(tokens, torch::Tensor());
 }
 
 std::vector<std::int64_t> Engine::generate(const std::vector<std::int64_t>& prompt,
@@ -528,8 +540,8 @@ std::vector<std::int64_t> Engine::generate(const std::vector<std::int64_t>& prom
   std::vector<std::int64_t> generated;
   for (std::int64_t i = 0; i < max_new_tokens; ++i) {
     torch::Tensor tokens = torch::tensor(sequence, torch::kLong).unsqueeze(0);
-    torch::Tensor logits = impl_->run_inference(tokens, torch::Tensor());
-    std::int64_t next = logits.select(1, logits.size(1) - 1).argmax(-1).item<std::int64_t>();
+    torch::Tensor next_logits = logits(tokens);
+    std::int64_t next = next_logits.select(1, next_logits.size(1) - 1).argmax(-1).item<std::int64_t>();
     if (stop_token && next == *stop_token) break;
     generated.push_back(next);
     sequence.push_back(next);
@@ -538,20 +550,25 @@ std::vector<std::int64_t> Engine::generate(const std::vector<std::int64_t>& prom
 }
 
 std::string Engine::write_trace(const std::string& path) const {
-  FERRY_CHECK(impl_->tracer.enabled(), "write_trace() needs EngineConfig::trace = true");
+  FERRY_CHECK(impl_ && impl_->tracer.enabled(), "write_trace() needs EngineConfig::trace = true");
   impl_->tracer.write(path);
   return impl_->tracer.overlap_summary();
 }
 
-const LayeredModel& Engine::model() const { return impl_->model; }
-const EngineConfig& Engine::config() const { return impl_->config; }
-std::int64_t Engine::steps_taken() const { return impl_->steps; }
+const LayeredModel& Engine::model() const { return impl_ ? impl_->model : zo2_->model; }
+const EngineConfig& Engine::config() const { return impl_ ? impl_->config : zo2_->config; }
+std::int64_t Engine::steps_taken() const { return impl_ ? impl_->steps : zo2_->steps; }
 
 double Engine::current_lr() const {
-  return detail::scheduled_lr(impl_->config.schedule, impl_->config.optimizer.lr, impl_->steps + 1);
+  return detail::scheduled_lr(config().schedule, config().optimizer.lr, steps_taken() + 1);
 }
 
 EngineStats Engine::stats() const {
+  if (zo2_) {
+    EngineStats stats = zo2_->stats;
+    stats.store = zo2_->store->stats();
+    return stats;
+  }
   EngineStats stats;
   {
     std::lock_guard<std::mutex> lock(impl_->stats_mutex);

@@ -45,6 +45,30 @@ std::vector<Part> describe_parts(const LayeredModel& model) {
   return parts;
 }
 
+torch::ScalarType scalar_type(Precision precision) {
+  switch (precision) {
+    case Precision::kF32: return torch::kFloat;
+    case Precision::kBF16: return torch::kBFloat16;
+    case Precision::kF16: return torch::kHalf;
+  }
+  return torch::kFloat;
+}
+
+void move_buffers(const LayeredModel& model, torch::Device device) {
+  auto move = [&](torch::nn::Module& module) {
+    for (auto& buffer : module.buffers(/*recurse=*/true)) buffer.set_data(buffer.data().to(device));
+  };
+  move(*model.stem());
+  for (const auto& block : model.blocks()) move(*block);
+  move(*model.head());
+}
+
+void bind_parameters(const Part& part, const torch::Tensor& flat) {
+  for (const ParameterSlice& slice : part.slices) {
+    slice.parameter.set_data(flat.narrow(0, slice.offset, slice.numel).view(slice.shape));
+  }
+}
+
 torch::Tensor typed_view(const Store& store, BundleId id, Tier tier, torch::ScalarType dtype,
                          std::int64_t numel) {
   torch::Tensor bytes = store.tensor(id, tier);

@@ -49,6 +49,14 @@ struct Part {
 // not yet allocated.
 std::vector<Part> describe_parts(const LayeredModel& model);
 
+torch::ScalarType scalar_type(Precision precision);
+
+// Moves what is not a parameter (buffers) to the device; parameters move into bundles.
+void move_buffers(const LayeredModel& model, torch::Device device);
+
+// Points every slice's parameter at its range of `flat` (a part's bundle viewed as its dtype).
+void bind_parameters(const Part& part, const torch::Tensor& flat);
+
 // A flat view of a bundle's copy on `tier` as `dtype`, numel elements long.
 torch::Tensor typed_view(const Store& store, BundleId id, Tier tier, torch::ScalarType dtype,
                          std::int64_t numel);

@@ -8,6 +8,7 @@
 #include "engine/update.h"
 #include "ferry/check.h"
 #include "ferry/memory.h"
+#include "ferry/zo.h"
 
 namespace ferry {
 namespace {
@@ -20,7 +21,8 @@ void validate_zo(const EngineConfig& config) {
   const ZoConfig& zo = config.zo;
   FERRY_CHECK(zo.eps > 0 && std::isfinite(zo.eps), "zo eps = ", zo.eps,
               " is invalid: it must be a positive perturbation scale (MeZO uses 1e-3)");
-  FERRY_CHECK(zo.samples >= 1, "zo samples = ", zo.samples, " is invalid: it must be at least 1");
+  FERRY_CHECK(zo.samples >= 1 && zo.samples <= optim::kMaxZoSamples, "zo samples = ", zo.samples,
+              " is invalid: use 1 to ", optim::kMaxZoSamples);
   FERRY_CHECK(zo.block_tier == Tier::kHost || zo.block_tier == Tier::kNvme, "zo block tier ",
               to_string(zo.block_tier), " is invalid: use host or nvme");
   FERRY_CHECK(zo.host_blocks >= 0, "zo host_blocks = ", zo.host_blocks, " is invalid: it must be >= 0");
@@ -161,7 +163,9 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
     const std::uint64_t in_flight = static_cast<std::uint64_t>(config.zo.blocks_in_flight);
     add(Tier::kGpu, "stem and head", resident + resident_states);
     add(Tier::kGpu, "stem and head compute copies", resident_compute);
-    add(Tier::kGpu, "blocks in flight", in_flight * (block_bytes + block_states + block_compute));
+    const std::uint64_t slots = std::min<std::uint64_t>(detail::kZoComputeSlots, parts.size() - 2);
+    add(Tier::kGpu, "blocks in flight", in_flight * (block_bytes + block_states));
+    add(Tier::kGpu, "block compute slots", slots * block_compute);
     for (Tier tier : {Tier::kHost, Tier::kNvme}) {
       add(tier, "block weights", home[static_cast<int>(tier)]);
       add(tier, "block optimizer states", home_states[static_cast<int>(tier)]);

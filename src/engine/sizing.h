@@ -15,6 +15,9 @@ void check_budgets(const TierDemand& needed, const EngineConfig& config);
 // The residency manager's options for the engine's budgets and directories.
 StoreOptions store_options(const EngineConfig& config);
 
+// zo2: device slots that hold blocks' perturbed compute copies (see zo2.cpp).
+constexpr std::size_t kZoComputeSlots = 2;
+
 // Where block `block`'s weights live in zo2 mode.
 Tier zo_block_home(const ZoConfig& zo, std::int64_t block);
 Precision zo_storage(const EngineConfig& config);

@@ -85,11 +85,14 @@ void CUDART_CB post_done(void* data) {
   pending->completions->post(std::move(pending->done));
 }
 
-// Note: one copy stream per direction, so uploads never queue behind downloads. Each copy first
+// Note: one copy stream per direction, so uploads never queue behind downloads. A copy first
 // makes its stream wait for the work that was queued on the requesting thread's current
-// (compute) stream when the transfer was asked for: a copy into a GPU copy must not overwrite
-// memory that kernels still read (or that the caching allocator just recycled from them), and a
-// copy out of one must see what they wrote.
+// (compute) stream when the transfer was asked for: a copy into an existing GPU copy must not
+// overwrite memory that kernels still read, and a copy out of one must see what they wrote.
+// An upload into fresh memory waits for nothing: GPU copies are allocated from the upload
+// stream's pool and retired with record_stream on the stream that used them, so the caching
+// allocator hands out only memory that no queued kernel still reads. That lets a block's upload
+// run while the kernels queued before it still compute.
 //
 // Note: completion is learnt from a host function queued behind the copy (cudaLaunchHostFunc).
 // It only hands `done` to the completion thread: `done` takes the store's mutex, and a thread
@@ -109,6 +112,16 @@ class CudaCopier final : public DeviceCopier {
 
   torch::Device device() const override { return device_; }
 
+  torch::Tensor allocate(std::int64_t bytes) override {
+    c10::cuda::CUDAGuard device_guard(device_.index());
+    c10::cuda::CUDAStreamGuard stream_guard(to_device_);
+    return torch::empty({bytes}, torch::TensorOptions().dtype(torch::kUInt8).device(device_));
+  }
+
+  void retire(const torch::Tensor& memory) override {
+    if (memory.defined()) memory.record_stream(c10::cuda::getCurrentCUDAStream(device_.index()));
+  }
+
   std::shared_ptr<DeviceEvent> record_current_stream() override {
     c10::cuda::CUDAGuard device_guard(device_.index());
     return std::make_shared<CudaEvent>(device_.index(),
@@ -118,10 +131,9 @@ class CudaCopier final : public DeviceCopier {
   std::shared_ptr<DeviceEvent> copy(torch::Tensor destination, const torch::Tensor& source,
                                     DeviceEvent* after,
                                     std::function<void()> done) override {
-    FERRY_ASSERT(after != nullptr, "a CUDA copy needs the requesting stream's event");
     c10::cuda::CUDAGuard device_guard(device_.index());
     c10::cuda::CUDAStream stream = destination.is_cuda() ? to_device_ : to_host_;
-    static_cast<CudaEvent*>(after)->block(stream);
+    if (after != nullptr) static_cast<CudaEvent*>(after)->block(stream);
     {
       c10::cuda::CUDAStreamGuard stream_guard(stream);
       destination.copy_(source, /*non_blocking=*/true);

@@ -25,13 +25,21 @@ class DeviceCopier {
   // The device that GPU-tier tensors live on (with its index, where it has one).
   virtual torch::Device device() const = 0;
 
+  // Memory for a GPU copy. With CUDA it comes from the upload stream's pool, so an upload into
+  // fresh memory need not wait for the compute stream (see cuda_copy.cpp).
+  virtual torch::Tensor allocate(std::int64_t bytes) = 0;
+  // Called as a GPU copy's memory is dropped: it is not reused before the work queued so far on
+  // the calling thread's current stream, which may still read it, has finished.
+  virtual void retire(const torch::Tensor& memory) = 0;
+
   // Marks the work queued so far on the calling thread's current stream, for a copy that
   // another thread issues later (a GPU fetch staged through NVMe). Null when copies are
   // synchronous.
   virtual std::shared_ptr<DeviceEvent> record_current_stream() = 0;
 
   // Copies `source` into `destination` (same byte size; one on device(), one in pinned host
-  // memory), ordered after `after` (from record_current_stream; null when synchronous). `done`
+  // memory), ordered after `after` (from record_current_stream; null: no ordering, for fresh
+  // memory from allocate() or a synchronous copier). `done`
   // runs exactly once, after the copy finished: before copy() returns when the copy is
   // synchronous, else on the copier's completion thread. Returns the copy's event, or null when
   // the copy already finished. Throws, without running `done`, if the copy cannot start.

@@ -85,6 +85,10 @@ class SynchronousCopier final : public detail::DeviceCopier {
   explicit SynchronousCopier(torch::Device device) : device_(device) {}
 
   torch::Device device() const override { return device_; }
+  torch::Tensor allocate(std::int64_t bytes) override {
+    return torch::empty({bytes}, torch::TensorOptions().dtype(torch::kUInt8).device(device_));
+  }
+  void retire(const torch::Tensor&) override {}
   std::shared_ptr<detail::DeviceEvent> record_current_stream() override { return nullptr; }
   std::shared_ptr<detail::DeviceEvent> copy(torch::Tensor destination, const torch::Tensor& source,
                                             detail::DeviceEvent* after,
@@ -417,14 +421,14 @@ std::optional<Fence> Store::Impl::try_start(std::unique_lock<std::mutex>& lock, 
 void Store::Impl::launch(const std::shared_ptr<Transfer>& transfer) {
   Bundle& bundle = *transfer->bundle;
   try {
-    if (transfer->allocated[index(Tier::kGpu)]) {
-      torch::Tensor memory = torch::empty(
-          {static_cast<std::int64_t>(bundle.storage_bytes)},
-          torch::TensorOptions().dtype(torch::kUInt8).device(copier->device()));
+    const bool fresh_gpu_copy = transfer->allocated[index(Tier::kGpu)];
+    if (fresh_gpu_copy) {
+      torch::Tensor memory = copier->allocate(static_cast<std::int64_t>(bundle.storage_bytes));
       std::lock_guard<std::mutex> lock(mutex);
       bundle.at(Tier::kGpu).gpu = std::move(memory);
     }
-    if (transfer->route[0] == Tier::kGpu || transfer->route[transfer->hops] == Tier::kGpu) {
+    if (transfer->route[0] == Tier::kGpu ||
+        (transfer->route[transfer->hops] == Tier::kGpu && !fresh_gpu_copy)) {
       transfer->after = copier->record_current_stream();
     }
   } catch (...) {
@@ -565,9 +569,7 @@ BundleId Store::add(const BundleSpec& spec) {
   try {
     switch (home) {
       case Tier::kGpu:
-        copy.gpu = torch::zeros(
-            {static_cast<std::int64_t>(bundle->storage_bytes)},
-            torch::TensorOptions().dtype(torch::kUInt8).device(impl_->copier->device()));
+        copy.gpu = impl_->copier->allocate(static_cast<std::int64_t>(bundle->storage_bytes)).zero_();
         break;
       case Tier::kHost: std::memset(copy.host.data(), 0, bundle->storage_bytes); break;
       case Tier::kNvme: copy.reads_as_zeros = true; break;
@@ -687,8 +689,7 @@ void Store::allocate(BundleId id, Tier tier) {
   torch::Tensor memory;
   try {
     if (tier == Tier::kGpu) {
-      memory = torch::zeros({static_cast<std::int64_t>(bundle.storage_bytes)},
-                            torch::TensorOptions().dtype(torch::kUInt8).device(impl_->copier->device()));
+      memory = impl_->copier->allocate(static_cast<std::int64_t>(bundle.storage_bytes)).zero_();
     } else {
       std::memset(copy.host.data(), 0, bundle.storage_bytes);
     }
@@ -774,6 +775,7 @@ void Store::evict(BundleId id, Tier tier) {
                 to_string(bundle.spec.home), " first");
   }
   impl_->free_locked(bundle, tier, &released);
+  impl_->copier->retire(released);
 }
 
 void Store::synchronize() { impl_->synchronize(); }

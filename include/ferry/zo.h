@@ -1,0 +1,81 @@
+#pragma once
+
+// Zeroth-order kernels (MeZO, ZO2) on flat spans: one pass over a part's weights applies the
+// previous step's update and writes the perturbed copy the forward reads. The directions z are
+// never stored: element i of direction (seed, stream) is regenerated where it is needed, on the
+// CPU or on the GPU, from a counter-based generator. Torch-free, like the rest of optim.
+
+#include <cstdint>
+
+#include "ferry/optim.h"
+
+namespace ferry::optim {
+
+// Note: z_i for a direction is a standard normal from Philox4x32-10 keyed by `seed`, with counter
+// (i / 4, stream): each counter yields four 32-bit words, which Box-Muller turns into the normals
+// of elements 4k .. 4k+3. The CPU and CUDA kernels share this code, so a direction is the same on
+// both up to the last-bit differences of logf/sinf/cosf between the two.
+struct ZoDirection {
+  std::uint64_t seed = 0;
+  std::uint64_t stream = 0;  // the engine uses the part's index
+};
+
+// z_offset .. z_offset + count - 1 of a direction.
+void zo_normals(ZoDirection direction, std::int64_t offset, float* out, std::int64_t count);
+
+constexpr int kMaxZoSamples = 16;
+
+enum class ZoRule : std::uint8_t { kSgd, kAdam, kAdamW };
+
+// The update from one step's projected gradients g_s along directions z_s (same stream, seeds
+// per sample): d = g_0 z_0 for one sample, (sum_s g_s z_s) / samples for several; weight decay on
+// the elements [0, decay_count); then
+//   sgd:   d += wd theta; m = momentum m + d (when momentum != 0; m starts at 0); theta -= lr d
+//   adam:  d += wd theta; torch.optim.Adam's moments and bias corrections
+//   adamw: theta *= 1 - lr wd; torch.optim.AdamW's moments and bias corrections
+struct ZoUpdate {
+  ZoRule rule = ZoRule::kSgd;
+  float lr = 0;
+  float weight_decay = 0;
+  float momentum = 0;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-8f;
+  float bias_correction1 = 1;       // 1 - beta1^step
+  float bias_correction2_sqrt = 1;  // sqrt(1 - beta2^step)
+  int samples = 0;
+  std::uint64_t seeds[kMaxZoSamples] = {};
+  float projected_grads[kMaxZoSamples] = {};
+  std::uint64_t stream = 0;
+  std::int64_t decay_count = 0;
+};
+
+// compute = weights + scale * z (rounded to the compute dtype); scale 0 is a plain copy.
+struct ZoPerturb {
+  ZoDirection direction;
+  float scale = 0;
+};
+
+// One part's tensors. weights (and the states, which are fp32) are updated in place; compute is
+// written (null: only the update runs). states: sgd with momentum uses state0; adam and adamw use state0 = exp_avg and
+// state1 = exp_avg_sq.
+struct ZoTensors {
+  void* weights = nullptr;
+  DType weights_dtype = DType::kF32;
+  float* state0 = nullptr;
+  float* state1 = nullptr;
+  void* compute = nullptr;
+  DType compute_dtype = DType::kF32;
+  std::int64_t numel = 0;
+};
+
+// On the CPU, parallel over tiles. update may be null (no update pending).
+void zo_apply(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb);
+
+// The same on CUDA device pointers, queued on `cuda_stream` (a cudaStream_t). Throws ferry::Error
+// when ferry was built without CUDA.
+void zo_apply_cuda(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb,
+                   void* cuda_stream);
+bool zo_cuda_available();
+
+}  // namespace ferry::optim

@@ -1,0 +1,385 @@
+#include "engine/zo2.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "engine/sizing.h"
+#include "engine/update.h"
+#include "ferry/check.h"
+#include "ferry/system.h"
+
+#if FERRY_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace ferry {
+namespace {
+
+using detail::Part;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+optim::DType optim_dtype(torch::ScalarType type) {
+  switch (type) {
+    case torch::kBFloat16: return optim::DType::kBF16;
+    case torch::kHalf: return optim::DType::kF16;
+    default: return optim::DType::kF32;
+  }
+}
+
+std::uint64_t mix(std::uint64_t x) {  // splitmix64's finalizer
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+optim::ZoRule zo_rule(OptimizerKind kind) {
+  switch (kind) {
+    case OptimizerKind::kAdam: return optim::ZoRule::kAdam;
+    case OptimizerKind::kAdamW: return optim::ZoRule::kAdamW;
+    default: return optim::ZoRule::kSgd;
+  }
+}
+
+}  // namespace
+
+std::uint64_t zo_step_seed(std::uint64_t seed, std::int64_t step, std::int64_t sample) {
+  return mix(seed ^ mix(static_cast<std::uint64_t>(step) * optim::kMaxZoSamples +
+                        static_cast<std::uint64_t>(sample)));
+}
+
+Engine::Zo2::Zo2(LayeredModel model_in, EngineConfig config_in)
+    : model(std::move(model_in)),
+      config(std::move(config_in)),
+      compute_dtype(detail::scalar_type(config.precision)),
+      storage_dtype(detail::scalar_type(detail::zo_storage(config))) {
+  detail::validate(config);
+  FERRY_CHECK(!config.trace, "trace is not available in zo2 mode yet: run without --trace");
+  if (config.device.is_cuda() && !config.device.has_index()) config.device = torch::Device(torch::kCUDA, 0);
+  if (config.optimizer_threads > 0) optim::set_num_threads(config.optimizer_threads);
+  parts = detail::describe_parts(model);
+  std::vector<PartShape> shapes;
+  for (const Part& part : parts) shapes.push_back({part.name, part.numel});
+  detail::check_budgets(engine_demand(shapes, config), config);
+  store = std::make_unique<Store>(detail::store_options(config));
+  allocate_and_bind();
+  fetches.assign(parts.size(), {});
+  // Both forwards of a step must see the same function: no dropout.
+  model.train(false);
+}
+
+Engine::Zo2::~Zo2() {
+  try {
+    release_finished(0);
+  } catch (...) {
+  }
+}
+
+torch::Tensor Engine::Zo2::bundle_tensor(BundleId id, Tier tier) const { return store->tensor(id, tier); }
+
+void Engine::Zo2::allocate_and_bind() {
+  torch::NoGradGuard no_grad;
+  detail::move_buffers(model, config.device);
+  const int state_count = detail::optimizer_state_count(config.optimizer);
+  const std::uint64_t compute_size = torch::elementSize(compute_dtype);
+  const std::uint64_t storage_size = torch::elementSize(storage_dtype);
+
+  // Note: a block computes from one of two device slots, block i from slot i % 2: while one
+  // block's forwards read one slot, the next block's perturbed copy is written into the other.
+  // The slot's previous user, block i - 2, queued its forwards earlier on the same stream, so
+  // writing the slot needs no other ordering.
+  std::int64_t largest_block = 0;
+  for (const Part& part : parts) {
+    if (part.kind == models::Part::kBlock) largest_block = std::max(largest_block, part.numel);
+  }
+  const std::size_t slot_count = std::min<std::size_t>(detail::kZoComputeSlots, model.num_blocks());
+  std::vector<BundleId> slots;
+  for (std::size_t i = 0; i < slot_count; ++i) {
+    slots.push_back(store->add({"block slot " + std::to_string(i),
+                                static_cast<std::uint64_t>(largest_block) * compute_size, Tier::kGpu}));
+  }
+
+  bundles.resize(parts.size());
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    const Part& part = parts[p];
+    PartBundles& b = bundles[p];
+    const bool block = part.kind == models::Part::kBlock;
+    const auto numel = static_cast<std::uint64_t>(part.numel);
+    b.home = block ? detail::zo_block_home(config.zo, part.index) : Tier::kGpu;
+    b.weights = store->add({part.name + ".weights", numel * storage_size, b.home});
+    for (int i = 0; i < state_count; ++i) {
+      b.states.push_back(store->add({part.name + ".state" + std::to_string(i), numel * 4, b.home}));
+    }
+    b.compute = block ? slots[static_cast<std::size_t>(part.index) % slot_count]
+                      : store->add({part.name + ".compute", numel * compute_size, Tier::kGpu});
+
+    torch::Tensor initial = torch::empty({part.numel}, torch::TensorOptions().dtype(storage_dtype));
+    for (const detail::ParameterSlice& slice : part.slices) {
+      initial.narrow(0, slice.offset, slice.numel).copy_(slice.parameter.detach().reshape({-1}));
+    }
+    write_part(p, initial, {});
+    // The module now computes from the device copy; its own parameters are freed.
+    detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
+  }
+}
+
+void Engine::Zo2::write_part(std::size_t p, const torch::Tensor& weights,
+                             const std::vector<torch::Tensor>& states) {
+  const PartBundles& b = bundles[p];
+  const std::int64_t numel = parts[p].numel;
+  auto put = [&](BundleId id, torch::ScalarType dtype, const torch::Tensor& values) {
+    const Tier staging = b.home == Tier::kNvme ? Tier::kHost : b.home;
+    if (b.home == Tier::kNvme) store->allocate(id, Tier::kHost);
+    detail::typed_view(*store, id, staging, dtype, numel).copy_(values.reshape({-1}));
+    store->mark_dirty(id, staging);
+    if (b.home == Tier::kNvme) {
+      store->write_back(id, Tier::kHost, Tier::kNvme).wait();
+      store->evict(id, Tier::kHost);
+    }
+  };
+  torch::NoGradGuard no_grad;
+  put(b.weights, storage_dtype, weights);
+  for (std::size_t i = 0; i < states.size(); ++i) put(b.states[i], torch::kFloat, states[i]);
+}
+
+torch::Tensor Engine::Zo2::read_weights(std::size_t p) {
+  FERRY_CHECK(!pending, "read_weights() needs flush() first");
+  const PartBundles& b = bundles[p];
+  auto get = [&](BundleId id, torch::ScalarType dtype) {
+    if (b.home == Tier::kNvme) store->fetch(id, Tier::kHost).wait();
+    const Tier from = b.home == Tier::kNvme ? Tier::kHost : b.home;
+    torch::Tensor values =
+        detail::typed_view(*store, id, from, dtype, parts[p].numel).to(torch::kCPU, torch::kFloat, false, true);
+    if (b.home == Tier::kNvme) store->evict(id, Tier::kHost);
+    return values;
+  };
+  return get(b.weights, storage_dtype);
+}
+
+std::vector<torch::Tensor> Engine::Zo2::read_states(std::size_t p) {
+  const PartBundles& b = bundles[p];
+  std::vector<torch::Tensor> states;
+  for (BundleId id : b.states) {
+    if (b.home == Tier::kNvme) store->fetch(id, Tier::kHost).wait();
+    const Tier from = b.home == Tier::kNvme ? Tier::kHost : b.home;
+    states.push_back(detail::typed_view(*store, id, from, torch::kFloat, parts[p].numel)
+                         .to(torch::kCPU, torch::kFloat, false, true));
+    if (b.home == Tier::kNvme) store->evict(id, Tier::kHost);
+  }
+  return states;
+}
+
+// --- the sweep --------------------------------------------------------------------------------
+
+void Engine::Zo2::release_finished(std::size_t keep) {
+  while (!in_flight.empty()) {
+    InFlight& oldest = in_flight.front();
+    if (oldest.part >= next_compute) break;  // still to compute (or computing)
+    bool ready = true;
+    for (const Fence& fence : oldest.down) ready = ready && fence.ready();
+    if (!ready && in_flight.size() <= keep) break;
+    for (const Fence& fence : oldest.down) fence.wait();
+    const PartBundles& b = bundles[oldest.part];
+    for (BundleId id : b.states) store->evict(id, Tier::kGpu);
+    store->evict(b.weights, Tier::kGpu);
+    if (b.home == Tier::kNvme) {
+      for (BundleId id : b.states) {
+        if (store->state(id, Tier::kHost) != CopyState::kAbsent) store->evict(id, Tier::kHost);
+      }
+      if (store->state(b.weights, Tier::kHost) != CopyState::kAbsent) store->evict(b.weights, Tier::kHost);
+    }
+    in_flight.pop_front();
+  }
+}
+
+void Engine::Zo2::fetch_ahead(std::size_t p) {
+  const auto window = static_cast<std::size_t>(config.zo.blocks_in_flight);
+  for (; next_fetch < parts.size() && next_fetch < p + window; ++next_fetch) {
+    if (parts[next_fetch].kind != models::Part::kBlock) continue;
+    // Blocks already computed leave as their copies down finish; wait for the oldest only when
+    // the block needed now has no room.
+    release_finished(next_fetch == p ? window - 1 : SIZE_MAX);
+    if (in_flight.size() >= window) break;
+    const PartBundles& b = bundles[next_fetch];
+    fetches[next_fetch].push_back(store->fetch(b.weights, Tier::kGpu));
+    for (BundleId id : b.states) fetches[next_fetch].push_back(store->fetch(id, Tier::kGpu));
+    in_flight.push_back({next_fetch, {}});
+  }
+}
+
+optim::ZoUpdate Engine::Zo2::update_for(std::size_t p) const {
+  const OptimizerConfig& optimizer = config.optimizer;
+  optim::ZoUpdate update;
+  update.rule = zo_rule(optimizer.kind);
+  update.lr = static_cast<float>(pending->lr);
+  update.weight_decay = static_cast<float>(optimizer.weight_decay);
+  update.momentum = static_cast<float>(optimizer.momentum);
+  update.beta1 = static_cast<float>(optimizer.beta1);
+  update.beta2 = static_cast<float>(optimizer.beta2);
+  update.eps = static_cast<float>(optimizer.eps);
+  const auto step = static_cast<double>(pending->step);
+  update.bias_correction1 = static_cast<float>(1.0 - std::pow(optimizer.beta1, step));
+  update.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(optimizer.beta2, step)));
+  update.samples = static_cast<int>(pending->seeds.size());
+  for (int s = 0; s < update.samples; ++s) {
+    update.seeds[s] = pending->seeds[s];
+    update.projected_grads[s] = static_cast<float>(pending->projected_grads[s]);
+  }
+  update.stream = p;
+  update.decay_count = parts[p].decay_numel;
+  return update;
+}
+
+void Engine::Zo2::apply(std::size_t p, const optim::ZoUpdate* update, const Pass* pass) {
+  const PartBundles& b = bundles[p];
+  optim::ZoTensors tensors;
+  tensors.weights = bundle_tensor(b.weights, Tier::kGpu).data_ptr();
+  tensors.weights_dtype = optim_dtype(storage_dtype);
+  if (!b.states.empty()) tensors.state0 = static_cast<float*>(bundle_tensor(b.states[0], Tier::kGpu).data_ptr());
+  if (b.states.size() > 1) tensors.state1 = static_cast<float*>(bundle_tensor(b.states[1], Tier::kGpu).data_ptr());
+  tensors.compute = pass ? bundle_tensor(b.compute, Tier::kGpu).data_ptr() : nullptr;
+  tensors.compute_dtype = optim_dtype(compute_dtype);
+  tensors.numel = parts[p].numel;
+  optim::ZoPerturb perturb;
+  if (pass) perturb = {{pass->seed, p}, pass->scale};
+#if FERRY_WITH_CUDA
+  if (config.device.is_cuda()) {
+    optim::zo_apply_cuda(tensors, update, perturb,
+                         c10::cuda::getCurrentCUDAStream(config.device.index()).stream());
+    return;
+  }
+#endif
+  optim::zo_apply(tensors, update, perturb);
+}
+
+void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context,
+                        const torch::Tensor& tokens) {
+  torch::NoGradGuard no_grad;
+  next_fetch = 0;
+  next_compute = 0;
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    const Part& part = parts[p];
+    const PartBundles& b = bundles[p];
+    const bool block = part.kind == models::Part::kBlock;
+    if (block) {
+      fetch_ahead(p);
+      FERRY_ASSERT(!in_flight.empty() && next_fetch > p, "block ", p, " was not fetched");
+      for (const Fence& fence : fetches[p]) fence.wait();
+      fetches[p].clear();
+      detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
+    }
+    std::optional<optim::ZoUpdate> update;
+    if (pending) update = update_for(p);
+    const optim::ZoUpdate* first_update = update ? &*update : nullptr;
+    if (passes.empty()) apply(p, first_update, nullptr);
+    for (std::size_t j = 0; j < passes.size(); ++j) {
+      Pass& pass = passes[j];
+      apply(p, j == 0 ? first_update : nullptr, &pass);
+      switch (part.kind) {
+        case models::Part::kStem: pass.hidden = model.stem()->forward(tokens, context); break;
+        case models::Part::kBlock: pass.hidden = model.blocks()[part.index]->forward(pass.hidden, context); break;
+        case models::Part::kHead:
+          // Note: the stem's compute copy holds the last pass's perturbation by now; a head that
+          // reads the stem's weights (tied embeddings) must see this pass's, so it is rewritten.
+          if (passes.size() > 1) apply(0, nullptr, &pass);
+          pass.hidden = model.head()->forward(pass.hidden, context);
+          break;
+      }
+    }
+    if (update) {
+      store->mark_dirty(b.weights, Tier::kGpu);
+      for (BundleId id : b.states) store->mark_dirty(id, Tier::kGpu);
+    }
+    next_compute = p + 1;
+    if (block && update) {
+      auto entry = std::find_if(in_flight.begin(), in_flight.end(),
+                                [p](const InFlight& candidate) { return candidate.part == p; });
+      FERRY_ASSERT(entry != in_flight.end(), "block part ", p, " is not in flight");
+      entry->down.push_back(store->write_back(b.weights, Tier::kGpu, b.home));
+      for (BundleId id : b.states) entry->down.push_back(store->write_back(id, Tier::kGpu, b.home));
+    }
+  }
+  release_finished(0);
+  pending.reset();
+}
+
+// --- steps ------------------------------------------------------------------------------------
+
+StepResult Engine::Zo2::train_step(const data::Batch& batch) {
+  FERRY_CHECK(batch.input_ids.defined() && batch.input_ids.dim() == 2, "a batch needs input_ids of shape [batch, seq]");
+  FERRY_CHECK(batch.labels.defined() && batch.labels.sizes() == batch.input_ids.sizes(),
+              "labels must have the shape of input_ids ", batch.input_ids.sizes(), "; got ",
+              batch.labels.defined() ? batch.labels.sizes() : torch::IntArrayRef{});
+  auto start = Clock::now();
+  const std::int64_t step = steps + 1;
+  const double lr = detail::scheduled_lr(config.schedule, config.optimizer.lr, step);
+  torch::Tensor tokens = batch.input_ids.to(config.device, torch::kLong);
+  torch::Tensor labels = batch.labels.to(config.device, torch::kLong);
+  torch::Tensor mask = batch.attention_mask.defined() ? batch.attention_mask.to(config.device) : torch::Tensor();
+  StepContext context = model.make_context(tokens, mask);
+
+  const auto eps = static_cast<float>(config.zo.eps);
+  std::vector<std::uint64_t> seeds;
+  std::vector<Pass> passes;
+  for (std::int64_t s = 0; s < config.zo.samples; ++s) {
+    seeds.push_back(zo_step_seed(config.zo.seed, step, s));
+    passes.push_back({seeds.back(), eps, {}});
+    passes.push_back({seeds.back(), -eps, {}});
+  }
+  sweep(passes, context, tokens);
+
+  std::vector<torch::Tensor> losses;
+  for (const Pass& pass : passes) losses.push_back(model.loss(pass.hidden, labels).detach().to(torch::kDouble));
+  torch::Tensor values = torch::stack(losses).to(torch::kCPU);
+
+  StepResult result;
+  PendingUpdate update{step, lr, seeds, {}};
+  double loss_sum = 0;
+  for (std::int64_t s = 0; s < config.zo.samples; ++s) {
+    const double plus = values[2 * s].item<double>();
+    const double minus = values[2 * s + 1].item<double>();
+    const double projected = (plus - minus) / (2.0 * config.zo.eps);
+    result.loss_plus.push_back(plus);
+    result.loss_minus.push_back(minus);
+    result.projected_grads.push_back(projected);
+    update.projected_grads.push_back(projected);
+    loss_sum += plus + minus;
+  }
+  result.loss = loss_sum / static_cast<double>(2 * config.zo.samples);
+  result.lr = lr;
+  result.tokens = tokens.numel();
+  result.step = step;
+  // Note: a non-finite loss would turn every weight into NaN; the step is skipped instead, as
+  // the first-order modes skip a step with non-finite gradients under loss scaling.
+  result.skipped = !std::isfinite(loss_sum);
+  if (!result.skipped) pending = std::move(update);
+  steps = step;
+  stats.steps = steps;
+  stats.forward_seconds += seconds_since(start);
+  return result;
+}
+
+void Engine::Zo2::flush() {
+  if (!pending) return;
+  std::vector<Pass> none;
+  sweep(none, StepContext{}, torch::Tensor());
+}
+
+torch::Tensor Engine::Zo2::logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask) {
+  flush();
+  torch::Tensor input = tokens.to(config.device, torch::kLong);
+  StepContext context = model.make_context(
+      input, padding_mask.defined() ? padding_mask.to(config.device) : torch::Tensor());
+  std::vector<Pass> passes(1);
+  sweep(passes, context, input);
+  return passes.front().hidden;
+}
+
+}  // namespace ferry

@@ -1,0 +1,89 @@
+#pragma once
+
+// The zo2 mode (ZO2, Wang et al. 2025, over MeZO): forward-only training with the blocks'
+// weights at home on host memory or NVMe, streamed through a window of device slots. See
+// docs/zo2.md.
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "engine/parts.h"
+#include "ferry/engine.h"
+#include "ferry/zo.h"
+
+namespace ferry {
+
+struct Engine::Zo2 {
+  Zo2(LayeredModel model, EngineConfig config);
+  ~Zo2();
+
+  StepResult train_step(const data::Batch& batch);
+  // Logits through the same block streaming, after applying any deferred update.
+  torch::Tensor logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask);
+  // Applies the last step's update, which otherwise waits for the next step's upload.
+  void flush();
+
+  // Checkpoint access: the weights (fp32 on the host) and optimizer states of one part. Both
+  // need a flushed engine.
+  torch::Tensor read_weights(std::size_t part);
+  std::vector<torch::Tensor> read_states(std::size_t part);
+  void write_part(std::size_t part, const torch::Tensor& weights, const std::vector<torch::Tensor>& states);
+
+  // One forward of every part: its perturbation (scale 0: none) and the hidden state flowing
+  // through the parts, the logits at the end.
+  struct Pass {
+    std::uint64_t seed = 0;
+    float scale = 0;
+    torch::Tensor hidden;
+  };
+
+  struct PartBundles {
+    Tier home = Tier::kGpu;
+    BundleId weights = 0;          // storage dtype, at home
+    std::vector<BundleId> states;  // fp32, at home
+    BundleId compute = 0;          // compute dtype, on the device: the part's own or a block slot
+  };
+
+  void allocate_and_bind();
+  void sweep(std::vector<Pass>& passes, const StepContext& context, const torch::Tensor& tokens);
+  void fetch_ahead(std::size_t part);
+  void release_finished(std::size_t keep);
+  void apply(std::size_t part, const optim::ZoUpdate* update, const Pass* pass);
+  optim::ZoUpdate update_for(std::size_t part) const;
+  torch::Tensor bundle_tensor(BundleId id, Tier tier) const;
+
+  LayeredModel model;
+  EngineConfig config;
+  torch::ScalarType compute_dtype;
+  torch::ScalarType storage_dtype;
+  std::unique_ptr<Store> store;
+  std::vector<detail::Part> parts;
+  std::vector<PartBundles> bundles;
+
+  // The last step's update, applied as each part next comes to the device.
+  struct PendingUpdate {
+    std::int64_t step = 0;
+    double lr = 0;
+    std::vector<std::uint64_t> seeds;
+    std::vector<double> projected_grads;
+  };
+  std::optional<PendingUpdate> pending;
+
+  // Blocks with a device copy, oldest first, and what their copies down are waiting on.
+  struct InFlight {
+    std::size_t part;
+    std::vector<Fence> down;
+  };
+  std::deque<InFlight> in_flight;
+  std::vector<std::vector<Fence>> fetches;  // per part, while its upload is in flight
+  std::size_t next_fetch = 0;    // the next part fetch_ahead considers
+  std::size_t next_compute = 0;  // parts before it have their work queued
+
+  std::int64_t steps = 0;
+  EngineStats stats;
+};
+
+}  // namespace ferry

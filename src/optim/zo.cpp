@@ -1,0 +1,122 @@
+#include "ferry/zo.h"
+
+#include <algorithm>
+
+#if defined(FERRY_WITH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+#include "ferry/check.h"
+#include "optim/dispatch.h"
+#include "optim/low_precision.h"
+#include "optim/zo_math.h"
+
+namespace ferry::optim {
+namespace {
+
+float load(const void* data, DType dtype, std::int64_t i) {
+  switch (dtype) {
+    case DType::kF32: return static_cast<const float*>(data)[i];
+    case DType::kBF16: return detail::bf16_to_float(static_cast<const std::uint16_t*>(data)[i]);
+    case DType::kF16: return detail::f16_to_float(static_cast<const std::uint16_t*>(data)[i]);
+  }
+  return 0.0f;
+}
+
+void store(void* data, DType dtype, std::int64_t i, float value) {
+  switch (dtype) {
+    case DType::kF32: static_cast<float*>(data)[i] = value; return;
+    case DType::kBF16: static_cast<std::uint16_t*>(data)[i] = detail::float_to_bf16(value); return;
+    case DType::kF16: static_cast<std::uint16_t*>(data)[i] = detail::float_to_f16(value); return;
+  }
+}
+
+void check_update(const ZoTensors& tensors, const ZoUpdate& update) {
+  FERRY_CHECK(update.samples >= 1 && update.samples <= kMaxZoSamples, "a zo update needs 1 to ",
+              kMaxZoSamples, " samples; got ", update.samples);
+  const bool needs_state0 = update.rule != ZoRule::kSgd || update.momentum != 0.0f;
+  FERRY_CHECK(!needs_state0 || tensors.state0 != nullptr, "this zo update needs state0");
+  FERRY_CHECK(update.rule == ZoRule::kSgd || tensors.state1 != nullptr, "adam needs state1");
+}
+
+// Elements [begin, end) of the part; begin is a multiple of 4.
+void apply_range(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb,
+                 std::int64_t begin, std::int64_t end) {
+  float update_z[kMaxZoSamples][4];
+  float perturb_z[4];
+  for (std::int64_t group_start = begin; group_start < end; group_start += 4) {
+    const auto group = static_cast<std::uint64_t>(group_start / 4);
+    if (update != nullptr) {
+      for (int s = 0; s < update->samples; ++s) {
+        detail::normals4(update->seeds[s], group, update->stream, update_z[s]);
+      }
+    }
+    if (perturb.scale != 0.0f && tensors.compute != nullptr) {
+      detail::normals4(perturb.direction.seed, group, perturb.direction.stream, perturb_z);
+    }
+    const std::int64_t group_end = std::min(end, group_start + 4);
+    for (std::int64_t i = group_start; i < group_end; ++i) {
+      const int lane = static_cast<int>(i - group_start);
+      float theta = load(tensors.weights, tensors.weights_dtype, i);
+      if (update != nullptr) {
+        const float d = detail::zo_direction(*update, update_z, lane);
+        theta = detail::zo_update_element(*update, theta, d, i < update->decay_count,
+                                          tensors.state0 ? tensors.state0 + i : nullptr,
+                                          tensors.state1 ? tensors.state1 + i : nullptr);
+        store(tensors.weights, tensors.weights_dtype, i, theta);
+        // The stored (possibly rounded) weight is what the perturbation starts from, as it is
+        // when the weights come back in the next step.
+        theta = load(tensors.weights, tensors.weights_dtype, i);
+      }
+      if (tensors.compute == nullptr) continue;
+      const float value = perturb.scale != 0.0f ? theta + perturb.scale * perturb_z[lane] : theta;
+      store(tensors.compute, tensors.compute_dtype, i, value);
+    }
+  }
+}
+
+}  // namespace
+
+void zo_normals(ZoDirection direction, std::int64_t offset, float* out, std::int64_t count) {
+  FERRY_CHECK(offset >= 0 && count >= 0, "zo_normals needs offset >= 0 and count >= 0");
+  float group_z[4];
+  for (std::int64_t i = 0; i < count;) {
+    const std::int64_t element = offset + i;
+    detail::normals4(direction.seed, static_cast<std::uint64_t>(element / 4), direction.stream, group_z);
+    for (std::int64_t lane = element % 4; lane < 4 && i < count; ++lane, ++i) out[i] = group_z[lane];
+  }
+}
+
+void zo_apply(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb) {
+  FERRY_CHECK(tensors.numel >= 0 && tensors.weights, "zo_apply needs weights");
+  FERRY_CHECK(tensors.compute || update, "zo_apply without an update needs a compute copy to write");
+  if (update != nullptr) check_update(tensors, *update);
+  detail::parallel_tiles(tensors.numel, [&](detail::Tile tile) {
+    apply_range(tensors, update, perturb, tile.begin, tile.end);
+  });
+}
+
+#if defined(FERRY_WITH_CUDA)
+namespace detail {
+int launch_zo(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb, void* stream);
+}
+
+void zo_apply_cuda(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb,
+                   void* cuda_stream) {
+  FERRY_CHECK(tensors.numel >= 0 && tensors.weights, "zo_apply_cuda needs weights");
+  FERRY_CHECK(tensors.compute || update, "zo_apply_cuda without an update needs a compute copy");
+  if (update != nullptr) check_update(tensors, *update);
+  const int error = detail::launch_zo(tensors, update, perturb, cuda_stream);
+  FERRY_CHECK(error == 0, "the zo CUDA kernel failed to launch: ", cudaGetErrorString(static_cast<cudaError_t>(error)));
+}
+
+bool zo_cuda_available() { return true; }
+#else
+void zo_apply_cuda(const ZoTensors&, const ZoUpdate*, const ZoPerturb&, void*) {
+  throw Error("zo_apply_cuda: this ferry was built without CUDA");
+}
+
+bool zo_cuda_available() { return false; }
+#endif
+
+}  // namespace ferry::optim

@@ -1,0 +1,112 @@
+// The zeroth-order kernel on CUDA: the same per-element arithmetic as the CPU loop (zo_math.h),
+// one thread per group of four elements, so one Philox call serves four normals.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "optim/zo_math.h"
+
+namespace ferry::optim::detail {
+namespace {
+
+template <DType D>
+struct Element;
+
+template <>
+struct Element<DType::kF32> {
+  using T = float;
+  __device__ static float load(const T* p) { return *p; }
+  __device__ static void store(T* p, float v) { *p = v; }
+};
+
+template <>
+struct Element<DType::kBF16> {
+  using T = __nv_bfloat16;
+  __device__ static float load(const T* p) { return __bfloat162float(*p); }
+  __device__ static void store(T* p, float v) { *p = __float2bfloat16_rn(v); }
+};
+
+template <>
+struct Element<DType::kF16> {
+  using T = __half;
+  __device__ static float load(const T* p) { return __half2float(*p); }
+  __device__ static void store(T* p, float v) { *p = __float2half_rn(v); }
+};
+
+template <DType W, DType C, bool kUpdate>
+__global__ void zo_kernel(typename Element<W>::T* weights, float* state0, float* state1,
+                          typename Element<C>::T* compute, std::int64_t numel, ZoUpdate update,
+                          ZoPerturb perturb) {
+  const std::int64_t group = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  const std::int64_t begin = group * 4;
+  if (begin >= numel) return;
+  float update_z[kUpdate ? kMaxZoSamples : 1][4];
+  if constexpr (kUpdate) {
+    for (int s = 0; s < update.samples; ++s) {
+      normals4(update.seeds[s], static_cast<std::uint64_t>(group), update.stream, update_z[s]);
+    }
+  }
+  float perturb_z[4] = {0, 0, 0, 0};
+  if (perturb.scale != 0.0f && compute != nullptr) {
+    normals4(perturb.direction.seed, static_cast<std::uint64_t>(group), perturb.direction.stream, perturb_z);
+  }
+  const std::int64_t end = begin + 4 < numel ? begin + 4 : numel;
+  for (std::int64_t i = begin; i < end; ++i) {
+    const int lane = static_cast<int>(i - begin);
+    float theta = Element<W>::load(weights + i);
+    if constexpr (kUpdate) {
+      const float d = zo_direction(update, update_z, lane);
+      theta = zo_update_element(update, theta, d, i < update.decay_count,
+                                state0 ? state0 + i : nullptr, state1 ? state1 + i : nullptr);
+      Element<W>::store(weights + i, theta);
+      theta = Element<W>::load(weights + i);
+    }
+    if (compute == nullptr) continue;
+    const float value = perturb.scale != 0.0f ? theta + perturb.scale * perturb_z[lane] : theta;
+    Element<C>::store(compute + i, value);
+  }
+}
+
+template <DType W, DType C>
+void launch_typed(const ZoTensors& t, const ZoUpdate* update, const ZoPerturb& perturb,
+                  cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const std::int64_t groups = (t.numel + 3) / 4;
+  const auto blocks = static_cast<unsigned>((groups + kThreads - 1) / kThreads);
+  if (blocks == 0) return;
+  auto* weights = static_cast<typename Element<W>::T*>(t.weights);
+  auto* compute = static_cast<typename Element<C>::T*>(t.compute);
+  if (update != nullptr) {
+    zo_kernel<W, C, true><<<blocks, kThreads, 0, stream>>>(weights, t.state0, t.state1, compute,
+                                                           t.numel, *update, perturb);
+  } else {
+    zo_kernel<W, C, false><<<blocks, kThreads, 0, stream>>>(weights, t.state0, t.state1, compute,
+                                                            t.numel, ZoUpdate{}, perturb);
+  }
+}
+
+template <DType W>
+void launch_weights(const ZoTensors& t, const ZoUpdate* update, const ZoPerturb& perturb,
+                    cudaStream_t stream) {
+  switch (t.compute_dtype) {
+    case DType::kF32: return launch_typed<W, DType::kF32>(t, update, perturb, stream);
+    case DType::kBF16: return launch_typed<W, DType::kBF16>(t, update, perturb, stream);
+    case DType::kF16: return launch_typed<W, DType::kF16>(t, update, perturb, stream);
+  }
+}
+
+}  // namespace
+
+// Returns the launch's cudaError_t (as int, so the caller needs no CUDA headers).
+int launch_zo(const ZoTensors& t, const ZoUpdate* update, const ZoPerturb& perturb, void* stream) {
+  auto cuda_stream = static_cast<cudaStream_t>(stream);
+  switch (t.weights_dtype) {
+    case DType::kF32: launch_weights<DType::kF32>(t, update, perturb, cuda_stream); break;
+    case DType::kBF16: launch_weights<DType::kBF16>(t, update, perturb, cuda_stream); break;
+    case DType::kF16: launch_weights<DType::kF16>(t, update, perturb, cuda_stream); break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace ferry::optim::detail

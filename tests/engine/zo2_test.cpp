@@ -1,0 +1,397 @@
+// The zo2 mode against MeZO written plainly over an in-memory model, with the same seeds.
+
+#include <cmath>
+
+#include <torch/torch.h>
+
+#include "ferry/data.h"
+#include "ferry/engine.h"
+#include "ferry/model.h"
+#include "ferry/zo.h"
+#include "support/temp_dir.h"
+
+#undef CHECK
+#include <catch2/catch.hpp>
+
+using namespace ferry;
+using ferry::testing::TempDir;
+
+namespace {
+
+constexpr std::uint64_t kModelSeed = 7;
+
+models::ModelConfig model_config(const std::string& preset) {
+  models::ModelConfig config = models::preset(preset);
+  config.num_layers = 5;  // more blocks than slots, so the window turns over
+  return config;
+}
+
+std::unique_ptr<data::DataLoader> loader(std::uint64_t seed) {
+  data::LoaderOptions options;
+  options.batch_size = 4;
+  options.sequence_length = 24;
+  options.pack = false;
+  options.answer_only = true;
+  options.seed = seed;
+  return std::make_unique<data::DataLoader>(
+      data::addition_dataset({2, seed}, data::Split::kTrain, 512), options);
+}
+
+EngineConfig zo_config() {
+  EngineConfig config;
+  config.mode = Mode::kZo2;
+  config.optimizer.kind = OptimizerKind::kSgd;
+  config.optimizer.lr = 1e-3;
+  config.optimizer.weight_decay = 0.01;
+  config.zo.eps = 1e-3;
+  config.zo.seed = 42;
+  config.zo.blocks_in_flight = 2;
+  return config;
+}
+
+// MeZO (Malladi et al. 2023, Algorithm 1) over a whole model held in memory: the parameters of
+// each part laid out as the engine documents (decayed ones first), z from the same generator.
+class Reference {
+ public:
+  Reference(const models::ModelConfig& config, const EngineConfig& engine_config)
+      : model_(models::build(config, kModelSeed)), config_(engine_config) {
+    model_.train(false);
+    add_part(*model_.stem());
+    for (const auto& block : model_.blocks()) add_part(*block);
+    add_part(*model_.head());
+  }
+
+  struct Step {
+    std::vector<double> plus, minus, grads;
+  };
+  // z for every parameter, per part.
+  using Direction = std::vector<std::vector<torch::Tensor>>;
+
+  Step step(const data::Batch& batch) {
+    torch::NoGradGuard no_grad;
+    ++step_;
+    const auto eps = static_cast<float>(config_.zo.eps);
+    Step result;
+    std::vector<Direction> directions;
+    for (std::int64_t s = 0; s < config_.zo.samples; ++s) {
+      const std::uint64_t seed = zo_step_seed(config_.zo.seed, step_, s);
+      directions.push_back(draw(seed));
+      perturb(directions.back(), eps);
+      const double plus = loss(batch);
+      perturb(directions.back(), -eps);
+      const double minus = loss(batch);
+      perturb(directions.back(), 0.0f);
+      result.plus.push_back(plus);
+      result.minus.push_back(minus);
+      result.grads.push_back((plus - minus) / (2.0 * config_.zo.eps));
+    }
+    const double lr = config_.optimizer.lr;
+    const auto wd = static_cast<float>(config_.optimizer.weight_decay);
+    for (std::size_t p = 0; p < parts_.size(); ++p) {
+      for (std::size_t i = 0; i < parts_[p].size(); ++i) {
+        torch::Tensor& theta = theta_[p][i];
+        torch::Tensor d = directions[0][p][i] * static_cast<float>(result.grads[0]);
+        for (std::size_t s = 1; s < directions.size(); ++s) {
+          d = d + directions[s][p][i] * static_cast<float>(result.grads[s]);
+        }
+        if (directions.size() > 1) d = d / static_cast<float>(directions.size());
+        if (decays_[p][i]) d = d + theta * wd;
+        if (config_.optimizer.momentum != 0) {
+          torch::Tensor& buffer = momentum_[p][i];
+          buffer = buffer.defined() ? buffer * static_cast<float>(config_.optimizer.momentum) + d : d;
+          d = buffer;
+        }
+        theta = theta - d * static_cast<float>(lr);
+      }
+    }
+    perturb(directions.back(), 0.0f);
+    return result;
+  }
+
+  double loss(const data::Batch& batch) {
+    return model_.loss(model_.forward(batch.input_ids, batch.attention_mask), batch.labels).item<double>();
+  }
+
+  std::vector<torch::Tensor> weights() const {
+    std::vector<torch::Tensor> all;
+    for (const auto& part : theta_) all.insert(all.end(), part.begin(), part.end());
+    return all;
+  }
+
+  const LayeredModel& model() const { return model_; }
+
+ private:
+  void add_part(torch::nn::Module& module) {
+    std::vector<torch::Tensor> decayed, others;
+    for (const auto& item : module.named_parameters()) {
+      (is_no_decay(item.key(), item.value()) ? others : decayed).push_back(item.value());
+    }
+    std::vector<torch::Tensor> ordered = decayed;
+    ordered.insert(ordered.end(), others.begin(), others.end());
+    parts_.push_back(ordered);
+    std::vector<torch::Tensor> theta;
+    std::vector<bool> decays;
+    for (std::size_t i = 0; i < ordered.size(); ++i) {
+      theta.push_back(ordered[i].detach().clone());
+      decays.push_back(i < decayed.size());
+    }
+    theta_.push_back(theta);
+    decays_.push_back(decays);
+    momentum_.push_back(std::vector<torch::Tensor>(ordered.size()));
+  }
+
+  Direction draw(std::uint64_t seed) const {
+    Direction z;
+    for (std::size_t p = 0; p < parts_.size(); ++p) {
+      std::int64_t numel = 0;
+      for (const torch::Tensor& parameter : parts_[p]) numel += parameter.numel();
+      torch::Tensor flat = torch::empty({numel});
+      optim::zo_normals({seed, p}, 0, flat.data_ptr<float>(), numel);
+      std::vector<torch::Tensor> pieces;
+      std::int64_t offset = 0;
+      for (const torch::Tensor& parameter : parts_[p]) {
+        pieces.push_back(flat.narrow(0, offset, parameter.numel()).view(parameter.sizes()));
+        offset += parameter.numel();
+      }
+      z.push_back(pieces);
+    }
+    return z;
+  }
+
+  // parameters = theta + scale z
+  void perturb(const Direction& z, float scale) {
+    for (std::size_t p = 0; p < parts_.size(); ++p) {
+      for (std::size_t i = 0; i < parts_[p].size(); ++i) {
+        parts_[p][i].detach().copy_(scale == 0.0f ? theta_[p][i] : theta_[p][i] + z[p][i] * scale);
+      }
+    }
+  }
+
+  LayeredModel model_;
+  EngineConfig config_;
+  std::int64_t step_ = 0;
+  std::vector<std::vector<torch::Tensor>> parts_;
+  std::vector<std::vector<torch::Tensor>> theta_;
+  std::vector<std::vector<bool>> decays_;
+  std::vector<std::vector<torch::Tensor>> momentum_;
+};
+
+// The engine's weights after a flush, through a checkpoint, in the reference's order.
+std::vector<torch::Tensor> saved_weights(Engine& engine, const std::string& dir) {
+  engine.save(dir);
+  LayeredModel saved = models::from_pretrained(dir);
+  std::vector<torch::Tensor> all;
+  auto add = [&](torch::nn::Module& module) {
+    std::vector<torch::Tensor> decayed, others;
+    for (const auto& item : module.named_parameters()) {
+      (is_no_decay(item.key(), item.value()) ? others : decayed).push_back(item.value().detach());
+    }
+    all.insert(all.end(), decayed.begin(), decayed.end());
+    all.insert(all.end(), others.begin(), others.end());
+  };
+  add(*saved.stem());
+  for (const auto& block : saved.blocks()) add(*block);
+  add(*saved.head());
+  return all;
+}
+
+std::vector<StepResult> train(Engine& engine, int steps, std::uint64_t data_seed = 3) {
+  auto batches = loader(data_seed);
+  std::vector<StepResult> results;
+  for (int i = 0; i < steps; ++i) results.push_back(*engine.train_step(batches->next()));
+  return results;
+}
+
+}  // namespace
+
+TEST_CASE("zo2 equals plain MeZO step by step in fp32: losses, projected gradients, weights") {
+  const std::string preset = GENERATE("tiny-opt", "tiny-llama");
+  INFO(preset);
+  EngineConfig config = zo_config();
+  SECTION("sgd") {}
+  SECTION("sgd with momentum and two samples") {
+    config.optimizer.momentum = 0.9;
+    config.zo.samples = 2;
+  }
+  SECTION("a three-block window") { config.zo.blocks_in_flight = 3; }
+  const models::ModelConfig shape = model_config(preset);
+  Reference reference(shape, config);
+  Engine engine(models::build(shape, kModelSeed), config);
+  auto batches = loader(3);
+  for (int step = 0; step < 8; ++step) {
+    INFO("step " << step + 1);
+    data::Batch batch = batches->next();
+    const Reference::Step expected = reference.step(batch);
+    const StepResult result = *engine.train_step(batch);
+    REQUIRE(result.loss_plus == expected.plus);
+    REQUIRE(result.loss_minus == expected.minus);
+    REQUIRE(result.projected_grads == expected.grads);
+  }
+  TempDir dir;
+  const std::vector<torch::Tensor> weights = saved_weights(engine, dir.path() + "/ckpt");
+  const std::vector<torch::Tensor> expected = reference.weights();
+  REQUIRE(weights.size() == expected.size());
+  for (std::size_t i = 0; i < weights.size(); ++i) {
+    INFO("parameter " << i);
+    CHECK(torch::equal(weights[i], expected[i]));
+  }
+}
+
+TEST_CASE("zo2 trains: the loss falls on the demo task") {
+  EngineConfig config = zo_config();
+  config.optimizer.lr = 1e-4;
+  config.optimizer.weight_decay = 0;
+  Engine engine(models::build(model_config("tiny-llama"), kModelSeed), config);
+  auto batches = loader(5);
+  data::Batch held_out = loader(99)->next();
+  const double before = engine.evaluate(held_out);
+  for (int i = 0; i < 100; ++i) engine.train_step(batches->next());
+  CHECK(engine.evaluate(held_out) < before);
+}
+
+TEST_CASE("zo2 defers each update to the next upload; flush applies it, once") {
+  EngineConfig config = zo_config();
+  const models::ModelConfig shape = model_config("tiny-opt");
+  data::Batch held_out = loader(99)->next();
+
+  Reference reference(shape, config);
+  auto batches = loader(3);
+  for (int i = 0; i < 3; ++i) reference.step(batches->next());
+
+  Engine engine(models::build(shape, kModelSeed), config);
+  const std::vector<StepResult> first = train(engine, 3);
+  // The third step's update is still pending; evaluate flushes it and sees the updated model.
+  CHECK(engine.evaluate(held_out) == reference.loss(held_out));
+  engine.flush();  // nothing left to apply
+  CHECK(engine.evaluate(held_out) == reference.loss(held_out));
+
+  // Flushing in the middle does not change the trajectory.
+  Engine uninterrupted(models::build(shape, kModelSeed), config);
+  const std::vector<StepResult> straight = train(uninterrupted, 6);
+  auto rest = loader(3);
+  for (int i = 0; i < 3; ++i) rest->next();
+  for (int i = 3; i < 6; ++i) {
+    const StepResult result = *engine.train_step(rest->next());
+    CHECK(result.loss_plus == straight[i].loss_plus);
+    CHECK(result.projected_grads == straight[i].projected_grads);
+  }
+}
+
+TEST_CASE("zo2 with blocks on NVMe equals blocks in host memory") {
+  TempDir nvme;
+  EngineConfig host = zo_config();
+  host.optimizer.kind = OptimizerKind::kAdamW;
+  host.optimizer.lr = 1e-4;
+  EngineConfig disk = host;
+  disk.zo.block_tier = Tier::kNvme;
+  disk.nvme_directories = {nvme.path()};
+  SECTION("all blocks on NVMe") {}
+  SECTION("split: two blocks in host memory, the rest on NVMe") { disk.zo.host_blocks = 2; }
+  const models::ModelConfig shape = model_config("tiny-llama");
+  Engine in_memory(models::build(shape, kModelSeed), host);
+  Engine on_disk(models::build(shape, kModelSeed), disk);
+  const std::vector<StepResult> a = train(in_memory, 6);
+  const std::vector<StepResult> b = train(on_disk, 6);
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    CHECK(a[i].loss_plus == b[i].loss_plus);
+    CHECK(a[i].loss_minus == b[i].loss_minus);
+  }
+  TempDir out;
+  const std::vector<torch::Tensor> wa = saved_weights(in_memory, out.path() + "/a");
+  const std::vector<torch::Tensor> wb = saved_weights(on_disk, out.path() + "/b");
+  for (std::size_t i = 0; i < wa.size(); ++i) CHECK(torch::equal(wa[i], wb[i]));
+  const EngineStats stats = on_disk.stats();
+  CHECK(stats.store.transfers[static_cast<int>(Tier::kNvme)][static_cast<int>(Tier::kHost)].bytes > 0);
+  CHECK(stats.store.transfers[static_cast<int>(Tier::kHost)][static_cast<int>(Tier::kNvme)].bytes > 0);
+}
+
+TEST_CASE("zo2 resumes from a checkpoint with the same losses as an uninterrupted run") {
+  EngineConfig config = zo_config();
+  config.optimizer.kind = OptimizerKind::kAdam;
+  config.optimizer.lr = 1e-4;
+  const models::ModelConfig shape = model_config("tiny-gpt2");
+  Engine straight(models::build(shape, kModelSeed), config);
+  const std::vector<StepResult> expected = train(straight, 6);
+
+  TempDir dir;
+  {
+    Engine first(models::build(shape, kModelSeed), config);
+    train(first, 3);
+    first.save(dir.path() + "/ckpt");
+  }
+  Engine resumed(models::build(shape, 1234), config);  // other initial weights: the checkpoint wins
+  resumed.load(dir.path() + "/ckpt");
+  CHECK(resumed.steps_taken() == 3);
+  auto batches = loader(3);
+  for (int i = 0; i < 3; ++i) batches->next();
+  for (int i = 3; i < 6; ++i) {
+    const StepResult result = *resumed.train_step(batches->next());
+    CHECK(result.loss_plus == expected[i].loss_plus);
+    CHECK(result.loss_minus == expected[i].loss_minus);
+  }
+}
+
+TEST_CASE("zo2 keeps the device tier within its budget") {
+  EngineConfig config = zo_config();
+  const models::ModelConfig shape = model_config("tiny-llama");
+  const TierDemand demand = engine_demand(part_shapes(shape), config);
+  config.gpu_budget_bytes = demand.bytes[static_cast<int>(Tier::kGpu)];
+  Engine engine(models::build(shape, kModelSeed), config);
+  train(engine, 3);
+  const TierStats gpu = engine.stats().store.tiers[static_cast<int>(Tier::kGpu)];
+  CHECK(gpu.peak_bytes <= config.gpu_budget_bytes);
+  // The whole model would need far more than the window holds.
+  EngineConfig all_on_device = config;
+  all_on_device.mode = Mode::kGpu;
+  all_on_device.gpu_budget_bytes = 0;
+  CHECK(engine_demand(part_shapes(shape), all_on_device).bytes[0] > gpu.peak_bytes);
+
+  config.gpu_budget_bytes /= 2;
+  CHECK_THROWS_AS(Engine(models::build(shape, kModelSeed), config), BudgetExceeded);
+  CHECK_THROWS_WITH(Engine(models::build(shape, kModelSeed), config),
+                    Catch::Contains("zo2 mode needs") && Catch::Contains("short"));
+}
+
+TEST_CASE("zo2 rejects configurations it cannot run, naming the value") {
+  const models::ModelConfig shape = model_config("tiny-llama");
+  auto make = [&](EngineConfig config) { Engine engine(models::build(shape, kModelSeed), config); };
+  EngineConfig config = zo_config();
+  SECTION("eps") {
+    config.zo.eps = 0;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("zo eps = 0"));
+  }
+  SECTION("samples") {
+    config.zo.samples = 17;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("zo samples = 17") && Catch::Contains("1 to 16"));
+  }
+  SECTION("adagrad") {
+    config.optimizer.kind = OptimizerKind::kAdagrad;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("got adagrad"));
+  }
+  SECTION("gradient accumulation") {
+    config.grad_accumulation = 2;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("grad_accumulation = 2"));
+  }
+  SECTION("clipping") {
+    config.max_grad_norm = 1;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("max_grad_norm = 1"));
+  }
+  SECTION("nvme without a directory") {
+    config.zo.block_tier = Tier::kNvme;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("needs at least one NVMe directory"));
+  }
+  SECTION("host_blocks without nvme") {
+    config.zo.host_blocks = 2;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("only applies with block tier nvme"));
+  }
+  SECTION("window") {
+    config.zo.blocks_in_flight = 1;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("blocks_in_flight = 1"));
+  }
+  SECTION("first-order calls") {
+    Engine engine(models::build(shape, kModelSeed), config);
+    data::Batch batch = loader(1)->next();
+    CHECK_THROWS_WITH(engine.forward(batch), Catch::Contains("train_step"));
+    CHECK_THROWS_WITH(engine.step(), Catch::Contains("not available in zo2 mode"));
+  }
+}
