@@ -33,6 +33,8 @@ enum class Mode { kGpu, kZeroOffload, kZo2 };
 const char* to_string(Mode mode);
 Mode parse_mode(const std::string& name);  // "gpu", "zero-offload", "zo2"
 
+Tier parse_tier(const std::string& name);  // "gpu", "host", "nvme"
+
 enum class Precision { kF32, kBF16, kF16 };
 const char* to_string(Precision precision);
 Precision parse_precision(const std::string& name);  // "fp32", "bf16", "fp16"
@@ -82,8 +84,9 @@ struct ZoConfig {
   double eps = 1e-3;
   std::int64_t samples = 1;
   std::uint64_t seed = 0;
-  // Where the blocks' weights (and their optimizer states) live: host (pinned) or nvme. With
-  // nvme, the first `host_blocks` blocks stay in host memory; the stem and head stay on the GPU.
+  // Where the blocks' weights (and their optimizer states) live: host (pinned) or nvme, streamed
+  // through the device; or gpu, everything resident (MeZO's all-GPU setting, the baseline). With
+  // nvme, the first `host_blocks` blocks stay in host memory. The stem and head stay on the GPU.
   Tier block_tier = Tier::kHost;
   std::int64_t host_blocks = 0;
   // The stored weights' precision; default: the compute precision. fp32 storage under bf16/fp16

@@ -39,6 +39,9 @@ const Json& defaults() {
       {"keep_graph_blocks", 0},      {"seed", 1},               {"out", "runs/demo"},
       {"resume", "none"},            {"save_every", 0},         {"eval_problems", 100},
       {"log_every", 10},             {"demo_digits", 1},           {"trace", ""},
+      {"momentum", 0.0},             {"nvme", ""},              {"nvme_budget", "0"},
+      {"zo_eps", 1e-3},              {"zo_samples", 1},         {"zo_blocks", "host"},
+      {"zo_host_blocks", 0},         {"zo_storage", ""},        {"zo_window", 3},
   };
   return kDefaults;
 }
@@ -93,6 +96,18 @@ torch::Device pick_device(const std::string& name) {
   return torch::Device(name);
 }
 
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> items;
+  std::size_t start = 0;
+  while (start < text.size()) {
+    std::size_t comma = text.find(',', start);
+    if (comma == std::string::npos) comma = text.size();
+    if (comma > start) items.push_back(text.substr(start, comma - start));
+    start = comma + 1;
+  }
+  return items;
+}
+
 EngineConfig engine_config(const Json& job) {
   EngineConfig config;
   config.mode = parse_mode(job["mode"]);
@@ -111,6 +126,16 @@ EngineConfig engine_config(const Json& job) {
   config.max_grad_norm = job["max_grad_norm"];
   config.keep_graph_blocks = job["keep_graph_blocks"];
   config.trace = !job["trace"].get<std::string>().empty();
+  config.optimizer.momentum = job["momentum"];
+  config.nvme_directories = split_list(job["nvme"]);
+  config.nvme_budget_bytes = parse_bytes(job["nvme_budget"]);
+  config.zo.eps = job["zo_eps"];
+  config.zo.samples = job["zo_samples"];
+  config.zo.seed = job["seed"];
+  config.zo.block_tier = parse_tier(job["zo_blocks"]);
+  config.zo.host_blocks = job["zo_host_blocks"];
+  if (!job["zo_storage"].get<std::string>().empty()) config.zo.storage = parse_precision(job["zo_storage"]);
+  config.zo.blocks_in_flight = job["zo_window"];
   return config;
 }
 
@@ -258,6 +283,7 @@ int run_finetune(int argc, char** argv) {
     if (save_every > 0 && result->step % save_every == 0) save("every " + std::to_string(save_every) + " steps");
   }
   metrics.flush();
+  engine.flush();  // zo2 applies the last step's update (a no-op in the other modes)
   if (g_stop_requested) {
     save("interrupted");
     return 130;

@@ -32,6 +32,11 @@ Mode parse_mode(const std::string& name) {
   return parse_choice(name, "mode", kModes, to_string);
 }
 
+Tier parse_tier(const std::string& name) {
+  static const Tier kTiers[] = {Tier::kGpu, Tier::kHost, Tier::kNvme};
+  return parse_choice(name, "tier", kTiers, to_string);
+}
+
 const char* to_string(Precision precision) {
   switch (precision) {
     case Precision::kF32: return "fp32";

@@ -23,8 +23,7 @@ void validate_zo(const EngineConfig& config) {
               " is invalid: it must be a positive perturbation scale (MeZO uses 1e-3)");
   FERRY_CHECK(zo.samples >= 1 && zo.samples <= optim::kMaxZoSamples, "zo samples = ", zo.samples,
               " is invalid: use 1 to ", optim::kMaxZoSamples);
-  FERRY_CHECK(zo.block_tier == Tier::kHost || zo.block_tier == Tier::kNvme, "zo block tier ",
-              to_string(zo.block_tier), " is invalid: use host or nvme");
+
   FERRY_CHECK(zo.host_blocks >= 0, "zo host_blocks = ", zo.host_blocks, " is invalid: it must be >= 0");
   FERRY_CHECK(zo.block_tier == Tier::kNvme || zo.host_blocks == 0,
               "zo host_blocks = ", zo.host_blocks, " only applies with block tier nvme");
@@ -160,13 +159,14 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
       block_states = std::max(block_states, state_count * round_up(numel * 4));
       block_compute = std::max(block_compute, round_up(numel * compute_size));
     }
+    if (config.zo.block_tier == Tier::kGpu) block_bytes = block_states = 0;  // nothing streams
     const std::uint64_t in_flight = static_cast<std::uint64_t>(config.zo.blocks_in_flight);
     add(Tier::kGpu, "stem and head", resident + resident_states);
     add(Tier::kGpu, "stem and head compute copies", resident_compute);
     const std::uint64_t slots = std::min<std::uint64_t>(detail::kZoComputeSlots, parts.size() - 2);
     add(Tier::kGpu, "blocks in flight", in_flight * (block_bytes + block_states));
     add(Tier::kGpu, "block compute slots", slots * block_compute);
-    for (Tier tier : {Tier::kHost, Tier::kNvme}) {
+    for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
       add(tier, "block weights", home[static_cast<int>(tier)]);
       add(tier, "block optimizer states", home_states[static_cast<int>(tier)]);
     }

@@ -202,7 +202,7 @@ void Engine::Zo2::release_finished(std::size_t keep) {
 void Engine::Zo2::fetch_ahead(std::size_t p) {
   const auto window = static_cast<std::size_t>(config.zo.blocks_in_flight);
   for (; next_fetch < parts.size() && next_fetch < p + window; ++next_fetch) {
-    if (parts[next_fetch].kind != models::Part::kBlock) continue;
+    if (parts[next_fetch].kind != models::Part::kBlock || bundles[next_fetch].home == Tier::kGpu) continue;
     // Blocks already computed leave as their copies down finish; wait for the oldest only when
     // the block needed now has no room.
     release_finished(next_fetch == p ? window - 1 : SIZE_MAX);
@@ -267,13 +267,15 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context,
   for (std::size_t p = 0; p < parts.size(); ++p) {
     const Part& part = parts[p];
     const PartBundles& b = bundles[p];
-    const bool block = part.kind == models::Part::kBlock;
-    if (block) {
+    const bool streamed = part.kind == models::Part::kBlock && b.home != Tier::kGpu;
+    if (part.kind == models::Part::kBlock) {
+      detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
+    }
+    if (streamed) {
       fetch_ahead(p);
       FERRY_ASSERT(!in_flight.empty() && next_fetch > p, "block ", p, " was not fetched");
       for (const Fence& fence : fetches[p]) fence.wait();
       fetches[p].clear();
-      detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
     }
     std::optional<optim::ZoUpdate> update;
     if (pending) update = update_for(p);
@@ -298,7 +300,7 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context,
       for (BundleId id : b.states) store->mark_dirty(id, Tier::kGpu);
     }
     next_compute = p + 1;
-    if (block && update) {
+    if (streamed && update) {
       auto entry = std::find_if(in_flight.begin(), in_flight.end(),
                                 [p](const InFlight& candidate) { return candidate.part == p; });
       FERRY_ASSERT(entry != in_flight.end(), "block part ", p, " is not in flight");
