@@ -1,0 +1,3 @@
+#include <catch2/catch.hpp>
+#include "ferry/plan.h"
+TEST_CASE("placeholder") {}
