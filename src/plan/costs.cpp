@@ -24,7 +24,10 @@ PerToken per_token(const models::ModelConfig& config, const ActivationShape& sha
   const double q = static_cast<double>(config.num_heads * config.head_dim);
   const double a = static_cast<double>(config.num_heads);
   const double s = static_cast<double>(shape.seq);
-  const double attention_saved = shape.fused_attention ? e * q + 4 * a : 4 * a * s + (e < 4 ? e * a * s : 0);
+  // Materialized, torch::matmul folds its transposed operands (k^T, then v) into contiguous
+  // copies and saves those.
+  const double attention_saved =
+      shape.fused_attention ? e * q + 4 * a : 4 * a * s + (e < 4 ? e * a * s : 0) + 2 * e * q;
   const double attention_working =
       shape.fused_attention ? 5 * e * q : (4 + 2 * e) * a * s + 4 * e * q;
   PerToken out;
@@ -84,7 +87,9 @@ HeadCosts head_costs(const models::ModelConfig& config, const ActivationShape& s
   // causal_lm_loss: logits, their shifted copy, the fp32 copy (the logits themselves in fp32) and
   // the log-softmax that cross entropy saves; in backward the saved log-softmax, its gradient and
   // the gradient of its input.
-  costs.saved_bytes = times_tokens(4 * v, shape);
+  // The final norm's saved tensors (as a block's first norm) and the log-softmax.
+  const double h = static_cast<double>(config.hidden_size);
+  costs.saved_bytes = times_tokens(4 * v + (e < 4 ? 4 * h : 0) + e * h + (e < 4 ? 0 : 4 * h), shape);
   costs.forward_logits_bytes = times_tokens(2 * e * v + (e < 4 ? 4 * v : 0) + 4 * v, shape);
   costs.peak_bytes = std::max(costs.forward_logits_bytes, times_tokens(12 * v, shape));
   const double embed = static_cast<double>(config.embed_dim());

@@ -26,7 +26,7 @@ struct BlockCosts {
 };
 
 struct HeadCosts {
-  std::uint64_t saved_bytes = 0;  // kept from the loss's forward to its backward (log-softmax)
+  std::uint64_t saved_bytes = 0;  // kept from the head's forward to its backward (norm, log-softmax)
   std::uint64_t peak_bytes = 0;   // the most the head and loss hold at once, forward or backward
   std::uint64_t forward_logits_bytes = 0;  // logits and loss temporaries of a forward without a graph
   double forward_flops = 0;
