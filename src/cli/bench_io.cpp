@@ -12,6 +12,7 @@
 #include <iostream>
 
 #include "cli/command.h"
+#include "cli/measure.h"
 #include "ferry/io.h"
 #include "ferry/memory.h"
 
@@ -19,12 +20,6 @@ namespace ferry::cli {
 namespace {
 
 constexpr size_t kBaselineBlock = size_t{1} << 20;
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-double gbps(uint64_t bytes, double seconds) { return static_cast<double>(bytes) / seconds / 1e9; }
 
 // The baseline: one thread, one 1 MiB pread or pwrite after another, O_DIRECT.
 // Note: it walks through the whole buffer like the engine does. Reading into the same 1 MiB
@@ -48,31 +43,6 @@ double plain_loop_gbps(const std::string& path, IoOp op, char* buffer, size_t bu
   double seconds = seconds_since(start);
   ::close(fd);
   return gbps(file_bytes, seconds);
-}
-
-// Moves the whole file through the engine, `buffer_bytes` per request, all requests in
-// flight at once so the engine's queue depth is the only limit.
-double engine_gbps(IoEngine& engine, StripedFile& file, IoOp op, char* buffer,
-                   size_t buffer_bytes, uint64_t file_bytes) {
-  auto start = std::chrono::steady_clock::now();
-  std::vector<IoTicket> tickets;
-  for (uint64_t offset = 0; offset < file_bytes; offset += buffer_bytes) {
-    size_t length = static_cast<size_t>(std::min<uint64_t>(buffer_bytes, file_bytes - offset));
-    tickets.push_back(op == IoOp::kRead ? engine.read(file, offset, buffer, length)
-                                        : engine.write(file, offset, buffer, length));
-  }
-  for (const IoTicket& ticket : tickets) ticket.wait();
-  if (op == IoOp::kWrite) file.sync();
-  return gbps(file_bytes, seconds_since(start));
-}
-
-// The median of `repeat` runs: the disk behind a VM drifts from run to run.
-template <typename Measure>
-double median_gbps(unsigned repeat, Measure measure) {
-  std::vector<double> runs;
-  for (unsigned i = 0; i < repeat; ++i) runs.push_back(measure());
-  std::sort(runs.begin(), runs.end());
-  return runs[runs.size() / 2];
 }
 
 std::vector<size_t> parse_sizes(const std::vector<std::string>& texts) {
@@ -126,7 +96,7 @@ int run_bench_io(int argc, char** argv) {
               directory.c_str(), static_cast<double>(file_bytes) / (1 << 30));
   const unsigned repeat = std::max(1u, args["repeat"].as<unsigned>());
   auto baseline = [&](IoOp op) {
-    return median_gbps(repeat, [&] {
+    return median_of(repeat, [&] {
       return plain_loop_gbps(path, op, buffer.as<char>(), buffer_bytes, file_bytes);
     });
   };
@@ -150,7 +120,7 @@ int run_bench_io(int argc, char** argv) {
         auto file = StripedFile::open(Env::posix(), path, OpenMode::kReadWrite);
         Row row{io.backend.value(), depth, block, 0, 0};
         auto measure = [&](IoOp op) {
-          return median_gbps(repeat, [&] {
+          return median_of(repeat, [&] {
             return engine_gbps(*engine, *file, op, buffer.as<char>(), buffer_bytes, file_bytes);
           });
         };

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cli/command.h"
+#include "cli/measure.h"
 #include "ferry/check.h"
 #include "ferry/optim.h"
 
@@ -39,25 +40,6 @@ namespace {
 constexpr double kAdamWBytes = 28.0;
 // The finiteness pre-scan reads an fp32 gradient once more.
 constexpr double kAdamWWithScanBytes = 32.0;
-
-// Seconds of `repeats` runs of body after one untimed warm-up run, fastest first.
-std::vector<double> sorted_seconds(int repeats, const std::function<void()>& body) {
-  body();
-  std::vector<double> seconds;
-  for (int i = 0; i < repeats; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    body();
-    seconds.push_back(
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  }
-  std::sort(seconds.begin(), seconds.end());
-  return seconds;
-}
-
-double median_seconds(int repeats, const std::function<void()>& body) {
-  const std::vector<double> seconds = sorted_seconds(repeats, body);
-  return seconds[seconds.size() / 2];
-}
 
 // The bound: a loop with the optimizer's access pattern and almost none of its arithmetic,
 // p[i] += s * g[i], m[i] += s * g[i], v[i] += s * g[i], on as many threads. It moves the same

@@ -662,6 +662,11 @@ const PresetTable& presets() {
       {"gpt2-medium", [] { return gpt2(1024, 24, 16); }},
       {"gpt2-large", [] { return gpt2(1280, 36, 20); }},
       {"gpt2-xl", [] { return gpt2(1600, 48, 25); }},
+      // GPT-3 (Brown et al. 2020) is GPT-2's architecture at 2048 positions. The paper gives
+      // 13B a d_model of 5140, which 40 heads do not divide; Megatron-LM, ZeRO-Infinity and Fuyou
+      // run it with 5120.
+      {"gpt3-13b", [] { return gpt2(5120, 40, 40, 50257, 2048); }},
+      {"gpt3-175b", [] { return gpt2(12288, 96, 96, 50257, 2048); }},
       {"opt-125m", [] { return opt(768, 12, 12, 3072); }},
       {"opt-350m", [] { return with_projection(opt(1024, 24, 16, 4096), 512, false); }},
       {"opt-1.3b", [] { return opt(2048, 24, 32, 8192); }},

@@ -21,6 +21,9 @@ TEST_CASE("config: presets have the public architectures' parameter counts", "[c
   CHECK(preset("qwen2-7b").parameter_count() == 7615616512);
   // Planning a 175B model allocates nothing.
   CHECK(preset("opt-175b").parameter_count() > 174'000'000'000);
+  // GPT-3 as Megatron-LM counts it: 12 h^2 + 13 h per block, tied embeddings, 2048 positions.
+  CHECK(preset("gpt3-175b").parameter_count() == 174'604'259'328);
+  CHECK(preset("gpt3-13b").parameter_count() == 12'853'386'240);
   CHECK(preset("llama-1.3b").hidden_size == 2048);
   CHECK(preset("llama-2.7b").num_heads == 20);
 }

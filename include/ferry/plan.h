@@ -1,0 +1,172 @@
+#pragma once
+
+// The planner (DESIGN.md, layer 7): where every byte of a fine-tuning job lives and how long a
+// step takes, for a model that is never built, on hardware described by figures. It sizes the
+// tiers with the engine's own sizing (engine_demand), adds the activations, checks the budgets
+// and, when they do not hold, names the smallest changes that would make the job fit. The step
+// time comes from replaying one step's schedule, block by block, on six resources: GPU compute,
+// PCIe up, PCIe down, NVMe read, NVMe write and the CPU optimizer. See docs/plan.md.
+//
+//   ferry::PlanRequest request;
+//   request.model = ferry::models::preset("gpt3-175b");
+//   request.mode = ferry::PlanMode::kFuyou;
+//   request.hardware = ferry::hardware_preset("rtx4090-fuyou");
+//   ...
+//   ferry::Plan plan = ferry::make_plan(request);
+//   std::cout << ferry::format_plan(plan);
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ferry/engine.h"
+#include "ferry/model_config.h"
+
+namespace ferry {
+
+// --- hardware figures -------------------------------------------------------------------------
+
+struct NvmeFigures {
+  std::string directory;
+  double read_gbps = 0;   // GB/s (1e9 bytes) through ferry's I/O engine
+  double write_gbps = 0;
+};
+
+// What the cost model knows of a machine: achievable rates, measured by `ferry bench calibrate`
+// or taken from a preset or flags, never datasheet peaks unless a preset says so.
+struct Hardware {
+  std::string name;
+  // No CUDA device: the "GPU" tier is host memory, "PCIe" is a host memcpy and the matmul
+  // figures are the CPU's.
+  bool gpu_is_host = false;
+  std::uint64_t gpu_memory_bytes = 0;
+  double gpu_memory_gbps = 0;  // device memory bandwidth: elementwise work, the gpu mode's AdamW
+  double matmul_tflops_bf16 = 0;
+  double matmul_tflops_fp16 = 0;
+  double matmul_tflops_fp32 = 0;
+  double pcie_h2d_gbps = 0;
+  double pcie_d2h_gbps = 0;
+  std::vector<NvmeFigures> nvme;
+  // Whether NVMe reads and writes share the drives' time (a mixed load gets each rate for its
+  // share of the time, as flash does) or run side by side at full rate each.
+  bool nvme_shared = true;
+  double cpu_adam_params_per_s = 0;  // ferry's CPU AdamW, fp32 states, all cores
+  std::uint64_t host_memory_bytes = 0;
+
+  double matmul_tflops(Precision precision) const;
+  // The aggregate over `directories`, striped: the sum of their figures. A directory without a
+  // figure of its own counts as the mean of the known ones; none given: the sum of all known.
+  double nvme_read_gbps(const std::vector<std::string>& directories = {}) const;
+  double nvme_write_gbps(const std::vector<std::string>& directories = {}) const;
+
+  std::string to_json() const;
+  // Throws ferry::Error naming the file and the bad field.
+  static Hardware from_json(const std::string& text, const std::string& file);
+  static Hardware load(const std::string& path);
+  void save(const std::string& path) const;
+};
+
+// Named machines: "h100" (ferry's GPU machine, docs/benchmarks.md), "rtx4090-fuyou" (the server
+// of the Fuyou paper), "h100-zo2" (ZO2's). Throws, listing the valid names, for an unknown one.
+Hardware hardware_preset(const std::string& name);
+std::vector<std::string> hardware_preset_names();
+
+// --- the request ------------------------------------------------------------------------------
+
+// The engine's modes plus fuyou, which the planner sizes from issue 7's placement before the
+// engine runs it: parameters, fp32 master, m and v on NVMe, a bounded host staging cache, a
+// window of blocks on the GPU.
+enum class PlanMode { kGpu, kZeroOffload, kZo2, kFuyou };
+const char* to_string(PlanMode mode);
+PlanMode parse_plan_mode(const std::string& name);  // "gpu", "zero-offload", "zo2", "fuyou"
+
+// How attention keeps its scores: fused (SDPA flash / memory-efficient kernels: LibTorch >= 2 on
+// CUDA, no seq x seq tensor) or materialized (the scores and softmax in memory: ferry on
+// LibTorch 1.13, Hugging Face's eager attention).
+enum class AttentionKernel { kFused, kMaterialized };
+const char* to_string(AttentionKernel kernel);
+AttentionKernel parse_attention_kernel(const std::string& name);  // "fused", "materialized"
+AttentionKernel default_attention_kernel();  // what this build of ferry runs
+
+// What a block keeps between its forward and its backward, and on which tier. A recomputed block
+// keeps only its input (its checkpoint) and runs its forward again in backward; otherwise the
+// whole autograd graph is kept. Host and NVMe copies go down in forward and come back up before
+// the block's backward (fuyou swaps; the engine's offload_checkpoints is "recompute, host").
+struct BlockActivations {
+  bool recompute = true;
+  Tier tier = Tier::kGpu;
+  std::string describe() const;  // "recompute from gpu", "graph on nvme"
+};
+
+struct PlanRequest {
+  std::string model_name;  // for the report: the preset or directory
+  models::ModelConfig model;
+  PlanMode mode = PlanMode::kZeroOffload;
+  // Precision, budgets (0: unlimited), NVMe directories, optimizer, zo settings, grad_accumulation,
+  // max_grad_norm, keep_graph_blocks, offload_checkpoints: as the engine would get them. The
+  // mode field is ignored (mode above wins); device is ignored (hardware.gpu_is_host says).
+  EngineConfig engine;
+  std::int64_t batch = 1;  // sequences per micro-batch
+  std::int64_t seq = 1024;
+  AttentionKernel attention = default_attention_kernel();
+  // fuyou: choose each block's BlockActivations to minimise the step time within the budgets.
+  // Off, or in the other modes, engine.keep_graph_blocks and offload_checkpoints decide.
+  bool choose_activations = true;
+  Hardware hardware;
+};
+
+// --- the plan ---------------------------------------------------------------------------------
+
+enum class Resource { kCompute, kPcieUp, kPcieDown, kNvmeRead, kNvmeWrite, kCpuOptimizer };
+constexpr int kResourceCount = 6;
+const char* to_string(Resource resource);
+
+struct PlanItem {
+  Tier tier;
+  std::string role;  // "parameters", "fp32 master", "activation checkpoints", ...
+  std::uint64_t bytes;
+};
+
+// One span of the predicted step, for the Chrome trace.
+struct PlanSpan {
+  std::string name;  // "forward block.3", "NVMe read block.3 states", ...
+  Resource resource;
+  double start_s;
+  double end_s;
+};
+
+struct Plan {
+  PlanRequest request;
+  std::vector<PlanItem> items;  // by tier, activations included
+  std::uint64_t tier_bytes[kTierCount] = {0, 0, 0};  // the peak the plan predicts per tier
+  std::uint64_t tier_budget[kTierCount] = {0, 0, 0};  // 0: unlimited
+  bool fits = true;
+  std::vector<std::string> shortfalls;  // "gpu tier: needs 30.1 GiB, budget 24.0 GiB: 6.1 GiB short"
+  std::vector<std::string> fixes;       // the smallest changes that fit, best first
+
+  std::vector<BlockActivations> activations;  // one per block; empty for zo2 (no backward)
+  std::int64_t cached_blocks = 0;      // fuyou: blocks whose parameters the host cache keeps
+  std::uint64_t checkpoint_bytes = 0;  // one block's input, one micro-batch
+  std::uint64_t graph_bytes = 0;       // one block's kept autograd graph, one micro-batch
+
+  double step_seconds = 0;
+  double tokens_per_s = 0;
+  double model_tflops = 0;     // useful FLOPs / step time (6 N T first-order, 4 N T per zo sample)
+  double hardware_tflops = 0;  // FLOPs executed (recomputation and attention included) / step time
+  double busy_seconds[kResourceCount] = {0, 0, 0, 0, 0, 0};
+  std::uint64_t moved_bytes[kResourceCount] = {0, 0, 0, 0, 0, 0};  // per step; compute: 0
+  Resource bottleneck = Resource::kCompute;  // the resource busy longest
+  std::vector<PlanSpan> spans;
+};
+
+// Throws ferry::Error for a request the engine would reject (invalid shapes, settings, a mode
+// without the NVMe directories it needs, hardware figures that are missing).
+Plan make_plan(const PlanRequest& request);
+
+std::string format_plan(const Plan& plan);  // the table `ferry plan` prints
+std::string plan_to_json(const Plan& plan);
+// The predicted step as a Chrome trace, in the format of the engine's own traces (one track per
+// resource). Throws ferry::Error when the file cannot be written.
+void write_plan_trace(const Plan& plan, const std::string& path);
+
+}  // namespace ferry

@@ -1,0 +1,180 @@
+// `ferry plan`: where a job's bytes live, whether it fits, and the predicted step, for a model
+// that is never built (docs/plan.md).
+
+#include <cstdio>
+#include <cxxopts.hpp>
+#include <fstream>
+#include <iostream>
+
+#include "cli/command.h"
+#include "ferry/check.h"
+#include "ferry/fs.h"
+#include "ferry/memory.h"
+#include "ferry/plan.h"
+#include "ferry/system.h"
+
+namespace ferry::cli {
+namespace {
+
+constexpr const char* kDefaultCalibration = "ferry-calibration.json";
+
+models::ModelConfig resolve_model(const std::string& name) {
+  if (name.find('/') == std::string::npos) return models::preset(name);
+  FERRY_CHECK(fs::is_directory(name), "--model ", name,
+              " is neither a preset nor a directory with a Hugging Face config.json");
+  return models::ModelConfig::from_hf_file(name + "/config.json");
+}
+
+// Hardware figures: a preset (planning for another machine), else the calibration file, then the
+// flags on top.
+Hardware resolve_hardware(const cxxopts::ParseResult& args, const std::vector<std::string>& directories) {
+  Hardware hw;
+  if (args.count("hardware")) {
+    hw = hardware_preset(args["hardware"].as<std::string>());
+  } else {
+    const std::string path = args.count("calibration") ? args["calibration"].as<std::string>() : kDefaultCalibration;
+    FERRY_CHECK(args.count("calibration") || fs::exists(path),
+                "no hardware figures: measure this machine with `ferry bench calibrate` (it writes ",
+                kDefaultCalibration, "), pass --calibration FILE, or plan for a named machine with --hardware ",
+                [] {
+                  std::string names;
+                  for (const std::string& name : hardware_preset_names()) names += (names.empty() ? "" : "|") + name;
+                  return names;
+                }());
+    hw = Hardware::load(path);
+  }
+  auto override_figure = [&](const char* flag, double* figure) {
+    if (args.count(flag)) *figure = args[flag].as<double>();
+  };
+  override_figure("tflops-bf16", &hw.matmul_tflops_bf16);
+  override_figure("tflops-fp16", &hw.matmul_tflops_fp16);
+  override_figure("tflops-fp32", &hw.matmul_tflops_fp32);
+  override_figure("gpu-memory-gbps", &hw.gpu_memory_gbps);
+  override_figure("pcie-h2d-gbps", &hw.pcie_h2d_gbps);
+  override_figure("pcie-d2h-gbps", &hw.pcie_d2h_gbps);
+  override_figure("cpu-adam-params-per-s", &hw.cpu_adam_params_per_s);
+  if (args.count("gpu-memory")) hw.gpu_memory_bytes = parse_bytes(args["gpu-memory"].as<std::string>());
+  if (args.count("host-memory")) hw.host_memory_bytes = parse_bytes(args["host-memory"].as<std::string>());
+  // Aggregate NVMe figures are shared evenly by the directories they are given for.
+  if (args.count("nvme-read-gbps") || args.count("nvme-write-gbps")) {
+    std::vector<std::string> names = directories.empty() ? std::vector<std::string>{"nvme"} : directories;
+    const double read = args.count("nvme-read-gbps") ? args["nvme-read-gbps"].as<double>() : hw.nvme_read_gbps(directories);
+    const double write = args.count("nvme-write-gbps") ? args["nvme-write-gbps"].as<double>() : hw.nvme_write_gbps(directories);
+    hw.nvme.clear();
+    for (const std::string& name : names) {
+      hw.nvme.push_back({name, read / static_cast<double>(names.size()), write / static_cast<double>(names.size())});
+    }
+  }
+  return hw;
+}
+
+// Planning for this machine, the NVMe directories must exist, and their free space bounds the
+// NVMe tier unless a budget says less.
+void check_directories(PlanRequest* request) {
+  std::uint64_t free_bytes = 0;
+  for (const std::string& directory : request->engine.nvme_directories) {
+    const DiskTierInfo disk = probe_disk_tier(directory);
+    FERRY_CHECK(disk.exists, "NVMe directory '", directory,
+                "' does not exist: create it (mkdir -p) or pass another --nvme directory");
+    free_bytes += disk.free_bytes;
+  }
+  if (!request->engine.nvme_directories.empty() &&
+      (request->engine.nvme_budget_bytes == 0 || request->engine.nvme_budget_bytes > free_bytes)) {
+    request->engine.nvme_budget_bytes = free_bytes;
+  }
+}
+
+int run_plan(int argc, char** argv) {
+  cxxopts::Options options(argv[0], "Plan a fine-tuning job: bytes per tier, fit, predicted step time");
+  options.add_options()
+      ("model", "preset or Hugging Face directory", cxxopts::value<std::string>()->default_value("llama-7b"))
+      ("mode", "gpu, zero-offload, zo2 or fuyou", cxxopts::value<std::string>()->default_value("zero-offload"))
+      ("precision", "fp32, bf16 or fp16", cxxopts::value<std::string>()->default_value("bf16"))
+      ("batch", "sequences per micro-batch", cxxopts::value<std::int64_t>()->default_value("8"))
+      ("seq", "sequence length", cxxopts::value<std::int64_t>()->default_value("1024"))
+      ("grad-accum", "micro-batches per step", cxxopts::value<std::int64_t>()->default_value("1"))
+      ("gpu-budget", "GPU tier budget (0: the GPU's memory)", cxxopts::value<std::string>()->default_value("0"))
+      ("host-budget", "host tier budget (0: the host's memory)", cxxopts::value<std::string>()->default_value("0"))
+      ("nvme-budget", "NVMe tier budget (0: the directories' free space)", cxxopts::value<std::string>()->default_value("0"))
+      ("nvme", "NVMe directories, comma-separated", cxxopts::value<std::vector<std::string>>())
+      ("optimizer", "adamw, adam, sgd or adagrad", cxxopts::value<std::string>()->default_value("adamw"))
+      ("momentum", "sgd momentum (a state per parameter when > 0)", cxxopts::value<double>()->default_value("0"))
+      ("max-grad-norm", "global-norm clipping (0: off); on, updates wait for backward", cxxopts::value<double>()->default_value("0"))
+      ("keep-graph-blocks", "gpu/zero-offload: blocks that keep their graph", cxxopts::value<std::int64_t>()->default_value("0"))
+      ("offload-checkpoints", "gpu/zero-offload: checkpoints in host memory")
+      ("fixed-activations", "fuyou: use --keep-graph-blocks/--offload-checkpoints instead of choosing")
+      ("zo-samples", "zo2: perturbations per step", cxxopts::value<std::int64_t>()->default_value("1"))
+      ("zo-block-tier", "zo2: where blocks live, host or nvme", cxxopts::value<std::string>()->default_value("host"))
+      ("zo-host-blocks", "zo2 with nvme: blocks kept in host memory", cxxopts::value<std::int64_t>()->default_value("0"))
+      ("zo-blocks-in-flight", "zo2: blocks on the device at once", cxxopts::value<std::int64_t>()->default_value("3"))
+      ("attention", "fused or materialized (default: what this build runs)", cxxopts::value<std::string>())
+      ("hardware", "plan for a named machine instead of this one", cxxopts::value<std::string>())
+      ("calibration", "hardware figures from `ferry bench calibrate`", cxxopts::value<std::string>())
+      ("tflops-bf16", "dense bf16 matmul TFLOPS", cxxopts::value<double>())
+      ("tflops-fp16", "dense fp16 matmul TFLOPS", cxxopts::value<double>())
+      ("tflops-fp32", "dense fp32 matmul TFLOPS", cxxopts::value<double>())
+      ("gpu-memory", "GPU memory", cxxopts::value<std::string>())
+      ("gpu-memory-gbps", "GPU memory bandwidth, GB/s", cxxopts::value<double>())
+      ("pcie-h2d-gbps", "host-to-device GB/s", cxxopts::value<double>())
+      ("pcie-d2h-gbps", "device-to-host GB/s", cxxopts::value<double>())
+      ("nvme-read-gbps", "NVMe read GB/s over all directories", cxxopts::value<double>())
+      ("nvme-write-gbps", "NVMe write GB/s over all directories", cxxopts::value<double>())
+      ("cpu-adam-params-per-s", "CPU AdamW parameters per second", cxxopts::value<double>())
+      ("host-memory", "host memory", cxxopts::value<std::string>())
+      ("json", "print the plan as JSON")
+      ("simulate", "write the predicted step as a Chrome trace", cxxopts::value<std::string>())
+      ("h,help", "show this help");
+  auto args = options.parse(argc, argv);
+  if (args.count("help")) {
+    std::cout << options.help() << "\n";
+    return 0;
+  }
+
+  PlanRequest request;
+  request.model_name = args["model"].as<std::string>();
+  request.model = resolve_model(request.model_name);
+  request.mode = parse_plan_mode(args["mode"].as<std::string>());
+  request.batch = args["batch"].as<std::int64_t>();
+  request.seq = args["seq"].as<std::int64_t>();
+  EngineConfig& config = request.engine;
+  config.precision = parse_precision(args["precision"].as<std::string>());
+  config.gpu_budget_bytes = parse_bytes(args["gpu-budget"].as<std::string>());
+  config.host_budget_bytes = parse_bytes(args["host-budget"].as<std::string>());
+  config.nvme_budget_bytes = parse_bytes(args["nvme-budget"].as<std::string>());
+  if (args.count("nvme")) config.nvme_directories = args["nvme"].as<std::vector<std::string>>();
+  config.optimizer.kind = parse_optimizer(args["optimizer"].as<std::string>());
+  config.optimizer.momentum = args["momentum"].as<double>();
+  config.grad_accumulation = args["grad-accum"].as<std::int64_t>();
+  config.max_grad_norm = args["max-grad-norm"].as<double>();
+  config.keep_graph_blocks = args["keep-graph-blocks"].as<std::int64_t>();
+  config.offload_checkpoints = args.count("offload-checkpoints") > 0;
+  config.zo.samples = args["zo-samples"].as<std::int64_t>();
+  config.zo.block_tier = args["zo-block-tier"].as<std::string>() == "nvme" ? Tier::kNvme : Tier::kHost;
+  FERRY_CHECK(args["zo-block-tier"].as<std::string>() == "nvme" || args["zo-block-tier"].as<std::string>() == "host",
+              "--zo-block-tier ", args["zo-block-tier"].as<std::string>(), " is invalid: use host or nvme");
+  config.zo.host_blocks = args["zo-host-blocks"].as<std::int64_t>();
+  config.zo.blocks_in_flight = args["zo-blocks-in-flight"].as<std::int64_t>();
+  request.choose_activations = args.count("fixed-activations") == 0;
+  if (args.count("attention")) request.attention = parse_attention_kernel(args["attention"].as<std::string>());
+  request.hardware = resolve_hardware(args, config.nvme_directories);
+  if (!args.count("hardware")) check_directories(&request);
+
+  const Plan plan = make_plan(request);
+  if (args.count("json")) {
+    std::cout << plan_to_json(plan);
+  } else {
+    std::cout << format_plan(plan);
+  }
+  if (args.count("simulate")) {
+    write_plan_trace(plan, args["simulate"].as<std::string>());
+    std::cerr << "predicted step written to " << args["simulate"].as<std::string>()
+              << " (chrome://tracing or ui.perfetto.dev)\n";
+  }
+  return plan.fits ? 0 : 3;
+}
+
+}  // namespace
+
+FERRY_CLI_COMMAND("plan", "bytes per tier, fit and predicted step time of a job, without building it", run_plan);
+
+}  // namespace ferry::cli

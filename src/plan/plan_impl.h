@@ -1,0 +1,47 @@
+#pragma once
+
+// The planner's pieces: sizing the tiers for a placement of the activations (placement.cpp) and
+// replaying one step on the six resources (schedule.cpp). make_plan (plan.cpp) searches over
+// placements and alternatives with them.
+
+#include <cstdint>
+#include <vector>
+
+#include "ferry/plan.h"
+#include "plan/costs.h"
+
+namespace ferry::detail {
+
+std::uint64_t compute_element_size(Precision precision);
+
+// The request's activations as the engine places them: the last keep_graph_blocks blocks keep
+// their graph on the GPU, the others recompute from a checkpoint on the GPU, or on the host with
+// offload_checkpoints. Empty for zo2.
+std::vector<BlockActivations> engine_activations(const PlanRequest& request);
+
+// The tier's limit: the budget, or what the hardware has when the budget is 0 (NVMe: unlimited).
+std::uint64_t tier_limit(const PlanRequest& request, Tier tier);
+
+struct Sizing {
+  std::vector<PlanItem> items;
+  std::uint64_t tier_bytes[kTierCount] = {0, 0, 0};
+  std::vector<BlockActivations> activations;
+  std::int64_t cached_blocks = 0;  // fuyou: blocks whose parameters stay in the host cache
+  BlockCosts block;
+  HeadCosts head;
+};
+
+// Throws ferry::Error for settings the engine would reject.
+Sizing size_tiers(const PlanRequest& request, const std::vector<BlockActivations>& activations);
+
+struct StepPrediction {
+  double step_seconds = 0;
+  double executed_flops = 0;  // recomputation and attention included
+  double busy_seconds[kResourceCount] = {0, 0, 0, 0, 0, 0};
+  std::uint64_t moved_bytes[kResourceCount] = {0, 0, 0, 0, 0, 0};
+  std::vector<PlanSpan> spans;
+};
+
+StepPrediction predict_step(const PlanRequest& request, const Sizing& sizing);
+
+}  // namespace ferry::detail

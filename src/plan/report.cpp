@@ -1,0 +1,210 @@
+// The plan as a table, as JSON, and as the Chrome trace of the predicted step.
+
+#include <cstdarg>
+#include <cstdio>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+#include <torch/version.h>
+
+#include "ferry/check.h"
+#include "ferry/memory.h"
+#include "ferry/plan.h"
+
+namespace ferry {
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+std::string printf_string(const char* format, ...) __attribute__((format(printf, 1, 2)));
+std::string printf_string(const char* format, ...) {
+  char text[512];
+  va_list args;
+  va_start(args, format);
+  std::vsnprintf(text, sizeof text, format, args);
+  va_end(args);
+  return text;
+}
+
+// "blocks 0-41 recompute from nvme, blocks 42-95 graph on host"
+std::string describe_activations(const std::vector<BlockActivations>& blocks) {
+  std::string text;
+  for (std::size_t begin = 0; begin < blocks.size();) {
+    std::size_t end = begin;
+    const std::string what = blocks[begin].describe();
+    while (end + 1 < blocks.size() && blocks[end + 1].describe() == what) ++end;
+    text += (text.empty() ? "" : ", ") +
+            (begin == end ? "block " + std::to_string(begin)
+                          : "blocks " + std::to_string(begin) + "-" + std::to_string(end)) +
+            " " + what;
+    begin = end + 1;
+  }
+  return text;
+}
+
+}  // namespace
+
+const char* to_string(PlanMode mode) {
+  switch (mode) {
+    case PlanMode::kGpu: return "gpu";
+    case PlanMode::kZeroOffload: return "zero-offload";
+    case PlanMode::kZo2: return "zo2";
+    case PlanMode::kFuyou: return "fuyou";
+  }
+  return "?";
+}
+
+PlanMode parse_plan_mode(const std::string& name) {
+  for (PlanMode mode : {PlanMode::kGpu, PlanMode::kZeroOffload, PlanMode::kZo2, PlanMode::kFuyou}) {
+    if (name == to_string(mode)) return mode;
+  }
+  FERRY_CHECK(false, "unknown mode '", name, "' (valid: gpu, zero-offload, zo2, fuyou)");
+  return PlanMode::kGpu;
+}
+
+const char* to_string(AttentionKernel kernel) {
+  return kernel == AttentionKernel::kFused ? "fused" : "materialized";
+}
+
+AttentionKernel parse_attention_kernel(const std::string& name) {
+  if (name == "fused") return AttentionKernel::kFused;
+  FERRY_CHECK(name == "materialized", "unknown attention kernel '", name, "' (valid: fused, materialized)");
+  return AttentionKernel::kMaterialized;
+}
+
+// Note: LibTorch 2 runs SDPA, whose CUDA kernels keep no seq x seq scores; ferry on LibTorch
+// 1.13 computes attention plainly (src/model/model.cpp).
+AttentionKernel default_attention_kernel() {
+  return TORCH_VERSION_MAJOR >= 2 ? AttentionKernel::kFused : AttentionKernel::kMaterialized;
+}
+
+const char* to_string(Resource resource) {
+  switch (resource) {
+    case Resource::kCompute: return "GPU compute";
+    case Resource::kPcieUp: return "PCIe up";
+    case Resource::kPcieDown: return "PCIe down";
+    case Resource::kNvmeRead: return "NVMe read";
+    case Resource::kNvmeWrite: return "NVMe write";
+    case Resource::kCpuOptimizer: return "CPU optimizer";
+  }
+  return "?";
+}
+
+std::string BlockActivations::describe() const {
+  return std::string(recompute ? "recompute from " : "graph on ") + to_string(tier);
+}
+
+std::string format_plan(const Plan& plan) {
+  const PlanRequest& request = plan.request;
+  const std::int64_t tokens = request.batch * request.seq * request.engine.grad_accumulation;
+  std::string out = printf_string(
+      "plan: %s (%.2fB parameters), %s mode, %s, batch %lld x seq %lld x %lld micro-batches = %lld "
+      "tokens/step, attention %s\n",
+      request.model_name.empty() ? request.model.model_type.c_str() : request.model_name.c_str(),
+      static_cast<double>(request.model.parameter_count()) / 1e9, to_string(request.mode),
+      to_string(request.engine.precision), static_cast<long long>(request.batch),
+      static_cast<long long>(request.seq), static_cast<long long>(request.engine.grad_accumulation),
+      static_cast<long long>(tokens), to_string(request.attention));
+  out += "hardware: " + request.hardware.name + (request.hardware.gpu_is_host ? " (no GPU: the GPU tier is host memory)" : "") + "\n\n";
+  out += printf_string("%-5s %-36s %12s\n", "tier", "role", "bytes");
+  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
+    const int t = static_cast<int>(tier);
+    for (const PlanItem& item : plan.items) {
+      if (item.tier == tier) {
+        out += printf_string("%-5s %-36s %12s\n", to_string(tier), item.role.c_str(), format_bytes(item.bytes).c_str());
+      }
+    }
+    const bool over = plan.tier_budget[t] > 0 && plan.tier_bytes[t] > plan.tier_budget[t];
+    out += printf_string("%-5s %-36s %12s  limit %s%s\n\n", to_string(tier), "total",
+                         format_bytes(plan.tier_bytes[t]).c_str(),
+                         plan.tier_budget[t] ? format_bytes(plan.tier_budget[t]).c_str() : "none",
+                         over ? "  OVER" : "");
+  }
+  if (!plan.activations.empty()) {
+    out += printf_string("activations: %s (checkpoint %s, graph %s per block)\n",
+                         describe_activations(plan.activations).c_str(),
+                         format_bytes(plan.checkpoint_bytes).c_str(), format_bytes(plan.graph_bytes).c_str());
+  }
+  if (request.mode == PlanMode::kFuyou) {
+    out += printf_string("host parameter cache: %lld of %lld blocks\n", static_cast<long long>(plan.cached_blocks),
+                         static_cast<long long>(request.model.num_layers));
+  }
+  out += printf_string("\nstep %.3f s, %.0f tokens/s, %.1f model TFLOPS (%.1f executed, recomputation included)\n",
+                       plan.step_seconds, plan.tokens_per_s, plan.model_tflops, plan.hardware_tflops);
+  out += printf_string("%-14s %9s %7s %12s\n", "resource", "busy s", "of step", "moved");
+  for (int r = 0; r < kResourceCount; ++r) {
+    if (plan.busy_seconds[r] == 0) continue;
+    out += printf_string("%-14s %9.3f %6.0f%% %12s\n", to_string(static_cast<Resource>(r)), plan.busy_seconds[r],
+                         100 * plan.busy_seconds[r] / plan.step_seconds,
+                         plan.moved_bytes[r] ? format_bytes(plan.moved_bytes[r]).c_str() : "");
+  }
+  out += std::string("bottleneck: ") + to_string(plan.bottleneck) + "\n";
+  if (!plan.fits) {
+    out += "\nDOES NOT FIT:\n";
+    for (const std::string& shortfall : plan.shortfalls) out += "  " + shortfall + "\n";
+    out += "what would fit:\n";
+    for (const std::string& fix : plan.fixes) out += "  - " + fix + "\n";
+  }
+  return out;
+}
+
+std::string plan_to_json(const Plan& plan) {
+  const PlanRequest& request = plan.request;
+  Json out;
+  out["model"] = {{"name", request.model_name},
+                  {"model_type", request.model.model_type},
+                  {"parameters", request.model.parameter_count()},
+                  {"blocks", request.model.num_layers},
+                  {"hidden_size", request.model.hidden_size}};
+  out["mode"] = to_string(request.mode);
+  out["precision"] = to_string(request.engine.precision);
+  out["batch"] = request.batch;
+  out["seq"] = request.seq;
+  out["grad_accumulation"] = request.engine.grad_accumulation;
+  out["attention"] = to_string(request.attention);
+  out["hardware"] = Json::parse(request.hardware.to_json());
+  out["items"] = Json::array();
+  for (const PlanItem& item : plan.items) {
+    out["items"].push_back({{"tier", to_string(item.tier)}, {"role", item.role}, {"bytes", item.bytes}});
+  }
+  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
+    const int t = static_cast<int>(tier);
+    out["tiers"][to_string(tier)] = {{"bytes", plan.tier_bytes[t]}, {"limit", plan.tier_budget[t]}};
+  }
+  out["fits"] = plan.fits;
+  out["shortfalls"] = plan.shortfalls;
+  out["fixes"] = plan.fixes;
+  out["activations"] = Json::array();
+  for (const BlockActivations& block : plan.activations) out["activations"].push_back(block.describe());
+  out["checkpoint_bytes"] = plan.checkpoint_bytes;
+  out["graph_bytes"] = plan.graph_bytes;
+  out["cached_blocks"] = plan.cached_blocks;
+  out["step_seconds"] = plan.step_seconds;
+  out["tokens_per_s"] = plan.tokens_per_s;
+  out["model_tflops"] = plan.model_tflops;
+  out["hardware_tflops"] = plan.hardware_tflops;
+  for (int r = 0; r < kResourceCount; ++r) {
+    out["resources"][to_string(static_cast<Resource>(r))] = {{"busy_seconds", plan.busy_seconds[r]},
+                                                              {"moved_bytes", plan.moved_bytes[r]}};
+  }
+  out["bottleneck"] = to_string(plan.bottleneck);
+  return out.dump(2) + "\n";
+}
+
+void write_plan_trace(const Plan& plan, const std::string& path) {
+  Json events = Json::array();
+  for (int r = 0; r < kResourceCount; ++r) {
+    events.push_back({{"ph", "M"}, {"name", "thread_name"}, {"pid", 1}, {"tid", r},
+                      {"args", {{"name", to_string(static_cast<Resource>(r))}}}});
+  }
+  for (const PlanSpan& span : plan.spans) {
+    events.push_back({{"ph", "X"}, {"name", span.name}, {"cat", to_string(span.resource)}, {"pid", 1},
+                      {"tid", static_cast<int>(span.resource)}, {"ts", span.start_s * 1e6},
+                      {"dur", (span.end_s - span.start_s) * 1e6}});
+  }
+  std::ofstream out(path);
+  out << Json{{"traceEvents", events}, {"displayTimeUnit", "ms"}}.dump() << "\n";
+  FERRY_CHECK(out.good(), "cannot write the predicted trace to '", path, "'");
+}
+
+}  // namespace ferry

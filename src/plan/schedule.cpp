@@ -1,0 +1,382 @@
+// One step replayed on six resources. A task starts once its inputs are ready, in the first gap
+// of its resource that holds it: transfers and updates are issued ahead with many in flight, so
+// a task that waits for its inputs does not hold back one queued after it that is ready. The step
+// ends with its last task; the bottleneck is the resource busy longest.
+
+#include <algorithm>
+#include <string>
+
+#include "engine/sizing.h"
+#include "engine/update.h"
+#include "ferry/check.h"
+#include "plan/plan_impl.h"
+
+namespace ferry::detail {
+namespace {
+
+// Note: elementwise work (norms, activations, residual adds, casts) is memory-bound. Each tensor
+// autograd saves is written once and read about once more in forward; backward moves twice that.
+constexpr double kForwardTrafficPerSavedByte = 2.0;
+// The three passes of zo2's fused kernel over a block (update and +eps z, -2 eps z, +eps z back),
+// each reading and writing the stored weights and the compute copy.
+constexpr double kZoWeightPasses = 3.0;
+
+class Timeline {
+ public:
+  // With shared NVMe, reads and writes take turns on the drives as one resource.
+  Timeline(StepPrediction* out, bool nvme_shared) : out_(out), nvme_shared_(nvme_shared) {}
+
+  // Tasks from now on belong to step `step`; only step `recorded` goes into the prediction.
+  void begin_step(int step, int recorded) {
+    step_ = step;
+    recording_ = step == recorded;
+    step_end_.push_back(0);
+  }
+  double step_end(int step) const { return step_end_[static_cast<std::size_t>(step)]; }
+
+  double run(Resource resource, double ready, double seconds, std::string name,
+             std::uint64_t bytes = 0) {
+    const int r = static_cast<int>(resource);
+    const int queue = nvme_shared_ && resource == Resource::kNvmeWrite ? static_cast<int>(Resource::kNvmeRead) : r;
+    std::vector<Interval>& busy = busy_[queue];
+    // The intervals are disjoint and sorted, so their ends are sorted too.
+    auto at = std::upper_bound(busy.begin(), busy.end(), ready,
+                               [](double t, const Interval& interval) { return t < interval.end; });
+    double start = ready;
+    for (; at != busy.end() && at->start < start + seconds; ++at) start = std::max(start, at->end);
+    busy.insert(at, {start, start + seconds});
+    step_end_.back() = std::max(step_end_.back(), start + seconds);
+    if (recording_) {
+      out_->busy_seconds[r] += seconds;
+      out_->moved_bytes[r] += bytes;
+      out_->spans.push_back({std::move(name), resource, start, start + seconds});
+    }
+    return start + seconds;
+  }
+
+ private:
+  struct Interval {
+    double start;
+    double end;
+  };
+  StepPrediction* out_;
+  const bool nvme_shared_;
+  std::vector<Interval> busy_[kResourceCount];
+  std::vector<double> step_end_;
+  int step_ = 0;
+  bool recording_ = false;
+};
+
+class StepBuilder {
+ public:
+  StepBuilder(const PlanRequest& request, const Sizing& sizing)
+      : request_(request), sizing_(sizing), hw_(request.hardware), timeline_(&out_, request.hardware.nvme_shared),
+        parts_(part_shapes(request.model)),
+        e_(compute_element_size(request.engine.precision)),
+        tflops_(hw_.matmul_tflops(request.engine.precision)) {
+    const EngineConfig& config = request.engine;
+    states_ = static_cast<std::uint64_t>(optimizer_state_count(config.optimizer));
+    master_ = config.precision != Precision::kF32 ? 1 : 0;
+    // Clipping and loss scaling hold every update until backward has measured all gradients.
+    deferred_ = config.max_grad_norm > 0 ||
+                (request.mode != PlanMode::kZo2 &&
+                 config.loss_scale.enabled.value_or(config.precision == Precision::kF16));
+    const double gpu_bw = hw_.gpu_memory_gbps * 1e9;
+    block_forward_s_ = sizing.block.forward_flops / (tflops_ * 1e12) +
+                       kForwardTrafficPerSavedByte * static_cast<double>(sizing.block.graph_bytes) / gpu_bw;
+    head_forward_s_ = sizing.head.forward_flops / (tflops_ * 1e12) +
+                      static_cast<double>(sizing.head.forward_logits_bytes) / gpu_bw;
+    head_backward_s_ = 2 * sizing.head.forward_flops / (tflops_ * 1e12) +
+                       static_cast<double>(sizing.head.peak_bytes) / gpu_bw;
+    // The stem's backward scatters into a dense embedding gradient.
+    stem_backward_s_ = static_cast<double>(parts_.front().numel * e_) / gpu_bw;
+  }
+
+  // Note: steps overlap. zero-offload's last uploads, fuyou's last write-backs and zo2's last
+  // offloads run while the next step starts, as far as each part's next use allows. So three
+  // steps are replayed back to back, each part's next use waiting for its update, and the period
+  // is measured between the ends of the first and the third; the middle one is reported.
+  StepPrediction build() {
+    params_ready_.assign(parts_.size(), 0);
+    states_ready_.assign(parts_.size(), 0);
+    for (int step = 0; step < 3; ++step) {
+      timeline_.begin_step(step, 1);
+      executed_flops_ = 0;
+      switch (request_.mode) {
+        case PlanMode::kGpu:
+        case PlanMode::kZeroOffload: first_order_in_core(); break;
+        case PlanMode::kZo2: zeroth_order(); break;
+        case PlanMode::kFuyou: fuyou(); break;
+      }
+    }
+    out_.executed_flops = executed_flops_;
+    out_.step_seconds = (timeline_.step_end(2) - timeline_.step_end(0)) / 2;
+    const double origin = out_.spans.empty() ? 0 : std::min_element(out_.spans.begin(), out_.spans.end(),
+        [](const PlanSpan& a, const PlanSpan& b) { return a.start_s < b.start_s; })->start_s;
+    for (PlanSpan& span : out_.spans) {
+      span.start_s -= origin;
+      span.end_s -= origin;
+    }
+    return out_;
+  }
+
+ private:
+  std::size_t blocks() const { return parts_.size() - 2; }
+  std::uint64_t numel(std::size_t part) const { return static_cast<std::uint64_t>(parts_[part].numel); }
+  const BlockActivations& activations(std::size_t block) const { return sizing_.activations[block]; }
+  std::uint64_t activation_bytes(std::size_t block) const {
+    return activations(block).recompute ? sizing_.block.checkpoint_bytes : sizing_.block.graph_bytes;
+  }
+
+  double seconds(Resource resource, std::uint64_t bytes) const {
+    const double b = static_cast<double>(bytes);
+    switch (resource) {
+      case Resource::kPcieUp: return b / (hw_.pcie_h2d_gbps * 1e9);
+      case Resource::kPcieDown: return b / (hw_.pcie_d2h_gbps * 1e9);
+      case Resource::kNvmeRead: return b / (hw_.nvme_read_gbps(request_.engine.nvme_directories) * 1e9);
+      case Resource::kNvmeWrite: return b / (hw_.nvme_write_gbps(request_.engine.nvme_directories) * 1e9);
+      case Resource::kCompute: return b / (hw_.gpu_memory_gbps * 1e9);
+      case Resource::kCpuOptimizer: break;
+    }
+    FERRY_ASSERT(false, "no byte rate for ", to_string(resource));
+    return 0;
+  }
+
+  double move(Resource resource, double ready, std::uint64_t bytes, std::string name) {
+    return timeline_.run(resource, ready, seconds(resource, bytes), std::move(name), bytes);
+  }
+
+  // One stream: compute runs in the order it is issued.
+  double compute(double ready, double seconds, double flops, std::string name) {
+    executed_flops_ += flops;
+    compute_end_ = timeline_.run(Resource::kCompute, std::max(ready, compute_end_), seconds, std::move(name));
+    return compute_end_;
+  }
+
+  double forward_block(double ready, std::size_t block, const std::string& what) {
+    return compute(ready, block_forward_s_, sizing_.block.forward_flops,
+                   what + " block." + std::to_string(block));
+  }
+
+  double backward_block(double ready, std::size_t block) {
+    const bool recompute = activations(block).recompute;
+    return compute(ready, (recompute ? 3 : 2) * block_forward_s_,
+                   (recompute ? 3 : 2) * sizing_.block.forward_flops,
+                   std::string(recompute ? "recompute and backward" : "backward") + " block." +
+                       std::to_string(block));
+  }
+
+  double head(double ready) {
+    return compute(ready, head_forward_s_ + head_backward_s_, 3 * sizing_.head.forward_flops,
+                   "forward and backward head");
+  }
+
+  double cpu_update(double ready, std::size_t part) {
+    return timeline_.run(Resource::kCpuOptimizer, ready,
+                         static_cast<double>(numel(part)) / hw_.cpu_adam_params_per_s,
+                         "optimizer " + parts_[part].name);
+  }
+
+  std::uint64_t optimizer_bytes(std::size_t part) const { return (master_ + states_) * 4 * numel(part); }
+
+  // gpu and zero-offload: parameters stay on the device. zero-offload sends each part's gradients
+  // down as its backward ends, updates it on the CPU and sends the parameters back up.
+  void first_order_in_core() {
+    const bool offloaded = request_.mode == PlanMode::kZeroOffload;
+    const std::int64_t micro_batches = request_.engine.grad_accumulation;
+    std::vector<double> down(parts_.size(), 0), checkpoint_down(blocks(), 0);
+    double c = 0;
+    for (std::int64_t micro = 0; micro < micro_batches; ++micro) {
+      const bool last = micro + 1 == micro_batches;
+      c = compute(std::max(c, params_ready_[0]), 0, 0, "forward stem");
+      for (std::size_t i = 0; i < blocks(); ++i) {
+        c = forward_block(std::max(c, params_ready_[i + 1]), i, "forward");
+        if (activations(i).tier == Tier::kHost) {
+          checkpoint_down[i] = move(Resource::kPcieDown, c, activation_bytes(i),
+                                    "checkpoint down block." + std::to_string(i));
+        }
+      }
+      c = head(std::max(c, params_ready_.back()));
+      auto finished = [&](std::size_t part, double at) {
+        if (!offloaded) return;
+        down[part] = move(Resource::kPcieDown, at, numel(part) * e_, "gradients down " + parts_[part].name);
+        if (last && !deferred_) update_in_place(part, down[part]);
+      };
+      finished(parts_.size() - 1, c);
+      for (std::size_t i = blocks(); i-- > 0;) {
+        double ready = c;
+        if (activations(i).tier == Tier::kHost) {
+          // The engine copies a checkpoint up when the block's backward starts, not ahead.
+          ready = move(Resource::kPcieUp, std::max(c, checkpoint_down[i]), activation_bytes(i),
+                       "checkpoint up block." + std::to_string(i));
+        }
+        c = backward_block(ready, i);
+        finished(i + 1, c);
+      }
+      c = compute(c, stem_backward_s_, 0, "backward stem");
+      finished(0, c);
+    }
+    if (!offloaded) {
+      // torch's fused AdamW on the device: memory-bound, reading and writing parameters, master
+      // and states and reading the gradients.
+      std::uint64_t bytes = 0;
+      for (std::size_t part = 0; part < parts_.size(); ++part) {
+        bytes += numel(part) * (3 * e_ + 2 * 4 * (master_ + states_));
+      }
+      compute(c, seconds(Resource::kCompute, bytes), 0, "optimizer (device)");
+    } else if (deferred_) {
+      const double all_down = std::max(c, *std::max_element(down.begin(), down.end()));
+      for (std::size_t part = parts_.size(); part-- > 0;) update_in_place(part, all_down);
+    }
+  }
+
+  void update_in_place(std::size_t part, double ready) {
+    const double updated = cpu_update(ready, part);
+    params_ready_[part] = move(Resource::kPcieUp, updated, numel(part) * e_, "parameters up " + parts_[part].name);
+  }
+
+  // zo2: blocks stream up, compute both forwards and go back down, a few in flight; stem and
+  // head stay on the device.
+  void zeroth_order() {
+    const ZoConfig& zo = request_.engine.zo;
+    const std::uint64_t storage = compute_element_size(zo.storage.value_or(request_.engine.precision));
+    const std::uint64_t block_state_bytes = states_ * 4;
+    const double forwards = 2.0 * static_cast<double>(zo.samples);
+    const std::size_t in_flight = static_cast<std::size_t>(zo.blocks_in_flight);
+    auto weight_passes = [&](std::size_t part) {
+      return seconds(Resource::kCompute,
+                     static_cast<std::uint64_t>(kZoWeightPasses * 2 * static_cast<double>(numel(part) * (storage + e_ + block_state_bytes))));
+    };
+    released_.resize(blocks(), 0);
+    double c = compute(0, weight_passes(0), 0, "stem: update, perturb, forwards");
+    for (std::size_t i = 0; i < blocks(); ++i) {
+      const std::string name = "block." + std::to_string(i);
+      const std::uint64_t bytes = numel(i + 1) * (storage + block_state_bytes);
+      const bool on_nvme = zo_block_home(zo, static_cast<std::int64_t>(i)) == Tier::kNvme;
+      // A slot on the device frees when the block `in_flight` places earlier (in this step or
+      // the last) has gone down.
+      double ready = std::max(params_ready_[i + 1], released_[(i + blocks() - in_flight % blocks()) % blocks()]);
+      if (on_nvme) ready = move(Resource::kNvmeRead, ready, bytes, "read " + name);
+      const double up = move(Resource::kPcieUp, ready, bytes, "upload " + name);
+      c = compute(std::max(c, up), weight_passes(i + 1) + forwards * block_forward_s_,
+                  forwards * sizing_.block.forward_flops, name + ": update, perturb, forwards");
+      released_[i] = move(Resource::kPcieDown, c, bytes, "offload " + name);
+      params_ready_[i + 1] = on_nvme ? move(Resource::kNvmeWrite, released_[i], bytes, "write " + name) : released_[i];
+    }
+    compute(c, weight_passes(parts_.size() - 1) + forwards * head_forward_s_,
+            forwards * sizing_.head.forward_flops, "head: update, perturb, forwards and losses");
+  }
+
+  // fuyou: everything a part owns comes from NVMe. Forward streams parameters up two parts ahead;
+  // backward streams parameters and swapped activations up, gradients down, and runs each part's
+  // optimizer on the CPU between reading its states from NVMe and writing them back.
+  void fuyou() {
+    const std::size_t count = blocks();
+    const std::size_t cached = static_cast<std::size_t>(sizing_.cached_blocks);
+    const std::int64_t micro_batches = request_.engine.grad_accumulation;
+    std::vector<double> forward_end(count, 0), backward_end(count, 0), activation_home(count, 0);
+    std::vector<double> grads_down(parts_.size(), 0), states_read(parts_.size(), 0);
+    double c = 0;
+    auto fetch_parameters = [&](std::size_t part, double ready, bool cached_on_host) {
+      ready = std::max(ready, params_ready_[part]);
+      if (!cached_on_host) {
+        ready = move(Resource::kNvmeRead, ready, numel(part) * e_, "read " + parts_[part].name + " parameters");
+      }
+      return move(Resource::kPcieUp, ready, numel(part) * e_, parts_[part].name + " parameters up");
+    };
+    // The host cache serves the next forward the new parameters of a cached block as soon as
+    // they are computed; the others are read back from NVMe after the write.
+    auto optimize = [&](std::size_t part, double ready) {
+      const double updated = cpu_update(std::max(ready, states_read[part]), part);
+      states_ready_[part] = move(Resource::kNvmeWrite, updated, optimizer_bytes(part) + numel(part) * e_,
+                                 "write " + parts_[part].name + " states and parameters");
+      const bool in_cache = part >= 1 && part <= cached;
+      params_ready_[part] = in_cache ? updated : states_ready_[part];
+    };
+    for (std::int64_t micro = 0; micro < micro_batches; ++micro) {
+      const bool update_now = micro + 1 == micro_batches && !deferred_;
+      c = compute(fetch_parameters(0, c, false), 0, 0, "forward stem");
+      for (std::size_t i = 0; i < count; ++i) {
+        const double window = i >= 2 ? forward_end[i - 2] : 0;
+        c = forward_block(std::max(c, fetch_parameters(i + 1, window, i < cached)), i, "forward");
+        forward_end[i] = c;
+        activation_home[i] = c;
+        if (activations(i).tier != Tier::kGpu) {
+          const std::string name = "activations block." + std::to_string(i);
+          activation_home[i] = move(Resource::kPcieDown, c, activation_bytes(i), name + " down");
+          if (activations(i).tier == Tier::kNvme) {
+            activation_home[i] = move(Resource::kNvmeWrite, activation_home[i], activation_bytes(i), "write " + name);
+          }
+        }
+      }
+      const std::size_t head_part = parts_.size() - 1;
+      c = head(std::max(c, fetch_parameters(head_part, forward_end[count - 1], false)));
+      auto finished = [&](std::size_t part, double at) {
+        grads_down[part] = move(Resource::kPcieDown, at, numel(part) * e_, parts_[part].name + " gradients down");
+        if (update_now) optimize(part, grads_down[part]);
+      };
+      if (update_now) states_read[head_part] = read_states(head_part, 0);
+      finished(head_part, c);
+      for (std::size_t i = count; i-- > 0;) {
+        const double window = i + 2 < count ? backward_end[i + 2] : c;
+        double ready = fetch_parameters(i + 1, window, i + cached >= count);
+        if (activations(i).tier != Tier::kGpu) {
+          const std::string name = "activations block." + std::to_string(i);
+          double at = std::max(window, activation_home[i]);
+          if (activations(i).tier == Tier::kNvme) at = move(Resource::kNvmeRead, at, activation_bytes(i), "read " + name);
+          ready = std::max(ready, move(Resource::kPcieUp, at, activation_bytes(i), name + " up"));
+        }
+        if (update_now) states_read[i + 1] = read_states(i + 1, window);
+        c = backward_block(std::max(c, ready), i);
+        backward_end[i] = c;
+        finished(i + 1, c);
+      }
+      if (update_now) states_read[0] = read_states(0, c);
+      c = compute(c, stem_backward_s_, 0, "backward stem");
+      finished(0, c);
+    }
+    if (deferred_) {
+      const double all_down = std::max(c, *std::max_element(grads_down.begin(), grads_down.end()));
+      for (std::size_t part = parts_.size(); part-- > 0;) {
+        states_read[part] = read_states(part, all_down);
+        optimize(part, all_down);
+      }
+    }
+  }
+
+  double read_states(std::size_t part, double ready) {
+    return move(Resource::kNvmeRead, std::max(ready, states_ready_[part]), optimizer_bytes(part),
+                "read " + parts_[part].name + " states");
+  }
+
+  const PlanRequest& request_;
+  const Sizing& sizing_;
+  const Hardware& hw_;
+  StepPrediction out_;
+  Timeline timeline_;
+  const std::vector<PartShape> parts_;
+  const std::uint64_t e_;
+  const double tflops_;
+  std::uint64_t states_ = 0;
+  std::uint64_t master_ = 0;
+  bool deferred_ = false;
+  double block_forward_s_ = 0;
+  double head_forward_s_ = 0;
+  double head_backward_s_ = 0;
+  double stem_backward_s_ = 0;
+  double executed_flops_ = 0;
+  double compute_end_ = 0;
+  std::vector<double> released_;  // zo2: when each block last went down
+  // When each part's updated parameters (and, for fuyou, its written states) can be used by the
+  // next step.
+  std::vector<double> params_ready_;
+  std::vector<double> states_ready_;
+};
+
+}  // namespace
+
+StepPrediction predict_step(const PlanRequest& request, const Sizing& sizing) {
+  return StepBuilder(request, sizing).build();
+}
+
+}  // namespace ferry::detail
