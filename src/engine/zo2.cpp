@@ -70,17 +70,12 @@ Engine::Zo2::Zo2(LayeredModel model_in, EngineConfig config_in)
   detail::check_budgets(engine_demand(shapes, config), config);
   store = std::make_unique<Store>(detail::store_options(config));
   allocate_and_bind();
-  fetches.assign(parts.size(), {});
+  window = std::make_unique<detail::DeviceWindow>(*store, static_cast<std::size_t>(config.zo.blocks_in_flight));
   // Both forwards of a step must see the same function: no dropout.
   model.train(false);
 }
 
-Engine::Zo2::~Zo2() {
-  try {
-    release_finished(0);
-  } catch (...) {
-  }
-}
+Engine::Zo2::~Zo2() = default;
 
 torch::Tensor Engine::Zo2::bundle_tensor(BundleId id, Tier tier) const { return store->tensor(id, tier); }
 
@@ -178,42 +173,6 @@ std::vector<torch::Tensor> Engine::Zo2::read_states(std::size_t p) {
 
 // --- the sweep --------------------------------------------------------------------------------
 
-void Engine::Zo2::release_finished(std::size_t keep) {
-  while (!in_flight.empty()) {
-    InFlight& oldest = in_flight.front();
-    if (oldest.part >= next_compute) break;  // still to compute (or computing)
-    bool ready = true;
-    for (const Fence& fence : oldest.down) ready = ready && fence.ready();
-    if (!ready && in_flight.size() <= keep) break;
-    for (const Fence& fence : oldest.down) fence.wait();
-    const PartBundles& b = bundles[oldest.part];
-    for (BundleId id : b.states) store->evict(id, Tier::kGpu);
-    store->evict(b.weights, Tier::kGpu);
-    if (b.home == Tier::kNvme) {
-      for (BundleId id : b.states) {
-        if (store->state(id, Tier::kHost) != CopyState::kAbsent) store->evict(id, Tier::kHost);
-      }
-      if (store->state(b.weights, Tier::kHost) != CopyState::kAbsent) store->evict(b.weights, Tier::kHost);
-    }
-    in_flight.pop_front();
-  }
-}
-
-void Engine::Zo2::fetch_ahead(std::size_t p) {
-  const auto window = static_cast<std::size_t>(config.zo.blocks_in_flight);
-  for (; next_fetch < parts.size() && next_fetch < p + window; ++next_fetch) {
-    if (parts[next_fetch].kind != models::Part::kBlock || bundles[next_fetch].home == Tier::kGpu) continue;
-    // Blocks already computed leave as their copies down finish; wait for the oldest only when
-    // the block needed now has no room.
-    release_finished(next_fetch == p ? window - 1 : SIZE_MAX);
-    if (in_flight.size() >= window) break;
-    const PartBundles& b = bundles[next_fetch];
-    fetches[next_fetch].push_back(store->fetch(b.weights, Tier::kGpu));
-    for (BundleId id : b.states) fetches[next_fetch].push_back(store->fetch(id, Tier::kGpu));
-    in_flight.push_back({next_fetch, {}});
-  }
-}
-
 optim::ZoUpdate Engine::Zo2::update_for(std::size_t p) const {
   const OptimizerConfig& optimizer = config.optimizer;
   optim::ZoUpdate update;
@@ -262,21 +221,23 @@ void Engine::Zo2::apply(std::size_t p, const optim::ZoUpdate* update, const Pass
 void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context,
                         const torch::Tensor& tokens) {
   torch::NoGradGuard no_grad;
-  next_fetch = 0;
-  next_compute = 0;
+  std::vector<std::vector<BundleId>> visits;
+  std::vector<std::size_t> visit_of(parts.size(), SIZE_MAX);
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    if (parts[p].kind != models::Part::kBlock || bundles[p].home == Tier::kGpu) continue;
+    visit_of[p] = visits.size();
+    visits.push_back({bundles[p].weights});
+    visits.back().insert(visits.back().end(), bundles[p].states.begin(), bundles[p].states.end());
+  }
+  window->begin(std::move(visits));
   for (std::size_t p = 0; p < parts.size(); ++p) {
     const Part& part = parts[p];
     const PartBundles& b = bundles[p];
-    const bool streamed = part.kind == models::Part::kBlock && b.home != Tier::kGpu;
+    const bool streamed = visit_of[p] != SIZE_MAX;
     if (part.kind == models::Part::kBlock) {
       detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
     }
-    if (streamed) {
-      fetch_ahead(p);
-      FERRY_ASSERT(!in_flight.empty() && next_fetch > p, "block ", p, " was not fetched");
-      for (const Fence& fence : fetches[p]) fence.wait();
-      fetches[p].clear();
-    }
+    if (streamed) window->arrive(visit_of[p]);
     std::optional<optim::ZoUpdate> update;
     if (pending) update = update_for(p);
     const optim::ZoUpdate* first_update = update ? &*update : nullptr;
@@ -299,16 +260,16 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context,
       store->mark_dirty(b.weights, Tier::kGpu);
       for (BundleId id : b.states) store->mark_dirty(id, Tier::kGpu);
     }
-    next_compute = p + 1;
-    if (streamed && update) {
-      auto entry = std::find_if(in_flight.begin(), in_flight.end(),
-                                [p](const InFlight& candidate) { return candidate.part == p; });
-      FERRY_ASSERT(entry != in_flight.end(), "block part ", p, " is not in flight");
-      entry->down.push_back(store->write_back(b.weights, Tier::kGpu, b.home));
-      for (BundleId id : b.states) entry->down.push_back(store->write_back(id, Tier::kGpu, b.home));
+    if (streamed) {
+      std::vector<Fence> down;
+      if (update) {
+        down.push_back(store->write_back(b.weights, Tier::kGpu, b.home));
+        for (BundleId id : b.states) down.push_back(store->write_back(id, Tier::kGpu, b.home));
+      }
+      window->depart(visit_of[p], std::move(down));
     }
   }
-  release_finished(0);
+  window->finish();
   pending.reset();
 }
 

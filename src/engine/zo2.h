@@ -5,12 +5,12 @@
 // docs/zo2.md.
 
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <optional>
 #include <vector>
 
 #include "engine/parts.h"
+#include "engine/window.h"
 #include "ferry/engine.h"
 #include "ferry/zo.h"
 
@@ -49,8 +49,6 @@ struct Engine::Zo2 {
 
   void allocate_and_bind();
   void sweep(std::vector<Pass>& passes, const StepContext& context, const torch::Tensor& tokens);
-  void fetch_ahead(std::size_t part);
-  void release_finished(std::size_t keep);
   void apply(std::size_t part, const optim::ZoUpdate* update, const Pass* pass);
   optim::ZoUpdate update_for(std::size_t part) const;
   torch::Tensor bundle_tensor(BundleId id, Tier tier) const;
@@ -72,15 +70,7 @@ struct Engine::Zo2 {
   };
   std::optional<PendingUpdate> pending;
 
-  // Blocks with a device copy, oldest first, and what their copies down are waiting on.
-  struct InFlight {
-    std::size_t part;
-    std::vector<Fence> down;
-  };
-  std::deque<InFlight> in_flight;
-  std::vector<std::vector<Fence>> fetches;  // per part, while its upload is in flight
-  std::size_t next_fetch = 0;    // the next part fetch_ahead considers
-  std::size_t next_compute = 0;  // parts before it have their work queued
+  std::unique_ptr<detail::DeviceWindow> window;  // blocks streamed from host or NVMe
 
   std::int64_t steps = 0;
   EngineStats stats;

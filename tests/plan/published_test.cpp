@@ -68,9 +68,9 @@ TEST_CASE("published: ZO2's peak GPU memory for OPT 1.3B-175B") {
     double zo2_gb;    // ZO2's README table, NVML "used" in GB
     double low, high; // today's ratio of ferry's plan to it (docs/plan.md)
   };
-  const Row rows[] = {{"opt-1.3b", 3.75, 0.6, 0.85},  {"opt-2.7b", 4.14, 0.65, 0.9},  {"opt-6.7b", 4.99, 0.95, 1.2},
-                      {"opt-13b", 6.18, 1.05, 1.3},   {"opt-30b", 8.86, 1.25, 1.55}, {"opt-66b", 12.07, 1.4, 1.7},
-                      {"opt-175b", 18.04, 1.55, 1.8}};
+  const Row rows[] = {{"opt-1.3b", 3.75, 0.6, 0.8},  {"opt-2.7b", 4.14, 0.65, 0.85}, {"opt-6.7b", 4.99, 0.9, 1.1},
+                      {"opt-13b", 6.18, 1.0, 1.2},   {"opt-30b", 8.86, 1.15, 1.4}, {"opt-66b", 12.07, 1.25, 1.5},
+                      {"opt-175b", 18.04, 1.35, 1.6}};
   for (const Row& row : rows) {
     PlanRequest request;
     request.model_name = row.model;

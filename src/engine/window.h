@@ -1,0 +1,49 @@
+#pragma once
+
+// The device window of the streamed modes (zo2, fuyou): brings the bundles of the parts a pass
+// visits to the device ahead of use, and drops them behind it once their copies home are done.
+
+#include <cstddef>
+#include <deque>
+#include <vector>
+
+#include "ferry/store.h"
+
+namespace ferry::detail {
+
+class DeviceWindow {
+ public:
+  // At most `capacity` visits hold device copies at once (the one computing included).
+  DeviceWindow(Store& store, std::size_t capacity);
+  ~DeviceWindow();
+
+  // Starts a pass: visit k brings visits[k] (bundles whose home is not the device) to the device.
+  void begin(std::vector<std::vector<BundleId>> visits);
+  // Blocks until visit k's bundles are on the device; fetches later visits as room allows.
+  void arrive(std::size_t k);
+  // Visit k's work is queued on the current stream; `down` are its copies on their way home.
+  // Its device copies (and NVMe staging copies) are dropped once those finish.
+  void depart(std::size_t k, std::vector<Fence> down);
+  // Drops every device copy of the pass, waiting for the copies home.
+  void finish();
+
+ private:
+  struct Visit {
+    std::size_t index;
+    std::vector<Fence> fetched;
+    std::vector<Fence> down;
+  };
+  // Releases departed visits whose copies home are done; while more than `keep` visits hold
+  // copies, waits for the oldest departed one.
+  void release(std::size_t keep);
+  void drop(const Visit& visit);
+
+  Store& store_;
+  std::size_t capacity_;
+  std::vector<std::vector<BundleId>> visits_;
+  std::deque<Visit> held_;  // visits with device copies, in visiting order
+  std::size_t next_fetch_ = 0;
+  std::size_t departed_ = 0;  // visits before it have departed
+};
+
+}  // namespace ferry::detail
