@@ -95,6 +95,10 @@ struct ZoConfig {
   std::optional<Precision> storage;
   // Blocks on the device at once: one computing, the next ones uploading, earlier ones going down.
   std::int64_t blocks_in_flight = 3;
+  // A streamed block's updated weights go home every this many steps (blocks take turns); in
+  // between, each upload replays the missing updates on the device, so a step downloads
+  // 1/write_back_interval of the model. 1 to 8; 1 is ZO2's every-step write-back.
+  std::int64_t write_back_interval = 4;
 };
 
 // The seed of sample `sample`'s direction in step `step` (counted from 1): z for part p is the

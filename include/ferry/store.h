@@ -147,6 +147,12 @@ class Store {
   // an absent copy, or a copy with a transfer in flight.
   void evict(BundleId id, Tier tier);
 
+  // Drops the copy on `tier` and the changes only it holds: the newest remaining copy is the
+  // bundle's contents again. For scratch edits whose result is recomputed later (zo2 replays the
+  // updates a block's home copy lacks instead of writing them home every step). Throws
+  // ferry::Error for the home copy, an absent copy, or a copy with a transfer in flight.
+  void discard(BundleId id, Tier tier);
+
   // Waits for every transfer in flight.
   void synchronize();
 

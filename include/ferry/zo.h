@@ -24,6 +24,8 @@ struct ZoDirection {
 void zo_normals(ZoDirection direction, std::int64_t offset, float* out, std::int64_t count);
 
 constexpr int kMaxZoSamples = 16;
+// Updates one pass may apply in order (the steps a stored copy may lag behind).
+constexpr int kMaxZoUpdates = 8;
 
 enum class ZoRule : std::uint8_t { kSgd, kAdam, kAdamW };
 
@@ -69,13 +71,15 @@ struct ZoTensors {
   std::int64_t numel = 0;
 };
 
-// On the CPU, parallel over tiles. update may be null (no update pending).
-void zo_apply(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb);
+// On the CPU, parallel over tiles: applies updates[0 .. update_count) in order (each rounded to
+// the weights' dtype, exactly as if applied by separate calls), then writes the compute copy.
+void zo_apply(const ZoTensors& tensors, const ZoUpdate* updates, int update_count,
+              const ZoPerturb& perturb);
 
 // The same on CUDA device pointers, queued on `cuda_stream` (a cudaStream_t). Throws ferry::Error
 // when ferry was built without CUDA.
-void zo_apply_cuda(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb,
-                   void* cuda_stream);
+void zo_apply_cuda(const ZoTensors& tensors, const ZoUpdate* updates, int update_count,
+                   const ZoPerturb& perturb, void* cuda_stream);
 bool zo_cuda_available();
 
 }  // namespace ferry::optim

@@ -89,6 +89,7 @@ int run_bench_zo(int argc, char** argv) {
       ("seq", "sequence length", cxxopts::value<std::int64_t>()->default_value("512"))
       ("precision", "compute precision", cxxopts::value<std::string>()->default_value("bf16"))
       ("window", "zo blocks in flight", cxxopts::value<std::int64_t>()->default_value("3"))
+      ("write-back", "zo write-back interval", cxxopts::value<std::int64_t>()->default_value("4"))
       ("warmup", "untimed steps", cxxopts::value<int>()->default_value("2"))
       ("steps", "timed steps", cxxopts::value<int>()->default_value("5"))
       ("h,help", "show this help");
@@ -122,6 +123,7 @@ int run_bench_zo(int argc, char** argv) {
         engine_config.zo.block_tier = placement.tier;
         engine_config.zo.host_blocks = placement.host_blocks;
         engine_config.zo.blocks_in_flight = args["window"].as<std::int64_t>();
+        engine_config.zo.write_back_interval = args["write-back"].as<std::int64_t>();
         if (placement.tier == Tier::kNvme) engine_config.nvme_directories = {args["nvme"].as<std::string>()};
         reset_gpu_peak_memory();
         const auto setup_start = Clock::now();

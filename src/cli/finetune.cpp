@@ -42,6 +42,7 @@ const Json& defaults() {
       {"momentum", 0.0},             {"nvme", ""},              {"nvme_budget", "0"},
       {"zo_eps", 1e-3},              {"zo_samples", 1},         {"zo_blocks", "host"},
       {"zo_host_blocks", 0},         {"zo_storage", ""},        {"zo_window", 3},
+      {"zo_write_back", 4},
   };
   return kDefaults;
 }
@@ -136,6 +137,7 @@ EngineConfig engine_config(const Json& job) {
   config.zo.host_blocks = job["zo_host_blocks"];
   if (!job["zo_storage"].get<std::string>().empty()) config.zo.storage = parse_precision(job["zo_storage"]);
   config.zo.blocks_in_flight = job["zo_window"];
+  config.zo.write_back_interval = job["zo_write_back"];
   return config;
 }
 

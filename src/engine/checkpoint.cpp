@@ -211,8 +211,11 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
     for (std::size_t p = 0; p < zo2.parts.size(); ++p) {
       values.push_back({zo2.read_weights(p), zo2.read_states(p)});
     }
-    nlohmann::json state = {{"step", zo2.steps}, {"mode", to_string(Mode::kZo2)},
-                            {"zo_seed", zo2.config.zo.seed}, {"extra", extra}};
+    nlohmann::json state = {{"step", zo2.steps},
+                            {"mode", to_string(Mode::kZo2)},
+                            {"zo_seed", zo2.config.zo.seed},
+                            {"zo_updates", zo2.update_count},
+                            {"extra", extra}};
     write_checkpoint(dir, zo2.model, zo2.parts, values, zo2.config.optimizer.kind, state);
     return;
   }
@@ -253,6 +256,9 @@ std::string Engine::load(const std::string& dir) {
     }
     zo2.steps = state.value("step", std::int64_t{0});
     zo2.stats.steps = zo2.steps;
+    // Adam's bias corrections count the updates made so far.
+    zo2.update_count = state.value("zo_updates", zo2.steps);
+    zo2.home_updates.assign(zo2.parts.size(), zo2.update_count);
     return state.contains("extra") ? state["extra"].dump() : "{}";
   }
   Impl& impl = *impl_;

@@ -31,6 +31,9 @@ void validate_zo(const EngineConfig& config) {
               "zo block tier nvme needs at least one NVMe directory (--nvme DIR[,DIR...])");
   FERRY_CHECK(zo.blocks_in_flight >= 2, "zo blocks_in_flight = ", zo.blocks_in_flight,
               " is invalid: it must be at least 2 (one computing, one uploading)");
+  FERRY_CHECK(zo.write_back_interval >= 1 && zo.write_back_interval <= optim::kMaxZoUpdates,
+              "zo write_back_interval = ", zo.write_back_interval, " is invalid: use 1 to ",
+              optim::kMaxZoUpdates);
   FERRY_CHECK(config.optimizer.kind != OptimizerKind::kAdagrad,
               "zo2 mode supports the optimizers sgd (with or without momentum), adam and adamw; "
               "got adagrad");

@@ -28,7 +28,7 @@ void DeviceWindow::drop(const Visit& visit) {
   for (const Fence& fence : visit.fetched) fence.wait();
   for (const Fence& fence : visit.down) fence.wait();
   for (BundleId id : visits_[visit.index]) {
-    store_.evict(id, Tier::kGpu);
+    store_.discard(id, Tier::kGpu);
     if (store_.spec(id).home == Tier::kNvme && store_.state(id, Tier::kHost) != CopyState::kAbsent) {
       store_.evict(id, Tier::kHost);
     }

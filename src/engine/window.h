@@ -22,7 +22,8 @@ class DeviceWindow {
   // Blocks until visit k's bundles are on the device; fetches later visits as room allows.
   void arrive(std::size_t k);
   // Visit k's work is queued on the current stream; `down` are its copies on their way home.
-  // Its device copies (and NVMe staging copies) are dropped once those finish.
+  // Its device copies (and NVMe staging copies) are dropped once those finish, with any changes
+  // that were not sent home.
   void depart(std::size_t k, std::vector<Fence> down);
   // Drops every device copy of the pass, waiting for the copies home.
   void finish();

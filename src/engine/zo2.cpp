@@ -70,6 +70,7 @@ Engine::Zo2::Zo2(LayeredModel model_in, EngineConfig config_in)
   detail::check_budgets(engine_demand(shapes, config), config);
   store = std::make_unique<Store>(detail::store_options(config));
   allocate_and_bind();
+  home_updates.assign(parts.size(), 0);
   window = std::make_unique<detail::DeviceWindow>(*store, static_cast<std::size_t>(config.zo.blocks_in_flight));
   // Both forwards of a step must see the same function: no dropout.
   model.train(false);
@@ -145,7 +146,7 @@ void Engine::Zo2::write_part(std::size_t p, const torch::Tensor& weights,
 }
 
 torch::Tensor Engine::Zo2::read_weights(std::size_t p) {
-  FERRY_CHECK(!pending, "read_weights() needs flush() first");
+  FERRY_CHECK(flushed(), "read_weights() needs flush() first");
   const PartBundles& b = bundles[p];
   auto get = [&](BundleId id, torch::ScalarType dtype) {
     if (b.home == Tier::kNvme) store->fetch(id, Tier::kHost).wait();
@@ -173,30 +174,45 @@ std::vector<torch::Tensor> Engine::Zo2::read_states(std::size_t p) {
 
 // --- the sweep --------------------------------------------------------------------------------
 
-optim::ZoUpdate Engine::Zo2::update_for(std::size_t p) const {
+optim::ZoUpdate Engine::Zo2::update_for(std::size_t p, const PendingUpdate& pending) const {
   const OptimizerConfig& optimizer = config.optimizer;
   optim::ZoUpdate update;
   update.rule = zo_rule(optimizer.kind);
-  update.lr = static_cast<float>(pending->lr);
+  update.lr = static_cast<float>(pending.lr);
   update.weight_decay = static_cast<float>(optimizer.weight_decay);
   update.momentum = static_cast<float>(optimizer.momentum);
   update.beta1 = static_cast<float>(optimizer.beta1);
   update.beta2 = static_cast<float>(optimizer.beta2);
   update.eps = static_cast<float>(optimizer.eps);
-  const auto step = static_cast<double>(pending->step);
-  update.bias_correction1 = static_cast<float>(1.0 - std::pow(optimizer.beta1, step));
-  update.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(optimizer.beta2, step)));
-  update.samples = static_cast<int>(pending->seeds.size());
+  // Adam's bias corrections count the updates the states have seen.
+  const auto count = static_cast<double>(pending.number);
+  update.bias_correction1 = static_cast<float>(1.0 - std::pow(optimizer.beta1, count));
+  update.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(optimizer.beta2, count)));
+  update.samples = static_cast<int>(pending.seeds.size());
   for (int s = 0; s < update.samples; ++s) {
-    update.seeds[s] = pending->seeds[s];
-    update.projected_grads[s] = static_cast<float>(pending->projected_grads[s]);
+    update.seeds[s] = pending.seeds[s];
+    update.projected_grads[s] = static_cast<float>(pending.projected_grads[s]);
   }
   update.stream = p;
   update.decay_count = parts[p].decay_numel;
   return update;
 }
 
-void Engine::Zo2::apply(std::size_t p, const optim::ZoUpdate* update, const Pass* pass) {
+bool Engine::Zo2::flushed() const { return updates.empty(); }
+
+// Note: a streamed block's updated copy need not go home every step. Its stored copy at home may
+// lag up to write_back_interval updates behind: each visit replays the missing updates on the
+// device (the kernel applies them in order, rounding after each, so the weights are exactly those
+// of applying them one step at a time) and only every write_back_interval-th visit sends the
+// result home. Blocks take turns, block p going home when (updates + p) % interval == 0, so each
+// step downloads 1/interval of the model instead of all of it. A flush sends everything home.
+bool Engine::Zo2::writes_back(std::size_t p, bool flushing) const {
+  if (flushing) return true;
+  const auto interval = static_cast<std::int64_t>(config.zo.write_back_interval);
+  return (update_count + static_cast<std::int64_t>(p)) % interval == 0;
+}
+
+void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_updates, const Pass* pass) {
   const PartBundles& b = bundles[p];
   optim::ZoTensors tensors;
   tensors.weights = bundle_tensor(b.weights, Tier::kGpu).data_ptr();
@@ -210,12 +226,12 @@ void Engine::Zo2::apply(std::size_t p, const optim::ZoUpdate* update, const Pass
   if (pass) perturb = {{pass->seed, p}, pass->scale};
 #if FERRY_WITH_CUDA
   if (config.device.is_cuda()) {
-    optim::zo_apply_cuda(tensors, update, perturb,
+    optim::zo_apply_cuda(tensors, part_updates.data(), static_cast<int>(part_updates.size()), perturb,
                          c10::cuda::getCurrentCUDAStream(config.device.index()).stream());
     return;
   }
 #endif
-  optim::zo_apply(tensors, update, perturb);
+  optim::zo_apply(tensors, part_updates.data(), static_cast<int>(part_updates.size()), perturb);
 }
 
 void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context,
@@ -238,39 +254,46 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context,
       detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
     }
     if (streamed) window->arrive(visit_of[p]);
-    std::optional<optim::ZoUpdate> update;
-    if (pending) update = update_for(p);
-    const optim::ZoUpdate* first_update = update ? &*update : nullptr;
-    if (passes.empty()) apply(p, first_update, nullptr);
+    std::vector<optim::ZoUpdate> part_updates;
+    for (const PendingUpdate& pending : updates) {
+      if (pending.number > home_updates[p]) part_updates.push_back(update_for(p, pending));
+    }
+    const std::vector<optim::ZoUpdate> none;
+    if (passes.empty()) apply(p, part_updates, nullptr);
     for (std::size_t j = 0; j < passes.size(); ++j) {
       Pass& pass = passes[j];
-      apply(p, j == 0 ? first_update : nullptr, &pass);
+      apply(p, j == 0 ? part_updates : none, &pass);
       switch (part.kind) {
         case models::Part::kStem: pass.hidden = model.stem()->forward(tokens, context); break;
         case models::Part::kBlock: pass.hidden = model.blocks()[part.index]->forward(pass.hidden, context); break;
         case models::Part::kHead:
           // Note: the stem's compute copy holds the last pass's perturbation by now; a head that
           // reads the stem's weights (tied embeddings) must see this pass's, so it is rewritten.
-          if (passes.size() > 1) apply(0, nullptr, &pass);
+          if (passes.size() > 1) apply(0, none, &pass);
           pass.hidden = model.head()->forward(pass.hidden, context);
           break;
       }
     }
-    if (update) {
+    const bool updated = !part_updates.empty();
+    if (updated) {
       store->mark_dirty(b.weights, Tier::kGpu);
       for (BundleId id : b.states) store->mark_dirty(id, Tier::kGpu);
     }
-    if (streamed) {
-      std::vector<Fence> down;
-      if (update) {
-        down.push_back(store->write_back(b.weights, Tier::kGpu, b.home));
-        for (BundleId id : b.states) down.push_back(store->write_back(id, Tier::kGpu, b.home));
-      }
-      window->depart(visit_of[p], std::move(down));
+    if (!streamed) {
+      home_updates[p] = update_count;  // updated in place
+      continue;
     }
+    std::vector<Fence> down;
+    if (updated && writes_back(p, passes.empty())) {
+      down.push_back(store->write_back(b.weights, Tier::kGpu, b.home));
+      for (BundleId id : b.states) down.push_back(store->write_back(id, Tier::kGpu, b.home));
+      home_updates[p] = update_count;
+    }
+    window->depart(visit_of[p], std::move(down));
   }
   window->finish();
-  pending.reset();
+  const std::int64_t everywhere = *std::min_element(home_updates.begin(), home_updates.end());
+  while (!updates.empty() && updates.front().number <= everywhere) updates.pop_front();
 }
 
 // --- steps ------------------------------------------------------------------------------------
@@ -303,7 +326,7 @@ StepResult Engine::Zo2::train_step(const data::Batch& batch) {
   torch::Tensor values = torch::stack(losses).to(torch::kCPU);
 
   StepResult result;
-  PendingUpdate update{step, lr, seeds, {}};
+  PendingUpdate update{update_count + 1, step, lr, seeds, {}};
   double loss_sum = 0;
   for (std::int64_t s = 0; s < config.zo.samples; ++s) {
     const double plus = values[2 * s].item<double>();
@@ -322,7 +345,10 @@ StepResult Engine::Zo2::train_step(const data::Batch& batch) {
   // Note: a non-finite loss would turn every weight into NaN; the step is skipped instead, as
   // the first-order modes skip a step with non-finite gradients under loss scaling.
   result.skipped = !std::isfinite(loss_sum);
-  if (!result.skipped) pending = std::move(update);
+  if (!result.skipped) {
+    updates.push_back(std::move(update));
+    ++update_count;
+  }
   steps = step;
   stats.steps = steps;
   stats.forward_seconds += seconds_since(start);
@@ -330,7 +356,7 @@ StepResult Engine::Zo2::train_step(const data::Batch& batch) {
 }
 
 void Engine::Zo2::flush() {
-  if (!pending) return;
+  if (flushed()) return;
   std::vector<Pass> none;
   sweep(none, StepContext{}, torch::Tensor());
 }

@@ -5,6 +5,7 @@
 // docs/zo2.md.
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -23,7 +24,7 @@ struct Engine::Zo2 {
   StepResult train_step(const data::Batch& batch);
   // Logits through the same block streaming, after applying any deferred update.
   torch::Tensor logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask);
-  // Applies the last step's update, which otherwise waits for the next step's upload.
+  // Applies the updates not yet applied everywhere and sends every part home up to date.
   void flush();
 
   // Checkpoint access: the weights (fp32 on the host) and optimizer states of one part. Both
@@ -31,6 +32,15 @@ struct Engine::Zo2 {
   torch::Tensor read_weights(std::size_t part);
   std::vector<torch::Tensor> read_states(std::size_t part);
   void write_part(std::size_t part, const torch::Tensor& weights, const std::vector<torch::Tensor>& states);
+
+  // One step's update, numbered from 1 over the steps that were not skipped.
+  struct PendingUpdate {
+    std::int64_t number = 0;  // 1 for the first update
+    std::int64_t step = 0;
+    double lr = 0;
+    std::vector<std::uint64_t> seeds;
+    std::vector<double> projected_grads;
+  };
 
   // One forward of every part: its perturbation (scale 0: none) and the hidden state flowing
   // through the parts, the logits at the end.
@@ -49,8 +59,10 @@ struct Engine::Zo2 {
 
   void allocate_and_bind();
   void sweep(std::vector<Pass>& passes, const StepContext& context, const torch::Tensor& tokens);
-  void apply(std::size_t part, const optim::ZoUpdate* update, const Pass* pass);
-  optim::ZoUpdate update_for(std::size_t part) const;
+  void apply(std::size_t part, const std::vector<optim::ZoUpdate>& updates, const Pass* pass);
+  optim::ZoUpdate update_for(std::size_t part, const PendingUpdate& pending) const;
+  // Whether this sweep writes part p's updated copy home (see the Note in zo2.cpp).
+  bool writes_back(std::size_t part, bool flushing) const;
   torch::Tensor bundle_tensor(BundleId id, Tier tier) const;
 
   LayeredModel model;
@@ -61,14 +73,11 @@ struct Engine::Zo2 {
   std::vector<detail::Part> parts;
   std::vector<PartBundles> bundles;
 
-  // The last step's update, applied as each part next comes to the device.
-  struct PendingUpdate {
-    std::int64_t step = 0;
-    double lr = 0;
-    std::vector<std::uint64_t> seeds;
-    std::vector<double> projected_grads;
-  };
-  std::optional<PendingUpdate> pending;
+  // Updates not yet in every part's stored copy at home, oldest first.
+  std::deque<PendingUpdate> updates;
+  std::int64_t update_count = 0;           // updates made so far
+  std::vector<std::int64_t> home_updates;  // per part: the updates its stored copy at home has
+  bool flushed() const;
 
   std::unique_ptr<detail::DeviceWindow> window;  // blocks streamed from host or NVMe
 

@@ -39,16 +39,23 @@ void check_update(const ZoTensors& tensors, const ZoUpdate& update) {
   FERRY_CHECK(update.rule == ZoRule::kSgd || tensors.state1 != nullptr, "adam needs state1");
 }
 
+void check_updates(const ZoTensors& tensors, const ZoUpdate* updates, int count) {
+  FERRY_CHECK(count >= 0 && count <= kMaxZoUpdates, "a zo pass applies 0 to ", kMaxZoUpdates,
+              " updates; got ", count);
+  for (int u = 0; u < count; ++u) check_update(tensors, updates[u]);
+  FERRY_CHECK(tensors.compute || count > 0, "a zo pass without an update needs a compute copy to write");
+}
+
 // Elements [begin, end) of the part; begin is a multiple of 4.
-void apply_range(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb,
-                 std::int64_t begin, std::int64_t end) {
-  float update_z[kMaxZoSamples][4];
+void apply_range(const ZoTensors& tensors, const ZoUpdate* updates, int update_count,
+                 const ZoPerturb& perturb, std::int64_t begin, std::int64_t end) {
+  float update_z[kMaxZoUpdates][kMaxZoSamples][4];
   float perturb_z[4];
   for (std::int64_t group_start = begin; group_start < end; group_start += 4) {
     const auto group = static_cast<std::uint64_t>(group_start / 4);
-    if (update != nullptr) {
-      for (int s = 0; s < update->samples; ++s) {
-        detail::normals4(update->seeds[s], group, update->stream, update_z[s]);
+    for (int u = 0; u < update_count; ++u) {
+      for (int s = 0; s < updates[u].samples; ++s) {
+        detail::normals4(updates[u].seeds[s], group, updates[u].stream, update_z[u][s]);
       }
     }
     if (perturb.scale != 0.0f && tensors.compute != nullptr) {
@@ -58,14 +65,14 @@ void apply_range(const ZoTensors& tensors, const ZoUpdate* update, const ZoPertu
     for (std::int64_t i = group_start; i < group_end; ++i) {
       const int lane = static_cast<int>(i - group_start);
       float theta = load(tensors.weights, tensors.weights_dtype, i);
-      if (update != nullptr) {
-        const float d = detail::zo_direction(*update, update_z, lane);
-        theta = detail::zo_update_element(*update, theta, d, i < update->decay_count,
+      for (int u = 0; u < update_count; ++u) {
+        const ZoUpdate& update = updates[u];
+        const float d = detail::zo_direction(update, update_z[u], lane);
+        theta = detail::zo_update_element(update, theta, d, i < update.decay_count,
                                           tensors.state0 ? tensors.state0 + i : nullptr,
                                           tensors.state1 ? tensors.state1 + i : nullptr);
+        // Rounded to the stored dtype after every update, as separate passes would round it.
         store(tensors.weights, tensors.weights_dtype, i, theta);
-        // The stored (possibly rounded) weight is what the perturbation starts from, as it is
-        // when the weights come back in the next step.
         theta = load(tensors.weights, tensors.weights_dtype, i);
       }
       if (tensors.compute == nullptr) continue;
@@ -87,32 +94,34 @@ void zo_normals(ZoDirection direction, std::int64_t offset, float* out, std::int
   }
 }
 
-void zo_apply(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb) {
+void zo_apply(const ZoTensors& tensors, const ZoUpdate* updates, int update_count,
+              const ZoPerturb& perturb) {
   FERRY_CHECK(tensors.numel >= 0 && tensors.weights, "zo_apply needs weights");
-  FERRY_CHECK(tensors.compute || update, "zo_apply without an update needs a compute copy to write");
-  if (update != nullptr) check_update(tensors, *update);
+  check_updates(tensors, updates, update_count);
   detail::parallel_tiles(tensors.numel, [&](detail::Tile tile) {
-    apply_range(tensors, update, perturb, tile.begin, tile.end);
+    apply_range(tensors, updates, update_count, perturb, tile.begin, tile.end);
   });
 }
 
 #if defined(FERRY_WITH_CUDA)
 namespace detail {
-int launch_zo(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb, void* stream);
+int launch_zo(const ZoTensors& tensors, const ZoUpdateList& updates, const ZoPerturb& perturb, void* stream);
 }
 
-void zo_apply_cuda(const ZoTensors& tensors, const ZoUpdate* update, const ZoPerturb& perturb,
-                   void* cuda_stream) {
+void zo_apply_cuda(const ZoTensors& tensors, const ZoUpdate* updates, int update_count,
+                   const ZoPerturb& perturb, void* cuda_stream) {
   FERRY_CHECK(tensors.numel >= 0 && tensors.weights, "zo_apply_cuda needs weights");
-  FERRY_CHECK(tensors.compute || update, "zo_apply_cuda without an update needs a compute copy");
-  if (update != nullptr) check_update(tensors, *update);
-  const int error = detail::launch_zo(tensors, update, perturb, cuda_stream);
+  check_updates(tensors, updates, update_count);
+  detail::ZoUpdateList list;
+  list.count = update_count;
+  for (int u = 0; u < update_count; ++u) list.updates[u] = updates[u];
+  const int error = detail::launch_zo(tensors, list, perturb, cuda_stream);
   FERRY_CHECK(error == 0, "the zo CUDA kernel failed to launch: ", cudaGetErrorString(static_cast<cudaError_t>(error)));
 }
 
 bool zo_cuda_available() { return true; }
 #else
-void zo_apply_cuda(const ZoTensors&, const ZoUpdate*, const ZoPerturb&, void*) {
+void zo_apply_cuda(const ZoTensors&, const ZoUpdate*, int, const ZoPerturb&, void*) {
   throw Error("zo_apply_cuda: this ferry was built without CUDA");
 }
 

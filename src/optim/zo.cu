@@ -34,42 +34,48 @@ struct Element<DType::kF16> {
   __device__ static void store(T* p, float v) { *p = __float2half_rn(v); }
 };
 
-template <DType W, DType C, bool kUpdate>
+// Note: the update list is a kernel parameter (about 2 KiB, under CUDA's 4 KiB limit), so no
+// copy to the device precedes the launch. Each update's normals are drawn when it is applied,
+// keeping one update's worth of registers live.
+template <DType W, DType C>
 __global__ void zo_kernel(typename Element<W>::T* weights, float* state0, float* state1,
-                          typename Element<C>::T* compute, std::int64_t numel, ZoUpdate update,
-                          ZoPerturb perturb) {
+                          typename Element<C>::T* compute, std::int64_t numel,
+                          const ZoUpdateList updates, ZoPerturb perturb) {
   const std::int64_t group = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   const std::int64_t begin = group * 4;
   if (begin >= numel) return;
-  float update_z[kUpdate ? kMaxZoSamples : 1][4];
-  if constexpr (kUpdate) {
+  const std::int64_t end = begin + 4 < numel ? begin + 4 : numel;
+  float theta[4];
+  for (std::int64_t i = begin; i < end; ++i) theta[i - begin] = Element<W>::load(weights + i);
+  for (int u = 0; u < updates.count; ++u) {
+    const ZoUpdate& update = updates.updates[u];
+    float update_z[kMaxZoSamples][4];
     for (int s = 0; s < update.samples; ++s) {
       normals4(update.seeds[s], static_cast<std::uint64_t>(group), update.stream, update_z[s]);
+    }
+    for (std::int64_t i = begin; i < end; ++i) {
+      const int lane = static_cast<int>(i - begin);
+      const float d = zo_direction(update, update_z, lane);
+      const float updated = zo_update_element(update, theta[lane], d, i < update.decay_count,
+                                              state0 ? state0 + i : nullptr, state1 ? state1 + i : nullptr);
+      Element<W>::store(weights + i, updated);
+      theta[lane] = Element<W>::load(weights + i);
     }
   }
   float perturb_z[4] = {0, 0, 0, 0};
   if (perturb.scale != 0.0f && compute != nullptr) {
     normals4(perturb.direction.seed, static_cast<std::uint64_t>(group), perturb.direction.stream, perturb_z);
   }
-  const std::int64_t end = begin + 4 < numel ? begin + 4 : numel;
+  if (compute == nullptr) return;
   for (std::int64_t i = begin; i < end; ++i) {
     const int lane = static_cast<int>(i - begin);
-    float theta = Element<W>::load(weights + i);
-    if constexpr (kUpdate) {
-      const float d = zo_direction(update, update_z, lane);
-      theta = zo_update_element(update, theta, d, i < update.decay_count,
-                                state0 ? state0 + i : nullptr, state1 ? state1 + i : nullptr);
-      Element<W>::store(weights + i, theta);
-      theta = Element<W>::load(weights + i);
-    }
-    if (compute == nullptr) continue;
-    const float value = perturb.scale != 0.0f ? theta + perturb.scale * perturb_z[lane] : theta;
+    const float value = perturb.scale != 0.0f ? theta[lane] + perturb.scale * perturb_z[lane] : theta[lane];
     Element<C>::store(compute + i, value);
   }
 }
 
 template <DType W, DType C>
-void launch_typed(const ZoTensors& t, const ZoUpdate* update, const ZoPerturb& perturb,
+void launch_typed(const ZoTensors& t, const ZoUpdateList& updates, const ZoPerturb& perturb,
                   cudaStream_t stream) {
   constexpr int kThreads = 256;
   const std::int64_t groups = (t.numel + 3) / 4;
@@ -77,34 +83,29 @@ void launch_typed(const ZoTensors& t, const ZoUpdate* update, const ZoPerturb& p
   if (blocks == 0) return;
   auto* weights = static_cast<typename Element<W>::T*>(t.weights);
   auto* compute = static_cast<typename Element<C>::T*>(t.compute);
-  if (update != nullptr) {
-    zo_kernel<W, C, true><<<blocks, kThreads, 0, stream>>>(weights, t.state0, t.state1, compute,
-                                                           t.numel, *update, perturb);
-  } else {
-    zo_kernel<W, C, false><<<blocks, kThreads, 0, stream>>>(weights, t.state0, t.state1, compute,
-                                                            t.numel, ZoUpdate{}, perturb);
-  }
+  zo_kernel<W, C><<<blocks, kThreads, 0, stream>>>(weights, t.state0, t.state1, compute, t.numel,
+                                                    updates, perturb);
 }
 
 template <DType W>
-void launch_weights(const ZoTensors& t, const ZoUpdate* update, const ZoPerturb& perturb,
+void launch_weights(const ZoTensors& t, const ZoUpdateList& updates, const ZoPerturb& perturb,
                     cudaStream_t stream) {
   switch (t.compute_dtype) {
-    case DType::kF32: return launch_typed<W, DType::kF32>(t, update, perturb, stream);
-    case DType::kBF16: return launch_typed<W, DType::kBF16>(t, update, perturb, stream);
-    case DType::kF16: return launch_typed<W, DType::kF16>(t, update, perturb, stream);
+    case DType::kF32: return launch_typed<W, DType::kF32>(t, updates, perturb, stream);
+    case DType::kBF16: return launch_typed<W, DType::kBF16>(t, updates, perturb, stream);
+    case DType::kF16: return launch_typed<W, DType::kF16>(t, updates, perturb, stream);
   }
 }
 
 }  // namespace
 
 // Returns the launch's cudaError_t (as int, so the caller needs no CUDA headers).
-int launch_zo(const ZoTensors& t, const ZoUpdate* update, const ZoPerturb& perturb, void* stream) {
+int launch_zo(const ZoTensors& t, const ZoUpdateList& updates, const ZoPerturb& perturb, void* stream) {
   auto cuda_stream = static_cast<cudaStream_t>(stream);
   switch (t.weights_dtype) {
-    case DType::kF32: launch_weights<DType::kF32>(t, update, perturb, cuda_stream); break;
-    case DType::kBF16: launch_weights<DType::kBF16>(t, update, perturb, cuda_stream); break;
-    case DType::kF16: launch_weights<DType::kF16>(t, update, perturb, cuda_stream); break;
+    case DType::kF32: launch_weights<DType::kF32>(t, updates, perturb, cuda_stream); break;
+    case DType::kBF16: launch_weights<DType::kBF16>(t, updates, perturb, cuda_stream); break;
+    case DType::kF16: launch_weights<DType::kF16>(t, updates, perturb, cuda_stream); break;
   }
   return static_cast<int>(cudaGetLastError());
 }

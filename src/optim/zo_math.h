@@ -59,6 +59,12 @@ FERRY_HOST_DEVICE inline void normals4(std::uint64_t seed, std::uint64_t group, 
   }
 }
 
+// The updates of one pass, by value so that a CUDA kernel can take them as a parameter.
+struct ZoUpdateList {
+  int count = 0;
+  ZoUpdate updates[kMaxZoUpdates];
+};
+
 // The update direction of element `i` before weight decay, given the four-element group's normals
 // for each sample.
 FERRY_HOST_DEVICE inline float zo_direction(const ZoUpdate& update, const float (*z)[4], int lane) {

@@ -778,6 +778,32 @@ void Store::evict(BundleId id, Tier tier) {
   impl_->copier->retire(released);
 }
 
+void Store::discard(BundleId id, Tier tier) {
+  torch::Tensor released;
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  Bundle& bundle = impl_->bundle_locked(id);
+  impl_->check_tier_configured(bundle, tier);
+  Copy& copy = bundle.at(tier);
+  FERRY_CHECK(tier != bundle.spec.home, "cannot discard ", describe(bundle, tier),
+              ": it is the bundle's home copy");
+  FERRY_CHECK(copy.state != CopyState::kAbsent, "cannot discard ", describe(bundle, tier),
+              ": it is already absent");
+  FERRY_CHECK(!in_flight(copy.state) && copy.readers == 0, "cannot discard ",
+              describe(bundle, tier), ": it is ", to_string(copy.state),
+              " with a transfer in flight; wait for its Fence first");
+  impl_->free_locked(bundle, tier, &released);
+  impl_->copier->retire(released);
+  // The newest remaining contents are the bundle's contents again.
+  std::uint64_t newest = 0;
+  for (Tier other : kTiers) {
+    const Copy& remaining = bundle.at(other);
+    if (remaining.state != CopyState::kAbsent && !in_flight(remaining.state)) {
+      newest = std::max(newest, remaining.version);
+    }
+  }
+  bundle.version = newest;
+}
+
 void Store::synchronize() { impl_->synchronize(); }
 
 StoreStats Store::stats() const {

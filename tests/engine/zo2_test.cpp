@@ -97,6 +97,22 @@ class Reference {
         }
         if (directions.size() > 1) d = d / static_cast<float>(directions.size());
         if (decays_[p][i]) d = d + theta * wd;
+        if (config_.optimizer.kind == OptimizerKind::kAdam) {
+          // torch.optim.Adam's update, in fp32 in the kernel's operation order.
+          const auto beta1 = static_cast<float>(config_.optimizer.beta1);
+          const auto beta2 = static_cast<float>(config_.optimizer.beta2);
+          torch::Tensor& m = momentum_[p][i];
+          torch::Tensor& v = second_[p][i];
+          if (!m.defined()) m = torch::zeros_like(theta), v = torch::zeros_like(theta);
+          m = m + (d - m) * (1.0f - beta1);
+          v = v * beta2 + d * d * (1.0f - beta2);
+          const auto n = static_cast<double>(step_);
+          const auto bc1 = static_cast<float>(1.0 - std::pow(config_.optimizer.beta1, n));
+          const auto bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(config_.optimizer.beta2, n)));
+          const torch::Tensor denom = v.sqrt() / bc2_sqrt + static_cast<float>(config_.optimizer.eps);
+          theta = theta - (m / denom) * (static_cast<float>(lr) / bc1);
+          continue;
+        }
         if (config_.optimizer.momentum != 0) {
           torch::Tensor& buffer = momentum_[p][i];
           buffer = buffer.defined() ? buffer * static_cast<float>(config_.optimizer.momentum) + d : d;
@@ -142,6 +158,7 @@ class Reference {
     theta_.push_back(theta);
     decays_.push_back(decays);
     momentum_.push_back(std::vector<torch::Tensor>(ordered.size()));
+    second_.push_back(std::vector<torch::Tensor>(ordered.size()));
   }
 
   Direction draw(std::uint64_t seed) const {
@@ -178,7 +195,8 @@ class Reference {
   std::vector<std::vector<torch::Tensor>> parts_;
   std::vector<std::vector<torch::Tensor>> theta_;
   std::vector<std::vector<bool>> decays_;
-  std::vector<std::vector<torch::Tensor>> momentum_;
+  std::vector<std::vector<torch::Tensor>> momentum_;  // or Adam's exp_avg
+  std::vector<std::vector<torch::Tensor>> second_;    // Adam's exp_avg_sq
 };
 
 // The engine's weights after a flush, through a checkpoint, in the reference's order.
@@ -219,6 +237,11 @@ TEST_CASE("zo2 equals plain MeZO step by step in fp32: losses, projected gradien
     config.zo.samples = 2;
   }
   SECTION("a three-block window") { config.zo.blocks_in_flight = 3; }
+  SECTION("every block home every step") { config.zo.write_back_interval = 1; }
+  SECTION("home every third step, adam") {
+    config.zo.write_back_interval = 3;
+    config.optimizer.kind = OptimizerKind::kAdam;
+  }
   const models::ModelConfig shape = model_config(preset);
   Reference reference(shape, config);
   Engine engine(models::build(shape, kModelSeed), config);
@@ -392,6 +415,10 @@ TEST_CASE("zo2 rejects configurations it cannot run, naming the value") {
   SECTION("window") {
     config.zo.blocks_in_flight = 1;
     CHECK_THROWS_WITH(make(config), Catch::Contains("blocks_in_flight = 1"));
+  }
+  SECTION("write-back interval") {
+    config.zo.write_back_interval = 9;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("write_back_interval = 9") && Catch::Contains("1 to 8"));
   }
   SECTION("first-order calls") {
     Engine engine(models::build(shape, kModelSeed), config);

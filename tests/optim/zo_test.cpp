@@ -40,9 +40,9 @@ TEST_CASE("zo_apply writes weights + scale z without an update") {
   for (std::int64_t i = 0; i < n; ++i) weights[i] = 0.001f * static_cast<float>(i % 97);
   zo_normals({9, 1}, 0, z.data(), n);
   ZoTensors tensors{weights.data(), DType::kF32, nullptr, nullptr, compute.data(), DType::kF32, n};
-  zo_apply(tensors, nullptr, {{9, 1}, -0.5f});
+  zo_apply(tensors, nullptr, 0, {{9, 1}, -0.5f});
   for (std::int64_t i = 0; i < n; ++i) REQUIRE(compute[i] == weights[i] + -0.5f * z[i]);
-  zo_apply(tensors, nullptr, {{9, 1}, 0.0f});
+  zo_apply(tensors, nullptr, 0, {{9, 1}, 0.0f});
   for (std::int64_t i = 0; i < n; ++i) REQUIRE(compute[i] == weights[i]);
 }
 
@@ -60,7 +60,7 @@ TEST_CASE("zo_apply's sgd update follows theta - (g z + wd theta) lr, decay on t
   update.stream = 2;
   update.decay_count = 600;
   ZoTensors tensors{weights.data(), DType::kF32, nullptr, nullptr, compute.data(), DType::kF32, n};
-  zo_apply(tensors, &update, {{6, 2}, 1e-3f});
+  zo_apply(tensors, &update, 1, {{6, 2}, 1e-3f});
   for (std::int64_t i = 0; i < n; ++i) {
     float d = 2.5f * z_old[i];
     if (i < 600) d = d + 0.1f * 0.5f;
@@ -81,7 +81,7 @@ TEST_CASE("zo_apply with bf16 weights perturbs from the rounded stored value") {
   update.seeds[0] = 1;
   update.projected_grads[0] = 1.0f;
   ZoTensors tensors{weights.data(), DType::kBF16, state0.data(), nullptr, compute.data(), DType::kF32, n};
-  zo_apply(tensors, &update, {{2, 0}, 0.0f});
+  zo_apply(tensors, &update, 1, {{2, 0}, 0.0f});
   for (std::int64_t i = 0; i < n; ++i) {
     REQUIRE(weights[i] == 0x3F80);
     REQUIRE(compute[i] == 1.0f);
@@ -94,8 +94,40 @@ TEST_CASE("zo_apply rejects updates it cannot run") {
   ZoTensors tensors{weights.data(), DType::kF32, nullptr, nullptr, compute.data(), DType::kF32, 8};
   ZoUpdate update;
   update.samples = 0;
-  CHECK_THROWS_WITH(zo_apply(tensors, &update, {}), Catch::Contains("1 to 16 samples"));
+  CHECK_THROWS_WITH(zo_apply(tensors, &update, 1, {}), Catch::Contains("1 to 16 samples"));
   update.samples = 1;
   update.rule = ZoRule::kAdam;
-  CHECK_THROWS_WITH(zo_apply(tensors, &update, {}), Catch::Contains("state0"));
+  CHECK_THROWS_WITH(zo_apply(tensors, &update, 1, {}), Catch::Contains("state0"));
+}
+
+TEST_CASE("zo_apply replays several updates exactly as separate passes would") {
+  const std::int64_t n = 5000;
+  std::vector<std::uint16_t> once(n), replayed(n);
+  for (std::int64_t i = 0; i < n; ++i) once[i] = replayed[i] = static_cast<std::uint16_t>(0x3C00 + i % 50);
+  std::vector<float> m_once(n, 0.0f), v_once(n, 0.0f), m_replayed(n, 0.0f), v_replayed(n, 0.0f);
+  std::vector<float> compute_once(n), compute_replayed(n);
+  ZoUpdate updates[3];
+  for (int u = 0; u < 3; ++u) {
+    updates[u].rule = ZoRule::kAdamW;
+    updates[u].lr = 1e-3f;
+    updates[u].weight_decay = 0.1f;
+    updates[u].bias_correction1 = 1.0f - std::pow(0.9f, static_cast<float>(u + 1));
+    updates[u].bias_correction2_sqrt = std::sqrt(1.0f - std::pow(0.999f, static_cast<float>(u + 1)));
+    updates[u].samples = 2;
+    updates[u].seeds[0] = 10 + u;
+    updates[u].seeds[1] = 20 + u;
+    updates[u].projected_grads[0] = 0.5f * static_cast<float>(u + 1);
+    updates[u].projected_grads[1] = -1.5f;
+    updates[u].stream = 4;
+    updates[u].decay_count = 3000;
+  }
+  ZoTensors a{once.data(), DType::kF16, m_once.data(), v_once.data(), compute_once.data(), DType::kBF16, n};
+  for (int u = 0; u < 3; ++u) zo_apply(a, &updates[u], 1, {{99, 4}, 0.25f});
+  ZoTensors b{replayed.data(), DType::kF16, m_replayed.data(), v_replayed.data(), compute_replayed.data(),
+              DType::kBF16, n};
+  zo_apply(b, updates, 3, {{99, 4}, 0.25f});
+  REQUIRE(once == replayed);
+  REQUIRE(m_once == m_replayed);
+  REQUIRE(v_once == v_replayed);
+  REQUIRE(compute_once == compute_replayed);
 }
