@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import sys
 
+import torch  # noqa: F401  (loads libtorch and libc10, which the extension links against)
+
 if os.environ.get("FERRY_JIT") == "1":
     from ._build import load_jit
 
