@@ -3,13 +3,14 @@
 // Note: the engine's entry points convert their Python arguments first, then release the GIL
 // for the C++ work. Parts written in Python take it back for their own calls (modules.cpp).
 
+#include "bindings.h"
+
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "bindings.h"
 #include "ferry/check.h"
 #include "ferry/data.h"
 #include "ferry/engine.h"
@@ -25,10 +26,10 @@ namespace {
 // --- errors -----------------------------------------------------------------------------------
 
 struct ErrorTypes {
-  PyObject* error = nullptr;           // ferry::Error             -> ferry.Error(RuntimeError)
-  PyObject* budget_exceeded = nullptr; // ferry::BudgetExceeded    -> (ferry.Error, MemoryError)
-  PyObject* io_error = nullptr;        // ferry::IoException       -> (ferry.Error, OSError)
-  PyObject* internal_error = nullptr;  // ferry::InternalError     -> ferry.InternalError
+  PyObject* error = nullptr;            // ferry::Error             -> ferry.Error(RuntimeError)
+  PyObject* budget_exceeded = nullptr;  // ferry::BudgetExceeded    -> (ferry.Error, MemoryError)
+  PyObject* io_error = nullptr;         // ferry::IoException       -> (ferry.Error, OSError)
+  PyObject* internal_error = nullptr;   // ferry::InternalError     -> ferry.InternalError
 };
 
 ErrorTypes& error_types() {
@@ -71,9 +72,9 @@ void bind_errors(py::module_& module) {
       "An I/O failure: errno, path, offset and length as attributes, the whole story in the "
       "message.",
       py::make_tuple(py::handle(types.error), py::handle(PyExc_OSError)).ptr());
-  types.internal_error = new_error_type(module, "InternalError",
-                                        "A broken invariant inside ferry: always a bug in ferry.",
-                                        PyExc_RuntimeError);
+  types.internal_error =
+      new_error_type(module, "InternalError",
+                     "A broken invariant inside ferry: always a bug in ferry.", PyExc_RuntimeError);
   py::register_exception_translator([](std::exception_ptr pointer) {
     try {
       if (pointer) std::rethrow_exception(pointer);
@@ -111,7 +112,7 @@ data::Batch to_batch(const py::handle& batch) {
     }
     if (!THPVariable_Check(value.ptr())) {
       throw py::type_error(std::string("batch field '") + name + "' must be a torch.Tensor, not " +
-                           py::str(py::type::of(value).attr("__name__")).cast<std::string>());
+                           type_name(value));
     }
     return value.cast<torch::Tensor>();
   };
@@ -168,11 +169,10 @@ py::dict to_dict(const EngineStats& stats) {
 }
 
 std::string describe(const StepResult& result) {
-  return detail::concat("StepResult(step=", result.step, ", loss=", result.loss,
-                        ", lr=", result.lr, ", grad_norm=", result.grad_norm,
-                        ", loss_scale=", result.loss_scale,
-                        ", skipped=", result.skipped ? "True" : "False",
-                        ", tokens=", result.tokens, ")");
+  return detail::concat("StepResult(step=", result.step, ", loss=", result.loss, ", lr=", result.lr,
+                        ", grad_norm=", result.grad_norm, ", loss_scale=", result.loss_scale,
+                        ", skipped=", result.skipped ? "True" : "False", ", tokens=", result.tokens,
+                        ")");
 }
 
 // --- models -----------------------------------------------------------------------------------
@@ -180,8 +180,8 @@ std::string describe(const StepResult& result) {
 // A parameter dtype by its safetensors name; only the float types a model can compute in.
 DType model_dtype(const std::string& name) {
   const std::optional<DType> dtype = parse_dtype(name);
-  FERRY_CHECK(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16,
-              "dtype '", name, "' is not valid: use F32, BF16 or F16");
+  FERRY_CHECK(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16, "dtype '",
+              name, "' is not valid: use F32, BF16 or F16");
   return *dtype;
 }
 
@@ -312,26 +312,31 @@ void bind_data(py::module_& module) {
              return py::make_tuple(example.tokens, example.prompt_tokens);
            })
       .def_property_readonly("name", &data::Dataset::name);
-  module.def("open_dataset", [](const std::string& path, std::int64_t example_tokens) {
-    return hold(data::open_dataset(path, example_tokens));
-  }, py::arg("path"), py::arg("example_tokens"));
-  module.def("addition_problems",
-             [](std::int64_t max_digits, std::uint64_t seed, const std::string& split,
-                std::int64_t count) {
-               std::vector<std::pair<std::string, std::string>> problems;
-               for (auto& problem : data::addition_problems({max_digits, seed}, parse_split(split),
-                                                            count)) {
-                 problems.emplace_back(problem.prompt, problem.completion);
-               }
-               return problems;
-             },
-             py::arg("max_digits"), py::arg("seed"), py::arg("split"), py::arg("count"));
-  module.def("addition_dataset",
-             [](std::int64_t max_digits, std::uint64_t seed, const std::string& split,
-                std::int64_t count) {
-               return hold(data::addition_dataset({max_digits, seed}, parse_split(split), count));
-             },
-             py::arg("max_digits"), py::arg("seed"), py::arg("split"), py::arg("count"));
+  module.def(
+      "open_dataset",
+      [](const std::string& path, std::int64_t example_tokens) {
+        return hold(data::open_dataset(path, example_tokens));
+      },
+      py::arg("path"), py::arg("example_tokens"));
+  module.def(
+      "addition_problems",
+      [](std::int64_t max_digits, std::uint64_t seed, const std::string& split,
+         std::int64_t count) {
+        std::vector<std::pair<std::string, std::string>> problems;
+        for (auto& problem :
+             data::addition_problems({max_digits, seed}, parse_split(split), count)) {
+          problems.emplace_back(problem.prompt, problem.completion);
+        }
+        return problems;
+      },
+      py::arg("max_digits"), py::arg("seed"), py::arg("split"), py::arg("count"));
+  module.def(
+      "addition_dataset",
+      [](std::int64_t max_digits, std::uint64_t seed, const std::string& split,
+         std::int64_t count) {
+        return hold(data::addition_dataset({max_digits, seed}, parse_split(split), count));
+      },
+      py::arg("max_digits"), py::arg("seed"), py::arg("split"), py::arg("count"));
 
   py::class_<data::ByteTokenizer>(module, "ByteTokenizer")
       .def(py::init<>())
@@ -343,9 +348,9 @@ void bind_data(py::module_& module) {
       .def_readonly_static("VOCAB_SIZE", &data::ByteTokenizer::kVocabSize);
 
   py::class_<data::DataLoader>(module, "DataLoader")
-      .def(py::init([](DatasetHolder dataset, std::int64_t batch_size,
-                       std::int64_t sequence_length, bool pack, bool answer_only, bool shuffle,
-                       std::uint64_t seed, std::optional<std::int64_t> vocab_size) {
+      .def(py::init([](DatasetHolder dataset, std::int64_t batch_size, std::int64_t sequence_length,
+                       bool pack, bool answer_only, bool shuffle, std::uint64_t seed,
+                       std::optional<std::int64_t> vocab_size) {
              data::LoaderOptions options;
              options.batch_size = batch_size;
              options.sequence_length = sequence_length;
@@ -356,8 +361,8 @@ void bind_data(py::module_& module) {
              options.vocab_size = vocab_size;
              return std::make_unique<data::DataLoader>(std::move(dataset), options);
            }),
-           py::arg("dataset"), py::arg("batch_size"), py::arg("sequence_length"),
-           py::arg("pack"), py::arg("answer_only"), py::arg("shuffle"), py::arg("seed"),
+           py::arg("dataset"), py::arg("batch_size"), py::arg("sequence_length"), py::arg("pack"),
+           py::arg("answer_only"), py::arg("shuffle"), py::arg("seed"),
            py::arg("vocab_size") = std::nullopt)
       .def("next", [](data::DataLoader& loader) { return to_dict(loader.next()); })
       .def("state", [](const data::DataLoader& loader) { return loader.state().to_json(); })
@@ -369,10 +374,10 @@ void bind_data(py::module_& module) {
 // --- CPU optimizer kernels --------------------------------------------------------------------
 
 void check_cpu_contiguous(const char* what, const torch::Tensor& tensor) {
-  FERRY_CHECK(tensor.device().is_cpu() && tensor.layout() == torch::kStrided &&
-                  tensor.is_contiguous(),
-              what, " must be a dense, contiguous CPU tensor; got one on ", tensor.device(),
-              tensor.is_contiguous() ? "" : " that is not contiguous");
+  FERRY_CHECK(
+      tensor.device().is_cpu() && tensor.layout() == torch::kStrided && tensor.is_contiguous(),
+      what, " must be a dense, contiguous CPU tensor; got one on ", tensor.device(),
+      tensor.is_contiguous() ? "" : " that is not contiguous");
 }
 
 optim::FloatSpan float_span(const char* what, const torch::Tensor& tensor, std::int64_t numel) {
@@ -386,8 +391,10 @@ optim::FloatSpan float_span(const char* what, const torch::Tensor& tensor, std::
 
 optim::DType low_precision_dtype(const char* what, const torch::Tensor& tensor) {
   switch (tensor.scalar_type()) {
-    case torch::kBFloat16: return optim::DType::kBF16;
-    case torch::kHalf: return optim::DType::kF16;
+    case torch::kBFloat16:
+      return optim::DType::kBF16;
+    case torch::kHalf:
+      return optim::DType::kF16;
     default:
       FERRY_CHECK(false, what, " must be bfloat16 or float16, not ", tensor.scalar_type());
   }
@@ -397,7 +404,8 @@ optim::DType low_precision_dtype(const char* what, const torch::Tensor& tensor) 
 optim::GradSpan grad_span(const torch::Tensor& grad, std::int64_t numel) {
   check_cpu_contiguous("grad", grad);
   FERRY_CHECK(grad.numel() == numel, "grad has ", grad.numel(), " elements; expected ", numel);
-  if (grad.scalar_type() == torch::kFloat) return optim::GradSpan::f32(grad.data_ptr<float>(), numel);
+  if (grad.scalar_type() == torch::kFloat)
+    return optim::GradSpan::f32(grad.data_ptr<float>(), numel);
   return {grad.data_ptr(), numel, low_precision_dtype("grad", grad)};
 }
 
@@ -418,14 +426,12 @@ optim::StepContext step_context(std::int64_t step) {
 void bind_optim(py::module_& module) {
   module.def(
       "adamw_step",
-      [](const torch::Tensor& master, const torch::Tensor& exp_avg,
-         const torch::Tensor& exp_avg_sq, const torch::Tensor& grad, std::int64_t step, double lr,
-         double beta1, double beta2, double eps, double weight_decay,
-         const std::optional<torch::Tensor>& out) {
+      [](const torch::Tensor& master, const torch::Tensor& exp_avg, const torch::Tensor& exp_avg_sq,
+         const torch::Tensor& grad, std::int64_t step, double lr, double beta1, double beta2,
+         double eps, double weight_decay, const std::optional<torch::Tensor>& out) {
         const std::int64_t n = master.numel();
         return optim::adamw_step({lr, beta1, beta2, eps, weight_decay}, step_context(step),
-                                 float_span("master", master, n),
-                                 float_span("exp_avg", exp_avg, n),
+                                 float_span("master", master, n), float_span("exp_avg", exp_avg, n),
                                  float_span("exp_avg_sq", exp_avg_sq, n), grad_span(grad, n),
                                  output_span(out, n))
             .skipped;
@@ -436,10 +442,9 @@ void bind_optim(py::module_& module) {
       py::call_guard<py::gil_scoped_release>());
   module.def(
       "adam_step",
-      [](const torch::Tensor& master, const torch::Tensor& exp_avg,
-         const torch::Tensor& exp_avg_sq, const torch::Tensor& grad, std::int64_t step, double lr,
-         double beta1, double beta2, double eps, double weight_decay,
-         const std::optional<torch::Tensor>& out) {
+      [](const torch::Tensor& master, const torch::Tensor& exp_avg, const torch::Tensor& exp_avg_sq,
+         const torch::Tensor& grad, std::int64_t step, double lr, double beta1, double beta2,
+         double eps, double weight_decay, const std::optional<torch::Tensor>& out) {
         const std::int64_t n = master.numel();
         return optim::adam_step({lr, beta1, beta2, eps, weight_decay}, step_context(step),
                                 float_span("master", master, n), float_span("exp_avg", exp_avg, n),
@@ -454,12 +459,12 @@ void bind_optim(py::module_& module) {
   module.def(
       "sgd_step",
       [](const torch::Tensor& master, const std::optional<torch::Tensor>& momentum_buffer,
-         const torch::Tensor& grad, std::int64_t step, double lr, double momentum,
-         double dampening, double weight_decay, bool nesterov,
-         const std::optional<torch::Tensor>& out) {
+         const torch::Tensor& grad, std::int64_t step, double lr, double momentum, double dampening,
+         double weight_decay, bool nesterov, const std::optional<torch::Tensor>& out) {
         const std::int64_t n = master.numel();
-        const optim::FloatSpan buffer =
-            momentum_buffer ? float_span("momentum_buffer", *momentum_buffer, n) : optim::FloatSpan{};
+        const optim::FloatSpan buffer = momentum_buffer
+                                            ? float_span("momentum_buffer", *momentum_buffer, n)
+                                            : optim::FloatSpan{};
         return optim::sgd_step({lr, momentum, dampening, weight_decay, nesterov},
                                step_context(step), float_span("master", master, n), buffer,
                                grad_span(grad, n), output_span(out, n))
@@ -467,8 +472,7 @@ void bind_optim(py::module_& module) {
       },
       py::arg("master"), py::arg("momentum_buffer"), py::arg("grad"), py::arg("step"),
       py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
-      py::arg("nesterov"), py::arg("out") = std::nullopt,
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("nesterov"), py::arg("out") = std::nullopt, py::call_guard<py::gil_scoped_release>());
   module.def(
       "adagrad_step",
       [](const torch::Tensor& master, const torch::Tensor& state_sum, const torch::Tensor& grad,
@@ -482,14 +486,16 @@ void bind_optim(py::module_& module) {
             .skipped;
       },
       py::arg("master"), py::arg("state_sum"), py::arg("grad"), py::arg("step"), py::arg("lr"),
-      py::arg("lr_decay"), py::arg("weight_decay"), py::arg("eps"),
-      py::arg("out") = std::nullopt, py::call_guard<py::gil_scoped_release>());
-  module.def("check_adamw", [](double lr, double beta1, double beta2, double eps, double weight_decay) {
-    optim::check_params(optim::AdamWParams{lr, beta1, beta2, eps, weight_decay});
-  });
-  module.def("check_adam", [](double lr, double beta1, double beta2, double eps, double weight_decay) {
-    optim::check_params(optim::AdamParams{lr, beta1, beta2, eps, weight_decay});
-  });
+      py::arg("lr_decay"), py::arg("weight_decay"), py::arg("eps"), py::arg("out") = std::nullopt,
+      py::call_guard<py::gil_scoped_release>());
+  module.def("check_adamw",
+             [](double lr, double beta1, double beta2, double eps, double weight_decay) {
+               optim::check_params(optim::AdamWParams{lr, beta1, beta2, eps, weight_decay});
+             });
+  module.def("check_adam",
+             [](double lr, double beta1, double beta2, double eps, double weight_decay) {
+               optim::check_params(optim::AdamParams{lr, beta1, beta2, eps, weight_decay});
+             });
   module.def("check_sgd", [](double lr, double momentum, double dampening, double weight_decay,
                              bool nesterov) {
     optim::check_params(optim::SgdParams{lr, momentum, dampening, weight_decay, nesterov});

@@ -6,11 +6,18 @@
 
 #include <torch/extension.h>
 
+#include <string>
+
 #include "ferry/model.h"
 
 namespace ferry::python {
 
 namespace py = pybind11;
+
+// The Python type name of an object, for error messages: "dict", "Linear".
+inline std::string type_name(const py::handle& object) {
+  return py::str(py::type::of(object).attr("__name__")).cast<std::string>();
+}
 
 // Builds a LayeredModel whose stem, blocks and head are Python torch.nn.Modules (modules.cpp).
 // With pass_context, every part is called as part(x, context) instead of part(x).

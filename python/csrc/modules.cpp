@@ -61,11 +61,12 @@ class PythonPart final : public Base {
  public:
   PythonPart(py::object module, models::Part kind, std::string name, bool pass_context,
              Registered& registered)
-      : module_(std::move(module)), kind_(kind), name_(std::move(name)),
+      : module_(std::move(module)),
+        kind_(kind),
+        name_(std::move(name)),
         pass_context_(pass_context) {
-    FERRY_CHECK(py::isinstance(module_, py::module_::import("torch.nn").attr("Module")),
-                name_, " is a ", py::str(py::type::of(module_).attr("__name__")).cast<std::string>(),
-                "; every part must be a torch.nn.Module");
+    FERRY_CHECK(py::isinstance(module_, py::module_::import("torch.nn").attr("Module")), name_,
+                " is a ", type_name(module_), "; every part must be a torch.nn.Module");
     for (const py::handle item : module_.attr("named_parameters")()) {
       const auto entry = item.cast<std::pair<std::string, torch::Tensor>>();
       register_shared_parameter(entry.first, entry.second, registered);
@@ -85,12 +86,10 @@ class PythonPart final : public Base {
   torch::Tensor forward(const torch::Tensor& input, const StepContext& context) override {
     py::gil_scoped_acquire gil;
     py::object result = pass_context_ ? module_(input, context) : module_(input);
-    if (kind_ == models::Part::kBlock && py::isinstance<py::tuple>(result) &&
-        py::len(result) > 0) {
+    if (kind_ == models::Part::kBlock && py::isinstance<py::tuple>(result) && py::len(result) > 0) {
       result = result.cast<py::tuple>()[0];
     }
-    FERRY_CHECK(THPVariable_Check(result.ptr()), name_, " returned a ",
-                py::str(py::type::of(result).attr("__name__")).cast<std::string>(),
+    FERRY_CHECK(THPVariable_Check(result.ptr()), name_, " returned a ", type_name(result),
                 "; the supported signature is ", signature_of(kind_, pass_context_));
     return result.cast<torch::Tensor>();
   }

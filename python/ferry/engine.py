@@ -71,6 +71,9 @@ class Engine:
             raise TypeError("Engine needs a model: a preset name, a Hugging Face directory or "
                             "a ferry.LayeredModel")
         if isinstance(model, LayeredModel):
+            if model._bound:
+                raise ValueError("this LayeredModel already belongs to an Engine, which has "
+                                 "moved its parameters into its own memory; build a new one")
             if dtype is not None:
                 raise TypeError("dtype applies to a preset or a checkpoint; a LayeredModel "
                                 "keeps the dtype of its parameters")
@@ -83,6 +86,7 @@ class Engine:
             raise TypeError(f"model must be a preset name, a Hugging Face directory or a "
                             f"ferry.LayeredModel, not {type(model).__name__}")
         self._engine = _C.Engine(self.model._model, json.dumps(merged))
+        self.model._bound = True
 
     # --- training -------------------------------------------------------------------------
 

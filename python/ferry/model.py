@@ -61,12 +61,14 @@ class LayeredModel:
         self.blocks: List[torch.nn.Module] = list(blocks)
         self.head: Optional[torch.nn.Module] = head
         self._model = _C.python_model(stem, self.blocks, head, pass_context)
+        self._bound = False  # set once an Engine holds the model
 
     @classmethod
     def _wrap(cls, model: "_C.LayeredModel") -> "LayeredModel":
         instance = cls.__new__(cls)
         instance.stem, instance.blocks, instance.head = None, [], None
         instance._model = model
+        instance._bound = False
         return instance
 
     @classmethod

@@ -15,7 +15,8 @@ def test_byte_tokenizer_round_trips_text() -> None:
     tokenizer = ferry.data.ByteTokenizer()
     ids = tokenizer.encode("7+8=")
     assert ids == [ord(c) for c in "7+8="]
-    assert tokenizer.decode([ferry.data.ByteTokenizer.BOS, *ids, ferry.data.ByteTokenizer.EOS]) == "7+8="
+    bos, eos = ferry.data.ByteTokenizer.BOS, ferry.data.ByteTokenizer.EOS
+    assert tokenizer.decode([bos, *ids, eos]) == "7+8="
     assert ferry.data.ByteTokenizer.VOCAB_SIZE == 259
     with pytest.raises(ferry.Error):
         tokenizer.decode([1000])

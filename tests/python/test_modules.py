@@ -148,7 +148,8 @@ def test_the_engine_rebinds_the_modules_own_parameters() -> None:
     stem, blocks, head = make_parts()
     weight = stem.embed.weight
     before = weight.detach().clone()
-    engine = ferry.Engine(ferry.LayeredModel(stem, blocks, head), device="cpu", lr=1e-2)
+    model = ferry.LayeredModel(stem, blocks, head)
+    engine = ferry.Engine(model, device="cpu", lr=1e-2)
     assert stem.embed.weight is weight
     assert weight.data_ptr() == engine.parameters()[0].data_ptr()
     assert torch.equal(weight.detach(), before)
@@ -156,6 +157,8 @@ def test_the_engine_rebinds_the_modules_own_parameters() -> None:
     assert not torch.equal(weight.detach(), before)
     # Buffers are registered too, and the module's train/eval flag follows the engine.
     assert blocks[0].training
+    with pytest.raises(ValueError, match="already belongs to an Engine"):
+        ferry.Engine(model, device="cpu")
 
 
 def test_context_is_passed_on_request() -> None:

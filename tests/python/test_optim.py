@@ -21,7 +21,8 @@ def make_params() -> List[torch.Tensor]:
     return [torch.nn.Parameter(torch.randn(shape)) for shape in [(37, 19), (1000,), (3,)]]
 
 
-def run(params: List[torch.Tensor], optimizer: torch.optim.Optimizer, grads: List[List[torch.Tensor]]) -> None:
+def run(params: List[torch.Tensor], optimizer: torch.optim.Optimizer,
+        grads: List[List[torch.Tensor]]) -> None:
     for step_grads in grads:
         for param, grad in zip(params, step_grads):
             param.grad = grad.clone()
