@@ -27,7 +27,7 @@ def exact_match(engine: ferry.Engine, problems: list) -> float:
     for prompt, completion in problems:
         ids = [tokenizer.BOS, *tokenizer.encode(prompt)]
         answer = engine.generate(ids, len(completion) + 1, stop_token=tokenizer.EOS)
-        correct += tokenizer.decode(answer) == completion
+        correct += answer == tokenizer.encode(completion)
     return correct / len(problems)
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help=".jsonl, text or .bin; default: the demo")
     parser.add_argument("--mode", default="zero-offload")
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
