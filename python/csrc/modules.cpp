@@ -69,7 +69,7 @@ class PythonPart final : public Base {
                 " is a ", type_name(module_), "; every part must be a torch.nn.Module");
     for (const py::handle item : module_.attr("named_parameters")()) {
       const auto entry = item.cast<std::pair<std::string, torch::Tensor>>();
-      register_shared_parameter(entry.first, entry.second, registered);
+      register_parameter_once(entry.first, entry.second, registered);
     }
     for (const py::handle item : module_.attr("named_buffers")()) {
       const auto entry = item.cast<std::pair<std::string, torch::Tensor>>();
@@ -78,6 +78,8 @@ class PythonPart final : public Base {
     }
   }
 
+  // Note: the engine may drop its model without the GIL; the module's reference must still
+  // be released under it.
   ~PythonPart() override {
     py::gil_scoped_acquire gil;
     py::object released = std::move(module_);
@@ -105,7 +107,7 @@ class PythonPart final : public Base {
   // parameters into that part's bundles. The one exception is a head that reuses the stem's
   // embedding (tied weights): the head leaves it to the stem, and the engine keeps the stem's
   // gradients until the head's backward has added to them.
-  void register_shared_parameter(const std::string& name, const torch::Tensor& parameter,
+  void register_parameter_once(const std::string& name, const torch::Tensor& parameter,
                                  Registered& registered) {
     const std::string full_name = name_ + "." + name;
     FERRY_CHECK(parameter.requires_grad(), "parameter ", full_name,
