@@ -19,6 +19,7 @@
 #include "ferry/memory.h"
 #include "ferry/optim.h"
 #include "ferry/version.h"
+#include "ferry/zo.h"
 
 namespace ferry::python {
 namespace {
@@ -232,9 +233,14 @@ void bind_engine(py::module_& module) {
       .def_readonly("loss_scale", &StepResult::loss_scale)
       .def_readonly("skipped", &StepResult::skipped)
       .def_readonly("tokens", &StepResult::tokens)
+      .def_readonly("loss_plus", &StepResult::loss_plus)
+      .def_readonly("loss_minus", &StepResult::loss_minus)
+      .def_readonly("projected_grads", &StepResult::projected_grads)
       .def("__repr__", &describe);
 
   module.def("engine_config_keys", &engine_config_keys);
+  module.def("zo_step_seed", &zo_step_seed, py::arg("seed"), py::arg("step"), py::arg("sample"),
+             "The seed of zo2's direction for one sample of one step (counted from 1).");
 
   py::class_<Engine>(module, "Engine")
       .def(py::init([](const LayeredModel& model, const std::string& settings_json) {
@@ -263,6 +269,7 @@ void bind_engine(py::module_& module) {
              py::gil_scoped_release release;
              return engine.evaluate(converted);
            })
+      .def("flush", &Engine::flush, py::call_guard<py::gil_scoped_release>())
       .def("logits", &Engine::logits, py::call_guard<py::gil_scoped_release>())
       .def("generate", &Engine::generate, py::arg("prompt"), py::arg("max_new_tokens"),
            py::arg("stop_token") = std::nullopt, py::call_guard<py::gil_scoped_release>())
@@ -503,6 +510,17 @@ void bind_optim(py::module_& module) {
   module.def("check_adagrad", [](double lr, double lr_decay, double weight_decay, double eps) {
     optim::check_params(optim::AdagradParams{lr, lr_decay, weight_decay, eps});
   });
+  module.def(
+      "zo_normals",
+      [](std::uint64_t seed, std::uint64_t stream, std::int64_t count) {
+        FERRY_CHECK(count >= 0, "count = ", count, " is invalid: it must be >= 0");
+        torch::Tensor out = torch::empty({count}, torch::kFloat);
+        optim::zo_normals({seed, stream}, 0, out.data_ptr<float>(), count);
+        return out;
+      },
+      py::arg("seed"), py::arg("stream"), py::arg("count"),
+      "The first `count` normals of zo2's direction (seed, stream); the engine's stream is the "
+      "part's index (stem 0, blocks 1.., head last).");
   module.def("active_isa", [] { return std::string(optim::isa_name(optim::active_isa())); });
   module.def("set_isa", [](const std::string& name) { optim::set_isa(optim::parse_isa(name)); });
   module.def("num_threads", &optim::num_threads);

@@ -37,19 +37,22 @@ class Engine:
         engine = ferry.Engine("tiny-llama", mode="zero-offload", lr=1e-3, gpu_budget="8GiB")
         engine = ferry.Engine(config=json.load(open("job.json")))
 
-    Engine settings (:func:`engine_settings`): mode (``"gpu"``, ``"zero-offload"``), precision
+    Engine settings (:func:`engine_settings`): mode (``"gpu"``, ``"zero-offload"``,
+    ``"zo2"``), precision
     (``"fp32"``, ``"bf16"``, ``"fp16"``), device (``"auto"``, the default here, ``"cpu"``,
     ``"cuda[:N]"``), gpu_budget, host_budget (bytes or ``"24GiB"``; 0: no limit), optimizer
     (``"adamw"``, ``"adam"``, ``"sgd"``, ``"adagrad"``), lr, beta1, beta2, eps, weight_decay,
     momentum, nesterov, schedule (``"constant"``, ``"linear"``, ``"cosine"``), warmup, steps
     (the schedule's length), min_lr_ratio, grad_accum, max_grad_norm, loss_scale,
-    keep_graph_blocks, offload_checkpoints, optimizer_threads, trace. A missing setting takes
-    the C++ ``EngineConfig`` default (adamw, lr 1e-3, no weight decay, constant schedule,
-    fp32, zero-offload). They are parsed by the same C++ function the CLI uses.
+    keep_graph_blocks, offload_checkpoints, optimizer_threads, trace, nvme (directories),
+    nvme_budget, and for zo2: seed, zo_eps, zo_samples, zo_blocks (``"gpu"``, ``"host"``,
+    ``"nvme"``), zo_host_blocks, zo_storage, zo_window. A missing setting takes the C++
+    ``EngineConfig`` default (adamw, lr 1e-3, no weight decay, constant schedule, fp32,
+    zero-offload). They are parsed by the same C++ function the CLI uses.
 
-    Besides the engine settings: ``model`` (when the argument is not given), ``seed`` (the
-    random initialisation of a preset, default 0) and ``dtype`` (a preset's or checkpoint's
-    parameter dtype). The job file's loop keys (:data:`LOOP_KEYS`) are ignored. An unknown key
+    Besides the engine settings: ``model`` (when the argument is not given), ``seed`` (also the
+    random initialisation of a preset, default 0, as in the CLI) and ``dtype`` (a preset's or
+    checkpoint's parameter dtype). The job file's loop keys (:data:`LOOP_KEYS`) are ignored. An unknown key
     raises :class:`ferry.Error` listing the valid ones.
 
     Raises :class:`ferry.BudgetExceeded` when the budgets cannot hold what the mode needs.
@@ -60,7 +63,7 @@ class Engine:
         merged: Dict[str, Any] = dict(config or {})
         merged.update(settings)
         name = merged.pop("model", None)
-        seed = int(merged.pop("seed", 0))
+        seed = int(merged.get("seed", 0))
         dtype: DTypeLike = merged.pop("dtype", None)
         for key in LOOP_KEYS:
             merged.pop(key, None)
@@ -108,6 +111,13 @@ class Engine:
     def step(self) -> _C.StepResult:
         """Applies the accumulated gradients; once every ``grad_accum`` micro-batches."""
         return self._engine.step()
+
+    def flush(self) -> None:
+        """zo2 applies each step's update when the parts next come to the device; this applies
+        it now. :meth:`evaluate`, :meth:`logits`, :meth:`generate` and :meth:`save` flush
+        first; call it at the end of training before reading the weights any other way. A
+        no-op in the other modes."""
+        self._engine.flush()
 
     # --- inference ------------------------------------------------------------------------
 

@@ -27,11 +27,15 @@ def losses(engine: ferry.Engine, batches: ferry.data.DataLoader, steps: int) -> 
     return [engine.train_step(next(batches)).loss for _ in range(steps)]
 
 
-def test_a_python_run_equals_the_cli_run(tmp_path: Path, build_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["zero-offload", "zo2"])
+def test_a_python_run_equals_the_cli_run(mode: str, tmp_path: Path, build_dir: Path) -> None:
     out = tmp_path / "cli"
-    subprocess.run([str(build_dir / "ferry"), "finetune", "--steps", "4", "--batch", "4",
-                    "--seq", "16", "--warmup", "1", "--eval-problems", "1", "--log-every", "1",
-                    "--device", "cpu", "--out", str(out)],
+    # zo2 has no gradient to clip; its demo setting is plain SGD.
+    zo2_flags = ["--max-grad-norm", "0", "--optimizer", "sgd", "--lr", "1e-4"]
+    subprocess.run([str(build_dir / "ferry"), "finetune", "--mode", mode, "--steps", "4",
+                    "--batch", "4", "--seq", "16", "--warmup", "1", "--eval-problems", "1",
+                    "--log-every", "1", "--device", "cpu", "--out", str(out),
+                    *(zo2_flags if mode == "zo2" else [])],
                    check=True, capture_output=True)
     cli_steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -46,6 +50,20 @@ def test_a_python_run_equals_the_cli_run(tmp_path: Path, build_dir: Path) -> Non
     assert [s.loss for s in python_steps] == [s["loss"] for s in cli_steps]
     assert [s.grad_norm for s in python_steps] == [s["grad_norm"] for s in cli_steps]
     assert [s.lr for s in python_steps] == [s["lr"] for s in cli_steps]
+
+
+def test_zo2_results_and_flush() -> None:
+    engine = ferry.Engine("tiny-opt", {**SETTINGS, "lr": 1e-4}, mode="zo2", optimizer="sgd",
+                          zo_samples=2)
+    batches = loader()
+    result = engine.train_step(next(batches))
+    assert len(result.loss_plus) == len(result.loss_minus) == len(result.projected_grads) == 2
+    assert result.loss == pytest.approx(sum(result.loss_plus + result.loss_minus) / 4)
+    engine.flush()
+    engine.flush()  # idempotent
+    with pytest.raises(ferry.Error, match="zo2"):
+        engine.forward(next(batches))
+    assert engine.mode == "zo2"
 
 
 def test_forward_backward_step_equals_train_step() -> None:

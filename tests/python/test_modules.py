@@ -134,6 +134,58 @@ def test_user_modules_train_exactly_as_plain_pytorch(mode: str) -> None:
         assert torch.equal(trained.detach(), reference.detach())
 
 
+def decayed_first(module: nn.Module) -> List[Tuple[torch.Tensor, bool]]:
+    """A part's parameters in the order the engine packs them, each with whether weight decay
+    applies: decayed ones first, then biases and norms (ferry's is_no_decay), each group in
+    registration order."""
+    flagged = [(p, not (name.endswith("bias") or p.dim() < 2))
+               for name, p in module.named_parameters()]
+    return [item for item in flagged if item[1]] + [item for item in flagged if not item[1]]
+
+
+def test_user_modules_train_in_zo2_exactly_as_plain_mezo() -> None:
+    """MeZO written out over the same modules with ferry's direction generator: the engine's
+    losses and projected gradients agree bit for bit, step after step (so its weights do)."""
+    eps, lr, weight_decay, seed, steps = 1e-3, 1e-3, 0.01, 42, 6
+    stem, blocks, head = make_parts()
+    copies = copy.deepcopy([stem, *blocks, head])
+    engine = ferry.Engine(ferry.LayeredModel(stem, blocks, head), device="cpu", mode="zo2",
+                          optimizer="sgd", lr=lr, weight_decay=weight_decay, zo_eps=eps,
+                          seed=seed)
+    results = [engine.train_step(batch) for batch in batches(steps)]
+
+    parts = [decayed_first(part) for part in copies]
+    theta = [[p.detach().clone() for p, _ in part] for part in parts]
+
+    def loss_at(direction: List[List[torch.Tensor]], scale: float, batch: dict) -> float:
+        for part, weights, z in zip(parts, theta, direction):
+            for (param, _), weight, z_i in zip(part, weights, z):
+                param.detach().copy_(weight + z_i * scale)
+        hidden = copies[0](batch["input_ids"])
+        for block in copies[1:-1]:
+            hidden = block(hidden)[0]
+        return ferry.causal_lm_loss(copies[-1](hidden), batch["labels"]).item()
+
+    with torch.no_grad():
+        for step, (batch, result) in enumerate(zip(batches(steps), results), start=1):
+            direction_seed = ferry._C.zo_step_seed(seed, step, 0)
+            direction = []
+            for index, part in enumerate(parts):
+                sizes = [p.numel() for p, _ in part]
+                flat = ferry._C.optim.zo_normals(direction_seed, index, sum(sizes))
+                direction.append([z.view(p.shape) for z, (p, _) in zip(flat.split(sizes), part)])
+            plus, minus = loss_at(direction, eps, batch), loss_at(direction, -eps, batch)
+            grad = (plus - minus) / (2.0 * eps)
+            assert (result.loss_plus, result.loss_minus) == ([plus], [minus])
+            assert result.projected_grads == [grad]
+            for weights, z, part in zip(theta, direction, parts):
+                for i, (weight, z_i, (_, decayed)) in enumerate(zip(weights, z, part)):
+                    d = z_i * grad
+                    if decayed:
+                        d = d + weight * weight_decay
+                    weights[i] = weight - d * lr
+
+
 def test_a_head_tied_to_the_stem_embedding_trains_as_plain_pytorch() -> None:
     stem, blocks, head = make_parts(tied=True)
     copies = copy.deepcopy((stem, blocks, head))
