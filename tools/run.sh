@@ -20,5 +20,9 @@ if [[ $what == main ]]; then
   exec ./build/ferry
 fi
 ctest --test-dir build --output-on-failure -j "$jobs"
+# The Python extension over the library just built, and its tests (docs/python.md). Debian's
+# interpreter, which has python3-torch: not whatever python3 comes first on PATH.
+(cd python && FERRY_BUILD_DIR="$PWD/../build" MAX_JOBS="$jobs" /usr/bin/python3 setup.py -q build_ext --inplace)
+/usr/bin/python3 -m pytest -q tests/python
 # The safetensors header parser under libFuzzer, briefly (tests/fuzz).
 FERRY_FUZZ_BUILD_DIR="$PWD/build/fuzz" tools/run_fuzz.sh 30

@@ -9,6 +9,7 @@ packages=(
   liburing-dev libaio-dev libtbb-dev
   libcxxopts-dev catch2 nlohmann-json3-dev
   clang-14 libclang-rt-14-dev
+  python3-dev python3-torch pybind11-dev python3-setuptools python3-pytest
 )
 
 missing=()

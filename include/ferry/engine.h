@@ -154,6 +154,22 @@ struct TierDemand {
 // Throws ferry::Error for a configuration the engine would reject.
 TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig& config);
 
+// The engine's settings from a JSON object, under the names `ferry finetune` uses for its flags
+// and config file: "mode", "precision", "device" ("auto", "cpu", "cuda", "cuda:N"),
+// "gpu_budget" and "host_budget" (bytes or "24GiB"; 0: no limit), "optimizer", "lr", "beta1",
+// "beta2", "eps", "weight_decay", "momentum", "nesterov", "schedule", "warmup", "steps" (the
+// schedule's total), "min_lr_ratio", "grad_accum", "max_grad_norm", "loss_scale" (true, false or
+// null: the precision decides), "keep_graph_blocks", "offload_checkpoints",
+// "optimizer_threads", "trace" (a bool, or a trace file name: on when not empty), "nvme" (a list
+// of directories, or one text with commas), "nvme_budget", and for zo2 "seed", "zo_eps",
+// "zo_samples", "zo_blocks" (a tier), "zo_host_blocks", "zo_storage" (a precision, or "" for
+// the compute precision) and "zo_window" (ZoConfig's blocks_in_flight). A missing key
+// keeps EngineConfig's default. Throws ferry::Error for text that is not a JSON object, an
+// unknown key (listing the valid ones) or a value of the wrong type. The front ends (CLI,
+// Python) share it, so a setting means the same everywhere.
+EngineConfig engine_config_from_json(const std::string& json_text);
+const std::vector<std::string>& engine_config_keys();
+
 // What one optimizer step did.
 struct StepResult {
   std::int64_t step = 0;      // optimizer steps taken so far, skipped ones included

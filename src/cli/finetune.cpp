@@ -12,13 +12,10 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include <torch/cuda.h>
-
 #include "cli/command.h"
 #include "ferry/data.h"
 #include "ferry/engine.h"
 #include "ferry/fs.h"
-#include "ferry/memory.h"
 #include "ferry/model.h"
 
 namespace ferry::cli {
@@ -88,57 +85,13 @@ Json resolve(const cxxopts::ParseResult& args) {
   return config;
 }
 
-torch::Device pick_device(const std::string& name) {
-  if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
-  FERRY_CHECK(name == "cpu" || name.rfind("cuda", 0) == 0, "device '", name,
-              "' is not valid: use auto, cpu, cuda or cuda:N");
-  FERRY_CHECK(name == "cpu" || torch::cuda::is_available(), "device '", name,
-              "' was asked for but this build or machine has no CUDA device");
-  return torch::Device(name);
-}
-
-std::vector<std::string> split_list(const std::string& text) {
-  std::vector<std::string> items;
-  std::size_t start = 0;
-  while (start < text.size()) {
-    std::size_t comma = text.find(',', start);
-    if (comma == std::string::npos) comma = text.size();
-    if (comma > start) items.push_back(text.substr(start, comma - start));
-    start = comma + 1;
-  }
-  return items;
-}
-
+// The job's engine settings, read by the parser the other front ends share.
 EngineConfig engine_config(const Json& job) {
-  EngineConfig config;
-  config.mode = parse_mode(job["mode"]);
-  config.precision = parse_precision(job["precision"]);
-  config.device = pick_device(job["device"]);
-  config.gpu_budget_bytes = parse_bytes(job["gpu_budget"]);
-  config.host_budget_bytes = parse_bytes(job["host_budget"]);
-  config.optimizer.kind = parse_optimizer(job["optimizer"]);
-  config.optimizer.lr = job["lr"];
-  config.optimizer.weight_decay = job["weight_decay"];
-  config.schedule.kind = parse_schedule(job["schedule"]);
-  config.schedule.warmup_steps = job["warmup"];
-  config.schedule.total_steps = job["steps"];
-  config.schedule.min_lr_ratio = job["min_lr_ratio"];
-  config.grad_accumulation = job["grad_accum"];
-  config.max_grad_norm = job["max_grad_norm"];
-  config.keep_graph_blocks = job["keep_graph_blocks"];
-  config.trace = !job["trace"].get<std::string>().empty();
-  config.optimizer.momentum = job["momentum"];
-  config.nvme_directories = split_list(job["nvme"]);
-  config.nvme_budget_bytes = parse_bytes(job["nvme_budget"]);
-  config.zo.eps = job["zo_eps"];
-  config.zo.samples = job["zo_samples"];
-  config.zo.seed = job["seed"];
-  config.zo.block_tier = parse_tier(job["zo_blocks"]);
-  config.zo.host_blocks = job["zo_host_blocks"];
-  if (!job["zo_storage"].get<std::string>().empty()) config.zo.storage = parse_precision(job["zo_storage"]);
-  config.zo.blocks_in_flight = job["zo_window"];
-  config.zo.write_back_interval = job["zo_write_back"];
-  return config;
+  Json settings;
+  for (const std::string& key : engine_config_keys()) {
+    if (job.contains(key)) settings[key] = job[key];
+  }
+  return engine_config_from_json(settings.dump());
 }
 
 LayeredModel load_model(const std::string& name, std::uint64_t seed) {

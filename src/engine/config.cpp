@@ -1,6 +1,14 @@
-// Names of the engine's configuration choices, parsed with errors that list the valid ones.
+// Names of the engine's configuration choices, parsed with errors that list the valid ones,
+// and the whole configuration from the JSON the front ends share.
+
+#include <algorithm>
+
+#include <nlohmann/json.hpp>
+
+#include <torch/cuda.h>
 
 #include "ferry/engine.h"
+#include "ferry/memory.h"
 
 namespace ferry {
 namespace {
@@ -16,7 +24,157 @@ Enum parse_choice(const std::string& name, const char* what, const Enum (&choice
   throw Error(detail::concat("unknown ", what, " '", name, "': valid ", what, "s are ", valid));
 }
 
+using Json = nlohmann::json;
+
+torch::Device parse_device(const std::string& name) {
+  if (name == "auto") {
+    return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+  }
+  FERRY_CHECK(name == "cpu" || name.rfind("cuda", 0) == 0, "device '", name,
+              "' is not valid: use auto, cpu, cuda or cuda:N");
+  FERRY_CHECK(name == "cpu" || torch::cuda::is_available(), "device '", name,
+              "' was asked for but this build or machine has no CUDA device");
+  return torch::Device(name);
+}
+
+// A byte count as a number or as text ("24GiB").
+std::uint64_t parse_budget(const Json& value) {
+  if (value.is_string()) return parse_bytes(value.get<std::string>());
+  FERRY_CHECK(value.is_number() && value.get<double>() >= 0,
+              "a budget must be a byte count >= 0 or text such as \"24GiB\"; got ", value.dump());
+  return value.get<std::uint64_t>();
+}
+
+// Directories as a JSON list, or as one text with commas ("/mnt/a,/mnt/b"), as the CLI flag.
+std::vector<std::string> parse_list(const Json& value) {
+  if (!value.is_string()) return value.get<std::vector<std::string>>();
+  const std::string text = value.get<std::string>();
+  std::vector<std::string> items;
+  std::size_t start = 0;
+  while (start < text.size()) {
+    std::size_t comma = text.find(',', start);
+    if (comma == std::string::npos) comma = text.size();
+    if (comma > start) items.push_back(text.substr(start, comma - start));
+    start = comma + 1;
+  }
+  return items;
+}
+
+struct Setting {
+  const char* key;
+  void (*read)(const Json& value, EngineConfig& config);
+};
+
+// Note: the reads use nlohmann's typed get<>(), which throws for a value of the wrong type;
+// engine_config_from_json turns that into a ferry::Error naming the setting.
+const std::vector<Setting>& settings() {
+  static const std::vector<Setting> kSettings = {
+      {"mode", [](const Json& v, EngineConfig& c) { c.mode = parse_mode(v.get<std::string>()); }},
+      {"precision",
+       [](const Json& v, EngineConfig& c) { c.precision = parse_precision(v.get<std::string>()); }},
+      {"device",
+       [](const Json& v, EngineConfig& c) { c.device = parse_device(v.get<std::string>()); }},
+      {"gpu_budget", [](const Json& v, EngineConfig& c) { c.gpu_budget_bytes = parse_budget(v); }},
+      {"host_budget",
+       [](const Json& v, EngineConfig& c) { c.host_budget_bytes = parse_budget(v); }},
+      {"optimizer",
+       [](const Json& v, EngineConfig& c) {
+         c.optimizer.kind = parse_optimizer(v.get<std::string>());
+       }},
+      {"lr", [](const Json& v, EngineConfig& c) { c.optimizer.lr = v.get<double>(); }},
+      {"beta1", [](const Json& v, EngineConfig& c) { c.optimizer.beta1 = v.get<double>(); }},
+      {"beta2", [](const Json& v, EngineConfig& c) { c.optimizer.beta2 = v.get<double>(); }},
+      {"eps", [](const Json& v, EngineConfig& c) { c.optimizer.eps = v.get<double>(); }},
+      {"weight_decay",
+       [](const Json& v, EngineConfig& c) { c.optimizer.weight_decay = v.get<double>(); }},
+      {"momentum", [](const Json& v, EngineConfig& c) { c.optimizer.momentum = v.get<double>(); }},
+      {"nesterov", [](const Json& v, EngineConfig& c) { c.optimizer.nesterov = v.get<bool>(); }},
+      {"schedule", [](const Json& v,
+                      EngineConfig& c) { c.schedule.kind = parse_schedule(v.get<std::string>()); }},
+      {"warmup",
+       [](const Json& v, EngineConfig& c) { c.schedule.warmup_steps = v.get<std::int64_t>(); }},
+      {"steps",
+       [](const Json& v, EngineConfig& c) { c.schedule.total_steps = v.get<std::int64_t>(); }},
+      {"min_lr_ratio",
+       [](const Json& v, EngineConfig& c) { c.schedule.min_lr_ratio = v.get<double>(); }},
+      {"grad_accum",
+       [](const Json& v, EngineConfig& c) { c.grad_accumulation = v.get<std::int64_t>(); }},
+      {"max_grad_norm", [](const Json& v, EngineConfig& c) { c.max_grad_norm = v.get<double>(); }},
+      {"loss_scale",
+       [](const Json& v, EngineConfig& c) {
+         c.loss_scale.enabled = v.is_null() ? std::nullopt : std::optional<bool>(v.get<bool>());
+       }},
+      {"keep_graph_blocks",
+       [](const Json& v, EngineConfig& c) { c.keep_graph_blocks = v.get<std::int64_t>(); }},
+      {"offload_checkpoints",
+       [](const Json& v, EngineConfig& c) { c.offload_checkpoints = v.get<bool>(); }},
+      {"optimizer_threads",
+       [](const Json& v, EngineConfig& c) { c.optimizer_threads = v.get<int>(); }},
+      {"trace",
+       [](const Json& v, EngineConfig& c) {
+         c.trace = v.is_string() ? !v.get<std::string>().empty() : v.get<bool>();
+       }},
+      {"nvme", [](const Json& v, EngineConfig& c) { c.nvme_directories = parse_list(v); }},
+      {"nvme_budget",
+       [](const Json& v, EngineConfig& c) { c.nvme_budget_bytes = parse_budget(v); }},
+      {"seed", [](const Json& v, EngineConfig& c) { c.zo.seed = v.get<std::uint64_t>(); }},
+      {"zo_eps", [](const Json& v, EngineConfig& c) { c.zo.eps = v.get<double>(); }},
+      {"zo_samples", [](const Json& v, EngineConfig& c) { c.zo.samples = v.get<std::int64_t>(); }},
+      {"zo_blocks",
+       [](const Json& v, EngineConfig& c) { c.zo.block_tier = parse_tier(v.get<std::string>()); }},
+      {"zo_host_blocks",
+       [](const Json& v, EngineConfig& c) { c.zo.host_blocks = v.get<std::int64_t>(); }},
+      {"zo_storage",
+       [](const Json& v, EngineConfig& c) {
+         const std::string name = v.is_null() ? "" : v.get<std::string>();
+         c.zo.storage = name.empty() ? std::nullopt : std::optional(parse_precision(name));
+       }},
+      {"zo_window",
+       [](const Json& v, EngineConfig& c) { c.zo.blocks_in_flight = v.get<std::int64_t>(); }},
+      {"zo_write_back",
+       [](const Json& v, EngineConfig& c) { c.zo.write_back_interval = v.get<std::int64_t>(); }},
+  };
+  return kSettings;
+}
+
 }  // namespace
+
+const std::vector<std::string>& engine_config_keys() {
+  static const std::vector<std::string> kKeys = [] {
+    std::vector<std::string> keys;
+    for (const Setting& setting : settings()) keys.push_back(setting.key);
+    return keys;
+  }();
+  return kKeys;
+}
+
+EngineConfig engine_config_from_json(const std::string& json_text) {
+  Json json;
+  try {
+    json = Json::parse(json_text);
+  } catch (const Json::exception& error) {
+    throw Error(detail::concat("engine settings are not valid JSON: ", error.what()));
+  }
+  FERRY_CHECK(json.is_object(), "engine settings must be a JSON object; got ", json.dump());
+  EngineConfig config;
+  for (const auto& [key, value] : json.items()) {
+    auto setting = std::find_if(settings().begin(), settings().end(),
+                                [&](const Setting& s) { return key == s.key; });
+    if (setting == settings().end()) {
+      std::string valid;
+      for (const std::string& name : engine_config_keys()) {
+        valid += (valid.empty() ? "" : ", ") + name;
+      }
+      throw Error(detail::concat("unknown engine setting '", key, "'; valid settings: ", valid));
+    }
+    try {
+      setting->read(value, config);
+    } catch (const Json::exception&) {
+      throw Error(detail::concat("engine setting '", key, "' has the wrong type: ", value.dump()));
+    }
+  }
+  return config;
+}
 
 const char* to_string(Mode mode) {
   switch (mode) {

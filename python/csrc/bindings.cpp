@@ -1,0 +1,547 @@
+// ferry._C: errors, the engine, models, the data layer and the CPU optimizer kernels.
+//
+// Note: the engine's entry points convert their Python arguments first, then release the GIL
+// for the C++ work. Parts written in Python take it back for their own calls (modules.cpp).
+
+#include "bindings.h"
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "ferry/check.h"
+#include "ferry/data.h"
+#include "ferry/engine.h"
+#include "ferry/fs.h"
+#include "ferry/io.h"
+#include "ferry/memory.h"
+#include "ferry/optim.h"
+#include "ferry/version.h"
+#include "ferry/zo.h"
+
+namespace ferry::python {
+namespace {
+
+// --- errors -----------------------------------------------------------------------------------
+
+struct ErrorTypes {
+  PyObject* error = nullptr;            // ferry::Error             -> ferry.Error(RuntimeError)
+  PyObject* budget_exceeded = nullptr;  // ferry::BudgetExceeded    -> (ferry.Error, MemoryError)
+  PyObject* io_error = nullptr;         // ferry::IoException       -> (ferry.Error, OSError)
+  PyObject* internal_error = nullptr;   // ferry::InternalError     -> ferry.InternalError
+};
+
+ErrorTypes& error_types() {
+  static ErrorTypes types;
+  return types;
+}
+
+PyObject* new_error_type(py::module_& module, const char* name, const char* doc, PyObject* bases) {
+  const std::string qualified = std::string("ferry.") + name;
+  PyObject* type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, bases, nullptr);
+  if (type == nullptr) throw py::error_already_set();
+  module.add_object(name, py::reinterpret_borrow<py::object>(type));
+  return type;  // Note: the new reference is kept for the life of the process, like the module.
+}
+
+void raise_io_error(const IoException& error) {
+  py::object exception = py::reinterpret_borrow<py::object>(error_types().io_error)(error.what());
+  // OSError's own fields: str() then reads "[Errno N] <ferry's message>".
+  exception.attr("errno") = error.error().error_number;
+  exception.attr("strerror") = error.what();
+  exception.attr("path") = error.error().path;
+  exception.attr("offset") = error.error().offset;
+  exception.attr("length") = error.error().length;
+  PyErr_SetObject(error_types().io_error, exception.ptr());
+}
+
+void bind_errors(py::module_& module) {
+  ErrorTypes& types = error_types();
+  types.error = new_error_type(module, "Error",
+                               "A user or configuration error reported by ferry; the message "
+                               "names the bad value and what would be valid.",
+                               PyExc_RuntimeError);
+  types.budget_exceeded = new_error_type(
+      module, "BudgetExceeded",
+      "A memory budget cannot hold what was asked for; the message names the tier and the "
+      "shortfall.",
+      py::make_tuple(py::handle(types.error), py::handle(PyExc_MemoryError)).ptr());
+  types.io_error = new_error_type(
+      module, "IoError",
+      "An I/O failure: errno, path, offset and length as attributes, the whole story in the "
+      "message.",
+      py::make_tuple(py::handle(types.error), py::handle(PyExc_OSError)).ptr());
+  types.internal_error =
+      new_error_type(module, "InternalError",
+                     "A broken invariant inside ferry: always a bug in ferry.", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr pointer) {
+    try {
+      if (pointer) std::rethrow_exception(pointer);
+    } catch (const IoException& error) {
+      raise_io_error(error);
+    } catch (const BudgetExceeded& error) {
+      PyErr_SetString(error_types().budget_exceeded, error.what());
+    } catch (const Error& error) {
+      PyErr_SetString(error_types().error, error.what());
+    } catch (const InternalError& error) {
+      PyErr_SetString(error_types().internal_error, error.what());
+    }
+  });
+}
+
+// --- batches and results ----------------------------------------------------------------------
+
+// A dict, or an object with attributes, holding input_ids and labels, and optionally
+// attention_mask and position_ids.
+data::Batch to_batch(const py::handle& batch) {
+  const bool is_dict = py::isinstance<py::dict>(batch);
+  auto field = [&](const char* name, bool required) -> torch::Tensor {
+    py::object value = py::none();
+    if (is_dict) {
+      const auto dict = py::reinterpret_borrow<py::dict>(batch);
+      if (dict.contains(name)) value = dict[name];
+    } else if (py::hasattr(batch, name)) {
+      value = batch.attr(name);
+    }
+    if (value.is_none()) {
+      if (!required) return {};
+      throw py::type_error(std::string("a batch needs '") + name +
+                           "': pass a dict or an object with input_ids and labels tensors "
+                           "(attention_mask and position_ids optional)");
+    }
+    if (!THPVariable_Check(value.ptr())) {
+      throw py::type_error(std::string("batch field '") + name + "' must be a torch.Tensor, not " +
+                           type_name(value));
+    }
+    return value.cast<torch::Tensor>();
+  };
+  data::Batch result;
+  result.input_ids = field("input_ids", true);
+  result.labels = field("labels", true);
+  result.attention_mask = field("attention_mask", false);
+  result.position_ids = field("position_ids", false);
+  return result;
+}
+
+py::dict to_dict(const data::Batch& batch) {
+  py::dict dict;
+  dict["input_ids"] = batch.input_ids;
+  dict["labels"] = batch.labels;
+  dict["attention_mask"] = batch.attention_mask;
+  dict["position_ids"] = batch.position_ids;
+  return dict;
+}
+
+py::dict to_dict(const EngineStats& stats) {
+  py::dict tiers;
+  py::dict transfers;
+  for (int from = 0; from < kTierCount; ++from) {
+    const TierStats& tier = stats.store.tiers[from];
+    py::dict tier_dict;
+    tier_dict["budget_bytes"] = tier.budget_bytes;
+    tier_dict["used_bytes"] = tier.used_bytes;
+    tier_dict["peak_bytes"] = tier.peak_bytes;
+    tier_dict["refusals"] = tier.refusals;
+    tiers[to_string(static_cast<Tier>(from))] = tier_dict;
+    for (int to = 0; to < kTierCount; ++to) {
+      const TransferStats& transfer = stats.store.transfers[from][to];
+      if (transfer.transfers == 0) continue;
+      py::dict transfer_dict;
+      transfer_dict["bytes"] = transfer.bytes;
+      transfer_dict["transfers"] = transfer.transfers;
+      transfer_dict["busy_seconds"] = transfer.busy_seconds;
+      transfer_dict["waited_seconds"] = transfer.waited_seconds;
+      transfers[(std::string(to_string(static_cast<Tier>(from))) + "->" +
+                 to_string(static_cast<Tier>(to)))
+                    .c_str()] = transfer_dict;
+    }
+  }
+  py::dict dict;
+  dict["steps"] = stats.steps;
+  dict["forward_seconds"] = stats.forward_seconds;
+  dict["backward_seconds"] = stats.backward_seconds;
+  dict["optimizer_seconds"] = stats.optimizer_seconds;
+  dict["optimizer_wait_seconds"] = stats.optimizer_wait_seconds;
+  dict["tiers"] = tiers;
+  dict["transfers"] = transfers;
+  return dict;
+}
+
+std::string describe(const StepResult& result) {
+  return detail::concat("StepResult(step=", result.step, ", loss=", result.loss, ", lr=", result.lr,
+                        ", grad_norm=", result.grad_norm, ", loss_scale=", result.loss_scale,
+                        ", skipped=", result.skipped ? "True" : "False", ", tokens=", result.tokens,
+                        ")");
+}
+
+// --- models -----------------------------------------------------------------------------------
+
+// A parameter dtype by its safetensors name; only the float types a model can compute in.
+DType model_dtype(const std::string& name) {
+  const std::optional<DType> dtype = parse_dtype(name);
+  FERRY_CHECK(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16, "dtype '",
+              name, "' is not valid: use F32, BF16 or F16");
+  return *dtype;
+}
+
+// A preset name ("tiny-llama", "llama3-8b") or a Hugging Face directory, as the CLI reads it.
+LayeredModel load_model(const std::string& name, std::uint64_t seed,
+                        const std::optional<std::string>& dtype) {
+  const bool is_directory = name.find('/') != std::string::npos || fs::is_directory(name);
+  if (is_directory) {
+    models::LoadOptions options;
+    if (dtype) options.dtype = model_dtype(*dtype);
+    return models::from_pretrained(name, options);
+  }
+  models::ModelConfig config = models::preset(name);
+  if (dtype) config.dtype = model_dtype(*dtype);
+  return models::build(config, seed);
+}
+
+void bind_models(py::module_& module) {
+  py::class_<LayeredModel>(module, "LayeredModel")
+      .def_property_readonly("num_blocks", &LayeredModel::num_blocks)
+      .def_property_readonly("parameter_count", &LayeredModel::parameter_count)
+      .def_property_readonly("hf_config",
+                             [](const LayeredModel& model) -> std::optional<std::string> {
+                               if (!model.config()) return std::nullopt;
+                               return model.config()->to_hf_json();
+                             })
+      .def("parameters", &LayeredModel::parameters)
+      .def("forward", &LayeredModel::forward, py::arg("tokens"),
+           py::arg("padding_mask") = torch::Tensor(), py::call_guard<py::gil_scoped_release>())
+      .def("loss", &LayeredModel::loss, py::arg("logits"), py::arg("labels"),
+           py::call_guard<py::gil_scoped_release>());
+  module.def("load_model", &load_model, py::arg("name"), py::arg("seed") = 0,
+             py::arg("dtype") = std::nullopt);
+  module.def("python_model", &python_model, py::arg("stem"), py::arg("blocks"), py::arg("head"),
+             py::arg("pass_context") = false);
+  module.def("preset_names", &models::preset_names);
+  module.def("causal_lm_loss", &causal_lm_loss, py::arg("logits"), py::arg("labels"));
+}
+
+// --- engine -----------------------------------------------------------------------------------
+
+void bind_engine(py::module_& module) {
+  py::class_<StepResult>(module, "StepResult", "What one optimizer step did.")
+      .def_readonly("step", &StepResult::step)
+      .def_readonly("loss", &StepResult::loss)
+      .def_readonly("lr", &StepResult::lr)
+      .def_readonly("grad_norm", &StepResult::grad_norm)
+      .def_readonly("loss_scale", &StepResult::loss_scale)
+      .def_readonly("skipped", &StepResult::skipped)
+      .def_readonly("tokens", &StepResult::tokens)
+      .def_readonly("loss_plus", &StepResult::loss_plus)
+      .def_readonly("loss_minus", &StepResult::loss_minus)
+      .def_readonly("projected_grads", &StepResult::projected_grads)
+      .def("__repr__", &describe);
+
+  module.def("engine_config_keys", &engine_config_keys);
+  module.def("zo_step_seed", &zo_step_seed, py::arg("seed"), py::arg("step"), py::arg("sample"),
+             "The seed of zo2's direction for one sample of one step (counted from 1).");
+
+  py::class_<Engine>(module, "Engine")
+      .def(py::init([](const LayeredModel& model, const std::string& settings_json) {
+             EngineConfig config = engine_config_from_json(settings_json);
+             py::gil_scoped_release release;
+             return std::make_unique<Engine>(model, std::move(config));
+           }),
+           py::arg("model"), py::arg("settings_json"))
+      .def("forward",
+           [](Engine& engine, const py::handle& batch) {
+             data::Batch converted = to_batch(batch);
+             py::gil_scoped_release release;
+             return engine.forward(converted);
+           })
+      .def("backward", &Engine::backward, py::call_guard<py::gil_scoped_release>())
+      .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())
+      .def("train_step",
+           [](Engine& engine, const py::handle& batch) {
+             data::Batch converted = to_batch(batch);
+             py::gil_scoped_release release;
+             return engine.train_step(converted);
+           })
+      .def("evaluate",
+           [](Engine& engine, const py::handle& batch) {
+             data::Batch converted = to_batch(batch);
+             py::gil_scoped_release release;
+             return engine.evaluate(converted);
+           })
+      .def("flush", &Engine::flush, py::call_guard<py::gil_scoped_release>())
+      .def("logits", &Engine::logits, py::call_guard<py::gil_scoped_release>())
+      .def("generate", &Engine::generate, py::arg("prompt"), py::arg("max_new_tokens"),
+           py::arg("stop_token") = std::nullopt, py::call_guard<py::gil_scoped_release>())
+      .def("save", &Engine::save, py::arg("dir"), py::arg("extra_json") = "{}",
+           py::call_guard<py::gil_scoped_release>())
+      .def("load", &Engine::load, py::call_guard<py::gil_scoped_release>())
+      .def("write_trace", &Engine::write_trace, py::call_guard<py::gil_scoped_release>())
+      .def("stats", [](const Engine& engine) { return to_dict(engine.stats()); })
+      .def("parameters", [](const Engine& engine) { return engine.model().parameters(); })
+      .def_property_readonly("steps_taken", &Engine::steps_taken)
+      .def_property_readonly("current_lr", &Engine::current_lr)
+      .def_property_readonly("parameter_count",
+                             [](const Engine& engine) { return engine.model().parameter_count(); })
+      .def_property_readonly("num_blocks",
+                             [](const Engine& engine) { return engine.model().num_blocks(); })
+      .def_property_readonly("mode",
+                             [](const Engine& engine) { return to_string(engine.config().mode); })
+      .def_property_readonly(
+          "precision", [](const Engine& engine) { return to_string(engine.config().precision); })
+      .def_property_readonly("device",
+                             [](const Engine& engine) { return engine.config().device.str(); });
+}
+
+// --- data -------------------------------------------------------------------------------------
+
+data::Split parse_split(const std::string& name) {
+  FERRY_CHECK(name == "train" || name == "eval", "split '", name,
+              "' is not valid: use 'train' or 'eval'");
+  return name == "train" ? data::Split::kTrain : data::Split::kEval;
+}
+
+// Note: the data layer hands out datasets as shared_ptr<const Dataset>; pybind11 holds them
+// as shared_ptr<Dataset> and only ever calls const methods.
+using DatasetHolder = std::shared_ptr<data::Dataset>;
+
+DatasetHolder hold(std::shared_ptr<const data::Dataset> dataset) {
+  return std::const_pointer_cast<data::Dataset>(std::move(dataset));
+}
+
+void bind_data(py::module_& module) {
+  py::class_<data::Dataset, DatasetHolder>(module, "Dataset")
+      .def("__len__", &data::Dataset::size)
+      .def("__getitem__",
+           [](const data::Dataset& dataset, std::int64_t index) {
+             if (index < 0 || index >= dataset.size()) throw py::index_error();
+             data::Example example = dataset.get(index);
+             return py::make_tuple(example.tokens, example.prompt_tokens);
+           })
+      .def_property_readonly("name", &data::Dataset::name);
+  module.def(
+      "open_dataset",
+      [](const std::string& path, std::int64_t example_tokens) {
+        return hold(data::open_dataset(path, example_tokens));
+      },
+      py::arg("path"), py::arg("example_tokens"));
+  module.def(
+      "addition_problems",
+      [](std::int64_t max_digits, std::uint64_t seed, const std::string& split,
+         std::int64_t count) {
+        std::vector<std::pair<std::string, std::string>> problems;
+        for (auto& problem :
+             data::addition_problems({max_digits, seed}, parse_split(split), count)) {
+          problems.emplace_back(problem.prompt, problem.completion);
+        }
+        return problems;
+      },
+      py::arg("max_digits"), py::arg("seed"), py::arg("split"), py::arg("count"));
+  module.def(
+      "addition_dataset",
+      [](std::int64_t max_digits, std::uint64_t seed, const std::string& split,
+         std::int64_t count) {
+        return hold(data::addition_dataset({max_digits, seed}, parse_split(split), count));
+      },
+      py::arg("max_digits"), py::arg("seed"), py::arg("split"), py::arg("count"));
+
+  py::class_<data::ByteTokenizer>(module, "ByteTokenizer")
+      .def(py::init<>())
+      .def("encode", &data::ByteTokenizer::encode)
+      .def("decode", &data::ByteTokenizer::decode)
+      .def_readonly_static("BOS", &data::ByteTokenizer::kBos)
+      .def_readonly_static("EOS", &data::ByteTokenizer::kEos)
+      .def_readonly_static("PAD", &data::ByteTokenizer::kPad)
+      .def_readonly_static("VOCAB_SIZE", &data::ByteTokenizer::kVocabSize);
+
+  py::class_<data::DataLoader>(module, "DataLoader")
+      .def(py::init([](DatasetHolder dataset, std::int64_t batch_size, std::int64_t sequence_length,
+                       bool pack, bool answer_only, bool shuffle, std::uint64_t seed,
+                       std::optional<std::int64_t> vocab_size) {
+             data::LoaderOptions options;
+             options.batch_size = batch_size;
+             options.sequence_length = sequence_length;
+             options.pack = pack;
+             options.answer_only = answer_only;
+             options.shuffle = shuffle;
+             options.seed = seed;
+             options.vocab_size = vocab_size;
+             return std::make_unique<data::DataLoader>(std::move(dataset), options);
+           }),
+           py::arg("dataset"), py::arg("batch_size"), py::arg("sequence_length"), py::arg("pack"),
+           py::arg("answer_only"), py::arg("shuffle"), py::arg("seed"),
+           py::arg("vocab_size") = std::nullopt)
+      .def("next", [](data::DataLoader& loader) { return to_dict(loader.next()); })
+      .def("state", [](const data::DataLoader& loader) { return loader.state().to_json(); })
+      .def("restore", [](data::DataLoader& loader, const std::string& state) {
+        loader.restore(data::LoaderState::from_json(state));
+      });
+}
+
+// --- CPU optimizer kernels --------------------------------------------------------------------
+
+void check_cpu_contiguous(const char* what, const torch::Tensor& tensor) {
+  FERRY_CHECK(
+      tensor.device().is_cpu() && tensor.layout() == torch::kStrided && tensor.is_contiguous(),
+      what, " must be a dense, contiguous CPU tensor; got one on ", tensor.device(),
+      tensor.is_contiguous() ? "" : " that is not contiguous");
+}
+
+optim::FloatSpan float_span(const char* what, const torch::Tensor& tensor, std::int64_t numel) {
+  check_cpu_contiguous(what, tensor);
+  FERRY_CHECK(tensor.scalar_type() == torch::kFloat, what, " must be float32, not ",
+              tensor.scalar_type());
+  FERRY_CHECK(tensor.numel() == numel, what, " has ", tensor.numel(), " elements; expected ",
+              numel);
+  return {tensor.data_ptr<float>(), numel};
+}
+
+optim::DType low_precision_dtype(const char* what, const torch::Tensor& tensor) {
+  switch (tensor.scalar_type()) {
+    case torch::kBFloat16:
+      return optim::DType::kBF16;
+    case torch::kHalf:
+      return optim::DType::kF16;
+    default:
+      FERRY_CHECK(false, what, " must be bfloat16 or float16, not ", tensor.scalar_type());
+  }
+  return optim::DType::kF32;
+}
+
+optim::GradSpan grad_span(const torch::Tensor& grad, std::int64_t numel) {
+  check_cpu_contiguous("grad", grad);
+  FERRY_CHECK(grad.numel() == numel, "grad has ", grad.numel(), " elements; expected ", numel);
+  if (grad.scalar_type() == torch::kFloat)
+    return optim::GradSpan::f32(grad.data_ptr<float>(), numel);
+  return {grad.data_ptr(), numel, low_precision_dtype("grad", grad)};
+}
+
+optim::OutputSpan output_span(const std::optional<torch::Tensor>& out, std::int64_t numel) {
+  if (!out) return {};
+  check_cpu_contiguous("out", *out);
+  FERRY_CHECK(out->numel() == numel, "out has ", out->numel(), " elements; expected ", numel);
+  return {static_cast<std::uint16_t*>(out->data_ptr()), numel, low_precision_dtype("out", *out)};
+}
+
+optim::StepContext step_context(std::int64_t step) {
+  FERRY_CHECK(step >= 1, "step = ", step, " is invalid: the first step is 1");
+  optim::StepContext context;
+  context.step = step;
+  return context;
+}
+
+void bind_optim(py::module_& module) {
+  module.def(
+      "adamw_step",
+      [](const torch::Tensor& master, const torch::Tensor& exp_avg, const torch::Tensor& exp_avg_sq,
+         const torch::Tensor& grad, std::int64_t step, double lr, double beta1, double beta2,
+         double eps, double weight_decay, const std::optional<torch::Tensor>& out) {
+        const std::int64_t n = master.numel();
+        return optim::adamw_step({lr, beta1, beta2, eps, weight_decay}, step_context(step),
+                                 float_span("master", master, n), float_span("exp_avg", exp_avg, n),
+                                 float_span("exp_avg_sq", exp_avg_sq, n), grad_span(grad, n),
+                                 output_span(out, n))
+            .skipped;
+      },
+      py::arg("master"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("grad"),
+      py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+      py::arg("weight_decay"), py::arg("out") = std::nullopt,
+      py::call_guard<py::gil_scoped_release>());
+  module.def(
+      "adam_step",
+      [](const torch::Tensor& master, const torch::Tensor& exp_avg, const torch::Tensor& exp_avg_sq,
+         const torch::Tensor& grad, std::int64_t step, double lr, double beta1, double beta2,
+         double eps, double weight_decay, const std::optional<torch::Tensor>& out) {
+        const std::int64_t n = master.numel();
+        return optim::adam_step({lr, beta1, beta2, eps, weight_decay}, step_context(step),
+                                float_span("master", master, n), float_span("exp_avg", exp_avg, n),
+                                float_span("exp_avg_sq", exp_avg_sq, n), grad_span(grad, n),
+                                output_span(out, n))
+            .skipped;
+      },
+      py::arg("master"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("grad"),
+      py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+      py::arg("weight_decay"), py::arg("out") = std::nullopt,
+      py::call_guard<py::gil_scoped_release>());
+  module.def(
+      "sgd_step",
+      [](const torch::Tensor& master, const std::optional<torch::Tensor>& momentum_buffer,
+         const torch::Tensor& grad, std::int64_t step, double lr, double momentum, double dampening,
+         double weight_decay, bool nesterov, const std::optional<torch::Tensor>& out) {
+        const std::int64_t n = master.numel();
+        const optim::FloatSpan buffer = momentum_buffer
+                                            ? float_span("momentum_buffer", *momentum_buffer, n)
+                                            : optim::FloatSpan{};
+        return optim::sgd_step({lr, momentum, dampening, weight_decay, nesterov},
+                               step_context(step), float_span("master", master, n), buffer,
+                               grad_span(grad, n), output_span(out, n))
+            .skipped;
+      },
+      py::arg("master"), py::arg("momentum_buffer"), py::arg("grad"), py::arg("step"),
+      py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
+      py::arg("nesterov"), py::arg("out") = std::nullopt, py::call_guard<py::gil_scoped_release>());
+  module.def(
+      "adagrad_step",
+      [](const torch::Tensor& master, const torch::Tensor& state_sum, const torch::Tensor& grad,
+         std::int64_t step, double lr, double lr_decay, double weight_decay, double eps,
+         const std::optional<torch::Tensor>& out) {
+        const std::int64_t n = master.numel();
+        return optim::adagrad_step({lr, lr_decay, weight_decay, eps}, step_context(step),
+                                   float_span("master", master, n),
+                                   float_span("state_sum", state_sum, n), grad_span(grad, n),
+                                   output_span(out, n))
+            .skipped;
+      },
+      py::arg("master"), py::arg("state_sum"), py::arg("grad"), py::arg("step"), py::arg("lr"),
+      py::arg("lr_decay"), py::arg("weight_decay"), py::arg("eps"), py::arg("out") = std::nullopt,
+      py::call_guard<py::gil_scoped_release>());
+  module.def("check_adamw",
+             [](double lr, double beta1, double beta2, double eps, double weight_decay) {
+               optim::check_params(optim::AdamWParams{lr, beta1, beta2, eps, weight_decay});
+             });
+  module.def("check_adam",
+             [](double lr, double beta1, double beta2, double eps, double weight_decay) {
+               optim::check_params(optim::AdamParams{lr, beta1, beta2, eps, weight_decay});
+             });
+  module.def("check_sgd", [](double lr, double momentum, double dampening, double weight_decay,
+                             bool nesterov) {
+    optim::check_params(optim::SgdParams{lr, momentum, dampening, weight_decay, nesterov});
+  });
+  module.def("check_adagrad", [](double lr, double lr_decay, double weight_decay, double eps) {
+    optim::check_params(optim::AdagradParams{lr, lr_decay, weight_decay, eps});
+  });
+  module.def(
+      "zo_normals",
+      [](std::uint64_t seed, std::uint64_t stream, std::int64_t count) {
+        FERRY_CHECK(count >= 0, "count = ", count, " is invalid: it must be >= 0");
+        torch::Tensor out = torch::empty({count}, torch::kFloat);
+        optim::zo_normals({seed, stream}, 0, out.data_ptr<float>(), count);
+        return out;
+      },
+      py::arg("seed"), py::arg("stream"), py::arg("count"),
+      "The first `count` normals of zo2's direction (seed, stream); the engine's stream is the "
+      "part's index (stem 0, blocks 1.., head last).");
+  module.def("active_isa", [] { return std::string(optim::isa_name(optim::active_isa())); });
+  module.def("set_isa", [](const std::string& name) { optim::set_isa(optim::parse_isa(name)); });
+  module.def("num_threads", &optim::num_threads);
+  module.def("set_num_threads", &optim::set_num_threads);
+}
+
+}  // namespace
+
+}  // namespace ferry::python
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  namespace python = ferry::python;
+  module.doc() = "ferry's compiled core; use the `ferry` package instead.";
+  module.attr("__version__") = FERRY_VERSION_STRING;
+  python::bind_errors(module);
+  python::bind_modules(module);
+  python::bind_models(module);
+  python::bind_engine(module);
+  pybind11::module_ data_module = module.def_submodule("data", "ferry's data layer");
+  python::bind_data(data_module);
+  pybind11::module_ optim_module =
+      module.def_submodule("optim", "ferry's CPU optimizer kernels on tensors");
+  python::bind_optim(optim_module);
+}

@@ -1,0 +1,197 @@
+"""The engine: drives a LayeredModel block by block in one of ferry's modes (docs/engine.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from . import _C
+from .model import DTypeLike, LayeredModel
+
+Batch = Union[Mapping[str, torch.Tensor], Any]
+"""A dict, or an object with attributes, holding ``input_ids`` and ``labels`` (int64
+``[batch, seq]``; labels aligned with input_ids, -100 where nothing is learned) and optionally
+``attention_mask`` (1 at real tokens) and ``position_ids``."""
+
+# Keys of a `ferry finetune` job file that describe its training loop rather than the engine.
+# In Python the loop is yours, so the engine accepts and ignores them: a job file loads as is.
+LOOP_KEYS = ("data", "out", "resume", "save_every", "eval_problems", "log_every", "demo_digits",
+             "batch", "seq")
+
+
+def engine_settings() -> List[str]:
+    """The engine settings a config accepts, named as in ``ferry finetune``'s job files."""
+    return list(_C.engine_config_keys())
+
+
+class Engine:
+    """Fine-tunes a model with ferry's runtime.
+
+    ``model`` is a preset name (``"tiny-llama"``, see :func:`ferry.preset_names`), a Hugging
+    Face directory, or a :class:`ferry.LayeredModel`. The configuration comes as a dict
+    mirroring a ``ferry finetune`` JSON job file and/or as keyword arguments (which win)::
+
+        engine = ferry.Engine("tiny-llama", mode="zero-offload", lr=1e-3, gpu_budget="8GiB")
+        engine = ferry.Engine(config=json.load(open("job.json")))
+
+    Engine settings (:func:`engine_settings`): mode (``"gpu"``, ``"zero-offload"``,
+    ``"zo2"``), precision
+    (``"fp32"``, ``"bf16"``, ``"fp16"``), device (``"auto"``, the default here, ``"cpu"``,
+    ``"cuda[:N]"``), gpu_budget, host_budget (bytes or ``"24GiB"``; 0: no limit), optimizer
+    (``"adamw"``, ``"adam"``, ``"sgd"``, ``"adagrad"``), lr, beta1, beta2, eps, weight_decay,
+    momentum, nesterov, schedule (``"constant"``, ``"linear"``, ``"cosine"``), warmup, steps
+    (the schedule's length), min_lr_ratio, grad_accum, max_grad_norm, loss_scale,
+    keep_graph_blocks, offload_checkpoints, optimizer_threads, trace, nvme (directories),
+    nvme_budget, and for zo2: seed, zo_eps, zo_samples, zo_blocks (``"gpu"``, ``"host"``,
+    ``"nvme"``), zo_host_blocks, zo_storage, zo_window. A missing setting takes the C++
+    ``EngineConfig`` default (adamw, lr 1e-3, no weight decay, constant schedule, fp32,
+    zero-offload). They are parsed by the same C++ function the CLI uses.
+
+    Besides the engine settings: ``model`` (when the argument is not given), ``seed`` (also the
+    random initialisation of a preset, default 0, as in the CLI) and ``dtype`` (a preset's or
+    checkpoint's parameter dtype). The job file's loop keys (:data:`LOOP_KEYS`) are ignored. An unknown key
+    raises :class:`ferry.Error` listing the valid ones.
+
+    Raises :class:`ferry.BudgetExceeded` when the budgets cannot hold what the mode needs.
+    """
+
+    def __init__(self, model: Union[str, os.PathLike, LayeredModel, None] = None,
+                 config: Optional[Mapping[str, Any]] = None, **settings: Any) -> None:
+        merged: Dict[str, Any] = dict(config or {})
+        merged.update(settings)
+        name = merged.pop("model", None)
+        seed = int(merged.get("seed", 0))
+        dtype: DTypeLike = merged.pop("dtype", None)
+        for key in LOOP_KEYS:
+            merged.pop(key, None)
+        merged.setdefault("device", "auto")
+        if model is None:
+            model = name
+        if model is None:
+            raise TypeError("Engine needs a model: a preset name, a Hugging Face directory or "
+                            "a ferry.LayeredModel")
+        if isinstance(model, LayeredModel):
+            if model._bound:
+                raise ValueError("this LayeredModel already belongs to an Engine, which has "
+                                 "moved its parameters into its own memory; build a new one")
+            if dtype is not None:
+                raise TypeError("dtype applies to a preset or a checkpoint; a LayeredModel "
+                                "keeps the dtype of its parameters")
+            self.model = model
+        elif isinstance(model, (str, os.PathLike)):
+            path = os.fspath(model)
+            self.model = (LayeredModel.from_pretrained(path, dtype) if os.path.isdir(path)
+                          else LayeredModel.preset(path, seed, dtype))
+        else:
+            raise TypeError(f"model must be a preset name, a Hugging Face directory or a "
+                            f"ferry.LayeredModel, not {type(model).__name__}")
+        self._engine = _C.Engine(self.model._model, json.dumps(merged))
+        self.model._bound = True
+
+    # --- training -------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch) -> Optional[_C.StepResult]:
+        """forward, backward and, every ``grad_accum`` micro-batches, step. Returns the
+        step's :class:`ferry.StepResult` when one was taken, else None."""
+        return self._engine.train_step(batch)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """One micro-batch's loss (a scalar tensor); :meth:`backward` must follow before the
+        next forward."""
+        return self._engine.forward(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward through the model block by block; offloaded gradients go down as each
+        block finishes."""
+        self._engine.backward(loss)
+
+    def step(self) -> _C.StepResult:
+        """Applies the accumulated gradients; once every ``grad_accum`` micro-batches."""
+        return self._engine.step()
+
+    def flush(self) -> None:
+        """zo2 applies each step's update when the parts next come to the device; this applies
+        it now. :meth:`evaluate`, :meth:`logits`, :meth:`generate` and :meth:`save` flush
+        first; call it at the end of training before reading the weights any other way. A
+        no-op in the other modes."""
+        self._engine.flush()
+
+    # --- inference ------------------------------------------------------------------------
+
+    def evaluate(self, batch: Batch) -> float:
+        """The loss without gradients; changes no training state."""
+        return self._engine.evaluate(batch)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]`` for int64 tokens ``[batch, seq]``, without
+        gradients."""
+        return self._engine.logits(tokens)
+
+    def generate(self, prompt: Union[Sequence[int], torch.Tensor], max_new_tokens: int,
+                 stop_token: Optional[int] = None) -> List[int]:
+        """Greedy decoding: the new token ids after ``prompt``, at most ``max_new_tokens``,
+        stopping before ``stop_token`` when it is generated."""
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.flatten().tolist()
+        return self._engine.generate(list(prompt), max_new_tokens, stop_token)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def save(self, directory: Union[str, os.PathLike],
+             extra: Optional[Mapping[str, Any]] = None) -> None:
+        """Writes a checkpoint atomically: safetensors under Hugging Face names, the optimizer
+        state, and trainer_state.json with ``extra`` (any JSON-serialisable dict, e.g. a data
+        loader's :meth:`ferry.data.DataLoader.state`)."""
+        self._engine.save(os.fspath(directory), json.dumps(dict(extra or {})))
+
+    def load(self, directory: Union[str, os.PathLike]) -> Dict[str, Any]:
+        """Restores what :meth:`save` wrote and returns its ``extra``."""
+        return json.loads(self._engine.load(os.fspath(directory)))
+
+    # --- what it is and what it did -------------------------------------------------------
+
+    def stats(self) -> Dict[str, Any]:
+        """Seconds per phase and the residency manager's figures: ``steps``,
+        ``forward_seconds``, ``backward_seconds``, ``optimizer_seconds``,
+        ``optimizer_wait_seconds``, ``tiers`` (per tier: budget, used, peak bytes, refusals)
+        and ``transfers`` (per ``"from->to"`` pair: bytes, transfers, busy and waited
+        seconds)."""
+        return self._engine.stats()
+
+    def write_trace(self, path: Union[str, os.PathLike]) -> str:
+        """Writes the Chrome trace recorded with ``trace=True``; returns the overlap
+        summary."""
+        return self._engine.write_trace(os.fspath(path))
+
+    def parameters(self) -> List[torch.Tensor]:
+        """The model's parameters, as views into the engine's memory."""
+        return self._engine.parameters()
+
+    @property
+    def steps_taken(self) -> int:
+        return self._engine.steps_taken
+
+    @property
+    def current_lr(self) -> float:
+        """The learning rate the next step will use."""
+        return self._engine.current_lr
+
+    @property
+    def mode(self) -> str:
+        return self._engine.mode
+
+    @property
+    def precision(self) -> str:
+        return self._engine.precision
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._engine.device)
+
+    def __repr__(self) -> str:
+        return (f"ferry.Engine(mode={self.mode!r}, precision={self.precision!r}, "
+                f"device={str(self.device)!r}, blocks={self._engine.num_blocks}, "
+                f"parameters={self._engine.parameter_count}, steps_taken={self.steps_taken})")
