@@ -8,6 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 [[ -d .device-debs ]] || { echo "no .device-debs/: run tools/device/fetch-debs.sh here and carry it" >&2; exit 1; }
 
+# Note: the image points CC/CXX/CUDAHOSTCXX at a gcc in /opt/gcc whose libstdc++ code ends up
+# inside libferry.so; loaded into Python next to torch, those copies crash on the first formatted
+# error message (docs/python.md). The system gcc 13 links against the shared libstdc++ instead.
+if [[ -x /usr/bin/g++ ]]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+fi
+
 prefix=${FERRY_DEVICE_PREFIX:-/tmp/ferry-deps}
 mkdir -p "$prefix"
 for deb in .device-debs/*.deb; do dpkg -x "$deb" "$prefix"; done
