@@ -127,6 +127,12 @@ class Store {
   // device memory, or the pinned host arena). Throws unless the copy is kReady or kDirty.
   torch::Tensor tensor(BundleId id, Tier tier) const;
 
+  // The GPU copy's memory while a fetch into it may still be in flight, for work queued on the
+  // current stream after that fetch's Fence::order_current_stream(): a kernel can be queued
+  // behind an upload without the host waiting for it. Throws unless the GPU copy is loading,
+  // ready or dirty.
+  torch::Tensor device_tensor_in_flight(BundleId id) const;
+
   // Makes the copy on `to` up to date from the nearest up-to-date copy (GPU <- host <- NVMe;
   // NVMe -> GPU stages through a host copy, which stays). Allocates `to`'s copy if absent; a
   // copy already up to date returns a complete Fence, and one already loading the latest contents

@@ -57,11 +57,18 @@ void DeviceWindow::arrive(std::size_t k) {
   }
   for (Visit& visit : held_) {
     if (visit.index != k) continue;
-    for (const Fence& fence : visit.fetched) fence.wait();
-    visit.fetched.clear();
+    for (const Fence& fence : visit.fetched) fence.order_current_stream();
     return;
   }
   FERRY_ASSERT(false, "visit ", k, " was not fetched");
+}
+
+void DeviceWindow::settle(std::size_t k) {
+  for (Visit& visit : held_) {
+    if (visit.index != k) continue;
+    for (const Fence& fence : visit.fetched) fence.wait();
+    visit.fetched.clear();
+  }
 }
 
 void DeviceWindow::depart(std::size_t k, std::vector<Fence> down) {

@@ -19,8 +19,12 @@ class DeviceWindow {
 
   // Starts a pass: visit k brings visits[k] (bundles whose home is not the device) to the device.
   void begin(std::vector<std::vector<BundleId>> visits);
-  // Blocks until visit k's bundles are on the device; fetches later visits as room allows.
+  // Orders the current stream after visit k's uploads (the host does not wait; read the copies
+  // with Store::device_tensor_in_flight) and fetches later visits as room allows.
   void arrive(std::size_t k);
+  // Blocks until visit k's uploads are done, so that its copies can change state (mark_dirty,
+  // write_back). Call it after queuing the visit's work, so the device is not left idle.
+  void settle(std::size_t k);
   // Visit k's work is queued on the current stream; `down` are its copies on their way home.
   // Its device copies (and NVMe staging copies) are dropped once those finish, with any changes
   // that were not sent home.

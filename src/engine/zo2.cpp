@@ -78,8 +78,6 @@ Engine::Zo2::Zo2(LayeredModel model_in, EngineConfig config_in)
 
 Engine::Zo2::~Zo2() = default;
 
-torch::Tensor Engine::Zo2::bundle_tensor(BundleId id, Tier tier) const { return store->tensor(id, tier); }
-
 void Engine::Zo2::allocate_and_bind() {
   torch::NoGradGuard no_grad;
   detail::move_buffers(model, config.device);
@@ -214,12 +212,13 @@ bool Engine::Zo2::writes_back(std::size_t p, bool flushing) const {
 
 void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_updates, const Pass* pass) {
   const PartBundles& b = bundles[p];
+  auto device_memory = [&](BundleId id) { return store->device_tensor_in_flight(id).data_ptr(); };
   optim::ZoTensors tensors;
-  tensors.weights = bundle_tensor(b.weights, Tier::kGpu).data_ptr();
+  tensors.weights = device_memory(b.weights);
   tensors.weights_dtype = optim_dtype(storage_dtype);
-  if (!b.states.empty()) tensors.state0 = static_cast<float*>(bundle_tensor(b.states[0], Tier::kGpu).data_ptr());
-  if (b.states.size() > 1) tensors.state1 = static_cast<float*>(bundle_tensor(b.states[1], Tier::kGpu).data_ptr());
-  tensors.compute = pass ? bundle_tensor(b.compute, Tier::kGpu).data_ptr() : nullptr;
+  if (!b.states.empty()) tensors.state0 = static_cast<float*>(device_memory(b.states[0]));
+  if (b.states.size() > 1) tensors.state1 = static_cast<float*>(device_memory(b.states[1]));
+  tensors.compute = pass ? device_memory(b.compute) : nullptr;
   tensors.compute_dtype = optim_dtype(compute_dtype);
   tensors.numel = parts[p].numel;
   optim::ZoPerturb perturb;
@@ -274,6 +273,7 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context,
           break;
       }
     }
+    if (streamed) window->settle(visit_of[p]);
     const bool updated = !part_updates.empty();
     if (updated) {
       store->mark_dirty(b.weights, Tier::kGpu);

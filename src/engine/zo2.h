@@ -63,7 +63,6 @@ struct Engine::Zo2 {
   optim::ZoUpdate update_for(std::size_t part, const PendingUpdate& pending) const;
   // Whether this sweep writes part p's updated copy home (see the Note in zo2.cpp).
   bool writes_back(std::size_t part, bool flushing) const;
-  torch::Tensor bundle_tensor(BundleId id, Tier tier) const;
 
   LayeredModel model;
   EngineConfig config;

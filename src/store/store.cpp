@@ -626,6 +626,18 @@ torch::Tensor Store::tensor(BundleId id, Tier tier) const {
   return torch::from_blob(copy.host.data(), {bytes}, torch::TensorOptions().dtype(torch::kUInt8));
 }
 
+torch::Tensor Store::device_tensor_in_flight(BundleId id) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  Bundle& bundle = impl_->bundle_locked(id);
+  const Copy& copy = bundle.at(Tier::kGpu);
+  FERRY_CHECK(copy.state == CopyState::kLoading || copy.state == CopyState::kReady ||
+                  copy.state == CopyState::kDirty,
+              "no device tensor for ", describe(bundle, Tier::kGpu), ": it is ", to_string(copy.state));
+  FERRY_CHECK(copy.gpu.defined(), "no device tensor for ", describe(bundle, Tier::kGpu),
+              ": its memory is not allocated yet");
+  return copy.gpu.narrow(0, 0, static_cast<std::int64_t>(bundle.spec.bytes));
+}
+
 Fence Store::fetch(BundleId id, Tier to) {
   BudgetWait wait(options_.budget_wait_seconds);
   std::unique_lock<std::mutex> lock(impl_->mutex);
