@@ -16,6 +16,7 @@
 //   std::cout << ferry::format_plan(plan);
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -65,6 +66,19 @@ struct Hardware {
   static Hardware load(const std::string& path);
   void save(const std::string& path) const;
 };
+
+// What calibrate() measures besides the fixed figures (matmul, device memory, PCIe, CPU AdamW).
+struct CalibrationOptions {
+  std::vector<std::string> nvme_directories;  // each measured through the I/O engine
+  std::uint64_t nvme_bytes = std::uint64_t{1} << 30;  // per pass and direction
+  unsigned repeat = 3;                         // runs per figure; the median is kept
+};
+
+// Measures this machine with ferry's own kernels and I/O engine (`ferry bench calibrate`):
+// minutes on a GPU machine, dominated by the NVMe passes. `report` gets one line per figure.
+// Throws ferry::Error for an NVMe directory that is missing or lacks O_DIRECT.
+Hardware calibrate(const CalibrationOptions& options,
+                   const std::function<void(const std::string&)>& report = {});
 
 // Named machines: "h100" (ferry's GPU machine, docs/benchmarks.md), "rtx4090-fuyou" (the server
 // of the Fuyou paper), "h100-zo2" (ZO2's). Throws, listing the valid names, for an unknown one.

@@ -18,6 +18,7 @@
 #include "ferry/io.h"
 #include "ferry/memory.h"
 #include "ferry/optim.h"
+#include "ferry/plan.h"
 #include "ferry/version.h"
 #include "ferry/zo.h"
 
@@ -529,6 +530,66 @@ void bind_optim(py::module_& module) {
 
 }  // namespace
 
+void bind_plan(py::module_& module) {
+  module.def(
+      "plan",
+      [](const std::string& model, const std::string& mode, std::int64_t batch, std::int64_t seq,
+         const std::string& hardware, const std::string& calibration, const std::string& attention,
+         const std::string& settings_json, const std::string& trace_path) {
+        PlanRequest request;
+        request.model_name = model;
+        if (model.find('/') == std::string::npos) {
+          request.model = models::preset(model);
+        } else {
+          FERRY_CHECK(fs::is_directory(model), "model ", model,
+                      " is neither a preset nor a directory with a Hugging Face config.json");
+          request.model = models::ModelConfig::from_hf_file(model + "/config.json");
+        }
+        request.mode = parse_plan_mode(mode);
+        request.batch = batch;
+        request.seq = seq;
+        request.engine = engine_config_from_json(settings_json);
+        if (!attention.empty()) request.attention = parse_attention_kernel(attention);
+        FERRY_CHECK(hardware.empty() != calibration.empty(),
+                    "plan() needs exactly one of hardware= (a preset: ",
+                    [] {
+                      std::string names;
+                      for (const std::string& name : hardware_preset_names()) {
+                        names += (names.empty() ? "" : ", ") + name;
+                      }
+                      return names;
+                    }(),
+                    ") and calibration= (a file from `ferry bench calibrate`)");
+        request.hardware = hardware.empty() ? Hardware::load(calibration) : hardware_preset(hardware);
+        py::gil_scoped_release release;
+        const Plan plan = make_plan(request);
+        if (!trace_path.empty()) write_plan_trace(plan, trace_path);
+        return std::make_pair(plan_to_json(plan), format_plan(plan));
+      },
+      py::arg("model"), py::arg("mode"), py::arg("batch"), py::arg("seq"), py::arg("hardware"),
+      py::arg("calibration"), py::arg("attention"), py::arg("settings_json"), py::arg("trace_path"),
+      "The planner's dry run (include/ferry/plan.h): (the plan as JSON, the table ferry plan prints).");
+  module.def(
+      "calibrate",
+      [](const std::vector<std::string>& nvme, const std::string& nvme_bytes, unsigned repeat,
+         const std::string& out, bool verbose) {
+        CalibrationOptions options;
+        options.nvme_directories = nvme;
+        options.nvme_bytes = parse_bytes(nvme_bytes);
+        options.repeat = repeat;
+        py::gil_scoped_release release;
+        const Hardware hardware = calibrate(options, [verbose](const std::string& line) {
+          if (!verbose) return;
+          py::gil_scoped_acquire acquire;
+          py::print(line);
+        });
+        if (!out.empty()) hardware.save(out);
+        return hardware.to_json();
+      },
+      py::arg("nvme"), py::arg("nvme_bytes"), py::arg("repeat"), py::arg("out"), py::arg("verbose"),
+      "Measures this machine as `ferry bench calibrate` does; returns the figures as JSON.");
+}
+
 }  // namespace ferry::python
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -539,6 +600,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   python::bind_modules(module);
   python::bind_models(module);
   python::bind_engine(module);
+  python::bind_plan(module);
   pybind11::module_ data_module = module.def_submodule("data", "ferry's data layer");
   python::bind_data(data_module);
   pybind11::module_ optim_module =

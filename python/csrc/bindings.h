@@ -25,5 +25,6 @@ LayeredModel python_model(py::object stem, const py::sequence& blocks, py::objec
                           bool pass_context);
 
 void bind_modules(py::module_& module);  // StepContext, the Python-module model
+void bind_plan(py::module_& module);     // plan(): the planner's dry run
 
 }  // namespace ferry::python

@@ -7,7 +7,9 @@ A thin layer over ferry's C++ runtime (``ferry._C``), not a second implementatio
   assembled from your own ``torch.nn.Module`` stem, blocks and head;
 - :mod:`ferry.optim` holds ferry's vectorized CPU optimizers as ``torch.optim.Optimizer``
   subclasses;
-- :mod:`ferry.data` the token datasets, loader and demo task of ferry's data layer.
+- :mod:`ferry.data` the token datasets, loader and demo task of ferry's data layer;
+- :func:`plan` the planner's dry run: bytes per tier, fit, predicted step time; :func:`calibrate`
+  the I/O, PCIe, matmul and optimizer benchmarks it reads.
 
 Errors from the runtime are :class:`Error` (a ``RuntimeError``), :class:`BudgetExceeded`
 (also a ``MemoryError``) and :class:`IoError` (also an ``OSError``). See docs/python.md.
@@ -32,6 +34,7 @@ from . import data, optim
 from ._C import BudgetExceeded, Error, InternalError, IoError, StepContext, StepResult
 from .engine import Engine
 from .model import LayeredModel, causal_lm_loss, preset_names
+from .plan import Plan, calibrate, plan
 
 __version__: str = _C.__version__
 
@@ -42,10 +45,13 @@ __all__ = [
     "InternalError",
     "IoError",
     "LayeredModel",
+    "Plan",
     "StepContext",
     "StepResult",
+    "calibrate",
     "causal_lm_loss",
     "data",
     "optim",
+    "plan",
     "preset_names",
 ]

@@ -12,7 +12,7 @@
 #include <iostream>
 
 #include "cli/command.h"
-#include "cli/measure.h"
+#include "plan/measure.h"
 #include "ferry/io.h"
 #include "ferry/memory.h"
 
@@ -40,9 +40,9 @@ double plain_loop_gbps(const std::string& path, IoOp op, char* buffer, size_t bu
                 " failed: ", moved < 0 ? std::strerror(errno) : "short transfer");
   }
   if (op == IoOp::kWrite) ::fdatasync(fd);
-  double seconds = seconds_since(start);
+  double seconds = measure::seconds_since(start);
   ::close(fd);
-  return gbps(file_bytes, seconds);
+  return measure::gbps(file_bytes, seconds);
 }
 
 std::vector<size_t> parse_sizes(const std::vector<std::string>& texts) {
@@ -96,7 +96,7 @@ int run_bench_io(int argc, char** argv) {
               directory.c_str(), static_cast<double>(file_bytes) / (1 << 30));
   const unsigned repeat = std::max(1u, args["repeat"].as<unsigned>());
   auto baseline = [&](IoOp op) {
-    return median_of(repeat, [&] {
+    return measure::median_of(repeat, [&] {
       return plain_loop_gbps(path, op, buffer.as<char>(), buffer_bytes, file_bytes);
     });
   };
@@ -120,8 +120,8 @@ int run_bench_io(int argc, char** argv) {
         auto file = StripedFile::open(Env::posix(), path, OpenMode::kReadWrite);
         Row row{io.backend.value(), depth, block, 0, 0};
         auto measure = [&](IoOp op) {
-          return median_of(repeat, [&] {
-            return engine_gbps(*engine, *file, op, buffer.as<char>(), buffer_bytes, file_bytes);
+          return measure::median_of(repeat, [&] {
+            return measure::engine_gbps(*engine, *file, op, buffer.as<char>(), buffer_bytes, file_bytes);
           });
         };
         row.write_gbps = measure(IoOp::kWrite);

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "cli/command.h"
-#include "cli/measure.h"
+#include "plan/measure.h"
 #include "ferry/check.h"
 #include "ferry/optim.h"
 
@@ -68,7 +68,7 @@ double bandwidth_bytes_per_second(float* p, float* m, float* v, const float* g,
     }
     for (std::thread& worker : workers) worker.join();
   };
-  return kAdamWBytes * static_cast<double>(size) / sorted_seconds(repeats, pass).front();
+  return kAdamWBytes * static_cast<double>(size) / measure::sorted_seconds(repeats, pass).front();
 }
 
 struct Row {
@@ -146,14 +146,14 @@ int run_bench_optim(int argc, char** argv) {
   auto per_second = [&](double seconds) { return static_cast<double>(elements) / seconds; };
 
   torch::optim::AdamW torch_adamw({param}, adamw_options);
-  const double torch_per_second = per_second(median_seconds(repeats, [&] { torch_adamw.step(); }));
+  const double torch_per_second = per_second(measure::median_seconds(repeats, [&] { torch_adamw.step(); }));
   torch_adamw.state().clear();
 
   std::optional<double> fused_per_second;
 #if FERRY_BENCH_TORCH_FUSED_ADAMW
   {
     const torch::Tensor step = torch::zeros({}, torch::kFloat);
-    fused_per_second = per_second(median_seconds(repeats, [&] {
+    fused_per_second = per_second(measure::median_seconds(repeats, [&] {
       step.add_(1);
       at::_fused_adamw_({param}, {grad}, {exp_avg}, {exp_avg_sq}, {}, {step}, adamw_options.lr(),
                         std::get<0>(adamw_options.betas()), std::get<1>(adamw_options.betas()),
@@ -176,7 +176,7 @@ int run_bench_optim(int argc, char** argv) {
   auto ferry_per_second = [&](const optim::GradSpan& g, const optim::OutputSpan& out,
                               bool checked) {
     context.grad_checked_finite = checked;
-    return per_second(median_seconds(repeats, [&] {
+    return per_second(measure::median_seconds(repeats, [&] {
       const optim::StepReport report = optim::adamw_step(params, context, master, m, v, g, out);
       FERRY_ASSERT(!report.skipped, "the benchmark's gradient is finite");
       ++context.step;

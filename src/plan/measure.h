@@ -1,7 +1,7 @@
 #pragma once
 
-// Measuring pieces the bench commands share: timing with medians, and moving a file through the
-// I/O engine.
+// Measuring pieces that calibration and the bench commands share: timing with medians, and moving
+// a file through the I/O engine.
 
 #include <chrono>
 #include <cstdint>
@@ -9,7 +9,7 @@
 
 #include "ferry/io.h"
 
-namespace ferry::cli {
+namespace ferry::measure {
 
 double seconds_since(std::chrono::steady_clock::time_point start);
 double gbps(std::uint64_t bytes, double seconds);
@@ -25,4 +25,4 @@ double median_of(unsigned repeat, const std::function<double()>& measure);
 double engine_gbps(IoEngine& engine, StripedFile& file, IoOp op, char* buffer, std::size_t buffer_bytes,
                    std::uint64_t file_bytes);
 
-}  // namespace ferry::cli
+}  // namespace ferry::measure

@@ -1,9 +1,9 @@
-#include "cli/measure.h"
+#include "plan/measure.h"
 
 #include <algorithm>
 #include <vector>
 
-namespace ferry::cli {
+namespace ferry::measure {
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -49,4 +49,4 @@ double engine_gbps(IoEngine& engine, StripedFile& file, IoOp op, char* buffer, s
   return gbps(file_bytes, seconds_since(start));
 }
 
-}  // namespace ferry::cli
+}  // namespace ferry::measure

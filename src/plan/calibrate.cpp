@@ -1,0 +1,147 @@
+// Calibration: the hardware figures the cost model runs on, measured on this machine (the
+// engine's own kernels and I/O engine, as the modes run them). Without a CUDA device the "GPU"
+// tier is the CPU: its matmul and memory figures are the CPU's and "PCIe" is a host memcpy.
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+
+#include <torch/torch.h>
+
+#include "ferry/check.h"
+#include "ferry/memory.h"
+#include "ferry/optim.h"
+#include "ferry/plan.h"
+#include "ferry/system.h"
+#include "plan/measure.h"
+
+namespace ferry {
+namespace {
+
+double matmul_tflops(torch::Device device, torch::ScalarType dtype, std::int64_t n, int repeats) {
+  const auto options = torch::TensorOptions().device(device).dtype(dtype);
+  const torch::Tensor a = torch::randn({n, n}, options), b = torch::randn({n, n}, options);
+  torch::Tensor c = torch::empty({n, n}, options);
+  const double seconds = measure::median_seconds(repeats, [&] {
+    torch::mm_out(c, a, b);
+    synchronize_gpu();
+  });
+  return 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n) / seconds / 1e12;
+}
+
+// GB/s of copying `bytes` from `from` to `to`; a device-to-device copy moves twice the bytes.
+double copy_gbps(const torch::Tensor& from, torch::Tensor& to, int repeats, double traffic_per_byte) {
+  const double seconds = measure::median_seconds(repeats, [&] {
+    to.copy_(from, /*non_blocking=*/false);
+    synchronize_gpu();
+  });
+  return traffic_per_byte * measure::gbps(static_cast<std::uint64_t>(from.nbytes()), seconds);
+}
+
+// Through the I/O engine in its default configuration, as the store runs it.
+NvmeFigures measure_directory(const std::string& directory, std::uint64_t file_bytes, unsigned repeat) {
+  FERRY_CHECK(supports_direct_io(directory), "NVMe directory '", directory,
+              "' does not exist or does not support O_DIRECT: create it on the SSD or name another one");
+  const std::size_t buffer_bytes = static_cast<std::size_t>(std::min<std::uint64_t>(file_bytes, std::uint64_t{256} << 20));
+  HostArena arena({.budget_bytes = buffer_bytes, .chunk_bytes = std::min(buffer_bytes, std::size_t{1} << 30),
+                   .name = "calibrate"});
+  HostBlock buffer = arena.allocate(buffer_bytes);
+  std::memset(buffer.data(), 0x5a, buffer.bytes());
+  const std::string path = directory + "/ferry-calibrate.dat";
+  auto engine = IoEngine::create();
+  engine->register_buffer(buffer.data(), buffer.bytes());
+  NvmeFigures figures{directory, 0, 0};
+  {
+    auto file = StripedFile::open(Env::posix(), path, OpenMode::kCreate);
+    file->members()[0]->allocate(file_bytes);
+    auto measure = [&](IoOp op) {
+      return measure::median_of(repeat, [&] { return measure::engine_gbps(*engine, *file, op, buffer.as<char>(), buffer_bytes, file_bytes); });
+    };
+    figures.write_gbps = measure(IoOp::kWrite);
+    figures.read_gbps = measure(IoOp::kRead);
+  }
+  engine->unregister_buffer(buffer.data());
+  ::unlink(path.c_str());
+  return figures;
+}
+
+double cpu_adam_params_per_s(std::int64_t elements, int repeats) {
+  std::vector<float> master(static_cast<std::size_t>(elements), 0.5f), m(master.size()), v(master.size()),
+      grad(master.size(), 1e-3f);
+  optim::AdamWParams params;
+  optim::StepContext context;
+  context.grad_checked_finite = true;
+  const optim::GradSpan g = optim::GradSpan::f32(grad.data(), elements);
+  const double seconds = measure::median_seconds(repeats, [&] {
+    optim::adamw_step(params, context, {master.data(), elements}, {m.data(), elements}, {v.data(), elements}, g, {});
+    ++context.step;
+  });
+  return static_cast<double>(elements) / seconds;
+}
+
+std::string fixed(double value, int digits = 1) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.*f", digits, value);
+  return text;
+}
+
+}  // namespace
+
+Hardware calibrate(const CalibrationOptions& options, const std::function<void(const std::string&)>& report) {
+  const unsigned repeat = std::max(1u, options.repeat);
+  const int repeats = static_cast<int>(repeat);
+  auto say = [&](const std::string& line) {
+    if (report) report(line);
+  };
+  const GpuTierInfo gpu = probe_gpu_tier();
+  const HostTierInfo host = probe_host_tier();
+  const torch::Device device = gpu.cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+
+  Hardware hw;
+  hw.gpu_is_host = !gpu.cuda;
+  hw.name = gpu.cuda ? gpu.description : "this machine's CPU (no CUDA device: the GPU tier is host memory)";
+  hw.gpu_memory_bytes = gpu.cuda ? gpu.total_bytes : host.total_bytes;
+  hw.host_memory_bytes = host.total_bytes;
+  say("calibrate: " + hw.name);
+
+  const std::int64_t n = gpu.cuda ? 8192 : 1024;
+  hw.matmul_tflops_fp32 = matmul_tflops(device, torch::kFloat, n, repeats);
+  hw.matmul_tflops_bf16 = matmul_tflops(device, torch::kBFloat16, n, repeats);
+  hw.matmul_tflops_fp16 = gpu.cuda ? matmul_tflops(device, torch::kHalf, n, repeats) : hw.matmul_tflops_bf16;
+  say(detail::concat("matmul ", n, "x", n, ": fp32 ", fixed(hw.matmul_tflops_fp32), ", bf16 ",
+                     fixed(hw.matmul_tflops_bf16), ", fp16 ", fixed(hw.matmul_tflops_fp16), " TFLOPS"));
+
+  const std::int64_t copy_elements = std::int64_t{1} << (gpu.cuda ? 28 : 26);  // 1 GiB / 256 MiB of fp32
+  {
+    const torch::Tensor a = torch::ones({copy_elements}, torch::TensorOptions().device(device));
+    torch::Tensor b = torch::empty_like(a);
+    hw.gpu_memory_gbps = copy_gbps(a, b, repeats, 2.0);
+  }
+  {
+    const auto host_options = torch::TensorOptions().pinned_memory(gpu.cuda);
+    const torch::Tensor pinned = torch::ones({copy_elements}, host_options);
+    torch::Tensor on_device = torch::empty({copy_elements}, torch::TensorOptions().device(device));
+    torch::Tensor back = torch::empty({copy_elements}, host_options);
+    hw.pcie_h2d_gbps = copy_gbps(pinned, on_device, repeats, 1.0);
+    hw.pcie_d2h_gbps = copy_gbps(on_device, back, repeats, 1.0);
+  }
+  say(detail::concat(gpu.cuda ? "GPU" : "host", " memory ", fixed(hw.gpu_memory_gbps), " GB/s; ",
+                     gpu.cuda ? "PCIe (pinned) " : "host memcpy (no PCIe) ", fixed(hw.pcie_h2d_gbps),
+                     " GB/s up, ", fixed(hw.pcie_d2h_gbps), " GB/s down"));
+
+  hw.cpu_adam_params_per_s = cpu_adam_params_per_s(std::int64_t{1} << 25, repeats);
+  say(detail::concat("CPU AdamW (", optim::num_threads(), " threads, ", optim::isa_name(optim::active_isa()),
+                     "): ", fixed(hw.cpu_adam_params_per_s / 1e9, 2), "e9 parameters/s"));
+
+  const std::uint64_t file_bytes = std::max<std::uint64_t>(options.nvme_bytes >> 20 << 20, 1 << 20);
+  for (const std::string& directory : options.nvme_directories) {
+    hw.nvme.push_back(measure_directory(directory, file_bytes, repeat));
+    say(detail::concat("NVMe ", directory, ": read ", fixed(hw.nvme.back().read_gbps, 2), " GB/s, write ",
+                       fixed(hw.nvme.back().write_gbps, 2), " GB/s"));
+  }
+  return hw;
+}
+
+}  // namespace ferry
