@@ -109,7 +109,10 @@ class Reference {
           const auto n = static_cast<double>(step_);
           const auto bc1 = static_cast<float>(1.0 - std::pow(config_.optimizer.beta1, n));
           const auto bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(config_.optimizer.beta2, n)));
-          const torch::Tensor denom = v.sqrt() / bc2_sqrt + static_cast<float>(config_.optimizer.eps);
+          // Note: divided by a full tensor, not a scalar: LibTorch 2.x turns division by a
+          // scalar into multiplication by its reciprocal, which rounds differently.
+          const torch::Tensor denom =
+              v.sqrt() / torch::full_like(v, bc2_sqrt) + static_cast<float>(config_.optimizer.eps);
           theta = theta - (m / denom) * (static_cast<float>(lr) / bc1);
           continue;
         }

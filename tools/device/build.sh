@@ -23,6 +23,7 @@ sed -i "s#^prefix=/usr#prefix=$prefix/usr#" "$prefix"/usr/lib/x86_64-linux-gnu/p
 torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
 mkdir -p build-gpu
 cat > build-gpu/env.sh <<ENV
+export CC=${CC:-cc} CXX=${CXX:-c++} CUDAHOSTCXX=${CUDAHOSTCXX:-c++}
 export CMAKE_PREFIX_PATH=$torch_prefix:$prefix/usr
 export PKG_CONFIG_PATH=$prefix/usr/lib/x86_64-linux-gnu/pkgconfig
 export LD_LIBRARY_PATH=$prefix/usr/lib/x86_64-linux-gnu:\${LD_LIBRARY_PATH:-}
