@@ -106,6 +106,10 @@ struct Batch {
   at::Tensor position_ids;    // 0 at each example's start and at each row's start
 };
 
+// Uniformly random tokens, labels equal to the inputs and no padding: a batch of the right shape
+// for benchmarks, where what is learned does not matter. Deterministic for a seed.
+Batch random_batch(int64_t batch, int64_t seq, int64_t vocab_size, uint64_t seed);
+
 // Where a loader is in its endless stream of examples, plus what it must match on restore.
 struct LoaderState {
   int64_t epoch = 0;         // completed passes over the dataset

@@ -165,6 +165,8 @@ class Store {
   StoreStats stats() const;
 
  private:
+  void drop(BundleId id, Tier tier, bool keep_only_latest);
+
   struct Impl;
   StoreOptions options_;
   std::unique_ptr<Impl> impl_;

@@ -431,39 +431,32 @@ optim::StepContext step_context(std::int64_t step) {
   return context;
 }
 
+// adamw_step and adam_step: the same arguments, each its own parameter struct and kernel.
+template <typename Params,
+          optim::StepReport (*Step)(const Params&, const optim::StepContext&, optim::FloatSpan,
+                                    optim::FloatSpan, optim::FloatSpan, optim::GradSpan,
+                                    optim::OutputSpan)>
+void def_adam_step(py::module_& module, const char* name) {
+  module.def(
+      name,
+      [](const torch::Tensor& master, const torch::Tensor& exp_avg, const torch::Tensor& exp_avg_sq,
+         const torch::Tensor& grad, std::int64_t step, double lr, double beta1, double beta2,
+         double eps, double weight_decay, const std::optional<torch::Tensor>& out) {
+        const std::int64_t n = master.numel();
+        return Step({lr, beta1, beta2, eps, weight_decay}, step_context(step),
+                    float_span("master", master, n), float_span("exp_avg", exp_avg, n),
+                    float_span("exp_avg_sq", exp_avg_sq, n), grad_span(grad, n), output_span(out, n))
+            .skipped;
+      },
+      py::arg("master"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("grad"),
+      py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+      py::arg("weight_decay"), py::arg("out") = std::nullopt,
+      py::call_guard<py::gil_scoped_release>());
+}
+
 void bind_optim(py::module_& module) {
-  module.def(
-      "adamw_step",
-      [](const torch::Tensor& master, const torch::Tensor& exp_avg, const torch::Tensor& exp_avg_sq,
-         const torch::Tensor& grad, std::int64_t step, double lr, double beta1, double beta2,
-         double eps, double weight_decay, const std::optional<torch::Tensor>& out) {
-        const std::int64_t n = master.numel();
-        return optim::adamw_step({lr, beta1, beta2, eps, weight_decay}, step_context(step),
-                                 float_span("master", master, n), float_span("exp_avg", exp_avg, n),
-                                 float_span("exp_avg_sq", exp_avg_sq, n), grad_span(grad, n),
-                                 output_span(out, n))
-            .skipped;
-      },
-      py::arg("master"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("grad"),
-      py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-      py::arg("weight_decay"), py::arg("out") = std::nullopt,
-      py::call_guard<py::gil_scoped_release>());
-  module.def(
-      "adam_step",
-      [](const torch::Tensor& master, const torch::Tensor& exp_avg, const torch::Tensor& exp_avg_sq,
-         const torch::Tensor& grad, std::int64_t step, double lr, double beta1, double beta2,
-         double eps, double weight_decay, const std::optional<torch::Tensor>& out) {
-        const std::int64_t n = master.numel();
-        return optim::adam_step({lr, beta1, beta2, eps, weight_decay}, step_context(step),
-                                float_span("master", master, n), float_span("exp_avg", exp_avg, n),
-                                float_span("exp_avg_sq", exp_avg_sq, n), grad_span(grad, n),
-                                output_span(out, n))
-            .skipped;
-      },
-      py::arg("master"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("grad"),
-      py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-      py::arg("weight_decay"), py::arg("out") = std::nullopt,
-      py::call_guard<py::gil_scoped_release>());
+  def_adam_step<optim::AdamWParams, optim::adamw_step>(module, "adamw_step");
+  def_adam_step<optim::AdamParams, optim::adam_step>(module, "adam_step");
   module.def(
       "sgd_step",
       [](const torch::Tensor& master, const std::optional<torch::Tensor>& momentum_buffer,

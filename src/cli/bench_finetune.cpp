@@ -33,15 +33,6 @@ struct Figures {
   std::string note;
 };
 
-data::Batch random_batch(std::int64_t batch, std::int64_t seq, std::int64_t vocab, std::uint64_t seed) {
-  torch::Generator generator = at::detail::createCPUGenerator(seed);
-  data::Batch out;
-  out.input_ids = torch::randint(vocab, {batch, seq}, generator, torch::kLong);
-  out.labels = out.input_ids.clone();
-  out.attention_mask = torch::ones({batch, seq}, torch::kLong);
-  return out;
-}
-
 // Runs `step` warmup times, then times `steps` of them with the device drained around the timing.
 template <typename Step>
 double seconds_per_step(int warmup, int steps, Step step) {
@@ -69,7 +60,7 @@ Figures run_plain_libtorch(const models::ModelConfig& config, torch::Device devi
   std::vector<torch::Tensor> params = model.parameters();
   Figures figures{"plain LibTorch, bf16", batch};
   std::vector<data::Batch> batches;
-  for (int i = 0; i < 2; ++i) batches.push_back(random_batch(batch, seq, config.vocab_size, i));
+  for (int i = 0; i < 2; ++i) batches.push_back(data::random_batch(batch, seq, config.vocab_size, i));
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
   std::vector<torch::Tensor> exp_avg, exp_avg_sq, grads, state_steps;
   for (const torch::Tensor& p : params) {
@@ -114,7 +105,7 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
   engine_config.keep_graph_blocks = keep_graph_blocks;
   Engine engine(models::build(config, 1), engine_config);
   std::vector<data::Batch> batches;
-  for (int i = 0; i < 2; ++i) batches.push_back(random_batch(batch, seq, config.vocab_size, i));
+  for (int i = 0; i < 2; ++i) batches.push_back(data::random_batch(batch, seq, config.vocab_size, i));
   Figures figures{std::string("ferry ") + to_string(mode) + ", bf16", batch};
   figures.seconds_per_step = seconds_per_step(warmup, steps, [&](int i) {
     engine.train_step(batches[static_cast<size_t>(i) % batches.size()]);

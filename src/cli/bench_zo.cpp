@@ -41,15 +41,6 @@ LayeredModel build_with_shared_blocks(const models::ModelConfig& config) {
                       causal_lm_loss, config);
 }
 
-data::Batch random_batch(std::int64_t batch, std::int64_t seq, std::int64_t vocab, std::uint64_t seed) {
-  torch::Generator generator = at::detail::createCPUGenerator(seed);
-  data::Batch out;
-  out.input_ids = torch::randint(vocab, {batch, seq}, generator, torch::kLong);
-  out.labels = out.input_ids.clone();
-  out.attention_mask = torch::ones({batch, seq}, torch::kLong);
-  return out;
-}
-
 struct Placement {
   std::string name;  // "gpu", "host", "nvme", "split:N"
   Tier tier = Tier::kGpu;
@@ -129,7 +120,7 @@ int run_bench_zo(int argc, char** argv) {
         const auto setup_start = Clock::now();
         Engine engine(build_with_shared_blocks(config), engine_config);
         const double setup = std::chrono::duration<double>(Clock::now() - setup_start).count();
-        const data::Batch input = random_batch(batch, seq, config.vocab_size, 1);
+        const data::Batch input = data::random_batch(batch, seq, config.vocab_size, 1);
         for (int i = 0; i < warmup; ++i) engine.train_step(input);
         synchronize_gpu();
         const StoreStats before = engine.stats().store;

@@ -1,4 +1,7 @@
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/randint.h>
 
 #include <algorithm>
 
@@ -83,6 +86,17 @@ DataLoader::DataLoader(std::shared_ptr<const Dataset> dataset, LoaderOptions opt
   FERRY_CHECK(options_.pad_token >= 0 && options_.pad_token < vocab_size, "pad_token is ",
               options_.pad_token, ": valid ids are 0 to ", vocab_size - 1);
   order_ = epoch_order(dataset_->size(), options_.seed, epoch_, options_.shuffle);
+}
+
+Batch random_batch(int64_t batch, int64_t seq, int64_t vocab_size, uint64_t seed) {
+  FERRY_CHECK(batch > 0 && seq > 0 && vocab_size > 0, "random_batch needs a positive shape and vocabulary; got batch ",
+              batch, ", seq ", seq, ", vocab_size ", vocab_size);
+  at::Generator generator = at::detail::createCPUGenerator(seed);
+  Batch out;
+  out.input_ids = at::randint(vocab_size, {batch, seq}, generator, at::kLong);
+  out.labels = out.input_ids.clone();
+  out.attention_mask = at::ones({batch, seq}, at::kLong);
+  return out;
 }
 
 Batch DataLoader::next() {

@@ -765,21 +765,23 @@ Fence Store::write_back(BundleId id, Tier from, Tier to) {
   }
 }
 
-void Store::evict(BundleId id, Tier tier) {
+// evict and discard: drop a copy that is not home and has no transfer in flight.
+void Store::drop(BundleId id, Tier tier, bool keep_only_latest) {
+  const char* verb = keep_only_latest ? "evict" : "discard";
   torch::Tensor released;
   std::lock_guard<std::mutex> lock(impl_->mutex);
   Bundle& bundle = impl_->bundle_locked(id);
   impl_->check_tier_configured(bundle, tier);
   Copy& copy = bundle.at(tier);
-  FERRY_CHECK(tier != bundle.spec.home, "cannot evict ", describe(bundle, tier),
+  FERRY_CHECK(tier != bundle.spec.home, "cannot ", verb, " ", describe(bundle, tier),
               ": it is the bundle's home copy (", to_string(copy.state),
               "); only copies on other tiers can be dropped");
-  FERRY_CHECK(copy.state != CopyState::kAbsent, "cannot evict ", describe(bundle, tier),
+  FERRY_CHECK(copy.state != CopyState::kAbsent, "cannot ", verb, " ", describe(bundle, tier),
               ": it is already absent");
-  FERRY_CHECK(!in_flight(copy.state) && copy.readers == 0, "cannot evict ",
+  FERRY_CHECK(!in_flight(copy.state) && copy.readers == 0, "cannot ", verb, " ",
               describe(bundle, tier), ": it is ", to_string(copy.state),
               " with a transfer in flight; wait for its Fence first");
-  if (bundle.up_to_date(tier)) {
+  if (keep_only_latest && bundle.up_to_date(tier)) {
     bool another = false;
     for (Tier other : kTiers) another = another || (other != tier && bundle.up_to_date(other));
     FERRY_CHECK(another, "cannot evict ", describe(bundle, tier), ": it is ",
@@ -788,23 +790,7 @@ void Store::evict(BundleId id, Tier tier) {
   }
   impl_->free_locked(bundle, tier, &released);
   impl_->copier->retire(released);
-}
-
-void Store::discard(BundleId id, Tier tier) {
-  torch::Tensor released;
-  std::lock_guard<std::mutex> lock(impl_->mutex);
-  Bundle& bundle = impl_->bundle_locked(id);
-  impl_->check_tier_configured(bundle, tier);
-  Copy& copy = bundle.at(tier);
-  FERRY_CHECK(tier != bundle.spec.home, "cannot discard ", describe(bundle, tier),
-              ": it is the bundle's home copy");
-  FERRY_CHECK(copy.state != CopyState::kAbsent, "cannot discard ", describe(bundle, tier),
-              ": it is already absent");
-  FERRY_CHECK(!in_flight(copy.state) && copy.readers == 0, "cannot discard ",
-              describe(bundle, tier), ": it is ", to_string(copy.state),
-              " with a transfer in flight; wait for its Fence first");
-  impl_->free_locked(bundle, tier, &released);
-  impl_->copier->retire(released);
+  if (keep_only_latest) return;
   // The newest remaining contents are the bundle's contents again.
   std::uint64_t newest = 0;
   for (Tier other : kTiers) {
@@ -815,6 +801,10 @@ void Store::discard(BundleId id, Tier tier) {
   }
   bundle.version = newest;
 }
+
+void Store::evict(BundleId id, Tier tier) { drop(id, tier, /*keep_only_latest=*/true); }
+
+void Store::discard(BundleId id, Tier tier) { drop(id, tier, /*keep_only_latest=*/false); }
 
 void Store::synchronize() { impl_->synchronize(); }
 
