@@ -263,7 +263,8 @@ TEST_CASE("zo2 equals plain MeZO step by step in fp32: losses, projected gradien
   const std::vector<torch::Tensor> expected = reference.weights();
   REQUIRE(weights.size() == expected.size());
   for (std::size_t i = 0; i < weights.size(); ++i) {
-    INFO("parameter " << i);
+    INFO("parameter " << i << " " << torch::IntArrayRef(weights[i].sizes()) << ", largest difference "
+                      << (weights[i] - expected[i]).abs().max().item<double>());
     CHECK(torch::equal(weights[i], expected[i]));
   }
 }
