@@ -76,6 +76,8 @@ FERRY_HOST_DEVICE inline float zo_direction(const ZoUpdate& update, const float 
 
 // Note: the operation order matches torch's CPU kernels for the same update written as separate
 // tensor ops (d * lr, not a fused multiply-add), so the CPU path equals a plain reference exactly.
+// zo.cpp is compiled with -ffp-contract=off to keep it so on CPUs with FMA; the CUDA kernel
+// fuses (nvcc's default) and agrees to rounding.
 FERRY_HOST_DEVICE inline float zo_update_element(const ZoUpdate& update, float theta, float d,
                                                  bool decay, float* state0, float* state1) {
   switch (update.rule) {
