@@ -22,9 +22,11 @@ namespace {
 constexpr std::uint64_t kModelSeed = 7;
 
 // Note: against LibTorch 1.13 (CI) the plain reference and the engine agree to the last bit. On
-// the GPU machine's CPU path (LibTorch 2.11, gcc 13, glibc 2.39) some weights differ by one or two
-// ulp after a few steps, with or without fused multiply-adds in ferry's kernel; the cause is not
-// found yet (docs/zo2.md). There the comparison allows that much.
+// the GPU machine's CPU path (LibTorch 2.11) some weights differ by one or two ulp after a few
+// steps, with or without fused multiply-adds in ferry's kernel. The likely cause: that LibTorch's
+// MKL may round a matmul differently depending on its operands' alignment, and the engine's
+// parameters are views at unaligned offsets of a bundle while the reference's are allocations of
+// their own (docs/zo2.md). There the comparison allows that much.
 constexpr bool kExactReference = TORCH_VERSION_MAJOR < 2;
 
 models::ModelConfig model_config(const std::string& preset) {
