@@ -9,7 +9,6 @@
 #include "engine/sizing.h"
 #include "engine/update.h"
 #include "ferry/check.h"
-#include "ferry/system.h"
 
 #if FERRY_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
