@@ -9,6 +9,7 @@
 #include <cxxopts.hpp>
 #include <fstream>
 #include <iostream>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -54,9 +55,18 @@ Json read_json_file(const std::string& path) {
   }
 }
 
-// defaults <- config file <- flags given on the command line.
+// Where zo2 needs other defaults than the first-order modes: no gradient to clip, and MeZO's
+// optimizer (plain ZO-SGD, no weight decay) at a step size its noisy gradient estimate tolerates.
+const Json& zo2_defaults() {
+  static const Json kDefaults = {
+      {"max_grad_norm", 0.0}, {"optimizer", "sgd"}, {"lr", 1e-4}, {"weight_decay", 0.0}};
+  return kDefaults;
+}
+
+// defaults (zo2's where the mode is zo2) <- config file <- flags given on the command line.
 Json resolve(const cxxopts::ParseResult& args) {
   Json config = defaults();
+  std::set<std::string> given;  // set by the file or a flag
   if (args.count("config")) {
     Json file = read_json_file(args["config"].as<std::string>());
     for (auto& [key, value] : file.items()) {
@@ -67,6 +77,7 @@ Json resolve(const cxxopts::ParseResult& args) {
                     return names;
                   }());
       config[key] = value;
+      given.insert(key);
     }
   }
   for (auto& [key, value] : defaults().items()) {
@@ -80,6 +91,12 @@ Json resolve(const cxxopts::ParseResult& args) {
       config[key] = std::stod(text);
     } else {
       config[key] = text;
+    }
+    given.insert(key);
+  }
+  if (config["mode"] == "zo2") {
+    for (auto& [key, value] : zo2_defaults().items()) {
+      if (!given.count(key)) config[key] = value;
     }
   }
   return config;
@@ -131,7 +148,9 @@ double demo_accuracy(Engine& engine, const data::AdditionTask& task, std::int64_
 }
 
 int run_finetune(int argc, char** argv) {
-  cxxopts::Options options(argv[0], "Fine-tune a model (default: a tiny model on the built-in addition task)");
+  cxxopts::Options options(argv[0], "Fine-tune a model (default: a tiny model on the built-in addition task). "
+                                    "With --mode zo2 the defaults are optimizer sgd, lr 1e-4, weight decay 0 and "
+                                    "no clipping.");
   options.add_options()("config", "JSON job file; flags override it", cxxopts::value<std::string>());
   for (auto& [key, value] : defaults().items()) {
     std::string flag = key;
