@@ -142,30 +142,22 @@ void Engine::Zo2::write_part(std::size_t p, const torch::Tensor& weights,
   for (std::size_t i = 0; i < states.size(); ++i) put(b.states[i], torch::kFloat, states[i]);
 }
 
-torch::Tensor Engine::Zo2::read_weights(std::size_t p) {
-  FERRY_CHECK(flushed(), "read_weights() needs flush() first");
-  const PartBundles& b = bundles[p];
-  auto get = [&](BundleId id, torch::ScalarType dtype) {
-    if (b.home == Tier::kNvme) store->fetch(id, Tier::kHost).wait();
-    const Tier from = b.home == Tier::kNvme ? Tier::kHost : b.home;
-    torch::Tensor values =
-        detail::typed_view(*store, id, from, dtype, parts[p].numel).to(torch::kCPU, torch::kFloat, false, true);
-    if (b.home == Tier::kNvme) store->evict(id, Tier::kHost);
-    return values;
-  };
-  return get(b.weights, storage_dtype);
+torch::Tensor Engine::Zo2::read_home(std::size_t p, BundleId id, torch::ScalarType dtype) {
+  FERRY_CHECK(flushed(), "reading part ", parts[p].name, "'s stored copy needs flush() first");
+  const Tier home = bundles[p].home;
+  if (home == Tier::kNvme) store->fetch(id, Tier::kHost).wait();
+  const Tier from = home == Tier::kNvme ? Tier::kHost : home;
+  torch::Tensor values =
+      detail::typed_view(*store, id, from, dtype, parts[p].numel).to(torch::kCPU, torch::kFloat, false, true);
+  if (home == Tier::kNvme) store->evict(id, Tier::kHost);
+  return values;
 }
 
+torch::Tensor Engine::Zo2::read_weights(std::size_t p) { return read_home(p, bundles[p].weights, storage_dtype); }
+
 std::vector<torch::Tensor> Engine::Zo2::read_states(std::size_t p) {
-  const PartBundles& b = bundles[p];
   std::vector<torch::Tensor> states;
-  for (BundleId id : b.states) {
-    if (b.home == Tier::kNvme) store->fetch(id, Tier::kHost).wait();
-    const Tier from = b.home == Tier::kNvme ? Tier::kHost : b.home;
-    states.push_back(detail::typed_view(*store, id, from, torch::kFloat, parts[p].numel)
-                         .to(torch::kCPU, torch::kFloat, false, true));
-    if (b.home == Tier::kNvme) store->evict(id, Tier::kHost);
-  }
+  for (BundleId id : bundles[p].states) states.push_back(read_home(p, id, torch::kFloat));
   return states;
 }
 

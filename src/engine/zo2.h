@@ -32,6 +32,8 @@ struct Engine::Zo2 {
   torch::Tensor read_weights(std::size_t part);
   std::vector<torch::Tensor> read_states(std::size_t part);
   void write_part(std::size_t part, const torch::Tensor& weights, const std::vector<torch::Tensor>& states);
+  // One bundle of a part as fp32 on the host, read from its home (through host for NVMe).
+  torch::Tensor read_home(std::size_t part, BundleId id, torch::ScalarType dtype);
 
   // One step's update, numbered from 1 over the steps that were not skipped.
   struct PendingUpdate {
