@@ -27,11 +27,14 @@
 namespace ferry {
 
 // gpu: everything on the device, the reference. zero-offload: parameters on the device, fp32
-// master and optimizer states on the host, the CPU optimizer overlapped with backward. zo2:
-// zeroth-order (MeZO), forward only, block weights streamed from host memory or NVMe.
-enum class Mode { kGpu, kZeroOffload, kZo2 };
+// master and optimizer states on the host, the CPU optimizer overlapped with backward. fuyou:
+// parameters, gradients, fp32 master and optimizer states on NVMe, blocks streamed through the
+// device and the host, the CPU optimizer overlapped with backward, activation checkpoints swapped
+// (docs/fuyou.md). zo2: zeroth-order (MeZO), forward only, block weights streamed from host
+// memory or NVMe.
+enum class Mode { kGpu, kZeroOffload, kFuyou, kZo2 };
 const char* to_string(Mode mode);
-Mode parse_mode(const std::string& name);  // "gpu", "zero-offload", "zo2"
+Mode parse_mode(const std::string& name);  // "gpu", "zero-offload", "fuyou", "zo2"
 
 Tier parse_tier(const std::string& name);  // "gpu", "host", "nvme"
 
@@ -101,6 +104,28 @@ struct ZoConfig {
   std::int64_t write_back_interval = 4;
 };
 
+// What a block keeps between its forward and its backward, and on which tier. A recomputed block
+// keeps only its input (its checkpoint) and runs its forward again in backward; otherwise the
+// whole autograd graph is kept, which the engine keeps on the device only. Host and NVMe
+// checkpoints go down in forward and come back up ahead of the block's backward.
+struct BlockActivations {
+  bool recompute = true;
+  Tier tier = Tier::kGpu;
+  std::string describe() const;  // "recompute from gpu", "graph on gpu"
+};
+// "gpu", "host" or "nvme": recompute from a checkpoint on that tier; "graph": keep the graph.
+BlockActivations parse_block_activations(const std::string& name);
+
+// Fuyou (Liao et al., arXiv 2403.06504): every part's gradients, fp32 master and optimizer states
+// live on NVMe, and the blocks' parameters too, apart from the first `host_blocks` blocks, whose
+// parameters stay in host memory. The stem's and head's parameters stay on the device.
+struct FuyouConfig {
+  std::int64_t host_blocks = 0;
+  // Blocks whose parameters (and swapped checkpoints) are on the device at once: one computing,
+  // the next ones uploading.
+  std::int64_t blocks_in_flight = 3;
+};
+
 // The seed of sample `sample`'s direction in step `step` (counted from 1): z for part p is the
 // Philox normal sequence optim::ZoDirection{seed, p} over the part's parameters, laid out as the
 // engine packs them (decayed parameters first, in registration order, then norms and biases).
@@ -115,10 +140,12 @@ struct EngineConfig {
   // The NVMe tier's directories (one per SSD; files are striped over them) and its budget.
   std::vector<std::string> nvme_directories;
   std::uint64_t nvme_budget_bytes = 0;  // 0: no limit beyond the disks'
+  Env* nvme_env = nullptr;  // opens the NVMe tier's files; nullptr: Env::posix(). Tests inject faults
   OptimizerConfig optimizer;
   ScheduleConfig schedule;
   LossScaleConfig loss_scale;
-  ZoConfig zo;  // mode zo2 only
+  ZoConfig zo;        // mode zo2 only
+  FuyouConfig fuyou;  // mode fuyou only
   std::int64_t grad_accumulation = 1;  // micro-batches per optimizer step
   double max_grad_norm = 0.0;          // global-norm clipping; 0 turns it off
   // Activation checkpointing at block boundaries: the last `keep_graph_blocks` blocks keep their
@@ -126,6 +153,8 @@ struct EngineConfig {
   // backward. `offload_checkpoints` keeps those inputs in host memory instead of on the device.
   std::int64_t keep_graph_blocks = 0;
   bool offload_checkpoints = false;
+  // Per block, in place of the two settings above (empty: they decide); `ferry plan` chooses them.
+  std::vector<BlockActivations> activations;
   // Threads for the CPU optimizer (0: one per core).
   int optimizer_threads = 0;
   // Record spans for write_trace(). On a CUDA device the engine then waits for the device at
@@ -163,7 +192,9 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
 // "optimizer_threads", "trace" (a bool, or a trace file name: on when not empty), "nvme" (a list
 // of directories, or one text with commas), "nvme_budget", and for zo2 "seed", "zo_eps",
 // "zo_samples", "zo_blocks" (a tier), "zo_host_blocks", "zo_storage" (a precision, or "" for
-// the compute precision) and "zo_window" (ZoConfig's blocks_in_flight). A missing key
+// the compute precision) and "zo_window" (ZoConfig's blocks_in_flight), for fuyou
+// "fuyou_host_blocks" and "fuyou_window" (FuyouConfig's blocks_in_flight), and "activations" (a
+// list, or one text with commas, of parse_block_activations names, one per block). A missing key
 // keeps EngineConfig's default. Throws ferry::Error for text that is not a JSON object, an
 // unknown key (listing the valid ones) or a value of the wrong type. The front ends (CLI,
 // Python) share it, so a setting means the same everywhere.

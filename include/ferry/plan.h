@@ -102,16 +102,6 @@ const char* to_string(AttentionKernel kernel);
 AttentionKernel parse_attention_kernel(const std::string& name);  // "fused", "materialized"
 AttentionKernel default_attention_kernel();  // what this build of ferry runs
 
-// What a block keeps between its forward and its backward, and on which tier. A recomputed block
-// keeps only its input (its checkpoint) and runs its forward again in backward; otherwise the
-// whole autograd graph is kept. Host and NVMe copies go down in forward and come back up before
-// the block's backward (fuyou swaps; the engine's offload_checkpoints is "recompute, host").
-struct BlockActivations {
-  bool recompute = true;
-  Tier tier = Tier::kGpu;
-  std::string describe() const;  // "recompute from gpu", "graph on nvme"
-};
-
 struct PlanRequest {
   std::string model_name;  // for the report: the preset or directory
   models::ModelConfig model;

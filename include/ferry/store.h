@@ -115,7 +115,7 @@ class Store {
   // when the home tier's budget cannot hold it.
   BundleId add(const BundleSpec& spec);
   const BundleSpec& spec(BundleId id) const;
-  std::size_t size() const;
+  std::size_t size() const;  // ids handed out, removed ones included
 
   CopyState state(BundleId id, Tier tier) const;
   // Whether the copy on `tier` holds the bundle's latest contents. A copy that another tier's
@@ -158,6 +158,11 @@ class Store {
   // updates a block's home copy lacks instead of writing them home every step). Throws
   // ferry::Error for the home copy, an absent copy, or a copy with a transfer in flight.
   void discard(BundleId id, Tier tier);
+
+  // Frees every copy of the bundle and retires its id (later calls with it throw): for scratch
+  // bundles outgrown by a new size, such as an activation checkpoint when a larger batch comes.
+  // Throws ferry::Error for a copy with a transfer in flight.
+  void remove(BundleId id);
 
   // Waits for every transfer in flight.
   void synchronize();

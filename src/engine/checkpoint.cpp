@@ -86,11 +86,6 @@ void swap_into_place(const std::string& staged, const std::string& target) {
   fsync_path(fs::parent_directory(target), true);
 }
 
-// A CPU fp32 tensor holding the values of `source` (which may live on a device).
-torch::Tensor on_host(const torch::Tensor& source) {
-  return source.device().is_cpu() ? source : source.to(torch::kCPU);
-}
-
 // One part's fp32 weights and optimizer states, on the host, as a checkpoint holds them.
 struct PartValues {
   torch::Tensor weights;
@@ -227,9 +222,9 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
   impl.store->synchronize();
   std::vector<PartValues> values;
   for (const detail::Part& part : impl.parts) {
-    PartValues part_values{on_host(impl.master_view(part)), {}};
+    PartValues part_values{impl.read_bundle(impl.master_bundle(part), torch::kFloat, part.numel), {}};
     for (BundleId state : part.states) {
-      part_values.states.push_back(on_host(impl.view(state, impl.optimizer_tier, torch::kFloat, part.numel)));
+      part_values.states.push_back(impl.read_bundle(state, torch::kFloat, part.numel));
     }
     values.push_back(std::move(part_values));
   }
@@ -268,20 +263,12 @@ std::string Engine::load(const std::string& dir) {
   std::vector<PartValues> loaded =
       read_values(dir, impl.model, impl.parts, impl.config.optimizer.kind, impl.parts.front().states.size());
 
-  torch::NoGradGuard no_grad;
   for (std::size_t p = 0; p < impl.parts.size(); ++p) {
     const detail::Part& part = impl.parts[p];
-    torch::Tensor master = impl.master_view(part);
-    master.copy_(loaded[p].weights);
-    for (std::size_t i = 0; i < part.states.size(); ++i) {
-      impl.view(part.states[i], impl.optimizer_tier, torch::kFloat, part.numel).copy_(loaded[p].states[i]);
-    }
+    impl.write_bundle(p, impl.master_bundle(part), loaded[p].weights);
+    for (std::size_t i = 0; i < part.states.size(); ++i) impl.write_bundle(p, part.states[i], loaded[p].states[i]);
     if (part.master != detail::kNoBundle) {
-      impl.view(part.params, impl.optimizer_tier, impl.compute_dtype, part.numel).copy_(master);
-    }
-    impl.store->mark_dirty(part.params, impl.optimizer_tier);
-    if (impl.offloaded()) {
-      impl.uploads[p] = impl.store->write_back(part.params, Tier::kHost, Tier::kGpu);
+      impl.write_bundle(p, part.params, loaded[p].weights.to(impl.compute_dtype));
     }
   }
   impl.steps = state.value("step", std::int64_t{0});

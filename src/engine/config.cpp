@@ -133,6 +133,15 @@ const std::vector<Setting>& settings() {
        [](const Json& v, EngineConfig& c) { c.zo.blocks_in_flight = v.get<std::int64_t>(); }},
       {"zo_write_back",
        [](const Json& v, EngineConfig& c) { c.zo.write_back_interval = v.get<std::int64_t>(); }},
+      {"fuyou_host_blocks",
+       [](const Json& v, EngineConfig& c) { c.fuyou.host_blocks = v.get<std::int64_t>(); }},
+      {"fuyou_window",
+       [](const Json& v, EngineConfig& c) { c.fuyou.blocks_in_flight = v.get<std::int64_t>(); }},
+      {"activations",
+       [](const Json& v, EngineConfig& c) {
+         c.activations.clear();
+         for (const std::string& name : parse_list(v)) c.activations.push_back(parse_block_activations(name));
+       }},
   };
   return kSettings;
 }
@@ -180,14 +189,29 @@ const char* to_string(Mode mode) {
   switch (mode) {
     case Mode::kGpu: return "gpu";
     case Mode::kZeroOffload: return "zero-offload";
+    case Mode::kFuyou: return "fuyou";
     case Mode::kZo2: return "zo2";
   }
   return "unknown";
 }
 
 Mode parse_mode(const std::string& name) {
-  static const Mode kModes[] = {Mode::kGpu, Mode::kZeroOffload, Mode::kZo2};
+  static const Mode kModes[] = {Mode::kGpu, Mode::kZeroOffload, Mode::kFuyou, Mode::kZo2};
   return parse_choice(name, "mode", kModes, to_string);
+}
+
+std::string BlockActivations::describe() const {
+  return std::string(recompute ? "recompute from " : "graph on ") + to_string(tier);
+}
+
+BlockActivations parse_block_activations(const std::string& name) {
+  if (name == "graph") return {false, Tier::kGpu};
+  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
+    if (name == to_string(tier)) return {true, tier};
+  }
+  throw Error(detail::concat("unknown block activations '", name,
+                             "': use gpu, host or nvme (recompute from a checkpoint on that tier) "
+                             "or graph (keep the autograd graph on the gpu)"));
 }
 
 Tier parse_tier(const std::string& name) {

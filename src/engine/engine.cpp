@@ -71,10 +71,14 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
   if (config.device.is_cuda() && !config.device.has_index()) config.device = torch::Device(torch::kCUDA, 0);
   if (config.optimizer_threads > 0) optim::set_num_threads(config.optimizer_threads);
   parts = detail::describe_parts(model);
+  activations = detail::block_activations(config, static_cast<std::int64_t>(model.num_blocks()));
+  for (const Part& part : parts) homes.push_back(detail::part_homes(config, part.kind, part.index));
   TierDemand needed = demand();
   detail::check_budgets(needed, config);
   store = std::make_unique<Store>(detail::store_options(config));
-  allocate_and_bind();
+  window = std::make_unique<detail::DeviceWindow>(
+      *store, config.mode == Mode::kFuyou ? static_cast<std::size_t>(config.fuyou.blocks_in_flight) : 2);
+  checkpoints.assign(model.num_blocks(), detail::kNoBundle);
 
   const std::size_t count = parts.size();
   part_stats.assign(count, {});
@@ -83,6 +87,7 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
   uploads.assign(count, Fence());
   gradients_down.assign(count, Fence());
   part_work.assign(count, {});
+  allocate_and_bind();
   model.train(true);
 }
 
@@ -110,50 +115,45 @@ void Engine::Impl::allocate_and_bind() {
   const std::uint64_t compute_size = torch::elementSize(compute_dtype);
   detail::move_buffers(model, config.device);
 
-  for (Part& part : parts) {
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    Part& part = parts[p];
+    const detail::PartHomes& home = homes[p];
     const std::uint64_t numel = static_cast<std::uint64_t>(part.numel);
-    part.params = store->add({part.name + ".params", numel * compute_size, Tier::kGpu});
-    // Note: in the offload modes a part's gradients live on the host; their device copy exists
-    // only from just before the part's backward until it has gone down, so the device holds a
-    // few parts' gradients at a time instead of the whole model's.
-    part.grads = store->add({part.name + ".grads", numel * compute_size,
-                             offloaded() ? Tier::kHost : Tier::kGpu});
-    if (separate_master) part.master = store->add({part.name + ".master", numel * 4, optimizer_tier});
+    part.params = store->add({part.name + ".params", numel * compute_size, home.params});
+    part.grads = store->add({part.name + ".grads", numel * compute_size, home.grads});
+    if (separate_master) part.master = store->add({part.name + ".master", numel * 4, home.optimizer});
     for (int i = 0; i < state_count; ++i) {
       part.states.push_back(
-          store->add({part.name + ".state" + std::to_string(i), numel * 4, optimizer_tier}));
+          store->add({part.name + ".state" + std::to_string(i), numel * 4, home.optimizer}));
     }
     if (config.grad_accumulation > 1) {
-      part.accumulator = store->add({part.name + ".accumulator", numel * 4, optimizer_tier});
+      part.accumulator = store->add({part.name + ".accumulator", numel * 4, home.optimizer});
     }
 
-    torch::Tensor params = view(part.params, Tier::kGpu, compute_dtype, part.numel);
-    torch::Tensor master = separate_master ? view(part.master, optimizer_tier, torch::kFloat, part.numel)
-                                           : torch::Tensor();
-    for (detail::ParameterSlice& slice : part.slices) {
-      torch::Tensor original = slice.parameter.detach();
-      torch::Tensor param_view = params.narrow(0, slice.offset, slice.numel).view(slice.shape);
-      param_view.copy_(original);
-      if (separate_master) {
-        master.narrow(0, slice.offset, slice.numel).view(slice.shape).copy_(original);
+    torch::Tensor initial = torch::empty({part.numel}, torch::kFloat);
+    for (const detail::ParameterSlice& slice : part.slices) {
+      initial.narrow(0, slice.offset, slice.numel).copy_(slice.parameter.detach().reshape({-1}));
+    }
+    write_bundle(p, part.params, initial.to(compute_dtype));
+    if (separate_master) write_bundle(p, part.master, initial);
+    if (streamed(p)) {
+      // The module's own tensors are freed; each visit to the device binds the copy there.
+      for (const detail::ParameterSlice& slice : part.slices) {
+        slice.parameter.set_data(torch::empty({0}, torch::TensorOptions().dtype(compute_dtype).device(config.device)));
       }
-      slice.parameter.set_data(param_view);
+    } else {
+      detail::bind_parameters(part, view(part.params, Tier::kGpu, compute_dtype, part.numel));
     }
     if (!offloaded()) bind_gradients(part);
-    store->mark_dirty(part.params, Tier::kGpu);
-    if (separate_master) store->mark_dirty(part.master, optimizer_tier);
-    if (offloaded()) {
-      // The host staging for updated parameters (for fp32, the master itself).
-      store->write_back(part.params, Tier::kGpu, Tier::kHost).wait();
-    }
   }
 }
 
+BundleId Engine::Impl::master_bundle(const Part& part) const {
+  return part.master != detail::kNoBundle ? part.master : part.params;
+}
+
 torch::Tensor Engine::Impl::master_view(const Part& part) const {
-  if (part.master != detail::kNoBundle) {
-    return view(part.master, optimizer_tier, torch::kFloat, part.numel);
-  }
-  return view(part.params, optimizer_tier, torch::kFloat, part.numel);
+  return view(master_bundle(part), optimizer_tier, torch::kFloat, part.numel);
 }
 
 torch::Tensor Engine::Impl::gradient_view(const Part& part) const {
@@ -171,9 +171,143 @@ bool Engine::Impl::deferred_updates() const {
   return config.mode == Mode::kGpu || config.max_grad_norm > 0 || scaler.enabled();
 }
 
+// --- the CPU optimizer's staging --------------------------------------------------------------
+
+bool Engine::Impl::staged_on_host(BundleId id) const {
+  return optimizer_tier == Tier::kHost && store->spec(id).home == Tier::kNvme;
+}
+
+Fence Engine::Impl::stage(BundleId id, bool overwrite) {
+  if (store->spec(id).home == optimizer_tier) return Fence();
+  // A copy still going home from an earlier use is used again as it is.
+  for (auto it = going_home.begin(); it != going_home.end(); ++it) {
+    if (it->id != id) continue;
+    it->fence.wait();
+    going_home.erase(it);
+    break;
+  }
+  if (overwrite && store->state(id, optimizer_tier) == CopyState::kAbsent) {
+    store->allocate(id, optimizer_tier);
+    return Fence();
+  }
+  return store->fetch(id, optimizer_tier);
+}
+
+Fence Engine::Impl::commit(std::size_t part, BundleId id) {
+  store->mark_dirty(id, optimizer_tier);
+  const Tier home = store->spec(id).home;
+  if (home == optimizer_tier) return Fence();
+  Fence fence = store->write_back(id, optimizer_tier, home);
+  if (staged_on_host(id)) going_home.push_back({part, id, fence});
+  return fence;
+}
+
+void Engine::Impl::release_staged(BundleId id) {
+  if (staged_on_host(id) && store->state(id, optimizer_tier) != CopyState::kAbsent) {
+    store->discard(id, optimizer_tier);
+  }
+}
+
+void Engine::Impl::release_going_home(std::size_t keep_part) {
+  while (!going_home.empty()) {
+    const GoingHome& entry = going_home.front();
+    if (entry.part <= keep_part && !entry.fence.ready()) return;
+    entry.fence.wait();
+    store->evict(entry.id, optimizer_tier);
+    going_home.pop_front();
+  }
+}
+
+void Engine::Impl::drain_going_home() {
+  for (const GoingHome& entry : going_home) {
+    entry.fence.wait();
+    store->evict(entry.id, optimizer_tier);
+  }
+  going_home.clear();
+}
+
+void Engine::Impl::prefetch_optimizer_state(std::size_t index) {
+  const Part& part = parts[index];
+  if (part.master != detail::kNoBundle) stage(part.master, false);
+  for (BundleId state : part.states) stage(state, false);
+}
+
+torch::Tensor Engine::Impl::read_bundle(BundleId id, torch::ScalarType dtype, std::int64_t numel) {
+  const bool absent = store->state(id, optimizer_tier) == CopyState::kAbsent;
+  store->fetch(id, optimizer_tier).wait();
+  torch::Tensor values = view(id, optimizer_tier, dtype, numel).to(torch::kCPU, torch::kFloat, false, true);
+  if (absent) store->evict(id, optimizer_tier);
+  return values;
+}
+
+void Engine::Impl::write_bundle(std::size_t part, BundleId id, const torch::Tensor& values) {
+  torch::NoGradGuard no_grad;
+  stage(id, /*overwrite=*/true).wait();
+  view(id, optimizer_tier, values.scalar_type(), values.numel()).copy_(values.reshape({-1}));
+  commit(part, id).wait();
+  drain_going_home();
+}
+
 // --- forward ----------------------------------------------------------------------------------
 
-void Engine::Impl::use_parameters(std::size_t index) { uploads[index].order_current_stream(); }
+std::vector<std::vector<BundleId>> Engine::Impl::parameter_visits(bool reverse) const {
+  const std::size_t blocks = model.num_blocks();
+  std::vector<std::vector<BundleId>> visits(blocks);
+  for (std::size_t k = 0; k < blocks; ++k) {
+    const std::size_t p = (reverse ? blocks - 1 - k : k) + 1;
+    if (streamed(p)) visits[k].push_back(parts[p].params);
+  }
+  return visits;
+}
+
+void Engine::Impl::enter_part(std::size_t index) { uploads[index].order_current_stream(); }
+
+void Engine::Impl::enter_block(std::size_t block, std::size_t visit) {
+  const std::size_t p = block + 1;
+  window->arrive(visit);
+  enter_part(p);
+  if (streamed(p)) {
+    detail::bind_parameters(parts[p], detail::typed_device_view(*store, parts[p].params, compute_dtype, parts[p].numel));
+  }
+}
+
+BundleId Engine::Impl::checkpoint_bundle(std::size_t block, std::uint64_t bytes) {
+  if (bytes > checkpoint_bytes) {
+    // A larger batch than any before: every block's checkpoint bundle is made again at the new size.
+    for (BundleId& id : checkpoints) {
+      if (id != detail::kNoBundle) store->remove(id);
+      id = detail::kNoBundle;
+    }
+    checkpoint_bytes = bytes;
+  }
+  BundleId& id = checkpoints[block];
+  if (id == detail::kNoBundle) {
+    id = store->add({parts[block + 1].name + ".checkpoint", checkpoint_bytes, activations[block].tier});
+  }
+  return id;
+}
+
+void Engine::Impl::save_checkpoint(std::size_t block, const torch::Tensor& hidden,
+                                   detail::PendingBackward::SavedBlock& saved) {
+  const auto bytes = static_cast<std::uint64_t>(hidden.numel()) * hidden.element_size();
+  const BundleId id = checkpoint_bundle(block, bytes);
+  store->allocate(id, Tier::kGpu);
+  view(id, Tier::kGpu, hidden.scalar_type(), hidden.numel()).copy_(hidden.reshape({-1}));
+  checkpoints_down.emplace_back(id, store->write_back(id, Tier::kGpu, store->spec(id).home));
+  saved.checkpoint = id;
+  release_checkpoints(2);
+}
+
+void Engine::Impl::release_checkpoints(std::size_t keep) {
+  while (checkpoints_down.size() > keep ||
+         (!checkpoints_down.empty() && checkpoints_down.front().second.ready())) {
+    const auto [id, fence] = checkpoints_down.front();
+    fence.wait();
+    store->evict(id, Tier::kGpu);
+    if (store->spec(id).home == Tier::kNvme) store->evict(id, Tier::kHost);
+    checkpoints_down.pop_front();
+  }
+}
 
 torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
   FERRY_CHECK(!pending, "forward() was called twice without backward() in between");
@@ -190,6 +324,7 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
     step_loss_sum = torch::Tensor();
     step_tokens = 0;
   }
+  release_checkpoints(0);
   detail::PendingBackward saved;
   saved.tokens = batch.input_ids.to(config.device, torch::kLong);
   torch::Tensor labels = batch.labels.to(config.device, torch::kLong);
@@ -198,34 +333,35 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
   saved.context = model.make_context(saved.tokens, mask);
   saved.token_count = saved.tokens.numel();
 
-  const std::size_t block_count = model.num_blocks();
-  use_parameters(0);
+  window->begin(parameter_visits(/*reverse=*/false));
+  enter_part(0);
   traced("forward stem", detail::Track::kCompute,
          [&] { saved.stem_output = model.stem()->forward(saved.tokens, saved.context); });
   torch::Tensor hidden = saved.stem_output.detach();
-  const std::size_t first_kept =
-      block_count - std::min<std::size_t>(block_count, static_cast<std::size_t>(config.keep_graph_blocks));
-  for (std::size_t i = 0; i < block_count; ++i) {
-    use_parameters(i + 1);
+  saved.hidden_shape = hidden.sizes().vec();
+  for (std::size_t i = 0; i < model.num_blocks(); ++i) {
+    enter_block(i, i);
     detail::PendingBackward::SavedBlock block;
-    if (i >= first_kept) {
+    if (!activations[i].recompute) {
       block.input = hidden.detach().requires_grad_(true);
       traced("forward block." + std::to_string(i), detail::Track::kCompute,
              [&] { block.output = model.blocks()[i]->forward(block.input, saved.context); });
       hidden = block.output.detach();
     } else {
-      block.input = hidden;
-      if (config.offload_checkpoints && !config.device.is_cpu()) {
-        block.input = torch::empty_like(hidden, torch::TensorOptions().device(torch::kCPU).pinned_memory(true));
-        block.input.copy_(hidden, /*non_blocking=*/true);
+      if (activations[i].tier == Tier::kGpu) {
+        block.input = hidden;
+      } else {
+        save_checkpoint(i, hidden, block);
       }
       torch::NoGradGuard no_grad;
       traced("forward block." + std::to_string(i), detail::Track::kCompute,
              [&] { hidden = model.blocks()[i]->forward(hidden, saved.context); });
     }
+    window->depart(i, {});
     saved.blocks.push_back(std::move(block));
   }
-  use_parameters(parts.size() - 1);
+  window->finish();
+  enter_part(parts.size() - 1);
   saved.head_input = hidden.detach().requires_grad_(true);
   traced("forward head and loss", detail::Track::kCompute, [&] {
     saved.loss = model.loss(model.head()->forward(saved.head_input, saved.context), labels);
@@ -269,6 +405,14 @@ void Engine::Impl::prepare_gradients(std::size_t index) {
   bind_gradients(parts[index]);
 }
 
+void Engine::Impl::limit_gradients_ahead() {
+  if (!staged_on_host(parts.front().grads)) return;  // they wait at home
+  while (gradients_waiting.size() > detail::kGradientsAhead) {
+    part_work[gradients_waiting.front()].wait();
+    gradients_waiting.pop_front();
+  }
+}
+
 void Engine::Impl::backward(const torch::Tensor& loss) {
   FERRY_CHECK(pending, "backward() needs a forward() first");
   FERRY_CHECK(loss.is_same(pending->loss), "backward() takes the loss that forward() returned");
@@ -276,6 +420,22 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
   detail::PendingBackward saved = std::move(*pending);
   pending.reset();
   release_gradients(0);  // the previous micro-batch's device gradients are all down
+  const std::size_t blocks = saved.blocks.size();
+  const bool update_now = micro_batches + 1 == config.grad_accumulation && !deferred_updates();
+
+  // Each block's visit brings its parameters and its checkpoint back to the device. When the
+  // update follows at once, the CPU optimizer writes the new parameters into their host staging.
+  std::vector<std::vector<BundleId>> visits = parameter_visits(/*reverse=*/true);
+  std::vector<BundleId> keep_staging;
+  for (std::size_t k = 0; k < blocks; ++k) {
+    const std::size_t i = blocks - 1 - k;
+    if (saved.blocks[i].checkpoint != detail::kNoBundle) visits[k].push_back(saved.blocks[i].checkpoint);
+    if (update_now && staged_on_host(parts[i + 1].params)) keep_staging.push_back(parts[i + 1].params);
+  }
+  window->begin(std::move(visits), std::move(keep_staging));
+  if (update_now && offloaded()) {
+    worker.submit([this] { prefetch_optimizer_state(parts.size() - 1); });
+  }
   // The stem's gradients collect from the head too when the embedding is tied.
   prepare_gradients(0);
   prepare_gradients(parts.size() - 1);
@@ -285,20 +445,32 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
   gradients_ready(parts.size() - 1);
 
   torch::Tensor gradient = saved.head_input.grad();
-  for (std::size_t i = saved.blocks.size(); i-- > 0;) {
+  for (std::size_t k = 0; k < blocks; ++k) {
+    const std::size_t i = blocks - 1 - k;
     prepare_gradients(i + 1);
+    enter_block(i, k);
     detail::PendingBackward::SavedBlock& block = saved.blocks[i];
     traced("backward block." + std::to_string(i), detail::Track::kCompute, [&] {
       if (!block.output.defined()) {
-        block.input = block.input.to(config.device, /*non_blocking=*/true).detach().requires_grad_(true);
+        torch::Tensor input = block.input;
+        if (block.checkpoint != detail::kNoBundle) {
+          const std::int64_t numel = c10::multiply_integers(saved.hidden_shape);
+          input = detail::typed_device_view(*store, block.checkpoint, saved.stem_output.scalar_type(), numel)
+                      .view(saved.hidden_shape);
+        }
+        block.input = input.to(config.device, /*non_blocking=*/true).detach().requires_grad_(true);
         block.output = model.blocks()[i]->forward(block.input, saved.context);
       }
       torch::autograd::backward({block.output}, {gradient});
     });
     gradient = block.input.grad();
     block = {};
+    // Its uploads are done before the optimizer writes into their host staging.
+    window->settle(k);
+    window->depart(k, {});
     gradients_ready(i + 1);
   }
+  window->finish();
   traced("backward stem", detail::Track::kCompute,
          [&] { torch::autograd::backward({saved.stem_output}, {gradient}); });
   gradients_ready(0);
@@ -313,11 +485,13 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
 }
 
 void Engine::Impl::gradients_ready(std::size_t index) {
+  const bool first = micro_batches == 0;
   const bool last = micro_batches + 1 == config.grad_accumulation;
   if (!offloaded()) {
-    accumulate_and_measure(index, last);
+    accumulate_and_measure(index, first, last);
     return;
   }
+  limit_gradients_ahead();
   store->mark_dirty(parts[index].grads, Tier::kGpu);  // autograd wrote the device copy
   gradients_down[index] = store->write_back(parts[index].grads, Tier::kGpu, Tier::kHost);
   gradients_on_device.push_back(index);
@@ -326,27 +500,48 @@ void Engine::Impl::gradients_ready(std::size_t index) {
   const std::int64_t step = steps + 1;
   const double lr = step_lr;
   const auto sent = detail::Tracer::Clock::now();
-  part_work[index] = worker.submit([this, index, last, update_now, step, lr, sent] {
+  part_work[index] = worker.submit([this, index, first, last, update_now, step, lr, sent] {
     gradients_down[index].wait();
     tracer.record(parts[index].name + " gradients", detail::Track::kGradientsDown, sent,
                   detail::Tracer::Clock::now());
     traced("update " + parts[index].name, detail::Track::kOptimizer, [&] {
-      accumulate_and_measure(index, last);
-      if (update_now) {
-        part_updated[index] = true;
-        if (part_stats[index].finite) update(index, {step, lr, 1.0, 1.0, true});
+      accumulate_and_measure(index, first, last);
+      const Part& part = parts[index];
+      const BundleId gradient = part.accumulator != detail::kNoBundle ? part.accumulator : part.grads;
+      if (!update_now) {
+        // Kept at home until the next micro-batch adds to them or step() updates with them.
+        if (staged_on_host(gradient)) commit(index, gradient);
+        return;
+      }
+      part_updated[index] = true;
+      if (part_stats[index].finite) {
+        update(index, {step, lr, 1.0, 1.0, true});
+      } else {
+        release_staged(gradient);  // without loss scaling a non-finite part is left as is
       }
     });
   });
+  gradients_waiting.push_back(index);
 }
 
-void Engine::Impl::accumulate_and_measure(std::size_t index, bool last_micro_batch) {
+void Engine::Impl::accumulate_and_measure(std::size_t index, bool first_micro_batch,
+                                          bool last_micro_batch) {
   const Part& part = parts[index];
   if (part.accumulator != detail::kNoBundle) {
     torch::NoGradGuard no_grad;
-    view(part.accumulator, optimizer_tier, torch::kFloat, part.numel)
-        .add_(view(part.grads, optimizer_tier, compute_dtype, part.numel));
-    if (!offloaded()) view(part.grads, Tier::kGpu, compute_dtype, part.numel).zero_();
+    stage(part.accumulator, /*overwrite=*/first_micro_batch).wait();
+    torch::Tensor sum = view(part.accumulator, optimizer_tier, torch::kFloat, part.numel);
+    torch::Tensor grads = view(part.grads, optimizer_tier, compute_dtype, part.numel);
+    if (first_micro_batch) {
+      sum.copy_(grads);
+    } else {
+      sum.add_(grads);
+    }
+    if (offloaded()) {
+      release_staged(part.grads);
+    } else {
+      grads.zero_();
+    }
   }
   if (!last_micro_batch) return;
   torch::Tensor grad = gradient_view(part);
@@ -360,6 +555,15 @@ void Engine::Impl::accumulate_and_measure(std::size_t index, bool last_micro_bat
 bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& context) {
   auto start = Clock::now();
   const Part& part = parts[index];
+  release_going_home(index + 1);
+  const BundleId master = master_bundle(part);
+  const BundleId gradient = part.accumulator != detail::kNoBundle ? part.accumulator : part.grads;
+  std::vector<Fence> staged{stage(master, false), stage(gradient, false)};
+  for (BundleId state : part.states) staged.push_back(stage(state, false));
+  if (part.master != detail::kNoBundle) staged.push_back(stage(part.params, /*overwrite=*/true));
+  if (index > 0) prefetch_optimizer_state(index - 1);
+  for (const Fence& fence : staged) fence.wait();
+
   detail::PartUpdate update;
   update.master = master_view(part);
   for (BundleId state : part.states) {
@@ -371,10 +575,17 @@ bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& contex
   }
   update.decay_numel = part.decay_numel;
   if (offloaded()) uploads[index].wait();  // the host staging copy is free again
-  bool skipped = detail::apply_update(config.optimizer, context, update);
-  if (offloaded() && !skipped) {
-    store->mark_dirty(part.params, Tier::kHost);
-    uploads[index] = store->write_back(part.params, Tier::kHost, Tier::kGpu);
+  const bool skipped = detail::apply_update(config.optimizer, context, update);
+  release_staged(gradient);
+  if (skipped) {
+    release_staged(master);
+    for (BundleId state : part.states) release_staged(state);
+    release_staged(part.params);
+  } else {
+    for (BundleId state : part.states) commit(index, state);
+    if (part.master != detail::kNoBundle) commit(index, part.master);
+    Fence params = commit(index, part.params);
+    if (homes[index].params == Tier::kGpu) uploads[index] = params;
   }
   std::lock_guard<std::mutex> lock(stats_mutex);
   stats.optimizer_seconds += seconds_since(start);
@@ -403,6 +614,8 @@ void Engine::Impl::wait_for_workers() {
   for (auto& work : part_work) {
     if (work.valid()) work.get();
   }
+  gradients_waiting.clear();
+  drain_going_home();  // the worker is idle: what it staged leaves the host
   stats.optimizer_wait_seconds += seconds_since(start);
 }
 
@@ -437,16 +650,20 @@ StepResult Engine::Impl::step() {
       clip_coef = std::min(1.0, config.max_grad_norm / (grad_norm + 1e-6));
     }
     const detail::UpdateContext context{steps + 1, step_lr, scaler.scale(), clip_coef, true};
-    for (std::size_t i = 0; i < parts.size(); ++i) {
+    // In backward order, as the offload modes stage them.
+    for (std::size_t i = parts.size(); i-- > 0;) {
       if (part_updated[i]) continue;
       if (!part_stats[i].finite) continue;  // without loss scaling a non-finite part is left as is
-      traced("update " + parts[i].name, detail::Track::kOptimizer, [&] { update(i, context); });
+      auto run = [this, i, context] {
+        traced("update " + parts[i].name, detail::Track::kOptimizer, [&] { update(i, context); });
+      };
+      if (offloaded()) {
+        part_work[i] = worker.submit(run);
+      } else {
+        run();
+      }
     }
-  }
-  for (Part& part : parts) {
-    if (part.accumulator != detail::kNoBundle) {
-      view(part.accumulator, optimizer_tier, torch::kFloat, part.numel).zero_();
-    }
+    wait_for_workers();
   }
   if (!offloaded()) {
     for (const Part& part : parts) view(part.grads, Tier::kGpu, compute_dtype, part.numel).zero_();
@@ -466,13 +683,16 @@ torch::Tensor Engine::Impl::run_inference(const torch::Tensor& tokens,
   torch::Tensor input = tokens.to(config.device, torch::kLong);
   StepContext context = model.make_context(
       input, padding_mask.defined() ? padding_mask.to(config.device) : torch::Tensor());
-  use_parameters(0);
+  window->begin(parameter_visits(/*reverse=*/false));
+  enter_part(0);
   torch::Tensor hidden = model.stem()->forward(input, context);
   for (std::size_t i = 0; i < model.num_blocks(); ++i) {
-    use_parameters(i + 1);
+    enter_block(i, i);
     hidden = model.blocks()[i]->forward(hidden, context);
+    window->depart(i, {});
   }
-  use_parameters(parts.size() - 1);
+  window->finish();
+  enter_part(parts.size() - 1);
   return model.head()->forward(hidden, context);
 }
 

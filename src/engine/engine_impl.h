@@ -12,8 +12,10 @@
 #include <vector>
 
 #include "engine/parts.h"
+#include "engine/sizing.h"
 #include "engine/trace.h"
 #include "engine/update.h"
+#include "engine/window.h"
 #include "ferry/engine.h"
 #include "ferry/system.h"
 
@@ -43,9 +45,11 @@ struct PendingBackward {
   torch::Tensor tokens;
   torch::Tensor stem_output;
   struct SavedBlock {
-    torch::Tensor input;   // the block's input: a checkpoint, or the leaf of its kept graph
+    torch::Tensor input;   // the block's input: a checkpoint on the device, or the leaf of its kept graph
     torch::Tensor output;  // defined when the graph was kept
+    BundleId checkpoint = UINT32_MAX;  // or the input went to this bundle on the host or NVMe
   };
+  std::vector<std::int64_t> hidden_shape;
   std::vector<SavedBlock> blocks;
   torch::Tensor head_input;
   torch::Tensor loss;
@@ -70,8 +74,19 @@ struct Engine::Impl {
   StepResult step();
   torch::Tensor run_inference(const torch::Tensor& tokens, const torch::Tensor& padding_mask);
 
-  // Per part.
-  void use_parameters(std::size_t part);
+  // Parameters on the device. Streamed blocks (fuyou) visit it through `window`, the others wait
+  // for their last upload.
+  bool streamed(std::size_t part) const { return homes[part].params != Tier::kGpu; }
+  std::vector<std::vector<BundleId>> parameter_visits(bool reverse) const;
+  void enter_part(std::size_t part);  // the part's parameters are usable by work queued next
+  void enter_block(std::size_t block, std::size_t visit);
+
+  // Activation checkpoints on the host or NVMe: sent down in forward, fetched back in backward.
+  BundleId checkpoint_bundle(std::size_t block, std::uint64_t bytes);
+  void save_checkpoint(std::size_t block, const torch::Tensor& hidden, detail::PendingBackward::SavedBlock& saved);
+  void release_checkpoints(std::size_t keep);
+
+  // Gradients, per part.
   void bind_gradients(const detail::Part& part);
   void unbind_gradients(const detail::Part& part);
   void prepare_gradients(std::size_t part);
@@ -79,23 +94,47 @@ struct Engine::Impl {
   // are still on the device.
   void release_gradients(std::size_t keep);
   void gradients_ready(std::size_t part);
-  void accumulate_and_measure(std::size_t part, bool last_micro_batch);
+  void accumulate_and_measure(std::size_t part, bool first_micro_batch, bool last_micro_batch);
+  // Where gradients wait on the host for the CPU optimizer, backward lets at most
+  // kGradientsAhead parts' wait there beyond the one being updated.
+  void limit_gradients_ahead();
+
+  // The CPU optimizer's side. A bundle whose home is not the optimizer's tier is staged there:
+  // fetched (or only allocated when it is about to be overwritten), changed, committed home and
+  // released again.
+  Fence stage(BundleId id, bool overwrite);
+  Fence commit(std::size_t part, BundleId id);
+  void release_staged(BundleId id);
+  bool staged_on_host(BundleId id) const;
+  void prefetch_optimizer_state(std::size_t part);
+  // Evicts staged copies whose commits are done; waits for those of parts after `keep_part`
+  // (updated earlier: backward runs from the last part to the first).
+  void release_going_home(std::size_t keep_part);
+  void drain_going_home();  // waits for every commit and evicts the staged copies
   bool update(std::size_t part, const detail::UpdateContext& context);
   void wait_for_workers();
   void read_device_stats();
 
+  // Whole-bundle reads and writes for checkpoints, through host staging where needed.
+  torch::Tensor read_bundle(BundleId id, torch::ScalarType dtype, std::int64_t numel);
+  void write_bundle(std::size_t part, BundleId id, const torch::Tensor& values);
+
   torch::Tensor view(BundleId id, Tier tier, torch::ScalarType dtype, std::int64_t numel) const;
+  BundleId master_bundle(const detail::Part& part) const;
   torch::Tensor master_view(const detail::Part& part) const;
   torch::Tensor gradient_view(const detail::Part& part) const;
   bool deferred_updates() const;
-  bool offloaded() const { return config.mode == Mode::kZeroOffload; }
+  bool offloaded() const { return config.mode != Mode::kGpu; }
 
   LayeredModel model;
   EngineConfig config;
   torch::ScalarType compute_dtype;
-  Tier optimizer_tier;
+  Tier optimizer_tier;  // where updates compute
   std::unique_ptr<Store> store;
   std::vector<detail::Part> parts;
+  std::vector<detail::PartHomes> homes;
+  std::vector<BlockActivations> activations;
+  std::unique_ptr<detail::DeviceWindow> window;
   detail::LossScaler scaler;
 
   std::int64_t steps = 0;          // optimizer steps taken
@@ -105,13 +144,24 @@ struct Engine::Impl {
   double step_lr = 0;
   std::optional<detail::PendingBackward> pending;
 
+  std::vector<BundleId> checkpoints;  // per block, for checkpoints on the host or NVMe
+  std::uint64_t checkpoint_bytes = 0;
+  std::deque<std::pair<BundleId, Fence>> checkpoints_down;
+
   std::vector<optim::GradStats> part_stats;
   std::vector<torch::Tensor> device_stats;  // [sum of squares, non-finite count] still on a device
   std::vector<bool> part_updated;
   std::vector<Fence> uploads;         // parameters going up to the device
   std::vector<Fence> gradients_down;  // gradients going down to the host
   std::deque<std::size_t> gradients_on_device;  // parts whose device gradients are not evicted yet
+  std::deque<std::size_t> gradients_waiting;    // parts whose gradients went to the worker
   std::vector<std::shared_future<void>> part_work;
+  struct GoingHome {
+    std::size_t part;
+    BundleId id;
+    Fence fence;
+  };
+  std::deque<GoingHome> going_home;  // the worker's
   detail::SerialWorker worker;
 
   // Runs f, and records it as a span on `track` when tracing.

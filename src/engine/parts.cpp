@@ -69,11 +69,21 @@ void bind_parameters(const Part& part, const torch::Tensor& flat) {
   }
 }
 
-torch::Tensor typed_view(const Store& store, BundleId id, Tier tier, torch::ScalarType dtype,
-                         std::int64_t numel) {
-  torch::Tensor bytes = store.tensor(id, tier);
+namespace {
+torch::Tensor as_typed(const torch::Tensor& bytes, torch::ScalarType dtype, std::int64_t numel) {
   const std::int64_t size = static_cast<std::int64_t>(torch::elementSize(dtype));
   return bytes.narrow(0, 0, numel * size).view(dtype);
+}
+}  // namespace
+
+torch::Tensor typed_view(const Store& store, BundleId id, Tier tier, torch::ScalarType dtype,
+                         std::int64_t numel) {
+  return as_typed(store.tensor(id, tier), dtype, numel);
+}
+
+torch::Tensor typed_device_view(const Store& store, BundleId id, torch::ScalarType dtype,
+                                std::int64_t numel) {
+  return as_typed(store.device_tensor_in_flight(id), dtype, numel);
 }
 
 }  // namespace ferry::detail

@@ -60,5 +60,9 @@ void bind_parameters(const Part& part, const torch::Tensor& flat);
 // A flat view of a bundle's copy on `tier` as `dtype`, numel elements long.
 torch::Tensor typed_view(const Store& store, BundleId id, Tier tier, torch::ScalarType dtype,
                          std::int64_t numel);
+// The same for the device copy while an upload into it may still be in flight, for work queued
+// behind that upload (Store::device_tensor_in_flight).
+torch::Tensor typed_device_view(const Store& store, BundleId id, torch::ScalarType dtype,
+                                std::int64_t numel);
 
 }  // namespace ferry::detail

@@ -46,6 +46,36 @@ void validate_zo(const EngineConfig& config) {
               "loss scaling is invalid in zo2 mode: there is no backward pass to scale");
 }
 
+void validate_activations(const EngineConfig& config) {
+  auto needs_nvme = [&](Tier tier) { return tier == Tier::kNvme && config.nvme_directories.empty(); };
+  for (std::size_t i = 0; i < config.activations.size(); ++i) {
+    const BlockActivations& block = config.activations[i];
+    FERRY_CHECK(block.recompute || block.tier == Tier::kGpu, "block ", i, " activations '",
+                block.describe(), "' are invalid: a kept autograd graph stays on the gpu; swap its "
+                "checkpoint instead (host or nvme)");
+    FERRY_CHECK(!needs_nvme(block.tier), "block ", i,
+                " activations on nvme need at least one NVMe directory (--nvme DIR[,DIR...])");
+    FERRY_CHECK(config.mode != Mode::kFuyou || block.recompute, "block ", i,
+                " activations 'graph' are invalid in fuyou mode: a kept graph would hold the "
+                "block's streamed parameters on the device until its backward; use gpu, host or "
+                "nvme for its checkpoint");
+  }
+}
+
+void validate_fuyou(const EngineConfig& config) {
+  FERRY_CHECK(!config.nvme_directories.empty(),
+              "fuyou mode keeps parameters, gradients and optimizer states on NVMe: pass "
+              "--nvme DIR[,DIR...]");
+  FERRY_CHECK(config.fuyou.host_blocks >= 0, "fuyou host_blocks = ", config.fuyou.host_blocks,
+              " is invalid: it must be >= 0");
+  FERRY_CHECK(config.fuyou.blocks_in_flight >= 2, "fuyou blocks_in_flight = ",
+              config.fuyou.blocks_in_flight,
+              " is invalid: it must be at least 2 (one computing, one uploading)");
+  FERRY_CHECK(config.keep_graph_blocks == 0, "keep_graph_blocks = ", config.keep_graph_blocks,
+              " is invalid in fuyou mode: every block is recomputed from its checkpoint (a kept "
+              "graph would hold the block's streamed parameters on the device); use 0");
+}
+
 }  // namespace
 
 namespace detail {
@@ -68,6 +98,42 @@ void validate(const EngineConfig& config) {
               " is not supported: use cpu or cuda");
   validate(config.optimizer);
   if (config.mode == Mode::kZo2) validate_zo(config);
+  if (config.mode == Mode::kFuyou) validate_fuyou(config);
+  validate_activations(config);
+}
+
+PartHomes part_homes(const EngineConfig& config, models::Part kind, std::int64_t block) {
+  switch (config.mode) {
+    case Mode::kGpu: return {Tier::kGpu, Tier::kGpu, Tier::kGpu};
+    case Mode::kZeroOffload: return {Tier::kGpu, Tier::kHost, Tier::kHost};
+    case Mode::kFuyou: {
+      const bool streamed = kind == models::Part::kBlock;
+      const Tier params = !streamed ? Tier::kGpu
+                          : block < config.fuyou.host_blocks ? Tier::kHost
+                                                             : Tier::kNvme;
+      return {params, Tier::kNvme, Tier::kNvme};
+    }
+    case Mode::kZo2: break;
+  }
+  FERRY_ASSERT(false, "zo2 keeps its own placement (zo_block_home)");
+  return {};
+}
+
+std::vector<BlockActivations> block_activations(const EngineConfig& config, std::int64_t blocks) {
+  if (!config.activations.empty()) {
+    FERRY_CHECK(static_cast<std::int64_t>(config.activations.size()) == blocks, "activations name ",
+                config.activations.size(), " blocks but the model has ", blocks,
+                ": give one per block");
+    return config.activations;
+  }
+  const std::int64_t kept = std::min(blocks, config.keep_graph_blocks);
+  std::vector<BlockActivations> out(static_cast<std::size_t>(blocks));
+  for (std::int64_t i = 0; i < blocks; ++i) {
+    BlockActivations& block = out[static_cast<std::size_t>(i)];
+    block.recompute = i < blocks - kept;
+    block.tier = block.recompute && config.offload_checkpoints ? Tier::kHost : Tier::kGpu;
+  }
+  return out;
 }
 
 Tier zo_block_home(const ZoConfig& zo, std::int64_t block) {
@@ -102,6 +168,7 @@ StoreOptions store_options(const EngineConfig& config) {
   options.host_budget_bytes = config.host_budget_bytes ? config.host_budget_bytes : UINT64_MAX;
   options.nvme_budget_bytes = config.nvme_budget_bytes ? config.nvme_budget_bytes : UINT64_MAX;
   options.nvme_directories = config.nvme_directories;
+  options.env = config.nvme_env;
   // A copy may wait for earlier ones to finish their transfers and be evicted.
   options.budget_wait_seconds = 60;
   return options;
@@ -179,30 +246,57 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
     return demand;
   }
 
-  const bool offloaded = config.mode == Mode::kZeroOffload;
-  const Tier optimizer_tier = config.mode == Mode::kGpu ? Tier::kGpu : Tier::kHost;
+  // Note: the sizing follows allocate_and_bind and the streaming in engine.cpp. Per role, what
+  // lives at home on each tier, plus what visits a tier for a while: the device copies of the
+  // parts in backward, the host staging of what lives on NVMe.
+  detail::block_activations(config, static_cast<std::int64_t>(parts.size()) - 2);  // validates them
   const bool separate_master = config.precision != Precision::kF32;
-  std::uint64_t params = 0, grads = 0, master = 0, states = 0, accumulator = 0, largest = 0;
-  for (const PartShape& part : parts) {
-    const auto numel = static_cast<std::uint64_t>(part.numel);
-    params += round_up(numel * compute_size);
+  const bool offloaded = config.mode != Mode::kGpu;
+  const Tier optimizer_work = offloaded ? Tier::kHost : Tier::kGpu;
+  std::uint64_t params[kTierCount] = {0, 0, 0};
+  std::uint64_t grads = 0, largest = 0, largest_work = 0, master = 0, states = 0, accumulator = 0;
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    const auto numel = static_cast<std::uint64_t>(parts[i].numel);
+    const bool block = i > 0 && i + 1 < parts.size();
+    const detail::PartHomes homes = detail::part_homes(
+        config, block ? models::Part::kBlock : (i == 0 ? models::Part::kStem : models::Part::kHead),
+        static_cast<std::int64_t>(i) - 1);
+    params[static_cast<int>(homes.params)] += round_up(numel * compute_size);
     grads += round_up(numel * compute_size);
     largest = std::max(largest, round_up(numel * compute_size));
     if (separate_master) master += round_up(numel * 4);
     states += state_count * round_up(numel * 4);
     if (config.grad_accumulation > 1) accumulator += round_up(numel * 4);
+    largest_work = std::max(largest_work, (separate_master + state_count +
+                                           (config.grad_accumulation > 1)) * round_up(numel * 4));
   }
-  add(Tier::kGpu, "parameters", params);
+  const Tier optimizer_home = detail::part_homes(config, models::Part::kStem, 0).optimizer;
+  const bool fuyou = config.mode == Mode::kFuyou;
+  add(Tier::kGpu, fuyou ? "stem and head parameters" : "parameters", params[0]);
+  add(Tier::kHost, "host blocks' parameters", params[1]);
+  add(Tier::kNvme, "parameters", params[2]);
   // Offloaded, the device holds the stem's gradients through backward (a tied head adds to them)
   // plus the part in backward and the one still going down.
   const std::uint64_t stem_grads = round_up(static_cast<std::uint64_t>(parts.front().numel) * compute_size);
   add(Tier::kGpu, "gradients", offloaded ? std::min(grads, stem_grads + 2 * largest) : grads);
-  add(optimizer_tier, "fp32 master", master);
-  add(optimizer_tier, "optimizer states", states);
-  add(optimizer_tier, "gradient accumulator", accumulator);
-  if (offloaded) {
-    add(Tier::kHost, "parameter staging", params);
+  add(optimizer_home, "fp32 master", master);
+  add(optimizer_home, "optimizer states", states);
+  add(optimizer_home, "gradient accumulator", accumulator);
+  if (config.mode == Mode::kZeroOffload) {
+    add(Tier::kHost, "parameter staging", params[0]);
     add(Tier::kHost, "gradient staging", grads);
+  }
+  if (fuyou) {
+    const auto window = static_cast<std::uint64_t>(config.fuyou.blocks_in_flight);
+    add(Tier::kGpu, "blocks in flight", window * largest);
+    add(Tier::kNvme, "gradients", grads);
+    add(Tier::kHost, "stem and head parameter staging", params[0]);
+    // Blocks visiting the device stage through the host; in backward the CPU optimizer also
+    // holds the staging of the blocks whose gradients wait for it.
+    add(Tier::kHost, "parameter staging", (window + detail::kGradientsAhead + 1) * largest);
+    add(Tier::kHost, "gradient staging", (detail::kGradientsAhead + 1) * largest);
+    // The part being updated, the next one arriving and the previous one going home.
+    add(optimizer_work, "optimizer staging", 3 * largest_work);
   }
   return demand;
 }

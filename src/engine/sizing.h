@@ -1,6 +1,7 @@
 #pragma once
 
-// What the engine's modes share about their configuration: validation and the zo2 placement.
+// What the engine's modes share about their configuration: validation, budgets, and where each
+// mode keeps what.
 
 #include "ferry/engine.h"
 
@@ -14,6 +15,26 @@ void check_budgets(const TierDemand& needed, const EngineConfig& config);
 
 // The residency manager's options for the engine's budgets and directories.
 StoreOptions store_options(const EngineConfig& config);
+
+// Where a first-order mode (gpu, zero-offload, fuyou) keeps one part's bundles: `params` in the
+// compute dtype (modules see views of its device copy), `grads` (whose device copy lives only
+// through the part's backward in the offload modes), and `optimizer` for the fp32 master, the
+// optimizer states and the gradient accumulator. The optimizer runs on the GPU in gpu mode and
+// on the host otherwise, staging what lives on NVMe through host memory.
+struct PartHomes {
+  Tier params;
+  Tier grads;
+  Tier optimizer;
+};
+PartHomes part_homes(const EngineConfig& config, models::Part kind, std::int64_t block);
+
+// Each block's activations: EngineConfig::activations, or what keep_graph_blocks and
+// offload_checkpoints say.
+std::vector<BlockActivations> block_activations(const EngineConfig& config, std::int64_t blocks);
+
+// fuyou: parts whose gradients may wait on the host for the CPU optimizer beyond the one it is
+// updating. Backward waits rather than let more pile up there.
+constexpr std::size_t kGradientsAhead = 2;
 
 // zo2: device slots that hold blocks' perturbed compute copies (see zo2.cpp).
 constexpr std::size_t kZoComputeSlots = 2;

@@ -17,9 +17,10 @@ DeviceWindow::~DeviceWindow() {
   }
 }
 
-void DeviceWindow::begin(std::vector<std::vector<BundleId>> visits) {
+void DeviceWindow::begin(std::vector<std::vector<BundleId>> visits, std::vector<BundleId> keep_staging) {
   finish();
   visits_ = std::move(visits);
+  keep_staging_ = std::move(keep_staging);
   next_fetch_ = 0;
   departed_ = 0;
 }
@@ -29,7 +30,9 @@ void DeviceWindow::drop(const Visit& visit) {
   for (const Fence& fence : visit.down) fence.wait();
   for (BundleId id : visits_[visit.index]) {
     store_.discard(id, Tier::kGpu);
-    if (store_.spec(id).home == Tier::kNvme && store_.state(id, Tier::kHost) != CopyState::kAbsent) {
+    const bool kept = std::find(keep_staging_.begin(), keep_staging_.end(), id) != keep_staging_.end();
+    if (!kept && store_.spec(id).home == Tier::kNvme &&
+        store_.state(id, Tier::kHost) != CopyState::kAbsent) {
       store_.evict(id, Tier::kHost);
     }
   }
@@ -84,6 +87,7 @@ void DeviceWindow::finish() {
   departed_ = std::max(departed_, next_fetch_);
   release(0);
   visits_.clear();
+  keep_staging_.clear();
   next_fetch_ = departed_ = 0;
 }
 

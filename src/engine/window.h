@@ -18,7 +18,10 @@ class DeviceWindow {
   ~DeviceWindow();
 
   // Starts a pass: visit k brings visits[k] (bundles whose home is not the device) to the device.
-  void begin(std::vector<std::vector<BundleId>> visits);
+  // The host staging copies of NVMe bundles are dropped with the device copies, except those of
+  // bundles in `keep_staging`, which the caller takes over (fuyou's optimizer writes the updated
+  // parameters into them).
+  void begin(std::vector<std::vector<BundleId>> visits, std::vector<BundleId> keep_staging = {});
   // Orders the current stream after visit k's uploads (the host does not wait; read the copies
   // with Store::device_tensor_in_flight) and fetches later visits as room allows.
   void arrive(std::size_t k);
@@ -46,6 +49,7 @@ class DeviceWindow {
   Store& store_;
   std::size_t capacity_;
   std::vector<std::vector<BundleId>> visits_;
+  std::vector<BundleId> keep_staging_;
   std::deque<Visit> held_;  // visits with device copies, in visiting order
   std::size_t next_fetch_ = 0;
   std::size_t departed_ = 0;  // visits before it have departed

@@ -90,10 +90,6 @@ const char* to_string(Resource resource) {
   return "?";
 }
 
-std::string BlockActivations::describe() const {
-  return std::string(recompute ? "recompute from " : "graph on ") + to_string(tier);
-}
-
 std::string format_plan(const Plan& plan) {
   const PlanRequest& request = plan.request;
   const std::int64_t tokens = request.batch * request.seq * request.engine.grad_accumulation;

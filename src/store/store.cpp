@@ -273,6 +273,7 @@ Store::Impl::Impl(const StoreOptions& options_in) : options(options_in) {
 Bundle& Store::Impl::bundle_locked(BundleId id) {
   FERRY_CHECK(id < bundles.size(), "unknown BundleId ", id, ": the store holds ", bundles.size(),
               " bundles", bundles.empty() ? "" : detail::concat(" (ids 0 to ", bundles.size() - 1, ")"));
+  FERRY_CHECK(bundles[id] != nullptr, "BundleId ", id, " was removed from the store");
   return *bundles[id];
 }
 
@@ -795,7 +796,8 @@ void Store::drop(BundleId id, Tier tier, bool keep_only_latest) {
   std::uint64_t newest = 0;
   for (Tier other : kTiers) {
     const Copy& remaining = bundle.at(other);
-    if (remaining.state != CopyState::kAbsent && !in_flight(remaining.state)) {
+    // A copy writing back holds its contents; one loading does not hold them yet.
+    if (remaining.state != CopyState::kAbsent && remaining.state != CopyState::kLoading) {
       newest = std::max(newest, remaining.version);
     }
   }
@@ -805,6 +807,24 @@ void Store::drop(BundleId id, Tier tier, bool keep_only_latest) {
 void Store::evict(BundleId id, Tier tier) { drop(id, tier, /*keep_only_latest=*/true); }
 
 void Store::discard(BundleId id, Tier tier) { drop(id, tier, /*keep_only_latest=*/false); }
+
+void Store::remove(BundleId id) {
+  std::vector<torch::Tensor> released(kTierCount);
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  Bundle& bundle = impl_->bundle_locked(id);
+  for (Tier tier : kTiers) {
+    const Copy& copy = bundle.at(tier);
+    FERRY_CHECK(!in_flight(copy.state) && copy.readers == 0, "cannot remove bundle '",
+                bundle.spec.name, "': ", describe(bundle, tier), " is ", to_string(copy.state),
+                " with a transfer in flight; wait for its Fence first");
+  }
+  for (Tier tier : kTiers) {
+    if (bundle.at(tier).state == CopyState::kAbsent) continue;
+    impl_->free_locked(bundle, tier, &released[index(tier)]);
+    impl_->copier->retire(released[index(tier)]);
+  }
+  impl_->bundles[id].reset();
+}
 
 void Store::synchronize() { impl_->synchronize(); }
 
