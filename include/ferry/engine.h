@@ -223,6 +223,10 @@ struct EngineStats {
   double backward_seconds = 0;
   double optimizer_seconds = 0;        // CPU or device time inside optimizer updates
   double optimizer_wait_seconds = 0;   // time the step waited for updates still running
+  // Per part (stem, blocks, head), with EngineConfig::trace on (the device is then synchronized
+  // after each span, so these are compute alone): seconds of forward, and of backward with its
+  // recomputation. Empty without tracing.
+  std::vector<double> part_forward_seconds, part_backward_seconds;
   StoreStats store;
 };
 

@@ -335,8 +335,7 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
 
   window->begin(parameter_visits(/*reverse=*/false));
   enter_part(0);
-  traced("forward stem", detail::Track::kCompute,
-         [&] { saved.stem_output = model.stem()->forward(saved.tokens, saved.context); });
+  computed(0, true, [&] { saved.stem_output = model.stem()->forward(saved.tokens, saved.context); });
   torch::Tensor hidden = saved.stem_output.detach();
   saved.hidden_shape = hidden.sizes().vec();
   for (std::size_t i = 0; i < model.num_blocks(); ++i) {
@@ -344,8 +343,7 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
     detail::PendingBackward::SavedBlock block;
     if (!activations[i].recompute) {
       block.input = hidden.detach().requires_grad_(true);
-      traced("forward block." + std::to_string(i), detail::Track::kCompute,
-             [&] { block.output = model.blocks()[i]->forward(block.input, saved.context); });
+      computed(i + 1, true, [&] { block.output = model.blocks()[i]->forward(block.input, saved.context); });
       hidden = block.output.detach();
     } else {
       if (activations[i].tier == Tier::kGpu) {
@@ -354,8 +352,7 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
         save_checkpoint(i, hidden, block);
       }
       torch::NoGradGuard no_grad;
-      traced("forward block." + std::to_string(i), detail::Track::kCompute,
-             [&] { hidden = model.blocks()[i]->forward(hidden, saved.context); });
+      computed(i + 1, true, [&] { hidden = model.blocks()[i]->forward(hidden, saved.context); });
     }
     window->depart(i, {});
     saved.blocks.push_back(std::move(block));
@@ -363,7 +360,7 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
   window->finish();
   enter_part(parts.size() - 1);
   saved.head_input = hidden.detach().requires_grad_(true);
-  traced("forward head and loss", detail::Track::kCompute, [&] {
+  computed(parts.size() - 1, true, [&] {
     saved.loss = model.loss(model.head()->forward(saved.head_input, saved.context), labels);
   });
   torch::Tensor loss = saved.loss;
@@ -441,7 +438,7 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
   prepare_gradients(parts.size() - 1);
 
   torch::Tensor scaled = saved.loss * (scaler.scale() / static_cast<double>(config.grad_accumulation));
-  traced("backward head and loss", detail::Track::kCompute, [&] { torch::autograd::backward({scaled}); });
+  computed(parts.size() - 1, false, [&] { torch::autograd::backward({scaled}); });
   gradients_ready(parts.size() - 1);
 
   torch::Tensor gradient = saved.head_input.grad();
@@ -450,7 +447,7 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
     prepare_gradients(i + 1);
     enter_block(i, k);
     detail::PendingBackward::SavedBlock& block = saved.blocks[i];
-    traced("backward block." + std::to_string(i), detail::Track::kCompute, [&] {
+    computed(i + 1, false, [&] {
       if (!block.output.defined()) {
         torch::Tensor input = block.input;
         if (block.checkpoint != detail::kNoBundle) {
@@ -471,8 +468,7 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
     gradients_ready(i + 1);
   }
   window->finish();
-  traced("backward stem", detail::Track::kCompute,
-         [&] { torch::autograd::backward({saved.stem_output}, {gradient}); });
+  computed(0, false, [&] { torch::autograd::backward({saved.stem_output}, {gradient}); });
   gradients_ready(0);
 
   // Summed on the device and read once in step(): a read here would stall the host until the

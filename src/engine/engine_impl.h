@@ -174,6 +174,20 @@ struct Engine::Impl {
     tracer.record(name, track, start, detail::Tracer::Clock::now());
   }
 
+  // Runs part `part`'s forward or backward compute, traced; with tracing on, its time also goes
+  // to the part's figures in stats.
+  template <typename F>
+  void computed(std::size_t part, bool forward, F f) {
+    const std::string name = (forward ? "forward " : "backward ") + parts[part].name;
+    if (!tracer.enabled()) return f();
+    auto start = detail::Tracer::Clock::now();
+    traced(name, detail::Track::kCompute, f);
+    const double seconds = std::chrono::duration<double>(detail::Tracer::Clock::now() - start).count();
+    std::vector<double>& figures = forward ? stats.part_forward_seconds : stats.part_backward_seconds;
+    figures.resize(parts.size());
+    figures[part] += seconds;
+  }
+
   detail::Tracer tracer;
   EngineStats stats;
   std::mutex stats_mutex;  // optimizer_seconds is written by the worker
