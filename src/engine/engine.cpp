@@ -387,7 +387,8 @@ void Engine::Impl::release_gradients(std::size_t keep) {
          (!gradients_on_device.empty() && gradients_down[gradients_on_device.front()].ready())) {
     const std::size_t index = gradients_on_device.front();
     gradients_down[index].wait();
-    store->evict(parts[index].grads, Tier::kGpu);
+    // Scratch once down: the optimizer may already have consumed and dropped the host copy.
+    store->discard(parts[index].grads, Tier::kGpu);
     gradients_on_device.pop_front();
   }
 }
@@ -417,6 +418,7 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
   detail::PendingBackward saved = std::move(*pending);
   pending.reset();
   release_gradients(0);  // the previous micro-batch's device gradients are all down
+  release_checkpoints(0);  // the window brings them back
   const std::size_t blocks = saved.blocks.size();
   const bool update_now = micro_batches + 1 == config.grad_accumulation && !deferred_updates();
 
