@@ -1,7 +1,9 @@
 // `ferry bench finetune`: tokens/s, model TFLOPS (6 x parameters x tokens / s) and peak GPU
 // memory of ferry's modes on one model shape, against a plain LibTorch loop over the same model
 // in the same run (the whole model on the device in bf16: one autograd graph, torch's fused
-// AdamW where the LibTorch version has it).
+// AdamW where the LibTorch version has it). Fuyou rows add the NVMe bytes read and written per
+// step and the step's lower bound: max(the gpu mode's step with the same recomputation, NVMe
+// bytes / the NVMe bandwidth measured in the same run).
 
 #include <chrono>
 #include <cstdio>
@@ -16,6 +18,7 @@
 #include "ferry/engine.h"
 #include "ferry/memory.h"
 #include "ferry/model.h"
+#include "ferry/plan.h"
 #include "ferry/system.h"
 
 namespace ferry::cli {
@@ -31,7 +34,31 @@ struct Figures {
   double tflops = 0;
   std::uint64_t peak_bytes = 0;
   std::string note;
+  // Per timed step, through the NVMe tier.
+  std::uint64_t nvme_read_bytes = 0;
+  std::uint64_t nvme_written_bytes = 0;
 };
+
+// What the offload modes get beyond the mode: budgets, NVMe and fuyou's settings.
+struct OffloadSettings {
+  std::uint64_t gpu_budget = 0;
+  std::uint64_t host_budget = 0;
+  std::vector<std::string> nvme;
+  std::string activations;  // one tier for every block, or a list; empty: the mode's default
+  FuyouConfig fuyou;
+};
+
+std::vector<BlockActivations> parse_activations(const std::string& text, std::int64_t blocks) {
+  std::vector<BlockActivations> out;
+  std::size_t start = 0;
+  while (start <= text.size()) {
+    const std::size_t comma = std::min(text.find(',', start), text.size());
+    out.push_back(parse_block_activations(text.substr(start, comma - start)));
+    start = comma + 1;
+  }
+  if (out.size() == 1) out.assign(static_cast<std::size_t>(blocks), out.front());
+  return out;
+}
 
 // Runs `step` warmup times, then times `steps` of them with the device drained around the timing.
 template <typename Step>
@@ -95,27 +122,50 @@ Figures run_plain_libtorch(const models::ModelConfig& config, torch::Device devi
 
 Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device device,
                   std::int64_t batch, std::int64_t seq, int warmup, int steps,
-                  std::int64_t keep_graph_blocks) {
+                  std::int64_t keep_graph_blocks, const OffloadSettings& offload) {
   reset_gpu_peak_memory();
   EngineConfig engine_config;
   engine_config.mode = mode;
   engine_config.precision = Precision::kBF16;
   engine_config.device = device;
   engine_config.optimizer.lr = 1e-5;
-  engine_config.keep_graph_blocks = keep_graph_blocks;
+  engine_config.keep_graph_blocks = mode == Mode::kFuyou ? 0 : keep_graph_blocks;
+  if (mode != Mode::kGpu) {
+    engine_config.gpu_budget_bytes = offload.gpu_budget;
+    engine_config.host_budget_bytes = offload.host_budget;
+  }
+  engine_config.nvme_directories = offload.nvme;
+  if (mode == Mode::kFuyou) {
+    engine_config.fuyou = offload.fuyou;
+    if (!offload.activations.empty()) {
+      engine_config.activations = parse_activations(offload.activations, config.num_layers);
+    }
+  }
   Engine engine(models::build(config, 1), engine_config);
   std::vector<data::Batch> batches;
   for (int i = 0; i < 2; ++i) batches.push_back(data::random_batch(batch, seq, config.vocab_size, i));
   Figures figures{std::string("ferry ") + to_string(mode) + ", bf16", batch};
+  StoreStats before;
   figures.seconds_per_step = seconds_per_step(warmup, steps, [&](int i) {
+    if (i == warmup) before = engine.stats().store;
     engine.train_step(batches[static_cast<size_t>(i) % batches.size()]);
   });
   EngineStats stats = engine.stats();
-  char note[128];
+  auto per_step = [&](Tier from, Tier to) {
+    const int f = static_cast<int>(from), t = static_cast<int>(to);
+    return (stats.store.transfers[f][t].bytes - before.transfers[f][t].bytes) / static_cast<std::uint64_t>(steps);
+  };
+  figures.nvme_read_bytes = per_step(Tier::kNvme, Tier::kHost);
+  figures.nvme_written_bytes = per_step(Tier::kHost, Tier::kNvme);
+  char note[160];
   std::snprintf(note, sizeof note, "optimizer %.0f ms/step, waited %.0f ms/step",
                 1e3 * stats.optimizer_seconds / (warmup + steps),
                 1e3 * stats.optimizer_wait_seconds / (warmup + steps));
-  figures.note = note + std::string(", keeps ") + std::to_string(keep_graph_blocks) + " graphs";
+  figures.note = note + std::string(", keeps ") + std::to_string(engine_config.keep_graph_blocks) + " graphs";
+  if (mode != Mode::kGpu) {
+    const TierStats& host = stats.store.tiers[static_cast<int>(Tier::kHost)];
+    figures.note += ", peak host " + format_bytes(host.peak_bytes);
+  }
   return finish(figures, config, seq);
 }
 
@@ -132,6 +182,12 @@ int run_bench_finetune(int argc, char** argv) {
       ("keep-graph", "blocks that keep their graph (-1: all, no recomputation, like the baseline)",
        cxxopts::value<std::int64_t>()->default_value("-1"))
       ("dtype", "dtype the model is built in on the host before ferry takes it", cxxopts::value<std::string>()->default_value("F32"))
+      ("gpu-budget", "offload modes' GPU budget (0: none)", cxxopts::value<std::string>()->default_value("0"))
+      ("host-budget", "offload modes' host budget (0: none)", cxxopts::value<std::string>()->default_value("0"))
+      ("nvme", "NVMe directories (fuyou)", cxxopts::value<std::vector<std::string>>()->default_value(""))
+      ("activations", "fuyou's checkpoints: gpu, host or nvme for every block, or one per block", cxxopts::value<std::string>()->default_value("nvme"))
+      ("fuyou-host-blocks", "fuyou: blocks whose parameters stay in host memory", cxxopts::value<std::int64_t>()->default_value("0"))
+      ("fuyou-window", "fuyou: blocks on the device at once", cxxopts::value<std::int64_t>()->default_value("3"))
       ("h,help", "show this help");
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
@@ -149,18 +205,52 @@ int run_bench_finetune(int argc, char** argv) {
   const std::int64_t seq = args["seq"].as<std::int64_t>();
   const int warmup = args["warmup"].as<int>();
   const int steps = args["steps"].as<int>();
+  OffloadSettings offload;
+  offload.gpu_budget = parse_bytes(args["gpu-budget"].as<std::string>());
+  offload.host_budget = parse_bytes(args["host-budget"].as<std::string>());
+  for (const std::string& dir : args["nvme"].as<std::vector<std::string>>()) {
+    if (!dir.empty()) offload.nvme.push_back(dir);
+  }
+  offload.activations = args["activations"].as<std::string>();
+  offload.fuyou.host_blocks = args["fuyou-host-blocks"].as<std::int64_t>();
+  offload.fuyou.blocks_in_flight = args["fuyou-window"].as<std::int64_t>();
+  // The NVMe figures the fuyou rows' lower bound divides by, measured here and now.
+  std::optional<NvmeFigures> nvme;
+  if (!offload.nvme.empty()) {
+    CalibrationOptions calibration;
+    calibration.nvme_directories = offload.nvme;
+    calibration.nvme_bytes = std::uint64_t{2} << 30;
+    calibration.repeat = 1;
+    const Hardware measured = calibrate(calibration);
+    nvme = NvmeFigures{"", measured.nvme_read_gbps(), measured.nvme_write_gbps()};
+    std::printf("NVMe measured: read %.2f GB/s, write %.2f GB/s (io_uring, 2 GiB)\n", nvme->read_gbps,
+                nvme->write_gbps);
+  }
   std::printf("bench finetune: %s (%.2fB parameters), sequence %lld, on %s, %s\n",
               args["model"].as<std::string>().c_str(), static_cast<double>(config.parameter_count()) / 1e9,
               static_cast<long long>(seq), device.str().c_str(), probe_gpu_tier().description.c_str());
   std::printf("| %-28s | %5s | %8s | %9s | %7s | %9s | %8s | %s\n", "run", "batch", "s/step",
               "tokens/s", "TFLOPS", "peak GPU", "vs plain", "notes");
   for (std::int64_t batch : args["batches"].as<std::vector<std::int64_t>>()) {
-    std::optional<Figures> baseline;
+    std::optional<Figures> baseline, gpu_mode;
     auto print = [&](const Figures& f) {
       std::string ratio = baseline ? std::to_string(f.tokens_per_s / baseline->tokens_per_s).substr(0, 4) + "x" : "";
       std::printf("| %-28s | %5lld | %8.3f | %9.0f | %7.1f | %9s | %8s | %s\n", f.what.c_str(),
                   static_cast<long long>(f.batch), f.seconds_per_step, f.tokens_per_s, f.tflops,
                   format_bytes(f.peak_bytes).c_str(), ratio.c_str(), f.note.c_str());
+      if (f.nvme_read_bytes + f.nvme_written_bytes > 0) {
+        std::printf("|   NVMe per step: read %s, written %s", format_bytes(f.nvme_read_bytes).c_str(),
+                    format_bytes(f.nvme_written_bytes).c_str());
+        if (nvme && gpu_mode) {
+          // Note: the disk serves reads and writes in turn, so their times add up.
+          const double io_seconds = static_cast<double>(f.nvme_read_bytes) / (nvme->read_gbps * 1e9) +
+                                    static_cast<double>(f.nvme_written_bytes) / (nvme->write_gbps * 1e9);
+          const double bound = std::max(gpu_mode->seconds_per_step, io_seconds);
+          std::printf("; bound max(compute %.3f s, NVMe %.3f s) = %.3f s; step / bound = %.2fx",
+                      gpu_mode->seconds_per_step, io_seconds, bound, f.seconds_per_step / bound);
+        }
+        std::printf("\n");
+      }
       std::fflush(stdout);
     };
     if (args["baseline"].as<bool>()) {
@@ -173,7 +263,10 @@ int run_bench_finetune(int argc, char** argv) {
     }
     for (const std::string& mode : args["modes"].as<std::vector<std::string>>()) {
       try {
-        print(run_ferry(config, parse_mode(mode), device, batch, seq, warmup, steps, keep_graph));
+        const Mode parsed = parse_mode(mode);
+        Figures figures = run_ferry(config, parsed, device, batch, seq, warmup, steps, keep_graph, offload);
+        if (parsed == Mode::kGpu) gpu_mode = figures;
+        print(figures);
       } catch (const std::exception& error) {
         std::printf("| ferry %s | %lld | failed: %s\n", mode.c_str(), static_cast<long long>(batch), error.what());
       }
