@@ -126,6 +126,16 @@ struct FuyouConfig {
   std::int64_t blocks_in_flight = 3;
 };
 
+// The order of a step's micro-batches (grad_accumulation > 1). batch-major: each micro-batch runs
+// forward and backward through the whole model before the next (forward/backward/step by hand,
+// or train_step). layer-major (GreedySnake, arXiv 2512.17570): all of them pass through a block
+// before the next block, so each block's parameters, gradients and optimizer states move once
+// per step instead of once per micro-batch; train_step collects the micro-batches and runs the
+// step with the last one.
+enum class MicroBatchOrder { kBatchMajor, kLayerMajor };
+const char* to_string(MicroBatchOrder order);
+MicroBatchOrder parse_micro_batch_order(const std::string& name);  // "batch-major", "layer-major"
+
 // The seed of sample `sample`'s direction in step `step` (counted from 1): z for part p is the
 // Philox normal sequence optim::ZoDirection{seed, p} over the part's parameters, laid out as the
 // engine packs them (decayed parameters first, in registration order, then norms and biases).
@@ -147,6 +157,7 @@ struct EngineConfig {
   ZoConfig zo;        // mode zo2 only
   FuyouConfig fuyou;  // mode fuyou only
   std::int64_t grad_accumulation = 1;  // micro-batches per optimizer step
+  MicroBatchOrder micro_batch_order = MicroBatchOrder::kBatchMajor;
   double max_grad_norm = 0.0;          // global-norm clipping; 0 turns it off
   // Activation checkpointing at block boundaries: the last `keep_graph_blocks` blocks keep their
   // autograd graph from the forward; the others keep only their input and are recomputed in
@@ -194,7 +205,8 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
 // "zo_samples", "zo_blocks" (a tier), "zo_host_blocks", "zo_storage" (a precision, or "" for
 // the compute precision) and "zo_window" (ZoConfig's blocks_in_flight), for fuyou
 // "fuyou_host_blocks" and "fuyou_window" (FuyouConfig's blocks_in_flight), and "activations" (a
-// list, or one text with commas, of parse_block_activations names, one per block). A missing key
+// list, or one text with commas, of parse_block_activations names, one per block),
+// "micro_batch_order" ("batch-major" or "layer-major"). A missing key
 // keeps EngineConfig's default. Throws ferry::Error for text that is not a JSON object, an
 // unknown key (listing the valid ones) or a value of the wrong type. The front ends (CLI,
 // Python) share it, so a setting means the same everywhere.

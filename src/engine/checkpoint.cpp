@@ -215,7 +215,7 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
     return;
   }
   Impl& impl = *impl_;
-  FERRY_CHECK(!impl.pending && impl.micro_batches == 0, "save() in the middle of a step (",
+  FERRY_CHECK(!impl.pending && impl.micro_batches == 0 && impl.buffered.empty(), "save() in the middle of a step (",
               impl.micro_batches, " of ", impl.config.grad_accumulation,
               " micro-batches done): save after step()");
   impl.wait_for_workers();
@@ -257,7 +257,7 @@ std::string Engine::load(const std::string& dir) {
     return state.contains("extra") ? state["extra"].dump() : "{}";
   }
   Impl& impl = *impl_;
-  FERRY_CHECK(!impl.pending && impl.micro_batches == 0, "load() in the middle of a step");
+  FERRY_CHECK(!impl.pending && impl.micro_batches == 0 && impl.buffered.empty(), "load() in the middle of a step");
   impl.wait_for_workers();
   impl.store->synchronize();
   std::vector<PartValues> loaded =

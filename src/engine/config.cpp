@@ -133,6 +133,10 @@ const std::vector<Setting>& settings() {
        [](const Json& v, EngineConfig& c) { c.zo.blocks_in_flight = v.get<std::int64_t>(); }},
       {"zo_write_back",
        [](const Json& v, EngineConfig& c) { c.zo.write_back_interval = v.get<std::int64_t>(); }},
+      {"micro_batch_order",
+       [](const Json& v, EngineConfig& c) {
+         c.micro_batch_order = parse_micro_batch_order(v.get<std::string>());
+       }},
       {"fuyou_host_blocks",
        [](const Json& v, EngineConfig& c) { c.fuyou.host_blocks = v.get<std::int64_t>(); }},
       {"fuyou_window",
@@ -198,6 +202,19 @@ const char* to_string(Mode mode) {
 Mode parse_mode(const std::string& name) {
   static const Mode kModes[] = {Mode::kGpu, Mode::kZeroOffload, Mode::kFuyou, Mode::kZo2};
   return parse_choice(name, "mode", kModes, to_string);
+}
+
+const char* to_string(MicroBatchOrder order) {
+  switch (order) {
+    case MicroBatchOrder::kBatchMajor: return "batch-major";
+    case MicroBatchOrder::kLayerMajor: return "layer-major";
+  }
+  return "unknown";
+}
+
+MicroBatchOrder parse_micro_batch_order(const std::string& name) {
+  static const MicroBatchOrder kOrders[] = {MicroBatchOrder::kBatchMajor, MicroBatchOrder::kLayerMajor};
+  return parse_choice(name, "micro-batch order", kOrders, to_string);
 }
 
 std::string BlockActivations::describe() const {

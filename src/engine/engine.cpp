@@ -78,7 +78,7 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
   store = std::make_unique<Store>(detail::store_options(config));
   window = std::make_unique<detail::DeviceWindow>(
       *store, config.mode == Mode::kFuyou ? static_cast<std::size_t>(config.fuyou.blocks_in_flight) : 2);
-  checkpoints.assign(model.num_blocks(), detail::kNoBundle);
+  checkpoints.assign(model.num_blocks() * static_cast<std::size_t>(config.grad_accumulation), detail::kNoBundle);
 
   const std::size_t count = parts.size();
   part_stats.assign(count, {});
@@ -271,7 +271,7 @@ void Engine::Impl::enter_block(std::size_t block, std::size_t visit) {
   }
 }
 
-BundleId Engine::Impl::checkpoint_bundle(std::size_t block, std::uint64_t bytes) {
+BundleId Engine::Impl::checkpoint_bundle(std::size_t block, std::size_t micro_batch, std::uint64_t bytes) {
   if (bytes > checkpoint_bytes) {
     // A larger batch than any before: every block's checkpoint bundle is made again at the new size.
     for (BundleId& id : checkpoints) {
@@ -280,17 +280,18 @@ BundleId Engine::Impl::checkpoint_bundle(std::size_t block, std::uint64_t bytes)
     }
     checkpoint_bytes = bytes;
   }
-  BundleId& id = checkpoints[block];
+  BundleId& id = checkpoints[block * static_cast<std::size_t>(config.grad_accumulation) + micro_batch];
   if (id == detail::kNoBundle) {
-    id = store->add({parts[block + 1].name + ".checkpoint", checkpoint_bytes, activations[block].tier});
+    id = store->add({parts[block + 1].name + ".checkpoint." + std::to_string(micro_batch),
+                     checkpoint_bytes, activations[block].tier});
   }
   return id;
 }
 
-void Engine::Impl::save_checkpoint(std::size_t block, const torch::Tensor& hidden,
+void Engine::Impl::save_checkpoint(std::size_t block, std::size_t micro_batch, const torch::Tensor& hidden,
                                    detail::PendingBackward::SavedBlock& saved) {
   const auto bytes = static_cast<std::uint64_t>(hidden.numel()) * hidden.element_size();
-  const BundleId id = checkpoint_bundle(block, bytes);
+  const BundleId id = checkpoint_bundle(block, micro_batch, bytes);
   store->allocate(id, Tier::kGpu);
   view(id, Tier::kGpu, hidden.scalar_type(), hidden.numel()).copy_(hidden.reshape({-1}));
   checkpoints_down.emplace_back(id, store->write_back(id, Tier::kGpu, store->spec(id).home));
@@ -309,64 +310,91 @@ void Engine::Impl::release_checkpoints(std::size_t keep) {
   }
 }
 
-torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
-  FERRY_CHECK(!pending, "forward() was called twice without backward() in between");
-  FERRY_CHECK(micro_batches < config.grad_accumulation, "forward() after ", micro_batches,
-              " micro-batches: call step() every grad_accumulation = ", config.grad_accumulation,
-              " micro-batches");
+void Engine::Impl::start_step() {
+  if (micro_batches > 0) return;
+  step_lr = detail::scheduled_lr(config.schedule, config.optimizer.lr, steps + 1);
+  step_loss_sum = torch::Tensor();
+  step_tokens = 0;
+}
+
+detail::PendingBackward Engine::Impl::prepare_micro_batch(const data::Batch& batch) const {
   FERRY_CHECK(batch.input_ids.defined() && batch.input_ids.dim() == 2, "a batch needs input_ids of shape [batch, seq]");
   FERRY_CHECK(batch.labels.defined() && batch.labels.sizes() == batch.input_ids.sizes(),
               "labels must have the shape of input_ids ", batch.input_ids.sizes(), "; got ",
               batch.labels.defined() ? batch.labels.sizes() : torch::IntArrayRef{});
-  auto start = Clock::now();
-  if (micro_batches == 0) {
-    step_lr = detail::scheduled_lr(config.schedule, config.optimizer.lr, steps + 1);
-    step_loss_sum = torch::Tensor();
-    step_tokens = 0;
-  }
-  release_checkpoints(0);
   detail::PendingBackward saved;
   saved.tokens = batch.input_ids.to(config.device, torch::kLong);
-  torch::Tensor labels = batch.labels.to(config.device, torch::kLong);
+  saved.labels = batch.labels.to(config.device, torch::kLong);
   torch::Tensor mask = batch.attention_mask.defined() ? batch.attention_mask.to(config.device)
                                                       : torch::Tensor();
   saved.context = model.make_context(saved.tokens, mask);
   saved.token_count = saved.tokens.numel();
+  return saved;
+}
 
+void Engine::Impl::forward_blocks(std::vector<detail::PendingBackward>& micro) {
+  release_checkpoints(0);
   window->begin(parameter_visits(/*reverse=*/false));
   enter_part(0);
-  computed(0, true, [&] { saved.stem_output = model.stem()->forward(saved.tokens, saved.context); });
-  torch::Tensor hidden = saved.stem_output.detach();
-  saved.hidden_shape = hidden.sizes().vec();
+  std::vector<torch::Tensor> hidden;
+  for (detail::PendingBackward& saved : micro) {
+    computed(0, true, [&] { saved.stem_output = model.stem()->forward(saved.tokens, saved.context); });
+    hidden.push_back(saved.stem_output.detach());
+    saved.hidden_shape = hidden.back().sizes().vec();
+  }
   for (std::size_t i = 0; i < model.num_blocks(); ++i) {
     enter_block(i, i);
-    detail::PendingBackward::SavedBlock block;
-    if (!activations[i].recompute) {
-      block.input = hidden.detach().requires_grad_(true);
-      computed(i + 1, true, [&] { block.output = model.blocks()[i]->forward(block.input, saved.context); });
-      hidden = block.output.detach();
-    } else {
-      if (activations[i].tier == Tier::kGpu) {
-        block.input = hidden;
+    for (std::size_t m = 0; m < micro.size(); ++m) {
+      detail::PendingBackward::SavedBlock block;
+      if (!activations[i].recompute) {
+        block.input = hidden[m].detach().requires_grad_(true);
+        computed(i + 1, true, [&] { block.output = model.blocks()[i]->forward(block.input, micro[m].context); });
+        hidden[m] = block.output.detach();
       } else {
-        save_checkpoint(i, hidden, block);
+        if (activations[i].tier == Tier::kGpu) {
+          block.input = hidden[m];
+        } else {
+          save_checkpoint(i, m, hidden[m], block);
+        }
+        torch::NoGradGuard no_grad;
+        computed(i + 1, true, [&] { hidden[m] = model.blocks()[i]->forward(hidden[m], micro[m].context); });
       }
-      torch::NoGradGuard no_grad;
-      computed(i + 1, true, [&] { hidden = model.blocks()[i]->forward(hidden, saved.context); });
+      micro[m].blocks.push_back(std::move(block));
     }
     window->depart(i, {});
-    saved.blocks.push_back(std::move(block));
   }
   window->finish();
+  for (std::size_t m = 0; m < micro.size(); ++m) micro[m].head_input = hidden[m].detach().requires_grad_(true);
+}
+
+void Engine::Impl::forward_head(detail::PendingBackward& saved) {
   enter_part(parts.size() - 1);
-  saved.head_input = hidden.detach().requires_grad_(true);
   computed(parts.size() - 1, true, [&] {
-    saved.loss = model.loss(model.head()->forward(saved.head_input, saved.context), labels);
+    saved.loss = model.loss(model.head()->forward(saved.head_input, saved.context), saved.labels);
   });
-  torch::Tensor loss = saved.loss;
-  pending = std::move(saved);
+}
+
+torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
+  FERRY_CHECK(!pending, "forward() was called twice without backward() in between");
+  check_batch_major("forward()");
+  FERRY_CHECK(micro_batches < config.grad_accumulation, "forward() after ", micro_batches,
+              " micro-batches: call step() every grad_accumulation = ", config.grad_accumulation,
+              " micro-batches");
+  auto start = Clock::now();
+  std::vector<detail::PendingBackward> micro;
+  micro.push_back(prepare_micro_batch(batch));
+  start_step();
+  forward_blocks(micro);
+  forward_head(micro.front());
+  pending = std::move(micro.front());
   stats.forward_seconds += seconds_since(start);
-  return loss;
+  return pending->loss;
+}
+
+void Engine::Impl::check_batch_major(const char* call) const {
+  FERRY_CHECK(config.micro_batch_order == MicroBatchOrder::kBatchMajor, call,
+              " is not available with micro_batch_order layer-major: a step's micro-batches pass "
+              "through each block together; call train_step(batch) for each micro-batch");
 }
 
 // --- backward ---------------------------------------------------------------------------------
@@ -384,11 +412,11 @@ void Engine::Impl::unbind_gradients(const Part& part) {
 
 void Engine::Impl::release_gradients(std::size_t keep) {
   while (gradients_on_device.size() > keep ||
-         (!gradients_on_device.empty() && gradients_down[gradients_on_device.front()].ready())) {
-    const std::size_t index = gradients_on_device.front();
+         (!gradients_on_device.empty() && gradients_down[gradients_on_device.front().first].ready())) {
+    const auto [index, id] = gradients_on_device.front();
     gradients_down[index].wait();
     // Scratch once down: the optimizer may already have consumed and dropped the host copy.
-    store->discard(parts[index].grads, Tier::kGpu);
+    store->discard(id, Tier::kGpu);
     gradients_on_device.pop_front();
   }
 }
@@ -411,99 +439,173 @@ void Engine::Impl::limit_gradients_ahead() {
   }
 }
 
-void Engine::Impl::backward(const torch::Tensor& loss) {
-  FERRY_CHECK(pending, "backward() needs a forward() first");
-  FERRY_CHECK(loss.is_same(pending->loss), "backward() takes the loss that forward() returned");
-  auto start = Clock::now();
-  detail::PendingBackward saved = std::move(*pending);
-  pending.reset();
+void Engine::Impl::begin_backward() {
   release_gradients(0);  // the previous micro-batch's device gradients are all down
   release_checkpoints(0);  // the window brings them back
-  const std::size_t blocks = saved.blocks.size();
-  const bool update_now = micro_batches + 1 == config.grad_accumulation && !deferred_updates();
-
-  // Each block's visit brings its parameters and its checkpoint back to the device. When the
-  // update follows at once, the CPU optimizer writes the new parameters into their host staging.
-  std::vector<std::vector<BundleId>> visits = parameter_visits(/*reverse=*/true);
-  std::vector<BundleId> keep_staging;
-  for (std::size_t k = 0; k < blocks; ++k) {
-    const std::size_t i = blocks - 1 - k;
-    if (saved.blocks[i].checkpoint != detail::kNoBundle) visits[k].push_back(saved.blocks[i].checkpoint);
-    if (update_now && staged_on_host(parts[i + 1].params)) keep_staging.push_back(parts[i + 1].params);
-  }
-  window->begin(std::move(visits), std::move(keep_staging));
-  if (update_now && offloaded()) {
+  if (updates_now() && offloaded()) {
     worker.submit([this] { prefetch_optimizer_state(parts.size() - 1); });
   }
   // The stem's gradients collect from the head too when the embedding is tied.
   prepare_gradients(0);
   prepare_gradients(parts.size() - 1);
+}
 
+bool Engine::Impl::updates_now() const {
+  return micro_batches + 1 >= config.grad_accumulation && !deferred_updates();
+}
+
+void Engine::Impl::backward_head(detail::PendingBackward& saved) {
   torch::Tensor scaled = saved.loss * (scaler.scale() / static_cast<double>(config.grad_accumulation));
   computed(parts.size() - 1, false, [&] { torch::autograd::backward({scaled}); });
-  gradients_ready(parts.size() - 1);
-
-  torch::Tensor gradient = saved.head_input.grad();
-  for (std::size_t k = 0; k < blocks; ++k) {
-    const std::size_t i = blocks - 1 - k;
-    prepare_gradients(i + 1);
-    enter_block(i, k);
-    detail::PendingBackward::SavedBlock& block = saved.blocks[i];
-    computed(i + 1, false, [&] {
-      if (!block.output.defined()) {
-        torch::Tensor input = block.input;
-        if (block.checkpoint != detail::kNoBundle) {
-          const std::int64_t numel = c10::multiply_integers(saved.hidden_shape);
-          input = detail::typed_device_view(*store, block.checkpoint, saved.stem_output.scalar_type(), numel)
-                      .view(saved.hidden_shape);
-        }
-        block.input = input.to(config.device, /*non_blocking=*/true).detach().requires_grad_(true);
-        block.output = model.blocks()[i]->forward(block.input, saved.context);
-      }
-      torch::autograd::backward({block.output}, {gradient});
-    });
-    gradient = block.input.grad();
-    block = {};
-    // Its uploads are done before the optimizer writes into their host staging.
-    window->settle(k);
-    window->depart(k, {});
-    gradients_ready(i + 1);
-  }
-  window->finish();
-  computed(0, false, [&] { torch::autograd::backward({saved.stem_output}, {gradient}); });
-  gradients_ready(0);
-
+  saved.gradient = saved.head_input.grad();
   // Summed on the device and read once in step(): a read here would stall the host until the
   // device caught up, and it could no longer queue work ahead.
   torch::Tensor loss_value = saved.loss.detach().to(torch::kDouble);
   step_loss_sum = step_loss_sum.defined() ? step_loss_sum + loss_value : loss_value;
   step_tokens += saved.token_count;
+}
+
+void Engine::Impl::backward_blocks(std::vector<detail::PendingBackward>& micro, bool summed) {
+  const std::size_t blocks = model.num_blocks();
+  // Each block's visit brings its parameters and its checkpoints back to the device. When the
+  // update follows at once, the CPU optimizer writes the new parameters into their host staging.
+  std::vector<std::vector<BundleId>> visits = parameter_visits(/*reverse=*/true);
+  std::vector<BundleId> keep_staging;
+  for (std::size_t k = 0; k < blocks; ++k) {
+    const std::size_t i = blocks - 1 - k;
+    for (const detail::PendingBackward& saved : micro) {
+      if (saved.blocks[i].checkpoint != detail::kNoBundle) visits[k].push_back(saved.blocks[i].checkpoint);
+    }
+    if (updates_now() && staged_on_host(parts[i + 1].params)) keep_staging.push_back(parts[i + 1].params);
+  }
+  window->begin(std::move(visits), std::move(keep_staging));
+  for (std::size_t k = 0; k < blocks; ++k) {
+    const std::size_t i = blocks - 1 - k;
+    prepare_gradients(i + 1);
+    enter_block(i, k);
+    for (std::size_t m = 0; m < micro.size(); ++m) {
+      detail::PendingBackward& saved = micro[m];
+      detail::PendingBackward::SavedBlock& block = saved.blocks[i];
+      computed(i + 1, false, [&] {
+        if (!block.output.defined()) {
+          torch::Tensor input = block.input;
+          if (block.checkpoint != detail::kNoBundle) {
+            const std::int64_t numel = c10::multiply_integers(saved.hidden_shape);
+            input = detail::typed_device_view(*store, block.checkpoint, saved.stem_output.scalar_type(), numel)
+                        .view(saved.hidden_shape);
+          }
+          block.input = input.to(config.device, /*non_blocking=*/true).detach().requires_grad_(true);
+          block.output = model.blocks()[i]->forward(block.input, saved.context);
+        }
+        torch::autograd::backward({block.output}, {saved.gradient});
+      });
+      saved.gradient = block.input.grad();
+      block = {};
+      if (summed) fold_gradients(i + 1, m == 0);
+    }
+    // Its uploads are done before the optimizer writes into their host staging.
+    window->settle(k);
+    window->depart(k, {});
+    gradients_ready(i + 1, summed);
+  }
+  window->finish();
+}
+
+void Engine::Impl::backward_stem(std::vector<detail::PendingBackward>& micro, bool summed) {
+  for (detail::PendingBackward& saved : micro) {
+    computed(0, false, [&] { torch::autograd::backward({saved.stem_output}, {saved.gradient}); });
+    if (summed) fold_gradients(0, false);  // the head's backward began the stem's sum
+  }
+  gradients_ready(0, summed);
+}
+
+void Engine::Impl::backward(const torch::Tensor& loss) {
+  FERRY_CHECK(pending, "backward() needs a forward() first");
+  FERRY_CHECK(loss.is_same(pending->loss), "backward() takes the loss that forward() returned");
+  auto start = Clock::now();
+  std::vector<detail::PendingBackward> micro;
+  micro.push_back(std::move(*pending));
+  pending.reset();
+  begin_backward();
+  backward_head(micro.front());
+  gradients_ready(parts.size() - 1, false);
+  backward_blocks(micro, false);
+  backward_stem(micro, false);
   ++micro_batches;
   stats.backward_seconds += seconds_since(start);
 }
 
-void Engine::Impl::gradients_ready(std::size_t index) {
+// Note: GreedySnake's layer-major order (arXiv 2512.17570). All of a step's micro-batches pass
+// through a block before the next block comes: forward keeps every micro-batch's checkpoint of
+// the block, the head runs forward and backward per micro-batch at once (its logits are the
+// largest activation), and backward runs every micro-batch through a block while its parameters
+// are on the device. Each part's gradients are summed on the device in fp32 (its accumulator's
+// device copy: fold_gradients) and go down once, so per step the parameters, gradients and
+// optimizer states cross NVMe and PCIe once instead of once per micro-batch.
+StepResult Engine::Impl::train_layer_major(const std::vector<data::Batch>& batches) {
+  auto start = Clock::now();
+  std::vector<detail::PendingBackward> micro;
+  for (const data::Batch& batch : batches) micro.push_back(prepare_micro_batch(batch));
+  start_step();
+  forward_blocks(micro);
+  stats.forward_seconds += seconds_since(start);
+  start = Clock::now();
+  micro_batches = config.grad_accumulation - 1;  // what follows is the step's last backward
+  begin_backward();
+  for (std::size_t m = 0; m < micro.size(); ++m) {
+    forward_head(micro[m]);
+    backward_head(micro[m]);
+    fold_gradients(parts.size() - 1, m == 0);
+    fold_gradients(0, m == 0);
+  }
+  gradients_ready(parts.size() - 1, true);
+  backward_blocks(micro, true);
+  backward_stem(micro, true);
+  micro_batches = config.grad_accumulation;
+  stats.backward_seconds += seconds_since(start);
+  return step();
+}
+
+void Engine::Impl::fold_gradients(std::size_t index, bool first) {
+  torch::NoGradGuard no_grad;
+  const Part& part = parts[index];
+  if (store->state(part.accumulator, Tier::kGpu) == CopyState::kAbsent) store->allocate(part.accumulator, Tier::kGpu);
+  torch::Tensor sum = view(part.accumulator, Tier::kGpu, torch::kFloat, part.numel);
+  torch::Tensor grads = view(part.grads, Tier::kGpu, compute_dtype, part.numel);
+  if (first) {
+    sum.copy_(grads);
+  } else {
+    sum.add_(grads);
+  }
+  grads.zero_();
+}
+
+void Engine::Impl::gradients_ready(std::size_t index, bool summed) {
   const bool first = micro_batches == 0;
   const bool last = micro_batches + 1 == config.grad_accumulation;
+  const Part& part = parts[index];
   if (!offloaded()) {
-    accumulate_and_measure(index, first, last);
+    accumulate_and_measure(index, first, last, summed);
     return;
   }
+  // What goes down: this micro-batch's gradients, or the step's fp32 sum of them.
+  const BundleId down = summed ? part.accumulator : part.grads;
   limit_gradients_ahead();
-  store->mark_dirty(parts[index].grads, Tier::kGpu);  // autograd wrote the device copy
-  gradients_down[index] = store->write_back(parts[index].grads, Tier::kGpu, Tier::kHost);
-  gradients_on_device.push_back(index);
-  unbind_gradients(parts[index]);
+  store->mark_dirty(down, Tier::kGpu);  // autograd (or fold_gradients) wrote the device copy
+  gradients_down[index] = store->write_back(down, Tier::kGpu, Tier::kHost);
+  gradients_on_device.push_back({index, down});
+  unbind_gradients(part);
+  if (summed) store->discard(part.grads, Tier::kGpu);  // zeroed scratch by now
   const bool update_now = last && !deferred_updates();
   const std::int64_t step = steps + 1;
   const double lr = step_lr;
   const auto sent = detail::Tracer::Clock::now();
-  part_work[index] = worker.submit([this, index, first, last, update_now, step, lr, sent] {
+  part_work[index] = worker.submit([this, index, first, last, summed, update_now, step, lr, sent] {
     gradients_down[index].wait();
     tracer.record(parts[index].name + " gradients", detail::Track::kGradientsDown, sent,
                   detail::Tracer::Clock::now());
     traced("update " + parts[index].name, detail::Track::kOptimizer, [&] {
-      accumulate_and_measure(index, first, last);
+      accumulate_and_measure(index, first, last, summed);
       const Part& part = parts[index];
       const BundleId gradient = part.accumulator != detail::kNoBundle ? part.accumulator : part.grads;
       if (!update_now) {
@@ -523,9 +625,9 @@ void Engine::Impl::gradients_ready(std::size_t index) {
 }
 
 void Engine::Impl::accumulate_and_measure(std::size_t index, bool first_micro_batch,
-                                          bool last_micro_batch) {
+                                          bool last_micro_batch, bool summed_on_device) {
   const Part& part = parts[index];
-  if (part.accumulator != detail::kNoBundle) {
+  if (part.accumulator != detail::kNoBundle && !summed_on_device) {
     torch::NoGradGuard no_grad;
     stage(part.accumulator, /*overwrite=*/first_micro_batch).wait();
     torch::Tensor sum = view(part.accumulator, optimizer_tier, torch::kFloat, part.numel);
@@ -618,6 +720,19 @@ void Engine::Impl::wait_for_workers() {
 }
 
 // --- step -------------------------------------------------------------------------------------
+
+std::optional<StepResult> Engine::Impl::train_step(const data::Batch& batch) {
+  if (config.micro_batch_order == MicroBatchOrder::kLayerMajor) {
+    buffered.push_back(batch);
+    if (static_cast<std::int64_t>(buffered.size()) < config.grad_accumulation) return std::nullopt;
+    std::vector<data::Batch> batches = std::move(buffered);
+    buffered.clear();
+    return train_layer_major(batches);
+  }
+  backward(forward(batch));
+  if (micro_batches < config.grad_accumulation) return std::nullopt;
+  return step();
+}
 
 StepResult Engine::Impl::step() {
   FERRY_CHECK(!pending, "step() between forward() and backward(): call backward() first");
@@ -725,14 +840,13 @@ void Engine::backward(const torch::Tensor& loss) {
 
 StepResult Engine::step() {
   check_first_order(zo2_ != nullptr, "step()");
+  impl_->check_batch_major("step()");
   return impl_->step();
 }
 
 std::optional<StepResult> Engine::train_step(const data::Batch& batch) {
   if (zo2_) return zo2_->train_step(batch);
-  backward(forward(batch));
-  if (impl_->micro_batches < impl_->config.grad_accumulation) return std::nullopt;
-  return step();
+  return impl_->train_step(batch);
 }
 
 void Engine::flush() {

@@ -43,6 +43,7 @@ class SerialWorker {
 struct PendingBackward {
   StepContext context;
   torch::Tensor tokens;
+  torch::Tensor labels;
   torch::Tensor stem_output;
   struct SavedBlock {
     torch::Tensor input;   // the block's input: a checkpoint on the device, or the leaf of its kept graph
@@ -53,6 +54,7 @@ struct PendingBackward {
   std::vector<SavedBlock> blocks;
   torch::Tensor head_input;
   torch::Tensor loss;
+  torch::Tensor gradient;  // in backward: the gradient flowing into the part about to run
   std::int64_t token_count = 0;  // input tokens, padding included
 };
 
@@ -68,10 +70,27 @@ struct Engine::Impl {
   void allocate_and_bind();
   TierDemand demand() const;
 
-  // The step.
+  // The step: forward, backward and step for one micro-batch at a time (batch-major), or
+  // train_step, which runs a whole step in layer-major order once its micro-batches are in.
   torch::Tensor forward(const data::Batch& batch);
   void backward(const torch::Tensor& loss);
   StepResult step();
+  std::optional<StepResult> train_step(const data::Batch& batch);
+  StepResult train_layer_major(const std::vector<data::Batch>& batches);
+  void check_batch_major(const char* call) const;
+
+  // The passes, over one micro-batch (batch-major) or all of a step's (layer-major).
+  void start_step();
+  detail::PendingBackward prepare_micro_batch(const data::Batch& batch) const;
+  void forward_blocks(std::vector<detail::PendingBackward>& micro);
+  void forward_head(detail::PendingBackward& saved);
+  bool updates_now() const;  // the backward that starts now ends with the updates
+  void begin_backward();
+  void backward_head(detail::PendingBackward& saved);
+  // `summed`: each micro-batch's gradients are folded into the part's fp32 sum on the device.
+  void backward_blocks(std::vector<detail::PendingBackward>& micro, bool summed);
+  void backward_stem(std::vector<detail::PendingBackward>& micro, bool summed);
+  void fold_gradients(std::size_t part, bool first);
   torch::Tensor run_inference(const torch::Tensor& tokens, const torch::Tensor& padding_mask);
 
   // Parameters on the device. Streamed blocks (fuyou) visit it through `window`, the others wait
@@ -82,8 +101,9 @@ struct Engine::Impl {
   void enter_block(std::size_t block, std::size_t visit);
 
   // Activation checkpoints on the host or NVMe: sent down in forward, fetched back in backward.
-  BundleId checkpoint_bundle(std::size_t block, std::uint64_t bytes);
-  void save_checkpoint(std::size_t block, const torch::Tensor& hidden, detail::PendingBackward::SavedBlock& saved);
+  BundleId checkpoint_bundle(std::size_t block, std::size_t micro_batch, std::uint64_t bytes);
+  void save_checkpoint(std::size_t block, std::size_t micro_batch, const torch::Tensor& hidden,
+                       detail::PendingBackward::SavedBlock& saved);
   void release_checkpoints(std::size_t keep);
 
   // Gradients, per part.
@@ -93,8 +113,9 @@ struct Engine::Impl {
   // Evicts device gradients that have gone down, waiting for the oldest while more than `keep`
   // are still on the device.
   void release_gradients(std::size_t keep);
-  void gradients_ready(std::size_t part);
-  void accumulate_and_measure(std::size_t part, bool first_micro_batch, bool last_micro_batch);
+  void gradients_ready(std::size_t part, bool summed);
+  void accumulate_and_measure(std::size_t part, bool first_micro_batch, bool last_micro_batch,
+                              bool summed_on_device);
   // Where gradients wait on the host for the CPU optimizer, backward lets at most
   // kGradientsAhead parts' wait there beyond the one being updated.
   void limit_gradients_ahead();
@@ -143,8 +164,9 @@ struct Engine::Impl {
   std::int64_t step_tokens = 0;
   double step_lr = 0;
   std::optional<detail::PendingBackward> pending;
+  std::vector<data::Batch> buffered;  // layer-major: the step's micro-batches so far
 
-  std::vector<BundleId> checkpoints;  // per block, for checkpoints on the host or NVMe
+  std::vector<BundleId> checkpoints;  // per block and micro-batch, for checkpoints on the host or NVMe
   std::uint64_t checkpoint_bytes = 0;
   std::deque<std::pair<BundleId, Fence>> checkpoints_down;
 
@@ -153,7 +175,8 @@ struct Engine::Impl {
   std::vector<bool> part_updated;
   std::vector<Fence> uploads;         // parameters going up to the device
   std::vector<Fence> gradients_down;  // gradients going down to the host
-  std::deque<std::size_t> gradients_on_device;  // parts whose device gradients are not evicted yet
+  // Parts whose device gradients (or their sum) are not dropped yet, with the bundle sent down.
+  std::deque<std::pair<std::size_t, BundleId>> gradients_on_device;
   std::deque<std::size_t> gradients_waiting;    // parts whose gradients went to the worker
   std::vector<std::shared_future<void>> part_work;
   struct GoingHome {

@@ -97,6 +97,11 @@ void validate(const EngineConfig& config) {
   FERRY_CHECK(config.device.is_cpu() || config.device.is_cuda(), "device ", config.device,
               " is not supported: use cpu or cuda");
   validate(config.optimizer);
+  FERRY_CHECK(config.micro_batch_order == MicroBatchOrder::kBatchMajor || config.grad_accumulation > 1,
+              "micro_batch_order layer-major needs grad_accumulation > 1 (it orders a step's "
+              "micro-batches); got grad_accumulation = ", config.grad_accumulation);
+  FERRY_CHECK(config.micro_batch_order == MicroBatchOrder::kBatchMajor || config.mode != Mode::kZo2,
+              "micro_batch_order layer-major is for the first-order modes; zo2 has no micro-batches");
   if (config.mode == Mode::kZo2) validate_zo(config);
   if (config.mode == Mode::kFuyou) validate_fuyou(config);
   validate_activations(config);
