@@ -75,7 +75,16 @@ class Reader {
   Header header_;
 };
 
-// A tensor to write: the caller keeps `data` alive for the duration of the call.
+// A tensor to write, declared before its data: a Writer lays out every header from these.
+struct TensorSpec {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<std::int64_t> shape;
+
+  std::uint64_t bytes() const;
+};
+
+// A tensor to write with its data: the caller keeps `data` alive for the duration of the call.
 struct TensorView {
   std::string name;
   DType dtype = DType::kF32;
@@ -85,19 +94,65 @@ struct TensorView {
   std::uint64_t bytes() const;
 };
 
-// Writes one file atomically: to "<path>.tmp", fsync, rename, fsync of the directory. Tensors are
-// laid out in the given order; names must be unique. `__metadata__` always carries
-// "format": "pt" (transformers requires it) plus `metadata`.
-void write_file(const std::string& path, const std::vector<TensorView>& tensors,
-                const std::map<std::string, std::string>& metadata = {});
-
 inline constexpr const char* kSingleFileName = "model.safetensors";
 inline constexpr const char* kIndexFileName = "model.safetensors.index.json";
 
-// Writes a checkpoint directory: model.safetensors when everything fits in max_shard_bytes,
-// else model-00001-of-0000K.safetensors ... and model.safetensors.index.json (weight_map and
-// metadata.total_size). A tensor larger than max_shard_bytes gets a shard of its own. Returns
-// the file names written.
+// Writes one safetensors file, or a checkpoint directory of shards, without ever holding the
+// tensors' data: every tensor is declared up front, so each header and the split into shards are
+// known before the first byte of data, and the data then comes in declaration order, in pieces of
+// any size. write_file and write_checkpoint are this writer fed from memory.
+//
+//   Writer writer = Writer::checkpoint(dir, specs, max_shard_bytes);
+//   for (...) writer.write(name, chunk, chunk_bytes);  // in order; a tensor may take several
+//   writer.finish();
+//
+// Note: each file goes to "<file>.tmp" and is fsynced and renamed into place (then the directory
+// fsynced) once its last tensor is complete, so a crash leaves the old file or the new one, never
+// a torn one. A sharded checkpoint is only consistent as a whole after finish(): to replace one
+// atomically, write it into a staging directory and swap that in (the engine does). A Writer
+// destroyed before finish() removes the temporary file it has open.
+class Writer {
+ public:
+  // One file at `path`. Tensors are laid out in the given order; names must be unique.
+  // `__metadata__` always carries "format": "pt" (transformers requires it) plus `metadata`.
+  static Writer file(const std::string& path, std::vector<TensorSpec> tensors,
+                     const std::map<std::string, std::string>& metadata = {});
+  // A checkpoint directory, created if missing: model.safetensors when everything fits in
+  // max_shard_bytes, else model-00001-of-0000K.safetensors ... and model.safetensors.index.json
+  // (weight_map and metadata.total_size). Shards take tensors in order while they fit; a tensor
+  // larger than max_shard_bytes gets a shard of its own. finish() removes the form not written
+  // (the index, or a single model.safetensors).
+  static Writer checkpoint(const std::string& dir, std::vector<TensorSpec> tensors,
+                           std::uint64_t max_shard_bytes);
+
+  ~Writer();
+  Writer(Writer&& other) noexcept;
+  Writer& operator=(Writer&& other) noexcept;
+  Writer(const Writer&) = delete;
+  Writer& operator=(const Writer&) = delete;
+
+  // Appends `bytes` bytes to tensor `name`. Throws, naming the tensor, when `name` was not
+  // declared, when a tensor declared before it is not complete yet or it is complete and a later
+  // one has begun, or when the data would run past its size. Tensors of zero bytes need no call.
+  void write(std::string_view name, const void* data, std::uint64_t bytes);
+
+  // Checks that every tensor is complete (naming the first that is not), puts the remaining
+  // files in place and returns the names written, relative to their directory.
+  std::vector<std::string> finish();
+
+ private:
+  struct Impl;
+  explicit Writer(std::unique_ptr<Impl> impl);
+
+  std::unique_ptr<Impl> impl_;
+};
+
+// Writes one file with Writer::file: the whole file at once, from memory.
+void write_file(const std::string& path, const std::vector<TensorView>& tensors,
+                const std::map<std::string, std::string>& metadata = {});
+
+// Writes a checkpoint directory with Writer::checkpoint from memory. Returns the file names
+// written.
 std::vector<std::string> write_checkpoint(const std::string& dir,
                                           const std::vector<TensorView>& tensors,
                                           std::uint64_t max_shard_bytes);

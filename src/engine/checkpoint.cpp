@@ -1,7 +1,10 @@
 // Engine checkpoints: weights as safetensors under Hugging Face names (with config.json, so
 // transformers loads the directory), the optimizer state in the layout of torch's optimizers,
 // and trainer_state.json. Written into a temporary directory, fsynced, then swapped in
-// atomically, so a crash mid-save leaves the previous checkpoint intact.
+// atomically, so a crash mid-save leaves the previous checkpoint intact. Saving and loading go
+// one part at a time through the strategies' per-part readers and writers.
+
+#include "engine/checkpoint.h"
 
 #include <fcntl.h>
 #include <linux/fs.h>
@@ -11,15 +14,14 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
-#include <map>
-#include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 
 #include "engine/engine_impl.h"
 #include "engine/zo2.h"
 #include "ferry/check.h"
-#include "ferry/safetensors.h"
 #include "ferry/fs.h"
+#include "ferry/safetensors.h"
 
 namespace ferry {
 namespace {
@@ -86,56 +88,12 @@ void swap_into_place(const std::string& staged, const std::string& target) {
   fsync_path(fs::parent_directory(target), true);
 }
 
-// One part's fp32 weights and optimizer states, on the host, as a checkpoint holds them.
-struct PartValues {
-  torch::Tensor weights;
-  std::vector<torch::Tensor> states;
-};
-
 nlohmann::json parse_extra(const std::string& extra_json) {
   try {
     return nlohmann::json::parse(extra_json);
   } catch (const nlohmann::json::exception& error) {
     throw Error(detail::concat("save(): extra state is not valid JSON: ", error.what()));
   }
-}
-
-// Writes `dir` atomically: weights, optimizer states, config.json and trainer_state.json.
-void write_checkpoint(const std::string& dir, const LayeredModel& model,
-                      const std::vector<detail::Part>& parts, const std::vector<PartValues>& values,
-                      OptimizerKind kind, const nlohmann::json& state) {
-  const std::string staged = dir + ".partial";
-  fs::remove_tree(staged);
-  fs::make_directories(staged);
-
-  std::vector<safetensors::TensorView> weights, optimizer;
-  const std::vector<std::string> states = state_names(kind);
-  for (std::size_t p = 0; p < parts.size(); ++p) {
-    const detail::Part& part = parts[p];
-    for (const detail::ParameterSlice& slice : part.slices) {
-      const std::string name = tensor_name(model, part, slice);
-      const std::uint64_t offset = static_cast<std::uint64_t>(slice.offset) * 4;
-      weights.push_back({name, DType::kF32, slice.shape,
-                         static_cast<const char*>(values[p].weights.data_ptr()) + offset});
-      for (std::size_t i = 0; i < values[p].states.size(); ++i) {
-        optimizer.push_back({name + "." + states[i], DType::kF32, slice.shape,
-                             static_cast<const char*>(values[p].states[i].data_ptr()) + offset});
-      }
-    }
-  }
-  safetensors::write_checkpoint(staged, weights, models::kDefaultMaxShardBytes);
-  if (!optimizer.empty()) safetensors::write_file(staged + "/" + kOptimizerFile, optimizer);
-  if (model.config()) {
-    models::ModelConfig config = *model.config();
-    config.dtype = DType::kF32;  // the weights are written in fp32
-    write_text_file(staged + "/config.json", config.to_hf_json());
-  }
-  nlohmann::json full = state;
-  full["format"] = kFormat;
-  full["optimizer"] = to_string(kind);
-  write_text_file(staged + "/" + kStateFile, full.dump(2));
-  fsync_path(staged, true);
-  swap_into_place(staged, dir);
 }
 
 // Reads trainer_state.json and checks that the checkpoint suits an engine of this mode family.
@@ -159,59 +117,153 @@ nlohmann::json read_state(const std::string& dir, const EngineConfig& config) {
   return state;
 }
 
-// Reads every part's values and checks every shape before the caller changes anything.
-std::vector<PartValues> read_values(const std::string& dir, const LayeredModel& model,
-                                    const std::vector<detail::Part>& parts, OptimizerKind kind,
-                                    std::size_t state_count) {
+const float* part_data(const torch::Tensor& values, const detail::Part& part, const char* what) {
+  FERRY_ASSERT(values.device().is_cpu() && values.scalar_type() == torch::kFloat &&
+                   values.is_contiguous() && values.numel() == part.numel,
+               part.name, "'s ", what, " must be ", part.numel, " contiguous fp32 values on the host");
+  return values.data_ptr<float>();
+}
+
+void check_tensor(const safetensors::TensorInfo* info, const std::string& dir, const char* file,
+                  const std::string& name, const detail::ParameterSlice& slice) {
+  FERRY_CHECK(info != nullptr, "checkpoint '", dir, "' has no tensor '", name, "' in ", file,
+              ": it was written for another model or optimizer");
+  FERRY_CHECK(info->shape == slice.shape && info->dtype == DType::kF32, "checkpoint '", dir,
+              "': tensor '", name, "' is ", dtype_name(info->dtype), " ",
+              torch::IntArrayRef(info->shape), " but the model has F32 ",
+              torch::IntArrayRef(slice.shape), ": it was written for another model");
+}
+
+}  // namespace
+
+namespace detail {
+
+void write_checkpoint(const std::string& dir, const LayeredModel& model,
+                      const std::vector<Part>& parts, OptimizerKind kind,
+                      std::size_t state_count, const nlohmann::json& state,
+                      const PartProducer& produce) {
+  const std::vector<std::string> states = state_names(kind);
+  FERRY_ASSERT(state_count <= states.size(), to_string(kind), " has ", states.size(),
+               " states per parameter, not ", state_count);
+  const std::string staged = dir + ".partial";
+  fs::remove_tree(staged);
+  fs::make_directories(staged);
+
+  // Note: every tensor is declared before any part is produced, so both writers know their
+  // headers and shard split up front and take each part's data as it comes.
+  std::vector<safetensors::TensorSpec> weight_specs, optimizer_specs;
+  for (const Part& part : parts) {
+    for (const ParameterSlice& slice : part.slices) {
+      const std::string name = tensor_name(model, part, slice);
+      weight_specs.push_back({name, DType::kF32, slice.shape});
+      for (std::size_t i = 0; i < state_count; ++i) {
+        optimizer_specs.push_back({name + "." + states[i], DType::kF32, slice.shape});
+      }
+    }
+  }
+  safetensors::Writer weights = safetensors::Writer::checkpoint(
+      staged, std::move(weight_specs), models::kDefaultMaxShardBytes);
+  std::optional<safetensors::Writer> optimizer;
+  if (!optimizer_specs.empty()) {
+    optimizer.emplace(
+        safetensors::Writer::file(staged + "/" + kOptimizerFile, std::move(optimizer_specs)));
+  }
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    const Part& part = parts[p];
+    const PartValues values = produce(p);
+    FERRY_ASSERT(values.states.size() == state_count, part.name, " came with ",
+                 values.states.size(), " optimizer states, not ", state_count);
+    const float* part_weights = part_data(values.weights, part, "weights");
+    std::vector<const float*> part_states;
+    for (const torch::Tensor& part_state : values.states) {
+      part_states.push_back(part_data(part_state, part, "optimizer state"));
+    }
+    for (const ParameterSlice& slice : part.slices) {
+      const std::string name = tensor_name(model, part, slice);
+      const std::uint64_t bytes = static_cast<std::uint64_t>(slice.numel) * 4;
+      weights.write(name, part_weights + slice.offset, bytes);
+      for (std::size_t i = 0; i < state_count; ++i) {
+        optimizer->write(name + "." + states[i], part_states[i] + slice.offset, bytes);
+      }
+    }
+  }
+  weights.finish();
+  if (optimizer) optimizer->finish();
+
+  if (model.config()) {
+    models::ModelConfig config = *model.config();
+    config.dtype = DType::kF32;  // the weights are written in fp32
+    write_text_file(staged + "/config.json", config.to_hf_json());
+  }
+  nlohmann::json full = state;
+  full["format"] = kFormat;
+  full["optimizer"] = to_string(kind);
+  write_text_file(staged + "/" + kStateFile, full.dump(2));
+  fsync_path(staged, true);
+  swap_into_place(staged, dir);
+}
+
+void read_checkpoint(const std::string& dir, const LayeredModel& model,
+                     const std::vector<Part>& parts, OptimizerKind kind,
+                     std::size_t state_count, const PartConsumer& consume) {
+  const std::vector<std::string> states = state_names(kind);
+  FERRY_ASSERT(state_count <= states.size(), to_string(kind), " has ", states.size(),
+               " states per parameter, not ", state_count);
   safetensors::Checkpoint weights(dir);
   std::optional<safetensors::Reader> optimizer;
   if (state_count > 0) optimizer.emplace(dir + "/" + kOptimizerFile);
-  const std::vector<std::string> states = state_names(kind);
-  std::vector<PartValues> loaded;
-  for (const detail::Part& part : parts) {
+
+  // Note: the headers are checked whole before the first part is handed over, so a checkpoint
+  // of another model leaves the engine as it was. (Opening them already checked that each file
+  // is as long as its header says.)
+  for (const Part& part : parts) {
+    for (const ParameterSlice& slice : part.slices) {
+      const std::string name = tensor_name(model, part, slice);
+      check_tensor(weights.contains(name) ? &weights.tensor(name) : nullptr, dir, "the weights",
+                   name, slice);
+      for (std::size_t i = 0; i < state_count; ++i) {
+        const std::string state_name = name + "." + states[i];
+        check_tensor(optimizer->header().find(state_name), dir, kOptimizerFile, state_name, slice);
+      }
+    }
+  }
+
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    const Part& part = parts[p];
     PartValues values;
     values.weights = torch::empty({part.numel}, torch::kFloat);
     for (std::size_t i = 0; i < state_count; ++i) {
       values.states.push_back(torch::empty({part.numel}, torch::kFloat));
     }
-    for (const detail::ParameterSlice& slice : part.slices) {
+    for (const ParameterSlice& slice : part.slices) {
       const std::string name = tensor_name(model, part, slice);
-      FERRY_CHECK(weights.contains(name), "checkpoint '", dir, "' has no tensor '", name,
-                  "': it was written for another model");
-      const safetensors::TensorInfo& info = weights.tensor(name);
-      FERRY_CHECK(info.shape == slice.shape && info.dtype == DType::kF32, "checkpoint '", dir,
-                  "': tensor '", name, "' is ", dtype_name(info.dtype), " ",
-                  torch::IntArrayRef(info.shape), " but the model has F32 ",
-                  torch::IntArrayRef(slice.shape), ": it was written for another model");
-      weights.read_into(name, values.weights.data_ptr<float>() + slice.offset,
-                        static_cast<std::uint64_t>(slice.numel) * 4);
-      for (std::size_t i = 0; i < values.states.size(); ++i) {
-        optimizer->read_into(name + "." + states[i], values.states[i].data_ptr<float>() + slice.offset,
-                             static_cast<std::uint64_t>(slice.numel) * 4);
+      const std::uint64_t bytes = static_cast<std::uint64_t>(slice.numel) * 4;
+      weights.read_into(name, values.weights.data_ptr<float>() + slice.offset, bytes);
+      for (std::size_t i = 0; i < state_count; ++i) {
+        optimizer->read_into(name + "." + states[i],
+                             values.states[i].data_ptr<float>() + slice.offset, bytes);
       }
     }
-    loaded.push_back(std::move(values));
+    consume(p, std::move(values));
   }
-  return loaded;
 }
 
-}  // namespace
+}  // namespace detail
 
 void Engine::save(const std::string& dir, const std::string& extra_json) {
   const nlohmann::json extra = parse_extra(extra_json);
   if (zo2_) {
     Zo2& zo2 = *zo2_;
     zo2.flush();
-    std::vector<PartValues> values;
-    for (std::size_t p = 0; p < zo2.parts.size(); ++p) {
-      values.push_back({zo2.read_weights(p), zo2.read_states(p)});
-    }
     nlohmann::json state = {{"step", zo2.steps},
                             {"mode", to_string(Mode::kZo2)},
                             {"zo_seed", zo2.config.zo.seed},
                             {"zo_updates", zo2.update_count},
                             {"extra", extra}};
-    write_checkpoint(dir, zo2.model, zo2.parts, values, zo2.config.optimizer.kind, state);
+    detail::write_checkpoint(dir, zo2.model, zo2.parts, zo2.config.optimizer.kind,
+                             zo2.bundles.front().states.size(), state, [&](std::size_t p) {
+                               return detail::PartValues{zo2.read_weights(p), zo2.read_states(p)};
+                             });
     return;
   }
   Impl& impl = *impl_;
@@ -220,14 +272,6 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
               " micro-batches done): save after step()");
   impl.wait_for_workers();
   impl.store->synchronize();
-  std::vector<PartValues> values;
-  for (const detail::Part& part : impl.parts) {
-    PartValues part_values{impl.read_bundle(impl.master_bundle(part), torch::kFloat, part.numel), {}};
-    for (BundleId state : part.states) {
-      part_values.states.push_back(impl.read_bundle(state, torch::kFloat, part.numel));
-    }
-    values.push_back(std::move(part_values));
-  }
   nlohmann::json state = {
       {"step", impl.steps},
       {"mode", to_string(impl.config.mode)},
@@ -236,7 +280,17 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
       {"loss_scale_clean_steps", impl.scaler.clean_steps()},
       {"extra", extra},
   };
-  write_checkpoint(dir, impl.model, impl.parts, values, impl.config.optimizer.kind, state);
+  detail::write_checkpoint(
+      dir, impl.model, impl.parts, impl.config.optimizer.kind, impl.parts.front().states.size(),
+      state, [&](std::size_t p) {
+        const detail::Part& part = impl.parts[p];
+        detail::PartValues values{
+            impl.read_bundle(impl.master_bundle(part), torch::kFloat, part.numel), {}};
+        for (BundleId id : part.states) {
+          values.states.push_back(impl.read_bundle(id, torch::kFloat, part.numel));
+        }
+        return values;
+      });
 }
 
 std::string Engine::load(const std::string& dir) {
@@ -244,11 +298,11 @@ std::string Engine::load(const std::string& dir) {
   if (zo2_) {
     Zo2& zo2 = *zo2_;
     zo2.flush();
-    std::vector<PartValues> loaded =
-        read_values(dir, zo2.model, zo2.parts, zo2.config.optimizer.kind, zo2.bundles.front().states.size());
-    for (std::size_t p = 0; p < zo2.parts.size(); ++p) {
-      zo2.write_part(p, loaded[p].weights.to(zo2.storage_dtype), loaded[p].states);
-    }
+    detail::read_checkpoint(dir, zo2.model, zo2.parts, zo2.config.optimizer.kind,
+                            zo2.bundles.front().states.size(),
+                            [&](std::size_t p, detail::PartValues values) {
+                              zo2.write_part(p, values.weights.to(zo2.storage_dtype), values.states);
+                            });
     zo2.steps = state.value("step", std::int64_t{0});
     zo2.stats.steps = zo2.steps;
     // Adam's bias corrections count the updates made so far.
@@ -260,17 +314,18 @@ std::string Engine::load(const std::string& dir) {
   FERRY_CHECK(!impl.pending && impl.micro_batches == 0 && impl.buffered.empty(), "load() in the middle of a step");
   impl.wait_for_workers();
   impl.store->synchronize();
-  std::vector<PartValues> loaded =
-      read_values(dir, impl.model, impl.parts, impl.config.optimizer.kind, impl.parts.front().states.size());
-
-  for (std::size_t p = 0; p < impl.parts.size(); ++p) {
-    const detail::Part& part = impl.parts[p];
-    impl.write_bundle(p, impl.master_bundle(part), loaded[p].weights);
-    for (std::size_t i = 0; i < part.states.size(); ++i) impl.write_bundle(p, part.states[i], loaded[p].states[i]);
-    if (part.master != detail::kNoBundle) {
-      impl.write_bundle(p, part.params, loaded[p].weights.to(impl.compute_dtype));
-    }
-  }
+  detail::read_checkpoint(
+      dir, impl.model, impl.parts, impl.config.optimizer.kind, impl.parts.front().states.size(),
+      [&](std::size_t p, detail::PartValues values) {
+        const detail::Part& part = impl.parts[p];
+        impl.write_bundle(p, impl.master_bundle(part), values.weights);
+        for (std::size_t i = 0; i < part.states.size(); ++i) {
+          impl.write_bundle(p, part.states[i], values.states[i]);
+        }
+        if (part.master != detail::kNoBundle) {
+          impl.write_bundle(p, part.params, values.weights.to(impl.compute_dtype));
+        }
+      });
   impl.steps = state.value("step", std::int64_t{0});
   impl.stats.steps = impl.steps;
   impl.scaler.restore(state.value("loss_scale", impl.scaler.raw_scale()),

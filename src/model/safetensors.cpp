@@ -10,7 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
-#include <set>
+#include <optional>
 #include <utility>
 
 #include <nlohmann/json.hpp>
@@ -122,6 +122,14 @@ void write_atomically(const std::string& path, const std::string& bytes) {
 void sync_directory(const std::string& dir) {
   File directory(dir, O_RDONLY | O_DIRECTORY);
   directory.sync();
+}
+
+std::uint64_t tensor_bytes(DType dtype, const std::vector<std::int64_t>& shape) {
+  std::uint64_t total = dtype_size(dtype);
+  for (std::int64_t dim : shape) {
+    total *= static_cast<std::uint64_t>(dim);
+  }
+  return total;
 }
 
 std::string describe_shape(const std::vector<std::int64_t>& shape) {
@@ -322,108 +330,299 @@ void Reader::read_into(std::string_view name, void* dst, std::uint64_t dst_bytes
   pread_fully(fd_, dst, info.bytes(), header_.buffer_offset + info.data_begin, path_);
 }
 
-std::uint64_t TensorView::bytes() const {
-  std::uint64_t total = dtype_size(dtype);
-  for (std::int64_t dim : shape) {
-    total *= static_cast<std::uint64_t>(dim);
+std::uint64_t TensorSpec::bytes() const { return tensor_bytes(dtype, shape); }
+
+std::uint64_t TensorView::bytes() const { return tensor_bytes(dtype, shape); }
+
+namespace {
+
+// One file a Writer puts in place, holding the declared tensors [first, end).
+struct PlannedFile {
+  std::string name;  // relative to the directory
+  std::string path;
+  std::size_t first = 0;
+  std::size_t end = 0;
+  std::string header;  // the file's first bytes: the 8-byte length, then the padded JSON
+
+  std::string temporary_path() const { return path + ".tmp"; }
+};
+
+}  // namespace
+
+struct Writer::Impl {
+  enum class Kind { kFile, kCheckpoint };
+
+  Kind kind = Kind::kFile;
+  std::string target;  // the file or the checkpoint directory, for messages
+  std::string dir;
+  std::vector<TensorSpec> tensors;
+  std::vector<std::uint64_t> data_begin;  // per tensor, relative to its file's byte buffer
+  std::vector<std::size_t> file_of;       // per tensor
+  std::map<std::string, std::size_t, std::less<>> index_of;
+  std::vector<PlannedFile> files;
+
+  // Note: progress only moves forward. Tensors before `current` are complete, `current` has
+  // `current_bytes`, the ones after it have nothing yet. Files before `files_done` are in place;
+  // `open` is the temporary of files[files_done] once that file has begun.
+  std::size_t current = 0;
+  std::uint64_t current_bytes = 0;
+  std::size_t files_done = 0;
+  std::optional<File> open;
+  bool finished = false;
+
+  ~Impl() {
+    if (open) {
+      open.reset();
+      ::unlink(files[files_done].temporary_path().c_str());
+    }
   }
-  return total;
+
+  std::uint64_t written(std::size_t tensor) const {
+    if (tensor < current) {
+      return tensors[tensor].bytes();
+    }
+    return tensor == current ? current_bytes : 0;
+  }
+
+  // Checks the names and shapes; `target` names the output in the errors.
+  void declare(std::vector<TensorSpec> declared) {
+    tensors = std::move(declared);
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      const TensorSpec& tensor = tensors[i];
+      FERRY_CHECK(tensor.name != "__metadata__" && !tensor.name.empty(), target,
+                  ": invalid tensor name '", tensor.name, "'");
+      FERRY_CHECK(index_of.emplace(tensor.name, i).second, target, ": tensor name '",
+                  tensor.name, "' appears twice");
+      std::uint64_t bytes = dtype_size(tensor.dtype);
+      for (std::int64_t dim : tensor.shape) {
+        FERRY_CHECK(dim >= 0, target, ": tensor '", tensor.name, "' has negative shape ",
+                    describe_shape(tensor.shape));
+        FERRY_CHECK(multiply(bytes, static_cast<std::uint64_t>(dim), &bytes), target,
+                    ": tensor '", tensor.name, "' of shape ", describe_shape(tensor.shape),
+                    " has more than 2^64 bytes");
+      }
+    }
+    data_begin.assign(tensors.size(), 0);
+    file_of.assign(tensors.size(), 0);
+  }
+
+  void plan_file(const std::string& name, const std::string& path, std::size_t first,
+                 std::size_t end, const std::map<std::string, std::string>& metadata) {
+    OrderedJson header = OrderedJson::object();
+    OrderedJson meta = OrderedJson::object();
+    meta["format"] = "pt";
+    for (const auto& [key, value] : metadata) {
+      meta[key] = value;
+    }
+    header["__metadata__"] = meta;
+    std::uint64_t offset = 0;
+    for (std::size_t i = first; i < end; ++i) {
+      const TensorSpec& tensor = tensors[i];
+      header[tensor.name] = {{"dtype", std::string(dtype_name(tensor.dtype))},
+                             {"shape", tensor.shape},
+                             {"data_offsets", {offset, offset + tensor.bytes()}}};
+      data_begin[i] = offset;
+      file_of[i] = files.size();
+      offset += tensor.bytes();
+    }
+
+    std::string text = header.dump();
+    text.append((8 - text.size() % 8) % 8, ' ');
+    std::string bytes(8, '\0');
+    write_le64(text.size(), reinterpret_cast<unsigned char*>(bytes.data()));
+    files.push_back({name, path, first, end, bytes + text});
+  }
+
+  void start_file(std::size_t file) {
+    FERRY_ASSERT(file == files_done && !open, "file ", file, " started out of turn");
+    const PlannedFile& planned = files[file];
+    open.emplace(planned.temporary_path(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    write_fully(open->fd(), planned.header.data(), planned.header.size(), 0,
+                planned.temporary_path());
+  }
+
+  // Puts every file before `file` in place: fsync, rename over the old one, fsync the directory.
+  void finish_files_before(std::size_t file) {
+    while (files_done < file) {
+      if (!open) {
+        start_file(files_done);
+      }
+      const PlannedFile& planned = files[files_done];
+      open->sync();
+      open.reset();
+      FERRY_CHECK(::rename(planned.temporary_path().c_str(), planned.path.c_str()) == 0,
+                  "cannot rename ", planned.temporary_path(), " to ", planned.path, ": ",
+                  std::strerror(errno));
+      ++files_done;
+      sync_directory(dir);
+    }
+  }
+
+  // The sharded form's model.safetensors.index.json, in place of a single model.safetensors.
+  void write_index() {
+    Json weight_map = Json::object();
+    std::uint64_t total_bytes = 0;
+    for (const PlannedFile& file : files) {
+      for (std::size_t i = file.first; i < file.end; ++i) {
+        weight_map[tensors[i].name] = file.name;
+        total_bytes += tensors[i].bytes();
+      }
+    }
+    Json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
+    write_atomically(dir + "/" + kIndexFileName, index.dump(2) + "\n");
+    std::remove((dir + "/" + kSingleFileName).c_str());
+    sync_directory(dir);
+  }
+};
+
+Writer::Writer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Writer::~Writer() = default;
+Writer::Writer(Writer&& other) noexcept = default;
+Writer& Writer::operator=(Writer&& other) noexcept = default;
+
+Writer Writer::file(const std::string& path, std::vector<TensorSpec> tensors,
+                    const std::map<std::string, std::string>& metadata) {
+  auto impl = std::make_unique<Impl>();
+  impl->kind = Impl::Kind::kFile;
+  impl->target = path;
+  impl->dir = fs::parent_directory(path);
+  impl->declare(std::move(tensors));
+  const std::size_t slash = path.find_last_of('/');
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  impl->plan_file(name, path, 0, impl->tensors.size(), metadata);
+  return Writer(std::move(impl));
 }
+
+Writer Writer::checkpoint(const std::string& dir, std::vector<TensorSpec> tensors,
+                          std::uint64_t max_shard_bytes) {
+  FERRY_CHECK(max_shard_bytes > 0, "max_shard_bytes must be positive, got 0");
+  auto impl = std::make_unique<Impl>();
+  impl->kind = Impl::Kind::kCheckpoint;
+  impl->target = dir;
+  impl->dir = dir;
+  impl->declare(std::move(tensors));
+
+  std::vector<std::size_t> shard_starts = {0};
+  std::uint64_t shard_bytes = 0;
+  for (std::size_t i = 0; i < impl->tensors.size(); ++i) {
+    const std::uint64_t bytes = impl->tensors[i].bytes();
+    if (i > shard_starts.back() && shard_bytes + bytes > max_shard_bytes) {
+      shard_starts.push_back(i);
+      shard_bytes = 0;
+    }
+    shard_bytes += bytes;
+  }
+  fs::make_directories(dir);
+  const std::size_t shards = shard_starts.size();
+  for (std::size_t k = 0; k < shards; ++k) {
+    const std::size_t end = k + 1 < shards ? shard_starts[k + 1] : impl->tensors.size();
+    std::string name = kSingleFileName;
+    if (shards > 1) {
+      char numbered[64];
+      std::snprintf(numbered, sizeof(numbered), "model-%05zu-of-%05zu.safetensors", k + 1, shards);
+      name = numbered;
+    }
+    impl->plan_file(name, dir + "/" + name, shard_starts[k], end, {});
+  }
+  return Writer(std::move(impl));
+}
+
+void Writer::write(std::string_view name, const void* data, std::uint64_t bytes) {
+  Impl& impl = *impl_;
+  FERRY_CHECK(!impl.finished, impl.target, ": data for tensor '", name, "' after finish()");
+  auto found = impl.index_of.find(name);
+  FERRY_CHECK(found != impl.index_of.end(), impl.target, ": no tensor '", name,
+              "' was declared (", impl.tensors.size(), " were)");
+  const std::size_t index = found->second;
+  FERRY_CHECK(index >= impl.current, impl.target, ": data for tensor '", name, "' after tensor '",
+              impl.tensors[impl.current].name, "': tensors are written in the order declared, and '",
+              name, "' comes first");
+  for (std::size_t i = impl.current; i < index; ++i) {
+    FERRY_CHECK(impl.written(i) == impl.tensors[i].bytes(), impl.target, ": data for tensor '",
+                name, "' before tensor '", impl.tensors[i].name, "' is complete (",
+                impl.written(i), " of its ", impl.tensors[i].bytes(),
+                " bytes written): tensors are written in the order declared");
+  }
+  if (index != impl.current) {
+    impl.current = index;
+    impl.current_bytes = 0;
+  }
+  const std::uint64_t size = impl.tensors[index].bytes();
+  FERRY_CHECK(bytes <= size - impl.current_bytes, impl.target, ": tensor '", name, "' has ", size,
+              " bytes; ", impl.current_bytes, " are written and ", bytes, " more were given");
+  FERRY_CHECK(data != nullptr || bytes == 0, impl.target, ": tensor '", name, "': no data for ",
+              bytes, " bytes");
+  if (bytes == 0) {
+    return;
+  }
+  const std::size_t file = impl.file_of[index];
+  impl.finish_files_before(file);
+  if (!impl.open) {
+    impl.start_file(file);
+  }
+  const PlannedFile& planned = impl.files[file];
+  write_fully(impl.open->fd(), data, bytes,
+              planned.header.size() + impl.data_begin[index] + impl.current_bytes,
+              planned.temporary_path());
+  impl.current_bytes += bytes;
+}
+
+std::vector<std::string> Writer::finish() {
+  Impl& impl = *impl_;
+  FERRY_CHECK(!impl.finished, impl.target, ": finish() called twice");
+  for (std::size_t i = impl.current; i < impl.tensors.size(); ++i) {
+    FERRY_CHECK(impl.written(i) == impl.tensors[i].bytes(), impl.target, ": tensor '",
+                impl.tensors[i].name, "' is incomplete: ", impl.written(i), " of its ",
+                impl.tensors[i].bytes(), " bytes were written");
+  }
+  impl.finish_files_before(impl.files.size());
+  impl.finished = true;
+
+  std::vector<std::string> names;
+  for (const PlannedFile& file : impl.files) {
+    names.push_back(file.name);
+  }
+  if (impl.kind == Impl::Kind::kCheckpoint) {
+    if (impl.files.size() > 1) {
+      impl.write_index();
+      names.emplace_back(kIndexFileName);
+    } else {
+      std::remove((impl.dir + "/" + kIndexFileName).c_str());
+      sync_directory(impl.dir);
+    }
+  }
+  return names;
+}
+
+namespace {
+
+std::vector<TensorSpec> specs_of(const std::vector<TensorView>& tensors) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(tensors.size());
+  for (const TensorView& tensor : tensors) {
+    specs.push_back({tensor.name, tensor.dtype, tensor.shape});
+  }
+  return specs;
+}
+
+std::vector<std::string> write_from_memory(Writer writer, const std::vector<TensorView>& tensors) {
+  for (const TensorView& tensor : tensors) {
+    writer.write(tensor.name, tensor.data, tensor.bytes());
+  }
+  return writer.finish();
+}
+
+}  // namespace
 
 void write_file(const std::string& path, const std::vector<TensorView>& tensors,
                 const std::map<std::string, std::string>& metadata) {
-  OrderedJson header = OrderedJson::object();
-  OrderedJson meta = OrderedJson::object();
-  meta["format"] = "pt";
-  for (const auto& [key, value] : metadata) {
-    meta[key] = value;
-  }
-  header["__metadata__"] = meta;
-
-  std::set<std::string> names;
-  std::uint64_t offset = 0;
-  for (const TensorView& tensor : tensors) {
-    FERRY_CHECK(tensor.name != "__metadata__" && !tensor.name.empty(), path,
-                ": invalid tensor name '", tensor.name, "'");
-    FERRY_CHECK(names.insert(tensor.name).second, path, ": tensor name '", tensor.name,
-                "' appears twice");
-    for (std::int64_t dim : tensor.shape) {
-      FERRY_CHECK(dim >= 0, path, ": tensor '", tensor.name, "' has negative shape ",
-                  describe_shape(tensor.shape));
-    }
-    FERRY_CHECK(tensor.data != nullptr || tensor.bytes() == 0, path, ": tensor '", tensor.name,
-                "' has no data");
-    header[tensor.name] = {{"dtype", std::string(dtype_name(tensor.dtype))},
-                           {"shape", tensor.shape},
-                           {"data_offsets", {offset, offset + tensor.bytes()}}};
-    offset += tensor.bytes();
-  }
-
-  std::string text = header.dump();
-  text.append((8 - text.size() % 8) % 8, ' ');
-  unsigned char length[8];
-  write_le64(text.size(), length);
-
-  const std::string temporary = path + ".tmp";
-  {
-    File file(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    write_fully(file.fd(), length, 8, 0, temporary);
-    write_fully(file.fd(), text.data(), text.size(), 8, temporary);
-    std::uint64_t position = 8 + text.size();
-    for (const TensorView& tensor : tensors) {
-      write_fully(file.fd(), tensor.data, tensor.bytes(), position, temporary);
-      position += tensor.bytes();
-    }
-    file.sync();
-  }
-  FERRY_CHECK(::rename(temporary.c_str(), path.c_str()) == 0, "cannot rename ", temporary, " to ",
-              path, ": ", std::strerror(errno));
-  sync_directory(fs::parent_directory(path));
+  write_from_memory(Writer::file(path, specs_of(tensors), metadata), tensors);
 }
 
 std::vector<std::string> write_checkpoint(const std::string& dir,
                                           const std::vector<TensorView>& tensors,
                                           std::uint64_t max_shard_bytes) {
-  FERRY_CHECK(max_shard_bytes > 0, "max_shard_bytes must be positive, got 0");
-  fs::make_directories(dir);
-
-  std::vector<std::vector<TensorView>> shards(1);
-  std::uint64_t shard_bytes = 0;
-  std::uint64_t total_bytes = 0;
-  for (const TensorView& tensor : tensors) {
-    if (!shards.back().empty() && shard_bytes + tensor.bytes() > max_shard_bytes) {
-      shards.emplace_back();
-      shard_bytes = 0;
-    }
-    shards.back().push_back(tensor);
-    shard_bytes += tensor.bytes();
-    total_bytes += tensor.bytes();
-  }
-
-  const std::string index_path = dir + "/" + kIndexFileName;
-  if (shards.size() == 1) {
-    write_file(dir + "/" + kSingleFileName, tensors);
-    std::remove(index_path.c_str());
-    return {kSingleFileName};
-  }
-
-  std::vector<std::string> files;
-  Json weight_map = Json::object();
-  for (std::size_t i = 0; i < shards.size(); ++i) {
-    char name[64];
-    std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
-    write_file(dir + "/" + name, shards[i]);
-    for (const TensorView& tensor : shards[i]) {
-      weight_map[tensor.name] = name;
-    }
-    files.emplace_back(name);
-  }
-  Json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
-  write_atomically(index_path, index.dump(2) + "\n");
-  std::remove((dir + "/" + kSingleFileName).c_str());
-  sync_directory(dir);
-  files.emplace_back(kIndexFileName);
-  return files;
+  return write_from_memory(Writer::checkpoint(dir, specs_of(tensors), max_shard_bytes), tensors);
 }
 
 Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {

@@ -1,9 +1,11 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -256,4 +258,146 @@ TEST_CASE("safetensors: parse_header validates an in-memory image", "[safetensor
   CHECK(parsed.buffer_offset == 8 + header.size());
   CHECK(parsed.buffer_bytes == 3);
   CHECK_THROWS_AS(st::parse_header(image.data(), 4, 4, "memory"), ferry::Error);
+}
+
+namespace {
+
+// Feeds a tensor to a streaming writer in pieces of at most `piece` bytes.
+void write_in_pieces(st::Writer& writer, const st::TensorView& tensor, std::uint64_t piece) {
+  const auto* data = static_cast<const char*>(tensor.data);
+  for (std::uint64_t done = 0; done < tensor.bytes(); done += piece) {
+    writer.write(tensor.name, data + done, std::min(piece, tensor.bytes() - done));
+  }
+}
+
+std::vector<st::TensorSpec> specs_of(const std::vector<st::TensorView>& tensors) {
+  std::vector<st::TensorSpec> specs;
+  for (const st::TensorView& tensor : tensors) {
+    specs.push_back({tensor.name, tensor.dtype, tensor.shape});
+  }
+  return specs;
+}
+
+}  // namespace
+
+TEST_CASE("safetensors: the streaming writer writes what write_file writes", "[safetensors]") {
+  ferry::testing::TempDir dir;
+  std::vector<float> weight = iota_floats(6, 0.5f);
+  std::vector<std::uint16_t> half = {1, 2, 3};
+  std::vector<std::int64_t> ids = {7, -8};
+  const std::vector<st::TensorView> tensors = {{"layer.weight", DType::kF32, {2, 3}, weight.data()},
+                                               {"empty", DType::kF32, {0, 4}, nullptr},
+                                               {"layer.bias", DType::kBF16, {3}, half.data()},
+                                               {"ids", DType::kI64, {2}, ids.data()}};
+  const std::map<std::string, std::string> metadata = {{"step", "12"}};
+  st::write_file(dir.file("whole.safetensors"), tensors, metadata);
+
+  st::Writer writer = st::Writer::file(dir.file("streamed.safetensors"), specs_of(tensors), metadata);
+  for (const st::TensorView& tensor : tensors) {
+    write_in_pieces(writer, tensor, 5);  // the empty tensor gets no call at all
+  }
+  CHECK(writer.finish() == std::vector<std::string>{"streamed.safetensors"});
+  CHECK(read_bytes(dir.file("streamed.safetensors")) == read_bytes(dir.file("whole.safetensors")));
+  CHECK_FALSE(std::filesystem::exists(dir.file("streamed.safetensors.tmp")));
+}
+
+TEST_CASE("safetensors: the streaming writer shards as write_checkpoint does", "[safetensors]") {
+  ferry::testing::TempDir whole, streamed;
+  std::vector<std::vector<float>> values;
+  for (int i = 0; i < 5; ++i) {
+    values.push_back(iota_floats(10, 100.0f * i));
+  }
+  std::vector<st::TensorView> tensors;
+  for (int i = 0; i < 5; ++i) {
+    tensors.push_back({"t" + std::to_string(i), DType::kF32, {10}, values[i].data()});
+  }
+  const std::uint64_t max_shard_bytes = GENERATE(80, 1 << 20);  // three shards, or one file
+  INFO("max_shard_bytes " << max_shard_bytes);
+  const std::vector<std::string> files = st::write_checkpoint(whole.path(), tensors, max_shard_bytes);
+
+  st::Writer writer = st::Writer::checkpoint(streamed.path(), specs_of(tensors), max_shard_bytes);
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    write_in_pieces(writer, tensors[i], 7);
+    if (max_shard_bytes == 80 && i == 2) {
+      // A shard is in place as soon as its last tensor is complete and the next one begins.
+      CHECK(std::filesystem::exists(streamed.file("model-00001-of-00003.safetensors")));
+      CHECK_FALSE(std::filesystem::exists(streamed.file("model-00002-of-00003.safetensors")));
+    }
+  }
+  CHECK(writer.finish() == files);
+  for (const std::string& file : files) {
+    INFO(file);
+    CHECK(read_bytes(streamed.file(file)) == read_bytes(whole.file(file)));
+  }
+  CHECK(std::filesystem::exists(streamed.file(st::kIndexFileName)) == (files.size() > 1));
+}
+
+TEST_CASE("safetensors: the streaming writer refuses data out of order or missing",
+          "[safetensors]") {
+  ferry::testing::TempDir dir;
+  const std::string path = dir.file("model.safetensors");
+  std::vector<float> previous = iota_floats(2, 9);
+  st::write_file(path, {{"old", DType::kF32, {2}, previous.data()}});
+  const std::string previous_bytes = read_bytes(path);
+
+  std::vector<float> a = iota_floats(2, 0), b = iota_floats(2, 10);
+  st::Writer writer = st::Writer::file(
+      path, {{"a", DType::kF32, {2}}, {"none", DType::kF32, {0}}, {"b", DType::kF32, {2}}});
+
+  SECTION("a later tensor before the current one is complete") {
+    writer.write("a", a.data(), 4);
+    CHECK_THROWS_WITH(writer.write("b", b.data(), 8),
+                      Contains(path) &&
+                          Contains("data for tensor 'b' before tensor 'a' is complete (4 of its 8 "
+                                   "bytes written)"));
+  }
+  SECTION("an earlier tensor after a later one began") {
+    writer.write("a", a.data(), 8);
+    writer.write("b", b.data(), 4);
+    CHECK_THROWS_WITH(writer.write("a", a.data(), 4),
+                      Contains("data for tensor 'a' after tensor 'b'"));
+  }
+  SECTION("more data than the tensor holds") {
+    writer.write("a", a.data(), 4);
+    CHECK_THROWS_WITH(writer.write("a", a.data(), 8),
+                      Contains("tensor 'a' has 8 bytes; 4 are written and 8 more were given"));
+  }
+  SECTION("a tensor that was not declared") {
+    CHECK_THROWS_WITH(writer.write("c", a.data(), 8),
+                      Contains("no tensor 'c' was declared (3 were)"));
+  }
+  SECTION("finishing with a tensor incomplete") {
+    writer.write("a", a.data(), 8);
+    CHECK_THROWS_WITH(writer.finish(),
+                      Contains(path) && Contains("tensor 'b' is incomplete: 0 of its 8 bytes"));
+  }
+  SECTION("finishing with a tensor partly written") {
+    writer.write("a", a.data(), 8);
+    writer.write("b", b.data(), 4);
+    CHECK_THROWS_WITH(writer.finish(), Contains("tensor 'b' is incomplete: 4 of its 8 bytes"));
+  }
+  SECTION("data after finish") {
+    writer.write("a", a.data(), 8);
+    writer.write("b", b.data(), 8);
+    writer.finish();
+    CHECK_THROWS_WITH(writer.write("b", b.data(), 0), Contains("data for tensor 'b' after finish()"));
+    return;
+  }
+  // The file being replaced is untouched, and an abandoned writer leaves no temporary behind.
+  CHECK(read_bytes(path) == previous_bytes);
+  writer = st::Writer::file(dir.file("other.safetensors"), {});
+  CHECK_FALSE(std::filesystem::exists(path + ".tmp"));
+}
+
+TEST_CASE("safetensors: the streaming writer checks the declarations", "[safetensors]") {
+  ferry::testing::TempDir dir;
+  CHECK_THROWS_WITH(
+      st::Writer::file(dir.file("x.safetensors"), {{"a", DType::kF32, {2}}, {"a", DType::kF32, {3}}}),
+      Contains("tensor name 'a' appears twice"));
+  CHECK_THROWS_WITH(st::Writer::checkpoint(dir.path(), {{"a", DType::kF32, {-2}}}, 64),
+                    Contains("tensor 'a' has negative shape [-2]"));
+  CHECK_THROWS_WITH(st::Writer::checkpoint(dir.path(), {{"__metadata__", DType::kF32, {2}}}, 64),
+                    Contains("invalid tensor name '__metadata__'"));
+  CHECK_THROWS_WITH(st::Writer::checkpoint(dir.path(), {}, 0),
+                    Contains("max_shard_bytes must be positive"));
 }

@@ -1,0 +1,49 @@
+#pragma once
+
+// Engine checkpoints (checkpoint.cpp), written and read one part at a time, so that a model far
+// larger than host memory (fuyou, zo2 with NVMe homes) is never staged whole: the host holds one
+// part's fp32 weights and states at a time, besides the headers.
+
+#include <cstddef>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <torch/types.h>
+
+#include "engine/parts.h"
+#include "ferry/engine.h"
+#include "ferry/model.h"
+
+namespace ferry::detail {
+
+// One part's fp32 weights and optimizer states on the host, as a checkpoint holds them: flat,
+// contiguous, part.numel elements each, laid out as the part's slices.
+struct PartValues {
+  torch::Tensor weights;
+  std::vector<torch::Tensor> states;
+};
+
+// Called once per part, in order; the values it returns are released before the next call.
+using PartProducer = std::function<PartValues(std::size_t part)>;
+// Called once per part, in order, after the whole checkpoint has been checked.
+using PartConsumer = std::function<void(std::size_t part, PartValues values)>;
+
+// Writes the checkpoint `dir` atomically: weights as safetensors under Hugging Face names (with
+// config.json when the model has one), `state_count` optimizer states per parameter in
+// optimizer.safetensors, and `state` (plus format and optimizer) as trainer_state.json. Staged
+// in "<dir>.partial", fsynced, then swapped in, so a crash leaves the previous checkpoint.
+void write_checkpoint(const std::string& dir, const LayeredModel& model,
+                      const std::vector<Part>& parts, OptimizerKind kind,
+                      std::size_t state_count, const nlohmann::json& state,
+                      const PartProducer& produce);
+
+// Checks every tensor's name, shape and dtype in the headers of `dir` against `parts` (weights,
+// and `state_count` states each), then reads and hands over one part at a time. A checkpoint
+// that does not fit the model throws before the first call to `consume`.
+void read_checkpoint(const std::string& dir, const LayeredModel& model,
+                     const std::vector<Part>& parts, OptimizerKind kind,
+                     std::size_t state_count, const PartConsumer& consume);
+
+}  // namespace ferry::detail
