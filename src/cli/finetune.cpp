@@ -145,9 +145,9 @@ LayeredModel load_model(const std::string& name, std::uint64_t seed) {
 // Note: fuyou's profiling step runs on an engine of its own, dropped before the job's is built:
 // an engine's activations are fixed when it is built, and the job's come from the plan, which
 // needs the profile. Every checkpoint goes to NVMe and tracing is on (each part's span is then
-// compute alone); two steps train on one batch of the job's shape, and the second is measured
-// (the first warms the allocators and the page cache up). The steps change the model's weights,
-// so the job loads its model again.
+// compute alone); two steps train on one batch of the job's shape and the second is measured (the
+// first pays for first-touch allocations and the page cache). The steps change the model's
+// weights, so the job loads its model again.
 MeasuredCompute profile_fuyou(LayeredModel model, EngineConfig config, const data::Batch& batch) {
   config.activations.assign(model.num_blocks(), {true, Tier::kNvme});
   config.fuyou.host_blocks = 0;
@@ -155,15 +155,15 @@ MeasuredCompute profile_fuyou(LayeredModel model, EngineConfig config, const dat
   config.trace = true;
   Engine engine(std::move(model), config);
   engine.train_step(batch);
-  const EngineStats warm = engine.stats();
+  const EngineStats warm_up = engine.stats();
   engine.train_step(batch);
   const EngineStats both = engine.stats();
   MeasuredCompute measured;
   measured.batch = batch.input_ids.size(0);
   measured.seq = batch.input_ids.size(1);
   for (std::size_t part = 0; part < both.part_forward_seconds.size(); ++part) {
-    measured.part_forward_seconds.push_back(both.part_forward_seconds[part] - warm.part_forward_seconds[part]);
-    measured.part_backward_seconds.push_back(both.part_backward_seconds[part] - warm.part_backward_seconds[part]);
+    measured.part_forward_seconds.push_back(both.part_forward_seconds[part] - warm_up.part_forward_seconds[part]);
+    measured.part_backward_seconds.push_back(both.part_backward_seconds[part] - warm_up.part_backward_seconds[part]);
   }
   return measured;
 }
@@ -315,8 +315,10 @@ int run_finetune(int argc, char** argv) {
   if (plans_fuyou(job, config)) {
     FERRY_CHECK(model.config(), "planning fuyou needs the model's shape: use a preset or a Hugging Face directory");
     const models::ModelConfig shape = *model.config();
-    std::fprintf(stderr, "fuyou: profiling a step with every checkpoint on NVMe, then planning\n");
-    MeasuredCompute measured = profile_fuyou(std::move(model), config, data::DataLoader(dataset, loader_options).next());
+    std::fprintf(stderr, "fuyou: profiling two steps with every checkpoint on NVMe (the second is measured), "
+                         "then planning\n");
+    const data::Batch sample = data::DataLoader(dataset, loader_options).next();
+    MeasuredCompute measured = profile_fuyou(std::move(model), config, sample);
     const std::string hardware = args.count("hardware") ? args["hardware"].as<std::string>() : "";
     plan = plan_fuyou(job, config, shape, std::move(measured), job_hardware(hardware, config));
     config = plan_engine_config(*plan);

@@ -284,8 +284,9 @@ std::pair<PlanRequest, Candidate> choose_batch(const PlanRequest& request) {
     changed.batch = batch;
     Candidate candidate = plan_candidate(changed);
     if (!candidate.fits && best) break;
-    const double tokens_per_s = static_cast<double>(batch) / candidate.step.step_seconds;
-    if (!best || (candidate.fits && tokens_per_s > static_cast<double>(best->first.batch) / best->second.step.step_seconds)) {
+    // Sequences per second: the sequence length and accumulation are the same for every batch.
+    auto rate = [](std::int64_t b, const Candidate& c) { return static_cast<double>(b) / c.step.step_seconds; };
+    if (!best || (candidate.fits && rate(batch, candidate) > rate(best->first.batch, best->second))) {
       best.emplace(std::move(changed), std::move(candidate));
     }
     if (!best->second.fits) break;

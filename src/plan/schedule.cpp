@@ -336,8 +336,8 @@ class StepBuilder {
       const double updated = cpu_update(std::max(ready, states_read[part]), part);
       const double started = updated - static_cast<double>(numel(part)) / hw_.cpu_adam_params_per_s;
       if (part > 0) read_states(part - 1, started);
-      states_ready_[part] = move(Resource::kNvmeWrite, updated, optimizer_bytes(part) + (on_nvme(part) ? numel(part) * e_ : 0),
-                                 "write " + parts_[part].name + " states");
+      const std::uint64_t written = optimizer_bytes(part) + (on_nvme(part) ? numel(part) * e_ : 0);
+      states_ready_[part] = move(Resource::kNvmeWrite, updated, written, "write " + parts_[part].name + " states");
       params_ready_[part] = !is_block(part) ? move(Resource::kPcieUp, updated, numel(part) * e_,
                                                    "parameters up " + parts_[part].name)
                             : on_nvme(part) ? states_ready_[part]

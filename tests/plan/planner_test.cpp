@@ -235,7 +235,8 @@ TEST_CASE("planner: the EngineConfig a fuyou plan implies is one the engine acce
 
 namespace {
 
-MeasuredCompute uniform_times(std::int64_t blocks, std::int64_t batch, double block_forward_s, double block_backward_s) {
+MeasuredCompute uniform_times(std::int64_t blocks, std::int64_t batch, double block_forward_s,
+                              double block_backward_s) {
   MeasuredCompute measured;
   measured.batch = batch;
   measured.seq = 1024;

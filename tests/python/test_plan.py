@@ -59,7 +59,7 @@ def test_finetune_fuyou_profiles_plans_and_compares_the_step_time(tmp_path, buil
                           "--activations", "auto", "--steps", "3", "--batch", "4", "--seq", "16",
                           "--warmup", "1", "--eval-problems", "1", "--log-every", "1", "--device", "cpu",
                           "--out", str(out)], check=True, capture_output=True, text=True)
-    assert "profiling a step" in run.stderr
+    assert "profiling two steps" in run.stderr
     assert "fuyou mode" in run.stderr and "host blocks" in run.stderr  # the plan's table
     assert "measured / predicted" in run.stderr
     # The job file holds the plan's choices and runs as an engine config.
