@@ -542,6 +542,7 @@ void bind_plan(py::module_& module) {
         request.seq = seq;
         request.engine = engine_config_from_json(settings_json);
         request.engine.mode = parse_mode(mode);
+        request.choose_activations = request.engine.activations.empty();
         if (!attention.empty()) request.attention = parse_attention_kernel(attention);
         FERRY_CHECK(hardware.empty() != calibration.empty(),
                     "plan() needs exactly one of hardware= (a preset: ",

@@ -101,10 +101,10 @@ Hardware calibrate(const CalibrationOptions& options, const std::function<void(c
 
   Hardware hw;
   hw.gpu_is_host = !gpu.cuda;
-  hw.name = gpu.cuda ? gpu.description : "this machine's CPU (no CUDA device: the GPU tier is host memory)";
+  hw.name = gpu.cuda ? gpu.description : "this machine's CPU";  // gpu_is_host says the rest
   hw.gpu_memory_bytes = gpu.cuda ? gpu.total_bytes : host.total_bytes;
   hw.host_memory_bytes = host.total_bytes;
-  say("calibrate: " + hw.name);
+  say("calibrate: " + hw.name + (hw.gpu_is_host ? " (no CUDA device: the GPU tier is host memory)" : ""));
 
   const std::int64_t n = options.quick ? (gpu.cuda ? 2048 : 512) : (gpu.cuda ? 8192 : 1024);
   hw.matmul_tflops_fp32 = matmul_tflops(device, torch::kFloat, n, repeats);
