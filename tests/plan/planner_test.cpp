@@ -155,6 +155,9 @@ TEST_CASE("planner: bad input fails with the reason and the fix") {
   CHECK_THROWS_WITH(models::preset("gpt3-14b"), Contains("unknown model preset 'gpt3-14b'") && Contains("gpt3-13b"));
   CHECK_THROWS_WITH(hardware_preset("a100"), Contains("unknown hardware preset 'a100'") && Contains("rtx4090-fuyou"));
   CHECK_THROWS_WITH(parse_mode("infinity"), Contains("valid modes are gpu, zero-offload, fuyou, zo2"));
+  CHECK(parse_activations("nvme", 3).size() == 3);
+  CHECK_THROWS_WITH(parse_activations("gpu,nvme", 3), Contains("name 2 blocks but the model has 3"));
+  CHECK_THROWS_WITH(parse_activations("gpu,disk,nvme", 3), Contains("disk"));
 
   PlanRequest request = fuyou_request(8);
   request.engine.nvme_directories.clear();
@@ -278,6 +281,8 @@ TEST_CASE("planner: measured block times replace the compute estimates, scaled b
   request.measured = at_eight;
   CHECK(make_plan(request).step_seconds == Approx(measured.step_seconds));
 
+  request.measured->part_backward_seconds[3] = -1;
+  CHECK_THROWS_WITH(make_plan(request), Contains("measured compute of part 3 is -1 s"));
   request.measured->part_forward_seconds.pop_back();
   CHECK_THROWS_WITH(make_plan(request), Contains("the model has 26 parts"));
 }
