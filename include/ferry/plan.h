@@ -9,7 +9,7 @@
 //
 //   ferry::PlanRequest request;
 //   request.model = ferry::models::preset("gpt3-175b");
-//   request.mode = ferry::PlanMode::kFuyou;
+//   request.engine.mode = ferry::Mode::kFuyou;
 //   request.hardware = ferry::hardware_preset("rtx4090-fuyou");
 //   ...
 //   ferry::Plan plan = ferry::make_plan(request);
@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -72,6 +73,10 @@ struct CalibrationOptions {
   std::vector<std::string> nvme_directories;  // each measured through the I/O engine
   std::uint64_t nvme_bytes = std::uint64_t{1} << 30;  // per pass and direction
   unsigned repeat = 3;                         // runs per figure; the median is kept
+  // Small sizes, about a second on a CPU: a 512 x 512 matmul (2048 on a GPU), 32 MiB copies and
+  // AdamW over 4M parameters. The figures are rougher; a front end that plans before it runs
+  // uses it when no calibration file is given.
+  bool quick = false;
 };
 
 // Measures this machine with ferry's own kernels and I/O engine (`ferry bench calibrate`):
@@ -87,13 +92,6 @@ std::vector<std::string> hardware_preset_names();
 
 // --- the request ------------------------------------------------------------------------------
 
-// The engine's modes plus fuyou, which the planner sizes from issue 7's placement before the
-// engine runs it: parameters, fp32 master, m and v on NVMe, a bounded host staging cache, a
-// window of blocks on the GPU.
-enum class PlanMode { kGpu, kZeroOffload, kZo2, kFuyou };
-const char* to_string(PlanMode mode);
-PlanMode parse_plan_mode(const std::string& name);  // "gpu", "zero-offload", "zo2", "fuyou"
-
 // How attention keeps its scores: fused (SDPA flash / memory-efficient kernels: LibTorch >= 2 on
 // CUDA, no seq x seq tensor) or materialized (the scores and softmax in memory: ferry on
 // LibTorch 1.13, Hugging Face's eager attention).
@@ -102,20 +100,44 @@ const char* to_string(AttentionKernel kernel);
 AttentionKernel parse_attention_kernel(const std::string& name);  // "fused", "materialized"
 AttentionKernel default_attention_kernel();  // what this build of ferry runs
 
+// Compute seconds measured on the real model (Engine::stats() with EngineConfig::trace on), in
+// EngineStats' layout: index 0 the stem, 1..n the blocks, n+1 the head. A block's backward
+// includes its recomputation: measure with every block recomputed, as fuyou's profiling step does
+// (every checkpoint on NVMe). They replace the FLOP-based estimates, scaled by tokens for another
+// batch or sequence length.
+struct MeasuredCompute {
+  std::int64_t batch = 0;  // the micro-batch and sequence length they were measured at
+  std::int64_t seq = 0;
+  std::vector<double> part_forward_seconds;
+  std::vector<double> part_backward_seconds;
+};
+
+// Activations as the front ends take them: one parse_block_activations name for every block
+// ("nvme"), or a comma list with one per block. Throws ferry::Error for an unknown name or a list
+// of another length.
+std::vector<BlockActivations> parse_activations(const std::string& text, std::int64_t blocks);
+
 struct PlanRequest {
   std::string model_name;  // for the report: the preset or directory
   models::ModelConfig model;
-  PlanMode mode = PlanMode::kZeroOffload;
-  // Precision, budgets (0: unlimited), NVMe directories, optimizer, zo settings, grad_accumulation,
-  // max_grad_norm, keep_graph_blocks, offload_checkpoints: as the engine would get them. The
-  // mode field is ignored (mode above wins); device is ignored (hardware.gpu_is_host says).
+  // Mode, precision, budgets (0: unlimited), NVMe directories, optimizer, zo and fuyou settings,
+  // grad_accumulation, max_grad_norm, activations (or keep_graph_blocks, offload_checkpoints): as
+  // the engine would get them. device is ignored (hardware.gpu_is_host says).
   EngineConfig engine;
   std::int64_t batch = 1;  // sequences per micro-batch
   std::int64_t seq = 1024;
   AttentionKernel attention = default_attention_kernel();
-  // fuyou: choose each block's BlockActivations to minimise the step time within the budgets.
-  // Off, or in the other modes, engine.keep_graph_blocks and offload_checkpoints decide.
+  // fuyou: choose each block's checkpoint tier (gpu, host or nvme) for the shortest step within
+  // the budgets. Off, or in the other modes, engine.activations (or keep_graph_blocks and
+  // offload_checkpoints) decide.
   bool choose_activations = true;
+  // fuyou: give the blocks' parameters as much host memory as the budget leaves
+  // (FuyouConfig::host_blocks). Off: engine.fuyou.host_blocks as given.
+  bool choose_host_blocks = true;
+  // Above 0: choose the micro-batch among the powers of two up to max_batch (at `seq`), the one
+  // with the most tokens/s that fits, choosing activations for each; `batch` is then ignored.
+  std::int64_t max_batch = 0;
+  std::optional<MeasuredCompute> measured;
   Hardware hardware;
 };
 
@@ -149,7 +171,7 @@ struct Plan {
   std::vector<std::string> fixes;       // the smallest changes that fit, best first
 
   std::vector<BlockActivations> activations;  // one per block; empty for zo2 (no backward)
-  std::int64_t cached_blocks = 0;      // fuyou: blocks whose parameters the host cache keeps
+  std::int64_t host_blocks = 0;        // fuyou: blocks whose parameters live in host memory
   std::uint64_t checkpoint_bytes = 0;  // one block's input, one micro-batch
   std::uint64_t graph_bytes = 0;       // one block's kept autograd graph, one micro-batch
 
@@ -166,6 +188,10 @@ struct Plan {
 // Throws ferry::Error for a request the engine would reject (invalid shapes, settings, a mode
 // without the NVMe directories it needs, hardware figures that are missing).
 Plan make_plan(const PlanRequest& request);
+
+// The engine settings that run the plan: the request's, with the chosen activations and, for
+// fuyou, host_blocks filled in. Train with micro-batches of plan.request.batch.
+EngineConfig plan_engine_config(const Plan& plan);
 
 std::string format_plan(const Plan& plan);  // the table `ferry plan` prints
 std::string plan_to_json(const Plan& plan);

@@ -538,10 +538,11 @@ void bind_plan(py::module_& module) {
                       " is neither a preset nor a directory with a Hugging Face config.json");
           request.model = models::ModelConfig::from_hf_file(model + "/config.json");
         }
-        request.mode = parse_plan_mode(mode);
         request.batch = batch;
         request.seq = seq;
         request.engine = engine_config_from_json(settings_json);
+        request.engine.mode = parse_mode(mode);
+        request.choose_activations = request.engine.activations.empty();
         if (!attention.empty()) request.attention = parse_attention_kernel(attention);
         FERRY_CHECK(hardware.empty() != calibration.empty(),
                     "plan() needs exactly one of hardware= (a preset: ",

@@ -18,6 +18,7 @@ int run_calibrate(int argc, char** argv) {
       ("nvme", "NVMe directories to measure, comma-separated", cxxopts::value<std::vector<std::string>>())
       ("nvme-size", "bytes per NVMe pass", cxxopts::value<std::string>()->default_value("1GiB"))
       ("repeat", "runs per figure; the median is kept", cxxopts::value<unsigned>()->default_value("3"))
+      ("quick", "small sizes: about a second on a CPU, rougher figures")
       ("h,help", "show this help");
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
@@ -28,6 +29,7 @@ int run_calibrate(int argc, char** argv) {
   if (args.count("nvme")) calibration.nvme_directories = args["nvme"].as<std::vector<std::string>>();
   calibration.nvme_bytes = parse_bytes(args["nvme-size"].as<std::string>());
   calibration.repeat = args["repeat"].as<unsigned>();
+  calibration.quick = args.count("quick") > 0;
   const Hardware hw = calibrate(calibration, [](const std::string& line) { std::cout << line << "\n" << std::flush; });
   const std::string out = args["out"].as<std::string>();
   hw.save(out);

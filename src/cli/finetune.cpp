@@ -9,6 +9,7 @@
 #include <cxxopts.hpp>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -18,6 +19,7 @@
 #include "ferry/engine.h"
 #include "ferry/fs.h"
 #include "ferry/model.h"
+#include "ferry/plan.h"
 
 namespace ferry::cli {
 namespace {
@@ -40,7 +42,8 @@ const Json& defaults() {
       {"momentum", 0.0},             {"nvme", ""},              {"nvme_budget", "0"},
       {"zo_eps", 1e-3},              {"zo_samples", 1},         {"zo_blocks", "host"},
       {"zo_host_blocks", 0},         {"zo_storage", ""},        {"zo_window", 3},
-      {"zo_write_back", 4},
+      {"zo_write_back", 4},          {"fuyou_host_blocks", "auto"}, {"fuyou_window", 3},
+      {"activations", "auto"},
   };
   return kDefaults;
 }
@@ -102,18 +105,129 @@ Json resolve(const cxxopts::ParseResult& args) {
   return config;
 }
 
-// The job's engine settings, read by the parser the other front ends share.
-EngineConfig engine_config(const Json& job) {
+// The job's engine settings, read by the parser the other front ends share. "auto" activations
+// and host blocks are left for the plan (plan_fuyou); one activations name stands for every block.
+EngineConfig engine_config(const Json& job, std::int64_t blocks) {
   Json settings;
   for (const std::string& key : engine_config_keys()) {
     if (job.contains(key)) settings[key] = job[key];
   }
-  return engine_config_from_json(settings.dump());
+  const Json host_blocks = settings["fuyou_host_blocks"];
+  if (host_blocks == "auto") {
+    settings.erase("fuyou_host_blocks");
+  } else if (host_blocks.is_string()) {
+    const std::string text = host_blocks.get<std::string>();
+    FERRY_CHECK(!text.empty() && text.find_first_not_of("0123456789") == std::string::npos,
+                "fuyou_host_blocks = '", text, "' is invalid: use auto or a number of blocks");
+    settings["fuyou_host_blocks"] = std::stoll(text);
+  }
+  const Json activations = settings["activations"];
+  settings.erase("activations");
+  EngineConfig config = engine_config_from_json(settings.dump());
+  if (activations.is_array()) {
+    config.activations = engine_config_from_json(Json{{"activations", activations}}.dump()).activations;
+  } else if (activations != "auto") {
+    config.activations = parse_activations(activations.get<std::string>(), blocks);
+  }
+  return config;
+}
+
+// Whether the job plans fuyou's activations or host blocks before it runs.
+bool plans_fuyou(const Json& job, const EngineConfig& config) {
+  return config.mode == Mode::kFuyou && (job["activations"] == "auto" || job["fuyou_host_blocks"] == "auto");
 }
 
 LayeredModel load_model(const std::string& name, std::uint64_t seed) {
   if (name.find('/') != std::string::npos) return models::from_pretrained(name);
   return models::build(models::preset(name), seed);
+}
+
+// Note: fuyou's profiling step runs on an engine of its own, dropped before the job's is built:
+// an engine's activations are fixed when it is built, and the job's come from the plan, which
+// needs the profile. Every checkpoint goes to NVMe and tracing is on (each part's span is then
+// compute alone); two steps train on one batch of the job's shape and the second is measured (the
+// first pays for first-touch allocations and the page cache). The steps change the model's
+// weights, so the job loads its model again.
+MeasuredCompute profile_fuyou(LayeredModel model, EngineConfig config, const data::Batch& batch) {
+  config.activations.assign(model.num_blocks(), {true, Tier::kNvme});
+  config.fuyou.host_blocks = 0;
+  config.grad_accumulation = 1;
+  config.trace = true;
+  Engine engine(std::move(model), config);
+  engine.train_step(batch);
+  const EngineStats warm_up = engine.stats();
+  engine.train_step(batch);
+  const EngineStats both = engine.stats();
+  MeasuredCompute measured;
+  measured.batch = batch.input_ids.size(0);
+  measured.seq = batch.input_ids.size(1);
+  for (std::size_t part = 0; part < both.part_forward_seconds.size(); ++part) {
+    measured.part_forward_seconds.push_back(both.part_forward_seconds[part] - warm_up.part_forward_seconds[part]);
+    measured.part_backward_seconds.push_back(both.part_backward_seconds[part] - warm_up.part_backward_seconds[part]);
+  }
+  return measured;
+}
+
+// The figures the plan runs on: --hardware names a calibration file (`ferry bench calibrate
+// --out FILE`) or a preset; without it, a quick calibration of this machine and the job's NVMe
+// directories (a few seconds).
+Hardware job_hardware(const std::string& name, const EngineConfig& config) {
+  if (!name.empty()) return fs::exists(name) ? Hardware::load(name) : hardware_preset(name);
+  CalibrationOptions options;
+  options.nvme_directories = config.nvme_directories;
+  options.nvme_bytes = std::uint64_t{32} << 20;
+  options.repeat = 1;
+  options.quick = true;
+  return calibrate(options);
+}
+
+Plan plan_fuyou(const Json& job, const EngineConfig& config, const models::ModelConfig& shape,
+                MeasuredCompute measured, Hardware hardware) {
+  PlanRequest request;
+  request.model_name = job["model"];
+  request.model = shape;
+  request.engine = config;
+  request.batch = job["batch"];
+  request.seq = job["seq"];
+  request.choose_activations = job["activations"] == "auto";
+  request.choose_host_blocks = job["fuyou_host_blocks"] == "auto";
+  request.measured = std::move(measured);
+  request.hardware = std::move(hardware);
+  Plan plan = make_plan(request);
+  std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
+  FERRY_CHECK(plan.fits, "the fuyou plan does not fit the budgets: see the fixes above");
+  return plan;
+}
+
+// The job as it runs: the plan's choices in place of "auto", so that the file is an engine config
+// as it stands (the Python Engine takes it) and runs the same job again without planning.
+Json resolved_job(Json job, const EngineConfig& config) {
+  job["fuyou_host_blocks"] = config.fuyou.host_blocks;
+  if (config.activations.empty()) {
+    job.erase("activations");
+  } else {
+    Json names = Json::array();
+    for (const BlockActivations& block : config.activations) {
+      names.push_back(block.recompute ? to_string(block.tier) : "graph");
+    }
+    job["activations"] = names;
+  }
+  return job;
+}
+
+// The plan's step time against the run's, leaving out the first step (allocations, first reads).
+void compare_with_plan(const Plan& plan, const std::vector<double>& step_seconds) {
+  if (step_seconds.size() < 2) {
+    std::fprintf(stderr, "plan: predicted %.3f s/step; too few steps to compare (the first is left out)\n",
+                 plan.step_seconds);
+    return;
+  }
+  double sum = 0;
+  for (std::size_t i = 1; i < step_seconds.size(); ++i) sum += step_seconds[i];
+  const double measured = sum / static_cast<double>(step_seconds.size() - 1);
+  std::fprintf(stderr, "plan: predicted %.3f s/step, measured %.3f s/step (mean of the %zu steps after the first): "
+               "measured / predicted = %.2f\n", plan.step_seconds, measured, step_seconds.size() - 1,
+               measured / plan.step_seconds);
 }
 
 std::string format_duration(double seconds) {
@@ -150,8 +264,14 @@ double demo_accuracy(Engine& engine, const data::AdditionTask& task, std::int64_
 int run_finetune(int argc, char** argv) {
   cxxopts::Options options(argv[0], "Fine-tune a model (default: a tiny model on the built-in addition task). "
                                     "With --mode zo2 the defaults are optimizer sgd, lr 1e-4, weight decay 0 and "
-                                    "no clipping.");
+                                    "no clipping. With --mode fuyou and --activations or --fuyou-host-blocks auto, "
+                                    "a profiling step (every checkpoint on NVMe) measures the model's compute, the "
+                                    "planner chooses them (docs/plan.md), and the run ends with the predicted "
+                                    "against the measured step time. --activations takes gpu, host, nvme or graph "
+                                    "for every block, or a comma list with one per block.");
   options.add_options()("config", "JSON job file; flags override it", cxxopts::value<std::string>());
+  options.add_options()("hardware", "fuyou planning: a calibration file (ferry bench calibrate) or a hardware "
+                        "preset; default: a quick calibration", cxxopts::value<std::string>());
   for (auto& [key, value] : defaults().items()) {
     std::string flag = key;
     std::replace(flag.begin(), flag.end(), '_', '-');
@@ -172,6 +292,7 @@ int run_finetune(int argc, char** argv) {
   FERRY_CHECK(steps >= 1, "steps = ", steps, " is invalid: it must be at least 1");
 
   LayeredModel model = load_model(job["model"], job["seed"]);
+  const auto blocks = static_cast<std::int64_t>(model.num_blocks());
   const std::int64_t vocab = model.config() ? model.config()->vocab_size : 0;
   data::AdditionTask task{job["demo_digits"], job["seed"]};
   data::LoaderOptions loader_options;
@@ -189,10 +310,23 @@ int run_finetune(int argc, char** argv) {
   }
   data::DataLoader loader(dataset, loader_options);
 
-  EngineConfig config = engine_config(job);
+  EngineConfig config = engine_config(job, blocks);
+  std::optional<Plan> plan;
+  if (plans_fuyou(job, config)) {
+    FERRY_CHECK(model.config(), "planning fuyou needs the model's shape: use a preset or a Hugging Face directory");
+    const models::ModelConfig shape = *model.config();
+    std::fprintf(stderr, "fuyou: profiling two steps with every checkpoint on NVMe (the second is measured), "
+                         "then planning\n");
+    const data::Batch sample = data::DataLoader(dataset, loader_options).next();
+    MeasuredCompute measured = profile_fuyou(std::move(model), config, sample);
+    const std::string hardware = args.count("hardware") ? args["hardware"].as<std::string>() : "";
+    plan = plan_fuyou(job, config, shape, std::move(measured), job_hardware(hardware, config));
+    config = plan_engine_config(*plan);
+    model = load_model(job["model"], job["seed"]);
+  }
   Engine engine(std::move(model), config);
   fs::make_directories(out + "/checkpoints");
-  std::ofstream(out + "/config.json") << job.dump(2) << "\n";
+  std::ofstream(out + "/config.json") << resolved_job(job, config).dump(2) << "\n";
 
   const std::string latest_file = out + "/checkpoints/latest";
   std::string resume = job["resume"];
@@ -237,9 +371,12 @@ int run_finetune(int argc, char** argv) {
   const std::int64_t first_step = engine.steps_taken();
   std::int64_t tokens = 0;
   StepResult last;
+  std::vector<double> step_seconds;
+  auto step_start = Clock::now();
   while (engine.steps_taken() < steps && !g_stop_requested) {
     auto result = engine.train_step(loader.next());
     if (!result) continue;
+    step_seconds.push_back(std::chrono::duration<double>(Clock::now() - step_start).count());
     last = *result;
     tokens += result->tokens;
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
@@ -255,6 +392,7 @@ int run_finetune(int argc, char** argv) {
       draw_progress(result->step - first_step, steps - first_step, *result, tokens_per_s, elapsed);
     }
     if (save_every > 0 && result->step % save_every == 0) save("every " + std::to_string(save_every) + " steps");
+    step_start = Clock::now();
   }
   metrics.flush();
   engine.flush();  // zo2 applies the last step's update (a no-op in the other modes)
@@ -276,6 +414,7 @@ int run_finetune(int argc, char** argv) {
   std::fprintf(stderr, "time: forward %.1f s, backward %.1f s, optimizer %.1f s (waited %.1f s)\n",
                stats.forward_seconds, stats.backward_seconds, stats.optimizer_seconds,
                stats.optimizer_wait_seconds);
+  if (plan) compare_with_plan(*plan, step_seconds);
   std::fprintf(stderr, "outputs: %s/metrics.jsonl, %s/config.json, %s/checkpoints/\n", out.c_str(),
                out.c_str(), out.c_str());
   return 0;

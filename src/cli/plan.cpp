@@ -100,9 +100,15 @@ int run_plan(int argc, char** argv) {
       ("optimizer", "adamw, adam, sgd or adagrad", cxxopts::value<std::string>()->default_value("adamw"))
       ("momentum", "sgd momentum (a state per parameter when > 0)", cxxopts::value<double>()->default_value("0"))
       ("max-grad-norm", "global-norm clipping (0: off); on, updates wait for backward", cxxopts::value<double>()->default_value("0"))
+      ("max-batch", "choose the micro-batch: the fastest power of two up to this that fits (0: --batch)",
+       cxxopts::value<std::int64_t>()->default_value("0"))
       ("keep-graph-blocks", "gpu/zero-offload: blocks that keep their graph", cxxopts::value<std::int64_t>()->default_value("0"))
       ("offload-checkpoints", "gpu/zero-offload: checkpoints in host memory")
-      ("fixed-activations", "fuyou: use --keep-graph-blocks/--offload-checkpoints instead of choosing")
+      ("activations", "per block, comma-separated: gpu, host, nvme (a checkpoint's tier) or graph; "
+       "auto: fuyou chooses", cxxopts::value<std::string>()->default_value("auto"))
+      ("fuyou-host-blocks", "fuyou: blocks whose parameters live in host memory (default: what the host budget leaves)",
+       cxxopts::value<std::int64_t>())
+      ("fuyou-window", "fuyou: blocks on the device at once", cxxopts::value<std::int64_t>()->default_value("3"))
       ("zo-samples", "zo2: perturbations per step", cxxopts::value<std::int64_t>()->default_value("1"))
       ("zo-block-tier", "zo2: where blocks live, host or nvme", cxxopts::value<std::string>()->default_value("host"))
       ("zo-host-blocks", "zo2 with nvme: blocks kept in host memory", cxxopts::value<std::int64_t>()->default_value("0"))
@@ -133,10 +139,10 @@ int run_plan(int argc, char** argv) {
   PlanRequest request;
   request.model_name = args["model"].as<std::string>();
   request.model = resolve_model(request.model_name);
-  request.mode = parse_plan_mode(args["mode"].as<std::string>());
   request.batch = args["batch"].as<std::int64_t>();
   request.seq = args["seq"].as<std::int64_t>();
   EngineConfig& config = request.engine;
+  config.mode = parse_mode(args["mode"].as<std::string>());
   config.precision = parse_precision(args["precision"].as<std::string>());
   config.gpu_budget_bytes = parse_bytes(args["gpu-budget"].as<std::string>());
   config.host_budget_bytes = parse_bytes(args["host-budget"].as<std::string>());
@@ -154,7 +160,13 @@ int run_plan(int argc, char** argv) {
               "--zo-block-tier ", args["zo-block-tier"].as<std::string>(), " is invalid: use host or nvme");
   config.zo.host_blocks = args["zo-host-blocks"].as<std::int64_t>();
   config.zo.blocks_in_flight = args["zo-blocks-in-flight"].as<std::int64_t>();
-  request.choose_activations = args.count("fixed-activations") == 0;
+  request.max_batch = args["max-batch"].as<std::int64_t>();
+  const std::string activations = args["activations"].as<std::string>();
+  request.choose_activations = activations == "auto";
+  if (!request.choose_activations) config.activations = parse_activations(activations, request.model.num_layers);
+  request.choose_host_blocks = args.count("fuyou-host-blocks") == 0;
+  if (!request.choose_host_blocks) config.fuyou.host_blocks = args["fuyou-host-blocks"].as<std::int64_t>();
+  config.fuyou.blocks_in_flight = args["fuyou-window"].as<std::int64_t>();
   if (args.count("attention")) request.attention = parse_attention_kernel(args["attention"].as<std::string>());
   request.hardware = resolve_hardware(args, config.nvme_directories);
   if (!args.count("hardware")) check_directories(&request);

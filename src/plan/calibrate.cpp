@@ -101,19 +101,20 @@ Hardware calibrate(const CalibrationOptions& options, const std::function<void(c
 
   Hardware hw;
   hw.gpu_is_host = !gpu.cuda;
-  hw.name = gpu.cuda ? gpu.description : "this machine's CPU (no CUDA device: the GPU tier is host memory)";
+  hw.name = gpu.cuda ? gpu.description : "this machine's CPU";  // gpu_is_host says the rest
   hw.gpu_memory_bytes = gpu.cuda ? gpu.total_bytes : host.total_bytes;
   hw.host_memory_bytes = host.total_bytes;
-  say("calibrate: " + hw.name);
+  say("calibrate: " + hw.name + (hw.gpu_is_host ? " (no CUDA device: the GPU tier is host memory)" : ""));
 
-  const std::int64_t n = gpu.cuda ? 8192 : 1024;
+  const std::int64_t n = options.quick ? (gpu.cuda ? 2048 : 512) : (gpu.cuda ? 8192 : 1024);
   hw.matmul_tflops_fp32 = matmul_tflops(device, torch::kFloat, n, repeats);
   hw.matmul_tflops_bf16 = matmul_tflops(device, torch::kBFloat16, n, repeats);
   hw.matmul_tflops_fp16 = gpu.cuda ? matmul_tflops(device, torch::kHalf, n, repeats) : hw.matmul_tflops_bf16;
   say(detail::concat("matmul ", n, "x", n, ": fp32 ", fixed(hw.matmul_tflops_fp32), ", bf16 ",
                      fixed(hw.matmul_tflops_bf16), ", fp16 ", fixed(hw.matmul_tflops_fp16), " TFLOPS"));
 
-  const std::int64_t copy_elements = std::int64_t{1} << (gpu.cuda ? 28 : 26);  // 1 GiB / 256 MiB of fp32
+  // 1 GiB / 256 MiB of fp32; quick: 32 MiB.
+  const std::int64_t copy_elements = std::int64_t{1} << (options.quick ? 23 : gpu.cuda ? 28 : 26);
   {
     const torch::Tensor a = torch::ones({copy_elements}, torch::TensorOptions().device(device));
     torch::Tensor b = torch::empty_like(a);
@@ -131,7 +132,7 @@ Hardware calibrate(const CalibrationOptions& options, const std::function<void(c
                      gpu.cuda ? "PCIe (pinned) " : "host memcpy (no PCIe) ", fixed(hw.pcie_h2d_gbps),
                      " GB/s up, ", fixed(hw.pcie_d2h_gbps), " GB/s down"));
 
-  hw.cpu_adam_params_per_s = cpu_adam_params_per_s(std::int64_t{1} << 25, repeats);
+  hw.cpu_adam_params_per_s = cpu_adam_params_per_s(std::int64_t{1} << (options.quick ? 22 : 25), repeats);
   say(detail::concat("CPU AdamW (", optim::num_threads(), " threads, ", optim::isa_name(optim::active_isa()),
                      "): ", fixed(hw.cpu_adam_params_per_s / 1e9, 2), "e9 parameters/s"));
 

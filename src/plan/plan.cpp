@@ -1,5 +1,6 @@
-// make_plan: sizes the tiers, replays the step, chooses fuyou's activation placement, and when the
-// budgets do not hold, tries the nearby requests that would.
+// make_plan: sizes the tiers, replays the step, chooses fuyou's checkpoint tiers and host blocks
+// and, when asked, the micro-batch; when the budgets do not hold, tries the nearby requests that
+// would.
 
 #include <algorithm>
 #include <cmath>
@@ -30,78 +31,124 @@ bool fits(const PlanRequest& request, const Sizing& sizing) {
   return true;
 }
 
-Candidate evaluate(const PlanRequest& request, const std::vector<BlockActivations>& activations) {
+Candidate evaluate(const PlanRequest& request, const EngineConfig& config) {
   Candidate candidate;
-  candidate.sizing = detail::size_tiers(request, activations);
+  candidate.sizing = detail::size_tiers(request, config);
   candidate.step = detail::predict_step(request, candidate.sizing);
   candidate.fits = fits(request, candidate.sizing);
   return candidate;
 }
 
-std::uint64_t bytes_on(const Sizing& sizing, Tier tier, const std::string& role_prefix) {
-  std::uint64_t sum = 0;
-  for (const PlanItem& item : sizing.items) {
-    if (item.tier == tier && item.role.rfind(role_prefix, 0) == 0) sum += item.bytes;
-  }
-  return sum;
-}
-
-// Note: fuyou's activation placement. Blocks are alike, so a placement is described by how many
-// keep their graph (the last `graphs` blocks: backward needs them first) and where each block's
-// activations live: from the last block back, on the GPU while it has room, then in host memory
-// (or not, leaving the host to the parameter cache), then on NVMe. Every count is tried and the
-// fastest placement that fits wins; ties go to fewer graphs.
-std::vector<BlockActivations> fuyou_placement(const PlanRequest& request, std::int64_t graphs,
-                                              bool activations_on_host, const Sizing& all_on_nvme) {
-  const std::int64_t blocks = request.model.num_layers;
-  auto room = [&](Tier tier) -> std::uint64_t {
-    const std::uint64_t limit = detail::tier_limit(request, tier);
-    std::uint64_t used = all_on_nvme.tier_bytes[static_cast<int>(tier)];
-    if (tier == Tier::kHost) used -= bytes_on(all_on_nvme, Tier::kHost, "parameter cache");
-    return limit > used ? limit - used : 0;
-  };
-  std::uint64_t gpu_room = room(Tier::kGpu), host_room = activations_on_host ? room(Tier::kHost) : 0;
-  std::vector<BlockActivations> placement(static_cast<std::size_t>(blocks));
-  for (std::int64_t i = blocks; i-- > 0;) {
-    BlockActivations& block = placement[static_cast<std::size_t>(i)];
-    block.recompute = i < blocks - graphs;
-    const std::uint64_t bytes =
-        block.recompute ? all_on_nvme.block.checkpoint_bytes : all_on_nvme.block.graph_bytes;
-    if (bytes <= gpu_room) {
-      block.tier = Tier::kGpu;
-      gpu_room -= bytes;
-    } else if (bytes <= host_room) {
-      block.tier = Tier::kHost;
-      host_room -= bytes;
+// The largest value in [low, high] for which `works` holds, assuming it holds up to a point.
+std::optional<std::int64_t> largest_that_works(std::int64_t low, std::int64_t high,
+                                               const std::function<bool(std::int64_t)>& works) {
+  if (low > high || !works(low)) return std::nullopt;
+  while (low < high) {
+    const std::int64_t middle = low + (high - low + 1) / 2;
+    if (works(middle)) {
+      low = middle;
     } else {
-      block.tier = Tier::kNvme;
+      high = middle - 1;
     }
   }
-  return placement;
+  return low;
 }
+
+// Whether `candidate` beats `best`: it fits where `best` does not, or it is faster by more than
+// `tolerance` (a fraction of the step).
+bool better(const Candidate& candidate, const Candidate& best, double tolerance) {
+  if (candidate.fits != best.fits) return candidate.fits;
+  return candidate.step.step_seconds < best.step.step_seconds * (1 - tolerance);
+}
+
+// What the tier's limit leaves; unlimited without one.
+std::uint64_t room(const PlanRequest& request, const Sizing& sizing, Tier tier) {
+  const std::uint64_t limit = detail::tier_limit(request, tier);
+  const std::uint64_t used = sizing.tier_bytes[static_cast<int>(tier)];
+  if (limit == 0) return UINT64_MAX;
+  return limit > used ? limit - used : 0;
+}
+
+// fuyou: the host blocks take what the host budget leaves, a whole block at a time.
+EngineConfig with_host_blocks(const PlanRequest& request, EngineConfig config) {
+  if (config.mode != Mode::kFuyou || !request.choose_host_blocks) return config;
+  config.fuyou.host_blocks = 0;
+  const std::uint64_t left = room(request, detail::size_tiers(request, config), Tier::kHost);
+  config.fuyou.host_blocks = static_cast<std::int64_t>(std::min<std::uint64_t>(
+      static_cast<std::uint64_t>(request.model.num_layers), left / detail::block_parameter_bytes(request)));
+  return config;
+}
+
+// Every block recomputes from its checkpoint: from the last block back (backward needs the last
+// ones first), `on_gpu` checkpoints on the device, then `on_host` in host memory, the rest on NVMe.
+EngineConfig fuyou_placement(const PlanRequest& request, std::int64_t on_gpu, std::int64_t on_host) {
+  const std::int64_t blocks = request.model.num_layers;
+  EngineConfig config = request.engine;
+  config.activations.assign(static_cast<std::size_t>(blocks), {true, Tier::kNvme});
+  for (std::int64_t from_last = 0; from_last < std::min(blocks, on_gpu + on_host); ++from_last) {
+    config.activations[static_cast<std::size_t>(blocks - 1 - from_last)].tier =
+        from_last < on_gpu ? Tier::kGpu : Tier::kHost;
+  }
+  return with_host_blocks(request, config);
+}
+
+// Note: fuyou's activation placement. A checkpoint on the device costs no time and competes with
+// nothing the planner chooses; one in host memory competes with the host blocks (a host block
+// saves reading its parameters from NVMe twice a step and writing them once; a host checkpoint
+// saves writing and reading the checkpoint once). So, with as many checkpoints on the device as
+// fit, every count in host memory is tried, the host blocks taking what is left, and the fewest
+// in host memory that is no slower than the fastest step wins; then the device keeps the fewest
+// checkpoints that are no slower either. A swap that the other resources hide costs nothing, and
+// memory the plan does not count (the allocator's fragmentation, the CUDA context) is better
+// left free. The step only gets faster with more checkpoints on the device, so that count is a
+// binary search. The tolerance is for rounding only.
+constexpr double kTieTolerance = 1e-9;
 
 Candidate choose_fuyou_activations(const PlanRequest& request) {
   const std::int64_t blocks = request.model.num_layers;
-  const Sizing all_on_nvme = detail::size_tiers(
-      request, std::vector<BlockActivations>(static_cast<std::size_t>(blocks), {true, Tier::kNvme}));
-  std::optional<Candidate> best;
-  for (std::int64_t graphs = 0; graphs <= blocks; ++graphs) {
-    for (bool on_host : {true, false}) {
-      Candidate candidate = evaluate(request, fuyou_placement(request, graphs, on_host, all_on_nvme));
-      const bool better =
-          !best || (candidate.fits && !best->fits) ||
-          (candidate.fits == best->fits && candidate.step.step_seconds < best->step.step_seconds * (1 - 1e-9));
-      if (better) best = std::move(candidate);
+  // With every checkpoint on the device none arrives in backward, so that count is tried alone.
+  auto device_holds = [&](std::int64_t on_gpu) {
+    const Sizing sizing = detail::size_tiers(request, fuyou_placement(request, on_gpu, 0));
+    const std::uint64_t limit = detail::tier_limit(request, Tier::kGpu);
+    return limit == 0 || sizing.tier_bytes[static_cast<int>(Tier::kGpu)] <= limit;
+  };
+  const std::int64_t gpu_most =
+      device_holds(blocks) ? blocks : largest_that_works(0, blocks - 1, device_holds).value_or(0);
+
+  // Note: not a search that stops once the host is full: checkpoints on NVMe stage through the
+  // host, so moving the last ones from NVMe to the host may fit where fewer did not.
+  std::vector<Candidate> by_host;
+  for (std::int64_t on_host = 0; on_host <= blocks - gpu_most; ++on_host) {
+    by_host.push_back(evaluate(request, fuyou_placement(request, gpu_most, on_host)));
+  }
+  const Candidate* fastest = &by_host.front();
+  for (const Candidate& candidate : by_host) {
+    if (better(candidate, *fastest, 0)) fastest = &candidate;
+  }
+  std::size_t on_host = 0;
+  while (better(*fastest, by_host[on_host], kTieTolerance)) ++on_host;
+
+  std::int64_t low = 0, high = gpu_most;
+  while (low < high) {
+    const std::int64_t middle = low + (high - low) / 2;
+    const Candidate candidate = evaluate(request, fuyou_placement(request, middle, static_cast<std::int64_t>(on_host)));
+    if (better(*fastest, candidate, kTieTolerance)) {
+      low = middle + 1;
+    } else {
+      high = middle;
     }
   }
-  return *best;
+  if (low == gpu_most) return by_host[on_host];
+  return evaluate(request, fuyou_placement(request, low, static_cast<std::int64_t>(on_host)));
 }
 
 Candidate plan_candidate(const PlanRequest& request) {
-  if (request.mode == PlanMode::kFuyou && request.choose_activations) {
+  if (request.engine.mode == Mode::kFuyou && request.choose_activations) {
     return choose_fuyou_activations(request);
   }
-  return evaluate(request, detail::engine_activations(request));
+  EngineConfig config = request.engine;
+  config.activations = detail::engine_activations(request);
+  return evaluate(request, with_host_blocks(request, config));
 }
 
 void check_hardware(const PlanRequest& request) {
@@ -116,17 +163,17 @@ void check_hardware(const PlanRequest& request) {
        (std::string(to_string(config.precision)) + " matmul TFLOPS").c_str(),
        (std::string("tflops-") + to_string(config.precision)).c_str());
   need(hw.gpu_memory_gbps, "GPU memory bandwidth", "gpu-memory-gbps");
-  if (request.mode != PlanMode::kGpu) {
+  const Mode mode = config.mode;
+  if (mode != Mode::kGpu) {
     need(hw.pcie_h2d_gbps, "PCIe host-to-device bandwidth", "pcie-h2d-gbps");
     need(hw.pcie_d2h_gbps, "PCIe device-to-host bandwidth", "pcie-d2h-gbps");
   }
-  if (request.mode == PlanMode::kZeroOffload || request.mode == PlanMode::kFuyou) {
+  if (mode == Mode::kZeroOffload || mode == Mode::kFuyou) {
     need(hw.cpu_adam_params_per_s, "CPU optimizer throughput", "cpu-adam-params-per-s");
   }
-  const bool uses_nvme = request.mode == PlanMode::kFuyou ||
-                         (request.mode == PlanMode::kZo2 && config.zo.block_tier == Tier::kNvme);
+  const bool uses_nvme = mode == Mode::kFuyou || (mode == Mode::kZo2 && config.zo.block_tier == Tier::kNvme);
   if (uses_nvme) {
-    FERRY_CHECK(!config.nvme_directories.empty(), to_string(request.mode),
+    FERRY_CHECK(!config.nvme_directories.empty(), to_string(mode),
                 " mode keeps state on NVMe: pass --nvme DIR[,DIR...]");
     need(hw.nvme_read_gbps(config.nvme_directories), "NVMe read bandwidth", "nvme-read-gbps");
     need(hw.nvme_write_gbps(config.nvme_directories), "NVMe write bandwidth", "nvme-write-gbps");
@@ -146,21 +193,6 @@ std::string describe_time(const Candidate& candidate) {
   char text[64];
   std::snprintf(text, sizeof text, " (predicted %.3g s/step)", candidate.step.step_seconds);
   return text;
-}
-
-// The largest value in [low, high] for which `works` holds, assuming it holds up to a point.
-std::optional<std::int64_t> largest_that_works(std::int64_t low, std::int64_t high,
-                                               const std::function<bool(std::int64_t)>& works) {
-  if (low > high || !works(low)) return std::nullopt;
-  while (low < high) {
-    const std::int64_t middle = low + (high - low + 1) / 2;
-    if (works(middle)) {
-      low = middle;
-    } else {
-      high = middle - 1;
-    }
-  }
-  return low;
 }
 
 // Note: the fixes, smallest first: what the budgets would have to be; the engine's activation
@@ -183,8 +215,9 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
     if (candidate && candidate->fits) return candidate;
     return std::nullopt;
   };
-  const bool first_order_engine = request.mode == PlanMode::kGpu || request.mode == PlanMode::kZeroOffload;
-  if (first_order_engine && request.engine.keep_graph_blocks > 0) {
+  const Mode mode = request.engine.mode;
+  const bool first_order_in_core = mode == Mode::kGpu || mode == Mode::kZeroOffload;
+  if (first_order_in_core && request.engine.activations.empty() && request.engine.keep_graph_blocks > 0) {
     auto keep = largest_that_works(0, std::min(request.engine.keep_graph_blocks, request.model.num_layers) - 1,
                                    [&](std::int64_t k) {
                                      PlanRequest changed = request;
@@ -193,16 +226,17 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
                                    });
     if (keep) fixes.push_back(detail::concat("keep fewer graphs: --keep-graph ", *keep));
   }
-  if (first_order_engine && !request.engine.offload_checkpoints) {
+  if (first_order_in_core && !request.engine.offload_checkpoints) {
     PlanRequest changed = request;
     changed.engine.offload_checkpoints = true;
     changed.engine.keep_graph_blocks = 0;
+    changed.engine.activations.clear();
     if (auto candidate = fitting(changed)) {
       fixes.push_back("offload the checkpoints to the host: --offload-checkpoints --keep-graph 0" +
                       describe_time(*candidate));
     }
   }
-  if (request.mode != PlanMode::kZo2 && request.batch > 1) {
+  if (mode != Mode::kZo2 && request.batch > 1) {
     auto batch = largest_that_works(1, request.batch - 1, [&](std::int64_t b) {
       PlanRequest changed = request;
       changed.batch = b;
@@ -214,13 +248,18 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
                                      accumulation, " (about the same tokens per step)"));
     }
   }
-  for (PlanMode mode : {PlanMode::kZeroOffload, PlanMode::kFuyou, PlanMode::kZo2}) {
-    if (mode == request.mode) continue;
+  for (Mode other : {Mode::kZeroOffload, Mode::kFuyou, Mode::kZo2}) {
+    if (other == mode) continue;
     PlanRequest changed = request;
-    changed.mode = mode;
+    changed.engine.mode = other;
+    changed.engine.activations.clear();
+    if (other == Mode::kFuyou) {
+      changed.engine.keep_graph_blocks = 0;  // fuyou recomputes every block
+      changed.engine.offload_checkpoints = false;
+    }
     if (auto candidate = fitting(changed)) {
-      fixes.push_back(detail::concat("switch mode: --mode ", to_string(mode), describe_time(*candidate)));
-    } else if (mode == PlanMode::kFuyou && request.engine.nvme_directories.empty()) {
+      fixes.push_back(detail::concat("switch mode: --mode ", to_string(other), describe_time(*candidate)));
+    } else if (other == Mode::kFuyou && request.engine.nvme_directories.empty()) {
       fixes.push_back("fuyou mode keeps parameters and optimizer states on NVMe: try --mode fuyou "
                       "--nvme DIR[,DIR...]");
     }
@@ -232,16 +271,59 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
   return fixes;
 }
 
+// The micro-batch with the most tokens/s that fits, among the powers of two up to max_batch: a
+// larger batch needs more memory, so the search stops at the first that does not fit. When none
+// fits, batch 1, whose plan names the fixes.
+std::pair<PlanRequest, Candidate> choose_batch(const PlanRequest& request) {
+  FERRY_CHECK(request.max_batch >= 0, "max_batch = ", request.max_batch,
+              " is invalid: use 0 (plan the given batch) or the largest micro-batch to try");
+  if (request.max_batch == 0) return {request, plan_candidate(request)};
+  std::optional<std::pair<PlanRequest, Candidate>> best;
+  for (std::int64_t batch = 1; batch <= request.max_batch; batch *= 2) {
+    PlanRequest changed = request;
+    changed.batch = batch;
+    Candidate candidate = plan_candidate(changed);
+    if (!candidate.fits && best) break;
+    // Sequences per second: the sequence length and accumulation are the same for every batch.
+    auto rate = [](std::int64_t b, const Candidate& c) { return static_cast<double>(b) / c.step.step_seconds; };
+    if (!best || (candidate.fits && rate(batch, candidate) > rate(best->first.batch, best->second))) {
+      best.emplace(std::move(changed), std::move(candidate));
+    }
+    if (!best->second.fits) break;
+  }
+  return std::move(*best);
+}
+
+void check_measured(const PlanRequest& request) {
+  if (!request.measured) return;
+  const MeasuredCompute& measured = *request.measured;
+  FERRY_CHECK(measured.batch >= 1 && measured.seq >= 1, "measured compute at batch ", measured.batch, " x seq ",
+              measured.seq, " is invalid: give the micro-batch and sequence length it was measured at");
+  const std::size_t parts = static_cast<std::size_t>(request.model.num_layers) + 2;
+  FERRY_CHECK(measured.part_forward_seconds.size() == parts && measured.part_backward_seconds.size() == parts,
+              "measured compute has ", measured.part_forward_seconds.size(), " forward and ",
+              measured.part_backward_seconds.size(), " backward times but the model has ", parts,
+              " parts (stem, ", request.model.num_layers, " blocks, head): trace a step of this model");
+  for (const std::vector<double>* times : {&measured.part_forward_seconds, &measured.part_backward_seconds}) {
+    for (std::size_t part = 0; part < parts; ++part) {
+      const double seconds = (*times)[part];
+      FERRY_CHECK(seconds >= 0 && std::isfinite(seconds), "measured compute of part ", part, " is ", seconds,
+                  " s: it must be finite and >= 0");
+    }
+  }
+}
+
 }  // namespace
 
-Plan make_plan(const PlanRequest& request) {
-  check_hardware(request);
-  Candidate chosen = plan_candidate(request);
+Plan make_plan(const PlanRequest& given) {
+  check_hardware(given);
+  check_measured(given);
+  auto [request, chosen] = choose_batch(given);
   Plan plan;
   plan.request = request;
   plan.items = chosen.sizing.items;
-  plan.activations = chosen.sizing.activations;
-  plan.cached_blocks = chosen.sizing.cached_blocks;
+  plan.activations = chosen.sizing.config.activations;
+  plan.host_blocks = chosen.sizing.config.mode == Mode::kFuyou ? chosen.sizing.config.fuyou.host_blocks : 0;
   plan.checkpoint_bytes = chosen.sizing.block.checkpoint_bytes;
   plan.graph_bytes = chosen.sizing.block.graph_bytes;
   plan.fits = chosen.fits;
@@ -261,7 +343,7 @@ Plan make_plan(const PlanRequest& request) {
   const StepPrediction& step = chosen.step;
   const double tokens = static_cast<double>(request.batch * request.seq * request.engine.grad_accumulation);
   const double parameters = static_cast<double>(request.model.parameter_count());
-  const double useful_flops = request.mode == PlanMode::kZo2
+  const double useful_flops = request.engine.mode == Mode::kZo2
                                   ? 4.0 * parameters * tokens * static_cast<double>(request.engine.zo.samples)
                                   : 6.0 * parameters * tokens;
   plan.step_seconds = step.step_seconds;
@@ -287,6 +369,13 @@ Plan make_plan(const PlanRequest& request) {
   }
   plan.spans = step.spans;
   return plan;
+}
+
+EngineConfig plan_engine_config(const Plan& plan) {
+  EngineConfig config = plan.request.engine;
+  config.activations = plan.activations;
+  if (config.mode == Mode::kFuyou) config.fuyou.host_blocks = plan.host_blocks;
+  return config;
 }
 
 }  // namespace ferry

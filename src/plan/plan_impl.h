@@ -1,8 +1,8 @@
 #pragma once
 
-// The planner's pieces: sizing the tiers for a placement of the activations (placement.cpp) and
+// The planner's pieces: sizing the tiers for an engine configuration (placement.cpp) and
 // replaying one step on the six resources (schedule.cpp). make_plan (plan.cpp) searches over
-// placements and alternatives with them.
+// activation placements, host blocks, batches and alternatives with them.
 
 #include <cstdint>
 #include <vector>
@@ -14,25 +14,29 @@ namespace ferry::detail {
 
 std::uint64_t compute_element_size(Precision precision);
 
-// The request's activations as the engine places them: the last keep_graph_blocks blocks keep
-// their graph on the GPU, the others recompute from a checkpoint on the GPU, or on the host with
-// offload_checkpoints. Empty for zo2.
+// The request's activations as the engine places them: engine.activations, or the last
+// keep_graph_blocks blocks keep their graph on the GPU and the others recompute from a checkpoint
+// on the GPU, or on the host with offload_checkpoints. Empty for zo2.
 std::vector<BlockActivations> engine_activations(const PlanRequest& request);
+
+// The bytes of one block's parameters in the compute precision, as the engine stores them.
+std::uint64_t block_parameter_bytes(const PlanRequest& request);
 
 // The tier's limit: the budget, or what the hardware has when the budget is 0 (NVMe: unlimited).
 std::uint64_t tier_limit(const PlanRequest& request, Tier tier);
 
 struct Sizing {
+  // What the engine runs: request.engine with activations (one per block; none for zo2) and, for
+  // fuyou, host_blocks filled in.
+  EngineConfig config;
   std::vector<PlanItem> items;
   std::uint64_t tier_bytes[kTierCount] = {0, 0, 0};
-  std::vector<BlockActivations> activations;
-  std::int64_t cached_blocks = 0;  // fuyou: blocks whose parameters stay in the host cache
   BlockCosts block;
   HeadCosts head;
 };
 
 // Throws ferry::Error for settings the engine would reject.
-Sizing size_tiers(const PlanRequest& request, const std::vector<BlockActivations>& activations);
+Sizing size_tiers(const PlanRequest& request, const EngineConfig& config);
 
 struct StepPrediction {
   double step_seconds = 0;

@@ -1,5 +1,6 @@
 // The plan as a table, as JSON, and as the Chrome trace of the predicted step.
 
+#include <algorithm>
 #include <cstdarg>
 #include <cstdio>
 #include <fstream>
@@ -44,24 +45,6 @@ std::string describe_activations(const std::vector<BlockActivations>& blocks) {
 
 }  // namespace
 
-const char* to_string(PlanMode mode) {
-  switch (mode) {
-    case PlanMode::kGpu: return "gpu";
-    case PlanMode::kZeroOffload: return "zero-offload";
-    case PlanMode::kZo2: return "zo2";
-    case PlanMode::kFuyou: return "fuyou";
-  }
-  return "?";
-}
-
-PlanMode parse_plan_mode(const std::string& name) {
-  for (PlanMode mode : {PlanMode::kGpu, PlanMode::kZeroOffload, PlanMode::kZo2, PlanMode::kFuyou}) {
-    if (name == to_string(mode)) return mode;
-  }
-  FERRY_CHECK(false, "unknown mode '", name, "' (valid: gpu, zero-offload, zo2, fuyou)");
-  return PlanMode::kGpu;
-}
-
 const char* to_string(AttentionKernel kernel) {
   return kernel == AttentionKernel::kFused ? "fused" : "materialized";
 }
@@ -76,6 +59,20 @@ AttentionKernel parse_attention_kernel(const std::string& name) {
 // 1.13 computes attention plainly (src/model/model.cpp).
 AttentionKernel default_attention_kernel() {
   return TORCH_VERSION_MAJOR >= 2 ? AttentionKernel::kFused : AttentionKernel::kMaterialized;
+}
+
+std::vector<BlockActivations> parse_activations(const std::string& text, std::int64_t blocks) {
+  std::vector<BlockActivations> out;
+  std::size_t start = 0;
+  while (start <= text.size()) {
+    const std::size_t comma = std::min(text.find(',', start), text.size());
+    out.push_back(parse_block_activations(text.substr(start, comma - start)));
+    start = comma + 1;
+  }
+  if (out.size() == 1) out.assign(static_cast<std::size_t>(std::max<std::int64_t>(blocks, 0)), out.front());
+  FERRY_CHECK(static_cast<std::int64_t>(out.size()) == blocks, "activations '", text, "' name ", out.size(),
+              " blocks but the model has ", blocks, ": give one name for every block or one per block");
+  return out;
 }
 
 const char* to_string(Resource resource) {
@@ -97,7 +94,7 @@ std::string format_plan(const Plan& plan) {
       "plan: %s (%.2fB parameters), %s mode, %s, batch %lld x seq %lld x %lld micro-batches = %lld "
       "tokens/step, attention %s\n",
       request.model_name.empty() ? request.model.model_type.c_str() : request.model_name.c_str(),
-      static_cast<double>(request.model.parameter_count()) / 1e9, to_string(request.mode),
+      static_cast<double>(request.model.parameter_count()) / 1e9, to_string(request.engine.mode),
       to_string(request.engine.precision), static_cast<long long>(request.batch),
       static_cast<long long>(request.seq), static_cast<long long>(request.engine.grad_accumulation),
       static_cast<long long>(tokens), to_string(request.attention));
@@ -121,9 +118,14 @@ std::string format_plan(const Plan& plan) {
                          describe_activations(plan.activations).c_str(),
                          format_bytes(plan.checkpoint_bytes).c_str(), format_bytes(plan.graph_bytes).c_str());
   }
-  if (request.mode == PlanMode::kFuyou) {
-    out += printf_string("host parameter cache: %lld of %lld blocks\n", static_cast<long long>(plan.cached_blocks),
-                         static_cast<long long>(request.model.num_layers));
+  if (request.engine.mode == Mode::kFuyou) {
+    out += printf_string("host blocks (parameters in host memory): %lld of %lld, %lld blocks in flight\n",
+                         static_cast<long long>(plan.host_blocks), static_cast<long long>(request.model.num_layers),
+                         static_cast<long long>(request.engine.fuyou.blocks_in_flight));
+  }
+  if (request.measured) {
+    out += printf_string("compute: measured at batch %lld x seq %lld, scaled by tokens\n",
+                         static_cast<long long>(request.measured->batch), static_cast<long long>(request.measured->seq));
   }
   out += printf_string("\nstep %.3f s, %.0f tokens/s, %.1f model TFLOPS (%.1f executed, recomputation included)\n",
                        plan.step_seconds, plan.tokens_per_s, plan.model_tflops, plan.hardware_tflops);
@@ -152,7 +154,7 @@ std::string plan_to_json(const Plan& plan) {
                   {"parameters", request.model.parameter_count()},
                   {"blocks", request.model.num_layers},
                   {"hidden_size", request.model.hidden_size}};
-  out["mode"] = to_string(request.mode);
+  out["mode"] = to_string(request.engine.mode);
   out["precision"] = to_string(request.engine.precision);
   out["batch"] = request.batch;
   out["seq"] = request.seq;
@@ -174,7 +176,8 @@ std::string plan_to_json(const Plan& plan) {
   for (const BlockActivations& block : plan.activations) out["activations"].push_back(block.describe());
   out["checkpoint_bytes"] = plan.checkpoint_bytes;
   out["graph_bytes"] = plan.graph_bytes;
-  out["cached_blocks"] = plan.cached_blocks;
+  out["host_blocks"] = plan.host_blocks;
+  out["measured_compute"] = request.measured.has_value();
   out["step_seconds"] = plan.step_seconds;
   out["tokens_per_s"] = plan.tokens_per_s;
   out["model_tflops"] = plan.model_tflops;

@@ -70,26 +70,20 @@ class Timeline {
 class StepBuilder {
  public:
   StepBuilder(const PlanRequest& request, const Sizing& sizing)
-      : request_(request), sizing_(sizing), hw_(request.hardware), timeline_(&out_, request.hardware.nvme_shared),
-        parts_(part_shapes(request.model)),
-        e_(compute_element_size(request.engine.precision)),
-        tflops_(hw_.matmul_tflops(request.engine.precision)) {
-    const EngineConfig& config = request.engine;
-    states_ = static_cast<std::uint64_t>(optimizer_state_count(config.optimizer));
-    master_ = config.precision != Precision::kF32 ? 1 : 0;
+      : request_(request), sizing_(sizing), config_(sizing.config), hw_(request.hardware),
+        timeline_(&out_, request.hardware.nvme_shared), parts_(part_shapes(request.model)),
+        e_(compute_element_size(config_.precision)), tflops_(hw_.matmul_tflops(config_.precision)) {
+    states_ = static_cast<std::uint64_t>(optimizer_state_count(config_.optimizer));
+    master_ = config_.precision != Precision::kF32 ? 1 : 0;
     // Clipping and loss scaling hold every update until backward has measured all gradients.
-    deferred_ = config.max_grad_norm > 0 ||
-                (request.mode != PlanMode::kZo2 &&
-                 config.loss_scale.enabled.value_or(config.precision == Precision::kF16));
-    const double gpu_bw = hw_.gpu_memory_gbps * 1e9;
-    block_forward_s_ = sizing.block.forward_flops / (tflops_ * 1e12) +
-                       kForwardTrafficPerSavedByte * static_cast<double>(sizing.block.graph_bytes) / gpu_bw;
-    head_forward_s_ = sizing.head.forward_flops / (tflops_ * 1e12) +
-                      static_cast<double>(sizing.head.forward_logits_bytes) / gpu_bw;
-    head_backward_s_ = 2 * sizing.head.forward_flops / (tflops_ * 1e12) +
-                       static_cast<double>(sizing.head.peak_bytes) / gpu_bw;
-    // The stem's backward scatters into a dense embedding gradient.
-    stem_backward_s_ = static_cast<double>(parts_.front().numel * e_) / gpu_bw;
+    deferred_ = config_.max_grad_norm > 0 ||
+                (config_.mode != Mode::kZo2 &&
+                 config_.loss_scale.enabled.value_or(config_.precision == Precision::kF16));
+    if (request.measured) {
+      use_measured(*request.measured);
+    } else {
+      estimate_compute();
+    }
   }
 
   // Note: steps overlap. zero-offload's last uploads, fuyou's last write-backs and zo2's last
@@ -102,11 +96,11 @@ class StepBuilder {
     for (int step = 0; step < 3; ++step) {
       timeline_.begin_step(step, 1);
       executed_flops_ = 0;
-      switch (request_.mode) {
-        case PlanMode::kGpu:
-        case PlanMode::kZeroOffload: first_order_in_core(); break;
-        case PlanMode::kZo2: zeroth_order(); break;
-        case PlanMode::kFuyou: fuyou(); break;
+      switch (config_.mode) {
+        case Mode::kGpu:
+        case Mode::kZeroOffload: first_order_in_core(); break;
+        case Mode::kZo2: zeroth_order(); break;
+        case Mode::kFuyou: fuyou(); break;
       }
     }
     out_.executed_flops = executed_flops_;
@@ -123,7 +117,7 @@ class StepBuilder {
  private:
   std::size_t blocks() const { return parts_.size() - 2; }
   std::uint64_t numel(std::size_t part) const { return static_cast<std::uint64_t>(parts_[part].numel); }
-  const BlockActivations& activations(std::size_t block) const { return sizing_.activations[block]; }
+  const BlockActivations& activations(std::size_t block) const { return config_.activations[block]; }
   std::uint64_t activation_bytes(std::size_t block) const {
     return activations(block).recompute ? sizing_.block.checkpoint_bytes : sizing_.block.graph_bytes;
   }
@@ -133,8 +127,8 @@ class StepBuilder {
     switch (resource) {
       case Resource::kPcieUp: return b / (hw_.pcie_h2d_gbps * 1e9);
       case Resource::kPcieDown: return b / (hw_.pcie_d2h_gbps * 1e9);
-      case Resource::kNvmeRead: return b / (hw_.nvme_read_gbps(request_.engine.nvme_directories) * 1e9);
-      case Resource::kNvmeWrite: return b / (hw_.nvme_write_gbps(request_.engine.nvme_directories) * 1e9);
+      case Resource::kNvmeRead: return b / (hw_.nvme_read_gbps(config_.nvme_directories) * 1e9);
+      case Resource::kNvmeWrite: return b / (hw_.nvme_write_gbps(config_.nvme_directories) * 1e9);
       case Resource::kCompute: return b / (hw_.gpu_memory_gbps * 1e9);
       case Resource::kCpuOptimizer: break;
     }
@@ -153,18 +147,53 @@ class StepBuilder {
     return compute_end_;
   }
 
+  // Compute from FLOPs at the matmul rate and elementwise bytes at memory bandwidth.
+  void estimate_compute() {
+    const double gpu_bw = hw_.gpu_memory_gbps * 1e9;
+    const double block_forward = sizing_.block.forward_flops / (tflops_ * 1e12) +
+                                 kForwardTrafficPerSavedByte * static_cast<double>(sizing_.block.graph_bytes) / gpu_bw;
+    block_forward_s_.assign(blocks(), block_forward);
+    block_backward_s_.assign(blocks(), 2 * block_forward);
+    head_forward_s_ = sizing_.head.forward_flops / (tflops_ * 1e12) +
+                      static_cast<double>(sizing_.head.forward_logits_bytes) / gpu_bw;
+    head_backward_s_ = 2 * sizing_.head.forward_flops / (tflops_ * 1e12) +
+                       static_cast<double>(sizing_.head.peak_bytes) / gpu_bw;
+    // The stem's backward scatters into a dense embedding gradient.
+    stem_backward_s_ = static_cast<double>(parts_.front().numel * e_) / gpu_bw;
+  }
+
+  // Note: measured seconds scale with the tokens of a micro-batch (attention's share grows with
+  // the sequence, which this ignores). A measured block backward includes its recomputation, so
+  // a block's backward alone is the measured one less its forward.
+  void use_measured(const MeasuredCompute& measured) {
+    const double scale = static_cast<double>(request_.batch * request_.seq) /
+                         static_cast<double>(measured.batch * measured.seq);
+    block_forward_s_.resize(blocks());
+    block_backward_s_.resize(blocks());
+    for (std::size_t i = 0; i < blocks(); ++i) {
+      block_forward_s_[i] = scale * measured.part_forward_seconds[i + 1];
+      block_backward_s_[i] = std::max(0.0, scale * measured.part_backward_seconds[i + 1] - block_forward_s_[i]);
+    }
+    stem_forward_s_ = scale * measured.part_forward_seconds.front();
+    stem_backward_s_ = scale * measured.part_backward_seconds.front();
+    head_forward_s_ = scale * measured.part_forward_seconds.back();
+    head_backward_s_ = scale * measured.part_backward_seconds.back();
+  }
+
   double forward_block(double ready, std::size_t block, const std::string& what) {
-    return compute(ready, block_forward_s_, sizing_.block.forward_flops,
+    return compute(ready, block_forward_s_[block], sizing_.block.forward_flops,
                    what + " block." + std::to_string(block));
   }
 
   double backward_block(double ready, std::size_t block) {
     const bool recompute = activations(block).recompute;
-    return compute(ready, (recompute ? 3 : 2) * block_forward_s_,
+    return compute(ready, block_backward_s_[block] + (recompute ? block_forward_s_[block] : 0),
                    (recompute ? 3 : 2) * sizing_.block.forward_flops,
                    std::string(recompute ? "recompute and backward" : "backward") + " block." +
                        std::to_string(block));
   }
+
+  double forward_stem(double ready) { return compute(ready, stem_forward_s_, 0, "forward stem"); }
 
   double head(double ready) {
     return compute(ready, head_forward_s_ + head_backward_s_, 3 * sizing_.head.forward_flops,
@@ -182,13 +211,13 @@ class StepBuilder {
   // gpu and zero-offload: parameters stay on the device. zero-offload sends each part's gradients
   // down as its backward ends, updates it on the CPU and sends the parameters back up.
   void first_order_in_core() {
-    const bool offloaded = request_.mode == PlanMode::kZeroOffload;
-    const std::int64_t micro_batches = request_.engine.grad_accumulation;
+    const bool offloaded = config_.mode == Mode::kZeroOffload;
+    const std::int64_t micro_batches = config_.grad_accumulation;
     std::vector<double> down(parts_.size(), 0), checkpoint_down(blocks(), 0);
     double c = 0;
     for (std::int64_t micro = 0; micro < micro_batches; ++micro) {
       const bool last = micro + 1 == micro_batches;
-      c = compute(std::max(c, params_ready_[0]), 0, 0, "forward stem");
+      c = forward_stem(std::max(c, params_ready_[0]));
       for (std::size_t i = 0; i < blocks(); ++i) {
         c = forward_block(std::max(c, params_ready_[i + 1]), i, "forward");
         if (activations(i).tier == Tier::kHost) {
@@ -238,8 +267,8 @@ class StepBuilder {
   // zo2: blocks stream up, compute both forwards and go back down, a few in flight; stem and
   // head stay on the device.
   void zeroth_order() {
-    const ZoConfig& zo = request_.engine.zo;
-    const std::uint64_t storage = compute_element_size(zo.storage.value_or(request_.engine.precision));
+    const ZoConfig& zo = config_.zo;
+    const std::uint64_t storage = compute_element_size(zo.storage.value_or(config_.precision));
     const std::uint64_t block_state_bytes = states_ * 4;
     const double forwards = 2.0 * static_cast<double>(zo.samples);
     const std::size_t in_flight = static_cast<std::size_t>(zo.blocks_in_flight);
@@ -258,7 +287,7 @@ class StepBuilder {
       double ready = std::max(params_ready_[i + 1], released_[(i + blocks() - in_flight % blocks()) % blocks()]);
       if (on_nvme) ready = move(Resource::kNvmeRead, ready, bytes, "read " + name);
       const double up = move(Resource::kPcieUp, ready, bytes, "upload " + name);
-      c = compute(std::max(c, up), weight_passes(i + 1) + forwards * block_forward_s_,
+      c = compute(std::max(c, up), weight_passes(i + 1) + forwards * block_forward_s_[i],
                   forwards * sizing_.block.forward_flops, name + ": update, perturb, forwards");
       released_[i] = move(Resource::kPcieDown, c, bytes, "offload " + name);
       params_ready_[i + 1] = on_nvme ? move(Resource::kNvmeWrite, released_[i], bytes, "write " + name) : released_[i];
@@ -267,90 +296,113 @@ class StepBuilder {
             forwards * sizing_.head.forward_flops, "head: update, perturb, forwards and losses");
   }
 
-  // fuyou: everything a part owns comes from NVMe. Forward streams parameters up two parts ahead;
-  // backward streams parameters and swapped activations up, gradients down, and runs each part's
-  // optimizer on the CPU between reading its states from NVMe and writing them back.
+  // fuyou: the blocks' parameters come from NVMe (the host blocks' from host memory) through a
+  // window of blocks_in_flight blocks on the device; the stem and head stay there. Forward sends
+  // swapped checkpoints down (and on to NVMe); backward brings each block's parameters and
+  // checkpoint back with its visit and sends its gradients down. The CPU updates each part as its
+  // gradients arrive, with its master and states read from NVMe while the part after it is
+  // updated, and writes them back (with the parameters of a block on NVMe); the stem's and
+  // head's new parameters go back up. Between micro-batches, and until clipping or loss scaling
+  // has seen every gradient, the gradients wait at home on NVMe (fp32 sums with accumulation).
   void fuyou() {
     const std::size_t count = blocks();
-    const std::size_t cached = static_cast<std::size_t>(sizing_.cached_blocks);
-    const std::int64_t micro_batches = request_.engine.grad_accumulation;
+    const std::size_t head_part = parts_.size() - 1;
+    const auto host_blocks = static_cast<std::size_t>(config_.fuyou.host_blocks);
+    const auto window = static_cast<std::size_t>(config_.fuyou.blocks_in_flight);
+    const std::int64_t micro_batches = config_.grad_accumulation;
+    const bool gradients_home = micro_batches > 1 || deferred_;
+    const std::uint64_t gradient_home_size = micro_batches > 1 ? 4 : e_;
+    auto is_block = [&](std::size_t part) { return part >= 1 && part <= count; };
+    auto on_nvme = [&](std::size_t part) { return is_block(part) && part - 1 >= host_blocks; };
     std::vector<double> forward_end(count, 0), backward_end(count, 0), activation_home(count, 0);
-    std::vector<double> grads_down(parts_.size(), 0), states_read(parts_.size(), 0);
+    std::vector<double> gradients_at_home(parts_.size(), 0), states_read(parts_.size(), 0);
     double c = 0;
-    auto fetch_parameters = [&](std::size_t part, double ready, bool cached_on_host) {
+    auto fetch_block = [&](std::size_t block, double ready) {
+      const std::size_t part = block + 1;
       ready = std::max(ready, params_ready_[part]);
-      if (!cached_on_host) {
+      if (on_nvme(part)) {
         ready = move(Resource::kNvmeRead, ready, numel(part) * e_, "read " + parts_[part].name + " parameters");
       }
       return move(Resource::kPcieUp, ready, numel(part) * e_, parts_[part].name + " parameters up");
     };
-    // The host cache serves the next forward the new parameters of a cached block as soon as
-    // they are computed; the others are read back from NVMe after the write.
+    // In fp32 a part's parameters are its master: a block on NVMe reads them back to update them.
+    auto read_states = [&](std::size_t part, double ready) {
+      const std::uint64_t bytes = optimizer_bytes(part) + (gradients_home ? numel(part) * gradient_home_size : 0) +
+                                  (master_ == 0 && on_nvme(part) ? numel(part) * e_ : 0);
+      states_read[part] = move(Resource::kNvmeRead, std::max({ready, states_ready_[part], gradients_at_home[part]}),
+                               bytes, "read " + parts_[part].name + " states");
+    };
     auto optimize = [&](std::size_t part, double ready) {
       const double updated = cpu_update(std::max(ready, states_read[part]), part);
-      states_ready_[part] = move(Resource::kNvmeWrite, updated, optimizer_bytes(part) + numel(part) * e_,
-                                 "write " + parts_[part].name + " states and parameters");
-      const bool in_cache = part >= 1 && part <= cached;
-      params_ready_[part] = in_cache ? updated : states_ready_[part];
+      const double started = updated - static_cast<double>(numel(part)) / hw_.cpu_adam_params_per_s;
+      if (part > 0) read_states(part - 1, started);
+      const std::uint64_t written = optimizer_bytes(part) + (on_nvme(part) ? numel(part) * e_ : 0);
+      states_ready_[part] = move(Resource::kNvmeWrite, updated, written, "write " + parts_[part].name + " states");
+      params_ready_[part] = !is_block(part) ? move(Resource::kPcieUp, updated, numel(part) * e_,
+                                                   "parameters up " + parts_[part].name)
+                            : on_nvme(part) ? states_ready_[part]
+                                            : updated;
     };
     for (std::int64_t micro = 0; micro < micro_batches; ++micro) {
       const bool update_now = micro + 1 == micro_batches && !deferred_;
-      c = compute(fetch_parameters(0, c, false), 0, 0, "forward stem");
+      auto finished = [&](std::size_t part, double at) {
+        double down = move(Resource::kPcieDown, at, numel(part) * e_, parts_[part].name + " gradients down");
+        if (update_now) {
+          optimize(part, down);
+          return;
+        }
+        if (micro > 0) {
+          down = move(Resource::kNvmeRead, std::max(down, gradients_at_home[part]), numel(part) * gradient_home_size,
+                      "read " + parts_[part].name + " gradients");
+        }
+        gradients_at_home[part] = move(Resource::kNvmeWrite, down, numel(part) * gradient_home_size,
+                                       "write " + parts_[part].name + " gradients");
+      };
+      c = forward_stem(std::max(c, params_ready_[0]));
       for (std::size_t i = 0; i < count; ++i) {
-        const double window = i >= 2 ? forward_end[i - 2] : 0;
-        c = forward_block(std::max(c, fetch_parameters(i + 1, window, i < cached)), i, "forward");
+        const double slot = i >= window ? forward_end[i - window] : 0;
+        c = forward_block(std::max(c, fetch_block(i, slot)), i, "forward");
         forward_end[i] = c;
         activation_home[i] = c;
         if (activations(i).tier != Tier::kGpu) {
-          const std::string name = "activations block." + std::to_string(i);
+          const std::string name = "checkpoint block." + std::to_string(i);
           activation_home[i] = move(Resource::kPcieDown, c, activation_bytes(i), name + " down");
           if (activations(i).tier == Tier::kNvme) {
             activation_home[i] = move(Resource::kNvmeWrite, activation_home[i], activation_bytes(i), "write " + name);
           }
         }
       }
-      const std::size_t head_part = parts_.size() - 1;
-      c = head(std::max(c, fetch_parameters(head_part, forward_end[count - 1], false)));
-      auto finished = [&](std::size_t part, double at) {
-        grads_down[part] = move(Resource::kPcieDown, at, numel(part) * e_, parts_[part].name + " gradients down");
-        if (update_now) optimize(part, grads_down[part]);
-      };
-      if (update_now) states_read[head_part] = read_states(head_part, 0);
+      const double head_start = c;
+      c = head(std::max(c, params_ready_[head_part]));
+      if (update_now) read_states(head_part, head_start);
       finished(head_part, c);
-      for (std::size_t i = count; i-- > 0;) {
-        const double window = i + 2 < count ? backward_end[i + 2] : c;
-        double ready = fetch_parameters(i + 1, window, i + cached >= count);
+      for (std::size_t k = 0; k < count; ++k) {
+        const std::size_t i = count - 1 - k;
+        const double slot = k >= window ? backward_end[i + window] : head_start;
+        double ready = fetch_block(i, slot);
         if (activations(i).tier != Tier::kGpu) {
-          const std::string name = "activations block." + std::to_string(i);
-          double at = std::max(window, activation_home[i]);
+          const std::string name = "checkpoint block." + std::to_string(i);
+          double at = std::max(slot, activation_home[i]);
           if (activations(i).tier == Tier::kNvme) at = move(Resource::kNvmeRead, at, activation_bytes(i), "read " + name);
           ready = std::max(ready, move(Resource::kPcieUp, at, activation_bytes(i), name + " up"));
         }
-        if (update_now) states_read[i + 1] = read_states(i + 1, window);
         c = backward_block(std::max(c, ready), i);
         backward_end[i] = c;
         finished(i + 1, c);
       }
-      if (update_now) states_read[0] = read_states(0, c);
       c = compute(c, stem_backward_s_, 0, "backward stem");
       finished(0, c);
     }
     if (deferred_) {
-      const double all_down = std::max(c, *std::max_element(grads_down.begin(), grads_down.end()));
-      for (std::size_t part = parts_.size(); part-- > 0;) {
-        states_read[part] = read_states(part, all_down);
-        optimize(part, all_down);
-      }
+      const double all_home = std::max(c, *std::max_element(gradients_at_home.begin(), gradients_at_home.end()));
+      read_states(head_part, all_home);
+      for (std::size_t part = parts_.size(); part-- > 0;) optimize(part, all_home);
     }
-  }
-
-  double read_states(std::size_t part, double ready) {
-    return move(Resource::kNvmeRead, std::max(ready, states_ready_[part]), optimizer_bytes(part),
-                "read " + parts_[part].name + " states");
   }
 
   const PlanRequest& request_;
   const Sizing& sizing_;
+  const EngineConfig& config_;
   const Hardware& hw_;
   StepPrediction out_;
   Timeline timeline_;
@@ -360,7 +412,9 @@ class StepBuilder {
   std::uint64_t states_ = 0;
   std::uint64_t master_ = 0;
   bool deferred_ = false;
-  double block_forward_s_ = 0;
+  std::vector<double> block_forward_s_;
+  std::vector<double> block_backward_s_;  // without recomputation
+  double stem_forward_s_ = 0;
   double head_forward_s_ = 0;
   double head_backward_s_ = 0;
   double stem_backward_s_ = 0;

@@ -9,6 +9,7 @@
 #include "ferry/model.h"
 #include "ferry/plan.h"
 #include "plan/costs.h"
+#include "support/temp_dir.h"
 
 // glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
 #undef CHECK
@@ -35,22 +36,16 @@ Hardware cpu_figures() {
   return hw;
 }
 
-PlanRequest tiny_request(const std::string& preset, PlanMode mode, std::int64_t keep_graph_blocks) {
+PlanRequest tiny_request(const std::string& preset, Mode mode, std::int64_t keep_graph_blocks) {
   PlanRequest request;
   request.model = models::preset(preset);
-  request.mode = mode;
+  request.engine.mode = mode;
   request.engine.precision = Precision::kF32;
   request.engine.keep_graph_blocks = keep_graph_blocks;
   request.batch = kBatch;
   request.seq = kSeq;
   request.hardware = cpu_figures();
   return request;
-}
-
-EngineConfig engine_config(const PlanRequest& request) {
-  EngineConfig config = request.engine;
-  config.mode = request.mode == PlanMode::kGpu ? Mode::kGpu : Mode::kZeroOffload;
-  return config;
 }
 
 bool is_activation(const PlanItem& item) {
@@ -77,12 +72,12 @@ std::uint64_t heap_bytes() {
 
 TEST_CASE("plan: the bytes per tier are what the engine allocates (gpu, zero-offload)") {
   const std::string preset = GENERATE("tiny-llama", "tiny-gpt2", "tiny-opt");
-  const PlanMode mode = GENERATE(PlanMode::kGpu, PlanMode::kZeroOffload);
+  const Mode mode = GENERATE(Mode::kGpu, Mode::kZeroOffload);
   INFO(preset << " " << to_string(mode));
   const PlanRequest request = tiny_request(preset, mode, 0);
   const Plan plan = make_plan(request);
 
-  Engine engine(models::build(request.model, 1), engine_config(request));
+  Engine engine(models::build(request.model, 1), plan_engine_config(plan));
   engine.train_step(random_batch(request.model.vocab_size));
   const StoreStats store = engine.stats().store;
   for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
@@ -98,6 +93,32 @@ TEST_CASE("plan: the bytes per tier are what the engine allocates (gpu, zero-off
   }
 }
 
+// A fuyou plan's EngineConfig as it is: a host block, a block on NVMe, checkpoints on both.
+TEST_CASE("plan: a fuyou plan runs in the engine within the bytes per tier it plans") {
+  testing::TempDir nvme;
+  PlanRequest request = tiny_request("tiny-llama", Mode::kFuyou, 0);
+  request.engine.nvme_directories = {nvme.path()};
+  request.hardware.nvme = {{nvme.path(), 1, 1}};
+  request.choose_activations = false;
+  request.choose_host_blocks = false;
+  request.engine.fuyou.host_blocks = 1;
+  request.engine.activations = parse_activations("nvme,host", request.model.num_layers);
+  request.engine.max_grad_norm = 1.0;
+  const Plan plan = make_plan(request);
+  REQUIRE(plan.fits);
+  const EngineConfig config = plan_engine_config(plan);
+  CHECK(config.fuyou.host_blocks == 1);
+
+  Engine engine(models::build(request.model, 1), config);
+  engine.train_step(random_batch(request.model.vocab_size));
+  const StoreStats store = engine.stats().store;
+  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
+    INFO(to_string(tier));
+    CHECK(store.tiers[static_cast<int>(tier)].peak_bytes <= plan.tier_bytes[static_cast<int>(tier)]);
+  }
+  CHECK(store.tiers[static_cast<int>(Tier::kNvme)].peak_bytes > 0);
+}
+
 // Note: the margin. The plan counts what autograd saves, tensor by tensor, from the families'
 // code; a forward also holds the step's context (positions, masks, RoPE tables) and the
 // allocator's rounding. 20% covers both on these tiny shapes.
@@ -105,7 +126,7 @@ TEST_CASE("plan: activations held after forward are within 20% of the plan") {
   const std::string preset = GENERATE("tiny-llama", "tiny-gpt2", "tiny-opt");
   const std::int64_t keep = GENERATE(0, 2);
   INFO(preset << ", blocks keeping their graph: " << keep);
-  PlanRequest request = tiny_request(preset, PlanMode::kGpu, keep);
+  PlanRequest request = tiny_request(preset, Mode::kGpu, keep);
   request.attention = default_attention_kernel();  // what this build runs on the CPU
   const Plan plan = make_plan(request);
   std::uint64_t planned = 0;
@@ -115,7 +136,7 @@ TEST_CASE("plan: activations held after forward are within 20% of the plan") {
   // The head keeps its norm's inputs and the loss its log-softmax until backward.
   planned += ferry::detail::head_costs(request.model, {kBatch, kSeq, 4, request.attention == AttentionKernel::kFused}).saved_bytes;
 
-  Engine engine(models::build(request.model, 1), engine_config(request));
+  Engine engine(models::build(request.model, 1), plan_engine_config(plan));
   const data::Batch batch = random_batch(request.model.vocab_size);
   engine.train_step(batch);  // first-touch allocations out of the way
   const std::uint64_t before = heap_bytes();

@@ -32,7 +32,7 @@ PlanRequest fuyou_request(double nvme_gbps) {
   PlanRequest request;
   request.model_name = "llama-1.3b";
   request.model = models::preset("llama-1.3b");
-  request.mode = PlanMode::kFuyou;
+  request.engine.mode = Mode::kFuyou;
   request.engine.precision = Precision::kBF16;
   request.engine.nvme_directories = {"/nvme"};
   request.engine.gpu_budget_bytes = 10 * kGiB;
@@ -58,34 +58,62 @@ std::int64_t on_tier(const Plan& plan, Tier tier) {
 
 }  // namespace
 
-TEST_CASE("planner: fast NVMe swaps more activations, slow NVMe recomputes more") {
+TEST_CASE("planner: fuyou puts more checkpoints on NVMe when NVMe is fast") {
   const Plan fast = make_plan(fuyou_request(200));
   const Plan slow = make_plan(fuyou_request(1));
   REQUIRE(fast.fits);
   REQUIRE(slow.fits);
-  CHECK(count(fast, /*recompute=*/true) < count(slow, /*recompute=*/true));
+  // Every block recomputes from its checkpoint, as the engine runs fuyou.
+  CHECK(count(fast, /*recompute=*/false) == 0);
   CHECK(count(slow, /*recompute=*/false) == 0);
-  // The host budget is small: the fast plan's swapped graphs go on to NVMe.
+  // Slow NVMe: the device has room for every checkpoint, and each one there saves NVMe time.
+  CHECK(on_tier(slow, Tier::kGpu) == slow.request.model.num_layers);
+  // Fast NVMe hides the swaps: the device keeps fewer, leaving headroom.
   CHECK(on_tier(fast, Tier::kNvme) > 0);
-  CHECK(on_tier(slow, Tier::kNvme) == 0);
   CHECK(fast.step_seconds < slow.step_seconds);
   CHECK((slow.bottleneck == Resource::kNvmeRead || slow.bottleneck == Resource::kNvmeWrite));
+}
+
+TEST_CASE("planner: with slow NVMe, fuyou keeps the checkpoints the device cannot hold in host memory") {
+  PlanRequest request = fuyou_request(1);
+  request.choose_host_blocks = false;  // host memory is for checkpoints only
+  const Plan roomy = make_plan(request);
+  REQUIRE(on_tier(roomy, Tier::kGpu) == request.model.num_layers);
+  // Eight checkpoints too many for the device (the head's peak, not a swapped checkpoint arriving,
+  // sets its working activations here), room for just those eight on the host.
+  request.engine.gpu_budget_bytes = roomy.tier_bytes[static_cast<int>(Tier::kGpu)] - 8 * roomy.checkpoint_bytes;
+  request.engine.host_budget_bytes = roomy.tier_bytes[static_cast<int>(Tier::kHost)] + 8 * roomy.checkpoint_bytes;
+  const Plan tight = make_plan(request);
+  REQUIRE(tight.fits);
+  CHECK(on_tier(tight, Tier::kNvme) == 0);
+  CHECK(on_tier(tight, Tier::kHost) == 8);
+  CHECK(tight.host_blocks == 0);
+  for (Tier tier : {Tier::kGpu, Tier::kHost}) {
+    CHECK(tight.tier_bytes[static_cast<int>(tier)] <= tight.tier_budget[static_cast<int>(tier)]);
+  }
+  // Fast NVMe moves them there instead.
+  request.hardware = synthetic(200);
+  CHECK(on_tier(make_plan(request), Tier::kNvme) > 0);
 }
 
 TEST_CASE("planner: the step is as long as its busiest resource at least, and moves what the mode moves") {
   PlanRequest request = fuyou_request(8);
   const Plan plan = make_plan(request);
   for (int r = 0; r < kResourceCount; ++r) CHECK(plan.busy_seconds[r] <= plan.step_seconds * (1 + 1e-9));
-  // Every step writes every part's master, m, v and bf16 parameters back: 14 bytes a parameter.
+  // Every step writes every part's master, m and v back (12 bytes a parameter), and the bf16
+  // parameters of the blocks on NVMe.
   const double parameters = static_cast<double>(request.model.parameter_count());
-  CHECK(static_cast<double>(plan.moved_bytes[static_cast<int>(Resource::kNvmeWrite)]) >= 14 * parameters);
+  const double nvme_block_parameters =
+      static_cast<double>((request.model.num_layers - plan.host_blocks) * request.model.block_parameter_count());
+  CHECK(static_cast<double>(plan.moved_bytes[static_cast<int>(Resource::kNvmeWrite)]) >=
+        12 * parameters + 2 * nvme_block_parameters);
   CHECK(plan.tokens_per_s == Approx(8 * 1024 / plan.step_seconds));
   CHECK(plan.model_tflops == Approx(6 * parameters * 8 * 1024 / plan.step_seconds / 1e12));
 }
 
 TEST_CASE("planner: zero-offload hides the CPU optimizer behind backward until it is the bottleneck") {
   PlanRequest request = fuyou_request(8);
-  request.mode = PlanMode::kZeroOffload;
+  request.engine.mode = Mode::kZeroOffload;
   request.engine.nvme_directories.clear();
   request.engine.gpu_budget_bytes = 0;
   request.engine.host_budget_bytes = 0;
@@ -100,7 +128,7 @@ TEST_CASE("planner: zero-offload hides the CPU optimizer behind backward until i
 
 TEST_CASE("planner: a job that does not fit names the shortfall and the changes that fit") {
   PlanRequest request = fuyou_request(8);
-  request.mode = PlanMode::kGpu;
+  request.engine.mode = Mode::kGpu;
   request.model = models::preset("llama-7b");
   request.engine.gpu_budget_bytes = 24 * kGiB;
   request.engine.host_budget_bytes = 0;
@@ -114,7 +142,7 @@ TEST_CASE("planner: a job that does not fit names the shortfall and the changes 
   CHECK_THAT(format_plan(plan), Contains("DOES NOT FIT"));
 
   // Over the host budget in zero-offload: raising it, or fuyou with the states on NVMe.
-  request.mode = PlanMode::kZeroOffload;
+  request.engine.mode = Mode::kZeroOffload;
   request.engine.host_budget_bytes = 32 * kGiB;
   const Plan host_short = make_plan(request);
   CHECK_FALSE(host_short.fits);
@@ -126,7 +154,10 @@ TEST_CASE("planner: a job that does not fit names the shortfall and the changes 
 TEST_CASE("planner: bad input fails with the reason and the fix") {
   CHECK_THROWS_WITH(models::preset("gpt3-14b"), Contains("unknown model preset 'gpt3-14b'") && Contains("gpt3-13b"));
   CHECK_THROWS_WITH(hardware_preset("a100"), Contains("unknown hardware preset 'a100'") && Contains("rtx4090-fuyou"));
-  CHECK_THROWS_WITH(parse_plan_mode("infinity"), Contains("valid: gpu, zero-offload, zo2, fuyou"));
+  CHECK_THROWS_WITH(parse_mode("infinity"), Contains("valid modes are gpu, zero-offload, fuyou, zo2"));
+  CHECK(parse_activations("nvme", 3).size() == 3);
+  CHECK_THROWS_WITH(parse_activations("gpu,nvme", 3), Contains("name 2 blocks but the model has 3"));
+  CHECK_THROWS_WITH(parse_activations("gpu,disk,nvme", 3), Contains("disk"));
 
   PlanRequest request = fuyou_request(8);
   request.engine.nvme_directories.clear();
@@ -157,4 +188,101 @@ TEST_CASE("planner: a calibration file round-trips") {
   CHECK(back.nvme_read_gbps({"raid0"}) == 30);
   // A directory without figures of its own counts as the mean of the known ones.
   CHECK(back.nvme_read_gbps({"raid0", "other"}) == 60);
+}
+
+TEST_CASE("planner: the batch chooser takes the fastest batch that fits, a larger one with more memory") {
+  PlanRequest request = fuyou_request(8);
+  request.max_batch = 64;
+  request.engine.gpu_budget_bytes = 4 * kGiB;
+  const Plan small = make_plan(request);
+  request.engine.gpu_budget_bytes = 20 * kGiB;
+  const Plan large = make_plan(request);
+  REQUIRE(small.fits);
+  REQUIRE(large.fits);
+  CHECK(large.request.batch > small.request.batch);
+  for (const Plan* plan : {&small, &large}) {
+    for (int t = 0; t < kTierCount; ++t) {
+      if (plan->tier_budget[t] > 0) CHECK(plan->tier_bytes[t] <= plan->tier_budget[t]);
+    }
+  }
+  // No power of two up to the limit that fits is faster.
+  for (std::int64_t batch = 1; batch <= 64; batch *= 2) {
+    PlanRequest fixed = request;
+    fixed.max_batch = 0;
+    fixed.batch = batch;
+    const Plan plan = make_plan(fixed);
+    INFO("batch " << batch);
+    if (plan.fits) CHECK(plan.tokens_per_s <= large.tokens_per_s * (1 + 1e-9));
+    if (batch > large.request.batch) CHECK_FALSE(plan.fits);
+  }
+  request.max_batch = -1;
+  CHECK_THROWS_WITH(make_plan(request), Contains("max_batch = -1"));
+}
+
+TEST_CASE("planner: the EngineConfig a fuyou plan implies is one the engine accepts, within its budgets") {
+  const Plan plan = make_plan(fuyou_request(8));
+  REQUIRE(plan.fits);
+  const EngineConfig config = plan_engine_config(plan);
+  CHECK(config.mode == Mode::kFuyou);
+  CHECK(plan.host_blocks > 0);
+  CHECK(config.fuyou.host_blocks == plan.host_blocks);
+  REQUIRE(static_cast<std::int64_t>(config.activations.size()) == plan.request.model.num_layers);
+  const TierDemand demand = engine_demand(part_shapes(plan.request.model), config);
+  for (int t = 0; t < kTierCount; ++t) {
+    INFO(to_string(static_cast<Tier>(t)));
+    CHECK(demand.bytes[t] <= plan.tier_bytes[t]);  // the plan adds the activations
+    if (plan.tier_budget[t] > 0) CHECK(demand.bytes[t] <= plan.tier_budget[t]);
+  }
+  CHECK_THAT(demand.describe(Tier::kHost), Contains("host blocks' parameters"));
+}
+
+namespace {
+
+MeasuredCompute uniform_times(std::int64_t blocks, std::int64_t batch, double block_forward_s,
+                              double block_backward_s) {
+  MeasuredCompute measured;
+  measured.batch = batch;
+  measured.seq = 1024;
+  measured.part_forward_seconds.assign(static_cast<std::size_t>(blocks) + 2, block_forward_s);
+  measured.part_backward_seconds.assign(static_cast<std::size_t>(blocks) + 2, block_backward_s);
+  measured.part_forward_seconds.front() = measured.part_backward_seconds.front() = 0.001;  // the stem
+  measured.part_forward_seconds.back() = 0.05;                                                // the head
+  measured.part_backward_seconds.back() = 0.1;
+  return measured;
+}
+
+double compute_busy(const Plan& plan) { return plan.busy_seconds[static_cast<int>(Resource::kCompute)]; }
+
+}  // namespace
+
+TEST_CASE("planner: measured block times replace the compute estimates, scaled by tokens") {
+  PlanRequest request = fuyou_request(200);  // fast NVMe: the step is compute-bound
+  request.choose_activations = false;       // every checkpoint on the device
+  const std::int64_t blocks = request.model.num_layers;
+  request.measured = uniform_times(blocks, 4, 0.1, 0.3);
+  const Plan measured = make_plan(request);
+  // Measured at batch 4, planned at 8: twice the measured seconds, recomputation included.
+  const double expected = 2 * (0.001 + 0.001 + static_cast<double>(blocks) * (0.1 + 0.3) + 0.05 + 0.1);
+  CHECK(compute_busy(measured) == Approx(expected));
+  CHECK(measured.bottleneck == Resource::kCompute);
+  CHECK(measured.step_seconds == Approx(expected).epsilon(0.05));
+  CHECK(measured.step_seconds != Approx(make_plan(fuyou_request(200)).step_seconds).epsilon(0.05));
+
+  // Blocks twice as slow add their time to the step.
+  request.measured = uniform_times(blocks, 4, 0.2, 0.6);
+  const Plan slower = make_plan(request);
+  CHECK(slower.step_seconds - measured.step_seconds == Approx(2 * static_cast<double>(blocks) * 0.4).epsilon(0.05));
+
+  // Measured at the planned batch, the same step.
+  MeasuredCompute at_eight = uniform_times(blocks, 8, 0.2, 0.6);
+  at_eight.part_forward_seconds.front() = at_eight.part_backward_seconds.front() = 0.002;
+  at_eight.part_forward_seconds.back() = 0.1;
+  at_eight.part_backward_seconds.back() = 0.2;
+  request.measured = at_eight;
+  CHECK(make_plan(request).step_seconds == Approx(measured.step_seconds));
+
+  request.measured->part_backward_seconds[3] = -1;
+  CHECK_THROWS_WITH(make_plan(request), Contains("measured compute of part 3 is -1 s"));
+  request.measured->part_forward_seconds.pop_back();
+  CHECK_THROWS_WITH(make_plan(request), Contains("the model has 26 parts"));
 }

@@ -1,5 +1,8 @@
 """ferry.plan: the planner's dry run from Python, against the engine's own sizing."""
 
+import json
+import subprocess
+
 import pytest
 
 import ferry
@@ -46,3 +49,21 @@ def test_calibrate_measures_this_machine_and_plan_reads_the_file(tmp_path):
 def test_calibrate_rejects_a_missing_directory(tmp_path):
     with pytest.raises(ferry.Error, match="missing.*writable directory"):
         ferry.calibrate([tmp_path / "missing"], nvme_bytes="1MiB", repeat=1)
+
+
+def test_finetune_fuyou_profiles_plans_and_compares_the_step_time(tmp_path, build_dir):
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    out = tmp_path / "run"
+    run = subprocess.run([str(build_dir / "ferry"), "finetune", "--mode", "fuyou", "--nvme", str(nvme),
+                          "--activations", "auto", "--steps", "3", "--batch", "4", "--seq", "16",
+                          "--warmup", "1", "--eval-problems", "1", "--log-every", "1", "--device", "cpu",
+                          "--out", str(out)], check=True, capture_output=True, text=True)
+    assert "profiling two steps" in run.stderr
+    assert "fuyou mode" in run.stderr and "host blocks" in run.stderr  # the plan's table
+    assert "measured / predicted" in run.stderr
+    # The job file holds the plan's choices and runs as an engine config.
+    job = json.loads((out / "config.json").read_text())
+    assert len(job["activations"]) == 2 and set(job["activations"]) <= {"gpu", "host", "nvme"}
+    assert isinstance(job["fuyou_host_blocks"], int)
+    ferry.Engine(config=job)
