@@ -48,18 +48,6 @@ struct OffloadSettings {
   FuyouConfig fuyou;
 };
 
-std::vector<BlockActivations> parse_activations(const std::string& text, std::int64_t blocks) {
-  std::vector<BlockActivations> out;
-  std::size_t start = 0;
-  while (start <= text.size()) {
-    const std::size_t comma = std::min(text.find(',', start), text.size());
-    out.push_back(parse_block_activations(text.substr(start, comma - start)));
-    start = comma + 1;
-  }
-  if (out.size() == 1) out.assign(static_cast<std::size_t>(blocks), out.front());
-  return out;
-}
-
 // Runs `step` warmup times, then times `steps` of them with the device drained around the timing.
 template <typename Step>
 double seconds_per_step(int warmup, int steps, Step step) {
