@@ -29,6 +29,7 @@ using Clock = std::chrono::steady_clock;
 struct Figures {
   std::string what;
   std::int64_t batch = 0;
+  std::int64_t micro_batches = 1;  // per step
   double seconds_per_step = 0;
   double tokens_per_s = 0;
   double tflops = 0;
@@ -46,6 +47,8 @@ struct OffloadSettings {
   std::vector<std::string> nvme;
   std::string activations;  // one tier for every block, or a list; empty: the mode's default
   FuyouConfig fuyou;
+  std::int64_t grad_accumulation = 1;
+  MicroBatchOrder order = MicroBatchOrder::kBatchMajor;
 };
 
 // Runs `step` warmup times, then times `steps` of them with the device drained around the timing.
@@ -60,7 +63,7 @@ double seconds_per_step(int warmup, int steps, Step step) {
 }
 
 Figures finish(Figures figures, const models::ModelConfig& config, std::int64_t seq) {
-  const double tokens = static_cast<double>(figures.batch * seq);
+  const double tokens = static_cast<double>(figures.batch * seq * figures.micro_batches);
   figures.tokens_per_s = tokens / figures.seconds_per_step;
   figures.tflops = 6.0 * static_cast<double>(config.parameter_count()) * figures.tokens_per_s / 1e12;
   figures.peak_bytes = gpu_memory_stats().peak_allocated_bytes;
@@ -123,6 +126,8 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
     engine_config.host_budget_bytes = offload.host_budget;
   }
   engine_config.nvme_directories = offload.nvme;
+  engine_config.grad_accumulation = offload.grad_accumulation;
+  engine_config.micro_batch_order = offload.order;
   if (mode == Mode::kFuyou) {
     engine_config.fuyou = offload.fuyou;
     if (!offload.activations.empty()) {
@@ -132,11 +137,14 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
   Engine engine(models::build(config, 1), engine_config);
   std::vector<data::Batch> batches;
   for (int i = 0; i < 2; ++i) batches.push_back(data::random_batch(batch, seq, config.vocab_size, i));
-  Figures figures{std::string("ferry ") + to_string(mode) + ", bf16", batch};
+  Figures figures{std::string("ferry ") + to_string(mode) + ", bf16", batch, offload.grad_accumulation};
+  if (offload.grad_accumulation > 1) figures.what += std::string(", ") + to_string(offload.order);
   StoreStats before;
   figures.seconds_per_step = seconds_per_step(warmup, steps, [&](int i) {
     if (i == warmup) before = engine.stats().store;
-    engine.train_step(batches[static_cast<size_t>(i) % batches.size()]);
+    for (std::int64_t m = 0; m < offload.grad_accumulation; ++m) {
+      engine.train_step(batches[static_cast<size_t>(m) % batches.size()]);
+    }
   });
   EngineStats stats = engine.stats();
   auto per_step = [&](Tier from, Tier to) {
@@ -176,6 +184,8 @@ int run_bench_finetune(int argc, char** argv) {
       ("activations", "fuyou's checkpoints: gpu, host or nvme for every block, or one per block", cxxopts::value<std::string>()->default_value("nvme"))
       ("fuyou-host-blocks", "fuyou: blocks whose parameters stay in host memory", cxxopts::value<std::int64_t>()->default_value("0"))
       ("fuyou-window", "fuyou: blocks on the device at once", cxxopts::value<std::int64_t>()->default_value("3"))
+      ("grad-accum", "ferry's micro-batches per step", cxxopts::value<std::int64_t>()->default_value("1"))
+      ("micro-batch-order", "batch-major or layer-major", cxxopts::value<std::string>()->default_value("batch-major"))
       ("h,help", "show this help");
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
@@ -202,6 +212,8 @@ int run_bench_finetune(int argc, char** argv) {
   offload.activations = args["activations"].as<std::string>();
   offload.fuyou.host_blocks = args["fuyou-host-blocks"].as<std::int64_t>();
   offload.fuyou.blocks_in_flight = args["fuyou-window"].as<std::int64_t>();
+  offload.grad_accumulation = args["grad-accum"].as<std::int64_t>();
+  offload.order = parse_micro_batch_order(args["micro-batch-order"].as<std::string>());
   // The NVMe figures the fuyou rows' lower bound divides by, measured here and now.
   std::optional<NvmeFigures> nvme;
   if (!offload.nvme.empty()) {
@@ -217,14 +229,15 @@ int run_bench_finetune(int argc, char** argv) {
   std::printf("bench finetune: %s (%.2fB parameters), sequence %lld, on %s, %s\n",
               args["model"].as<std::string>().c_str(), static_cast<double>(config.parameter_count()) / 1e9,
               static_cast<long long>(seq), device.str().c_str(), probe_gpu_tier().description.c_str());
-  std::printf("| %-28s | %5s | %8s | %9s | %7s | %9s | %8s | %s\n", "run", "batch", "s/step",
+  std::printf("| %-40s | %5s | %8s | %9s | %7s | %9s | %8s | %s\n", "run", "batch", "s/step",
               "tokens/s", "TFLOPS", "peak GPU", "vs plain", "notes");
   for (std::int64_t batch : args["batches"].as<std::vector<std::int64_t>>()) {
     std::optional<Figures> baseline, gpu_mode;
     auto print = [&](const Figures& f) {
       std::string ratio = baseline ? std::to_string(f.tokens_per_s / baseline->tokens_per_s).substr(0, 4) + "x" : "";
-      std::printf("| %-28s | %5lld | %8.3f | %9.0f | %7.1f | %9s | %8s | %s\n", f.what.c_str(),
-                  static_cast<long long>(f.batch), f.seconds_per_step, f.tokens_per_s, f.tflops,
+      const std::string batch_text = std::to_string(f.batch) + (f.micro_batches > 1 ? "x" + std::to_string(f.micro_batches) : "");
+      std::printf("| %-40s | %5s | %8.3f | %9.0f | %7.1f | %9s | %8s | %s\n", f.what.c_str(),
+                  batch_text.c_str(), f.seconds_per_step, f.tokens_per_s, f.tflops,
                   format_bytes(f.peak_bytes).c_str(), ratio.c_str(), f.note.c_str());
       if (f.nvme_read_bytes + f.nvme_written_bytes > 0) {
         std::printf("|   NVMe per step: read %s, written %s", format_bytes(f.nvme_read_bytes).c_str(),

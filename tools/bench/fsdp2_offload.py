@@ -27,6 +27,7 @@ def main():
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true",
@@ -59,8 +60,10 @@ def main():
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), device="cuda")
 
     def step():
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+        for micro_batch in range(args.accum):
+            model.set_requires_gradient_sync(micro_batch + 1 == args.accum)
+            loss = model(input_ids=tokens, labels=tokens).loss / args.accum
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -73,8 +76,9 @@ def main():
         step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
-    tokens_per_s = args.batch * args.seq / seconds
+    tokens_per_s = args.batch * args.seq * args.accum / seconds
     print(f"fsdp2 cpu-offload: {parameters / 1e9:.2f}B parameters, batch {args.batch} x seq {args.seq}"
+          f" x {args.accum} micro-batches"
           f"{', checkpointing' if args.checkpointing else ''}: {seconds:.3f} s/step, "
           f"{tokens_per_s:.0f} tokens/s, {6 * parameters * tokens_per_s / 1e12:.1f} model TFLOPS, "
           f"peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, torch {torch.__version__}")
