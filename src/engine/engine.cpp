@@ -292,10 +292,13 @@ void Engine::Impl::save_checkpoint(std::size_t block, std::size_t micro_batch, c
                                    detail::PendingBackward::SavedBlock& saved) {
   const auto bytes = static_cast<std::uint64_t>(hidden.numel()) * hidden.element_size();
   const BundleId id = checkpoint_bundle(block, micro_batch, bytes);
-  store->allocate(id, Tier::kGpu);
+  const Tier home = store->spec(id).home;
+  if (home != Tier::kGpu) store->allocate(id, Tier::kGpu);
   view(id, Tier::kGpu, hidden.scalar_type(), hidden.numel()).copy_(hidden.reshape({-1}));
-  checkpoints_down.emplace_back(id, store->write_back(id, Tier::kGpu, store->spec(id).home));
+  store->mark_dirty(id, Tier::kGpu);
   saved.checkpoint = id;
+  if (home == Tier::kGpu) return;
+  checkpoints_down.emplace_back(id, store->write_back(id, Tier::kGpu, home));
   release_checkpoints(2);
 }
 
@@ -351,11 +354,7 @@ void Engine::Impl::forward_blocks(std::vector<detail::PendingBackward>& micro) {
         computed(i + 1, true, [&] { block.output = model.blocks()[i]->forward(block.input, micro[m].context); });
         hidden[m] = block.output.detach();
       } else {
-        if (activations[i].tier == Tier::kGpu) {
-          block.input = hidden[m];
-        } else {
-          save_checkpoint(i, m, hidden[m], block);
-        }
+        save_checkpoint(i, m, hidden[m], block);
         torch::NoGradGuard no_grad;
         computed(i + 1, true, [&] { hidden[m] = model.blocks()[i]->forward(hidden[m], micro[m].context); });
       }
@@ -474,7 +473,10 @@ void Engine::Impl::backward_blocks(std::vector<detail::PendingBackward>& micro, 
   for (std::size_t k = 0; k < blocks; ++k) {
     const std::size_t i = blocks - 1 - k;
     for (const detail::PendingBackward& saved : micro) {
-      if (saved.blocks[i].checkpoint != detail::kNoBundle) visits[k].push_back(saved.blocks[i].checkpoint);
+      const BundleId checkpoint = saved.blocks[i].checkpoint;
+      if (checkpoint != detail::kNoBundle && store->spec(checkpoint).home != Tier::kGpu) {
+        visits[k].push_back(checkpoint);
+      }
     }
     if (updates_now() && staged_on_host(parts[i + 1].params)) keep_staging.push_back(parts[i + 1].params);
   }

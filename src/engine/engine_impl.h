@@ -46,9 +46,9 @@ struct PendingBackward {
   torch::Tensor labels;
   torch::Tensor stem_output;
   struct SavedBlock {
-    torch::Tensor input;   // the block's input: a checkpoint on the device, or the leaf of its kept graph
+    torch::Tensor input;   // the leaf of its kept graph
     torch::Tensor output;  // defined when the graph was kept
-    BundleId checkpoint = UINT32_MAX;  // or the input went to this bundle on the host or NVMe
+    BundleId checkpoint = UINT32_MAX;  // otherwise the block's input is here, on its home tier
   };
   std::vector<std::int64_t> hidden_shape;
   std::vector<SavedBlock> blocks;
@@ -166,7 +166,8 @@ struct Engine::Impl {
   std::optional<detail::PendingBackward> pending;
   std::vector<data::Batch> buffered;  // layer-major: the step's micro-batches so far
 
-  std::vector<BundleId> checkpoints;  // per block and micro-batch, for checkpoints on the host or NVMe
+  // Activation checkpoints, per block and micro-batch, as bundles under the budget of their tier.
+  std::vector<BundleId> checkpoints;
   std::uint64_t checkpoint_bytes = 0;
   std::deque<std::pair<BundleId, Fence>> checkpoints_down;
 
