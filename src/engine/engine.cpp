@@ -271,15 +271,17 @@ void Engine::Impl::enter_block(std::size_t block, std::size_t visit) {
   }
 }
 
-BundleId Engine::Impl::checkpoint_bundle(std::size_t block, std::size_t micro_batch, std::uint64_t bytes) {
-  if (bytes > checkpoint_bytes) {
-    // A larger batch than any before: every block's checkpoint bundle is made again at the new size.
-    for (BundleId& id : checkpoints) {
-      if (id != detail::kNoBundle) store->remove(id);
-      id = detail::kNoBundle;
-    }
-    checkpoint_bytes = bytes;
+void Engine::Impl::size_checkpoints(std::uint64_t bytes) {
+  if (bytes <= checkpoint_bytes) return;
+  // A larger micro-batch than any before: every checkpoint bundle is made again at the new size.
+  for (BundleId& id : checkpoints) {
+    if (id != detail::kNoBundle) store->remove(id);
+    id = detail::kNoBundle;
   }
+  checkpoint_bytes = bytes;
+}
+
+BundleId Engine::Impl::checkpoint_bundle(std::size_t block, std::size_t micro_batch) {
   BundleId& id = checkpoints[block * static_cast<std::size_t>(config.grad_accumulation) + micro_batch];
   if (id == detail::kNoBundle) {
     id = store->add({parts[block + 1].name + ".checkpoint." + std::to_string(micro_batch),
@@ -290,8 +292,7 @@ BundleId Engine::Impl::checkpoint_bundle(std::size_t block, std::size_t micro_ba
 
 void Engine::Impl::save_checkpoint(std::size_t block, std::size_t micro_batch, const torch::Tensor& hidden,
                                    detail::PendingBackward::SavedBlock& saved) {
-  const auto bytes = static_cast<std::uint64_t>(hidden.numel()) * hidden.element_size();
-  const BundleId id = checkpoint_bundle(block, micro_batch, bytes);
+  const BundleId id = checkpoint_bundle(block, micro_batch);
   const Tier home = store->spec(id).home;
   if (home != Tier::kGpu) store->allocate(id, Tier::kGpu);
   view(id, Tier::kGpu, hidden.scalar_type(), hidden.numel()).copy_(hidden.reshape({-1}));
@@ -340,11 +341,14 @@ void Engine::Impl::forward_blocks(std::vector<detail::PendingBackward>& micro) {
   window->begin(parameter_visits(/*reverse=*/false));
   enter_part(0);
   std::vector<torch::Tensor> hidden;
+  std::uint64_t checkpoint_size = 0;
   for (detail::PendingBackward& saved : micro) {
     computed(0, true, [&] { saved.stem_output = model.stem()->forward(saved.tokens, saved.context); });
     hidden.push_back(saved.stem_output.detach());
     saved.hidden_shape = hidden.back().sizes().vec();
+    checkpoint_size = std::max<std::uint64_t>(checkpoint_size, hidden.back().numel() * hidden.back().element_size());
   }
+  size_checkpoints(checkpoint_size);
   for (std::size_t i = 0; i < model.num_blocks(); ++i) {
     enter_block(i, i);
     for (std::size_t m = 0; m < micro.size(); ++m) {

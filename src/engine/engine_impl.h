@@ -100,8 +100,10 @@ struct Engine::Impl {
   void enter_part(std::size_t part);  // the part's parameters are usable by work queued next
   void enter_block(std::size_t block, std::size_t visit);
 
-  // Activation checkpoints on the host or NVMe: sent down in forward, fetched back in backward.
-  BundleId checkpoint_bundle(std::size_t block, std::size_t micro_batch, std::uint64_t bytes);
+  // Activation checkpoints, as bundles on their block's tier: host and NVMe ones go down in
+  // forward and come back in backward.
+  void size_checkpoints(std::uint64_t bytes);  // every micro-batch's checkpoint fits
+  BundleId checkpoint_bundle(std::size_t block, std::size_t micro_batch);
   void save_checkpoint(std::size_t block, std::size_t micro_batch, const torch::Tensor& hidden,
                        detail::PendingBackward::SavedBlock& saved);
   void release_checkpoints(std::size_t keep);

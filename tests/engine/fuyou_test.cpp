@@ -356,3 +356,28 @@ TEST_CASE("the layer-major order equals the batch-major one and moves each block
   fuyou.grad_accumulation = 1;
   CHECK_THROWS_WITH(make_engine(model, fuyou), Catch::Contains("needs grad_accumulation > 1"));
 }
+
+TEST_CASE("the layer-major order takes micro-batches of different sizes") {
+  const models::ModelConfig model = model_config("tiny-llama", 2);
+  TempDir dir;
+  EngineConfig config = base_config(Mode::kGpu);
+  config.grad_accumulation = 3;
+  EngineConfig snake = fuyou_config(config, dir);
+  snake.micro_batch_order = MicroBatchOrder::kLayerMajor;
+  snake.activations = checkpoints_on({Tier::kNvme, Tier::kHost});
+  Engine reference = make_engine(model, config);
+  Engine layer_major = make_engine(model, snake);
+  for (int step = 0; step < 3; ++step) {
+    std::optional<StepResult> expected, got;
+    for (std::int64_t m = 0; m < 3; ++m) {
+      // The largest micro-batch comes last, after the others' checkpoints were stored.
+      const data::Batch batch = data::random_batch(1 + m, 16 + 8 * m, model.vocab_size, 10 * step + m);
+      expected = reference.train_step(batch);
+      got = layer_major.train_step(batch);
+    }
+    REQUIRE(expected);
+    REQUIRE(got);
+    CHECK(got->loss == expected->loss);
+    CHECK(got->grad_norm == expected->grad_norm);
+  }
+}
