@@ -155,7 +155,8 @@ Candidate plan_in_order(const PlanRequest& request) {
 // micro-batch and sends each part's gradients down once, as fp32 sums, but keeps every
 // micro-batch's checkpoints and needs the sums' device copies: it wins where streaming, PCIe or
 // NVMe bounds the step, and needs memory for it. Each order is planned with its own activations
-// and host blocks; a tie keeps batch-major, which holds less.
+// and host blocks; a tie keeps batch-major, which holds less, and so does a request that fits in
+// neither (its shortfalls and fixes are the smaller).
 Candidate plan_candidate(const PlanRequest& request) {
   const bool choose = request.choose_micro_batch_order && request.engine.grad_accumulation > 1 &&
                       request.engine.mode != Mode::kZo2;
@@ -166,7 +167,7 @@ Candidate plan_candidate(const PlanRequest& request) {
   layer_major.engine.micro_batch_order = MicroBatchOrder::kLayerMajor;
   Candidate by_batch = plan_in_order(batch_major);
   Candidate by_layer = plan_in_order(layer_major);
-  return better(by_layer, by_batch, kTieTolerance) ? by_layer : by_batch;
+  return by_layer.fits && better(by_layer, by_batch, kTieTolerance) ? by_layer : by_batch;
 }
 
 void check_hardware(const PlanRequest& request) {

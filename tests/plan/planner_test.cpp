@@ -371,8 +371,11 @@ TEST_CASE("planner: the micro-batch order is chosen only with accumulation, and 
   PlanRequest in_core = request;
   in_core.engine.mode = Mode::kGpu;
   in_core.engine.gpu_budget_bytes = 0;
-  in_core.engine.offload_checkpoints = false;
-  CHECK(make_plan(in_core).micro_batch_order == MicroBatchOrder::kBatchMajor);
+  in_core.hardware.gpu_memory_bytes = 80 * kGiB;
+  const Plan tie = make_plan(in_core);
+  REQUIRE(tie.fits);
+  CHECK(tie.step_seconds == Approx(make_plan(in_order(in_core, MicroBatchOrder::kLayerMajor)).step_seconds));
+  CHECK(tie.micro_batch_order == MicroBatchOrder::kBatchMajor);
   // Layer-major needs micro-batches to order.
   request.engine.grad_accumulation = 1;
   CHECK_THROWS_WITH(make_plan(in_order(request, MicroBatchOrder::kLayerMajor)),
