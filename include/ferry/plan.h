@@ -134,6 +134,10 @@ struct PlanRequest {
   // fuyou: give the blocks' parameters as much host memory as the budget leaves
   // (FuyouConfig::host_blocks). Off: engine.fuyou.host_blocks as given.
   bool choose_host_blocks = true;
+  // gpu, zero-offload and fuyou with grad_accumulation > 1: plan both micro-batch orders, each
+  // with its own activations, and keep the faster one that fits. Off: engine.micro_batch_order
+  // as given.
+  bool choose_micro_batch_order = true;
   // Above 0: choose the micro-batch among the powers of two up to max_batch (at `seq`), the one
   // with the most tokens/s that fits, choosing activations for each; `batch` is then ignored.
   std::int64_t max_batch = 0;
@@ -172,6 +176,7 @@ struct Plan {
 
   std::vector<BlockActivations> activations;  // one per block; empty for zo2 (no backward)
   std::int64_t host_blocks = 0;        // fuyou: blocks whose parameters live in host memory
+  MicroBatchOrder micro_batch_order = MicroBatchOrder::kBatchMajor;
   std::uint64_t checkpoint_bytes = 0;  // one block's input, one micro-batch
   std::uint64_t graph_bytes = 0;       // one block's kept autograd graph, one micro-batch
 
@@ -189,8 +194,8 @@ struct Plan {
 // without the NVMe directories it needs, hardware figures that are missing).
 Plan make_plan(const PlanRequest& request);
 
-// The engine settings that run the plan: the request's, with the chosen activations and, for
-// fuyou, host_blocks filled in. Train with micro-batches of plan.request.batch.
+// The engine settings that run the plan: the request's, with the chosen activations, micro-batch
+// order and, for fuyou, host_blocks filled in. Train with micro-batches of plan.request.batch.
 EngineConfig plan_engine_config(const Plan& plan);
 
 std::string format_plan(const Plan& plan);  // the table `ferry plan` prints

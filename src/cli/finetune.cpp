@@ -43,7 +43,7 @@ const Json& defaults() {
       {"zo_eps", 1e-3},              {"zo_samples", 1},         {"zo_blocks", "host"},
       {"zo_host_blocks", 0},         {"zo_storage", ""},        {"zo_window", 3},
       {"zo_write_back", 4},          {"fuyou_host_blocks", "auto"}, {"fuyou_window", 3},
-      {"activations", "auto"},
+      {"activations", "auto"},       {"micro_batch_order", "auto"},
   };
   return kDefaults;
 }
@@ -105,8 +105,9 @@ Json resolve(const cxxopts::ParseResult& args) {
   return config;
 }
 
-// The job's engine settings, read by the parser the other front ends share. "auto" activations
-// and host blocks are left for the plan (plan_fuyou); one activations name stands for every block.
+// The job's engine settings, read by the parser the other front ends share. "auto" activations,
+// host blocks and micro-batch order are left for the plan (plan_fuyou; without one the order is
+// batch-major); one activations name stands for every block.
 EngineConfig engine_config(const Json& job, std::int64_t blocks) {
   Json settings;
   for (const std::string& key : engine_config_keys()) {
@@ -121,6 +122,10 @@ EngineConfig engine_config(const Json& job, std::int64_t blocks) {
                 "fuyou_host_blocks = '", text, "' is invalid: use auto or a number of blocks");
     settings["fuyou_host_blocks"] = std::stoll(text);
   }
+  const std::string order = settings["micro_batch_order"];
+  FERRY_CHECK(order == "auto" || order == "batch-major" || order == "layer-major", "micro_batch_order = '", order,
+              "' is invalid: use auto, batch-major or layer-major");
+  if (order == "auto") settings.erase("micro_batch_order");
   const Json activations = settings["activations"];
   settings.erase("activations");
   EngineConfig config = engine_config_from_json(settings.dump());
@@ -152,6 +157,7 @@ MeasuredCompute profile_fuyou(LayeredModel model, EngineConfig config, const dat
   config.activations.assign(model.num_blocks(), {true, Tier::kNvme});
   config.fuyou.host_blocks = 0;
   config.grad_accumulation = 1;
+  config.micro_batch_order = MicroBatchOrder::kBatchMajor;  // one micro-batch has no order
   config.trace = true;
   Engine engine(std::move(model), config);
   engine.train_step(batch);
@@ -191,6 +197,7 @@ Plan plan_fuyou(const Json& job, const EngineConfig& config, const models::Model
   request.seq = job["seq"];
   request.choose_activations = job["activations"] == "auto";
   request.choose_host_blocks = job["fuyou_host_blocks"] == "auto";
+  request.choose_micro_batch_order = job["micro_batch_order"] == "auto";
   request.measured = std::move(measured);
   request.hardware = std::move(hardware);
   Plan plan = make_plan(request);
@@ -203,6 +210,7 @@ Plan plan_fuyou(const Json& job, const EngineConfig& config, const models::Model
 // as it stands (the Python Engine takes it) and runs the same job again without planning.
 Json resolved_job(Json job, const EngineConfig& config) {
   job["fuyou_host_blocks"] = config.fuyou.host_blocks;
+  job["micro_batch_order"] = to_string(config.micro_batch_order);
   if (config.activations.empty()) {
     job.erase("activations");
   } else {
@@ -267,8 +275,10 @@ int run_finetune(int argc, char** argv) {
                                     "no clipping. With --mode fuyou and --activations or --fuyou-host-blocks auto, "
                                     "a profiling step (every checkpoint on NVMe) measures the model's compute, the "
                                     "planner chooses them (docs/plan.md), and the run ends with the predicted "
-                                    "against the measured step time. --activations takes gpu, host, nvme or graph "
-                                    "for every block, or a comma list with one per block.");
+                                    "against the measured step time; --micro-batch-order auto (the default) lets "
+                                    "that plan choose the order, and is batch-major without one. --activations "
+                                    "takes gpu, host, nvme or graph for every block, or a comma list with one per "
+                                    "block.");
   options.add_options()("config", "JSON job file; flags override it", cxxopts::value<std::string>());
   options.add_options()("hardware", "fuyou planning: a calibration file (ferry bench calibrate) or a hardware "
                         "preset; default: a quick calibration", cxxopts::value<std::string>());

@@ -93,6 +93,8 @@ int run_plan(int argc, char** argv) {
       ("batch", "sequences per micro-batch", cxxopts::value<std::int64_t>()->default_value("8"))
       ("seq", "sequence length", cxxopts::value<std::int64_t>()->default_value("1024"))
       ("grad-accum", "micro-batches per step", cxxopts::value<std::int64_t>()->default_value("1"))
+      ("micro-batch-order", "with --grad-accum > 1: batch-major, layer-major (each block once per step), "
+       "or auto: the faster that fits", cxxopts::value<std::string>()->default_value("auto"))
       ("gpu-budget", "GPU tier budget (0: the GPU's memory)", cxxopts::value<std::string>()->default_value("0"))
       ("host-budget", "host tier budget (0: the host's memory)", cxxopts::value<std::string>()->default_value("0"))
       ("nvme-budget", "NVMe tier budget (0: the directories' free space)", cxxopts::value<std::string>()->default_value("0"))
@@ -151,6 +153,11 @@ int run_plan(int argc, char** argv) {
   config.optimizer.kind = parse_optimizer(args["optimizer"].as<std::string>());
   config.optimizer.momentum = args["momentum"].as<double>();
   config.grad_accumulation = args["grad-accum"].as<std::int64_t>();
+  const std::string order = args["micro-batch-order"].as<std::string>();
+  FERRY_CHECK(order == "auto" || order == "batch-major" || order == "layer-major", "--micro-batch-order ", order,
+              " is invalid: use auto, batch-major or layer-major");
+  request.choose_micro_batch_order = order == "auto";
+  if (!request.choose_micro_batch_order) config.micro_batch_order = parse_micro_batch_order(order);
   config.max_grad_norm = args["max-grad-norm"].as<double>();
   config.keep_graph_blocks = args["keep-graph-blocks"].as<std::int64_t>();
   config.offload_checkpoints = args.count("offload-checkpoints") > 0;

@@ -18,7 +18,13 @@ void add(Sizing* sizing, Tier tier, std::string role, std::uint64_t bytes) {
   sizing->items.push_back({tier, std::move(role), bytes});
 }
 
+// Note: in the layer-major order (GreedySnake, engine.cpp's train_layer_major) every micro-batch
+// passes through a block before the next block comes, so each block keeps the activations of all
+// M micro-batches and a swapped block brings all of them back with its visit. The head still runs
+// one micro-batch at a time, and backward one micro-batch's graph at a time.
 void add_activations(Sizing* sizing) {
+  const bool layer_major = sizing->config.micro_batch_order == MicroBatchOrder::kLayerMajor;
+  const std::int64_t micro_batches = layer_major ? sizing->config.grad_accumulation : 1;
   std::int64_t kept[kTierCount] = {0, 0, 0}, checkpoints[kTierCount] = {0, 0, 0};
   bool rebuilt_on_gpu = false, swapped = false;
   std::uint64_t arriving = 0;
@@ -30,16 +36,24 @@ void add_activations(Sizing* sizing) {
       arriving = std::max(arriving, block.recompute ? sizing->block.checkpoint_bytes : sizing->block.graph_bytes);
     }
   }
+  arriving *= static_cast<std::uint64_t>(micro_batches);
+  const std::string per_block = layer_major ? " x " + std::to_string(micro_batches) + " batches" : "";
   for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
     const int t = static_cast<int>(tier);
     if (checkpoints[t] > 0) {
-      add(sizing, tier, "checkpoints (" + std::to_string(checkpoints[t]) + " blocks)",
-          static_cast<std::uint64_t>(checkpoints[t]) * sizing->block.checkpoint_bytes);
+      add(sizing, tier, "checkpoints (" + std::to_string(checkpoints[t]) + " blocks" + per_block + ")",
+          static_cast<std::uint64_t>(checkpoints[t] * micro_batches) * sizing->block.checkpoint_bytes);
     }
     if (kept[t] > 0) {
-      add(sizing, tier, "graphs (" + std::to_string(kept[t]) + " blocks)",
-          static_cast<std::uint64_t>(kept[t]) * sizing->block.graph_bytes);
+      add(sizing, tier, "graphs (" + std::to_string(kept[t]) + " blocks" + per_block + ")",
+          static_cast<std::uint64_t>(kept[t] * micro_batches) * sizing->block.graph_bytes);
     }
+  }
+  // Layer-major: the other micro-batches' last hidden states wait for the head through forward,
+  // and their gradients for the next block through backward.
+  if (layer_major) {
+    add(sizing, Tier::kGpu, "other micro-batches' hidden states",
+        2 * static_cast<std::uint64_t>(micro_batches - 1) * sizing->block.checkpoint_bytes);
   }
   // Note: fuyou's swapped checkpoints travel with their block's visit: in backward, every block
   // in flight but the computing one may hold its checkpoint on the device, and in forward two
@@ -55,6 +69,21 @@ void add_activations(Sizing* sizing) {
   const std::uint64_t block_backward =
       (rebuilt_on_gpu ? sizing->block.graph_bytes : 0) + sizing->block.backward_working_bytes + arriving;
   add(sizing, Tier::kGpu, "working activations", std::max(sizing->head.peak_bytes, block_backward));
+}
+
+// Layer-major, offloaded: each part's gradients are summed in fp32 on the device (its
+// accumulator's device copy) and go down once per step. The stem's sum lives through the whole
+// backward (a tied head adds to it); besides it, the part in backward and the one still going down,
+// as for the compute-dtype gradients. In gpu mode the accumulator lives on the device already.
+void add_gradient_sums(Sizing* sizing, const models::ModelConfig& model) {
+  const EngineConfig& config = sizing->config;
+  if (config.micro_batch_order != MicroBatchOrder::kLayerMajor || config.mode == Mode::kGpu) return;
+  std::uint64_t largest = 0;
+  for (const PartShape& part : part_shapes(model)) {
+    largest = std::max(largest, round_up(static_cast<std::uint64_t>(part.numel) * 4));
+  }
+  const std::uint64_t stem = round_up(static_cast<std::uint64_t>(model.stem_parameter_count()) * 4);
+  add(sizing, Tier::kGpu, "fp32 gradient sums", stem + 2 * largest);
 }
 
 }  // namespace
@@ -116,6 +145,7 @@ Sizing size_tiers(const PlanRequest& request, const EngineConfig& config) {
         std::max(sizing.block.forward_working_bytes, sizing.head.forward_logits_bytes));
     return sizing;
   }
+  add_gradient_sums(&sizing, model);
   add_activations(&sizing);
   return sizing;
 }

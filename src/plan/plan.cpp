@@ -142,13 +142,32 @@ Candidate choose_fuyou_activations(const PlanRequest& request) {
   return evaluate(request, fuyou_placement(request, low, static_cast<std::int64_t>(on_host)));
 }
 
-Candidate plan_candidate(const PlanRequest& request) {
+Candidate plan_in_order(const PlanRequest& request) {
   if (request.engine.mode == Mode::kFuyou && request.choose_activations) {
     return choose_fuyou_activations(request);
   }
   EngineConfig config = request.engine;
   config.activations = detail::engine_activations(request);
   return evaluate(request, with_host_blocks(request, config));
+}
+
+// Note: the micro-batch order. Layer-major streams each block once per step instead of once per
+// micro-batch and sends each part's gradients down once, as fp32 sums, but keeps every
+// micro-batch's checkpoints and needs the sums' device copies: it wins where streaming, PCIe or
+// NVMe bounds the step, and needs memory for it. Each order is planned with its own activations
+// and host blocks; a tie keeps batch-major, which holds less, and so does a request that fits in
+// neither (its shortfalls and fixes are the smaller).
+Candidate plan_candidate(const PlanRequest& request) {
+  const bool choose = request.choose_micro_batch_order && request.engine.grad_accumulation > 1 &&
+                      request.engine.mode != Mode::kZo2;
+  if (!choose) return plan_in_order(request);
+  PlanRequest batch_major = request;
+  batch_major.engine.micro_batch_order = MicroBatchOrder::kBatchMajor;
+  PlanRequest layer_major = request;
+  layer_major.engine.micro_batch_order = MicroBatchOrder::kLayerMajor;
+  Candidate by_batch = plan_in_order(batch_major);
+  Candidate by_layer = plan_in_order(layer_major);
+  return by_layer.fits && better(by_layer, by_batch, kTieTolerance) ? by_layer : by_batch;
 }
 
 void check_hardware(const PlanRequest& request) {
@@ -324,6 +343,7 @@ Plan make_plan(const PlanRequest& given) {
   plan.items = chosen.sizing.items;
   plan.activations = chosen.sizing.config.activations;
   plan.host_blocks = chosen.sizing.config.mode == Mode::kFuyou ? chosen.sizing.config.fuyou.host_blocks : 0;
+  plan.micro_batch_order = chosen.sizing.config.micro_batch_order;
   plan.checkpoint_bytes = chosen.sizing.block.checkpoint_bytes;
   plan.graph_bytes = chosen.sizing.block.graph_bytes;
   plan.fits = chosen.fits;
@@ -374,6 +394,7 @@ Plan make_plan(const PlanRequest& given) {
 EngineConfig plan_engine_config(const Plan& plan) {
   EngineConfig config = plan.request.engine;
   config.activations = plan.activations;
+  config.micro_batch_order = plan.micro_batch_order;
   if (config.mode == Mode::kFuyou) config.fuyou.host_blocks = plan.host_blocks;
   return config;
 }

@@ -118,6 +118,10 @@ std::string format_plan(const Plan& plan) {
                          describe_activations(plan.activations).c_str(),
                          format_bytes(plan.checkpoint_bytes).c_str(), format_bytes(plan.graph_bytes).c_str());
   }
+  if (request.engine.grad_accumulation > 1) {
+    out += printf_string("micro-batch order: %s (%s)\n", to_string(plan.micro_batch_order),
+                         request.choose_micro_batch_order && request.engine.mode != Mode::kZo2 ? "chosen" : "given");
+  }
   if (request.engine.mode == Mode::kFuyou) {
     out += printf_string("host blocks (parameters in host memory): %lld of %lld, %lld blocks in flight\n",
                          static_cast<long long>(plan.host_blocks), static_cast<long long>(request.model.num_layers),
@@ -159,6 +163,7 @@ std::string plan_to_json(const Plan& plan) {
   out["batch"] = request.batch;
   out["seq"] = request.seq;
   out["grad_accumulation"] = request.engine.grad_accumulation;
+  out["micro_batch_order"] = to_string(plan.micro_batch_order);
   out["attention"] = to_string(request.attention);
   out["hardware"] = Json::parse(request.hardware.to_json());
   out["items"] = Json::array();

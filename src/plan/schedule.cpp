@@ -208,41 +208,63 @@ class StepBuilder {
 
   std::uint64_t optimizer_bytes(std::size_t part) const { return (master_ + states_) * 4 * numel(part); }
 
+  // Note: the micro-batch order. Batch-major makes M passes over the model, one micro-batch
+  // each, and sends each part's compute-dtype gradients down every pass. Layer-major makes one
+  // pass with all M micro-batches through each part while it is on the device, and sends each
+  // part's fp32 gradient sum down once (engine.cpp, train_layer_major).
+  struct Order {
+    std::size_t passes;
+    std::size_t per_pass;  // micro-batches
+    std::uint64_t gradient_size;  // bytes per parameter of what goes down
+  };
+  Order micro_batch_order() const {
+    const auto micro_batches = static_cast<std::size_t>(config_.grad_accumulation);
+    if (config_.micro_batch_order == MicroBatchOrder::kLayerMajor) return {1, micro_batches, 4};
+    return {micro_batches, 1, e_};
+  }
+
   // gpu and zero-offload: parameters stay on the device. zero-offload sends each part's gradients
-  // down as its backward ends, updates it on the CPU and sends the parameters back up.
+  // down as its backward ends, updates it on the CPU and sends the parameters back up. Layer-major,
+  // all micro-batches pass through a part at once and its gradients go down once, as fp32 sums.
   void first_order_in_core() {
     const bool offloaded = config_.mode == Mode::kZeroOffload;
-    const std::int64_t micro_batches = config_.grad_accumulation;
-    std::vector<double> down(parts_.size(), 0), checkpoint_down(blocks(), 0);
+    const Order order = micro_batch_order();
+    std::vector<double> down(parts_.size(), 0);
+    std::vector<std::vector<double>> checkpoint_down(blocks(), std::vector<double>(order.per_pass, 0));
     double c = 0;
-    for (std::int64_t micro = 0; micro < micro_batches; ++micro) {
-      const bool last = micro + 1 == micro_batches;
-      c = forward_stem(std::max(c, params_ready_[0]));
+    for (std::size_t pass = 0; pass < order.passes; ++pass) {
+      const bool last = pass + 1 == order.passes;
+      for (std::size_t m = 0; m < order.per_pass; ++m) c = forward_stem(std::max(c, params_ready_[0]));
       for (std::size_t i = 0; i < blocks(); ++i) {
-        c = forward_block(std::max(c, params_ready_[i + 1]), i, "forward");
-        if (activations(i).tier == Tier::kHost) {
-          checkpoint_down[i] = move(Resource::kPcieDown, c, activation_bytes(i),
-                                    "checkpoint down block." + std::to_string(i));
+        for (std::size_t m = 0; m < order.per_pass; ++m) {
+          c = forward_block(std::max(c, params_ready_[i + 1]), i, "forward");
+          if (activations(i).tier == Tier::kHost) {
+            checkpoint_down[i][m] = move(Resource::kPcieDown, c, activation_bytes(i),
+                                         "checkpoint down block." + std::to_string(i));
+          }
         }
       }
-      c = head(std::max(c, params_ready_.back()));
+      for (std::size_t m = 0; m < order.per_pass; ++m) c = head(std::max(c, params_ready_.back()));
       auto finished = [&](std::size_t part, double at) {
         if (!offloaded) return;
-        down[part] = move(Resource::kPcieDown, at, numel(part) * e_, "gradients down " + parts_[part].name);
+        down[part] = move(Resource::kPcieDown, at, numel(part) * order.gradient_size,
+                          "gradients down " + parts_[part].name);
         if (last && !deferred_) update_in_place(part, down[part]);
       };
       finished(parts_.size() - 1, c);
       for (std::size_t i = blocks(); i-- > 0;) {
-        double ready = c;
-        if (activations(i).tier == Tier::kHost) {
-          // The engine copies a checkpoint up when the block's backward starts, not ahead.
-          ready = move(Resource::kPcieUp, std::max(c, checkpoint_down[i]), activation_bytes(i),
-                       "checkpoint up block." + std::to_string(i));
+        for (std::size_t m = 0; m < order.per_pass; ++m) {
+          double ready = c;
+          if (activations(i).tier == Tier::kHost) {
+            // The engine copies a checkpoint up when the block's backward starts, not ahead.
+            ready = move(Resource::kPcieUp, std::max(c, checkpoint_down[i][m]), activation_bytes(i),
+                         "checkpoint up block." + std::to_string(i));
+          }
+          c = backward_block(ready, i);
         }
-        c = backward_block(ready, i);
         finished(i + 1, c);
       }
-      c = compute(c, stem_backward_s_, 0, "backward stem");
+      for (std::size_t m = 0; m < order.per_pass; ++m) c = compute(c, stem_backward_s_, 0, "backward stem");
       finished(0, c);
     }
     if (!offloaded) {
@@ -304,17 +326,21 @@ class StepBuilder {
   // updated, and writes them back (with the parameters of a block on NVMe); the stem's and
   // head's new parameters go back up. Between micro-batches, and until clipping or loss scaling
   // has seen every gradient, the gradients wait at home on NVMe (fp32 sums with accumulation).
+  // Layer-major, one pass carries every micro-batch: each block is fetched once per direction and
+  // the gradients wait at home only for clipping or loss scaling.
   void fuyou() {
     const std::size_t count = blocks();
     const std::size_t head_part = parts_.size() - 1;
     const auto host_blocks = static_cast<std::size_t>(config_.fuyou.host_blocks);
     const auto window = static_cast<std::size_t>(config_.fuyou.blocks_in_flight);
     const std::int64_t micro_batches = config_.grad_accumulation;
-    const bool gradients_home = micro_batches > 1 || deferred_;
+    const Order order = micro_batch_order();
+    const bool gradients_home = order.passes > 1 || deferred_;
     const std::uint64_t gradient_home_size = micro_batches > 1 ? 4 : e_;
     auto is_block = [&](std::size_t part) { return part >= 1 && part <= count; };
     auto on_nvme = [&](std::size_t part) { return is_block(part) && part - 1 >= host_blocks; };
-    std::vector<double> forward_end(count, 0), backward_end(count, 0), activation_home(count, 0);
+    std::vector<double> forward_end(count, 0), backward_end(count, 0);
+    std::vector<std::vector<double>> activation_home(count, std::vector<double>(order.per_pass, 0));
     std::vector<double> gradients_at_home(parts_.size(), 0), states_read(parts_.size(), 0);
     double c = 0;
     auto fetch_block = [&](std::size_t block, double ready) {
@@ -343,54 +369,64 @@ class StepBuilder {
                             : on_nvme(part) ? states_ready_[part]
                                             : updated;
     };
-    for (std::int64_t micro = 0; micro < micro_batches; ++micro) {
-      const bool update_now = micro + 1 == micro_batches && !deferred_;
+    for (std::size_t pass = 0; pass < order.passes; ++pass) {
+      const bool update_now = pass + 1 == order.passes && !deferred_;
       auto finished = [&](std::size_t part, double at) {
-        double down = move(Resource::kPcieDown, at, numel(part) * e_, parts_[part].name + " gradients down");
+        double down = move(Resource::kPcieDown, at, numel(part) * order.gradient_size,
+                           parts_[part].name + " gradients down");
         if (update_now) {
           optimize(part, down);
           return;
         }
-        if (micro > 0) {
+        if (pass > 0) {
           down = move(Resource::kNvmeRead, std::max(down, gradients_at_home[part]), numel(part) * gradient_home_size,
                       "read " + parts_[part].name + " gradients");
         }
         gradients_at_home[part] = move(Resource::kNvmeWrite, down, numel(part) * gradient_home_size,
                                        "write " + parts_[part].name + " gradients");
       };
-      c = forward_stem(std::max(c, params_ready_[0]));
+      for (std::size_t m = 0; m < order.per_pass; ++m) c = forward_stem(std::max(c, params_ready_[0]));
       for (std::size_t i = 0; i < count; ++i) {
         const double slot = i >= window ? forward_end[i - window] : 0;
-        c = forward_block(std::max(c, fetch_block(i, slot)), i, "forward");
-        forward_end[i] = c;
-        activation_home[i] = c;
-        if (activations(i).tier != Tier::kGpu) {
-          const std::string name = "checkpoint block." + std::to_string(i);
-          activation_home[i] = move(Resource::kPcieDown, c, activation_bytes(i), name + " down");
-          if (activations(i).tier == Tier::kNvme) {
-            activation_home[i] = move(Resource::kNvmeWrite, activation_home[i], activation_bytes(i), "write " + name);
+        const double fetched = fetch_block(i, slot);
+        for (std::size_t m = 0; m < order.per_pass; ++m) {
+          c = forward_block(std::max(c, fetched), i, "forward");
+          double& home = activation_home[i][m];
+          home = c;
+          if (activations(i).tier != Tier::kGpu) {
+            const std::string name = "checkpoint block." + std::to_string(i);
+            home = move(Resource::kPcieDown, c, activation_bytes(i), name + " down");
+            if (activations(i).tier == Tier::kNvme) {
+              home = move(Resource::kNvmeWrite, home, activation_bytes(i), "write " + name);
+            }
           }
         }
+        forward_end[i] = c;
       }
       const double head_start = c;
-      c = head(std::max(c, params_ready_[head_part]));
+      for (std::size_t m = 0; m < order.per_pass; ++m) c = head(std::max(c, params_ready_[head_part]));
       if (update_now) read_states(head_part, head_start);
       finished(head_part, c);
       for (std::size_t k = 0; k < count; ++k) {
         const std::size_t i = count - 1 - k;
         const double slot = k >= window ? backward_end[i + window] : head_start;
-        double ready = fetch_block(i, slot);
-        if (activations(i).tier != Tier::kGpu) {
-          const std::string name = "checkpoint block." + std::to_string(i);
-          double at = std::max(slot, activation_home[i]);
-          if (activations(i).tier == Tier::kNvme) at = move(Resource::kNvmeRead, at, activation_bytes(i), "read " + name);
-          ready = std::max(ready, move(Resource::kPcieUp, at, activation_bytes(i), name + " up"));
+        const double fetched = fetch_block(i, slot);
+        for (std::size_t m = 0; m < order.per_pass; ++m) {
+          double ready = fetched;
+          if (activations(i).tier != Tier::kGpu) {
+            const std::string name = "checkpoint block." + std::to_string(i);
+            double at = std::max(slot, activation_home[i][m]);
+            if (activations(i).tier == Tier::kNvme) {
+              at = move(Resource::kNvmeRead, at, activation_bytes(i), "read " + name);
+            }
+            ready = std::max(ready, move(Resource::kPcieUp, at, activation_bytes(i), name + " up"));
+          }
+          c = backward_block(std::max(c, ready), i);
         }
-        c = backward_block(std::max(c, ready), i);
         backward_end[i] = c;
         finished(i + 1, c);
       }
-      c = compute(c, stem_backward_s_, 0, "backward stem");
+      for (std::size_t m = 0; m < order.per_pass; ++m) c = compute(c, stem_backward_s_, 0, "backward stem");
       finished(0, c);
     }
     if (deferred_) {

@@ -119,6 +119,38 @@ TEST_CASE("plan: a fuyou plan runs in the engine within the bytes per tier it pl
   CHECK(store.tiers[static_cast<int>(Tier::kNvme)].peak_bytes > 0);
 }
 
+// The layer-major order (GreedySnake): every micro-batch's checkpoints and the fp32 gradient sums
+// on the device, as the plan sizes them, over two steps of two micro-batches each.
+TEST_CASE("plan: a layer-major fuyou plan runs in the engine within the bytes per tier it plans") {
+  testing::TempDir nvme;
+  PlanRequest request = tiny_request("tiny-llama", Mode::kFuyou, 0);
+  request.engine.nvme_directories = {nvme.path()};
+  request.hardware.nvme = {{nvme.path(), 1, 1}};
+  request.engine.grad_accumulation = 2;
+  request.choose_micro_batch_order = false;
+  request.engine.micro_batch_order = MicroBatchOrder::kLayerMajor;
+  request.choose_activations = false;
+  request.choose_host_blocks = false;
+  request.engine.fuyou.host_blocks = 1;
+  request.engine.activations = parse_activations("nvme,host", request.model.num_layers);
+  const Plan plan = make_plan(request);
+  REQUIRE(plan.fits);
+  const EngineConfig config = plan_engine_config(plan);
+  CHECK(config.micro_batch_order == MicroBatchOrder::kLayerMajor);
+
+  Engine engine(models::build(request.model, 1), config);
+  int steps = 0;
+  for (int micro = 0; micro < 4; ++micro) {
+    if (engine.train_step(random_batch(request.model.vocab_size))) ++steps;
+  }
+  CHECK(steps == 2);
+  const StoreStats store = engine.stats().store;
+  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
+    INFO(to_string(tier));
+    CHECK(store.tiers[static_cast<int>(tier)].peak_bytes <= plan.tier_bytes[static_cast<int>(tier)]);
+  }
+}
+
 // Note: the margin. The plan counts what autograd saves, tensor by tensor, from the families'
 // code; a forward also holds the step's context (positions, masks, RoPE tables) and the
 // allocator's rounding. 20% covers both on these tiny shapes.

@@ -286,3 +286,98 @@ TEST_CASE("planner: measured block times replace the compute estimates, scaled b
   request.measured->part_forward_seconds.pop_back();
   CHECK_THROWS_WITH(make_plan(request), Contains("the model has 26 parts"));
 }
+
+namespace {
+
+std::uint64_t nvme_moved(const Plan& plan) {
+  return plan.moved_bytes[static_cast<int>(Resource::kNvmeRead)] +
+         plan.moved_bytes[static_cast<int>(Resource::kNvmeWrite)];
+}
+
+PlanRequest in_order(PlanRequest request, MicroBatchOrder order) {
+  request.choose_micro_batch_order = false;
+  request.engine.micro_batch_order = order;
+  return request;
+}
+
+}  // namespace
+
+TEST_CASE("planner: NVMe-bound fuyou with 8 micro-batches runs layer-major, streaming each block once") {
+  PlanRequest request = fuyou_request(1);
+  request.engine.grad_accumulation = 8;
+  request.engine.host_budget_bytes = 8 * kGiB;  // the optimizer stages the gradient sums too
+  const Plan chosen = make_plan(request);
+  const Plan batch_major = make_plan(in_order(request, MicroBatchOrder::kBatchMajor));
+  const Plan layer_major = make_plan(in_order(request, MicroBatchOrder::kLayerMajor));
+  REQUIRE(chosen.fits);
+  REQUIRE(batch_major.fits);
+  REQUIRE(layer_major.fits);
+  CHECK(chosen.micro_batch_order == MicroBatchOrder::kLayerMajor);
+  CHECK(chosen.step_seconds == Approx(layer_major.step_seconds));
+  CHECK(batch_major.micro_batch_order == MicroBatchOrder::kBatchMajor);
+  CHECK((batch_major.bottleneck == Resource::kNvmeRead || batch_major.bottleneck == Resource::kNvmeWrite));
+  // Batch-major reads every block on NVMe twice per micro-batch and keeps the gradient sums on
+  // NVMe between micro-batches; layer-major reads each block twice per step.
+  CHECK(nvme_moved(layer_major) * 3 < nvme_moved(batch_major));
+  CHECK(layer_major.step_seconds < batch_major.step_seconds);
+  CHECK_THAT(format_plan(chosen), Contains("micro-batch order: layer-major (chosen)"));
+  CHECK_THAT(plan_to_json(chosen), Contains("\"micro_batch_order\": \"layer-major\""));
+
+  const EngineConfig config = plan_engine_config(chosen);
+  CHECK(config.micro_batch_order == MicroBatchOrder::kLayerMajor);
+  const TierDemand demand = engine_demand(part_shapes(chosen.request.model), config);
+  for (int t = 0; t < kTierCount; ++t) {
+    INFO(to_string(static_cast<Tier>(t)));
+    CHECK(demand.bytes[t] <= chosen.tier_bytes[t]);
+    if (chosen.tier_budget[t] > 0) CHECK(chosen.tier_bytes[t] <= chosen.tier_budget[t]);
+  }
+}
+
+TEST_CASE("planner: layer-major keeps every micro-batch's checkpoints, off the device when it is small") {
+  PlanRequest request = fuyou_request(1);
+  request.engine.grad_accumulation = 8;
+  request.engine.host_budget_bytes = 64 * kGiB;
+  const Plan roomy = make_plan(in_order(request, MicroBatchOrder::kBatchMajor));
+  REQUIRE(on_tier(roomy, Tier::kGpu) == request.model.num_layers);
+  // Room for every checkpoint of one micro-batch on the device and for layer-major's gradient
+  // sums, not for the other 7 micro-batches' checkpoints.
+  const std::uint64_t headroom = kGiB;
+  request.engine.gpu_budget_bytes = roomy.tier_bytes[static_cast<int>(Tier::kGpu)] + headroom;
+  REQUIRE(7 * static_cast<std::uint64_t>(request.model.num_layers) * roomy.checkpoint_bytes > headroom);
+  const Plan plan = make_plan(request);
+  REQUIRE(plan.fits);
+  CHECK(plan.tier_bytes[static_cast<int>(Tier::kGpu)] <= plan.tier_budget[static_cast<int>(Tier::kGpu)]);
+  if (plan.micro_batch_order == MicroBatchOrder::kLayerMajor) {
+    const auto on_gpu = static_cast<std::uint64_t>(on_tier(plan, Tier::kGpu));
+    CHECK(on_gpu < static_cast<std::uint64_t>(request.model.num_layers));
+    CHECK(on_gpu * 8 * plan.checkpoint_bytes < plan.tier_budget[static_cast<int>(Tier::kGpu)]);
+  }
+  // Fixed to layer-major, the plan still fits, with the checkpoints in host memory or on NVMe.
+  const Plan layer_major = make_plan(in_order(request, MicroBatchOrder::kLayerMajor));
+  REQUIRE(layer_major.fits);
+  CHECK(on_tier(layer_major, Tier::kHost) + on_tier(layer_major, Tier::kNvme) > 0);
+}
+
+TEST_CASE("planner: the micro-batch order is chosen only with accumulation, and a given one is kept") {
+  PlanRequest request = fuyou_request(8);
+  const Plan single = make_plan(request);
+  CHECK(single.micro_batch_order == MicroBatchOrder::kBatchMajor);
+  CHECK_THAT(format_plan(single), !Contains("micro-batch order"));
+  request.engine.grad_accumulation = 4;
+  const Plan given = make_plan(in_order(request, MicroBatchOrder::kLayerMajor));
+  CHECK(given.micro_batch_order == MicroBatchOrder::kLayerMajor);
+  CHECK_THAT(format_plan(given), Contains("micro-batch order: layer-major (given)"));
+  // In gpu mode nothing streams: the orders take the same time and batch-major holds less.
+  PlanRequest in_core = request;
+  in_core.engine.mode = Mode::kGpu;
+  in_core.engine.gpu_budget_bytes = 0;
+  in_core.hardware.gpu_memory_bytes = 80 * kGiB;
+  const Plan tie = make_plan(in_core);
+  REQUIRE(tie.fits);
+  CHECK(tie.step_seconds == Approx(make_plan(in_order(in_core, MicroBatchOrder::kLayerMajor)).step_seconds));
+  CHECK(tie.micro_batch_order == MicroBatchOrder::kBatchMajor);
+  // Layer-major needs micro-batches to order.
+  request.engine.grad_accumulation = 1;
+  CHECK_THROWS_WITH(make_plan(in_order(request, MicroBatchOrder::kLayerMajor)),
+                    Contains("layer-major needs grad_accumulation > 1"));
+}
