@@ -260,6 +260,7 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
   const Tier optimizer_work = offloaded ? Tier::kHost : Tier::kGpu;
   std::uint64_t params[kTierCount] = {0, 0, 0};
   std::uint64_t grads = 0, largest = 0, largest_work = 0, master = 0, states = 0, accumulator = 0;
+  std::uint64_t largest_sum = 0;  // one part's gradients in fp32
   for (std::size_t i = 0; i < parts.size(); ++i) {
     const auto numel = static_cast<std::uint64_t>(parts[i].numel);
     const bool block = i > 0 && i + 1 < parts.size();
@@ -269,6 +270,7 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
     params[static_cast<int>(homes.params)] += round_up(numel * compute_size);
     grads += round_up(numel * compute_size);
     largest = std::max(largest, round_up(numel * compute_size));
+    largest_sum = std::max(largest_sum, round_up(numel * 4));
     if (separate_master) master += round_up(numel * 4);
     states += state_count * round_up(numel * 4);
     if (config.grad_accumulation > 1) accumulator += round_up(numel * 4);
@@ -284,6 +286,12 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
   // plus the part in backward and the one still going down.
   const std::uint64_t stem_grads = round_up(static_cast<std::uint64_t>(parts.front().numel) * compute_size);
   add(Tier::kGpu, "gradients", offloaded ? std::min(grads, stem_grads + 2 * largest) : grads);
+  if (offloaded && config.micro_batch_order == MicroBatchOrder::kLayerMajor) {
+    // Each part's gradients summed in fp32 on the device (its accumulator's device copy): the
+    // stem's through the whole backward, the part in backward and the one still going down.
+    const std::uint64_t stem_sum = round_up(static_cast<std::uint64_t>(parts.front().numel) * 4);
+    add(Tier::kGpu, "fp32 gradient sums", stem_sum + 2 * largest_sum);
+  }
   add(optimizer_home, "fp32 master", master);
   add(optimizer_home, "optimizer states", states);
   add(optimizer_home, "gradient accumulator", accumulator);

@@ -71,21 +71,6 @@ void add_activations(Sizing* sizing) {
   add(sizing, Tier::kGpu, "working activations", std::max(sizing->head.peak_bytes, block_backward));
 }
 
-// Layer-major, offloaded: each part's gradients are summed in fp32 on the device (its
-// accumulator's device copy) and go down once per step. The stem's sum lives through the whole
-// backward (a tied head adds to it); besides it, the part in backward and the one still going down,
-// as for the compute-dtype gradients. In gpu mode the accumulator lives on the device already.
-void add_gradient_sums(Sizing* sizing, const models::ModelConfig& model) {
-  const EngineConfig& config = sizing->config;
-  if (config.micro_batch_order != MicroBatchOrder::kLayerMajor || config.mode == Mode::kGpu) return;
-  std::uint64_t largest = 0;
-  for (const PartShape& part : part_shapes(model)) {
-    largest = std::max(largest, round_up(static_cast<std::uint64_t>(part.numel) * 4));
-  }
-  const std::uint64_t stem = round_up(static_cast<std::uint64_t>(model.stem_parameter_count()) * 4);
-  add(sizing, Tier::kGpu, "fp32 gradient sums", stem + 2 * largest);
-}
-
 }  // namespace
 
 std::uint64_t compute_element_size(Precision precision) { return precision == Precision::kF32 ? 4 : 2; }
@@ -145,7 +130,6 @@ Sizing size_tiers(const PlanRequest& request, const EngineConfig& config) {
         std::max(sizing.block.forward_working_bytes, sizing.head.forward_logits_bytes));
     return sizing;
   }
-  add_gradient_sums(&sizing, model);
   add_activations(&sizing);
   return sizing;
 }

@@ -48,8 +48,10 @@ PlanRequest tiny_request(const std::string& preset, Mode mode, std::int64_t keep
   return request;
 }
 
+// What the store does not hold: kept graphs and the working activations (autograd's own memory).
+// Checkpoints are store bundles.
 bool is_activation(const PlanItem& item) {
-  for (const char* prefix : {"checkpoints", "graphs", "working activations"}) {
+  for (const char* prefix : {"graphs", "working activations"}) {
     if (item.role.rfind(prefix, 0) == 0) return true;
   }
   return false;
