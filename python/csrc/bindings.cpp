@@ -542,7 +542,14 @@ void bind_plan(py::module_& module) {
         request.seq = seq;
         request.engine = engine_config_from_json(settings_json);
         request.engine.mode = parse_mode(mode);
-        request.choose_activations = request.engine.activations.empty();
+        // What the settings give is kept; the rest the planner chooses. (settings_json is
+        // json.dumps of a dict of engine settings: a key is present when its quoted name is.)
+        auto given = [&](const char* key) {
+          return settings_json.find(std::string("\"") + key + "\"") != std::string::npos;
+        };
+        request.choose_activations = !given("activations");
+        request.choose_host_blocks = !given("fuyou_host_blocks");
+        request.choose_micro_batch_order = !given("micro_batch_order");
         if (!attention.empty()) request.attention = parse_attention_kernel(attention);
         FERRY_CHECK(hardware.empty() != calibration.empty(),
                     "plan() needs exactly one of hardware= (a preset: ",
