@@ -20,35 +20,16 @@
 #undef CHECK
 #include <catch2/catch.hpp>
 
+#include "engine/training.h"
+
 using namespace ferry;
-using ferry::testing::TempDir;
+using namespace ferry::testing;
 
 namespace {
-
-constexpr std::int64_t kSequence = 24;
-
-std::unique_ptr<data::DataLoader> demo_loader(std::uint64_t seed, std::int64_t batch = 4) {
-  data::LoaderOptions options;
-  options.batch_size = batch;
-  options.sequence_length = kSequence;
-  options.pack = false;
-  options.answer_only = true;
-  options.seed = seed;
-  return std::make_unique<data::DataLoader>(
-      data::addition_dataset({2, seed}, data::Split::kTrain, 512), options);
-}
 
 Engine make_engine(const std::string& preset, EngineConfig config, std::uint64_t seed = 7) {
   models::ModelConfig model_config = models::preset(preset);
   return Engine(models::build(model_config, seed), config);
-}
-
-EngineConfig base_config(Mode mode) {
-  EngineConfig config;
-  config.mode = mode;
-  config.optimizer.lr = 3e-3;
-  config.optimizer.weight_decay = 0.01;
-  return config;
 }
 
 struct Run {
@@ -70,13 +51,7 @@ Run train(const std::string& preset, const EngineConfig& config, int steps) {
 }
 
 void require_identical(const Run& a, const Run& b) {
-  REQUIRE(a.steps.size() == b.steps.size());
-  for (std::size_t i = 0; i < a.steps.size(); ++i) {
-    INFO("step " << i + 1);
-    CHECK(a.steps[i].loss == b.steps[i].loss);
-    CHECK(a.steps[i].skipped == b.steps[i].skipped);
-    if (!std::isnan(a.steps[i].grad_norm)) CHECK(a.steps[i].grad_norm == b.steps[i].grad_norm);
-  }
+  require_same_steps(a.steps, b.steps);
   REQUIRE(a.weights.size() == b.weights.size());
   for (std::size_t i = 0; i < a.weights.size(); ++i) {
     INFO("parameter " << i);

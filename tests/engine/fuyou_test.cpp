@@ -18,23 +18,12 @@
 #undef CHECK
 #include <catch2/catch.hpp>
 
+#include "engine/training.h"
+
 using namespace ferry;
-using ferry::testing::TempDir;
+using namespace ferry::testing;
 
 namespace {
-
-constexpr std::int64_t kSequence = 24;
-
-std::unique_ptr<data::DataLoader> demo_loader(std::uint64_t seed) {
-  data::LoaderOptions options;
-  options.batch_size = 4;
-  options.sequence_length = kSequence;
-  options.pack = false;
-  options.answer_only = true;
-  options.seed = seed;
-  return std::make_unique<data::DataLoader>(
-      data::addition_dataset({2, seed}, data::Split::kTrain, 512), options);
-}
 
 models::ModelConfig model_config(const std::string& preset, std::int64_t layers = 0) {
   models::ModelConfig config = models::preset(preset);
@@ -44,14 +33,6 @@ models::ModelConfig model_config(const std::string& preset, std::int64_t layers 
 
 Engine make_engine(const models::ModelConfig& model, const EngineConfig& config, std::uint64_t seed = 7) {
   return Engine(models::build(model, seed), config);
-}
-
-EngineConfig base_config(Mode mode) {
-  EngineConfig config;
-  config.mode = mode;
-  config.optimizer.lr = 3e-3;
-  config.optimizer.weight_decay = 0.01;
-  return config;
 }
 
 EngineConfig fuyou_config(const EngineConfig& reference, const TempDir& dir) {
@@ -93,13 +74,7 @@ Run train(const models::ModelConfig& model, const EngineConfig& config, int step
 }
 
 void require_identical(const Run& a, const Run& b) {
-  REQUIRE(a.steps.size() == b.steps.size());
-  for (std::size_t i = 0; i < a.steps.size(); ++i) {
-    INFO("step " << i + 1);
-    CHECK(a.steps[i].loss == b.steps[i].loss);
-    CHECK(a.steps[i].skipped == b.steps[i].skipped);
-    if (!std::isnan(a.steps[i].grad_norm)) CHECK(a.steps[i].grad_norm == b.steps[i].grad_norm);
-  }
+  require_same_steps(a.steps, b.steps);
   REQUIRE(a.saved.size() == b.saved.size());
   for (const auto& [name, bytes] : a.saved) {
     INFO(name);
