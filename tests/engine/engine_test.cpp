@@ -138,20 +138,10 @@ TEST_CASE("resuming from a checkpoint gives the losses of an uninterrupted run")
   std::vector<double> uninterrupted;
   {
     Engine engine = make_engine("tiny-llama", config);
-    auto loader = demo_loader(3);
-    for (int i = 0; i < 12; ++i) {
-      uninterrupted.push_back(engine.train_step(loader->next())->loss);
-      if (i == 5) engine.save(dir.file("ckpt"), loader->state().to_json());
-    }
+    uninterrupted = losses_saving_at(engine, 12, 6, dir.file("ckpt"));
   }
   Engine resumed = make_engine("tiny-llama", config, /*seed=*/99);  // other weights, overwritten
-  auto loader = demo_loader(3);
-  loader->restore(data::LoaderState::from_json(resumed.load(dir.file("ckpt"))));
-  CHECK(resumed.steps_taken() == 6);
-  for (int i = 6; i < 12; ++i) {
-    INFO("step " << i + 1);
-    CHECK(resumed.train_step(loader->next())->loss == uninterrupted[static_cast<std::size_t>(i)]);
-  }
+  require_resumed_losses(resumed, dir.file("ckpt"), 6, uninterrupted);
 }
 
 TEST_CASE("a process killed while saving leaves the previous checkpoint loadable") {

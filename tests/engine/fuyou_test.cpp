@@ -181,11 +181,7 @@ TEST_CASE("fuyou resumes from a checkpoint with the losses of an uninterrupted r
   std::vector<double> uninterrupted;
   {
     Engine engine = make_engine(model, config);
-    auto loader = demo_loader(3);
-    for (int i = 0; i < 12; ++i) {
-      uninterrupted.push_back(engine.train_step(loader->next())->loss);
-      if (i == 5) engine.save(dir.file("ckpt"), loader->state().to_json());
-    }
+    uninterrupted = losses_saving_at(engine, 12, 6, dir.file("ckpt"));
   }
   // The checkpoint is the same format in every first-order mode: resume it in zero-offload too.
   for (Mode mode : {Mode::kFuyou, Mode::kZeroOffload}) {
@@ -194,13 +190,7 @@ TEST_CASE("fuyou resumes from a checkpoint with the losses of an uninterrupted r
     resume_config.mode = mode;
     if (mode == Mode::kZeroOffload) resume_config.activations.clear();
     Engine resumed = make_engine(model, resume_config, /*seed=*/99);  // other weights, overwritten
-    auto loader = demo_loader(3);
-    loader->restore(data::LoaderState::from_json(resumed.load(dir.file("ckpt"))));
-    CHECK(resumed.steps_taken() == 6);
-    for (int i = 6; i < 12; ++i) {
-      INFO("step " << i + 1);
-      CHECK(resumed.train_step(loader->next())->loss == uninterrupted[static_cast<std::size_t>(i)]);
-    }
+    require_resumed_losses(resumed, dir.file("ckpt"), 6, uninterrupted);
   }
 }
 

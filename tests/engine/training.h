@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "ferry/data.h"
@@ -42,6 +43,31 @@ inline void require_same_steps(const std::vector<StepResult>& a, const std::vect
     CHECK(a[i].loss == b[i].loss);
     CHECK(a[i].skipped == b[i].skipped);
     if (!std::isnan(a[i].grad_norm)) CHECK(a[i].grad_norm == b[i].grad_norm);
+  }
+}
+
+// The losses of `steps` steps of the demo task (loader seed 3), saving a checkpoint with the
+// loader's position into `checkpoint` after step `save_after`.
+inline std::vector<double> losses_saving_at(Engine& engine, int steps, int save_after,
+                                            const std::string& checkpoint) {
+  auto loader = demo_loader(3);
+  std::vector<double> losses;
+  for (int i = 0; i < steps; ++i) {
+    losses.push_back(engine.train_step(loader->next())->loss);
+    if (i + 1 == save_after) engine.save(checkpoint, loader->state().to_json());
+  }
+  return losses;
+}
+
+// Loads that checkpoint into `resumed` and requires the rest of `uninterrupted`'s losses.
+inline void require_resumed_losses(Engine& resumed, const std::string& checkpoint, int save_after,
+                                   const std::vector<double>& uninterrupted) {
+  auto loader = demo_loader(3);
+  loader->restore(data::LoaderState::from_json(resumed.load(checkpoint)));
+  CHECK(resumed.steps_taken() == save_after);
+  for (std::size_t i = static_cast<std::size_t>(save_after); i < uninterrupted.size(); ++i) {
+    INFO("step " << i + 1);
+    CHECK(resumed.train_step(loader->next())->loss == uninterrupted[i]);
   }
 }
 
