@@ -156,11 +156,13 @@ torch::Tensor Engine::Impl::master_view(const Part& part) const {
   return view(master_bundle(part), optimizer_tier, torch::kFloat, part.numel);
 }
 
+BundleId Engine::Impl::gradient_bundle(const Part& part) const {
+  return part.accumulator != detail::kNoBundle ? part.accumulator : part.grads;
+}
+
 torch::Tensor Engine::Impl::gradient_view(const Part& part) const {
-  if (part.accumulator != detail::kNoBundle) {
-    return view(part.accumulator, optimizer_tier, torch::kFloat, part.numel);
-  }
-  return view(part.grads, optimizer_tier, compute_dtype, part.numel);
+  const BundleId id = gradient_bundle(part);
+  return view(id, optimizer_tier, id == part.accumulator ? torch::kFloat : compute_dtype, part.numel);
 }
 
 bool Engine::Impl::deferred_updates() const {
@@ -613,7 +615,7 @@ void Engine::Impl::gradients_ready(std::size_t index, bool summed) {
     traced("update " + parts[index].name, detail::Track::kOptimizer, [&] {
       accumulate_and_measure(index, first, last, summed);
       const Part& part = parts[index];
-      const BundleId gradient = part.accumulator != detail::kNoBundle ? part.accumulator : part.grads;
+      const BundleId gradient = gradient_bundle(part);
       if (!update_now) {
         // Kept at home until the next micro-batch adds to them or step() updates with them.
         if (staged_on_host(gradient)) commit(index, gradient);
@@ -663,7 +665,7 @@ bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& contex
   const Part& part = parts[index];
   release_going_home(index + 1);
   const BundleId master = master_bundle(part);
-  const BundleId gradient = part.accumulator != detail::kNoBundle ? part.accumulator : part.grads;
+  const BundleId gradient = gradient_bundle(part);
   std::vector<Fence> staged{stage(master, false), stage(gradient, false)};
   for (BundleId state : part.states) staged.push_back(stage(state, false));
   if (part.master != detail::kNoBundle) staged.push_back(stage(part.params, /*overwrite=*/true));

@@ -145,6 +145,8 @@ struct Engine::Impl {
   torch::Tensor view(BundleId id, Tier tier, torch::ScalarType dtype, std::int64_t numel) const;
   BundleId master_bundle(const detail::Part& part) const;
   torch::Tensor master_view(const detail::Part& part) const;
+  // What the optimizer reads: the fp32 accumulator when there is one, else the raw gradients.
+  BundleId gradient_bundle(const detail::Part& part) const;
   torch::Tensor gradient_view(const detail::Part& part) const;
   bool deferred_updates() const;
   bool offloaded() const { return config.mode != Mode::kGpu; }
