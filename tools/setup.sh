@@ -7,7 +7,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libtorch-dev
   liburing-dev libaio-dev libtbb-dev
-  libcxxopts-dev catch2 nlohmann-json3-dev
+  libcxxopts-dev catch2 nlohmann-json3-dev libyaml-cpp-dev
   clang-14 libclang-rt-14-dev
   python3-dev python3-torch pybind11-dev python3-setuptools python3-pytest
 )

@@ -282,6 +282,10 @@ class Engine {
   void save(const std::string& dir, const std::string& extra_json = "{}");
   // Restores what save wrote; returns `extra`. The model must have the same shape.
   std::string load(const std::string& dir);
+  // The trained model for inference: config.json and safetensors under Hugging Face names in
+  // `precision`, sharded as transformers does, no optimizer state; written atomically like save.
+  // Flushes first. Built-in families only.
+  void export_pretrained(const std::string& dir, Precision precision);
 
   // Writes the spans recorded so far (config.trace) as a Chrome trace and returns a one-line
   // summary of how much of the CPU optimizer's time overlapped compute.

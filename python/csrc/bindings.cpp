@@ -277,6 +277,14 @@ void bind_engine(py::module_& module) {
       .def("save", &Engine::save, py::arg("dir"), py::arg("extra_json") = "{}",
            py::call_guard<py::gil_scoped_release>())
       .def("load", &Engine::load, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "export_pretrained",
+          [](Engine& engine, const std::string& dir, const std::string& precision) {
+            const Precision chosen = precision.empty() ? engine.config().precision : parse_precision(precision);
+            py::gil_scoped_release release;
+            engine.export_pretrained(dir, chosen);
+          },
+          py::arg("dir"), py::arg("precision") = "")
       .def("write_trace", &Engine::write_trace, py::call_guard<py::gil_scoped_release>())
       .def("stats", [](const Engine& engine) { return to_dict(engine.stats()); })
       .def("parameters", [](const Engine& engine) { return engine.model().parameters(); })

@@ -19,7 +19,7 @@ Batch = Union[Mapping[str, torch.Tensor], Any]
 # Keys of a `ferry finetune` job file that describe its training loop rather than the engine.
 # In Python the loop is yours, so the engine accepts and ignores them: a job file loads as is.
 LOOP_KEYS = ("data", "out", "resume", "save_every", "eval_problems", "log_every", "demo_digits",
-             "batch", "seq")
+             "batch", "seq", "export")
 
 
 def engine_settings() -> List[str]:
@@ -150,6 +150,14 @@ class Engine:
     def load(self, directory: Union[str, os.PathLike]) -> Dict[str, Any]:
         """Restores what :meth:`save` wrote and returns its ``extra``."""
         return json.loads(self._engine.load(os.fspath(directory)))
+
+    def export_pretrained(self, directory: Union[str, os.PathLike],
+                          precision: Optional[str] = None) -> None:
+        """Writes the trained model for inference, atomically: config.json and safetensors under
+        Hugging Face names in ``precision`` ("fp32", "bf16" or "fp16"; default: the engine's),
+        without optimizer state, so ``transformers``' ``from_pretrained`` loads the directory.
+        Built-in families only."""
+        self._engine.export_pretrained(os.fspath(directory), precision or "")
 
     # --- what it is and what it did -------------------------------------------------------
 

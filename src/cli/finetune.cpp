@@ -2,10 +2,16 @@
 // fine-tunes a tiny LLaMA-shaped model on the built-in addition task in zero-offload mode, on
 // whatever machine it runs on, and reports the exact-match accuracy before and after.
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <cxxopts.hpp>
 #include <fstream>
 #include <iostream>
@@ -15,11 +21,14 @@
 #include <sstream>
 
 #include "cli/command.h"
+#include "cli/job_file.h"
 #include "ferry/data.h"
 #include "ferry/engine.h"
 #include "ferry/fs.h"
+#include "ferry/memory.h"
 #include "ferry/model.h"
 #include "ferry/plan.h"
+#include "ferry/system.h"
 
 namespace ferry::cli {
 namespace {
@@ -43,19 +52,24 @@ const Json& defaults() {
       {"zo_eps", 1e-3},              {"zo_samples", 1},         {"zo_blocks", "host"},
       {"zo_host_blocks", 0},         {"zo_storage", ""},        {"zo_window", 3},
       {"zo_write_back", 4},          {"fuyou_host_blocks", "auto"}, {"fuyou_window", 3},
-      {"activations", "auto"},       {"micro_batch_order", "auto"},
+      {"activations", "auto"},       {"micro_batch_order", "auto"}, {"export", "auto"},
   };
   return kDefaults;
 }
 
-Json read_json_file(const std::string& path) {
-  std::ifstream in(path);
-  FERRY_CHECK(in.good(), "cannot read config file '", path, "'");
-  try {
-    return Json::parse(in);
-  } catch (const Json::exception& error) {
-    throw Error(detail::concat("config file '", path, "' is not valid JSON: ", error.what()));
-  }
+// What a job file may set: every flag's setting, and every engine setting (engine_config_keys:
+// beta1, nesterov, loss_scale, ...) whether or not it has a flag.
+bool is_job_setting(const std::string& key) {
+  const auto& engine_keys = engine_config_keys();
+  return defaults().contains(key) || std::find(engine_keys.begin(), engine_keys.end(), key) != engine_keys.end();
+}
+
+std::string job_setting_names() {
+  std::set<std::string> names(engine_config_keys().begin(), engine_config_keys().end());
+  for (auto& item : defaults().items()) names.insert(item.key());
+  std::string text;
+  for (const std::string& name : names) text += (text.empty() ? "" : ", ") + name;
+  return text;
 }
 
 // Where zo2 needs other defaults than the first-order modes: no gradient to clip, and MeZO's
@@ -71,14 +85,11 @@ Json resolve(const cxxopts::ParseResult& args) {
   Json config = defaults();
   std::set<std::string> given;  // set by the file or a flag
   if (args.count("config")) {
-    Json file = read_json_file(args["config"].as<std::string>());
+    const std::string path = args["config"].as<std::string>();
+    const Json file = read_job_file(path);
     for (auto& [key, value] : file.items()) {
-      FERRY_CHECK(config.contains(key), "unknown setting '", key, "' in ",
-                  args["config"].as<std::string>(), "; valid settings: ", [] {
-                    std::string names;
-                    for (auto& item : defaults().items()) names += (names.empty() ? "" : ", ") + item.key();
-                    return names;
-                  }());
+      FERRY_CHECK(is_job_setting(key), "unknown setting '", key, "' in ", path, "; valid settings: ",
+                  job_setting_names());
       config[key] = value;
       given.insert(key);
     }
@@ -142,9 +153,70 @@ bool plans_fuyou(const Json& job, const EngineConfig& config) {
   return config.mode == Mode::kFuyou && (job["activations"] == "auto" || job["fuyou_host_blocks"] == "auto");
 }
 
+bool is_directory_name(const std::string& model) { return model.find('/') != std::string::npos; }
+
 LayeredModel load_model(const std::string& name, std::uint64_t seed) {
-  if (name.find('/') != std::string::npos) return models::from_pretrained(name);
+  if (is_directory_name(name)) return models::from_pretrained(name);
   return models::build(models::preset(name), seed);
+}
+
+// The model's shape without its weights: a preset, or a Hugging Face directory's config.json.
+models::ModelConfig model_shape(const std::string& name) {
+  if (!is_directory_name(name)) return models::preset(name);
+  FERRY_CHECK(fs::is_directory(name), "model directory '", name, "' does not exist: give a Hugging Face model ",
+              "directory (config.json and safetensors) or a preset name (`ferry plan --help` lists them)");
+  FERRY_CHECK(fs::exists(name + "/config.json"), "model directory '", name, "' has no config.json: give the ",
+              "directory transformers' save_pretrained wrote, or a preset name");
+  return models::ModelConfig::from_hf_file(name + "/config.json");
+}
+
+std::string describe_shape(const models::ModelConfig& shape) {
+  return detail::concat(shape.model_type, ", ", shape.num_layers, " layers, hidden ", shape.hidden_size, ", vocab ",
+                        shape.vocab_size, ", ", shape.parameter_count(), " parameters");
+}
+
+// Note: the store creates NVMe directories that are missing, which suits tests and scripts. A job
+// that may run for days checks them first instead: a mistyped or unmounted path would otherwise
+// put the job's NVMe data on whatever disk holds its parent.
+void check_nvme_directories(const std::vector<std::string>& directories) {
+  for (const std::string& directory : directories) {
+    FERRY_CHECK(fs::is_directory(directory), "NVMe directory '", directory, "' does not exist: create it on the ",
+                "SSD (mkdir -p ", directory, ") or fix the path given to --nvme");
+    const std::string probe = directory + "/.ferry-write-probe-" + std::to_string(::getpid());
+    const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    FERRY_CHECK(fd >= 0, "NVMe directory '", directory, "' is not writable (", std::strerror(errno),
+                "): give a directory on a writable SSD that this user may write to");
+    ::close(fd);
+    ::unlink(probe.c_str());
+  }
+}
+
+void check_nvme_room(const std::vector<std::string>& directories, std::uint64_t nvme_bytes) {
+  if (directories.empty()) return;
+  const std::uint64_t share = (nvme_bytes + directories.size() - 1) / directories.size();
+  for (const std::string& directory : directories) {
+    const DiskTierInfo disk = probe_disk_tier(directory);
+    FERRY_CHECK(disk.free_bytes >= share, "NVMe directory '", directory, "' has ", format_bytes(disk.free_bytes),
+                " free, but the job keeps ", format_bytes(share), " there (", format_bytes(nvme_bytes),
+                " striped over ", directories.size(), " directories): free space there, add directories to --nvme, ",
+                "or raise --host-budget so that less goes to NVMe");
+  }
+}
+
+// Note: a checkpoint of another model would be refused by Engine::load, but only after the model
+// was built and placed, which for a large model takes long. Its config.json is compared first.
+void check_resume_checkpoint(const std::string& dir, const models::ModelConfig& shape, const std::string& model) {
+  FERRY_CHECK(fs::is_directory(dir), "resume: checkpoint directory '", dir, "' does not exist: give a checkpoint ",
+              "directory, auto (the latest under --out) or none");
+  const std::string config_file = dir + "/config.json";
+  FERRY_CHECK(fs::exists(config_file), "resume: '", dir, "' has no config.json: it is not a ferry checkpoint");
+  const models::ModelConfig saved = models::ModelConfig::from_hf_file(config_file);
+  const bool same = saved.model_type == shape.model_type && saved.num_layers == shape.num_layers &&
+                    saved.hidden_size == shape.hidden_size && saved.vocab_size == shape.vocab_size &&
+                    saved.parameter_count() == shape.parameter_count();
+  FERRY_CHECK(same, "resume: checkpoint '", dir, "' holds another model (", describe_shape(saved), ") than the job's ",
+              model, " (", describe_shape(shape), "): resume from a checkpoint of this model, or start afresh with ",
+              "--resume none");
 }
 
 // Note: fuyou's profiling step runs on an engine of its own, dropped before the job's is built:
@@ -187,23 +259,42 @@ Hardware job_hardware(const std::string& name, const EngineConfig& config) {
   return calibrate(options);
 }
 
-Plan plan_fuyou(const Json& job, const EngineConfig& config, const models::ModelConfig& shape,
-                MeasuredCompute measured, Hardware hardware) {
+// The job's plan: the placement, the sizes per tier against the budgets and the predicted step.
+// fuyou's "auto" settings are chosen here, from FLOP estimates before its profiling step and from
+// the measured compute after it.
+Plan plan_job(const Json& job, const EngineConfig& config, const models::ModelConfig& shape,
+              std::optional<MeasuredCompute> measured, Hardware hardware) {
   PlanRequest request;
   request.model_name = job["model"];
   request.model = shape;
   request.engine = config;
   request.batch = job["batch"];
   request.seq = job["seq"];
-  request.choose_activations = job["activations"] == "auto";
-  request.choose_host_blocks = job["fuyou_host_blocks"] == "auto";
-  request.choose_micro_batch_order = job["micro_batch_order"] == "auto";
+  const bool fuyou = config.mode == Mode::kFuyou;
+  request.choose_activations = fuyou && job["activations"] == "auto";
+  request.choose_host_blocks = fuyou && job["fuyou_host_blocks"] == "auto";
+  request.choose_micro_batch_order = fuyou && job["micro_batch_order"] == "auto";
   request.measured = std::move(measured);
   request.hardware = std::move(hardware);
-  Plan plan = make_plan(request);
+  return make_plan(request);
+}
+
+// Fails, with the plan and its fixes, when the job does not fit its budgets.
+void require_fits(const Plan& plan) {
+  if (plan.fits) return;
   std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
-  FERRY_CHECK(plan.fits, "the fuyou plan does not fit the budgets: see the fixes above");
-  return plan;
+  std::string shortfalls;
+  for (const std::string& shortfall : plan.shortfalls) shortfalls += (shortfalls.empty() ? "" : "; ") + shortfall;
+  throw BudgetExceeded(detail::concat("the job does not fit its budgets (", shortfalls,
+                                      "): see the fixes listed with the plan above"));
+}
+
+void print_plan_summary(const Plan& plan) {
+  std::fprintf(stderr, "plan: gpu %s, host %s, nvme %s; predicted %.3f s/step, %.0f tokens/s, bottleneck %s\n",
+               format_bytes(plan.tier_bytes[static_cast<int>(Tier::kGpu)]).c_str(),
+               format_bytes(plan.tier_bytes[static_cast<int>(Tier::kHost)]).c_str(),
+               format_bytes(plan.tier_bytes[static_cast<int>(Tier::kNvme)]).c_str(), plan.step_seconds,
+               plan.tokens_per_s, to_string(plan.bottleneck));
 }
 
 // The job as it runs: the plan's choices in place of "auto", so that the file is an engine config
@@ -271,16 +362,23 @@ double demo_accuracy(Engine& engine, const data::AdditionTask& task, std::int64_
 
 int run_finetune(int argc, char** argv) {
   cxxopts::Options options(argv[0], "Fine-tune a model (default: a tiny model on the built-in addition task). "
-                                    "With --mode zo2 the defaults are optimizer sgd, lr 1e-4, weight decay 0 and "
-                                    "no clipping. With --mode fuyou and --activations or --fuyou-host-blocks auto, "
-                                    "a profiling step (every checkpoint on NVMe) measures the model's compute, the "
-                                    "planner chooses them (docs/plan.md), and the run ends with the predicted "
-                                    "against the measured step time; --micro-batch-order auto (the default) lets "
-                                    "that plan choose the order, and is batch-major without one. --activations "
-                                    "takes gpu, host, nvme or graph for every block, or a comma list with one per "
-                                    "block.");
-  options.add_options()("config", "JSON job file; flags override it", cxxopts::value<std::string>());
-  options.add_options()("hardware", "fuyou planning: a calibration file (ferry bench calibrate) or a hardware "
+                                    "Before reading any weights the job is checked and planned: the model's name, "
+                                    "the NVMe directories (present, writable, room for the plan), the budgets and "
+                                    "the checkpoint to resume; the plan's step time is compared with the measured "
+                                    "one at the end. Ends with a checkpoint and, with --export (default auto: "
+                                    "OUT/hf), the model as Hugging Face safetensors in the job's precision. SIGINT "
+                                    "or SIGTERM saves a checkpoint and exits with 130; --resume auto continues "
+                                    "from the latest. With --mode zo2 the defaults are optimizer sgd, lr 1e-4, "
+                                    "weight decay 0 and no clipping. With --mode fuyou and --activations or "
+                                    "--fuyou-host-blocks auto, a profiling step (every checkpoint on NVMe) measures "
+                                    "the model's compute and the planner chooses them (docs/plan.md); "
+                                    "--micro-batch-order auto (the default) lets that plan choose the order, and is "
+                                    "batch-major without one. --activations takes gpu, host, nvme or graph for "
+                                    "every block, or a comma list with one per block.");
+  options.add_options()("config", "job file, YAML (*.yaml, *.yml) or JSON, with any of the settings below and every "
+                        "engine setting (beta1, nesterov, loss_scale, ...); flags override it",
+                        cxxopts::value<std::string>());
+  options.add_options()("hardware", "the plan's figures: a calibration file (ferry bench calibrate) or a hardware "
                         "preset; default: a quick calibration", cxxopts::value<std::string>());
   for (auto& [key, value] : defaults().items()) {
     std::string flag = key;
@@ -301,15 +399,33 @@ int run_finetune(int argc, char** argv) {
   const bool demo = job["data"] == "demo";
   FERRY_CHECK(steps >= 1, "steps = ", steps, " is invalid: it must be at least 1");
 
+  // Note: everything that can be checked without the weights is checked before they are read:
+  // the model's name, the NVMe directories, the budgets (the plan) and the checkpoint to resume.
+  const models::ModelConfig shape = model_shape(job["model"]);
+  EngineConfig config = engine_config(job, shape.num_layers);
+  check_nvme_directories(config.nvme_directories);
+  const Hardware hardware = job_hardware(args.count("hardware") ? args["hardware"].as<std::string>() : "", config);
+  Plan plan = plan_job(job, config, shape, std::nullopt, hardware);
+  require_fits(plan);
+  check_nvme_room(config.nvme_directories, plan.tier_bytes[static_cast<int>(Tier::kNvme)]);
+  const std::string latest_file = out + "/checkpoints/latest";
+  std::string resume = job["resume"];
+  if (resume == "auto") {
+    std::ifstream latest(latest_file);
+    std::getline(latest, resume);
+    if (resume.empty()) resume = "none";
+  }
+  if (resume != "none") check_resume_checkpoint(resume, shape, job["model"]);
+  print_plan_summary(plan);
+
   LayeredModel model = load_model(job["model"], job["seed"]);
-  const auto blocks = static_cast<std::int64_t>(model.num_blocks());
-  const std::int64_t vocab = model.config() ? model.config()->vocab_size : 0;
+  const std::int64_t vocab = shape.vocab_size;
   data::AdditionTask task{job["demo_digits"], job["seed"]};
   data::LoaderOptions loader_options;
   loader_options.batch_size = job["batch"];
   loader_options.sequence_length = job["seq"];
   loader_options.seed = job["seed"];
-  if (vocab > 0) loader_options.vocab_size = vocab;
+  loader_options.vocab_size = vocab;
   std::shared_ptr<const data::Dataset> dataset;
   if (demo) {
     dataset = data::addition_dataset(task, data::Split::kTrain, 20000);
@@ -320,31 +436,21 @@ int run_finetune(int argc, char** argv) {
   }
   data::DataLoader loader(dataset, loader_options);
 
-  EngineConfig config = engine_config(job, blocks);
-  std::optional<Plan> plan;
   if (plans_fuyou(job, config)) {
-    FERRY_CHECK(model.config(), "planning fuyou needs the model's shape: use a preset or a Hugging Face directory");
-    const models::ModelConfig shape = *model.config();
     std::fprintf(stderr, "fuyou: profiling two steps with every checkpoint on NVMe (the second is measured), "
                          "then planning\n");
     const data::Batch sample = data::DataLoader(dataset, loader_options).next();
     MeasuredCompute measured = profile_fuyou(std::move(model), config, sample);
-    const std::string hardware = args.count("hardware") ? args["hardware"].as<std::string>() : "";
-    plan = plan_fuyou(job, config, shape, std::move(measured), job_hardware(hardware, config));
-    config = plan_engine_config(*plan);
+    plan = plan_job(job, config, shape, std::move(measured), hardware);
+    std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
+    require_fits(plan);
+    config = plan_engine_config(plan);
     model = load_model(job["model"], job["seed"]);
   }
   Engine engine(std::move(model), config);
   fs::make_directories(out + "/checkpoints");
   std::ofstream(out + "/config.json") << resolved_job(job, config).dump(2) << "\n";
 
-  const std::string latest_file = out + "/checkpoints/latest";
-  std::string resume = job["resume"];
-  if (resume == "auto") {
-    std::ifstream latest(latest_file);
-    std::getline(latest, resume);
-    if (resume.empty()) resume = "none";
-  }
   if (resume != "none") {
     loader.restore(data::LoaderState::from_json(engine.load(resume)));
     std::fprintf(stderr, "resumed from %s at step %lld\n", resume.c_str(),
@@ -411,6 +517,12 @@ int run_finetune(int argc, char** argv) {
     return 130;
   }
   save("final");
+  const std::string export_dir = job["export"] == "auto" ? out + "/hf" : std::string(job["export"]);
+  if (export_dir != "none") {
+    engine.export_pretrained(export_dir, config.precision);
+    std::fprintf(stderr, "exported the model (%s, Hugging Face safetensors): %s\n", to_string(config.precision),
+                 export_dir.c_str());
+  }
   if (demo) {
     std::fprintf(stderr, "exact-match accuracy after %lld steps: %.1f%% (final loss %.4f)\n",
                  static_cast<long long>(engine.steps_taken()),
@@ -424,7 +536,7 @@ int run_finetune(int argc, char** argv) {
   std::fprintf(stderr, "time: forward %.1f s, backward %.1f s, optimizer %.1f s (waited %.1f s)\n",
                stats.forward_seconds, stats.backward_seconds, stats.optimizer_seconds,
                stats.optimizer_wait_seconds);
-  if (plan) compare_with_plan(*plan, step_seconds);
+  compare_with_plan(plan, step_seconds);
   std::fprintf(stderr, "outputs: %s/metrics.jsonl, %s/config.json, %s/checkpoints/\n", out.c_str(),
                out.c_str(), out.c_str());
   return 0;

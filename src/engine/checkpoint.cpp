@@ -145,9 +145,22 @@ void write_checkpoint(const std::string& dir, const LayeredModel& model,
   const std::vector<std::string> states = state_names(kind);
   FERRY_ASSERT(state_count <= states.size(), to_string(kind), " has ", states.size(),
                " states per parameter, not ", state_count);
+  nlohmann::json full = state;
+  full["format"] = kFormat;
+  full["optimizer"] = to_string(kind);
+  write_weights_directory(dir, model, parts, DType::kF32,
+                          std::vector<std::string>(states.begin(), states.begin() + state_count),
+                          full.dump(2), produce);
+}
+
+void write_weights_directory(const std::string& dir, const LayeredModel& model,
+                             const std::vector<Part>& parts, DType weight_dtype,
+                             const std::vector<std::string>& states, const std::string& trainer_state,
+                             const PartProducer& produce) {
   const std::string staged = dir + ".partial";
   fs::remove_tree(staged);
   fs::make_directories(staged);
+  const torch::ScalarType weight_scalar_type = to_scalar_type(weight_dtype);
 
   // Note: every tensor is declared before any part is produced, so both writers know their
   // headers and shard split up front and take each part's data as it comes.
@@ -155,9 +168,9 @@ void write_checkpoint(const std::string& dir, const LayeredModel& model,
   for (const Part& part : parts) {
     for (const ParameterSlice& slice : part.slices) {
       const std::string name = tensor_name(model, part, slice);
-      weight_specs.push_back({name, DType::kF32, slice.shape});
-      for (std::size_t i = 0; i < state_count; ++i) {
-        optimizer_specs.push_back({name + "." + states[i], DType::kF32, slice.shape});
+      weight_specs.push_back({name, weight_dtype, slice.shape});
+      for (const std::string& state_name : states) {
+        optimizer_specs.push_back({name + "." + state_name, DType::kF32, slice.shape});
       }
     }
   }
@@ -168,22 +181,25 @@ void write_checkpoint(const std::string& dir, const LayeredModel& model,
     optimizer.emplace(
         safetensors::Writer::file(staged + "/" + kOptimizerFile, std::move(optimizer_specs)));
   }
+  const std::uint64_t weight_size = dtype_size(weight_dtype);
   for (std::size_t p = 0; p < parts.size(); ++p) {
     const Part& part = parts[p];
     const PartValues values = produce(p);
-    FERRY_ASSERT(values.states.size() == state_count, part.name, " came with ",
-                 values.states.size(), " optimizer states, not ", state_count);
-    const float* part_weights = part_data(values.weights, part, "weights");
+    FERRY_ASSERT(values.states.size() == states.size(), part.name, " came with ",
+                 values.states.size(), " optimizer states, not ", states.size());
+    part_data(values.weights, part, "weights");
+    const torch::Tensor part_weights = values.weights.to(weight_scalar_type);
+    const auto* weight_bytes = static_cast<const char*>(part_weights.data_ptr());
     std::vector<const float*> part_states;
     for (const torch::Tensor& part_state : values.states) {
       part_states.push_back(part_data(part_state, part, "optimizer state"));
     }
     for (const ParameterSlice& slice : part.slices) {
       const std::string name = tensor_name(model, part, slice);
-      const std::uint64_t bytes = static_cast<std::uint64_t>(slice.numel) * 4;
-      weights.write(name, part_weights + slice.offset, bytes);
-      for (std::size_t i = 0; i < state_count; ++i) {
-        optimizer->write(name + "." + states[i], part_states[i] + slice.offset, bytes);
+      const auto numel = static_cast<std::uint64_t>(slice.numel);
+      weights.write(name, weight_bytes + slice.offset * weight_size, numel * weight_size);
+      for (std::size_t i = 0; i < states.size(); ++i) {
+        optimizer->write(name + "." + states[i], part_states[i] + slice.offset, numel * 4);
       }
     }
   }
@@ -192,13 +208,10 @@ void write_checkpoint(const std::string& dir, const LayeredModel& model,
 
   if (model.config()) {
     models::ModelConfig config = *model.config();
-    config.dtype = DType::kF32;  // the weights are written in fp32
+    config.dtype = weight_dtype;
     write_text_file(staged + "/config.json", config.to_hf_json());
   }
-  nlohmann::json full = state;
-  full["format"] = kFormat;
-  full["optimizer"] = to_string(kind);
-  write_text_file(staged + "/" + kStateFile, full.dump(2));
+  if (!trainer_state.empty()) write_text_file(staged + "/" + kStateFile, trainer_state);
   fsync_path(staged, true);
   swap_into_place(staged, dir);
 }
@@ -291,6 +304,30 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
         }
         return values;
       });
+}
+
+void Engine::export_pretrained(const std::string& dir, Precision precision) {
+  FERRY_CHECK(model().config(), "export_pretrained('", dir, "'): the model has no Hugging Face config (a model ",
+              "of your own modules); save() writes its weights under the parts' own names");
+  const DType dtype = to_dtype(detail::scalar_type(precision));
+  if (zo2_) {
+    Zo2& zo2 = *zo2_;
+    zo2.flush();
+    detail::write_weights_directory(dir, zo2.model, zo2.parts, dtype, {}, "", [&](std::size_t p) {
+      return detail::PartValues{zo2.read_weights(p), {}};
+    });
+    return;
+  }
+  Impl& impl = *impl_;
+  FERRY_CHECK(!impl.pending && impl.micro_batches == 0 && impl.buffered.empty(), "export_pretrained() in the ",
+              "middle of a step (", impl.micro_batches, " of ", impl.config.grad_accumulation,
+              " micro-batches done): export after step()");
+  impl.wait_for_workers();
+  impl.store->synchronize();
+  detail::write_weights_directory(dir, impl.model, impl.parts, dtype, {}, "", [&](std::size_t p) {
+    const detail::Part& part = impl.parts[p];
+    return detail::PartValues{impl.read_bundle(impl.master_bundle(part), torch::kFloat, part.numel), {}};
+  });
 }
 
 std::string Engine::load(const std::string& dir) {

@@ -39,6 +39,15 @@ void write_checkpoint(const std::string& dir, const LayeredModel& model,
                       std::size_t state_count, const nlohmann::json& state,
                       const PartProducer& produce);
 
+// The writer under write_checkpoint, also used alone for a weights-only export: weights in
+// `weight_dtype` (converted from the fp32 values produced), one fp32 optimizer state per name in
+// `states`, and trainer_state.json when `trainer_state` is not empty. Staged and swapped in the
+// same way.
+void write_weights_directory(const std::string& dir, const LayeredModel& model,
+                             const std::vector<Part>& parts, DType weight_dtype,
+                             const std::vector<std::string>& states, const std::string& trainer_state,
+                             const PartProducer& produce);
+
 // Checks every tensor's name, shape and dtype in the headers of `dir` against `parts` (weights,
 // and `state_count` states each), then reads and hands over one part at a time. A checkpoint
 // that does not fit the model throws before the first call to `consume`.

@@ -8,5 +8,5 @@ mkdir -p .device-debs
 cd .device-debs
 apt-get download \
   liburing2 liburing-dev libtbb12 libtbbmalloc2 libtbbbind-2-5 libtbb-dev libaio1 libaio-dev \
-  nlohmann-json3-dev catch2 libcxxopts-dev
+  nlohmann-json3-dev catch2 libcxxopts-dev libyaml-cpp0.7 libyaml-cpp-dev
 ls -1 *.deb
