@@ -108,6 +108,18 @@ StepReport adamw_step(const AdamWParams& params, const StepContext& context, Flo
 StepReport adam_step(const AdamParams& params, const StepContext& context, FloatSpan master,
                      FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad, OutputSpan out = {});
 
+// The same two steps on CUDA device pointers, queued on `cuda_stream` (a cudaStream_t; nullptr is
+// the legacy default stream): one pass
+// over the span, with the CPU kernels' arithmetic bit for bit (no multiply-add contraction). The
+// gradient must be known finite (context.grad_checked_finite), since a kernel cannot skip a span
+// it has begun to write. Throws ferry::Error in a build without CUDA.
+void adamw_step_cuda(const AdamWParams& params, const StepContext& context, FloatSpan master,
+                     FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad, OutputSpan out,
+                     void* cuda_stream);
+void adam_step_cuda(const AdamParams& params, const StepContext& context, FloatSpan master,
+                    FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad, OutputSpan out,
+                    void* cuda_stream);
+
 // momentum_buffer may be empty when params.momentum == 0. On step 1 the buffer is set to the
 // gradient, as torch.optim.SGD does.
 StepReport sgd_step(const SgdParams& params, const StepContext& context, FloatSpan master,

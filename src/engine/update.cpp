@@ -2,9 +2,11 @@
 
 #include <cmath>
 
-#include <torch/version.h>
-
 #include "ferry/check.h"
+
+#if FERRY_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace ferry::detail {
 namespace {
@@ -64,62 +66,48 @@ bool cpu_update(const OptimizerConfig& config, const optim::StepContext& context
   return false;
 }
 
-// The same update for a CUDA device: torch's fused Adam/AdamW kernels where the LibTorch version
-// has them, else torch ops in the CPU kernels' order of fp32 operations (docs/optim.md).
+// The same update for a CUDA device. Adam and AdamW run ferry's own kernel: one pass that reads
+// the gradient in its dtype and writes the master, the moments and the modules' low-precision
+// copy, with the CPU kernels' arithmetic, so the gpu mode gives the offload modes' bits. The
+// other optimizers run torch ops in the CPU kernels' order of fp32 operations (docs/optim.md).
+// The caller has checked the gradient finite.
 void device_update(const OptimizerConfig& config, const optim::StepContext& context,
                    PartUpdate& part, std::int64_t begin, std::int64_t size, double weight_decay) {
   torch::NoGradGuard no_grad;
+  if (config.kind == OptimizerKind::kAdamW || config.kind == OptimizerKind::kAdam) {
+#if FERRY_WITH_CUDA
+    optim::StepContext checked = context;
+    checked.grad_checked_finite = true;
+    void* stream = c10::cuda::getCurrentCUDAStream(part.master.device().index()).stream();
+    const optim::FloatSpan master = float_span(part.master, begin, size);
+    const optim::FloatSpan exp_avg = float_span(part.states[0], begin, size);
+    const optim::FloatSpan exp_avg_sq = float_span(part.states[1], begin, size);
+    const optim::GradSpan grad = grad_span(part.grad, begin, size);
+    const optim::OutputSpan output = output_span(part.output, begin, size);
+    if (config.kind == OptimizerKind::kAdamW) {
+      optim::adamw_step_cuda({config.lr, config.beta1, config.beta2, config.eps, weight_decay}, checked, master,
+                             exp_avg, exp_avg_sq, grad, output, stream);
+    } else {
+      optim::adam_step_cuda({config.lr, config.beta1, config.beta2, config.eps, weight_decay}, checked, master,
+                            exp_avg, exp_avg_sq, grad, output, stream);
+    }
+    return;
+#else
+    throw Error("a device optimizer step needs a build of ferry with CUDA");
+#endif
+  }
+  FERRY_CHECK(config.kind == OptimizerKind::kSgd, to_string(config.kind), " runs only where the optimizer state is ",
+              "in host memory: use the zero-offload mode, or adamw, adam or sgd in the gpu mode on a CUDA device");
   torch::Tensor p = part.master.narrow(0, begin, size);
   torch::Tensor g = part.grad.narrow(0, begin, size).to(torch::kFloat) *
                     static_cast<float>(context.clip_coef / context.grad_scale);
-  auto state = [&](int i) { return part.states[static_cast<size_t>(i)].narrow(0, begin, size); };
-  const double step = static_cast<double>(context.step);
-  switch (config.kind) {
-    case OptimizerKind::kAdamW:
-    case OptimizerKind::kAdam: {
-      const bool adamw = config.kind == OptimizerKind::kAdamW;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-      // One fused kernel over the fp32 master and states, as torch's fused AdamW does it.
-      // It rounds differently from the CPU kernels (contracted multiply-adds), so the gpu mode
-      // on a device matches the offload modes within the stated tolerance, not bit for bit.
-      torch::Tensor step_count = torch::full({}, static_cast<float>(step), p.options());
-      torch::Tensor g_contiguous = g.contiguous();
-      if (adamw) {
-        at::_fused_adamw_({p}, {g_contiguous}, {state(0)}, {state(1)}, {}, {step_count}, config.lr,
-                          config.beta1, config.beta2, weight_decay, config.eps, false, false);
-      } else {
-        at::_fused_adam_({p}, {g_contiguous}, {state(0)}, {state(1)}, {}, {step_count}, config.lr,
-                         config.beta1, config.beta2, weight_decay, config.eps, false, false);
-      }
-#else
-      if (!adamw && weight_decay != 0) g = g + static_cast<float>(weight_decay) * p;
-      if (adamw) p.mul_(static_cast<float>(1 - config.lr * weight_decay));
-      torch::Tensor m = state(0), v = state(1);
-      m.copy_(m * static_cast<float>(config.beta1) + static_cast<float>(1 - config.beta1) * g);
-      v.copy_(v * static_cast<float>(config.beta2) + static_cast<float>(1 - config.beta2) * g * g);
-      const float sqrt_bias_correction2 =
-          static_cast<float>(std::sqrt(1 - std::pow(config.beta2, step)));
-      const float neg_step_size =
-          static_cast<float>(-(config.lr / (1 - std::pow(config.beta1, step))));
-      torch::Tensor denom = v.sqrt() / sqrt_bias_correction2 + static_cast<float>(config.eps);
-      p.copy_(p + neg_step_size * m / denom);
-#endif
-      break;
-    }
-    case OptimizerKind::kSgd: {
-      if (weight_decay != 0) g = g + static_cast<float>(weight_decay) * p;
-      if (config.momentum != 0) {
-        torch::Tensor buffer = state(0);
-        buffer.copy_(context.step == 1 ? g : buffer * static_cast<float>(config.momentum) + g);
-        g = config.nesterov ? g + static_cast<float>(config.momentum) * buffer : buffer.clone();
-      }
-      p.copy_(p + static_cast<float>(-config.lr) * g);
-      break;
-    }
-    case OptimizerKind::kAdagrad:
-      throw Error("adagrad runs only where the optimizer state is in host memory: use the "
-                  "zero-offload mode, or adamw, adam or sgd in the gpu mode on a CUDA device");
+  if (weight_decay != 0) g = g + static_cast<float>(weight_decay) * p;
+  if (config.momentum != 0) {
+    torch::Tensor buffer = part.states[0].narrow(0, begin, size);
+    buffer.copy_(context.step == 1 ? g : buffer * static_cast<float>(config.momentum) + g);
+    g = config.nesterov ? g + static_cast<float>(config.momentum) * buffer : buffer.clone();
   }
+  p.copy_(p + static_cast<float>(-config.lr) * g);
   if (part.output.defined()) part.output.narrow(0, begin, size).copy_(p);
 }
 

@@ -71,4 +71,9 @@ const KernelTable& scalar_kernels();
 const KernelTable& avx2_kernels();
 const KernelTable& avx512_kernels();
 
+// adam.cu, in builds with CUDA: the adam kernel over a whole span of device memory, queued on
+// `stream` (a cudaStream_t). Returns the launch's cudaError_t.
+int launch_adam(const AdamConstants& c, float* master, float* exp_avg, float* exp_avg_sq,
+                const GradSpan& grad, const OutputSpan& out, void* stream);
+
 }  // namespace ferry::optim::detail

@@ -2,6 +2,7 @@
 // parallel loop over tiles. The arithmetic itself is in kernel_loops.h.
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "ferry/check.h"
@@ -146,11 +147,13 @@ void check_params(const AdagradParams& params) {
 
 namespace {
 
-// Adam and AdamW run one kernel; they differ in where weight decay enters the constants.
+// Adam and AdamW run one kernel; they differ in where weight decay enters the constants. With a
+// CUDA stream the spans are device memory and the step is queued there.
 template <class Params>
 StepReport adam_family_step(const char* op, const Params& params, const StepContext& context,
                             FloatSpan master, FloatSpan exp_avg, FloatSpan exp_avg_sq,
-                            GradSpan grad, OutputSpan out, bool decoupled_decay) {
+                            GradSpan grad, OutputSpan out, bool decoupled_decay,
+                            std::optional<void*> cuda_stream) {
   check_spans(op, master, grad, out);
   check_span(op, "exp_avg", exp_avg.data, exp_avg.size, master.size);
   check_span(op, "exp_avg_sq", exp_avg_sq.data, exp_avg_sq.size, master.size);
@@ -164,9 +167,20 @@ StepReport adam_family_step(const char* op, const Params& params, const StepCont
   } else {
     c.l2 = static_cast<float>(params.weight_decay);
   }
-  return run_step(context, grad, [&](const detail::KernelTable& kernels, Tile tile) {
-    kernels.adam(c, master.data, exp_avg.data, exp_avg_sq.data, grad, out, tile);
-  });
+  if (!cuda_stream) {
+    return run_step(context, grad, [&](const detail::KernelTable& kernels, Tile tile) {
+      kernels.adam(c, master.data, exp_avg.data, exp_avg_sq.data, grad, out, tile);
+    });
+  }
+  FERRY_CHECK(context.grad_checked_finite, op, "_cuda: the gradient must be known finite ",
+              "(StepContext::grad_checked_finite): a device step cannot skip a span it has begun to write");
+#ifdef FERRY_WITH_CUDA
+  const int error = detail::launch_adam(c, master.data, exp_avg.data, exp_avg_sq.data, grad, out, *cuda_stream);
+  FERRY_CHECK(error == 0, op, "_cuda: the kernel failed to launch (cudaError_t ", error, ")");
+  return StepReport{false};
+#else
+  throw Error(ferry::detail::concat(op, "_cuda: this ferry was built without CUDA"));
+#endif
 }
 
 }  // namespace
@@ -174,13 +188,25 @@ StepReport adam_family_step(const char* op, const Params& params, const StepCont
 StepReport adamw_step(const AdamWParams& params, const StepContext& context, FloatSpan master,
                       FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad, OutputSpan out) {
   return adam_family_step("adamw_step", params, context, master, exp_avg, exp_avg_sq, grad, out,
-                          /*decoupled_decay=*/true);
+                          /*decoupled_decay=*/true, std::nullopt);
 }
 
 StepReport adam_step(const AdamParams& params, const StepContext& context, FloatSpan master,
                      FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad, OutputSpan out) {
   return adam_family_step("adam_step", params, context, master, exp_avg, exp_avg_sq, grad, out,
-                          /*decoupled_decay=*/false);
+                          /*decoupled_decay=*/false, std::nullopt);
+}
+
+void adamw_step_cuda(const AdamWParams& params, const StepContext& context, FloatSpan master,
+                     FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad, OutputSpan out, void* cuda_stream) {
+  adam_family_step("adamw_step", params, context, master, exp_avg, exp_avg_sq, grad, out,
+                   /*decoupled_decay=*/true, cuda_stream);
+}
+
+void adam_step_cuda(const AdamParams& params, const StepContext& context, FloatSpan master,
+                    FloatSpan exp_avg, FloatSpan exp_avg_sq, GradSpan grad, OutputSpan out, void* cuda_stream) {
+  adam_family_step("adam_step", params, context, master, exp_avg, exp_avg_sq, grad, out,
+                   /*decoupled_decay=*/false, cuda_stream);
 }
 
 StepReport sgd_step(const SgdParams& params, const StepContext& context, FloatSpan master,
