@@ -195,6 +195,10 @@ void Engine::Impl::upload_parameters(std::size_t index) {
   stale_on_device[index] = false;
 }
 
+// Note: save() and load() flush, so a checkpoint carries no staleness: the master it holds is
+// what the next step computes with, in the saving run and in a resumed one alike, and the step
+// count says whether warm-up is over. Keeping the trajectory of a run that never saves would mean
+// saving the stale device parameters as well, a second copy of the model (docs/engine.md).
 void Engine::Impl::flush() {
   if (std::find(stale_on_device.begin(), stale_on_device.end(), true) == stale_on_device.end()) return;
   FERRY_CHECK(!pending && micro_batches == 0, "flush() in the middle of a step (", micro_batches, " of ",
@@ -706,6 +710,9 @@ bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& contex
   auto start = Clock::now();
   const Part& part = parts[index];
   release_going_home(index + 1);
+  // The last upload still reads the host copy of the parameters (with a delayed update it left
+  // during this step's backward): staging may not fetch into it, nor the update overwrite it.
+  if (offloaded()) uploads[index].wait();
   const BundleId master = master_bundle(part);
   const BundleId gradient = gradient_bundle(part);
   std::vector<Fence> staged{stage(master, false), stage(gradient, false)};
@@ -724,7 +731,6 @@ bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& contex
     update.output = view(part.params, optimizer_tier, compute_dtype, part.numel);
   }
   update.decay_numel = part.decay_numel;
-  if (offloaded()) uploads[index].wait();  // the host staging copy is free again
   const bool skipped = detail::apply_update(config.optimizer, context, update);
   release_staged(gradient);
   if (skipped) {
