@@ -136,6 +136,17 @@ enum class MicroBatchOrder { kBatchMajor, kLayerMajor };
 const char* to_string(MicroBatchOrder order);
 MicroBatchOrder parse_micro_batch_order(const std::string& name);  // "batch-major", "layer-major"
 
+// ZeRO-Offload's one-step delayed parameter update (DPU; Ren et al. 2021, section 5.2), for mode
+// zero-offload. After `warmup_steps` ordinary steps, step t's CPU update runs while the device
+// runs step t+1's forward and backward with the parameters of before step t; each part's new
+// parameters go up once its backward in step t+1 is done, and step t+1's update follows on
+// them. So from the second delayed step on, gradients are one update stale, and the optimizer is
+// off the critical path as long as it is not slower than a step of compute. See docs/engine.md.
+struct DelayedUpdateConfig {
+  bool enabled = false;
+  std::int64_t warmup_steps = 0;  // ordinary steps before the first delayed one
+};
+
 // The seed of sample `sample`'s direction in step `step` (counted from 1): z for part p is the
 // Philox normal sequence optim::ZoDirection{seed, p} over the part's parameters, laid out as the
 // engine packs them (decayed parameters first, in registration order, then norms and biases).
@@ -156,6 +167,7 @@ struct EngineConfig {
   LossScaleConfig loss_scale;
   ZoConfig zo;        // mode zo2 only
   FuyouConfig fuyou;  // mode fuyou only
+  DelayedUpdateConfig delayed_update;  // mode zero-offload only
   std::int64_t grad_accumulation = 1;  // micro-batches per optimizer step
   MicroBatchOrder micro_batch_order = MicroBatchOrder::kBatchMajor;
   double max_grad_norm = 0.0;          // global-norm clipping; 0 turns it off
@@ -206,7 +218,8 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
 // the compute precision) and "zo_window" (ZoConfig's blocks_in_flight), for fuyou
 // "fuyou_host_blocks" and "fuyou_window" (FuyouConfig's blocks_in_flight), and "activations" (a
 // list, or one text with commas, of parse_block_activations names, one per block),
-// "micro_batch_order" ("batch-major" or "layer-major"). A missing key
+// "micro_batch_order" ("batch-major" or "layer-major"), for zero-offload "delayed_update" (a bool)
+// and "delayed_update_warmup" (DelayedUpdateConfig's warmup_steps). A missing key
 // keeps EngineConfig's default. Throws ferry::Error for text that is not a JSON object, an
 // unknown key (listing the valid ones) or a value of the wrong type. The front ends (CLI,
 // Python) share it, so a setting means the same everywhere.
@@ -262,9 +275,12 @@ class Engine {
   // when one was taken.
   std::optional<StepResult> train_step(const data::Batch& batch);
 
-  // zo2 applies each step's update when the parts next come to the device (in the next step);
-  // flush() applies it now. evaluate, logits, generate and save flush first; call it at the end of
-  // training before reading the weights any other way. A no-op in the other modes.
+  // zo2 applies each step's update when the parts next come to the device (in the next step), and
+  // a delayed update (DelayedUpdateConfig) reaches the device after the parts' next backward;
+  // flush() applies it now, so the next step computes with the latest parameters. evaluate,
+  // logits, generate, save and load flush first; call it at the end of training before reading
+  // the weights any other way. A no-op when nothing is pending. With a delayed update pending it
+  // throws between the micro-batches of a step, which must all see the same parameters.
   void flush();
 
   // Loss without gradients, and logits for generation. Neither changes the training state.

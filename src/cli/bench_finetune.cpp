@@ -3,7 +3,8 @@
 // in the same run (the whole model on the device in bf16: one autograd graph, torch's fused
 // AdamW where the LibTorch version has it). Fuyou rows add the NVMe bytes read and written per
 // step and the step's lower bound: max(the gpu mode's step with the same recomputation, NVMe
-// bytes / the NVMe bandwidth measured in the same run).
+// bytes / the NVMe bandwidth measured in the same run). With --delayed-update, each zero-offload
+// row is followed by one with the one-step delayed parameter update.
 
 #include <chrono>
 #include <cstdio>
@@ -49,6 +50,7 @@ struct OffloadSettings {
   FuyouConfig fuyou;
   std::int64_t grad_accumulation = 1;
   MicroBatchOrder order = MicroBatchOrder::kBatchMajor;
+  bool delayed_update = false;  // zero-offload: ZeRO-Offload's DPU, from the first step
 };
 
 // Runs `step` warmup times, then times `steps` of them with the device drained around the timing.
@@ -128,6 +130,7 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
   engine_config.nvme_directories = offload.nvme;
   engine_config.grad_accumulation = offload.grad_accumulation;
   engine_config.micro_batch_order = offload.order;
+  engine_config.delayed_update.enabled = offload.delayed_update;
   if (mode == Mode::kFuyou) {
     engine_config.fuyou = offload.fuyou;
     if (!offload.activations.empty()) {
@@ -139,12 +142,15 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
   for (int i = 0; i < 2; ++i) batches.push_back(data::random_batch(batch, seq, config.vocab_size, i));
   Figures figures{std::string("ferry ") + to_string(mode) + ", bf16", batch, offload.grad_accumulation};
   if (offload.grad_accumulation > 1) figures.what += std::string(", ") + to_string(offload.order);
+  if (offload.delayed_update) figures.what += ", delayed update";
   StoreStats before;
   figures.seconds_per_step = seconds_per_step(warmup, steps, [&](int i) {
     if (i == warmup) before = engine.stats().store;
     for (std::int64_t m = 0; m < offload.grad_accumulation; ++m) {
       engine.train_step(batches[static_cast<size_t>(m) % batches.size()]);
     }
+    // The last step's delayed update is part of the timed work.
+    if (i + 1 == warmup + steps) engine.flush();
   });
   EngineStats stats = engine.stats();
   auto per_step = [&](Tier from, Tier to) {
@@ -186,6 +192,8 @@ int run_bench_finetune(int argc, char** argv) {
       ("fuyou-window", "fuyou: blocks on the device at once", cxxopts::value<std::int64_t>()->default_value("3"))
       ("grad-accum", "ferry's micro-batches per step", cxxopts::value<std::int64_t>()->default_value("1"))
       ("micro-batch-order", "batch-major or layer-major", cxxopts::value<std::string>()->default_value("batch-major"))
+      ("delayed-update", "also run each zero-offload row with the one-step delayed parameter update",
+       cxxopts::value<bool>()->default_value("false"))
       ("h,help", "show this help");
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
@@ -268,6 +276,11 @@ int run_bench_finetune(int argc, char** argv) {
         Figures figures = run_ferry(config, parsed, device, batch, seq, warmup, steps, keep_graph, offload);
         if (parsed == Mode::kGpu) gpu_mode = figures;
         print(figures);
+        if (parsed == Mode::kZeroOffload && args["delayed-update"].as<bool>()) {
+          OffloadSettings delayed = offload;
+          delayed.delayed_update = true;
+          print(run_ferry(config, parsed, device, batch, seq, warmup, steps, keep_graph, delayed));
+        }
       } catch (const std::exception& error) {
         std::printf("| ferry %s | %lld | failed: %s\n", mode.c_str(), static_cast<long long>(batch), error.what());
       }

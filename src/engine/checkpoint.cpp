@@ -283,6 +283,7 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
   FERRY_CHECK(!impl.pending && impl.micro_batches == 0 && impl.buffered.empty(), "save() in the middle of a step (",
               impl.micro_batches, " of ", impl.config.grad_accumulation,
               " micro-batches done): save after step()");
+  impl.flush();
   impl.wait_for_workers();
   impl.store->synchronize();
   nlohmann::json state = {
@@ -349,6 +350,7 @@ std::string Engine::load(const std::string& dir) {
   }
   Impl& impl = *impl_;
   FERRY_CHECK(!impl.pending && impl.micro_batches == 0 && impl.buffered.empty(), "load() in the middle of a step");
+  impl.flush();
   impl.wait_for_workers();
   impl.store->synchronize();
   detail::read_checkpoint(

@@ -141,6 +141,10 @@ const std::vector<Setting>& settings() {
        [](const Json& v, EngineConfig& c) { c.fuyou.host_blocks = v.get<std::int64_t>(); }},
       {"fuyou_window",
        [](const Json& v, EngineConfig& c) { c.fuyou.blocks_in_flight = v.get<std::int64_t>(); }},
+      {"delayed_update",
+       [](const Json& v, EngineConfig& c) { c.delayed_update.enabled = v.get<bool>(); }},
+      {"delayed_update_warmup",
+       [](const Json& v, EngineConfig& c) { c.delayed_update.warmup_steps = v.get<std::int64_t>(); }},
       {"activations",
        [](const Json& v, EngineConfig& c) {
          c.activations.clear();

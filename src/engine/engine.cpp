@@ -1,5 +1,6 @@
 #include <torch/autograd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -85,6 +86,7 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
   device_stats.assign(count, torch::Tensor());
   part_updated.assign(count, false);
   uploads.assign(count, Fence());
+  stale_on_device.assign(count, false);
   gradients_down.assign(count, Fence());
   part_work.assign(count, {});
   allocate_and_bind();
@@ -169,8 +171,44 @@ bool Engine::Impl::deferred_updates() const {
   // Note: an update may only start once nothing can still cancel or rescale it. Global-norm
   // clipping needs every part's gradient norm, and a loss-scale overflow anywhere skips the
   // whole step, so with either the updates wait for the end of backward (the gradients still
-  // stream down and are measured during it). The gpu mode updates in step() by definition.
-  return config.mode == Mode::kGpu || config.max_grad_norm > 0 || scaler.enabled();
+  // stream down and are measured during it). The gpu mode updates in step() by definition, and a
+  // delayed update starts there too, to run during the next step.
+  return config.mode == Mode::kGpu || config.max_grad_norm > 0 || scaler.enabled() || delays_update();
+}
+
+bool Engine::Impl::delays_update() const {
+  return config.delayed_update.enabled && steps >= config.delayed_update.warmup_steps;
+}
+
+// Note: a delayed update (ZeRO-Offload's DPU). step() of step t hands every part's update to the
+// worker and returns; the worker writes the new parameters into the part's host copy (marked
+// dirty) while the device runs step t+1 with the parameters of before step t. Once the part's
+// last backward of step t+1 is queued, gradients_ready waits for step t's update of the part
+// (the host gradients it reads are about to be overwritten anyway) and sends the new parameters
+// up behind that backward on the device's stream; the next forward waits for them (enter_part),
+// and step t+1's update, which starts from them on the host, waits for the copy to leave the host
+// copy (update). So step t+1's gradients are computed one update behind the master they are
+// applied to, and the clip coefficient and the overflow check are over step t+1's gradients as
+// usual. flush() waits for the updates and sends what is pending up at once.
+void Engine::Impl::upload_parameters(std::size_t index) {
+  uploads[index] = store->write_back(parts[index].params, optimizer_tier, Tier::kGpu);
+  stale_on_device[index] = false;
+}
+
+// Note: save() and load() flush, so a checkpoint carries no staleness: the master it holds is
+// what the next step computes with, in the saving run and in a resumed one alike, and the step
+// count says whether warm-up is over. Keeping the trajectory of a run that never saves would mean
+// saving the stale device parameters as well, a second copy of the model (docs/engine.md).
+void Engine::Impl::flush() {
+  if (std::find(stale_on_device.begin(), stale_on_device.end(), true) == stale_on_device.end()) return;
+  FERRY_CHECK(!pending && micro_batches == 0, "flush() in the middle of a step (", micro_batches, " of ",
+              config.grad_accumulation, " micro-batches done", pending ? ", a forward waiting for its backward" : "",
+              "): a delayed update is pending, and every micro-batch of a step must see the same "
+              "parameters; flush (or evaluate, or save) after step()");
+  wait_for_workers();
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    if (stale_on_device[p]) upload_parameters(p);
+  }
 }
 
 // --- the CPU optimizer's staging --------------------------------------------------------------
@@ -431,7 +469,12 @@ void Engine::Impl::prepare_gradients(std::size_t index) {
   // A fresh, zeroed device copy for this micro-batch's gradients of the part, once at most
   // two earlier parts' are still going down (the stem's, kept for a tied head, aside).
   release_gradients(2);
-  if (part_work[index].valid()) part_work[index].wait();  // still reading the host copy
+  // Note: the worker may still be reading the part's host gradients (adding up the previous
+  // micro-batch's, or, with a delayed update, updating with the previous step's). Where the host
+  // is their home, only the download into them waits for it (gradients_ready) and backward runs
+  // meanwhile; where they are staged there, the worker drops the staging copy itself, so a new
+  // device copy waits.
+  if (staged_on_host(parts[index].grads)) wait_for_part(index);
   store->allocate(parts[index].grads, Tier::kGpu);
   bind_gradients(parts[index]);
 }
@@ -599,8 +642,11 @@ void Engine::Impl::gradients_ready(std::size_t index, bool summed) {
   // What goes down: this micro-batch's gradients, or the step's fp32 sum of them.
   const BundleId down = summed ? part.accumulator : part.grads;
   limit_gradients_ahead();
+  wait_for_part(index);  // done with the host copy the gradients go down into
   store->mark_dirty(down, Tier::kGpu);  // autograd (or fold_gradients) wrote the device copy
   gradients_down[index] = store->write_back(down, Tier::kGpu, Tier::kHost);
+  // The step's last use of the part's parameters is queued: the delayed update may go up.
+  if (last && stale_on_device[index]) upload_parameters(index);
   gradients_on_device.push_back({index, down});
   unbind_gradients(part);
   if (summed) store->discard(part.grads, Tier::kGpu);  // zeroed scratch by now
@@ -623,7 +669,7 @@ void Engine::Impl::gradients_ready(std::size_t index, bool summed) {
       }
       part_updated[index] = true;
       if (part_stats[index].finite) {
-        update(index, {step, lr, 1.0, 1.0, true});
+        update(index, {step, lr, 1.0, 1.0, true}, true);
       } else {
         release_staged(gradient);  // without loss scaling a non-finite part is left as is
       }
@@ -660,10 +706,13 @@ void Engine::Impl::accumulate_and_measure(std::size_t index, bool first_micro_ba
   }
 }
 
-bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& context) {
+bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& context, bool upload) {
   auto start = Clock::now();
   const Part& part = parts[index];
   release_going_home(index + 1);
+  // The last upload still reads the host copy of the parameters (with a delayed update it left
+  // during this step's backward): staging may not fetch into it, nor the update overwrite it.
+  if (offloaded()) uploads[index].wait();
   const BundleId master = master_bundle(part);
   const BundleId gradient = gradient_bundle(part);
   std::vector<Fence> staged{stage(master, false), stage(gradient, false)};
@@ -682,7 +731,6 @@ bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& contex
     update.output = view(part.params, optimizer_tier, compute_dtype, part.numel);
   }
   update.decay_numel = part.decay_numel;
-  if (offloaded()) uploads[index].wait();  // the host staging copy is free again
   const bool skipped = detail::apply_update(config.optimizer, context, update);
   release_staged(gradient);
   if (skipped) {
@@ -692,8 +740,12 @@ bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& contex
   } else {
     for (BundleId state : part.states) commit(index, state);
     if (part.master != detail::kNoBundle) commit(index, part.master);
-    Fence params = commit(index, part.params);
-    if (homes[index].params == Tier::kGpu) uploads[index] = params;
+    if (upload) {
+      Fence params = commit(index, part.params);
+      if (homes[index].params == Tier::kGpu) uploads[index] = params;
+    } else {
+      store->mark_dirty(part.params, optimizer_tier);  // upload_parameters sends it up
+    }
   }
   std::lock_guard<std::mutex> lock(stats_mutex);
   stats.optimizer_seconds += seconds_since(start);
@@ -715,6 +767,13 @@ void Engine::Impl::read_device_stats() {
     part_stats[measured[j]] = {values[static_cast<std::int64_t>(j)][0].item<double>(),
                                values[static_cast<std::int64_t>(j)][1].item<double>() == 0};
   }
+}
+
+void Engine::Impl::wait_for_part(std::size_t index) {
+  if (!part_work[index].valid()) return;
+  auto start = Clock::now();
+  part_work[index].wait();
+  stats.optimizer_wait_seconds += seconds_since(start);
 }
 
 void Engine::Impl::wait_for_workers() {
@@ -765,6 +824,7 @@ StepResult Engine::Impl::step() {
   result.grad_norm = finite ? grad_norm : std::numeric_limits<double>::quiet_NaN();
   result.skipped = scaler.enabled() && !finite;
 
+  const bool delayed = delays_update();
   if (!result.skipped) {
     double clip_coef = 1.0;
     if (config.max_grad_norm > 0 && finite) {
@@ -775,16 +835,17 @@ StepResult Engine::Impl::step() {
     for (std::size_t i = parts.size(); i-- > 0;) {
       if (part_updated[i]) continue;
       if (!part_stats[i].finite) continue;  // without loss scaling a non-finite part is left as is
-      auto run = [this, i, context] {
-        traced("update " + parts[i].name, detail::Track::kOptimizer, [&] { update(i, context); });
+      auto run = [this, i, context, delayed] {
+        traced("update " + parts[i].name, detail::Track::kOptimizer, [&] { update(i, context, !delayed); });
       };
       if (offloaded()) {
         part_work[i] = worker.submit(run);
       } else {
         run();
       }
+      stale_on_device[i] = delayed;
     }
-    wait_for_workers();
+    if (!delayed) wait_for_workers();
   }
   if (!offloaded()) {
     for (const Part& part : parts) view(part.grads, Tier::kGpu, compute_dtype, part.numel).zero_();
@@ -800,6 +861,7 @@ StepResult Engine::Impl::step() {
 torch::Tensor Engine::Impl::run_inference(const torch::Tensor& tokens,
                                           const torch::Tensor& padding_mask) {
   FERRY_CHECK(!pending, "inference between forward() and backward(): call backward() first");
+  flush();
   torch::NoGradGuard no_grad;
   torch::Tensor input = tokens.to(config.device, torch::kLong);
   StepContext context = model.make_context(
@@ -858,7 +920,11 @@ std::optional<StepResult> Engine::train_step(const data::Batch& batch) {
 }
 
 void Engine::flush() {
-  if (zo2_) zo2_->flush();
+  if (zo2_) {
+    zo2_->flush();
+  } else {
+    impl_->flush();
+  }
 }
 
 double Engine::evaluate(const data::Batch& batch) {

@@ -134,8 +134,11 @@ struct Engine::Impl {
   // (updated earlier: backward runs from the last part to the first).
   void release_going_home(std::size_t keep_part);
   void drain_going_home();  // waits for every commit and evicts the staged copies
-  bool update(std::size_t part, const detail::UpdateContext& context);
+  // `upload`: the new parameters go up to the device now; otherwise they wait on the host for
+  // upload_parameters (a delayed update).
+  bool update(std::size_t part, const detail::UpdateContext& context, bool upload);
   void wait_for_workers();
+  void wait_for_part(std::size_t part);  // the worker is done with the part's earlier tasks
   void read_device_stats();
 
   // Whole-bundle reads and writes for checkpoints, through host staging where needed.
@@ -149,6 +152,11 @@ struct Engine::Impl {
   BundleId gradient_bundle(const detail::Part& part) const;
   torch::Tensor gradient_view(const detail::Part& part) const;
   bool deferred_updates() const;
+  // One-step delayed parameter update (DelayedUpdateConfig): whether the step now running leaves
+  // its update to run during the next one.
+  bool delays_update() const;
+  void upload_parameters(std::size_t part);
+  void flush();
   bool offloaded() const { return config.mode != Mode::kGpu; }
 
   LayeredModel model;
@@ -179,6 +187,9 @@ struct Engine::Impl {
   std::vector<torch::Tensor> device_stats;  // [sum of squares, non-finite count] still on a device
   std::vector<bool> part_updated;
   std::vector<Fence> uploads;         // parameters going up to the device
+  // Parts whose device parameters lack their last (delayed) update: its result waits in the host
+  // copy until the part's backward in the next step is done.
+  std::vector<bool> stale_on_device;
   std::vector<Fence> gradients_down;  // gradients going down to the host
   // Parts whose device gradients (or their sum) are not dropped yet, with the bundle sent down.
   std::deque<std::pair<std::size_t, BundleId>> gradients_on_device;

@@ -76,6 +76,24 @@ void validate_fuyou(const EngineConfig& config) {
               "graph would hold the block's streamed parameters on the device); use 0");
 }
 
+void validate_delayed_update(const EngineConfig& config) {
+  const DelayedUpdateConfig& delayed = config.delayed_update;
+  FERRY_CHECK(delayed.warmup_steps >= 0, "delayed_update warmup_steps = ", delayed.warmup_steps,
+              " is invalid: it must be >= 0");
+  if (!delayed.enabled) return;
+  const char* why = "";
+  switch (config.mode) {
+    case Mode::kZeroOffload: return;
+    case Mode::kGpu: why = "the optimizer runs on the device, so there is no CPU update to hide"; break;
+    case Mode::kFuyou:
+      why = "each block is updated in backward while its parameters are staged on the host";
+      break;
+    case Mode::kZo2: why = "it already applies each update when the parts next come to the device"; break;
+  }
+  throw Error(detail::concat("delayed_update is for zero-offload mode only; ", to_string(config.mode),
+                             " mode cannot delay its update: ", why));
+}
+
 }  // namespace
 
 namespace detail {
@@ -104,6 +122,7 @@ void validate(const EngineConfig& config) {
               "micro_batch_order layer-major is for the first-order modes; zo2 has no micro-batches");
   if (config.mode == Mode::kZo2) validate_zo(config);
   if (config.mode == Mode::kFuyou) validate_fuyou(config);
+  validate_delayed_update(config);
   validate_activations(config);
 }
 
