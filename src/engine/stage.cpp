@@ -75,10 +75,11 @@ void check_directory(const std::string& dir) {
 // Each directory holds its stripes of [0, extent_bytes): fails when one has less room than that.
 void check_room(const std::vector<std::string>& dirs, const std::string& file_name,
                 std::uint64_t stripe_bytes, std::uint64_t extent_bytes) {
-  const std::uint64_t stripes = (extent_bytes + stripe_bytes - 1) / stripe_bytes;
+  std::vector<std::uint64_t> needed(dirs.size(), 0);
+  for (std::uint64_t offset = 0, stripe = 0; offset < extent_bytes; offset += stripe_bytes, ++stripe) {
+    needed[stripe % dirs.size()] += std::min(stripe_bytes, extent_bytes - offset);
+  }
   for (std::size_t i = 0; i < dirs.size(); ++i) {
-    const std::uint64_t count = stripes / dirs.size() + (i < stripes % dirs.size() ? 1 : 0);
-    const std::uint64_t needed = count * stripe_bytes;
     struct statvfs disk {};
     FERRY_CHECK(::statvfs(dirs[i].c_str(), &disk) == 0, "cannot read the free space of NVMe "
                 "directory '", dirs[i], "': ", std::strerror(errno));
@@ -87,10 +88,10 @@ void check_room(const std::vector<std::string>& dirs, const std::string& file_na
     if (::stat((dirs[i] + "/" + file_name).c_str(), &existing) == 0) {
       room += static_cast<std::uint64_t>(existing.st_blocks) * 512;  // a rerun rewrites in place
     }
-    FERRY_CHECK(needed <= room, "NVMe directory '", dirs[i], "' has ", format_bytes(room),
-                " free but the staged layout puts ", format_bytes(needed), " there (",
-                format_bytes(extent_bytes), " over ", dirs.size(), " directories): free ",
-                format_bytes(needed - room), " there, or add directories (--nvme A,B,...)");
+    FERRY_CHECK(needed[i] <= room, "NVMe directory '", dirs[i], "' has ", format_bytes(room),
+                " free but the staged layout puts ", format_bytes(needed[i]), " there (of ",
+                format_bytes(extent_bytes), " in all): free ", format_bytes(needed[i] - room),
+                " there, or add directories (--nvme A,B,...)");
   }
 }
 
@@ -216,7 +217,12 @@ class Stager {
   StageReport run();
 
  private:
+  // Records the layout in the manifest before anything is written; a rerun adopts the recorded one.
   void lay_out();
+  // A rerun continues only a layout of the same identity, checkpoint and directories.
+  void check_continues(const NvmeLayout& previous) const;
+  // Checks the budgets and the disks, opens the staging store and places every NVMe bundle.
+  void lay_out_store();
   // Reads a done bundle back and compares its checksum; false when it does not match.
   bool verify(const StagedBundle& staged, const LayoutBundle& entry);
   std::uint64_t fill_and_write(const StagedBundle& staged);
@@ -248,29 +254,34 @@ void Stager::lay_out() {
   layout_.identity = detail::stage_identity(parts_, config_);
   layout_.metadata = {{"checkpoint", detail::checkpoint_fingerprint(reader_.checkpoint())},
                       {"model_config", reader_.config().to_hf_json()}};
-  StoreOptions store_options = detail::store_options(config_);
+  const StoreOptions store_options = detail::store_options(config_);
   layout_.directories = store_options.nvme_directories;
   layout_.file_name = store_options.nvme_file_name;
   layout_.stripe_bytes = store_options.stripe_bytes;
   // A layout a run updated in place stays live until every bundle is verified or written again.
   layout_.live = previous_ && previous_->live;
-  if (previous_) {
-    const std::string differences = detail::describe_differences(previous_->identity, layout_.identity);
-    FERRY_CHECK(differences.empty(), "NVMe directory '", config_.nvme_directories.front(),
-                "' holds a layout staged for another model or configuration (staged vs now: ",
-                differences, "): stage into another directory, or remove ", manifest_path_,
-                " and ", layout_.file_name, " there to start over");
-    FERRY_CHECK(previous_->metadata.at("checkpoint") == layout_.metadata.at("checkpoint"),
-                "NVMe directory '", config_.nvme_directories.front(), "' holds a layout staged "
-                "from another checkpoint of this model: stage into another directory, or remove ",
-                manifest_path_, " and ", layout_.file_name, " there to start over");
-    FERRY_CHECK(previous_->directories == layout_.directories &&
-                    previous_->stripe_bytes == layout_.stripe_bytes,
-                "the layout in '", config_.nvme_directories.front(), "' is striped over ",
-                detail::join(previous_->directories), " but this run names ",
-                detail::join(layout_.directories), ": pass the same --nvme directories");
-  }
+  if (previous_) check_continues(*previous_);
+  lay_out_store();
+}
 
+void Stager::check_continues(const NvmeLayout& previous) const {
+  const std::string differences = detail::describe_differences(previous.identity, layout_.identity);
+  FERRY_CHECK(differences.empty(), "NVMe directory '", config_.nvme_directories.front(),
+              "' holds a layout staged for another model or configuration (staged vs now: ",
+              differences, "): stage into another directory, or remove ", manifest_path_,
+              " and ", layout_.file_name, " there to start over");
+  FERRY_CHECK(previous.metadata.at("checkpoint") == layout_.metadata.at("checkpoint"),
+              "NVMe directory '", config_.nvme_directories.front(), "' holds a layout staged "
+              "from another checkpoint of this model: stage into another directory, or remove ",
+              manifest_path_, " and ", layout_.file_name, " there to start over");
+  FERRY_CHECK(previous.directories == layout_.directories &&
+                  previous.stripe_bytes == layout_.stripe_bytes,
+              "the layout in '", config_.nvme_directories.front(), "' is striped over ",
+              detail::join(previous.directories), " but this run names ",
+              detail::join(layout_.directories), ": pass the same --nvme directories");
+}
+
+void Stager::lay_out_store() {
   // What the layout takes, and the most staging holds in host memory at once.
   std::vector<PartShape> shapes;
   std::vector<detail::PartHomes> homes;
@@ -290,9 +301,10 @@ void Stager::lay_out() {
       options_.host_budget_bytes ? options_.host_budget_bytes : largest_data;
   FERRY_CHECK(host_budget >= largest_data, "a host budget of ", format_bytes(host_budget),
               " cannot stage this model: its largest bundle takes ", format_bytes(largest_data),
-              "; raise the staging host budget to at least that");
+              "; raise the staging host budget (--host-budget) to at least that");
   detail::check_room(layout_.directories, layout_.file_name, layout_.stripe_bytes, extent_bytes);
 
+  StoreOptions store_options = detail::store_options(config_);
   store_options.device = torch::kCPU;
   store_options.gpu_budget_bytes = 0;
   store_options.host_budget_bytes = host_budget;
@@ -410,6 +422,9 @@ StageReport stage_model(const StageOptions& options) {
   FERRY_CHECK(why.empty(), "cannot stage: ", why);
   FERRY_CHECK(!options.engine.nvme_directories.empty(),
               "staging needs the NVMe directories the job will use: pass --nvme DIR[,DIR...]");
+  FERRY_CHECK(fs::is_directory(options.model_dir), "model directory '", options.model_dir,
+              "' does not exist: pass a Hugging Face directory with config.json and safetensors "
+              "(--model)");
   for (const std::string& dir : options.engine.nvme_directories) detail::check_directory(dir);
   detail::validate(options.engine);
   return Stager(options).run();

@@ -224,6 +224,10 @@ TEST_CASE("staging and adopting refuse bad inputs before any long work", "[stage
     CHECK_THROWS_WITH(stage_model(stage_options(hf, offload)),
                       Contains("zo2 mode cannot start from a staged layout yet"));
   }
+  SECTION("a missing model directory") {
+    CHECK_THROWS_WITH(stage_model(stage_options(dir.file("no-model"), config)),
+                      Contains("no-model' does not exist"));
+  }
   SECTION("no, a missing or a read-only NVMe directory") {
     EngineConfig bad = config;
     bad.nvme_directories.clear();
@@ -281,6 +285,9 @@ TEST_CASE("staging and adopting refuse bad inputs before any long work", "[stage
     adopt.nvme_directories = {dir.subdir("elsewhere")};
     CHECK_THROWS_WITH(Engine(models::allocate(staged_model_config(staged)), adopt),
                       Contains("is striped over " + staged));
+  }
+  SECTION("the JSON key the front ends share") {
+    CHECK(engine_config_from_json(R"({"mode": "fuyou", "staged": "/mnt/a/job"})").staged == "/mnt/a/job");
   }
   SECTION("an engine given a directory without a layout") {
     CHECK_THROWS_WITH(staged_engine(config, dir.subdir("empty")),
