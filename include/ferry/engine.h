@@ -162,6 +162,10 @@ struct EngineConfig {
   std::vector<std::string> nvme_directories;
   std::uint64_t nvme_budget_bytes = 0;  // 0: no limit beyond the disks'
   Env* nvme_env = nullptr;  // opens the NVMe tier's files; nullptr: Env::posix(). Tests inject faults
+  // A layout `ferry stage` wrote (include/ferry/stage.h): the directory holding its manifest, the
+  // first NVMe directory. The engine adopts its files in place of the model's weights; the
+  // layout then becomes the job's live state (docs/stage.md). Empty: weights come from the model.
+  std::string staged;
   OptimizerConfig optimizer;
   ScheduleConfig schedule;
   LossScaleConfig loss_scale;
@@ -213,7 +217,7 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
 // schedule's total), "min_lr_ratio", "grad_accum", "max_grad_norm", "loss_scale" (true, false or
 // null: the precision decides), "keep_graph_blocks", "offload_checkpoints",
 // "optimizer_threads", "trace" (a bool, or a trace file name: on when not empty), "nvme" (a list
-// of directories, or one text with commas), "nvme_budget", and for zo2 "seed", "zo_eps",
+// of directories, or one text with commas), "nvme_budget", "staged" (a staged layout's directory), and for zo2 "seed", "zo_eps",
 // "zo_samples", "zo_blocks" (a tier), "zo_host_blocks", "zo_storage" (a precision, or "" for
 // the compute precision) and "zo_window" (ZoConfig's blocks_in_flight), for fuyou
 // "fuyou_host_blocks" and "fuyou_window" (FuyouConfig's blocks_in_flight), and "activations" (a

@@ -9,7 +9,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -114,7 +116,16 @@ class Store {
   // Registers a bundle and allocates its home copy (zero-filled, kReady). Throws BudgetExceeded
   // when the home tier's budget cannot hold it.
   BundleId add(const BundleSpec& spec);
+  // Registers a bundle at home on NVMe whose copy already lies in the store's file at
+  // `nvme_offset`, from a layout an earlier store left there (NvmeLayout): kReady without any I/O.
+  // `holds_data` false makes the copy read as zeros, as add() does. Throws ferry::Error when the
+  // extent is not free or passes the NVMe budget.
+  BundleId adopt(const BundleSpec& spec, std::uint64_t nvme_offset, bool holds_data);
   const BundleSpec& spec(BundleId id) const;
+  // Where the bundle's NVMe copy lies in the store's file. Throws when it has none.
+  std::uint64_t nvme_offset(BundleId id) const;
+  // fdatasync of the NVMe file (every stripe): what was written back is durable on return.
+  void sync_nvme();
   std::size_t size() const;  // ids handed out, removed ones included
 
   CopyState state(BundleId id, Tier tier) const;
@@ -171,10 +182,50 @@ class Store {
 
  private:
   void drop(BundleId id, Tier tier, bool keep_only_latest);
+  BundleId insert(const BundleSpec& spec, std::optional<std::uint64_t> nvme_offset, bool holds_data);
 
   struct Impl;
   StoreOptions options_;
   std::unique_ptr<Impl> impl_;
 };
+
+// --- A layout kept on NVMe --------------------------------------------------------------------
+// A store's NVMe file outlives the store when a manifest says what lies where (`ferry stage`
+// writes one, an engine adopts it: docs/stage.md). The store layer keeps it generic: what the
+// layout was made for is `identity` (compared key by key by whoever adopts it), and each bundle is
+// a name, a size, an offset and a checksum.
+
+// XXH64 (Collet's xxHash, 64-bit), the layout's checksum: fast enough to check a bundle as it is
+// read. Equals the reference implementation for every input and seed.
+std::uint64_t xxh64(const void* data, std::size_t bytes, std::uint64_t seed = 0);
+
+struct LayoutBundle {
+  std::string name;
+  std::uint64_t bytes = 0;        // the bundle's size; storage is this rounded up to 4096
+  std::uint64_t nvme_offset = 0;  // in the store's (striped) file
+  // false: the bundle is zeros (optimizer states before the first step, gradients): recorded,
+  // never written; the store reads it as zeros without I/O.
+  bool holds_data = true;
+  bool complete = false;      // durable on NVMe (fdatasync) with `checksum` over its storage bytes
+  std::uint64_t checksum = 0;
+};
+
+struct NvmeLayout {
+  std::map<std::string, std::string> identity;  // what the layout was made for
+  std::map<std::string, std::string> metadata;  // kept alongside, not compared
+  std::vector<std::string> directories;         // the file's stripes, in order
+  std::string file_name;
+  std::uint64_t stripe_bytes = 0;
+  // An engine adopted the layout and updates it in place: contents no longer match checksums.
+  bool live = false;
+  std::vector<LayoutBundle> bundles;  // in the order the store added them
+
+  const LayoutBundle* find(const std::string& name) const;  // nullptr when absent
+};
+
+// Reads a manifest; throws ferry::Error naming the file and the bad field.
+NvmeLayout read_nvme_layout(const std::string& path);
+// Writes a manifest atomically: "<path>.tmp", fdatasync, rename, fsync of the directory.
+void write_nvme_layout(const NvmeLayout& layout, const std::string& path);
 
 }  // namespace ferry

@@ -117,6 +117,7 @@ const std::vector<Setting>& settings() {
       {"nvme", [](const Json& v, EngineConfig& c) { c.nvme_directories = parse_list(v); }},
       {"nvme_budget",
        [](const Json& v, EngineConfig& c) { c.nvme_budget_bytes = parse_budget(v); }},
+      {"staged", [](const Json& v, EngineConfig& c) { c.staged = v.get<std::string>(); }},
       {"seed", [](const Json& v, EngineConfig& c) { c.zo.seed = v.get<std::uint64_t>(); }},
       {"zo_eps", [](const Json& v, EngineConfig& c) { c.zo.eps = v.get<double>(); }},
       {"zo_samples", [](const Json& v, EngineConfig& c) { c.zo.samples = v.get<std::int64_t>(); }},

@@ -6,6 +6,7 @@
 
 #include "engine/engine_impl.h"
 #include "engine/sizing.h"
+#include "engine/stage.h"
 #include "engine/zo2.h"
 #include "ferry/check.h"
 
@@ -68,12 +69,14 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
       optimizer_tier(config.mode == Mode::kGpu ? Tier::kGpu : Tier::kHost),
       scaler(config.loss_scale, config.loss_scale.enabled.value_or(config.precision == Precision::kF16)),
       tracer(config.trace) {
+  if (!config.staged.empty()) staged = detail::open_staged_layout(config);
   detail::validate(config);
   if (config.device.is_cuda() && !config.device.has_index()) config.device = torch::Device(torch::kCUDA, 0);
   if (config.optimizer_threads > 0) optim::set_num_threads(config.optimizer_threads);
   parts = detail::describe_parts(model);
   activations = detail::block_activations(config, static_cast<std::int64_t>(model.num_blocks()));
   for (const Part& part : parts) homes.push_back(detail::part_homes(config, part.kind, part.index));
+  if (staged) detail::check_staged_layout(*staged, parts, config);
   TierDemand needed = demand();
   detail::check_budgets(needed, config);
   store = std::make_unique<Store>(detail::store_options(config));
@@ -90,6 +93,10 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
   gradients_down.assign(count, Fence());
   part_work.assign(count, {});
   allocate_and_bind();
+  if (staged) {
+    detail::mark_staged_live(std::move(*staged), config.staged);
+    staged.reset();
+  }
   model.train(true);
 }
 
@@ -113,31 +120,27 @@ torch::Tensor Engine::Impl::view(BundleId id, Tier tier, torch::ScalarType dtype
 void Engine::Impl::allocate_and_bind() {
   torch::NoGradGuard no_grad;
   const bool separate_master = compute_dtype != torch::kFloat;
-  const int state_count = detail::optimizer_state_count(config.optimizer);
-  const std::uint64_t compute_size = torch::elementSize(compute_dtype);
   detail::move_buffers(model, config.device);
 
   for (std::size_t p = 0; p < parts.size(); ++p) {
     Part& part = parts[p];
-    const detail::PartHomes& home = homes[p];
-    const std::uint64_t numel = static_cast<std::uint64_t>(part.numel);
-    part.params = store->add({part.name + ".params", numel * compute_size, home.params});
-    part.grads = store->add({part.name + ".grads", numel * compute_size, home.grads});
-    if (separate_master) part.master = store->add({part.name + ".master", numel * 4, home.optimizer});
-    for (int i = 0; i < state_count; ++i) {
-      part.states.push_back(
-          store->add({part.name + ".state" + std::to_string(i), numel * 4, home.optimizer}));
+    detail::add_bundles(part, homes[p], config, [&](const BundleSpec& spec) {
+      return staged && spec.home == Tier::kNvme ? detail::adopt_staged(*store, *staged, spec)
+                                                : store->add(spec);
+    });
+    if (staged) {
+      // What lives on NVMe is staged already; the other parameters start from their seed.
+      if (detail::needs_seed(homes[p])) {
+        write_bundle(p, part.params, detail::read_seed(*store, part, compute_dtype));
+      }
+    } else {
+      torch::Tensor initial = torch::empty({part.numel}, torch::kFloat);
+      for (const detail::ParameterSlice& slice : part.slices) {
+        initial.narrow(0, slice.offset, slice.numel).copy_(slice.parameter.detach().reshape({-1}));
+      }
+      write_bundle(p, part.params, initial.to(compute_dtype));
+      if (separate_master) write_bundle(p, part.master, initial);
     }
-    if (config.grad_accumulation > 1) {
-      part.accumulator = store->add({part.name + ".accumulator", numel * 4, home.optimizer});
-    }
-
-    torch::Tensor initial = torch::empty({part.numel}, torch::kFloat);
-    for (const detail::ParameterSlice& slice : part.slices) {
-      initial.narrow(0, slice.offset, slice.numel).copy_(slice.parameter.detach().reshape({-1}));
-    }
-    write_bundle(p, part.params, initial.to(compute_dtype));
-    if (separate_master) write_bundle(p, part.master, initial);
     if (streamed(p)) {
       // The module's own tensors are freed; each visit to the device binds the copy there.
       for (const detail::ParameterSlice& slice : part.slices) {

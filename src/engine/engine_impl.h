@@ -164,6 +164,7 @@ struct Engine::Impl {
   torch::ScalarType compute_dtype;
   Tier optimizer_tier;  // where updates compute
   std::unique_ptr<Store> store;
+  std::optional<NvmeLayout> staged;  // during set-up only: the staged layout being adopted
   std::vector<detail::Part> parts;
   std::vector<detail::PartHomes> homes;
   std::vector<BlockActivations> activations;

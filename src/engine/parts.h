@@ -4,12 +4,14 @@
 // packed into bundles of the residency manager, and the module rebound to views of them.
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
+#include "engine/sizing.h"
 #include "ferry/engine.h"
 #include "ferry/model.h"
 #include "ferry/store.h"
@@ -50,6 +52,15 @@ struct Part {
 std::vector<Part> describe_parts(const LayeredModel& model);
 
 torch::ScalarType scalar_type(Precision precision);
+
+// Registers a first-order mode's bundles of one part, in the engine's order and sizes: params
+// and grads (compute dtype), the fp32 master (when the compute dtype is not fp32), the optimizer
+// states, the gradient accumulator (grad_accumulation > 1), and records the ids `add` returns.
+// Note: the engine and `ferry stage` both lay out bundles through this call, so a staged NVMe
+// layout is exactly the one the engine allocates; `add` decides how each is placed (allocated,
+// adopted from a staged layout, or skipped by staging when it is not at home on NVMe).
+void add_bundles(Part& part, const PartHomes& homes, const EngineConfig& config,
+                 const std::function<BundleId(const BundleSpec&)>& add);
 
 // Moves what is not a parameter (buffers) to the device; parameters move into bundles.
 void move_buffers(const LayeredModel& model, torch::Device device);

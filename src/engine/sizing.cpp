@@ -120,10 +120,26 @@ void validate(const EngineConfig& config) {
               "micro-batches); got grad_accumulation = ", config.grad_accumulation);
   FERRY_CHECK(config.micro_batch_order == MicroBatchOrder::kBatchMajor || config.mode != Mode::kZo2,
               "micro_batch_order layer-major is for the first-order modes; zo2 has no micro-batches");
+  FERRY_CHECK(config.staged.empty() || unstageable(config.mode).empty(), "staged layout '",
+              config.staged, "' was given, but ", unstageable(config.mode));
   if (config.mode == Mode::kZo2) validate_zo(config);
   if (config.mode == Mode::kFuyou) validate_fuyou(config);
   validate_delayed_update(config);
   validate_activations(config);
+}
+
+std::string unstageable(Mode mode) {
+  switch (mode) {
+    case Mode::kFuyou: return "";
+    case Mode::kGpu:
+    case Mode::kZeroOffload:
+      return concat(to_string(mode), " mode keeps nothing on NVMe, so there is no layout to stage "
+                    "or adopt: load the checkpoint directly (--model), or use --mode fuyou");
+    case Mode::kZo2:
+      return "zo2 mode cannot start from a staged layout yet (it lays out its own bundles): load "
+             "the checkpoint directly (--model), or use --mode fuyou";
+  }
+  return "unknown mode";
 }
 
 PartHomes part_homes(const EngineConfig& config, models::Part kind, std::int64_t block) {

@@ -13,6 +13,9 @@ void validate(const EngineConfig& config);
 // Throws BudgetExceeded naming the tier, what it would hold and the shortfall.
 void check_budgets(const TierDemand& needed, const EngineConfig& config);
 
+// Why `mode` cannot start from a staged layout (EngineConfig::staged); empty for fuyou.
+std::string unstageable(Mode mode);
+
 // The residency manager's options for the engine's budgets and directories.
 StoreOptions store_options(const EngineConfig& config);
 

@@ -35,6 +35,22 @@ std::optional<std::uint64_t> ExtentAllocator::allocate(std::uint64_t bytes) {
   return std::nullopt;
 }
 
+bool ExtentAllocator::allocate_at(std::uint64_t offset, std::uint64_t bytes) {
+  FERRY_ASSERT(bytes > 0, "an NVMe extent needs at least 1 byte");
+  std::uint64_t rounded = round_up(bytes);
+  if (offset % kIoAlignment != 0) return false;
+  auto range = free_ranges_.upper_bound(offset);
+  if (range == free_ranges_.begin()) return false;
+  range = std::prev(range);
+  const std::uint64_t begin = range->first, end = range->first + range->second;
+  if (offset + rounded > end) return false;
+  free_ranges_.erase(range);
+  if (offset > begin) free_ranges_.emplace(begin, offset - begin);
+  if (offset + rounded < end) free_ranges_.emplace(offset + rounded, end - offset - rounded);
+  used_bytes_ += rounded;
+  return true;
+}
+
 void ExtentAllocator::free(std::uint64_t offset, std::uint64_t bytes) {
   std::uint64_t rounded = round_up(bytes);
   FERRY_ASSERT(offset % kIoAlignment == 0 && offset + rounded <= capacity_bytes_ &&

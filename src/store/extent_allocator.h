@@ -17,6 +17,9 @@ class ExtentAllocator {
   // The offset of a free extent of `bytes` (rounded up to 4096), or nullopt when no free range
   // is large enough.
   std::optional<std::uint64_t> allocate(std::uint64_t bytes);
+  // Takes the extent of `bytes` (rounded up to 4096) at `offset`, for a layout kept from an earlier
+  // store; false when any of it is not free.
+  bool allocate_at(std::uint64_t offset, std::uint64_t bytes);
   // Returns an extent that allocate(bytes) handed out.
   void free(std::uint64_t offset, std::uint64_t bytes);
 

@@ -194,7 +194,8 @@ struct Store::Impl {
 
   Bundle& bundle_locked(BundleId id);
   // Allocates the memory of `tier`'s copy; false when the tier's budget cannot hold it now.
-  bool allocate_locked(Bundle& bundle, Tier tier);
+  // `nvme_at` places an NVMe copy at that offset of the file (a kept layout) instead of first fit.
+  bool allocate_locked(Bundle& bundle, Tier tier, std::optional<std::uint64_t> nvme_at = std::nullopt);
   // Allocates each absent copy the transfer writes into, noting them in transfer.allocated;
   // returns the first tier that had no room (after undoing the others), or nullopt.
   std::optional<Tier> allocate_absent_locked(Transfer& transfer);
@@ -284,7 +285,7 @@ void Store::Impl::check_tier_configured(const Bundle& bundle, Tier tier) const {
               "store at least one directory for its NVMe file");
 }
 
-bool Store::Impl::allocate_locked(Bundle& bundle, Tier tier) {
+bool Store::Impl::allocate_locked(Bundle& bundle, Tier tier, std::optional<std::uint64_t> nvme_at) {
   int t = index(tier);
   std::uint64_t bytes = bundle.storage_bytes;
   if (used_bytes[t].load() + bytes > budget_bytes[t]) return false;
@@ -297,8 +298,9 @@ bool Store::Impl::allocate_locked(Bundle& bundle, Tier tier) {
       if (!copy.host) return false;
       break;
     case Tier::kNvme: {
-      std::optional<std::uint64_t> offset = extents->allocate(bytes);
-      if (!offset) return false;
+      std::optional<std::uint64_t> offset = nvme_at;
+      if (!nvme_at) offset = extents->allocate(bytes);
+      if (!offset || (nvme_at && !extents->allocate_at(*nvme_at, bytes))) return false;
       copy.nvme_offset = *offset;
       copy.reads_as_zeros = false;
       break;
@@ -549,7 +551,16 @@ Store::~Store() {
   if (impl_->io) impl_->io->drain();
 }
 
-BundleId Store::add(const BundleSpec& spec) {
+BundleId Store::add(const BundleSpec& spec) { return insert(spec, std::nullopt, false); }
+
+BundleId Store::adopt(const BundleSpec& spec, std::uint64_t nvme_offset, bool holds_data) {
+  FERRY_CHECK(spec.home == Tier::kNvme, "bundle '", spec.name, "' has home ", to_string(spec.home),
+              ": only a bundle at home on nvme can be adopted from a kept layout");
+  return insert(spec, nvme_offset, holds_data);
+}
+
+BundleId Store::insert(const BundleSpec& spec, std::optional<std::uint64_t> nvme_offset,
+                       bool holds_data) {
   auto bundle = std::make_unique<Bundle>();
   bundle->spec = spec;
   bundle->storage_bytes = round_up(spec.bytes);
@@ -557,7 +568,14 @@ BundleId Store::add(const BundleSpec& spec) {
   impl_->check_tier_configured(*bundle, spec.home);
   Tier home = spec.home;
   Copy& copy = bundle->at(home);
-  {
+  if (nvme_offset) {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    FERRY_CHECK(impl_->allocate_locked(*bundle, home, nvme_offset), "cannot adopt bundle '",
+                spec.name, "' at NVMe offset ", *nvme_offset, " (", bundle->storage_bytes,
+                " bytes): the extent is not 4096-aligned, overlaps another bundle or passes the "
+                "NVMe budget of ", format_bytes(impl_->budget_bytes[index(Tier::kNvme)]),
+                "; the kept layout does not fit this store");
+  } else {
     BudgetWait wait(options_.budget_wait_seconds);
     std::unique_lock<std::mutex> lock(impl_->mutex);
     while (!impl_->allocate_locked(*bundle, home)) {
@@ -573,7 +591,7 @@ BundleId Store::add(const BundleSpec& spec) {
         copy.gpu = impl_->copier->allocate(static_cast<std::int64_t>(bundle->storage_bytes)).zero_();
         break;
       case Tier::kHost: std::memset(copy.host.data(), 0, bundle->storage_bytes); break;
-      case Tier::kNvme: copy.reads_as_zeros = true; break;
+      case Tier::kNvme: copy.reads_as_zeros = !holds_data; break;
     }
   } catch (...) {
     std::lock_guard<std::mutex> lock(impl_->mutex);
@@ -587,6 +605,18 @@ BundleId Store::add(const BundleSpec& spec) {
   bundle->id = static_cast<BundleId>(impl_->bundles.size());
   impl_->bundles.push_back(std::move(bundle));
   return impl_->bundles.back()->id;
+}
+
+std::uint64_t Store::nvme_offset(BundleId id) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  const Bundle& bundle = impl_->bundle_locked(id);
+  FERRY_CHECK(bundle.at(Tier::kNvme).state != CopyState::kAbsent, "bundle '", bundle.spec.name,
+              "' (id ", id, ") has no nvme copy, so no NVMe offset");
+  return bundle.at(Tier::kNvme).nvme_offset;
+}
+
+void Store::sync_nvme() {
+  if (impl_->file) impl_->file->sync();
 }
 
 const BundleSpec& Store::spec(BundleId id) const {

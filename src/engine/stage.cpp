@@ -1,0 +1,444 @@
+// `ferry stage` (stage_model) and the engine's side of a staged NVMe layout. See docs/stage.md.
+
+#include "ferry/stage.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <optional>
+#include <sstream>
+
+#include "engine/parts.h"
+#include "engine/sizing.h"
+#include "engine/stage.h"
+#include "engine/update.h"
+#include "ferry/check.h"
+#include "ferry/fs.h"
+#include "ferry/memory.h"
+#include "ferry/model.h"
+
+namespace ferry {
+namespace detail {
+namespace {
+
+std::string hex(std::uint64_t value) {
+  std::ostringstream out;
+  out << std::hex << value;
+  return out.str();
+}
+
+std::string join(const std::vector<std::string>& items) {
+  std::string text;
+  for (const std::string& item : items) text += (text.empty() ? "" : ",") + item;
+  return text;
+}
+
+// A fingerprint of a checkpoint's contents as its headers describe them (names, dtypes, shapes,
+// shard files): staging refuses to continue a layout from another checkpoint.
+std::string checkpoint_fingerprint(const safetensors::Checkpoint& checkpoint) {
+  std::string text;
+  for (const std::string& name : checkpoint.names()) {
+    const safetensors::TensorInfo& info = checkpoint.tensor(name);
+    text += name + ":" + checkpoint.file_of(name) + ":" + std::to_string(info.data_begin) + ":" +
+            std::to_string(info.bytes()) + ":" + std::string(dtype_name(info.dtype)) + ";";
+  }
+  return hex(xxh64(text.data(), text.size()));
+}
+
+std::uint64_t storage_bytes(std::uint64_t bytes) {
+  return (bytes + kIoAlignment - 1) / kIoAlignment * kIoAlignment;
+}
+
+// A directory the NVMe tier can use: created when missing, and writable.
+void check_directory(const std::string& dir) {
+  try {
+    fs::make_directories(dir);
+  } catch (const Error& error) {
+    throw Error(detail::concat("NVMe directory '", dir, "' is missing and cannot be created (",
+                               error.what(), "): give a directory on a mounted, writable drive "
+                               "(--nvme DIR[,DIR...])"));
+  }
+  const std::string probe = dir + "/.ferry-write-probe";
+  const int fd = ::open(probe.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+  FERRY_CHECK(fd >= 0, "NVMe directory '", dir, "' is not writable (", std::strerror(errno),
+              "): give a directory on a mounted, writable drive (--nvme DIR[,DIR...])");
+  ::close(fd);
+  ::unlink(probe.c_str());
+}
+
+// Each directory holds its stripes of [0, extent_bytes): fails when one has less room than that.
+void check_room(const std::vector<std::string>& dirs, const std::string& file_name,
+                std::uint64_t stripe_bytes, std::uint64_t extent_bytes) {
+  std::vector<std::uint64_t> needed(dirs.size(), 0);
+  for (std::uint64_t offset = 0, stripe = 0; offset < extent_bytes; offset += stripe_bytes, ++stripe) {
+    needed[stripe % dirs.size()] += std::min(stripe_bytes, extent_bytes - offset);
+  }
+  for (std::size_t i = 0; i < dirs.size(); ++i) {
+    struct statvfs disk {};
+    FERRY_CHECK(::statvfs(dirs[i].c_str(), &disk) == 0, "cannot read the free space of NVMe "
+                "directory '", dirs[i], "': ", std::strerror(errno));
+    std::uint64_t room = static_cast<std::uint64_t>(disk.f_bavail) * disk.f_frsize;
+    struct stat existing {};
+    if (::stat((dirs[i] + "/" + file_name).c_str(), &existing) == 0) {
+      room += static_cast<std::uint64_t>(existing.st_blocks) * 512;  // a rerun rewrites in place
+    }
+    FERRY_CHECK(needed[i] <= room, "NVMe directory '", dirs[i], "' has ", format_bytes(room),
+                " free but the staged layout puts ", format_bytes(needed[i]), " there (of ",
+                format_bytes(extent_bytes), " in all): free ", format_bytes(needed[i] - room),
+                " there, or add directories (--nvme A,B,...)");
+  }
+}
+
+std::string describe_differences(const std::map<std::string, std::string>& staged,
+                                 const std::map<std::string, std::string>& job) {
+  std::string text;
+  for (const auto& [key, value] : job) {
+    auto it = staged.find(key);
+    const std::string was = it == staged.end() ? "(none)" : it->second;
+    if (was != value) text += detail::concat(text.empty() ? "" : ", ", key, " ", was, " vs ", value);
+  }
+  return text;
+}
+
+}  // namespace
+
+std::string stage_manifest_path(const std::string& dir) { return dir + "/" + kStageManifestName; }
+
+std::map<std::string, std::string> stage_identity(const std::vector<Part>& parts,
+                                                  const EngineConfig& config) {
+  std::string shapes;
+  std::int64_t parameters = 0;
+  for (const Part& part : parts) {
+    shapes += part.name + "{";
+    for (const ParameterSlice& slice : part.slices) {
+      shapes += slice.name + "@" + std::to_string(slice.offset) + "[";
+      for (std::int64_t size : slice.shape) shapes += std::to_string(size) + ",";
+      shapes += "]";
+    }
+    shapes += "}";
+    parameters += part.numel;
+  }
+  return {
+      {"model", hex(xxh64(shapes.data(), shapes.size()))},
+      {"parameters", std::to_string(parameters)},
+      {"mode", to_string(config.mode)},
+      {"precision", to_string(config.precision)},
+      {"optimizer_states", std::to_string(optimizer_state_count(config.optimizer))},
+      {"gradient_accumulator", config.grad_accumulation > 1 ? "yes" : "no"},
+      {"fuyou_host_blocks", std::to_string(config.fuyou.host_blocks)},
+  };
+}
+
+bool needs_seed(const PartHomes& homes) {
+  FERRY_ASSERT(homes.grads == Tier::kNvme, "a staged part's gradients live on NVMe");
+  return homes.params != Tier::kNvme;
+}
+
+NvmeLayout open_staged_layout(EngineConfig& config) {
+  const std::string why = unstageable(config.mode);
+  FERRY_CHECK(why.empty(), "staged layout '", config.staged, "' was given, but ", why);
+  const std::string path = stage_manifest_path(config.staged);
+  FERRY_CHECK(fs::exists(path), "no staged layout at '", config.staged, "' (", path,
+              " is missing): stage the model first with `ferry stage --model HF_DIR --nvme ",
+              config.staged, " --mode fuyou ...`, or leave staged empty to load the model's weights");
+  NvmeLayout layout = read_nvme_layout(path);
+  if (config.nvme_directories.empty()) config.nvme_directories = layout.directories;
+  FERRY_CHECK(config.nvme_directories == layout.directories, "staged layout '", config.staged,
+              "' is striped over ", join(layout.directories), " but the job's NVMe directories are ",
+              join(config.nvme_directories), ": pass --nvme ", join(layout.directories),
+              " (or no --nvme) with --staged");
+  FERRY_CHECK(!layout.live, "staged layout '", config.staged, "' was adopted by an earlier run, "
+              "which updated it in place, so it no longer holds the staged weights: run `ferry "
+              "stage` again with the same arguments (it rewrites only what changed), or resume "
+              "that run from its checkpoint (--resume) without --staged");
+  const auto done = std::count_if(layout.bundles.begin(), layout.bundles.end(),
+                                  [](const LayoutBundle& bundle) { return bundle.complete; });
+  FERRY_CHECK(done == static_cast<std::int64_t>(layout.bundles.size()), "staged layout '",
+              config.staged, "' is incomplete: ", done, " of ", layout.bundles.size(),
+              " bundles are staged; run `ferry stage` again with the same arguments to finish it");
+  return layout;
+}
+
+void check_staged_layout(const NvmeLayout& layout, const std::vector<Part>& parts,
+                         const EngineConfig& config) {
+  const std::map<std::string, std::string> job = stage_identity(parts, config);
+  const std::string differences = describe_differences(layout.identity, job);
+  FERRY_CHECK(differences.empty(), "staged layout '", config.staged,
+              "' was made for another model or configuration (staged vs this job: ", differences,
+              "): stage this model with these settings into another directory (`ferry stage "
+              "--model HF_DIR --nvme DIR ...`), or run the job with the staged settings");
+}
+
+BundleId adopt_staged(Store& store, const NvmeLayout& layout, const BundleSpec& spec) {
+  const LayoutBundle* entry = layout.find(spec.name);
+  FERRY_CHECK(entry != nullptr && entry->bytes == spec.bytes, "the staged layout lacks bundle '",
+              spec.name, "' of ", spec.bytes, " bytes",
+              entry ? detail::concat(" (it holds ", entry->bytes, " bytes)") : std::string(),
+              ": stage the model again for this job's settings");
+  return store.adopt(spec, entry->nvme_offset, entry->holds_data && entry->complete);
+}
+
+torch::Tensor read_seed(Store& store, const Part& part, torch::ScalarType dtype) {
+  store.fetch(part.grads, Tier::kHost).wait();
+  torch::Tensor values = typed_view(store, part.grads, Tier::kHost, dtype, part.numel).clone();
+  store.evict(part.grads, Tier::kHost);
+  return values;
+}
+
+void mark_staged_live(NvmeLayout layout, const std::string& dir) {
+  layout.live = true;
+  write_nvme_layout(layout, stage_manifest_path(dir));
+}
+
+}  // namespace detail
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// One NVMe bundle of the layout being staged, and what fills it.
+struct StagedBundle {
+  BundleId id = detail::kNoBundle;
+  std::size_t part = 0;
+  // kUndefined: zeros (optimizer states, gradients, the accumulator); else the part's parameters
+  // from the checkpoint in this dtype.
+  torch::ScalarType dtype = torch::ScalarType::Undefined;
+};
+
+class Stager {
+ public:
+  explicit Stager(const StageOptions& options);
+  StageReport run();
+
+ private:
+  // Records the layout in the manifest before anything is written; a rerun adopts the recorded one.
+  void lay_out();
+  // A rerun continues only a layout of the same identity, checkpoint and directories.
+  void check_continues(const NvmeLayout& previous) const;
+  // Checks the budgets and the disks, opens the staging store and places every NVMe bundle.
+  void lay_out_store();
+  // Reads a done bundle back and compares its checksum; false when it does not match.
+  bool verify(const StagedBundle& staged, const LayoutBundle& entry);
+  std::uint64_t fill_and_write(const StagedBundle& staged);
+
+  const StageOptions& options_;
+  EngineConfig config_;
+  models::PretrainedReader reader_;
+  LayeredModel model_;
+  std::vector<detail::Part> parts_;
+  std::string manifest_path_;
+  std::optional<NvmeLayout> previous_;
+  std::unique_ptr<Store> store_;
+  std::vector<StagedBundle> staged_;
+  NvmeLayout layout_;
+};
+
+Stager::Stager(const StageOptions& options)
+    : options_(options),
+      config_(options.engine),
+      reader_(options.model_dir),
+      model_(models::allocate(reader_.config())),  // shapes only: the memory is never touched
+      parts_(detail::describe_parts(model_)) {}
+
+void Stager::lay_out() {
+  config_.staged.clear();
+  manifest_path_ = detail::stage_manifest_path(config_.nvme_directories.front());
+  if (fs::exists(manifest_path_)) previous_ = read_nvme_layout(manifest_path_);
+
+  layout_.identity = detail::stage_identity(parts_, config_);
+  layout_.metadata = {{"checkpoint", detail::checkpoint_fingerprint(reader_.checkpoint())},
+                      {"model_config", reader_.config().to_hf_json()}};
+  const StoreOptions store_options = detail::store_options(config_);
+  layout_.directories = store_options.nvme_directories;
+  layout_.file_name = store_options.nvme_file_name;
+  layout_.stripe_bytes = store_options.stripe_bytes;
+  // A layout a run updated in place stays live until every bundle is verified or written again.
+  layout_.live = previous_ && previous_->live;
+  if (previous_) check_continues(*previous_);
+  lay_out_store();
+}
+
+void Stager::check_continues(const NvmeLayout& previous) const {
+  const std::string differences = detail::describe_differences(previous.identity, layout_.identity);
+  FERRY_CHECK(differences.empty(), "NVMe directory '", config_.nvme_directories.front(),
+              "' holds a layout staged for another model or configuration (staged vs now: ",
+              differences, "): stage into another directory, or remove ", manifest_path_,
+              " and ", layout_.file_name, " there to start over");
+  FERRY_CHECK(previous.metadata.at("checkpoint") == layout_.metadata.at("checkpoint"),
+              "NVMe directory '", config_.nvme_directories.front(), "' holds a layout staged "
+              "from another checkpoint of this model: stage into another directory, or remove ",
+              manifest_path_, " and ", layout_.file_name, " there to start over");
+  FERRY_CHECK(previous.directories == layout_.directories &&
+                  previous.stripe_bytes == layout_.stripe_bytes,
+              "the layout in '", config_.nvme_directories.front(), "' is striped over ",
+              detail::join(previous.directories), " but this run names ",
+              detail::join(layout_.directories), ": pass the same --nvme directories");
+}
+
+void Stager::lay_out_store() {
+  // What the layout takes, and the most staging holds in host memory at once.
+  std::vector<PartShape> shapes;
+  std::vector<detail::PartHomes> homes;
+  std::uint64_t extent_bytes = 0, largest_data = 0;
+  for (const detail::Part& part : parts_) {
+    shapes.push_back({part.name, part.numel});
+    homes.push_back(detail::part_homes(config_, part.kind, part.index));
+    detail::Part sizing = part;
+    detail::add_bundles(sizing, homes.back(), config_, [&](const BundleSpec& spec) {
+      if (spec.home == Tier::kNvme) extent_bytes += detail::storage_bytes(spec.bytes);
+      return detail::kNoBundle;
+    });
+    largest_data = std::max(largest_data, detail::storage_bytes(static_cast<std::uint64_t>(part.numel) * 4));
+  }
+  detail::check_budgets(engine_demand(shapes, config_), config_);
+  const std::uint64_t host_budget =
+      options_.host_budget_bytes ? options_.host_budget_bytes : largest_data;
+  FERRY_CHECK(host_budget >= largest_data, "a host budget of ", format_bytes(host_budget),
+              " cannot stage this model: its largest bundle takes ", format_bytes(largest_data),
+              "; raise the staging host budget (--host-budget) to at least that");
+  detail::check_room(layout_.directories, layout_.file_name, layout_.stripe_bytes, extent_bytes);
+
+  StoreOptions store_options = detail::store_options(config_);
+  store_options.device = torch::kCPU;
+  store_options.gpu_budget_bytes = 0;
+  store_options.host_budget_bytes = host_budget;
+  store_options.budget_wait_seconds = 0;
+  store_ = std::make_unique<Store>(store_options);
+
+  // Note: bundles are added in the engine's order through its own add_bundles, so the first-fit
+  // extents are the engine's; a rerun adopts them at the offsets the manifest recorded.
+  auto place = [&](const BundleSpec& spec) {
+    return previous_ ? detail::adopt_staged(*store_, *previous_, spec) : store_->add(spec);
+  };
+  const torch::ScalarType compute = detail::scalar_type(config_.precision);
+  for (std::size_t p = 0; p < parts_.size(); ++p) {
+    detail::Part& part = parts_[p];
+    detail::add_bundles(part, homes[p], config_, [&](const BundleSpec& spec) {
+      if (spec.home != Tier::kNvme) return detail::kNoBundle;
+      const BundleId id = place(spec);
+      staged_.push_back({id, p, torch::ScalarType::Undefined});
+      return id;
+    });
+    const BundleId seed = detail::needs_seed(homes[p]) ? part.grads : detail::kNoBundle;
+    for (StagedBundle& staged : staged_) {
+      if (staged.part != p) continue;
+      if (staged.id == part.params || staged.id == seed) staged.dtype = compute;
+      if (staged.id == part.master) staged.dtype = torch::kFloat;
+    }
+  }
+  for (const StagedBundle& staged : staged_) {
+    const BundleSpec& spec = store_->spec(staged.id);
+    LayoutBundle entry;
+    entry.name = spec.name;
+    entry.bytes = spec.bytes;
+    entry.nvme_offset = store_->nvme_offset(staged.id);
+    entry.holds_data = staged.dtype != torch::ScalarType::Undefined;
+    entry.complete = !entry.holds_data;  // zeros need no write
+    if (const LayoutBundle* before = previous_ ? previous_->find(spec.name) : nullptr) {
+      entry.complete = before->complete;
+      entry.checksum = before->checksum;
+    }
+    layout_.bundles.push_back(entry);
+  }
+  write_nvme_layout(layout_, manifest_path_);
+}
+
+bool Stager::verify(const StagedBundle& staged, const LayoutBundle& entry) {
+  store_->fetch(staged.id, Tier::kHost).wait();
+  const torch::Tensor bytes = store_->tensor(staged.id, Tier::kHost);
+  const bool matches = xxh64(bytes.data_ptr(), entry.bytes) == entry.checksum;
+  store_->evict(staged.id, Tier::kHost);
+  return matches;
+}
+
+std::uint64_t Stager::fill_and_write(const StagedBundle& staged) {
+  const detail::Part& part = parts_[staged.part];
+  store_->allocate(staged.id, Tier::kHost);
+  const torch::Tensor values =
+      detail::typed_view(*store_, staged.id, Tier::kHost, staged.dtype, part.numel);
+  for (const detail::ParameterSlice& slice : part.slices) {
+    reader_.read_into(part.kind, part.index, slice.name,
+                      values.narrow(0, slice.offset, slice.numel).view(slice.shape));
+  }
+  const torch::Tensor bytes = store_->tensor(staged.id, Tier::kHost);
+  const std::uint64_t checksum = xxh64(bytes.data_ptr(), static_cast<std::size_t>(bytes.numel()));
+  store_->write_back(staged.id, Tier::kHost, Tier::kNvme).wait();
+  store_->evict(staged.id, Tier::kHost);
+  store_->sync_nvme();
+  return checksum;
+}
+
+StageReport Stager::run() {
+  const auto start = Clock::now();
+  lay_out();
+  StageReport report;
+  report.manifest_path = manifest_path_;
+  report.bundles = static_cast<std::int64_t>(layout_.bundles.size());
+  std::uint64_t total = 0, done = 0;
+  for (const LayoutBundle& entry : layout_.bundles) {
+    total += entry.bytes;
+    report.nvme_bytes = std::max(report.nvme_bytes, entry.nvme_offset + detail::storage_bytes(entry.bytes));
+  }
+  for (std::size_t i = 0; i < staged_.size(); ++i) {
+    LayoutBundle& entry = layout_.bundles[i];
+    if (entry.holds_data && entry.complete) {
+      if (verify(staged_[i], entry)) {
+        ++report.bundles_verified;
+        report.bytes_verified += entry.bytes;
+      } else {
+        report.mismatched.push_back(entry.name);
+        entry.complete = false;
+      }
+    }
+    if (!entry.complete) {
+      entry.checksum = fill_and_write(staged_[i]);
+      entry.complete = true;
+      ++report.bundles_written;
+      report.bytes_written += entry.bytes;
+      write_nvme_layout(layout_, manifest_path_);
+    }
+    done += entry.bytes;
+    if (options_.progress) options_.progress(entry.name, done, total);
+  }
+  if (layout_.live) {
+    layout_.live = false;
+    write_nvme_layout(layout_, manifest_path_);
+  }
+  report.peak_host_bytes = store_->stats().tiers[static_cast<int>(Tier::kHost)].peak_bytes;
+  report.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return report;
+}
+
+}  // namespace
+
+StageReport stage_model(const StageOptions& options) {
+  const std::string why = detail::unstageable(options.engine.mode);
+  FERRY_CHECK(why.empty(), "cannot stage: ", why);
+  FERRY_CHECK(!options.engine.nvme_directories.empty(),
+              "staging needs the NVMe directories the job will use: pass --nvme DIR[,DIR...]");
+  FERRY_CHECK(fs::is_directory(options.model_dir), "model directory '", options.model_dir,
+              "' does not exist: pass a Hugging Face directory with config.json and safetensors "
+              "(--model)");
+  for (const std::string& dir : options.engine.nvme_directories) detail::check_directory(dir);
+  detail::validate(options.engine);
+  return Stager(options).run();
+}
+
+models::ModelConfig staged_model_config(const std::string& dir) {
+  const std::string path = detail::stage_manifest_path(dir);
+  FERRY_CHECK(fs::exists(path), "no staged layout at '", dir, "' (", path, " is missing): stage "
+              "the model first with `ferry stage --model HF_DIR --nvme ", dir, " --mode fuyou ...`");
+  const NvmeLayout layout = read_nvme_layout(path);
+  auto config = layout.metadata.find("model_config");
+  FERRY_CHECK(config != layout.metadata.end(), "the staged layout manifest ", path,
+              " records no model config; stage the model again");
+  return models::ModelConfig::from_hf_json(config->second, path);
+}
+
+}  // namespace ferry
