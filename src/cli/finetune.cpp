@@ -41,8 +41,9 @@ const Json& defaults() {
       {"log_every", 10},             {"demo_digits", 1},           {"trace", ""},
       {"momentum", 0.0},             {"nvme", ""},              {"nvme_budget", "0"},
       {"zo_eps", 1e-3},              {"zo_samples", 1},         {"zo_blocks", "host"},
-      {"zo_host_blocks", 0},         {"zo_storage", ""},        {"zo_window", 3},
-      {"zo_write_back", 4},          {"fuyou_host_blocks", "auto"}, {"fuyou_window", 3},
+      {"zo_gpu_blocks", "0"},        {"zo_host_blocks", 0},     {"zo_storage", ""},
+      {"zo_transfer", "storage"},    {"zo_window", 3},          {"zo_write_back", 4},
+      {"fuyou_host_blocks", "auto"}, {"fuyou_window", 3},
       {"activations", "auto"},       {"micro_batch_order", "auto"},
   };
   return kDefaults;
