@@ -67,15 +67,25 @@ class Engine::Zo2::Encoder {
       : jobs_(std::move(jobs)), thread_([this] { run(); }) {}
   ~Encoder() { thread_.join(); }
 
-  void wait(std::size_t count) {
+  // Returns the seconds the caller waited.
+  double wait(std::size_t count) {
+    const auto start = Clock::now();
     std::unique_lock<std::mutex> lock(mutex_);
     done_changed_.wait(lock, [&] { return done_ >= count || error_; });
     if (error_) std::rethrow_exception(error_);
+    return seconds_since(start);
+  }
+
+  // The seconds the jobs have run so far.
+  double busy_seconds() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return busy_seconds_;
   }
 
  private:
   void run() {
     for (const std::function<void()>& job : jobs_) {
+      const auto start = Clock::now();
       try {
         job();
       } catch (...) {
@@ -86,6 +96,7 @@ class Engine::Zo2::Encoder {
       }
       std::lock_guard<std::mutex> lock(mutex_);
       ++done_;
+      busy_seconds_ += seconds_since(start);
       done_changed_.notify_all();
     }
   }
@@ -94,6 +105,7 @@ class Engine::Zo2::Encoder {
   std::mutex mutex_;
   std::condition_variable done_changed_;
   std::size_t done_ = 0;           // guarded by mutex_
+  double busy_seconds_ = 0;        // guarded by mutex_
   std::exception_ptr error_;       // guarded by mutex_
   std::thread thread_;             // last: starts once the rest is built
 };
@@ -260,7 +272,8 @@ void Engine::Zo2::write_part(std::size_t p, const torch::Tensor& weights,
 // copy, block by block in sweep order. The next sweep waits for a block's job before the window
 // may fetch it, so the CPU work runs ahead of the GPU by as many blocks as it can; when it cannot
 // keep up, the step is CPU-bound (see docs/zo2.md). The jobs touch only their own blocks' host
-// memory, which nothing else reads or writes until the job is awaited.
+// memory, which nothing else reads or writes until the job is awaited. The encoder's time counts
+// as optimizer_seconds (when it finishes), the sweep's waits for it as optimizer_wait_seconds.
 void Engine::Zo2::start_encoding() {
   finish_encoding();
   std::vector<std::function<void()>> jobs;
@@ -284,13 +297,14 @@ void Engine::Zo2::start_encoding() {
 void Engine::Zo2::await_encoded(std::size_t p) {
   const auto job = std::find(encoding.begin(), encoding.end(), p);
   if (job == encoding.end()) return;
-  encoder->wait(static_cast<std::size_t>(job - encoding.begin()) + 1);
+  stats.optimizer_wait_seconds += encoder->wait(static_cast<std::size_t>(job - encoding.begin()) + 1);
   mark_encoded(p);
 }
 
 void Engine::Zo2::finish_encoding() {
   if (!encoder) return;
-  encoder->wait(encoding.size());
+  stats.optimizer_wait_seconds += encoder->wait(encoding.size());
+  stats.optimizer_seconds += encoder->busy_seconds();
   for (std::size_t p : encoding) mark_encoded(p);
   encoder.reset();
   encoding.clear();
