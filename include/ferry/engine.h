@@ -77,6 +77,10 @@ struct LossScaleConfig {
   std::int64_t growth_interval = 2000;
 };
 
+enum class ZoTransfer : std::uint8_t { kStorage, kBF16, kFp8 };
+const char* to_string(ZoTransfer transfer);
+ZoTransfer parse_zo_transfer(const std::string& name);  // "storage", "bf16", "fp8"
+
 // Zeroth-order training (mode zo2; MeZO, Malladi et al. 2023, as ZO2 runs it). Each step draws
 // `samples` directions z ~ N(0, I), regenerated from a counter-based generator keyed by the step's
 // seed and the part (never stored); the projected gradient of sample s is
@@ -88,14 +92,23 @@ struct ZoConfig {
   std::int64_t samples = 1;
   std::uint64_t seed = 0;
   // Where the blocks' weights (and their optimizer states) live: host (pinned) or nvme, streamed
-  // through the device; or gpu, everything resident (MeZO's all-GPU setting, the baseline). With
-  // nvme, the first `host_blocks` blocks stay in host memory. The stem and head stay on the GPU.
+  // through the device; or gpu, everything resident (MeZO's all-GPU setting, the baseline). The
+  // first `gpu_blocks` blocks stay resident on the device (host or nvme only): each is a block
+  // not uploaded every step. With nvme, the next `host_blocks` blocks stay in host memory. The
+  // stem and head stay on the GPU. kAutoGpuBlocks: the most blocks that fit the gpu budget.
   Tier block_tier = Tier::kHost;
+  static constexpr std::int64_t kAutoGpuBlocks = -1;
+  std::int64_t gpu_blocks = 0;
   std::int64_t host_blocks = 0;
   // The stored weights' precision; default: the compute precision. fp32 storage under bf16/fp16
   // compute is an fp32 master: needed when lr * |update| is below half an ulp of the weights
   // (bf16 has 8 mantissa bits: updates under ~0.4% of a weight round away).
   std::optional<Precision> storage;
+  // What crosses PCIe for a streamed block: its stored weights (kStorage), or a compressed copy
+  // of them, bf16 or fp8 (e4m3fn with one fp32 scale per parameter tensor). A compressed copy is
+  // lossy and never comes back: the CPU applies each update to the stored weights at home and
+  // writes the next copy, a few blocks ahead of the GPU (blocks in host memory only).
+  ZoTransfer transfer = ZoTransfer::kStorage;
   // Blocks on the device at once: one computing, the next ones uploading, earlier ones going down.
   std::int64_t blocks_in_flight = 3;
   // A streamed block's updated weights go home every this many steps (blocks take turns); in
@@ -209,6 +222,9 @@ struct TierDemand {
 };
 // Throws ferry::Error for a configuration the engine would reject.
 TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig& config);
+// zo2: the blocks kept resident on the device: zo.gpu_blocks, or for kAutoGpuBlocks the most
+// whose engine_demand fits the gpu budget (0 when none does).
+std::int64_t zo_gpu_blocks(const std::vector<PartShape>& parts, const EngineConfig& config);
 
 // The engine's settings from a JSON object, under the names `ferry finetune` uses for its flags
 // and config file: "mode", "precision", "device" ("auto", "cpu", "cuda", "cuda:N"),
@@ -217,9 +233,11 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
 // schedule's total), "min_lr_ratio", "grad_accum", "max_grad_norm", "loss_scale" (true, false or
 // null: the precision decides), "keep_graph_blocks", "offload_checkpoints",
 // "optimizer_threads", "trace" (a bool, or a trace file name: on when not empty), "nvme" (a list
-// of directories, or one text with commas), "nvme_budget", "staged" (a staged layout's directory), and for zo2 "seed", "zo_eps",
-// "zo_samples", "zo_blocks" (a tier), "zo_host_blocks", "zo_storage" (a precision, or "" for
-// the compute precision) and "zo_window" (ZoConfig's blocks_in_flight), for fuyou
+// of directories, or one text with commas), "nvme_budget", "staged" (a staged layout's directory),
+// and for zo2 "seed", "zo_eps", "zo_samples", "zo_blocks" (a tier), "zo_gpu_blocks" (a number or
+// "auto"), "zo_host_blocks", "zo_storage" (a precision, or "" for the compute precision),
+// "zo_transfer" ("storage", "bf16" or "fp8"), "zo_window" (ZoConfig's blocks_in_flight) and
+// "zo_write_back", for fuyou
 // "fuyou_host_blocks" and "fuyou_window" (FuyouConfig's blocks_in_flight), and "activations" (a
 // list, or one text with commas, of parse_block_activations names, one per block),
 // "micro_batch_order" ("batch-major" or "layer-major"), for zero-offload "delayed_update" (a bool)

@@ -82,4 +82,45 @@ void zo_apply_cuda(const ZoTensors& tensors, const ZoUpdate* updates, int update
                    const ZoPerturb& perturb, void* cuda_stream);
 bool zo_cuda_available();
 
+// --- compressed transfers -----------------------------------------------------------------------
+
+// fp8 e4m3fn, a transfer format only (an update of 1e-6 of a weight vanishes in 3 mantissa
+// bits): sign, 4 exponent bits (bias 7), 3 mantissa bits; no infinities, NaN is 0x7F / 0xFF,
+// the largest finite value 448. Encoding rounds to nearest even, saturates beyond +-448 and keeps
+// NaN. LibTorch 1.13 has no Float8 type, so the codes travel as uint8; the CUDA kernel runs the
+// same code (zo_math.h), and on [-448, 448] it equals c10::Float8_e4m3fn's conversion.
+constexpr float kFp8E4M3Max = 448.0f;
+std::uint8_t fp8_e4m3_encode(float value);
+float fp8_e4m3_decode(std::uint8_t code);
+
+enum class ZoTransferFormat : std::uint8_t { kBF16, kFp8E4M3 };
+
+// A part's compressed copy, what crosses PCIe in place of its stored weights. bf16: `codes` holds
+// numel bf16 values. fp8: numel codes and one fp32 scale per segment (a parameter tensor);
+// segment s covers [segment_ends[s - 1], segment_ends[s]) (segment 0 from 0; the last ends at
+// numel), and element i in it is decode(codes[i]) * scales[s], scales[s] = amax_s / 448 (1 for an
+// all-zero segment), so that each tensor uses fp8's whole range.
+struct ZoTransferCopy {
+  ZoTransferFormat format = ZoTransferFormat::kBF16;
+  void* codes = nullptr;
+  float* scales = nullptr;                     // fp8 only
+  const std::int64_t* segment_ends = nullptr;  // fp8 only
+  int segments = 0;
+  std::int64_t numel = 0;
+};
+
+// The host half of a compressed transfer, on the CPU: applies updates[0 .. update_count) to
+// `stored` in place, exactly as zo_apply (stored.compute must be null), then writes `transfer`
+// from the result. The device never sees the stored weights, so it never writes them back.
+void zo_update_and_encode(const ZoTensors& stored, const ZoUpdate* updates, int update_count,
+                          const ZoTransferCopy& transfer);
+
+// The device half: compute = decode(transfer) + perturb.scale * z, rounded to compute_dtype.
+void zo_perturb_transfer(const ZoTransferCopy& transfer, void* compute, DType compute_dtype,
+                         const ZoPerturb& perturb);
+// The same on CUDA device pointers (the codes, scales and segment ends all on the device), queued
+// on `cuda_stream`. Throws ferry::Error when ferry was built without CUDA.
+void zo_perturb_transfer_cuda(const ZoTransferCopy& transfer, void* compute, DType compute_dtype,
+                              const ZoPerturb& perturb, void* cuda_stream);
+
 }  // namespace ferry::optim

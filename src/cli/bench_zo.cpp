@@ -1,20 +1,24 @@
 // `ferry bench zo`: zeroth-order training throughput and peak GPU memory of the zo2 mode with the
-// blocks streamed from host memory or NVMe, against the same code with every weight resident on
-// the GPU (MeZO's setting), measured in the same run.
+// blocks streamed from host memory or NVMe (some of them resident, their transfers compressed),
+// against the same code with every weight resident on the GPU (MeZO's setting), measured in the
+// same run.
 
 #include <chrono>
 #include <cstdio>
 #include <cxxopts.hpp>
 #include <iostream>
 #include <optional>
+#include <vector>
 
 #include <torch/torch.h>
 
 #include "cli/command.h"
+#include "ferry/check.h"
 #include "ferry/engine.h"
 #include "ferry/memory.h"
 #include "ferry/model.h"
 #include "ferry/system.h"
+#include "ferry/zo.h"
 
 namespace ferry::cli {
 namespace {
@@ -42,14 +46,58 @@ LayeredModel build_with_shared_blocks(const models::ModelConfig& config) {
 }
 
 struct Placement {
-  std::string name;  // "gpu", "host", "nvme", "split:N"
+  std::string name;  // "gpu", "host", "nvme", "split:N", "host+gpu:N", "host+gpu:auto"
   Tier tier = Tier::kGpu;
   std::int64_t host_blocks = 0;
+  std::int64_t gpu_blocks = 0;
 };
 
+std::int64_t parse_count(const std::string& text, const std::string& placement) {
+  FERRY_CHECK(!text.empty() && text.find_first_not_of("0123456789") == std::string::npos, "placement '",
+              placement, "' is invalid: the part after ':' must be a number of blocks");
+  return std::stoll(text);
+}
+
 Placement parse_placement(const std::string& text) {
-  if (text.rfind("split:", 0) == 0) return {text, Tier::kNvme, std::stoll(text.substr(6))};
-  return {text, parse_tier(text), 0};
+  if (text.rfind("split:", 0) == 0) return {text, Tier::kNvme, parse_count(text.substr(6), text), 0};
+  if (text.rfind("host+gpu:", 0) == 0) {
+    const std::string count = text.substr(9);
+    return {text, Tier::kHost, 0, count == "auto" ? ZoConfig::kAutoGpuBlocks : parse_count(count, text)};
+  }
+  return {text, parse_tier(text), 0, 0};
+}
+
+// The host half of a compressed transfer (the update of the stored fp32 copy and the encoding),
+// timed on one block of the model with one thread per core. When the whole model's time exceeds
+// the upload time the rows below show (busy s/step), compression makes the step CPU-bound.
+void print_encode_rate(const std::string& model, const models::ModelConfig& config, ZoTransfer transfer,
+                       int repeats) {
+  const std::int64_t numel = config.block_parameter_count();
+  std::vector<float> weights(static_cast<std::size_t>(numel), 0.01f);
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(numel) * 2);
+  const std::vector<std::int64_t> ends = {numel};
+  float scale = 0;
+  optim::ZoTransferCopy copy{transfer == ZoTransfer::kBF16 ? optim::ZoTransferFormat::kBF16
+                                                           : optim::ZoTransferFormat::kFp8E4M3,
+                             codes.data(), &scale, ends.data(), 1, numel};
+  optim::ZoTensors stored;
+  stored.weights = weights.data();
+  stored.numel = numel;
+  optim::ZoUpdate update;
+  update.lr = 1e-7f;
+  update.samples = 1;
+  update.seeds[0] = 1;
+  update.projected_grads[0] = 1.0f;
+  optim::zo_update_and_encode(stored, &update, 1, copy);  // first touch
+  const auto start = Clock::now();
+  for (int i = 0; i < repeats; ++i) optim::zo_update_and_encode(stored, &update, 1, copy);
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count() / repeats;
+  const double rate = static_cast<double>(numel) / seconds;
+  const int threads = optim::num_threads();
+  std::printf("%s: host update + %s encode (sgd): %.0f M elements/s on %d threads, %.1f M/s per thread; "
+              "%.3f s per block, %.2f s per step for all %lld blocks\n",
+              model.c_str(), to_string(transfer), rate / 1e6, threads, rate / 1e6 / threads, seconds,
+              seconds * static_cast<double>(config.num_layers), static_cast<long long>(config.num_layers));
 }
 
 std::string transfer_summary(const StoreStats& stats, int steps) {
@@ -69,12 +117,96 @@ std::string transfer_summary(const StoreStats& stats, int steps) {
   return text.empty() ? "none" : text;
 }
 
+struct BenchShape {
+  std::int64_t batch = 0;
+  std::int64_t seq = 0;
+  int warmup = 0;
+  int steps = 0;
+};
+
+// One zo2 run of `model` placed and transferred as given: prints its table row. The all-GPU row
+// sets `baseline`, which later rows are compared with.
+void measure(const std::string& model, const models::ModelConfig& config, const Placement& placement,
+             ZoTransfer transfer, const EngineConfig& base, const BenchShape& shape,
+             std::optional<double>& baseline) {
+  try {
+    EngineConfig engine_config = base;
+    engine_config.zo.block_tier = placement.tier;
+    engine_config.zo.host_blocks = placement.host_blocks;
+    engine_config.zo.gpu_blocks = placement.gpu_blocks;
+    if (placement.tier == Tier::kGpu) {  // the baseline: MeZO's setting
+      engine_config.gpu_budget_bytes = 0;
+      engine_config.zo.storage.reset();
+    }
+    engine_config.zo.transfer = transfer;
+    if (placement.tier != Tier::kNvme) engine_config.nvme_directories.clear();
+    reset_gpu_peak_memory();
+    const auto setup_start = Clock::now();
+    Engine engine(build_with_shared_blocks(config), engine_config);
+    const double setup = std::chrono::duration<double>(Clock::now() - setup_start).count();
+    const data::Batch input = data::random_batch(shape.batch, shape.seq, config.vocab_size, 1);
+    for (int i = 0; i < shape.warmup; ++i) engine.train_step(input);
+    synchronize_gpu();
+    const EngineStats before_steps = engine.stats();
+    const StoreStats& before = before_steps.store;
+    const auto start = Clock::now();
+    for (int i = 0; i < shape.steps; ++i) engine.train_step(input);
+    synchronize_gpu();
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count() / shape.steps;
+    // Compressed, the last step's host work is still running: a flush waits for it (and moves
+    // nothing across PCIe), so that all of it is counted.
+    if (transfer != ZoTransfer::kStorage) engine.flush();
+    const EngineStats after_steps = engine.stats();
+    StoreStats during = after_steps.store;
+    for (int a = 0; a < kTierCount; ++a) {
+      for (int b = 0; b < kTierCount; ++b) {
+        during.transfers[a][b].bytes -= before.transfers[a][b].bytes;
+        during.transfers[a][b].busy_seconds -= before.transfers[a][b].busy_seconds;
+      }
+    }
+    std::string placement_name = placement.name;
+    if (placement.gpu_blocks == ZoConfig::kAutoGpuBlocks) {
+      placement_name = "host+gpu:" + std::to_string(engine.config().zo.gpu_blocks);
+    }
+    std::string host_work;
+    if (transfer != ZoTransfer::kStorage) {
+      placement_name += std::string(", ") + to_string(transfer);
+      char line[160];
+      std::snprintf(line, sizeof line, "; host update+encode %.3f s/step, the sweep waited %.3f s/step for it",
+                    (after_steps.optimizer_seconds - before_steps.optimizer_seconds) / shape.steps,
+                    (after_steps.optimizer_wait_seconds - before_steps.optimizer_wait_seconds) / shape.steps);
+      host_work = line;
+    }
+    const double tokens_per_s = static_cast<double>(shape.batch * shape.seq) / seconds;
+    if (placement.tier == Tier::kGpu) baseline = tokens_per_s;
+    const std::string ratio = baseline && placement.tier != Tier::kGpu
+                                  ? std::to_string(tokens_per_s / *baseline).substr(0, 5) + "x"
+                                  : "";
+    std::printf("| %-9s | %-18s | %8.3f | %9.0f | %9s | %8s | %s%s; set-up %.0f s\n", model.c_str(),
+                placement_name.c_str(), seconds, tokens_per_s,
+                format_bytes(gpu_memory_stats().peak_allocated_bytes).c_str(), ratio.c_str(),
+                transfer_summary(during, shape.steps).c_str(), host_work.c_str(), setup);
+  } catch (const std::exception& error) {
+    std::printf("| %-9s | %-18s | failed: %s\n", model.c_str(), placement.name.c_str(), error.what());
+  }
+  std::fflush(stdout);
+}
+
 int run_bench_zo(int argc, char** argv) {
   cxxopts::Options options(argv[0], "Measure the zo2 mode against the same code with every weight on the GPU");
   options.add_options()
       ("models", "presets", cxxopts::value<std::vector<std::string>>()->default_value("opt-1.3b,opt-13b"))
-      ("placements", "gpu (the baseline), host, nvme or split:N (N blocks on host, the rest on NVMe)",
+      ("placements", "gpu (the baseline), host, nvme, split:N (N blocks on host, the rest on NVMe) or "
+       "host+gpu:N (the first N blocks resident on the GPU, the rest on host; N = auto: as many as "
+       "--gpu-budget holds)",
        cxxopts::value<std::vector<std::string>>()->default_value("gpu,host"))
+      ("gpu-budget", "the GPU budget of the streamed placements (0: none)",
+       cxxopts::value<std::string>()->default_value("0"))
+      ("transfers", "what crosses PCIe for streamed blocks: storage, bf16 or fp8 (one run each; bf16 "
+       "and fp8 with --storage fp32 or, fp8 only, bf16)",
+       cxxopts::value<std::vector<std::string>>()->default_value("storage"))
+      ("storage", "zo storage precision (default: the compute precision)",
+       cxxopts::value<std::string>()->default_value(""))
       ("nvme", "directory for NVMe-resident blocks", cxxopts::value<std::string>()->default_value(""))
       ("batch", "batch size", cxxopts::value<std::int64_t>()->default_value("8"))
       ("seq", "sequence length", cxxopts::value<std::int64_t>()->default_value("512"))
@@ -90,64 +222,42 @@ int run_bench_zo(int argc, char** argv) {
     return 0;
   }
   const torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
-  const std::int64_t batch = args["batch"].as<std::int64_t>();
-  const std::int64_t seq = args["seq"].as<std::int64_t>();
-  const int warmup = args["warmup"].as<int>();
-  const int steps = args["steps"].as<int>();
-  std::printf("bench zo: batch %lld x sequence %lld, on %s, %s\n", static_cast<long long>(batch),
-              static_cast<long long>(seq), device.str().c_str(), probe_gpu_tier().description.c_str());
+  const BenchShape shape{args["batch"].as<std::int64_t>(), args["seq"].as<std::int64_t>(),
+                         args["warmup"].as<int>(), args["steps"].as<int>()};
+  // What every run shares; measure() sets the placement and the transfer.
+  EngineConfig base;
+  base.mode = Mode::kZo2;
+  base.precision = parse_precision(args["precision"].as<std::string>());
+  base.device = device;
+  base.optimizer.kind = OptimizerKind::kSgd;
+  base.optimizer.lr = 1e-7;
+  base.gpu_budget_bytes = parse_bytes(args["gpu-budget"].as<std::string>());
+  base.zo.blocks_in_flight = args["window"].as<std::int64_t>();
+  base.zo.write_back_interval = args["write-back"].as<std::int64_t>();
+  const std::string storage = args["storage"].as<std::string>();
+  if (!storage.empty()) base.zo.storage = parse_precision(storage);
+  base.nvme_directories = {args["nvme"].as<std::string>()};
+  std::printf("bench zo: batch %lld x sequence %lld, on %s, %s\n", static_cast<long long>(shape.batch),
+              static_cast<long long>(shape.seq), device.str().c_str(), probe_gpu_tier().description.c_str());
   std::printf("| %-9s | %-18s | %8s | %9s | %9s | %8s | %s\n", "model", "blocks on", "s/step",
               "tokens/s", "peak GPU", "vs gpu", "transfers");
+  std::vector<ZoTransfer> transfers;
+  for (const std::string& text : args["transfers"].as<std::vector<std::string>>()) {
+    transfers.push_back(parse_zo_transfer(text));
+  }
   for (const std::string& name : args["models"].as<std::vector<std::string>>()) {
     models::ModelConfig config = models::preset(name);
     config.dtype = DType::kBF16;
+    for (ZoTransfer transfer : transfers) {
+      if (transfer != ZoTransfer::kStorage) print_encode_rate(name, config, transfer, 3);
+    }
     std::optional<double> baseline;
     for (const std::string& placement_text : args["placements"].as<std::vector<std::string>>()) {
       const Placement placement = parse_placement(placement_text);
-      try {
-        EngineConfig engine_config;
-        engine_config.mode = Mode::kZo2;
-        engine_config.precision = parse_precision(args["precision"].as<std::string>());
-        engine_config.device = device;
-        engine_config.optimizer.kind = OptimizerKind::kSgd;
-        engine_config.optimizer.lr = 1e-7;
-        engine_config.zo.block_tier = placement.tier;
-        engine_config.zo.host_blocks = placement.host_blocks;
-        engine_config.zo.blocks_in_flight = args["window"].as<std::int64_t>();
-        engine_config.zo.write_back_interval = args["write-back"].as<std::int64_t>();
-        if (placement.tier == Tier::kNvme) engine_config.nvme_directories = {args["nvme"].as<std::string>()};
-        reset_gpu_peak_memory();
-        const auto setup_start = Clock::now();
-        Engine engine(build_with_shared_blocks(config), engine_config);
-        const double setup = std::chrono::duration<double>(Clock::now() - setup_start).count();
-        const data::Batch input = data::random_batch(batch, seq, config.vocab_size, 1);
-        for (int i = 0; i < warmup; ++i) engine.train_step(input);
-        synchronize_gpu();
-        const StoreStats before = engine.stats().store;
-        const auto start = Clock::now();
-        for (int i = 0; i < steps; ++i) engine.train_step(input);
-        synchronize_gpu();
-        const double seconds = std::chrono::duration<double>(Clock::now() - start).count() / steps;
-        StoreStats during = engine.stats().store;
-        for (int a = 0; a < kTierCount; ++a) {
-          for (int b = 0; b < kTierCount; ++b) {
-            during.transfers[a][b].bytes -= before.transfers[a][b].bytes;
-            during.transfers[a][b].busy_seconds -= before.transfers[a][b].busy_seconds;
-          }
-        }
-        const double tokens_per_s = static_cast<double>(batch * seq) / seconds;
-        if (placement.tier == Tier::kGpu) baseline = tokens_per_s;
-        const std::string ratio = baseline && placement.tier != Tier::kGpu
-                                      ? std::to_string(tokens_per_s / *baseline).substr(0, 5) + "x"
-                                      : "";
-        std::printf("| %-9s | %-18s | %8.3f | %9.0f | %9s | %8s | %s; set-up %.0f s\n", name.c_str(),
-                    placement.name.c_str(), seconds, tokens_per_s,
-                    format_bytes(gpu_memory_stats().peak_allocated_bytes).c_str(), ratio.c_str(),
-                    transfer_summary(during, steps).c_str(), setup);
-      } catch (const std::exception& error) {
-        std::printf("| %-9s | %-18s | failed: %s\n", name.c_str(), placement.name.c_str(), error.what());
+      for (ZoTransfer transfer : transfers) {
+        if (placement.tier == Tier::kGpu && transfer != ZoTransfer::kStorage) continue;  // nothing crosses
+        measure(name, config, placement, transfer, base, shape, baseline);
       }
-      std::fflush(stdout);
     }
   }
   return 0;

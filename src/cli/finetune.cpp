@@ -28,6 +28,8 @@
 #include "ferry/memory.h"
 #include "ferry/model.h"
 #include "ferry/plan.h"
+#include "ferry/stage.h"
+#include "ferry/store.h"
 #include "ferry/system.h"
 
 namespace ferry::cli {
@@ -50,9 +52,11 @@ const Json& defaults() {
       {"log_every", 10},             {"demo_digits", 1},           {"trace", ""},
       {"momentum", 0.0},             {"nvme", ""},              {"nvme_budget", "0"},
       {"zo_eps", 1e-3},              {"zo_samples", 1},         {"zo_blocks", "host"},
-      {"zo_host_blocks", 0},         {"zo_storage", ""},        {"zo_window", 3},
-      {"zo_write_back", 4},          {"fuyou_host_blocks", "auto"}, {"fuyou_window", 3},
+      {"zo_gpu_blocks", "0"},        {"zo_host_blocks", 0},     {"zo_storage", ""},
+      {"zo_transfer", "storage"},    {"zo_window", 3},          {"zo_write_back", 4},
+      {"fuyou_host_blocks", "auto"}, {"fuyou_window", 3},       {"staged", ""},
       {"activations", "auto"},       {"micro_batch_order", "auto"}, {"export", "auto"},
+      {"delayed_update", false},     {"delayed_update_warmup", 0},
   };
   return kDefaults;
 }
@@ -99,7 +103,10 @@ Json resolve(const cxxopts::ParseResult& args) {
     std::replace(flag.begin(), flag.end(), '_', '-');
     if (!args.count(flag)) continue;
     const std::string text = args[flag].as<std::string>();
-    if (value.is_number_integer()) {
+    if (value.is_boolean()) {
+      FERRY_CHECK(text == "true" || text == "false", "--", flag, " ", text, " is invalid: use true or false");
+      config[key] = text == "true";
+    } else if (value.is_number_integer()) {
       config[key] = std::stoll(text);
     } else if (value.is_number()) {
       config[key] = std::stod(text);
@@ -150,7 +157,35 @@ EngineConfig engine_config(const Json& job, std::int64_t blocks) {
 
 // Whether the job plans fuyou's activations or host blocks before it runs.
 bool plans_fuyou(const Json& job, const EngineConfig& config) {
-  return config.mode == Mode::kFuyou && (job["activations"] == "auto" || job["fuyou_host_blocks"] == "auto");
+  return config.mode == Mode::kFuyou && config.staged.empty() &&
+         (job["activations"] == "auto" || job["fuyou_host_blocks"] == "auto");
+}
+
+// Stages the job's checkpoint into its NVMe directories unless a layout with every bundle
+// complete is there already; the engine then checks that it was made for this job. An unfinished
+// layout is continued (finished bundles are verified against their checksums, not rewritten).
+void stage_if_needed(const std::string& model, const EngineConfig& config) {
+  const std::string manifest = config.staged + "/" + kStageManifestName;
+  if (fs::exists(manifest)) {
+    const NvmeLayout layout = read_nvme_layout(manifest);
+    const bool complete = std::all_of(layout.bundles.begin(), layout.bundles.end(),
+                                      [](const LayoutBundle& bundle) { return bundle.complete; });
+    if (complete) return;
+  }
+  FERRY_CHECK(is_directory_name(model), "staged = '", config.staged, "' holds no finished layout, and model '", model,
+              "' is a preset: staging reads a Hugging Face checkpoint, so give --model its directory");
+  StageOptions options;
+  options.model_dir = model;
+  options.engine = config;
+  options.host_budget_bytes = config.host_budget_bytes;
+  options.progress = [](const std::string& bundle, std::uint64_t done, std::uint64_t total) {
+    std::fprintf(stderr, "\rstage: %s of %s (%s)   ", format_bytes(done).c_str(), format_bytes(total).c_str(),
+                 bundle.c_str());
+  };
+  const StageReport report = stage_model(options);
+  std::fprintf(stderr, "\nstage: %lld bundles written, %lld verified, %s on NVMe in %.1f s: %s\n",
+               static_cast<long long>(report.bundles_written), static_cast<long long>(report.bundles_verified),
+               format_bytes(report.nvme_bytes).c_str(), report.seconds, report.manifest_path.c_str());
 }
 
 bool is_directory_name(const std::string& model) { return model.find('/') != std::string::npos; }
@@ -272,7 +307,7 @@ Plan plan_job(const Json& job, const EngineConfig& config, const models::ModelCo
   request.seq = job["seq"];
   const bool fuyou = config.mode == Mode::kFuyou;
   request.choose_activations = fuyou && job["activations"] == "auto";
-  request.choose_host_blocks = fuyou && job["fuyou_host_blocks"] == "auto";
+  request.choose_host_blocks = fuyou && job["fuyou_host_blocks"] == "auto" && config.staged.empty();
   request.choose_micro_batch_order = fuyou && job["micro_batch_order"] == "auto";
   request.measured = std::move(measured);
   request.hardware = std::move(hardware);
@@ -407,7 +442,9 @@ int run_finetune(int argc, char** argv) {
   const Hardware hardware = job_hardware(args.count("hardware") ? args["hardware"].as<std::string>() : "", config);
   Plan plan = plan_job(job, config, shape, std::nullopt, hardware);
   require_fits(plan);
-  check_nvme_room(config.nvme_directories, plan.tier_bytes[static_cast<int>(Tier::kNvme)]);
+  // A staged layout already holds the plan's NVMe bytes.
+  const bool staged_before = !config.staged.empty() && fs::exists(config.staged + "/" + kStageManifestName);
+  if (!staged_before) check_nvme_room(config.nvme_directories, plan.tier_bytes[static_cast<int>(Tier::kNvme)]);
   const std::string latest_file = out + "/checkpoints/latest";
   std::string resume = job["resume"];
   if (resume == "auto") {
@@ -418,7 +455,10 @@ int run_finetune(int argc, char** argv) {
   if (resume != "none") check_resume_checkpoint(resume, shape, job["model"]);
   print_plan_summary(plan);
 
-  LayeredModel model = load_model(job["model"], job["seed"]);
+  if (!config.staged.empty()) stage_if_needed(job["model"], config);
+  // Note: a staged job's weights are on NVMe already; its model is allocated, never initialised.
+  LayeredModel model = config.staged.empty() ? load_model(job["model"], job["seed"])
+                                             : models::allocate(staged_model_config(config.staged));
   const std::int64_t vocab = shape.vocab_size;
   data::AdditionTask task{job["demo_digits"], job["seed"]};
   data::LoaderOptions loader_options;

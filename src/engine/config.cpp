@@ -26,6 +26,16 @@ Enum parse_choice(const std::string& name, const char* what, const Enum (&choice
 
 using Json = nlohmann::json;
 
+// A number of blocks, as a number or as text (the CLI passes its flags as text), or "auto".
+std::int64_t parse_zo_gpu_blocks(const Json& value) {
+  if (value.is_number_integer()) return value.get<std::int64_t>();
+  const std::string text = value.get<std::string>();
+  if (text == "auto") return ZoConfig::kAutoGpuBlocks;
+  FERRY_CHECK(!text.empty() && text.find_first_not_of("0123456789") == std::string::npos,
+              "zo_gpu_blocks = '", text, "' is invalid: use auto or a number of blocks");
+  return std::stoll(text);
+}
+
 torch::Device parse_device(const std::string& name) {
   if (name == "auto") {
     return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
@@ -123,6 +133,8 @@ const std::vector<Setting>& settings() {
       {"zo_samples", [](const Json& v, EngineConfig& c) { c.zo.samples = v.get<std::int64_t>(); }},
       {"zo_blocks",
        [](const Json& v, EngineConfig& c) { c.zo.block_tier = parse_tier(v.get<std::string>()); }},
+      {"zo_gpu_blocks",
+       [](const Json& v, EngineConfig& c) { c.zo.gpu_blocks = parse_zo_gpu_blocks(v); }},
       {"zo_host_blocks",
        [](const Json& v, EngineConfig& c) { c.zo.host_blocks = v.get<std::int64_t>(); }},
       {"zo_storage",
@@ -130,6 +142,8 @@ const std::vector<Setting>& settings() {
          const std::string name = v.is_null() ? "" : v.get<std::string>();
          c.zo.storage = name.empty() ? std::nullopt : std::optional(parse_precision(name));
        }},
+      {"zo_transfer",
+       [](const Json& v, EngineConfig& c) { c.zo.transfer = parse_zo_transfer(v.get<std::string>()); }},
       {"zo_window",
        [](const Json& v, EngineConfig& c) { c.zo.blocks_in_flight = v.get<std::int64_t>(); }},
       {"zo_write_back",
@@ -234,6 +248,20 @@ BlockActivations parse_block_activations(const std::string& name) {
   throw Error(detail::concat("unknown block activations '", name,
                              "': use gpu, host or nvme (recompute from a checkpoint on that tier) "
                              "or graph (keep the autograd graph on the gpu)"));
+}
+
+const char* to_string(ZoTransfer transfer) {
+  switch (transfer) {
+    case ZoTransfer::kStorage: return "storage";
+    case ZoTransfer::kBF16: return "bf16";
+    case ZoTransfer::kFp8: return "fp8";
+  }
+  return "unknown";
+}
+
+ZoTransfer parse_zo_transfer(const std::string& name) {
+  static const ZoTransfer kTransfers[] = {ZoTransfer::kStorage, ZoTransfer::kBF16, ZoTransfer::kFp8};
+  return parse_choice(name, "zo transfer", kTransfers, to_string);
 }
 
 Tier parse_tier(const std::string& name) {

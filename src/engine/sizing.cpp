@@ -17,6 +17,10 @@ std::uint64_t round_up(std::uint64_t bytes) { return (bytes + 4095) / 4096 * 409
 
 std::uint64_t element_size(Precision precision) { return precision == Precision::kF32 ? 4 : 2; }
 
+std::string describe_gpu_blocks(const ZoConfig& zo) {
+  return zo.gpu_blocks == ZoConfig::kAutoGpuBlocks ? "auto" : std::to_string(zo.gpu_blocks);
+}
+
 void validate_zo(const EngineConfig& config) {
   const ZoConfig& zo = config.zo;
   FERRY_CHECK(zo.eps > 0 && std::isfinite(zo.eps), "zo eps = ", zo.eps,
@@ -24,6 +28,14 @@ void validate_zo(const EngineConfig& config) {
   FERRY_CHECK(zo.samples >= 1 && zo.samples <= optim::kMaxZoSamples, "zo samples = ", zo.samples,
               " is invalid: use 1 to ", optim::kMaxZoSamples);
 
+  FERRY_CHECK(zo.gpu_blocks >= 0 || zo.gpu_blocks == ZoConfig::kAutoGpuBlocks, "zo gpu_blocks = ",
+              zo.gpu_blocks, " is invalid: use a number of blocks >= 0, or auto");
+  FERRY_CHECK(zo.block_tier != Tier::kGpu || zo.gpu_blocks == 0, "zo gpu_blocks = ",
+              describe_gpu_blocks(zo), " only applies with block tier host or nvme: tier gpu keeps "
+              "every block resident");
+  FERRY_CHECK(zo.gpu_blocks != ZoConfig::kAutoGpuBlocks || config.gpu_budget_bytes > 0,
+              "zo gpu_blocks = auto needs a gpu budget to fill: set --gpu-budget, or give a number "
+              "of blocks");
   FERRY_CHECK(zo.host_blocks >= 0, "zo host_blocks = ", zo.host_blocks, " is invalid: it must be >= 0");
   FERRY_CHECK(zo.block_tier == Tier::kNvme || zo.host_blocks == 0,
               "zo host_blocks = ", zo.host_blocks, " only applies with block tier nvme");
@@ -34,6 +46,18 @@ void validate_zo(const EngineConfig& config) {
   FERRY_CHECK(zo.write_back_interval >= 1 && zo.write_back_interval <= optim::kMaxZoUpdates,
               "zo write_back_interval = ", zo.write_back_interval, " is invalid: use 1 to ",
               optim::kMaxZoUpdates);
+  if (zo.transfer != ZoTransfer::kStorage) {
+    const char* transfer = to_string(zo.transfer);
+    FERRY_CHECK(zo.block_tier == Tier::kHost, "zo transfer ", transfer, " needs the blocks in host memory "
+                "(block tier host), where the CPU updates their stored weights; the block tier is ",
+                to_string(zo.block_tier), ". Use transfer storage with tier ", to_string(zo.block_tier));
+    const Precision storage = detail::zo_storage(config);
+    FERRY_CHECK(zo.transfer != ZoTransfer::kBF16 || storage == Precision::kF32, "zo transfer bf16 "
+                "compresses an fp32 master; the storage is ", to_string(storage),
+                ": use storage fp32, or transfer storage");
+    FERRY_CHECK(zo.transfer != ZoTransfer::kFp8 || storage != Precision::kF16, "zo transfer fp8 needs "
+                "storage fp32 or bf16; the storage is fp16");
+  }
   FERRY_CHECK(config.optimizer.kind != OptimizerKind::kAdagrad,
               "zo2 mode supports the optimizers sgd (with or without momentum), adam and adamw; "
               "got adagrad");
@@ -177,11 +201,28 @@ std::vector<BlockActivations> block_activations(const EngineConfig& config, std:
 }
 
 Tier zo_block_home(const ZoConfig& zo, std::int64_t block) {
-  return zo.block_tier == Tier::kNvme && block < zo.host_blocks ? Tier::kHost : zo.block_tier;
+  FERRY_ASSERT(zo.gpu_blocks >= 0, "zo gpu_blocks must be resolved (zo_gpu_blocks) before placing blocks");
+  if (block < zo.gpu_blocks) return Tier::kGpu;
+  const bool on_host = zo.block_tier == Tier::kNvme && block < zo.gpu_blocks + zo.host_blocks;
+  return on_host ? Tier::kHost : zo.block_tier;
 }
 
 Precision zo_storage(const EngineConfig& config) {
   return config.zo.storage.value_or(config.precision);
+}
+
+bool zo_compressed(const ZoConfig& zo, std::int64_t block) {
+  return zo.transfer != ZoTransfer::kStorage && zo_block_home(zo, block) == Tier::kHost;
+}
+
+std::uint64_t zo_transfer_bytes(ZoTransfer transfer, std::int64_t numel) {
+  const auto count = static_cast<std::uint64_t>(numel);
+  switch (transfer) {
+    case ZoTransfer::kStorage: return 0;
+    case ZoTransfer::kBF16: return 2 * count;
+    case ZoTransfer::kFp8: return kZoTransferTableBytes + count;
+  }
+  return 0;
 }
 
 void check_budgets(const TierDemand& needed, const EngineConfig& config) {
@@ -234,57 +275,84 @@ std::vector<PartShape> part_shapes(const models::ModelConfig& config) {
   return parts;
 }
 
+namespace {
+
+void add_item(TierDemand& demand, Tier tier, const char* role, std::uint64_t bytes) {
+  if (bytes == 0) return;
+  demand.bytes[static_cast<int>(tier)] += bytes;
+  demand.items[static_cast<int>(tier)].push_back({role, bytes});
+}
+
+// Note: the sizing follows Zo2::allocate_and_bind and its sweep. Stem and head live on the
+// device with their states; each block lives on its home tier (the resident ones on the device)
+// and the streamed ones visit the device (stored weights and states, or a compressed block's
+// transfer copy alone) a few at a time; every block computes from one of the compute slots.
+// gpu_blocks must be resolved.
+TierDemand zo_demand(const std::vector<PartShape>& parts, const EngineConfig& config) {
+  TierDemand demand;
+  auto add = [&](Tier tier, const char* role, std::uint64_t bytes) { add_item(demand, tier, role, bytes); };
+  const std::uint64_t compute_size = element_size(config.precision);
+  const int state_count = detail::optimizer_state_count(config.optimizer);
+  const std::uint64_t storage_size = element_size(detail::zo_storage(config));
+  std::uint64_t resident = 0, resident_compute = 0, resident_states = 0;
+  std::uint64_t home[kTierCount] = {0, 0, 0}, home_states[kTierCount] = {0, 0, 0};
+  std::uint64_t block_bytes = 0, block_states = 0, block_compute = 0, transfer_copies = 0;
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    const auto numel = static_cast<std::uint64_t>(parts[i].numel);
+    const bool is_block = i > 0 && i + 1 < parts.size();
+    if (!is_block) {
+      resident += round_up(numel * storage_size);
+      resident_compute += round_up(numel * compute_size);
+      resident_states += state_count * round_up(numel * 4);
+      continue;
+    }
+    const auto block = static_cast<std::int64_t>(i - 1);
+    const Tier tier = detail::zo_block_home(config.zo, block);
+    home[static_cast<int>(tier)] += round_up(numel * storage_size);
+    home_states[static_cast<int>(tier)] += state_count * round_up(numel * 4);
+    block_compute = std::max(block_compute, round_up(numel * compute_size));
+    if (tier == Tier::kGpu) continue;  // resident: never in flight
+    if (detail::zo_compressed(config.zo, block)) {  // only the transfer copy travels
+      const std::uint64_t transfer = round_up(detail::zo_transfer_bytes(config.zo.transfer, parts[i].numel));
+      transfer_copies += transfer;
+      block_bytes = std::max(block_bytes, transfer);
+      continue;
+    }
+    block_bytes = std::max(block_bytes, round_up(numel * storage_size));
+    block_states = std::max(block_states, state_count * round_up(numel * 4));
+  }
+  const std::uint64_t in_flight = static_cast<std::uint64_t>(config.zo.blocks_in_flight);
+  add(Tier::kGpu, "stem and head", resident + resident_states);
+  add(Tier::kGpu, "stem and head compute copies", resident_compute);
+  const std::uint64_t slots = std::min<std::uint64_t>(detail::kZoComputeSlots, parts.size() - 2);
+  add(Tier::kGpu, "blocks in flight", in_flight * (block_bytes + block_states));
+  add(Tier::kGpu, "block compute slots", slots * block_compute);
+  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
+    add(tier, tier == Tier::kGpu ? "resident block weights" : "block weights", home[static_cast<int>(tier)]);
+    add(tier, tier == Tier::kGpu ? "resident block optimizer states" : "block optimizer states",
+        home_states[static_cast<int>(tier)]);
+  }
+  add(Tier::kHost, "block transfer copies", transfer_copies);
+  if (home[static_cast<int>(Tier::kNvme)] > 0) {
+    add(Tier::kHost, "NVMe staging", in_flight * (block_bytes + block_states));
+  }
+  return demand;
+}
+
+}  // namespace
+
 TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig& config) {
   detail::validate(config);
   FERRY_CHECK(parts.size() >= 2, "a model needs a stem and a head; got ", parts.size(), " parts");
+  if (config.mode == Mode::kZo2) {
+    EngineConfig resolved = config;
+    resolved.zo.gpu_blocks = zo_gpu_blocks(parts, config);
+    return zo_demand(parts, resolved);
+  }
   TierDemand demand;
-  auto add = [&](Tier tier, const char* role, std::uint64_t bytes) {
-    if (bytes == 0) return;
-    demand.bytes[static_cast<int>(tier)] += bytes;
-    demand.items[static_cast<int>(tier)].push_back({role, bytes});
-  };
+  auto add = [&](Tier tier, const char* role, std::uint64_t bytes) { add_item(demand, tier, role, bytes); };
   const std::uint64_t compute_size = element_size(config.precision);
   const int state_count = detail::optimizer_state_count(config.optimizer);
-
-  if (config.mode == Mode::kZo2) {
-    // Stem and head live on the device with their states; each block lives on its home tier and
-    // visits the device (stored weights, states and the perturbed compute copy) a few at a time.
-    const std::uint64_t storage_size = element_size(detail::zo_storage(config));
-    std::uint64_t resident = 0, resident_compute = 0, resident_states = 0;
-    std::uint64_t home[kTierCount] = {0, 0, 0}, home_states[kTierCount] = {0, 0, 0};
-    std::uint64_t block_bytes = 0, block_states = 0, block_compute = 0;
-    for (std::size_t i = 0; i < parts.size(); ++i) {
-      const auto numel = static_cast<std::uint64_t>(parts[i].numel);
-      const bool is_block = i > 0 && i + 1 < parts.size();
-      if (!is_block) {
-        resident += round_up(numel * storage_size);
-        resident_compute += round_up(numel * compute_size);
-        resident_states += state_count * round_up(numel * 4);
-        continue;
-      }
-      const int tier = static_cast<int>(detail::zo_block_home(config.zo, static_cast<std::int64_t>(i - 1)));
-      home[tier] += round_up(numel * storage_size);
-      home_states[tier] += state_count * round_up(numel * 4);
-      block_bytes = std::max(block_bytes, round_up(numel * storage_size));
-      block_states = std::max(block_states, state_count * round_up(numel * 4));
-      block_compute = std::max(block_compute, round_up(numel * compute_size));
-    }
-    if (config.zo.block_tier == Tier::kGpu) block_bytes = block_states = 0;  // nothing streams
-    const std::uint64_t in_flight = static_cast<std::uint64_t>(config.zo.blocks_in_flight);
-    add(Tier::kGpu, "stem and head", resident + resident_states);
-    add(Tier::kGpu, "stem and head compute copies", resident_compute);
-    const std::uint64_t slots = std::min<std::uint64_t>(detail::kZoComputeSlots, parts.size() - 2);
-    add(Tier::kGpu, "blocks in flight", in_flight * (block_bytes + block_states));
-    add(Tier::kGpu, "block compute slots", slots * block_compute);
-    for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
-      add(tier, "block weights", home[static_cast<int>(tier)]);
-      add(tier, "block optimizer states", home_states[static_cast<int>(tier)]);
-    }
-    if (home[static_cast<int>(Tier::kNvme)] > 0) {
-      add(Tier::kHost, "NVMe staging", in_flight * (block_bytes + block_states));
-    }
-    return demand;
-  }
 
   // Note: the sizing follows allocate_and_bind and the streaming in engine.cpp. Per role, what
   // lives at home on each tier, plus what visits a tier for a while: the device copies of the
@@ -347,6 +415,26 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
     add(optimizer_work, "optimizer staging", 3 * largest_work);
   }
   return demand;
+}
+
+std::int64_t zo_gpu_blocks(const std::vector<PartShape>& parts, const EngineConfig& config) {
+  FERRY_CHECK(config.mode == Mode::kZo2, "zo gpu_blocks applies to mode zo2; the mode is ",
+              to_string(config.mode));
+  detail::validate(config);
+  const auto blocks = static_cast<std::int64_t>(parts.size()) - 2;
+  if (config.zo.gpu_blocks != ZoConfig::kAutoGpuBlocks) {
+    FERRY_CHECK(config.zo.gpu_blocks <= blocks, "zo gpu_blocks = ", config.zo.gpu_blocks,
+                " is more than the model's ", blocks, " blocks: use 0 to ", blocks, ", or auto");
+    return config.zo.gpu_blocks;
+  }
+  // Note: not monotone at the top: with every block resident nothing is in flight, so all
+  // blocks may fit where all but one do not. Hence the search from the top.
+  EngineConfig trial = config;
+  for (std::int64_t n = blocks; n > 0; --n) {
+    trial.zo.gpu_blocks = n;
+    if (zo_demand(parts, trial).bytes[static_cast<int>(Tier::kGpu)] <= config.gpu_budget_bytes) return n;
+  }
+  return 0;
 }
 
 }  // namespace ferry

@@ -46,4 +46,12 @@ constexpr std::size_t kZoComputeSlots = 2;
 Tier zo_block_home(const ZoConfig& zo, std::int64_t block);
 Precision zo_storage(const EngineConfig& config);
 
+// zo2: whether block `block` crosses PCIe as a compressed copy (zo.transfer), and that copy's
+// bytes. An fp8 copy starts with its scale table (segment ends as int64, then the scales as
+// fp32) in kZoTransferTableBytes, room for 341 parameter tensors; the codes follow.
+bool zo_compressed(const ZoConfig& zo, std::int64_t block);
+constexpr std::uint64_t kZoTransferTableBytes = 4096;
+constexpr std::int64_t kZoMaxTransferSegments = kZoTransferTableBytes / 12;
+std::uint64_t zo_transfer_bytes(ZoTransfer transfer, std::int64_t numel);
+
 }  // namespace ferry::detail

@@ -5,6 +5,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
 
 #include "engine/sizing.h"
 #include "engine/update.h"
@@ -54,6 +59,57 @@ std::uint64_t zo_step_seed(std::uint64_t seed, std::int64_t step, std::int64_t s
                         static_cast<std::uint64_t>(sample)));
 }
 
+// Runs jobs in order on a thread of its own; the caller waits for the first n of them. A job's
+// exception stops the rest and is rethrown to the waiter.
+class Engine::Zo2::Encoder {
+ public:
+  explicit Encoder(std::vector<std::function<void()>> jobs)
+      : jobs_(std::move(jobs)), thread_([this] { run(); }) {}
+  ~Encoder() { thread_.join(); }
+
+  // Returns the seconds the caller waited.
+  double wait(std::size_t count) {
+    const auto start = Clock::now();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_changed_.wait(lock, [&] { return done_ >= count || error_; });
+    if (error_) std::rethrow_exception(error_);
+    return seconds_since(start);
+  }
+
+  // The seconds the jobs have run so far.
+  double busy_seconds() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return busy_seconds_;
+  }
+
+ private:
+  void run() {
+    for (const std::function<void()>& job : jobs_) {
+      const auto start = Clock::now();
+      try {
+        job();
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        error_ = std::current_exception();
+        done_changed_.notify_all();
+        return;
+      }
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++done_;
+      busy_seconds_ += seconds_since(start);
+      done_changed_.notify_all();
+    }
+  }
+
+  std::vector<std::function<void()>> jobs_;
+  std::mutex mutex_;
+  std::condition_variable done_changed_;
+  std::size_t done_ = 0;           // guarded by mutex_
+  double busy_seconds_ = 0;        // guarded by mutex_
+  std::exception_ptr error_;       // guarded by mutex_
+  std::thread thread_;             // last: starts once the rest is built
+};
+
 Engine::Zo2::Zo2(LayeredModel model_in, EngineConfig config_in)
     : model(std::move(model_in)),
       config(std::move(config_in)),
@@ -66,6 +122,7 @@ Engine::Zo2::Zo2(LayeredModel model_in, EngineConfig config_in)
   parts = detail::describe_parts(model);
   std::vector<PartShape> shapes;
   for (const Part& part : parts) shapes.push_back({part.name, part.numel});
+  config.zo.gpu_blocks = zo_gpu_blocks(shapes, config);
   detail::check_budgets(engine_demand(shapes, config), config);
   store = std::make_unique<Store>(detail::store_options(config));
   allocate_and_bind();
@@ -75,7 +132,12 @@ Engine::Zo2::Zo2(LayeredModel model_in, EngineConfig config_in)
   model.train(false);
 }
 
-Engine::Zo2::~Zo2() = default;
+Engine::Zo2::~Zo2() {
+  try {
+    finish_encoding();
+  } catch (...) {
+  }
+}
 
 void Engine::Zo2::allocate_and_bind() {
   torch::NoGradGuard no_grad;
@@ -92,6 +154,7 @@ void Engine::Zo2::allocate_and_bind() {
   for (const Part& part : parts) {
     if (part.kind == models::Part::kBlock) largest_block = std::max(largest_block, part.numel);
   }
+  segment_counts.assign(parts.size(), 0);
   const std::size_t slot_count = std::min<std::size_t>(detail::kZoComputeSlots, model.num_blocks());
   std::vector<BundleId> slots;
   for (std::size_t i = 0; i < slot_count; ++i) {
@@ -112,6 +175,12 @@ void Engine::Zo2::allocate_and_bind() {
     }
     b.compute = block ? slots[static_cast<std::size_t>(part.index) % slot_count]
                       : store->add({part.name + ".compute", numel * compute_size, Tier::kGpu});
+    b.compressed = block && detail::zo_compressed(config.zo, part.index);
+    if (b.compressed) {
+      b.transfer = store->add({part.name + ".transfer", detail::zo_transfer_bytes(config.zo.transfer, part.numel),
+                               Tier::kHost});
+      if (config.zo.transfer == ZoTransfer::kFp8) write_segment_ends(p);
+    }
 
     torch::Tensor initial = torch::empty({part.numel}, torch::TensorOptions().dtype(storage_dtype));
     for (const detail::ParameterSlice& slice : part.slices) {
@@ -123,8 +192,57 @@ void Engine::Zo2::allocate_and_bind() {
   }
 }
 
+// The fp8 copy's segments are the part's parameter tensors, in their order in the bundle.
+void Engine::Zo2::write_segment_ends(std::size_t p) {
+  const Part& part = parts[p];
+  std::vector<std::int64_t> ends;
+  for (const detail::ParameterSlice& slice : part.slices) ends.push_back(slice.offset + slice.numel);
+  std::sort(ends.begin(), ends.end());
+  ends.back() = part.numel;
+  FERRY_CHECK(static_cast<std::int64_t>(ends.size()) <= detail::kZoMaxTransferSegments, "zo transfer fp8 ",
+              "keeps one scale per parameter tensor, at most ", detail::kZoMaxTransferSegments,
+              " per block; ", part.name, " has ", ends.size(), ": use transfer bf16");
+  auto* table = static_cast<std::int64_t*>(store->tensor(bundles[p].transfer, Tier::kHost).data_ptr());
+  std::copy(ends.begin(), ends.end(), table);
+  segment_counts[p] = static_cast<int>(ends.size());
+}
+
+optim::ZoTensors Engine::Zo2::stored_tensors(std::size_t p) const {
+  const PartBundles& b = bundles[p];
+  auto host_memory = [&](BundleId id) { return store->tensor(id, Tier::kHost).data_ptr(); };
+  optim::ZoTensors tensors;
+  tensors.weights = host_memory(b.weights);
+  tensors.weights_dtype = optim_dtype(storage_dtype);
+  if (!b.states.empty()) tensors.state0 = static_cast<float*>(host_memory(b.states[0]));
+  if (b.states.size() > 1) tensors.state1 = static_cast<float*>(host_memory(b.states[1]));
+  tensors.numel = parts[p].numel;
+  return tensors;
+}
+
+// Note: the fp8 copy is laid out as [segment ends (int64) | scales (fp32)] in the first
+// kZoTransferTableBytes, then one code per element, so one upload carries all of it.
+optim::ZoTransferCopy Engine::Zo2::transfer_copy(std::size_t p, Tier tier) const {
+  const BundleId id = bundles[p].transfer;
+  auto* base = static_cast<std::uint8_t*>(tier == Tier::kGpu ? store->device_tensor_in_flight(id).data_ptr()
+                                                             : store->tensor(id, tier).data_ptr());
+  optim::ZoTransferCopy copy;
+  copy.numel = parts[p].numel;
+  if (config.zo.transfer == ZoTransfer::kBF16) {
+    copy.format = optim::ZoTransferFormat::kBF16;
+    copy.codes = base;
+    return copy;
+  }
+  copy.format = optim::ZoTransferFormat::kFp8E4M3;
+  copy.segments = segment_counts[p];
+  copy.segment_ends = reinterpret_cast<const std::int64_t*>(base);
+  copy.scales = reinterpret_cast<float*>(base + sizeof(std::int64_t) * static_cast<std::size_t>(copy.segments));
+  copy.codes = base + detail::kZoTransferTableBytes;
+  return copy;
+}
+
 void Engine::Zo2::write_part(std::size_t p, const torch::Tensor& weights,
                              const std::vector<torch::Tensor>& states) {
+  finish_encoding();
   const PartBundles& b = bundles[p];
   const std::int64_t numel = parts[p].numel;
   auto put = [&](BundleId id, torch::ScalarType dtype, const torch::Tensor& values) {
@@ -140,6 +258,65 @@ void Engine::Zo2::write_part(std::size_t p, const torch::Tensor& weights,
   torch::NoGradGuard no_grad;
   put(b.weights, storage_dtype, weights);
   for (std::size_t i = 0; i < states.size(); ++i) put(b.states[i], torch::kFloat, states[i]);
+  if (b.compressed) {
+    optim::zo_update_and_encode(stored_tensors(p), nullptr, 0, transfer_copy(p, Tier::kHost));
+    store->mark_dirty(b.transfer, Tier::kHost);
+  }
+}
+
+// --- compressed transfers ---------------------------------------------------------------------
+
+// Note: a compressed block's device copy is lossy, so the device never updates the block: after
+// each step, the encoder (a thread of its own, each job parallel over the optim arena) applies
+// the step's update to the stored weights and states in host memory and writes the next transfer
+// copy, block by block in sweep order. The next sweep waits for a block's job before the window
+// may fetch it, so the CPU work runs ahead of the GPU by as many blocks as it can; when it cannot
+// keep up, the step is CPU-bound (see docs/zo2.md). The jobs touch only their own blocks' host
+// memory, which nothing else reads or writes until the job is awaited. The encoder's time counts
+// as optimizer_seconds (when it finishes), the sweep's waits for it as optimizer_wait_seconds.
+void Engine::Zo2::start_encoding() {
+  finish_encoding();
+  std::vector<std::function<void()>> jobs;
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    if (!bundles[p].compressed || home_updates[p] == update_count) continue;
+    std::vector<optim::ZoUpdate> part_updates;
+    for (const PendingUpdate& pending : updates) {
+      if (pending.number > home_updates[p]) part_updates.push_back(update_for(p, pending));
+    }
+    jobs.push_back([stored = stored_tensors(p), transfer = transfer_copy(p, Tier::kHost),
+                    part_updates = std::move(part_updates)] {
+      optim::zo_update_and_encode(stored, part_updates.data(), static_cast<int>(part_updates.size()), transfer);
+    });
+    encoding.push_back(p);
+  }
+  if (jobs.empty()) return;
+  encoding_updates = update_count;
+  encoder = std::make_unique<Encoder>(std::move(jobs));
+}
+
+void Engine::Zo2::await_encoded(std::size_t p) {
+  const auto job = std::find(encoding.begin(), encoding.end(), p);
+  if (job == encoding.end()) return;
+  stats.optimizer_wait_seconds += encoder->wait(static_cast<std::size_t>(job - encoding.begin()) + 1);
+  mark_encoded(p);
+}
+
+void Engine::Zo2::finish_encoding() {
+  if (!encoder) return;
+  stats.optimizer_wait_seconds += encoder->wait(encoding.size());
+  stats.optimizer_seconds += encoder->busy_seconds();
+  for (std::size_t p : encoding) mark_encoded(p);
+  encoder.reset();
+  encoding.clear();
+}
+
+void Engine::Zo2::mark_encoded(std::size_t p) {
+  if (home_updates[p] == encoding_updates) return;
+  const PartBundles& b = bundles[p];
+  store->mark_dirty(b.weights, Tier::kHost);
+  for (BundleId id : b.states) store->mark_dirty(id, Tier::kHost);
+  store->mark_dirty(b.transfer, Tier::kHost);
+  home_updates[p] = encoding_updates;
 }
 
 torch::Tensor Engine::Zo2::read_home(std::size_t p, BundleId id, torch::ScalarType dtype) {
@@ -204,6 +381,20 @@ bool Engine::Zo2::writes_back(std::size_t p, bool flushing) const {
 void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_updates, const Pass* pass) {
   const PartBundles& b = bundles[p];
   auto device_memory = [&](BundleId id) { return store->device_tensor_in_flight(id).data_ptr(); };
+  if (b.compressed) {
+    FERRY_ASSERT(pass && part_updates.empty(), "a compressed block is updated on the host, not on the device");
+    const optim::ZoTransferCopy transfer = transfer_copy(p, Tier::kGpu);
+    const optim::ZoPerturb perturb{{pass->seed, p}, pass->scale};
+#if FERRY_WITH_CUDA
+    if (config.device.is_cuda()) {
+      optim::zo_perturb_transfer_cuda(transfer, device_memory(b.compute), optim_dtype(compute_dtype), perturb,
+                                      c10::cuda::getCurrentCUDAStream(config.device.index()).stream());
+      return;
+    }
+#endif
+    optim::zo_perturb_transfer(transfer, device_memory(b.compute), optim_dtype(compute_dtype), perturb);
+    return;
+  }
   optim::ZoTensors tensors;
   tensors.weights = device_memory(b.weights);
   tensors.weights_dtype = optim_dtype(storage_dtype);
@@ -227,29 +418,44 @@ void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_
 void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context,
                         const torch::Tensor& tokens) {
   torch::NoGradGuard no_grad;
+  const bool flushing = passes.empty();
+  if (flushing) finish_encoding();  // the compressed blocks are flushed on the host
   std::vector<std::vector<BundleId>> visits;
-  std::vector<std::size_t> visit_of(parts.size(), SIZE_MAX);
+  std::vector<std::size_t> visit_of(parts.size(), SIZE_MAX), visiting;
   for (std::size_t p = 0; p < parts.size(); ++p) {
-    if (parts[p].kind != models::Part::kBlock || bundles[p].home == Tier::kGpu) continue;
+    const PartBundles& b = bundles[p];
+    if (parts[p].kind != models::Part::kBlock || b.home == Tier::kGpu || (b.compressed && flushing)) continue;
     visit_of[p] = visits.size();
-    visits.push_back({bundles[p].weights});
-    visits.back().insert(visits.back().end(), bundles[p].states.begin(), bundles[p].states.end());
+    visiting.push_back(p);
+    if (b.compressed) {
+      visits.push_back({b.transfer});
+      continue;
+    }
+    visits.push_back({b.weights});
+    visits.back().insert(visits.back().end(), b.states.begin(), b.states.end());
   }
   window->begin(std::move(visits));
   for (std::size_t p = 0; p < parts.size(); ++p) {
     const Part& part = parts[p];
     const PartBundles& b = bundles[p];
     const bool streamed = visit_of[p] != SIZE_MAX;
+    if (flushing && b.compressed) continue;
     if (part.kind == models::Part::kBlock) {
       detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
     }
-    if (streamed) window->arrive(visit_of[p]);
+    if (streamed) {
+      // The window may fetch up to blocks_in_flight visits from here: their copies must be encoded.
+      const auto window_size = static_cast<std::size_t>(config.zo.blocks_in_flight);
+      const std::size_t last = std::min(visiting.size(), visit_of[p] + window_size);
+      for (std::size_t k = visit_of[p]; k < last; ++k) await_encoded(visiting[k]);
+      window->arrive(visit_of[p]);
+    }
     std::vector<optim::ZoUpdate> part_updates;
     for (const PendingUpdate& pending : updates) {
       if (pending.number > home_updates[p]) part_updates.push_back(update_for(p, pending));
     }
     const std::vector<optim::ZoUpdate> none;
-    if (passes.empty()) apply(p, part_updates, nullptr);
+    if (flushing) apply(p, part_updates, nullptr);
     for (std::size_t j = 0; j < passes.size(); ++j) {
       Pass& pass = passes[j];
       apply(p, j == 0 ? part_updates : none, &pass);
@@ -265,6 +471,10 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context,
       }
     }
     if (streamed) window->settle(visit_of[p]);
+    if (b.compressed) {  // its device copy is dropped unchanged
+      window->depart(visit_of[p], {});
+      continue;
+    }
     const bool updated = !part_updates.empty();
     if (updated) {
       store->mark_dirty(b.weights, Tier::kGpu);
@@ -275,7 +485,7 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context,
       continue;
     }
     std::vector<Fence> down;
-    if (updated && writes_back(p, passes.empty())) {
+    if (updated && writes_back(p, flushing)) {
       down.push_back(store->write_back(b.weights, Tier::kGpu, b.home));
       for (BundleId id : b.states) down.push_back(store->write_back(id, Tier::kGpu, b.home));
       home_updates[p] = update_count;
@@ -339,6 +549,7 @@ StepResult Engine::Zo2::train_step(const data::Batch& batch) {
   if (!result.skipped) {
     updates.push_back(std::move(update));
     ++update_count;
+    start_encoding();
   }
   steps = step;
   stats.steps = steps;

@@ -57,9 +57,28 @@ struct Engine::Zo2 {
     BundleId weights = 0;          // storage dtype, at home
     std::vector<BundleId> states;  // fp32, at home
     BundleId compute = 0;          // compute dtype, on the device: the part's own or a block slot
+    // A compressed block (zo.transfer): the copy that is uploaded in place of `weights`, at home
+    // on the host. The weights and states never leave home; the CPU updates them there.
+    bool compressed = false;
+    BundleId transfer = 0;
   };
 
+  // The worker that applies updates to the compressed blocks and encodes their next transfer
+  // copies (see the Note in zo2.cpp).
+  class Encoder;
+
   void allocate_and_bind();
+  // The compressed part's stored weights and states (host memory) and its transfer copy on `tier`.
+  optim::ZoTensors stored_tensors(std::size_t part) const;
+  optim::ZoTransferCopy transfer_copy(std::size_t part, Tier tier) const;
+  // Starts the encoder on every compressed part whose stored copy lacks updates.
+  void start_encoding();
+  // Waits until part p's stored copy and transfer copy hold every update (a no-op for parts the
+  // encoder is not working on).
+  void await_encoded(std::size_t part);
+  void finish_encoding();
+  void mark_encoded(std::size_t part);
+  void write_segment_ends(std::size_t part);
   void sweep(std::vector<Pass>& passes, const StepContext& context, const torch::Tensor& tokens);
   void apply(std::size_t part, const std::vector<optim::ZoUpdate>& updates, const Pass* pass);
   optim::ZoUpdate update_for(std::size_t part, const PendingUpdate& pending) const;
@@ -81,6 +100,11 @@ struct Engine::Zo2 {
   bool flushed() const;
 
   std::unique_ptr<detail::DeviceWindow> window;  // blocks streamed from host or NVMe
+
+  std::unique_ptr<Encoder> encoder;     // null when idle
+  std::vector<std::size_t> encoding;    // the encoder's parts, in its order
+  std::int64_t encoding_updates = 0;    // the updates their stored copies will have
+  std::vector<int> segment_counts;      // per part: its fp8 transfer copy's segments
 
   std::int64_t steps = 0;
   EngineStats stats;

@@ -1,6 +1,8 @@
 #include "ferry/zo.h"
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #if defined(FERRY_WITH_CUDA)
 #include <cuda_runtime.h>
@@ -103,9 +105,110 @@ void zo_apply(const ZoTensors& tensors, const ZoUpdate* updates, int update_coun
   });
 }
 
+std::uint8_t fp8_e4m3_encode(float value) { return detail::fp8_e4m3_encode(value); }
+float fp8_e4m3_decode(std::uint8_t code) { return detail::fp8_e4m3_decode(code); }
+
+namespace {
+
+void check_transfer(const ZoTransferCopy& transfer, std::int64_t numel) {
+  FERRY_CHECK(transfer.codes != nullptr && transfer.numel == numel, "a zo transfer copy of ", numel,
+              " elements needs codes for as many; got ", transfer.numel);
+  if (transfer.format != ZoTransferFormat::kFp8E4M3) return;
+  FERRY_CHECK(transfer.segments >= 1 && transfer.scales && transfer.segment_ends,
+              "an fp8 transfer copy needs at least one segment with its scale; got ", transfer.segments);
+}
+
+// Segment s's largest magnitude: the maxima of its tiles, then theirs (max is exact in any order).
+float segment_amax(const ZoTensors& stored, std::int64_t begin, std::int64_t end) {
+  std::vector<float> tile_max(static_cast<std::size_t>((end - begin + detail::kTileElements - 1) /
+                                                       detail::kTileElements), 0.0f);
+  detail::parallel_tiles(end - begin, [&](detail::Tile tile) {
+    float amax = 0.0f;
+    for (std::int64_t i = begin + tile.begin; i < begin + tile.end; ++i) {
+      amax = std::max(amax, std::fabs(load(stored.weights, stored.weights_dtype, i)));
+    }
+    tile_max[static_cast<std::size_t>(tile.begin / detail::kTileElements)] = amax;
+  });
+  return tile_max.empty() ? 0.0f : *std::max_element(tile_max.begin(), tile_max.end());
+}
+
+void encode_fp8(const ZoTensors& stored, const ZoTransferCopy& transfer) {
+  auto* codes = static_cast<std::uint8_t*>(transfer.codes);
+  std::int64_t begin = 0;
+  for (int s = 0; s < transfer.segments; ++s) {
+    const std::int64_t end = transfer.segment_ends[s];
+    FERRY_CHECK(end >= begin && end <= transfer.numel, "fp8 transfer segment ", s, " ends at ", end,
+                ": segment ends must ascend from 0 to ", transfer.numel);
+    const float amax = segment_amax(stored, begin, end);
+    const float scale = amax > 0.0f ? amax / kFp8E4M3Max : 1.0f;
+    transfer.scales[s] = scale;
+    detail::parallel_tiles(end - begin, [&](detail::Tile tile) {
+      for (std::int64_t i = begin + tile.begin; i < begin + tile.end; ++i) {
+        codes[i] = detail::fp8_e4m3_encode(load(stored.weights, stored.weights_dtype, i) / scale);
+      }
+    });
+    begin = end;
+  }
+  FERRY_CHECK(begin == transfer.numel, "fp8 transfer segments end at ", begin, "; the last must end at ",
+              transfer.numel);
+}
+
+float decode(const ZoTransferCopy& transfer, std::int64_t i, int& segment) {
+  if (transfer.format == ZoTransferFormat::kBF16) {
+    return detail::bf16_to_float(static_cast<const std::uint16_t*>(transfer.codes)[i]);
+  }
+  while (i >= transfer.segment_ends[segment]) ++segment;
+  return detail::fp8_e4m3_decode(static_cast<const std::uint8_t*>(transfer.codes)[i]) * transfer.scales[segment];
+}
+
+}  // namespace
+
+void zo_update_and_encode(const ZoTensors& stored, const ZoUpdate* updates, int update_count,
+                          const ZoTransferCopy& transfer) {
+  FERRY_CHECK(stored.numel >= 0 && stored.weights, "zo_update_and_encode needs weights");
+  FERRY_CHECK(stored.compute == nullptr, "zo_update_and_encode writes the transfer copy, not a compute copy");
+  check_transfer(transfer, stored.numel);
+  if (transfer.format == ZoTransferFormat::kBF16) {
+    // One pass: the bf16 copy is the updated weights' unperturbed compute copy.
+    ZoTensors with_copy = stored;
+    with_copy.compute = transfer.codes;
+    with_copy.compute_dtype = DType::kBF16;
+    zo_apply(with_copy, updates, update_count, {});
+    return;
+  }
+  if (update_count > 0) zo_apply(stored, updates, update_count, {});
+  encode_fp8(stored, transfer);
+}
+
+void zo_perturb_transfer(const ZoTransferCopy& transfer, void* compute, DType compute_dtype,
+                         const ZoPerturb& perturb) {
+  check_transfer(transfer, transfer.numel);
+  FERRY_CHECK(compute != nullptr, "zo_perturb_transfer needs a compute copy to write");
+  detail::parallel_tiles(transfer.numel, [&](detail::Tile tile) {
+    int segment = transfer.format == ZoTransferFormat::kFp8E4M3
+                      ? detail::segment_of(transfer.segment_ends, transfer.segments, tile.begin)
+                      : 0;
+    float z[4];
+    for (std::int64_t group_start = tile.begin; group_start < tile.end; group_start += 4) {
+      if (perturb.scale != 0.0f) {
+        detail::normals4(perturb.direction.seed, static_cast<std::uint64_t>(group_start / 4),
+                         perturb.direction.stream, z);
+      }
+      const std::int64_t group_end = std::min(tile.end, group_start + 4);
+      for (std::int64_t i = group_start; i < group_end; ++i) {
+        const float theta = decode(transfer, i, segment);
+        const float value = perturb.scale != 0.0f ? theta + perturb.scale * z[i - group_start] : theta;
+        store(compute, compute_dtype, i, value);
+      }
+    }
+  });
+}
+
 #if defined(FERRY_WITH_CUDA)
 namespace detail {
 int launch_zo(const ZoTensors& tensors, const ZoUpdateList& updates, const ZoPerturb& perturb, void* stream);
+int launch_zo_transfer(const ZoTransferCopy& transfer, void* compute, DType compute_dtype,
+                       const ZoPerturb& perturb, void* stream);
 }
 
 void zo_apply_cuda(const ZoTensors& tensors, const ZoUpdate* updates, int update_count,
@@ -119,10 +222,23 @@ void zo_apply_cuda(const ZoTensors& tensors, const ZoUpdate* updates, int update
   FERRY_CHECK(error == 0, "the zo CUDA kernel failed to launch: ", cudaGetErrorString(static_cast<cudaError_t>(error)));
 }
 
+void zo_perturb_transfer_cuda(const ZoTransferCopy& transfer, void* compute, DType compute_dtype,
+                              const ZoPerturb& perturb, void* cuda_stream) {
+  check_transfer(transfer, transfer.numel);
+  FERRY_CHECK(compute != nullptr, "zo_perturb_transfer_cuda needs a compute copy to write");
+  const int error = detail::launch_zo_transfer(transfer, compute, compute_dtype, perturb, cuda_stream);
+  FERRY_CHECK(error == 0, "the zo transfer CUDA kernel failed to launch: ",
+              cudaGetErrorString(static_cast<cudaError_t>(error)));
+}
+
 bool zo_cuda_available() { return true; }
 #else
 void zo_apply_cuda(const ZoTensors&, const ZoUpdate*, int, const ZoPerturb&, void*) {
   throw Error("zo_apply_cuda: this ferry was built without CUDA");
+}
+
+void zo_perturb_transfer_cuda(const ZoTransferCopy&, void*, DType, const ZoPerturb&, void*) {
+  throw Error("zo_perturb_transfer_cuda: this ferry was built without CUDA");
 }
 
 bool zo_cuda_available() { return false; }

@@ -1,4 +1,4 @@
-// The zeroth-order kernel on CUDA: the same per-element arithmetic as the CPU loop (zo_math.h),
+// The zeroth-order kernels on CUDA: the same per-element arithmetic as the CPU loops (zo_math.h),
 // one thread per group of four elements, so one Philox call serves four normals.
 
 #include <cuda_bf16.h>
@@ -97,7 +97,70 @@ void launch_weights(const ZoTensors& t, const ZoUpdateList& updates, const ZoPer
   }
 }
 
+// The device half of a compressed transfer: one thread per group of four elements, as zo_kernel.
+template <ZoTransferFormat F, DType C>
+__global__ void zo_transfer_kernel(const void* codes, const float* scales, const std::int64_t* segment_ends,
+                                   int segments, typename Element<C>::T* compute, std::int64_t numel,
+                                   ZoPerturb perturb) {
+  const std::int64_t group = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  const std::int64_t begin = group * 4;
+  if (begin >= numel) return;
+  const std::int64_t end = begin + 4 < numel ? begin + 4 : numel;
+  float z[4] = {0, 0, 0, 0};
+  if (perturb.scale != 0.0f) {
+    normals4(perturb.direction.seed, static_cast<std::uint64_t>(group), perturb.direction.stream, z);
+  }
+  int segment = F == ZoTransferFormat::kFp8E4M3 ? segment_of(segment_ends, segments, begin) : 0;
+  for (std::int64_t i = begin; i < end; ++i) {
+    float theta;
+    if constexpr (F == ZoTransferFormat::kBF16) {
+      theta = __bfloat162float(static_cast<const __nv_bfloat16*>(codes)[i]);
+    } else {
+      while (i >= segment_ends[segment]) ++segment;
+      theta = fp8_e4m3_decode(static_cast<const std::uint8_t*>(codes)[i]) * scales[segment];
+    }
+    const float value = perturb.scale != 0.0f ? theta + perturb.scale * z[i - begin] : theta;
+    Element<C>::store(compute + i, value);
+  }
+}
+
+template <ZoTransferFormat F, DType C>
+void launch_transfer_typed(const ZoTransferCopy& t, void* compute, const ZoPerturb& perturb, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const std::int64_t groups = (t.numel + 3) / 4;
+  const auto blocks = static_cast<unsigned>((groups + kThreads - 1) / kThreads);
+  if (blocks == 0) return;
+  zo_transfer_kernel<F, C><<<blocks, kThreads, 0, stream>>>(
+      t.codes, t.scales, t.segment_ends, t.segments, static_cast<typename Element<C>::T*>(compute), t.numel,
+      perturb);
+}
+
+template <ZoTransferFormat F>
+void launch_transfer_format(const ZoTransferCopy& t, void* compute, DType compute_dtype, const ZoPerturb& perturb,
+                            cudaStream_t stream) {
+  switch (compute_dtype) {
+    case DType::kF32: return launch_transfer_typed<F, DType::kF32>(t, compute, perturb, stream);
+    case DType::kBF16: return launch_transfer_typed<F, DType::kBF16>(t, compute, perturb, stream);
+    case DType::kF16: return launch_transfer_typed<F, DType::kF16>(t, compute, perturb, stream);
+  }
+}
+
 }  // namespace
+
+// Returns the launch's cudaError_t (as int, so the caller needs no CUDA headers).
+int launch_zo_transfer(const ZoTransferCopy& t, void* compute, DType compute_dtype, const ZoPerturb& perturb,
+                       void* stream) {
+  auto cuda_stream = static_cast<cudaStream_t>(stream);
+  switch (t.format) {
+    case ZoTransferFormat::kBF16:
+      launch_transfer_format<ZoTransferFormat::kBF16>(t, compute, compute_dtype, perturb, cuda_stream);
+      break;
+    case ZoTransferFormat::kFp8E4M3:
+      launch_transfer_format<ZoTransferFormat::kFp8E4M3>(t, compute, compute_dtype, perturb, cuda_stream);
+      break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
 
 // Returns the launch's cudaError_t (as int, so the caller needs no CUDA headers).
 int launch_zo(const ZoTensors& t, const ZoUpdateList& updates, const ZoPerturb& perturb, void* stream) {

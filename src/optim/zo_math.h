@@ -1,10 +1,12 @@
 #pragma once
 
 // The per-element arithmetic of the zeroth-order kernels, shared by the CPU loop (zo.cpp) and the
-// CUDA kernel (zo.cu): Philox4x32-10, Box-Muller and the update rules, all in fp32.
+// CUDA kernel (zo.cu): Philox4x32-10, Box-Muller, the update rules (all in fp32) and the fp8
+// e4m3fn transfer codec.
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "ferry/zo.h"
 
@@ -105,6 +107,77 @@ FERRY_HOST_DEVICE inline float zo_update_element(const ZoUpdate& update, float t
     }
   }
   return theta;
+}
+
+// --- fp8 e4m3fn ---------------------------------------------------------------------------------
+
+FERRY_HOST_DEVICE inline std::uint32_t bits_of(float value) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(value);
+#else
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+#endif
+}
+
+FERRY_HOST_DEVICE inline float float_of(std::uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+#endif
+}
+
+// Note: c10::Float8_e4m3fn's rounding (fp8e4m3fn_from_fp32_value), but saturating: from 448 up
+// the code is 448, where c10 gives NaN from 464 (448 and half an ulp) up. Below 2^-6 (the
+// smallest normal) the codes are multiples of 2^-9: adding 2^14, whose fp32 ulp is 2^-9, rounds
+// to one of them (nearest even, fp32's own rounding) and leaves it in the low mantissa bits.
+// Above, adding 2^19 - 1 plus the kept mantissa's lowest bit rounds the 23 mantissa bits to 3,
+// nearest even, carrying into the exponent when needed.
+FERRY_HOST_DEVICE inline std::uint8_t fp8_e4m3_encode(float value) {
+  std::uint32_t bits = bits_of(value);
+  const auto sign = static_cast<std::uint8_t>((bits >> 24) & 0x80u);
+  bits &= 0x7FFFFFFFu;
+  if (bits > 0x7F800000u) return sign | 0x7Fu;   // NaN
+  if (bits >= 0x43E00000u) return sign | 0x7Eu;  // 448 and above (Inf included): 448
+  constexpr std::uint32_t kSubnormalBias = 141u << 23;  // 2^14
+  if (bits < (121u << 23)) {
+    const std::uint32_t rounded = bits_of(float_of(bits) + float_of(kSubnormalBias));
+    return sign | static_cast<std::uint8_t>(rounded - kSubnormalBias);
+  }
+  const std::uint32_t odd = (bits >> 20) & 1u;
+  bits -= 120u << 23;  // rebias the exponent: 127 -> 7
+  bits += 0x7FFFFu + odd;
+  return sign | static_cast<std::uint8_t>(bits >> 20);
+}
+
+FERRY_HOST_DEVICE inline float fp8_e4m3_decode(std::uint8_t code) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(code & 0x80u) << 24;
+  const std::uint32_t exponent = (code >> 3) & 0xFu;
+  const std::uint32_t mantissa = code & 0x7u;
+  if (exponent == 0xFu && mantissa == 0x7u) return float_of(sign | 0x7FC00000u);
+  if (exponent == 0) {
+    const float magnitude = static_cast<float>(mantissa) * 0.001953125f;  // mantissa * 2^-9, exact
+    return float_of(sign | bits_of(magnitude));
+  }
+  return float_of(sign | ((exponent + 120u) << 23) | (mantissa << 20));
+}
+
+// The segment holding element i: the first s with ends[s] > i.
+FERRY_HOST_DEVICE inline int segment_of(const std::int64_t* ends, int count, std::int64_t i) {
+  int low = 0, high = count - 1;
+  while (low < high) {
+    const int middle = (low + high) / 2;
+    if (ends[middle] > i) {
+      high = middle;
+    } else {
+      low = middle + 1;
+    }
+  }
+  return low;
 }
 
 }  // namespace ferry::optim::detail

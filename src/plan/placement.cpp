@@ -112,6 +112,7 @@ Sizing size_tiers(const PlanRequest& request, const EngineConfig& config) {
               model.num_layers, " blocks");
   Sizing sizing;
   sizing.config = config;
+  if (zo2) sizing.config.zo.gpu_blocks = zo_gpu_blocks(part_shapes(model), config);  // resolves auto
   ActivationShape shape{request.batch, request.seq, compute_element_size(config.precision),
                         request.attention == AttentionKernel::kFused};
   sizing.block = block_costs(model, shape);

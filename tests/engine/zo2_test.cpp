@@ -196,13 +196,30 @@ class Reference {
     return z;
   }
 
-  // parameters = theta + scale z
+  // parameters = theta + scale z; a block that crosses PCIe compressed (zo.transfer) computes
+  // from its weights as they arrive: rounded to bf16, or to fp8 with one scale per tensor.
   void perturb(const Direction& z, float scale) {
     for (std::size_t p = 0; p < parts_.size(); ++p) {
+      const bool block = p > 0 && p + 1 < parts_.size();
+      const bool compressed = block && config_.zo.transfer != ZoTransfer::kStorage &&
+                              static_cast<std::int64_t>(p) - 1 >= config_.zo.gpu_blocks;
       for (std::size_t i = 0; i < parts_[p].size(); ++i) {
-        parts_[p][i].detach().copy_(scale == 0.0f ? theta_[p][i] : theta_[p][i] + z[p][i] * scale);
+        const torch::Tensor theta = compressed && scale != 0.0f ? transferred(theta_[p][i]) : theta_[p][i];
+        parts_[p][i].detach().copy_(scale == 0.0f ? theta : theta + z[p][i] * scale);
       }
     }
+  }
+
+  torch::Tensor transferred(const torch::Tensor& theta) const {
+    if (config_.zo.transfer == ZoTransfer::kBF16) return theta.to(torch::kBFloat16).to(torch::kFloat);
+    const float amax = theta.abs().max().item<float>();
+    const float scale = amax > 0 ? amax / optim::kFp8E4M3Max : 1.0f;
+    torch::Tensor values = theta.contiguous().clone();
+    float* data = values.data_ptr<float>();
+    for (std::int64_t i = 0; i < values.numel(); ++i) {
+      data[i] = optim::fp8_e4m3_decode(optim::fp8_e4m3_encode(data[i] / scale)) * scale;
+    }
+    return values;
   }
 
   LayeredModel model_;
@@ -368,6 +385,186 @@ TEST_CASE("zo2 with blocks on NVMe equals blocks in host memory") {
   CHECK(stats.store.transfers[static_cast<int>(Tier::kHost)][static_cast<int>(Tier::kNvme)].bytes > 0);
 }
 
+TEST_CASE("zo2 with the first blocks resident on the device equals streaming them all") {
+  TempDir nvme;
+  EngineConfig streamed = zo_config();
+  streamed.optimizer.kind = OptimizerKind::kAdam;
+  streamed.optimizer.lr = 1e-4;
+  EngineConfig resident = streamed;
+  SECTION("two of five blocks resident") { resident.zo.gpu_blocks = 2; }
+  SECTION("every block resident: nothing streams") { resident.zo.gpu_blocks = 5; }
+  SECTION("one resident, one in host memory, the rest on NVMe") {
+    resident.zo.gpu_blocks = 1;
+    resident.zo.host_blocks = 1;
+    resident.zo.block_tier = Tier::kNvme;
+    resident.nvme_directories = {nvme.path()};
+  }
+  const models::ModelConfig shape = model_config("tiny-opt");
+  Engine a(models::build(shape, kModelSeed), streamed);
+  Engine b(models::build(shape, kModelSeed), resident);
+  const std::vector<StepResult> ra = train(a, 6);
+  const std::vector<StepResult> rb = train(b, 6);
+  for (std::size_t i = 0; i < ra.size(); ++i) {
+    INFO("step " << i + 1);
+    CHECK(ra[i].loss_plus == rb[i].loss_plus);
+    CHECK(ra[i].loss_minus == rb[i].loss_minus);
+    CHECK(ra[i].projected_grads == rb[i].projected_grads);
+  }
+  TempDir out;
+  const std::vector<torch::Tensor> wa = saved_weights(a, out.path() + "/a");
+  const std::vector<torch::Tensor> wb = saved_weights(b, out.path() + "/b");
+  for (std::size_t i = 0; i < wa.size(); ++i) CHECK(torch::equal(wa[i], wb[i]));
+  // Resident blocks are not uploaded: fewer bytes go up per step.
+  const int up = static_cast<int>(Tier::kHost), gpu = static_cast<int>(Tier::kGpu);
+  CHECK(b.stats().store.transfers[up][gpu].bytes < a.stats().store.transfers[up][gpu].bytes);
+}
+
+TEST_CASE("zo2 gpu_blocks = auto keeps as many blocks resident as the gpu budget holds") {
+  EngineConfig config = zo_config();
+  const models::ModelConfig shape = model_config("tiny-llama");
+  const std::vector<PartShape> parts = part_shapes(shape);
+  const int gpu = static_cast<int>(Tier::kGpu);
+  const std::uint64_t streaming = engine_demand(parts, config).bytes[gpu];
+  config.zo.gpu_blocks = 2;
+  const std::uint64_t two_resident = engine_demand(parts, config).bytes[gpu];
+  config.zo.gpu_blocks = 3;
+  const std::uint64_t three_resident = engine_demand(parts, config).bytes[gpu];
+  REQUIRE(streaming < two_resident);
+  REQUIRE(two_resident < three_resident);
+
+  config.zo.gpu_blocks = ZoConfig::kAutoGpuBlocks;
+  config.gpu_budget_bytes = three_resident - 1;
+  CHECK(zo_gpu_blocks(parts, config) == 2);
+  CHECK(engine_demand(parts, config).bytes[gpu] == two_resident);
+  Engine engine(models::build(shape, kModelSeed), config);
+  train(engine, 3);
+  CHECK(engine.stats().store.tiers[gpu].peak_bytes <= config.gpu_budget_bytes);
+
+  config.gpu_budget_bytes = streaming - 1;  // not even the window fits: the budget check says so
+  CHECK(zo_gpu_blocks(parts, config) == 0);
+  CHECK_THROWS_WITH(Engine(models::build(shape, kModelSeed), config),
+                    Catch::Contains("zo2 mode needs") && Catch::Contains("short"));
+
+  // A fixed count past the budget names what the resident blocks take.
+  config.zo.gpu_blocks = 3;
+  config.gpu_budget_bytes = two_resident;
+  CHECK_THROWS_WITH(Engine(models::build(shape, kModelSeed), config),
+                    Catch::Contains("resident block weights") && Catch::Contains("short"));
+}
+
+TEST_CASE("zo2 reads zo_gpu_blocks from JSON as a number or auto") {
+  CHECK(engine_config_from_json(R"({"zo_gpu_blocks": 3})").zo.gpu_blocks == 3);
+  CHECK(engine_config_from_json(R"({"zo_gpu_blocks": "4"})").zo.gpu_blocks == 4);
+  CHECK(engine_config_from_json(R"({"zo_gpu_blocks": "auto"})").zo.gpu_blocks == ZoConfig::kAutoGpuBlocks);
+  CHECK_THROWS_WITH(engine_config_from_json(R"({"zo_gpu_blocks": "many"})"),
+                    Catch::Contains("zo_gpu_blocks = 'many'") && Catch::Contains("auto or a number"));
+}
+
+TEST_CASE("zo2 with compressed transfers equals MeZO over weights rounded as they cross") {
+  const std::string preset = GENERATE("tiny-opt", "tiny-llama");
+  INFO(preset);
+  EngineConfig config = zo_config();
+  config.zo.storage = Precision::kF32;
+  SECTION("bf16, sgd") { config.zo.transfer = ZoTransfer::kBF16; }
+  SECTION("fp8, sgd, a three-block window") {
+    config.zo.transfer = ZoTransfer::kFp8;
+    config.zo.blocks_in_flight = 3;
+  }
+  SECTION("fp8, momentum and two samples, two blocks resident") {
+    config.zo.transfer = ZoTransfer::kFp8;
+    config.optimizer.momentum = 0.9;
+    config.zo.samples = 2;
+    config.zo.gpu_blocks = 2;
+  }
+  SECTION("fp8, adam") {
+    config.zo.transfer = ZoTransfer::kFp8;
+    config.optimizer.kind = OptimizerKind::kAdam;
+    config.optimizer.lr = 1e-4;
+  }
+  const models::ModelConfig shape = model_config(preset);
+  Reference reference(shape, config);
+  Engine engine(models::build(shape, kModelSeed), config);
+  auto batches = loader(3);
+  for (int step = 0; step < 6; ++step) {
+    INFO("step " << step + 1);
+    data::Batch batch = batches->next();
+    const Reference::Step expected = reference.step(batch);
+    const StepResult result = *engine.train_step(batch);
+    if (kExactReference) {
+      REQUIRE(result.loss_plus == expected.plus);
+      REQUIRE(result.loss_minus == expected.minus);
+      REQUIRE(result.projected_grads == expected.grads);
+    } else {
+      for (std::size_t s = 0; s < expected.plus.size(); ++s) {
+        REQUIRE(result.loss_plus[s] == Approx(expected.plus[s]).epsilon(1e-6));
+        REQUIRE(result.projected_grads[s] == Approx(expected.grads[s]).margin(1e-2));
+      }
+    }
+  }
+  // The stored fp32 weights took every update in full: what a checkpoint holds.
+  TempDir dir;
+  const std::vector<torch::Tensor> weights = saved_weights(engine, dir.path() + "/ckpt");
+  const std::vector<torch::Tensor> expected = reference.weights();
+  for (std::size_t i = 0; i < weights.size(); ++i) {
+    INFO("parameter " << i << ", largest difference " << (weights[i] - expected[i]).abs().max().item<double>());
+    if (kExactReference) {
+      CHECK(torch::equal(weights[i], expected[i]));
+    } else {
+      CHECK(torch::allclose(weights[i], expected[i], /*rtol=*/0, /*atol=*/kWeightTolerance));
+    }
+  }
+  // Only the compressed copies went up: 2 bytes (bf16) or 1 byte and a scale table (fp8) per
+  // parameter instead of 4, and nothing came down.
+  const int host = static_cast<int>(Tier::kHost), gpu = static_cast<int>(Tier::kGpu);
+  CHECK(engine.stats().store.transfers[gpu][host].bytes == 0);
+}
+
+TEST_CASE("zo2 with compressed transfers: flush and resume leave the trajectory unchanged") {
+  EngineConfig config = zo_config();
+  config.zo.storage = Precision::kF32;
+  config.zo.transfer = GENERATE(ZoTransfer::kBF16, ZoTransfer::kFp8);
+  config.optimizer.kind = OptimizerKind::kAdam;
+  config.optimizer.lr = 1e-4;
+  INFO(to_string(config.zo.transfer));
+  const models::ModelConfig shape = model_config("tiny-gpt2");
+  Engine straight(models::build(shape, kModelSeed), config);
+  const std::vector<StepResult> expected = train(straight, 6);
+
+  Engine flushed(models::build(shape, kModelSeed), config);
+  train(flushed, 3);
+  flushed.flush();
+  flushed.flush();  // nothing left to apply
+  require_continuation(flushed, expected);
+
+  TempDir dir;
+  {
+    Engine first(models::build(shape, kModelSeed), config);
+    train(first, 3);
+    first.save(dir.path() + "/ckpt");
+  }
+  Engine resumed(models::build(shape, 1234), config);
+  resumed.load(dir.path() + "/ckpt");
+  require_continuation(resumed, expected);
+}
+
+TEST_CASE("zo2 with an fp8 transfer uploads a quarter of the fp32 bytes and fits its budget") {
+  EngineConfig config = zo_config();
+  config.zo.storage = Precision::kF32;
+  const models::ModelConfig shape = model_config("tiny-llama");
+  const int host = static_cast<int>(Tier::kHost), gpu = static_cast<int>(Tier::kGpu);
+  Engine plain(models::build(shape, kModelSeed), config);
+  const std::vector<StepResult> plain_steps = train(plain, 2);
+  config.zo.transfer = ZoTransfer::kFp8;
+  config.gpu_budget_bytes = engine_demand(part_shapes(shape), config).bytes[gpu];
+  Engine compressed(models::build(shape, kModelSeed), config);
+  const std::vector<StepResult> compressed_steps = train(compressed, 2);
+  CHECK(compressed_steps[0].loss_plus != plain_steps[0].loss_plus);  // the forwards saw fp8 weights
+  const std::uint64_t plain_up = plain.stats().store.transfers[host][gpu].bytes;
+  const std::uint64_t compressed_up = compressed.stats().store.transfers[host][gpu].bytes;
+  CHECK(compressed_up < plain_up / 3);
+  CHECK(compressed.stats().store.tiers[gpu].peak_bytes <= config.gpu_budget_bytes);
+}
+
 TEST_CASE("zo2 resumes from a checkpoint with the same losses as an uninterrupted run") {
   EngineConfig config = zo_config();
   config.optimizer.kind = OptimizerKind::kAdam;
@@ -440,6 +637,46 @@ TEST_CASE("zo2 rejects configurations it cannot run, naming the value") {
   SECTION("host_blocks without nvme") {
     config.zo.host_blocks = 2;
     CHECK_THROWS_WITH(make(config), Catch::Contains("only applies with block tier nvme"));
+  }
+  SECTION("negative gpu_blocks") {
+    config.zo.gpu_blocks = -2;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("zo gpu_blocks = -2") && Catch::Contains(">= 0, or auto"));
+  }
+  SECTION("more gpu_blocks than blocks") {
+    config.zo.gpu_blocks = 6;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("zo gpu_blocks = 6 is more than the model's 5 blocks"));
+  }
+  SECTION("gpu_blocks with every block on the gpu") {
+    config.zo.block_tier = Tier::kGpu;
+    config.zo.gpu_blocks = 2;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("only applies with block tier host or nvme"));
+  }
+  SECTION("gpu_blocks auto without a budget") {
+    config.zo.gpu_blocks = ZoConfig::kAutoGpuBlocks;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("auto needs a gpu budget"));
+  }
+  SECTION("a compressed transfer with blocks on NVMe") {
+    TempDir nvme;
+    config.zo.block_tier = Tier::kNvme;
+    config.nvme_directories = {nvme.path()};
+    config.zo.transfer = ZoTransfer::kFp8;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("zo transfer fp8 needs the blocks in host memory") &&
+                                        Catch::Contains("block tier is nvme"));
+  }
+  SECTION("a bf16 transfer of bf16 storage") {
+    config.precision = Precision::kBF16;
+    config.zo.transfer = ZoTransfer::kBF16;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("zo transfer bf16 compresses an fp32 master") &&
+                                        Catch::Contains("storage is bf16"));
+  }
+  SECTION("an fp8 transfer of fp16 storage") {
+    config.zo.storage = Precision::kF16;
+    config.zo.transfer = ZoTransfer::kFp8;
+    CHECK_THROWS_WITH(make(config), Catch::Contains("zo transfer fp8 needs storage fp32 or bf16"));
+  }
+  SECTION("an unknown transfer") {
+    CHECK_THROWS_WITH(engine_config_from_json(R"({"zo_transfer": "fp4"})"),
+                      Catch::Contains("unknown zo transfer 'fp4'") && Catch::Contains("storage, bf16, fp8"));
   }
   SECTION("window") {
     config.zo.blocks_in_flight = 1;

@@ -1,7 +1,14 @@
 // The zeroth-order kernels: the regenerated directions and the fused update-and-perturb pass.
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
+
+#if __has_include(<c10/util/Float8_e4m3fn.h>)
+#include <c10/util/Float8_e4m3fn.h>
+#define FERRY_TEST_C10_FLOAT8 1
+#endif
 
 #include <catch2/catch.hpp>
 
@@ -130,4 +137,147 @@ TEST_CASE("zo_apply replays several updates exactly as separate passes would") {
   REQUIRE(m_once == m_replayed);
   REQUIRE(v_once == v_replayed);
   REQUIRE(compute_once == compute_replayed);
+}
+
+namespace {
+
+// The finite fp8 e4m3fn values in code order (0x00 .. 0x7E), built from the format's definition.
+std::vector<float> fp8_values() {
+  std::vector<float> values;
+  for (int code = 0; code < 0x7F; ++code) {
+    const int exponent = code >> 3, mantissa = code & 7;
+    values.push_back(exponent == 0 ? std::ldexp(mantissa / 8.0f, -6)
+                                   : std::ldexp(1.0f + mantissa / 8.0f, exponent - 7));
+  }
+  return values;
+}
+
+// Segment ends of a part of n elements cut into tensors at odd places, one of them empty.
+std::vector<std::int64_t> segments_of(std::int64_t n) { return {7, 1003, 1003, 20001, n}; }
+
+}  // namespace
+
+TEST_CASE("fp8 e4m3fn decodes every code as the format defines it") {
+  const std::vector<float> values = fp8_values();
+  for (int code = 0; code < 0x7F; ++code) {
+    INFO("code " << code);
+    REQUIRE(fp8_e4m3_decode(static_cast<std::uint8_t>(code)) == values[code]);
+    REQUIRE(fp8_e4m3_decode(static_cast<std::uint8_t>(code | 0x80)) == -values[code]);
+    REQUIRE(fp8_e4m3_encode(values[code]) == code);
+    REQUIRE(fp8_e4m3_encode(-values[code]) == (code | 0x80));
+  }
+  CHECK(values[0x7E] == kFp8E4M3Max);
+  CHECK(std::isnan(fp8_e4m3_decode(0x7F)));
+  CHECK(std::isnan(fp8_e4m3_decode(0xFF)));
+}
+
+TEST_CASE("fp8 e4m3fn encodes to the nearest value, ties to even, saturating at 448") {
+  const std::vector<float> values = fp8_values();
+  // Every midpoint between neighbours rounds to the even code; just off it, to the nearer one.
+  for (int code = 0; code + 1 < 0x7F; ++code) {
+    const float middle = (values[code] + values[code + 1]) / 2;
+    INFO("between codes " << code << " and " << code + 1);
+    REQUIRE(fp8_e4m3_encode(middle) == (code % 2 == 0 ? code : code + 1));
+    REQUIRE(fp8_e4m3_encode(std::nextafter(middle, 0.0f)) == code);
+    REQUIRE(fp8_e4m3_encode(std::nextafter(middle, 1000.0f)) == code + 1);
+  }
+  CHECK(fp8_e4m3_encode(447.0f) == 0x7E);
+  CHECK(fp8_e4m3_encode(470.0f) == 0x7E);
+  CHECK(fp8_e4m3_encode(1e30f) == 0x7E);
+  CHECK(fp8_e4m3_encode(-INFINITY) == 0xFE);
+  CHECK(fp8_e4m3_encode(NAN) == 0x7F);
+  CHECK(fp8_e4m3_encode(1e-30f) == 0x00);   // far below half the smallest subnormal
+  CHECK(fp8_e4m3_encode(-1e-30f) == 0x80);  // keeps its sign
+}
+
+#if defined(FERRY_TEST_C10_FLOAT8)
+TEST_CASE("fp8 e4m3fn encoding equals c10::Float8_e4m3fn's on [-448, 448]") {
+  std::uint32_t state = 12345;
+  for (int i = 0; i < 1000000; ++i) {
+    state = state * 1664525u + 1013904223u;
+    // Magnitudes spread over fp8's whole range, subnormals included.
+    const float fraction = static_cast<float>(state >> 8) / 16777216.0f;
+    const float value = std::ldexp(fraction, static_cast<int>(state % 21) - 11) * ((state & 1) ? -1.0f : 1.0f);
+    if (std::fabs(value) > kFp8E4M3Max) continue;
+    REQUIRE(fp8_e4m3_encode(value) == c10::Float8_e4m3fn(value).x);
+  }
+}
+#endif
+
+TEST_CASE("zo_update_and_encode applies the update as zo_apply does, then encodes the result") {
+  const std::int64_t n = 40000 + 3;
+  std::vector<float> weights(n), expected(n), m(n, 0.0f), m_expected(n, 0.0f);
+  for (std::int64_t i = 0; i < n; ++i) weights[i] = expected[i] = 0.01f * std::sin(0.1f * static_cast<float>(i));
+  // A tensor of its own scale.
+  for (std::int64_t i = 1003; i < 20001; ++i) weights[i] = expected[i] = 3.0f * weights[i];
+  ZoUpdate update;
+  update.lr = 1e-3f;
+  update.momentum = 0.9f;
+  update.samples = 1;
+  update.seeds[0] = 8;
+  update.projected_grads[0] = -2.0f;
+  update.stream = 3;
+  ZoTensors plain{expected.data(), DType::kF32, m_expected.data(), nullptr, nullptr, DType::kF32, n};
+  zo_apply(plain, &update, 1, {});
+  ZoTensors stored{weights.data(), DType::kF32, m.data(), nullptr, nullptr, DType::kF32, n};
+
+  SECTION("bf16") {
+    std::vector<std::uint16_t> codes(n);
+    ZoTransferCopy transfer{ZoTransferFormat::kBF16, codes.data(), nullptr, nullptr, 0, n};
+    zo_update_and_encode(stored, &update, 1, transfer);
+    REQUIRE(weights == expected);
+    REQUIRE(m == m_expected);
+    std::vector<float> decoded(n);
+    zo_perturb_transfer(transfer, decoded.data(), DType::kF32, {});
+    for (std::int64_t i = 0; i < n; ++i) {
+      REQUIRE(std::fabs(decoded[i] - expected[i]) <= std::fabs(expected[i]) / 256);
+    }
+  }
+  SECTION("fp8, one scale per segment") {
+    const std::vector<std::int64_t> ends = segments_of(n);
+    std::vector<std::uint8_t> codes(n);
+    std::vector<float> scales(ends.size());
+    ZoTransferCopy transfer{ZoTransferFormat::kFp8E4M3, codes.data(), scales.data(), ends.data(),
+                            static_cast<int>(ends.size()), n};
+    zo_update_and_encode(stored, &update, 1, transfer);
+    REQUIRE(weights == expected);
+    std::int64_t begin = 0;
+    for (std::size_t s = 0; s < ends.size(); ++s) {
+      float amax = 0;
+      for (std::int64_t i = begin; i < ends[s]; ++i) amax = std::max(amax, std::fabs(expected[i]));
+      INFO("segment " << s);
+      REQUIRE(scales[s] == (amax > 0 ? amax / kFp8E4M3Max : 1.0f));
+      for (std::int64_t i = begin; i < ends[s]; ++i) REQUIRE(codes[i] == fp8_e4m3_encode(expected[i] / scales[s]));
+      begin = ends[s];
+    }
+    // The device half decodes with the segment's scale and adds the perturbation.
+    std::vector<float> compute(n), z(n);
+    zo_normals({21, 3}, 0, z.data(), n);
+    zo_perturb_transfer(transfer, compute.data(), DType::kF32, {{21, 3}, 1e-3f});
+    begin = 0;
+    for (std::size_t s = 0; s < ends.size(); ++s) {
+      for (std::int64_t i = begin; i < ends[s]; ++i) {
+        REQUIRE(compute[i] == fp8_e4m3_decode(codes[i]) * scales[s] + 1e-3f * z[i]);
+      }
+      begin = ends[s];
+    }
+  }
+}
+
+TEST_CASE("compressed transfers reject copies that do not describe the part") {
+  std::vector<float> weights(100), compute(100);
+  std::vector<std::uint8_t> codes(100);
+  std::vector<float> scales(2);
+  const std::vector<std::int64_t> short_ends = {50, 90};
+  ZoTensors stored{weights.data(), DType::kF32, nullptr, nullptr, nullptr, DType::kF32, 100};
+  ZoTransferCopy transfer{ZoTransferFormat::kFp8E4M3, codes.data(), scales.data(), short_ends.data(), 2, 100};
+  CHECK_THROWS_WITH(zo_update_and_encode(stored, nullptr, 0, transfer),
+                    Catch::Contains("the last must end at 100"));
+  transfer.numel = 99;
+  CHECK_THROWS_WITH(zo_update_and_encode(stored, nullptr, 0, transfer),
+                    Catch::Contains("needs codes for as many; got 99"));
+  ZoTensors with_compute = stored;
+  with_compute.compute = compute.data();
+  CHECK_THROWS_WITH(zo_update_and_encode(with_compute, nullptr, 0, transfer),
+                    Catch::Contains("not a compute copy"));
 }
