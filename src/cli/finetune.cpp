@@ -155,6 +155,8 @@ EngineConfig engine_config(const Json& job, std::int64_t blocks) {
   return config;
 }
 
+bool is_directory_name(const std::string& model) { return model.find('/') != std::string::npos; }
+
 // Whether the job plans fuyou's activations or host blocks before it runs.
 bool plans_fuyou(const Json& job, const EngineConfig& config) {
   return config.mode == Mode::kFuyou && config.staged.empty() &&
@@ -187,8 +189,6 @@ void stage_if_needed(const std::string& model, const EngineConfig& config) {
                static_cast<long long>(report.bundles_written), static_cast<long long>(report.bundles_verified),
                format_bytes(report.nvme_bytes).c_str(), report.seconds, report.manifest_path.c_str());
 }
-
-bool is_directory_name(const std::string& model) { return model.find('/') != std::string::npos; }
 
 LayeredModel load_model(const std::string& name, std::uint64_t seed) {
   if (is_directory_name(name)) return models::from_pretrained(name);
