@@ -472,12 +472,9 @@ void Engine::Impl::prepare_gradients(std::size_t index) {
   // A fresh, zeroed device copy for this micro-batch's gradients of the part, once at most
   // two earlier parts' are still going down (the stem's, kept for a tied head, aside).
   release_gradients(2);
-  // Note: the worker may still be reading the part's host gradients (adding up the previous
-  // micro-batch's, or, with a delayed update, updating with the previous step's). Where the host
-  // is their home, only the download into them waits for it (gradients_ready) and backward runs
-  // meanwhile; where they are staged there, the worker drops the staging copy itself, so a new
-  // device copy waits.
-  if (staged_on_host(parts[index].grads)) wait_for_part(index);
+  // The worker may still be reading the part's host gradients: adding up the previous
+  // micro-batch's, or, with a delayed update, updating with the previous step's.
+  wait_for_part(index);
   store->allocate(parts[index].grads, Tier::kGpu);
   bind_gradients(parts[index]);
 }

@@ -171,3 +171,23 @@ def test_bad_job_files_name_the_problem(text: str, message: str, tmp_path: Path,
     run = run_ferry(build_dir, "--config", str(job), check=False)
     assert run.returncode != 0
     assert message in run.stderr
+
+
+def test_a_staged_fuyou_job_trains_as_one_that_reads_the_checkpoint(tmp_path: Path, build_dir: Path) -> None:
+    checkpoint = tmp_path / "hf"
+    ferry.Engine("tiny-llama", device="cpu").export_pretrained(checkpoint)
+    common = ["--model", str(checkpoint), "--mode", "fuyou", "--fuyou-host-blocks", "0", "--activations", "nvme",
+              "--steps", "4", "--batch", "4", "--seq", "16", "--eval-problems", "1", "--export", "none",
+              "--device", "cpu"]
+    loaded_nvme, staged_nvme = tmp_path / "nvme-loaded", tmp_path / "nvme-staged"
+    loaded_nvme.mkdir()
+    staged_nvme.mkdir()
+    run_ferry(build_dir, *common, "--nvme", str(loaded_nvme), "--out", str(tmp_path / "loaded"))
+    staged = run_ferry(build_dir, *common, "--nvme", str(staged_nvme), "--staged", str(staged_nvme), "--out",
+                       str(tmp_path / "staged"))
+    assert "stage: " in staged.stderr and "bundles written" in staged.stderr
+    assert losses(tmp_path / "staged") == losses(tmp_path / "loaded")
+    # The layout is now the job's live state: a second job on it is refused with the fix.
+    again = run_ferry(build_dir, *common, "--nvme", str(staged_nvme), "--staged", str(staged_nvme), "--out",
+                      str(tmp_path / "again"), check=False)
+    assert again.returncode != 0 and "ferry stage" in again.stderr
