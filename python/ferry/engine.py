@@ -38,15 +38,19 @@ class Engine:
         engine = ferry.Engine(config=json.load(open("job.json")))
 
     Engine settings (:func:`engine_settings`): mode (``"gpu"``, ``"zero-offload"``,
-    ``"zo2"``), precision
+    ``"fuyou"``, ``"zo2"``), precision
     (``"fp32"``, ``"bf16"``, ``"fp16"``), device (``"auto"``, the default here, ``"cpu"``,
     ``"cuda[:N]"``), gpu_budget, host_budget (bytes or ``"24GiB"``; 0: no limit), optimizer
     (``"adamw"``, ``"adam"``, ``"sgd"``, ``"adagrad"``), lr, beta1, beta2, eps, weight_decay,
     momentum, nesterov, schedule (``"constant"``, ``"linear"``, ``"cosine"``), warmup, steps
     (the schedule's length), min_lr_ratio, grad_accum, max_grad_norm, loss_scale,
     keep_graph_blocks, offload_checkpoints, optimizer_threads, trace, nvme (directories),
-    nvme_budget, and for zo2: seed, zo_eps, zo_samples, zo_blocks (``"gpu"``, ``"host"``,
-    ``"nvme"``), zo_host_blocks, zo_storage, zo_window. A missing setting takes the C++
+    nvme_budget, staged (a directory ``ferry stage`` filled), delayed_update and
+    delayed_update_warmup (zero-offload), fuyou_host_blocks, fuyou_window, activations,
+    micro_batch_order, and for zo2: seed, zo_eps, zo_samples, zo_blocks (``"gpu"``, ``"host"``,
+    ``"nvme"``), zo_gpu_blocks (a number or ``"auto"``), zo_host_blocks, zo_storage,
+    zo_transfer (``"storage"``, ``"bf16"``, ``"fp8"``), zo_window, zo_write_back. A missing
+    setting takes the C++
     ``EngineConfig`` default (adamw, lr 1e-3, no weight decay, constant schedule, fp32,
     zero-offload). They are parsed by the same C++ function the CLI uses.
 
