@@ -271,28 +271,12 @@ void require_continuation(Engine& engine, const std::vector<StepResult>& straigh
   }
 }
 
-}  // namespace
-
-TEST_CASE("zo2 equals plain MeZO step by step in fp32: losses, projected gradients, weights") {
-  const std::string preset = GENERATE("tiny-opt", "tiny-llama");
-  INFO(preset);
-  EngineConfig config = zo_config();
-  SECTION("sgd") {}
-  SECTION("sgd with momentum and two samples") {
-    config.optimizer.momentum = 0.9;
-    config.zo.samples = 2;
-  }
-  SECTION("a three-block window") { config.zo.blocks_in_flight = 3; }
-  SECTION("every block home every step") { config.zo.write_back_interval = 1; }
-  SECTION("home every third step, adam") {
-    config.zo.write_back_interval = 3;
-    config.optimizer.kind = OptimizerKind::kAdam;
-  }
-  const models::ModelConfig shape = model_config(preset);
-  Reference reference(shape, config);
-  Engine engine(models::build(shape, kModelSeed), config);
+// Trains the engine and the plain reference side by side on the same batches: each step's losses
+// and projected gradients agree (exactly, or within LibTorch 2.x's tolerance: kExactReference),
+// and so do the weights a checkpoint of the engine holds at the end.
+void require_follows_reference(Engine& engine, Reference& reference, int steps) {
   auto batches = loader(3);
-  for (int step = 0; step < 8; ++step) {
+  for (int step = 0; step < steps; ++step) {
     INFO("step " << step + 1);
     data::Batch batch = batches->next();
     const Reference::Step expected = reference.step(batch);
@@ -322,6 +306,29 @@ TEST_CASE("zo2 equals plain MeZO step by step in fp32: losses, projected gradien
       CHECK(torch::allclose(weights[i], expected[i], /*rtol=*/0, /*atol=*/kWeightTolerance));
     }
   }
+}
+
+}  // namespace
+
+TEST_CASE("zo2 equals plain MeZO step by step in fp32: losses, projected gradients, weights") {
+  const std::string preset = GENERATE("tiny-opt", "tiny-llama");
+  INFO(preset);
+  EngineConfig config = zo_config();
+  SECTION("sgd") {}
+  SECTION("sgd with momentum and two samples") {
+    config.optimizer.momentum = 0.9;
+    config.zo.samples = 2;
+  }
+  SECTION("a three-block window") { config.zo.blocks_in_flight = 3; }
+  SECTION("every block home every step") { config.zo.write_back_interval = 1; }
+  SECTION("home every third step, adam") {
+    config.zo.write_back_interval = 3;
+    config.optimizer.kind = OptimizerKind::kAdam;
+  }
+  const models::ModelConfig shape = model_config(preset);
+  Reference reference(shape, config);
+  Engine engine(models::build(shape, kModelSeed), config);
+  require_follows_reference(engine, reference, 8);
 }
 
 TEST_CASE("zo2 trains: the loss falls on the demo task") {
@@ -484,39 +491,7 @@ TEST_CASE("zo2 with compressed transfers equals MeZO over weights rounded as the
   const models::ModelConfig shape = model_config(preset);
   Reference reference(shape, config);
   Engine engine(models::build(shape, kModelSeed), config);
-  auto batches = loader(3);
-  for (int step = 0; step < 6; ++step) {
-    INFO("step " << step + 1);
-    data::Batch batch = batches->next();
-    const Reference::Step expected = reference.step(batch);
-    const StepResult result = *engine.train_step(batch);
-    if (kExactReference) {
-      REQUIRE(result.loss_plus == expected.plus);
-      REQUIRE(result.loss_minus == expected.minus);
-      REQUIRE(result.projected_grads == expected.grads);
-    } else {
-      for (std::size_t s = 0; s < expected.plus.size(); ++s) {
-        REQUIRE(result.loss_plus[s] == Approx(expected.plus[s]).epsilon(1e-6));
-        REQUIRE(result.projected_grads[s] == Approx(expected.grads[s]).margin(1e-2));
-      }
-    }
-  }
-  // The stored fp32 weights took every update in full: what a checkpoint holds.
-  TempDir dir;
-  const std::vector<torch::Tensor> weights = saved_weights(engine, dir.path() + "/ckpt");
-  const std::vector<torch::Tensor> expected = reference.weights();
-  for (std::size_t i = 0; i < weights.size(); ++i) {
-    INFO("parameter " << i << ", largest difference " << (weights[i] - expected[i]).abs().max().item<double>());
-    if (kExactReference) {
-      CHECK(torch::equal(weights[i], expected[i]));
-    } else {
-      CHECK(torch::allclose(weights[i], expected[i], /*rtol=*/0, /*atol=*/kWeightTolerance));
-    }
-  }
-  // Only the compressed copies went up: 2 bytes (bf16) or 1 byte and a scale table (fp8) per
-  // parameter instead of 4, and nothing came down.
-  const int host = static_cast<int>(Tier::kHost), gpu = static_cast<int>(Tier::kGpu);
-  CHECK(engine.stats().store.transfers[gpu][host].bytes == 0);
+  require_follows_reference(engine, reference, 6);
 }
 
 TEST_CASE("zo2 with compressed transfers: flush and resume leave the trajectory unchanged") {

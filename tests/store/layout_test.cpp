@@ -3,12 +3,12 @@
 
 #include <cstring>
 #include <fstream>
-#include <random>
 
 #include <torch/types.h>
 
 #include "ferry/store.h"
 #include "store/extent_allocator.h"
+#include "support/random_bytes.h"
 #include "support/temp_dir.h"
 
 // glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
@@ -30,14 +30,6 @@ StoreOptions options_in(const TempDir& dir) {
   options.nvme_budget_bytes = 16 * kMiB;
   options.stripe_bytes = 64 << 10;
   return options;
-}
-
-torch::Tensor random_bytes(std::uint64_t count, unsigned seed) {
-  std::mt19937 generator(seed);
-  torch::Tensor bytes = torch::empty({static_cast<std::int64_t>(count)}, torch::kUInt8);
-  auto* data = bytes.data_ptr<std::uint8_t>();
-  for (std::uint64_t i = 0; i < count; ++i) data[i] = static_cast<std::uint8_t>(generator());
-  return bytes;
 }
 
 std::uint64_t text_hash(const char* text, std::uint64_t seed = 0) {

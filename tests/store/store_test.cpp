@@ -4,7 +4,6 @@
 #include <cerrno>
 #include <condition_variable>
 #include <mutex>
-#include <random>
 #include <thread>
 #include <unistd.h>
 
@@ -14,6 +13,7 @@
 #include "ferry/io_fault.h"
 #include "ferry/store.h"
 #include "io/descriptors.h"
+#include "support/random_bytes.h"
 #include "support/temp_dir.h"
 
 // glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
@@ -43,14 +43,6 @@ StoreOptions options_in(const TempDir& dir, torch::Device device) {
   options.nvme_budget_bytes = 64 * kMiB;
   options.stripe_bytes = 64 << 10;
   return options;
-}
-
-torch::Tensor random_bytes(std::uint64_t count, unsigned seed) {
-  std::mt19937 generator(seed);
-  torch::Tensor bytes = torch::empty({static_cast<std::int64_t>(count)}, torch::kUInt8);
-  auto* data = bytes.data_ptr<std::uint8_t>();
-  for (std::uint64_t i = 0; i < count; ++i) data[i] = static_cast<std::uint8_t>(generator());
-  return bytes;
 }
 
 bool same_bytes(const torch::Tensor& a, const torch::Tensor& b) { return a.cpu().equal(b.cpu()); }
