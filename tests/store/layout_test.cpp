@@ -9,11 +9,8 @@
 #include "ferry/store.h"
 #include "store/extent_allocator.h"
 #include "support/random_bytes.h"
+#include "support/catch.h"
 #include "support/temp_dir.h"
-
-// glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
-#undef CHECK
-#include <catch2/catch.hpp>
 
 using namespace ferry;
 using ferry::testing::TempDir;
