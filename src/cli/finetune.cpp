@@ -438,12 +438,17 @@ int run_finetune(int argc, char** argv) {
   // the model's name, the NVMe directories, the budgets (the plan) and the checkpoint to resume.
   const models::ModelConfig shape = model_shape(job["model"]);
   EngineConfig config = engine_config(job, shape.num_layers);
+  const std::string staged_manifest = config.staged + "/" + kStageManifestName;
+  const bool staged_before = !config.staged.empty() && fs::exists(staged_manifest);
+  // As the engine does, a staged job without NVMe directories of its own takes the layout's.
+  if (staged_before && config.nvme_directories.empty()) {
+    config.nvme_directories = read_nvme_layout(staged_manifest).directories;
+  }
   check_nvme_directories(config.nvme_directories);
   const Hardware hardware = job_hardware(args.count("hardware") ? args["hardware"].as<std::string>() : "", config);
   Plan plan = plan_job(job, config, shape, std::nullopt, hardware);
   require_fits(plan);
   // A staged layout already holds the plan's NVMe bytes.
-  const bool staged_before = !config.staged.empty() && fs::exists(config.staged + "/" + kStageManifestName);
   if (!staged_before) check_nvme_room(config.nvme_directories, plan.tier_bytes[static_cast<int>(Tier::kNvme)]);
   const std::string latest_file = out + "/checkpoints/latest";
   std::string resume = job["resume"];
