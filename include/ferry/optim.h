@@ -140,6 +140,13 @@ struct GradStats {
 
 GradStats grad_stats(GradSpan grad);
 
+// The same on CUDA device memory, queued on `cuda_stream`, without a read back: writes the sum of
+// squares to stats[0] and 1.0 when it is not finite (else 0.0) to stats[1], and uses the rest of
+// the kGradStatsCudaDoubles device doubles as scratch. A fixed grid and order: one gradient gives
+// the same bits on every run (the CPU's order differs). Throws ferry::Error without CUDA.
+constexpr std::int64_t kGradStatsCudaDoubles = 2 + 512;
+void grad_stats_cuda(GradSpan grad, double* stats, void* cuda_stream);
+
 // Instruction sets, fastest last. The best one the CPU supports is used unless
 // FERRY_OPTIM_ISA=scalar|avx2|avx512 or set_isa() says otherwise.
 enum class Isa : std::uint8_t { kScalar, kAvx2, kAvx512 };

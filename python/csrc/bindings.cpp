@@ -211,8 +211,20 @@ void bind_models(py::module_& module) {
                                return model.config()->to_hf_json();
                              })
       .def("parameters", &LayeredModel::parameters)
-      .def("forward", &LayeredModel::forward, py::arg("tokens"),
-           py::arg("padding_mask") = torch::Tensor(), py::call_guard<py::gil_scoped_release>())
+      .def("to",
+           [](LayeredModel& model, const std::string& device, const std::optional<std::string>& dtype) {
+             if (dtype) {
+               model.to(torch::Device(device), to_scalar_type(model_dtype(*dtype)));
+             } else {
+               model.to(torch::Device(device));
+             }
+           },
+           py::arg("device"), py::arg("dtype") = std::nullopt)
+      .def("forward",
+           [](LayeredModel& model, const torch::Tensor& tokens, const std::optional<torch::Tensor>& padding_mask) {
+             return model.forward(tokens, padding_mask.value_or(torch::Tensor()));
+           },
+           py::arg("tokens"), py::arg("padding_mask") = std::nullopt, py::call_guard<py::gil_scoped_release>())
       .def("loss", &LayeredModel::loss, py::arg("logits"), py::arg("labels"),
            py::call_guard<py::gil_scoped_release>());
   module.def("load_model", &load_model, py::arg("name"), py::arg("seed") = 0,

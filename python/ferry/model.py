@@ -104,6 +104,15 @@ class LayeredModel:
         """Stem, blocks, head, each in registration order."""
         return self._model.parameters()
 
+    def to(self, device: Union[str, torch.device], dtype: DTypeLike = None) -> "LayeredModel":
+        """Moves (and casts) every parameter and buffer, in place, for use outside an engine:
+        an engine takes the model where it is and places it itself."""
+        if self._bound:
+            raise ValueError("this LayeredModel belongs to an Engine, whose memory its "
+                             "parameters are now; build a new one to use it elsewhere")
+        self._model.to(str(device), _dtype_name(dtype))
+        return self
+
     def forward(self, tokens: torch.Tensor,
                 padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The whole model in one call, outside any engine: logits ``[batch, seq, vocab]``."""

@@ -149,7 +149,6 @@ void Engine::Impl::allocate_and_bind() {
     } else {
       detail::bind_parameters(part, view(part.params, Tier::kGpu, compute_dtype, part.numel));
     }
-    if (!offloaded()) bind_gradients(part);
   }
 }
 
@@ -445,15 +444,24 @@ void Engine::Impl::check_batch_major(const char* call) const {
 
 // --- backward ---------------------------------------------------------------------------------
 
-void Engine::Impl::bind_gradients(const Part& part) {
+// Note: autograd owns the parameters' .grad and hands over its own buffers; once a part's
+// backward is done they are copied into the part's flat gradient bundle (4 bytes a bf16 parameter)
+// and dropped. A .grad bound to views of the bundle would instead make autograd add into it and
+// the step zero it: 8 bytes, and twice the kernels (docs/engine.md, "One step, every mode").
+void Engine::Impl::collect_gradients(std::size_t index) {
+  torch::NoGradGuard no_grad;
+  const Part& part = parts[index];
   torch::Tensor grads = view(part.grads, Tier::kGpu, compute_dtype, part.numel);
   for (const detail::ParameterSlice& slice : part.slices) {
-    slice.parameter.mutable_grad() = grads.narrow(0, slice.offset, slice.numel).view(slice.shape);
+    torch::Tensor into = grads.narrow(0, slice.offset, slice.numel);
+    const torch::Tensor& grad = slice.parameter.grad();
+    if (grad.defined()) {
+      into.copy_(grad.reshape({-1}));
+    } else {
+      into.zero_();  // not used by this micro-batch's loss
+    }
+    slice.parameter.mutable_grad() = torch::Tensor();
   }
-}
-
-void Engine::Impl::unbind_gradients(const Part& part) {
-  for (const detail::ParameterSlice& slice : part.slices) slice.parameter.mutable_grad() = torch::Tensor();
 }
 
 void Engine::Impl::release_gradients(std::size_t keep) {
@@ -476,7 +484,6 @@ void Engine::Impl::prepare_gradients(std::size_t index) {
   // micro-batch's, or, with a delayed update, updating with the previous step's.
   wait_for_part(index);
   store->allocate(parts[index].grads, Tier::kGpu);
-  bind_gradients(parts[index]);
 }
 
 void Engine::Impl::limit_gradients_ahead() {
@@ -618,6 +625,7 @@ StepResult Engine::Impl::train_layer_major(const std::vector<data::Batch>& batch
 }
 
 void Engine::Impl::fold_gradients(std::size_t index, bool first) {
+  collect_gradients(index);
   torch::NoGradGuard no_grad;
   const Part& part = parts[index];
   if (store->state(part.accumulator, Tier::kGpu) == CopyState::kAbsent) store->allocate(part.accumulator, Tier::kGpu);
@@ -628,13 +636,13 @@ void Engine::Impl::fold_gradients(std::size_t index, bool first) {
   } else {
     sum.add_(grads);
   }
-  grads.zero_();
 }
 
 void Engine::Impl::gradients_ready(std::size_t index, bool summed) {
   const bool first = micro_batches == 0;
   const bool last = micro_batches + 1 == config.grad_accumulation;
   const Part& part = parts[index];
+  if (!summed) collect_gradients(index);
   if (!offloaded()) {
     accumulate_and_measure(index, first, last, summed);
     return;
@@ -648,8 +656,7 @@ void Engine::Impl::gradients_ready(std::size_t index, bool summed) {
   // The step's last use of the part's parameters is queued: the delayed update may go up.
   if (last && stale_on_device[index]) upload_parameters(index);
   gradients_on_device.push_back({index, down});
-  unbind_gradients(part);
-  if (summed) store->discard(part.grads, Tier::kGpu);  // zeroed scratch by now
+  if (summed) store->discard(part.grads, Tier::kGpu);  // scratch once folded
   const bool update_now = last && !deferred_updates();
   const std::int64_t step = steps + 1;
   const double lr = step_lr;
@@ -691,11 +698,7 @@ void Engine::Impl::accumulate_and_measure(std::size_t index, bool first_micro_ba
     } else {
       sum.add_(grads);
     }
-    if (offloaded()) {
-      release_staged(part.grads);
-    } else {
-      grads.zero_();
-    }
+    if (offloaded()) release_staged(part.grads);
   }
   if (!last_micro_batch) return;
   torch::Tensor grad = gradient_view(part);
@@ -846,9 +849,6 @@ StepResult Engine::Impl::step() {
       stale_on_device[i] = delayed;
     }
     if (!delayed) wait_for_workers();
-  }
-  if (!offloaded()) {
-    for (const Part& part : parts) view(part.grads, Tier::kGpu, compute_dtype, part.numel).zero_();
   }
   scaler.update(!finite);
   part_updated.assign(parts.size(), false);

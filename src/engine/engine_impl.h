@@ -109,8 +109,7 @@ struct Engine::Impl {
   void release_checkpoints(std::size_t keep);
 
   // Gradients, per part.
-  void bind_gradients(const detail::Part& part);
-  void unbind_gradients(const detail::Part& part);
+  void collect_gradients(std::size_t part);
   void prepare_gradients(std::size_t part);
   // Evicts device gradients that have gone down, waiting for the oldest while more than `keep`
   // are still on the device.

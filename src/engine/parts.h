@@ -41,7 +41,7 @@ struct Part {
   std::int64_t decay_numel = 0;
 
   BundleId params = kNoBundle;  // compute dtype, home GPU; modules see views of it
-  BundleId grads = kNoBundle;   // compute dtype, home GPU; parameters' .grad are views of it
+  BundleId grads = kNoBundle;   // compute dtype, home GPU; collect_gradients copies .grad into it
   BundleId master = kNoBundle;  // fp32 on the optimizer's tier, when the compute dtype is not
   std::vector<BundleId> states;  // fp32 on the optimizer's tier
   BundleId accumulator = kNoBundle;  // fp32 gradient sum over micro-batches, when there are several

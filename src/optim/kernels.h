@@ -71,9 +71,11 @@ const KernelTable& scalar_kernels();
 const KernelTable& avx2_kernels();
 const KernelTable& avx512_kernels();
 
-// adam.cu, in builds with CUDA: the adam kernel over a whole span of device memory, queued on
-// `stream` (a cudaStream_t). Returns the launch's cudaError_t.
+// kernels.cu, in builds with CUDA, on device memory, queued on `stream` (a cudaStream_t); each
+// returns the launch's cudaError_t. The adam kernel over a whole span:
 int launch_adam(const AdamConstants& c, float* master, float* exp_avg, float* exp_avg_sq,
                 const GradSpan& grad, const OutputSpan& out, void* stream);
+// grad_stats_cuda's two kernels (stats has kGradStatsCudaDoubles elements):
+int launch_grad_stats(const GradSpan& grad, double* stats, void* stream);
 
 }  // namespace ferry::optim::detail

@@ -270,4 +270,19 @@ GradStats grad_stats(GradSpan grad) {
   return GradStats{sum_squares, std::isfinite(sum_squares)};
 }
 
+void grad_stats_cuda(GradSpan grad, double* stats, void* cuda_stream) {
+  FERRY_CHECK(grad.size >= 0 && (grad.data != nullptr || grad.size == 0),
+              "grad_stats_cuda: grad of ", grad.size, " elements at ", grad.data, " is not a span");
+  FERRY_CHECK(known_dtype(grad.dtype), "grad_stats_cuda: grad dtype ", static_cast<int>(grad.dtype),
+              " is unsupported; valid: f32, bf16, f16");
+  FERRY_CHECK(stats != nullptr, "grad_stats_cuda needs ", kGradStatsCudaDoubles, " device doubles for stats");
+#ifdef FERRY_WITH_CUDA
+  const int error = detail::launch_grad_stats(grad, stats, cuda_stream);
+  FERRY_CHECK(error == 0, "grad_stats_cuda: the kernel failed to launch (cudaError_t ", error, ")");
+#else
+  (void)cuda_stream;
+  throw Error("grad_stats_cuda: this ferry was built without CUDA");
+#endif
+}
+
 }  // namespace ferry::optim

@@ -118,8 +118,8 @@ EngineConfig delayed_config() {
   return config;
 }
 
-// The reference mode on the CPU: gpu mode equals zero-offload bit for bit there (engine_test).
-// plain_reading takes the delayed update's warm-up from it and runs without it.
+// The reference: gpu mode, which updates in step() and equals zero-offload bit for bit on the
+// CPU (engine_test). plain_reading takes the delayed update's warm-up from it and runs without it.
 EngineConfig as_reference(EngineConfig config) {
   config.mode = Mode::kGpu;
   return config;
@@ -266,10 +266,11 @@ TEST_CASE("on a CUDA device a delayed update follows its plain reading") {
     config.precision = precision;
     config.grad_accumulation = 2;
     const Run delayed = delayed_run(config, kSteps);
-    // Zero-offload updating at once is the reference here: the same CPU kernels update, where
-    // gpu mode would use torch's. Its master is the host copy, which the assigned device
-    // parameters do not touch. The device's backward may sum in another order from run to run.
-    const Run reference = plain_reading(config, kSteps);
+    // Note: the reference must update in step(), after plain_reading has put the latest
+    // parameters back. Zero-offload updating at once uploads each part's new parameters during
+    // backward, and that assignment would overwrite them. gpu mode's CUDA AdamW computes what the
+    // CPU kernels do; the device's backward may sum in another order from run to run.
+    const Run reference = plain_reading(as_reference(config), kSteps);
     const double tolerance = precision == Precision::kF32 ? 1e-5 : 1e-2;
     for (std::size_t i = 0; i < reference.steps.size(); ++i) {
       INFO("step " << i + 1);

@@ -1,12 +1,16 @@
-// Adam and AdamW on CUDA: the per-element arithmetic of adam_tile (kernel_loops.h) in the same
-// order, each multiply, add, divide and square root rounded on its own (the _rn intrinsics are
-// never contracted into multiply-adds), so a device step gives the CPU kernels' bits. One pass
-// reads the gradient in its own dtype and writes the master, both moments and the low-precision
-// copy that the modules compute with.
+// ferry's optimizer kernels on CUDA.
+//
+// Adam and AdamW: the per-element arithmetic of adam_tile (kernel_loops.h) in the same order,
+// each multiply, add, divide and square root rounded on its own (the _rn intrinsics are never
+// contracted into multiply-adds), so a device step gives the CPU kernels' bits. One pass reads
+// the gradient in its own dtype and writes the master, both moments and the low-precision copy
+// that the modules compute with.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cmath>
 
 #include "optim/kernels.h"
 
@@ -83,6 +87,54 @@ void launch_grad(const AdamConstants& c, float* master, float* exp_avg, float* e
   launch_typed<kGrad, DType::kF16>(c, master, exp_avg, exp_avg_sq, grad, out, stream);
 }
 
+// The gradient's sum of squares: each of kGradStatsBlocks blocks sums a fixed grid-stride share in
+// fp64 and halves it in a tree; one block then adds the partial sums the same way. A fixed grid
+// and fixed trees make the result the same bits on every run (not the CPU's, which sums in
+// another order), without materialising an fp64 copy of the gradient.
+constexpr int kStatsThreads = 256;
+constexpr int kGradStatsBlocks = static_cast<int>(kGradStatsCudaDoubles) - 2;
+
+__device__ double block_sum(double value, double* shared) {
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int half = kStatsThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+template <DType kGrad>
+__global__ void partial_sum_squares(const void* grad, std::int64_t size, double* partials) {
+  __shared__ double shared[kStatsThreads];
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  double sum = 0;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < size; i += stride) {
+    const double g = load_grad<kGrad>(grad, i);
+    sum += g * g;
+  }
+  const double total = block_sum(sum, shared);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
+}
+
+__global__ void finish_sum_squares(double* stats) {
+  __shared__ double shared[kStatsThreads];
+  const double* partials = stats + 2;
+  double sum = 0;
+  for (int i = threadIdx.x; i < kGradStatsBlocks; i += kStatsThreads) sum += partials[i];
+  const double total = block_sum(sum, shared);
+  if (threadIdx.x == 0) {
+    stats[0] = total;
+    stats[1] = isfinite(total) ? 0.0 : 1.0;
+  }
+}
+
+template <DType kGrad>
+void launch_stats_typed(const GradSpan& grad, double* stats, cudaStream_t stream) {
+  partial_sum_squares<kGrad><<<kGradStatsBlocks, kStatsThreads, 0, stream>>>(grad.data, grad.size, stats + 2);
+  finish_sum_squares<<<1, kStatsThreads, 0, stream>>>(stats);
+}
+
 }  // namespace
 
 int launch_adam(const AdamConstants& c, float* master, float* exp_avg, float* exp_avg_sq, const GradSpan& grad,
@@ -92,6 +144,16 @@ int launch_adam(const AdamConstants& c, float* master, float* exp_avg, float* ex
     case DType::kF32: launch_grad<DType::kF32>(c, master, exp_avg, exp_avg_sq, grad, out, cuda_stream); break;
     case DType::kBF16: launch_grad<DType::kBF16>(c, master, exp_avg, exp_avg_sq, grad, out, cuda_stream); break;
     case DType::kF16: launch_grad<DType::kF16>(c, master, exp_avg, exp_avg_sq, grad, out, cuda_stream); break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_grad_stats(const GradSpan& grad, double* stats, void* stream) {
+  auto cuda_stream = static_cast<cudaStream_t>(stream);
+  switch (grad.dtype) {
+    case DType::kF32: launch_stats_typed<DType::kF32>(grad, stats, cuda_stream); break;
+    case DType::kBF16: launch_stats_typed<DType::kBF16>(grad, stats, cuda_stream); break;
+    case DType::kF16: launch_stats_typed<DType::kF16>(grad, stats, cuda_stream); break;
   }
   return static_cast<int>(cudaGetLastError());
 }
