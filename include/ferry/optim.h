@@ -144,7 +144,7 @@ GradStats grad_stats(GradSpan grad);
 // squares to stats[0] and 1.0 when it is not finite (else 0.0) to stats[1], and uses the rest of
 // the kGradStatsCudaDoubles device doubles as scratch. A fixed grid and order: one gradient gives
 // the same bits on every run (the CPU's order differs). Throws ferry::Error without CUDA.
-constexpr std::int64_t kGradStatsCudaDoubles = 2 + 512;
+constexpr std::int64_t kGradStatsCudaDoubles = 2 + 1024;
 void grad_stats_cuda(GradSpan grad, double* stats, void* cuda_stream);
 
 // Instruction sets, fastest last. The best one the CPU supports is used unless

@@ -42,6 +42,9 @@ struct GpuMemoryStats {
 GpuTierInfo probe_gpu_tier();
 GpuMemoryStats gpu_memory_stats();
 void reset_gpu_peak_memory();
+// Returns the caching allocator's free blocks to the device, so that the next run starts from an
+// empty cache, as a separate process would; nothing without CUDA.
+void release_cached_gpu_memory();
 // Waits for all work queued on the current device; nothing without CUDA.
 void synchronize_gpu();
 HostTierInfo probe_host_tier();

@@ -74,6 +74,7 @@ Figures finish(Figures figures, const models::ModelConfig& config, std::int64_t 
 
 Figures run_plain_libtorch(const models::ModelConfig& config, torch::Device device,
                            std::int64_t batch, std::int64_t seq, int warmup, int steps) {
+  release_cached_gpu_memory();
   reset_gpu_peak_memory();
   LayeredModel model = models::build(config, 1);
   model.to(device, torch::kBFloat16);
@@ -116,6 +117,9 @@ Figures run_plain_libtorch(const models::ModelConfig& config, torch::Device devi
 Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device device,
                   std::int64_t batch, std::int64_t seq, int warmup, int steps,
                   std::int64_t keep_graph_blocks, const OffloadSettings& offload) {
+  // Note: the previous run's blocks, cached by the allocator, would split and fragment under
+  // this one's allocations; each run starts from an empty cache.
+  release_cached_gpu_memory();
   reset_gpu_peak_memory();
   EngineConfig engine_config;
   engine_config.mode = mode;

@@ -108,6 +108,13 @@ void reset_gpu_peak_memory() {
 #endif
 }
 
+void release_cached_gpu_memory() {
+#if FERRY_WITH_CUDA
+  int count = 0;
+  if (cudaGetDeviceCount(&count) == cudaSuccess && count > 0) c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
+}
+
 void synchronize_gpu() {
 #if FERRY_WITH_CUDA
   int count = 0;

@@ -104,16 +104,22 @@ __device__ double block_sum(double value, double* shared) {
   return shared[0];
 }
 
+// Four loads in flight per thread (a bf16 gradient is 2 bytes an element: one load at a time
+// left the kernel at a fifth of the memory's speed).
 template <DType kGrad>
 __global__ void partial_sum_squares(const void* grad, std::int64_t size, double* partials) {
   __shared__ double shared[kStatsThreads];
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
-  double sum = 0;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < size; i += stride) {
-    const double g = load_grad<kGrad>(grad, i);
-    sum += g * g;
+  double sums[4] = {0, 0, 0, 0};
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < size; i += 4 * stride) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const std::int64_t at = i + k * stride;
+      const double g = at < size ? static_cast<double>(load_grad<kGrad>(grad, at)) : 0.0;
+      sums[k] += g * g;
+    }
   }
-  const double total = block_sum(sum, shared);
+  const double total = block_sum((sums[0] + sums[1]) + (sums[2] + sums[3]), shared);
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
