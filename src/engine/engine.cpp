@@ -371,8 +371,7 @@ detail::PendingBackward Engine::Impl::prepare_micro_batch(const data::Batch& bat
   detail::PendingBackward saved;
   saved.tokens = batch.input_ids.to(config.device, torch::kLong);
   saved.labels = batch.labels.to(config.device, torch::kLong);
-  torch::Tensor mask = batch.attention_mask.defined() ? batch.attention_mask.to(config.device)
-                                                      : torch::Tensor();
+  torch::Tensor mask = detail::device_padding_mask(batch.attention_mask, config.device);
   saved.context = model.make_context(saved.tokens, mask);
   saved.token_count = saved.tokens.numel();
   return saved;
@@ -864,8 +863,8 @@ torch::Tensor Engine::Impl::run_inference(const torch::Tensor& tokens,
   flush();
   torch::NoGradGuard no_grad;
   torch::Tensor input = tokens.to(config.device, torch::kLong);
-  StepContext context = model.make_context(
-      input, padding_mask.defined() ? padding_mask.to(config.device) : torch::Tensor());
+  torch::Tensor mask = detail::device_padding_mask(padding_mask, config.device);
+  StepContext context = model.make_context(input, mask);
   window->begin(parameter_visits(/*reverse=*/false));
   enter_part(0);
   torch::Tensor hidden = model.stem()->forward(input, context);

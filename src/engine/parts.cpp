@@ -73,6 +73,12 @@ void add_bundles(Part& part, const PartHomes& homes, const EngineConfig& config,
   }
 }
 
+torch::Tensor device_padding_mask(const torch::Tensor& mask, torch::Device device) {
+  if (!mask.defined()) return {};
+  if (mask.device().is_cpu() && mask.ne(0).all().item<bool>()) return {};
+  return mask.to(device);
+}
+
 void move_buffers(const LayeredModel& model, torch::Device device) {
   auto move = [&](torch::nn::Module& module) {
     for (auto& buffer : module.buffers(/*recurse=*/true)) buffer.set_data(buffer.data().to(device));

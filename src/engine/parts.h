@@ -62,6 +62,13 @@ torch::ScalarType scalar_type(Precision precision);
 void add_bundles(Part& part, const PartHomes& homes, const EngineConfig& config,
                  const std::function<BundleId(const BundleSpec&)>& add);
 
+// A batch's padding mask on `device`, or none when it has no padding: a host mask of all ones
+// (packed rows, or rows that fill the sequence) is dropped. The model then runs plain causal
+// attention, which is the same attention, and SDPA takes its flash kernel instead of the
+// masked one. Only a host mask is read: a device one would stall the host until the device
+// caught up.
+torch::Tensor device_padding_mask(const torch::Tensor& mask, torch::Device device);
+
 // Moves what is not a parameter (buffers) to the device; parameters move into bundles.
 void move_buffers(const LayeredModel& model, torch::Device device);
 

@@ -509,7 +509,7 @@ StepResult Engine::Zo2::train_step(const data::Batch& batch) {
   const double lr = detail::scheduled_lr(config.schedule, config.optimizer.lr, step);
   torch::Tensor tokens = batch.input_ids.to(config.device, torch::kLong);
   torch::Tensor labels = batch.labels.to(config.device, torch::kLong);
-  torch::Tensor mask = batch.attention_mask.defined() ? batch.attention_mask.to(config.device) : torch::Tensor();
+  torch::Tensor mask = detail::device_padding_mask(batch.attention_mask, config.device);
   StepContext context = model.make_context(tokens, mask);
 
   const auto eps = static_cast<float>(config.zo.eps);
@@ -566,8 +566,8 @@ void Engine::Zo2::flush() {
 torch::Tensor Engine::Zo2::logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask) {
   flush();
   torch::Tensor input = tokens.to(config.device, torch::kLong);
-  StepContext context = model.make_context(
-      input, padding_mask.defined() ? padding_mask.to(config.device) : torch::Tensor());
+  torch::Tensor mask = detail::device_padding_mask(padding_mask, config.device);
+  StepContext context = model.make_context(input, mask);
   std::vector<Pass> passes(1);
   sweep(passes, context, input);
   return passes.front().hidden;

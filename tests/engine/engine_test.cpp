@@ -211,6 +211,25 @@ TEST_CASE("generation and evaluation run through the same parts") {
   CHECK(logits.size(0) == batch.input_ids.size(0));
 }
 
+TEST_CASE("a batch's mask is dropped only when it pads nothing: the losses are the model's") {
+  // Left padding (the first column): under causal attention right padding changes no loss.
+  data::Batch full = demo_loader(2)->next();
+  full.attention_mask = torch::ones_like(full.attention_mask);
+  data::Batch padded = full;
+  padded.attention_mask = full.attention_mask.clone();
+  padded.attention_mask.select(1, 0).zero_();
+  std::vector<double> losses;
+  for (const data::Batch& batch : {padded, full}) {
+    LayeredModel reference = models::build(models::preset("tiny-llama"), 7);
+    torch::Tensor logits = reference.forward(batch.input_ids, batch.attention_mask);
+    const double expected = reference.loss(logits, batch.labels).item<double>();
+    Engine engine = make_engine("tiny-llama", base_config(Mode::kGpu));
+    losses.push_back(engine.evaluate(batch));
+    CHECK(losses.back() == Approx(expected).epsilon(1e-6));
+  }
+  CHECK(losses[0] != losses[1]);
+}
+
 TEST_CASE("on a CUDA device zero-offload follows the gpu mode") {
   if (!torch::cuda::is_available()) {
     WARN("no CUDA device: the device equivalence runs on the GPU machine");
