@@ -476,8 +476,9 @@ void Engine::Impl::release_gradients(std::size_t keep) {
 
 void Engine::Impl::prepare_gradients(std::size_t index) {
   if (!offloaded()) return;
-  // A fresh, zeroed device copy for this micro-batch's gradients of the part, once at most
-  // two earlier parts' are still going down (the stem's, kept for a tied head, aside).
+  // A fresh device copy for this micro-batch's gradients of the part (collect_gradients fills
+  // it), once at most two earlier parts' are still going down (the stem's, kept for a tied
+  // head, aside).
   release_gradients(2);
   // The worker may still be reading the part's host gradients: adding up the previous
   // micro-batch's, or, with a delayed update, updating with the previous step's.
