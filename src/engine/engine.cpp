@@ -652,6 +652,11 @@ void Engine::Impl::gradients_ready(std::size_t index, bool summed) {
   limit_gradients_ahead();
   wait_for_part(index);  // done with the host copy the gradients go down into
   store->mark_dirty(down, Tier::kGpu);  // autograd (or fold_gradients) wrote the device copy
+  // Measured on the device as they go down: the worker then reads two numbers, not the gradients.
+  if (last && (first || summed) && config.device.is_cuda()) {
+    device_stats[index] = detail::measure_on_device(view(down, Tier::kGpu, summed ? torch::kFloat : compute_dtype,
+                                                         part.numel));
+  }
   gradients_down[index] = store->write_back(down, Tier::kGpu, Tier::kHost);
   // The step's last use of the part's parameters is queued: the delayed update may go up.
   if (last && stale_on_device[index]) upload_parameters(index);
@@ -701,11 +706,17 @@ void Engine::Impl::accumulate_and_measure(std::size_t index, bool first_micro_ba
     if (offloaded()) release_staged(part.grads);
   }
   if (!last_micro_batch) return;
+  if (offloaded() && device_stats[index].defined()) {
+    // Note: measured on the stream before the gradients' copy down, which the worker has awaited.
+    part_stats[index] = detail::measured_stats(device_stats[index]);
+    device_stats[index] = torch::Tensor();
+    return;
+  }
   torch::Tensor grad = gradient_view(part);
   if (grad.device().is_cpu()) {
     part_stats[index] = detail::gradient_stats(grad);
   } else {
-    device_stats[index] = detail::device_gradient_stats(grad);  // read in step()
+    device_stats[index] = detail::measure_on_device(grad);  // read in step()
   }
 }
 
@@ -756,19 +767,14 @@ bool Engine::Impl::update(std::size_t index, const detail::UpdateContext& contex
 }
 
 void Engine::Impl::read_device_stats() {
-  std::vector<std::size_t> measured;
-  std::vector<torch::Tensor> pending_stats;
+  const bool pending = std::any_of(device_stats.begin(), device_stats.end(),
+                                   [](const torch::Tensor& measured) { return measured.defined(); });
+  if (!pending) return;
+  detail::wait_for_current_stream(config.device);
   for (std::size_t i = 0; i < device_stats.size(); ++i) {
     if (!device_stats[i].defined()) continue;
-    measured.push_back(i);
-    pending_stats.push_back(device_stats[i]);
+    part_stats[i] = detail::measured_stats(device_stats[i]);
     device_stats[i] = torch::Tensor();
-  }
-  if (measured.empty()) return;
-  torch::Tensor values = torch::stack(pending_stats).to(torch::kCPU);
-  for (std::size_t j = 0; j < measured.size(); ++j) {
-    part_stats[measured[j]] = {values[static_cast<std::int64_t>(j)][0].item<double>(),
-                               values[static_cast<std::int64_t>(j)][1].item<double>() == 0};
   }
 }
 

@@ -184,7 +184,7 @@ struct Engine::Impl {
   std::deque<std::pair<BundleId, Fence>> checkpoints_down;
 
   std::vector<optim::GradStats> part_stats;
-  std::vector<torch::Tensor> device_stats;  // [sum of squares, non-finite count] still on a device
+  std::vector<torch::Tensor> device_stats;  // measure_on_device results not read yet
   std::vector<bool> part_updated;
   std::vector<Fence> uploads;         // parameters going up to the device
   // Parts whose device parameters lack their last (delayed) update: its result waits in the host

@@ -47,9 +47,13 @@ bool apply_update(const OptimizerConfig& config, const UpdateContext& context, P
 
 // Sum of squares (in fp64) and finiteness of a raw gradient.
 optim::GradStats gradient_stats(const torch::Tensor& grad);
-// The same for a gradient on a device, without waiting for it: a 2-element fp64 tensor on the
-// device, [sum of squares, number of non-finite elements].
-torch::Tensor device_gradient_stats(const torch::Tensor& grad);
+// The same for a gradient on a CUDA device, without waiting for it: the kernel and a copy of its
+// result into pinned host memory are queued on the current stream, and the returned host tensor
+// holds the result once the stream has passed this point (a later copy off the device that waits
+// for the stream, or wait_for_current_stream). measured_stats reads it.
+torch::Tensor measure_on_device(const torch::Tensor& grad);
+optim::GradStats measured_stats(const torch::Tensor& measured);
+void wait_for_current_stream(torch::Device device);
 
 // Dynamic loss scaling as torch.cuda.amp.GradScaler does it.
 class LossScaler {

@@ -45,7 +45,7 @@ struct Engine::Zo2 {
   };
 
   // One forward of every part: its perturbation (scale 0: none) and the hidden state flowing
-  // through the parts, the logits at the end.
+  // through the parts, the logits at the end; with labels, the loss in their place.
   struct Pass {
     std::uint64_t seed = 0;
     float scale = 0;
@@ -79,7 +79,10 @@ struct Engine::Zo2 {
   void finish_encoding();
   void mark_encoded(std::size_t part);
   void write_segment_ends(std::size_t part);
-  void sweep(std::vector<Pass>& passes, const StepContext& context, const torch::Tensor& tokens);
+  // Runs the passes (none: a flush) through every part; `labels` (or undefined) turns each pass's
+  // logits into its loss as soon as the head is done.
+  void sweep(std::vector<Pass>& passes, const StepContext& context, const torch::Tensor& tokens,
+             const torch::Tensor& labels);
   void apply(std::size_t part, const std::vector<optim::ZoUpdate>& updates, const Pass* pass);
   optim::ZoUpdate update_for(std::size_t part, const PendingUpdate& pending) const;
   // Whether this sweep writes part p's updated copy home (see the Note in zo2.cpp).
