@@ -60,7 +60,9 @@ struct ZoPerturb {
 
 // One part's tensors. weights (and the states, which are fp32) are updated in place; compute is
 // written (null: only the update runs). states: sgd with momentum uses state0; adam and adamw use state0 = exp_avg and
-// state1 = exp_avg_sq.
+// state1 = exp_avg_sq. opposite, when set, receives the opposite perturbation from the same z,
+// weights - scale * z in the compute dtype: the two forwards of a sample from one pass. It may be
+// the weights themselves (their dtype then the compute dtype), which are then lost.
 struct ZoTensors {
   void* weights = nullptr;
   DType weights_dtype = DType::kF32;
@@ -69,6 +71,7 @@ struct ZoTensors {
   void* compute = nullptr;
   DType compute_dtype = DType::kF32;
   std::int64_t numel = 0;
+  void* opposite = nullptr;
 };
 
 // On the CPU, parallel over tiles: applies updates[0 .. update_count) in order (each rounded to

@@ -378,7 +378,8 @@ bool Engine::Zo2::writes_back(std::size_t p, bool flushing) const {
   return (update_count + static_cast<std::int64_t>(p)) % interval == 0;
 }
 
-void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_updates, const Pass* pass) {
+void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_updates, const Pass* pass,
+                        bool opposite_in_place) {
   const PartBundles& b = bundles[p];
   auto device_memory = [&](BundleId id) { return store->device_tensor_in_flight(id).data_ptr(); };
   if (b.compressed) {
@@ -402,6 +403,7 @@ void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_
   if (b.states.size() > 1) tensors.state1 = static_cast<float*>(device_memory(b.states[1]));
   tensors.compute = pass ? device_memory(b.compute) : nullptr;
   tensors.compute_dtype = optim_dtype(compute_dtype);
+  if (opposite_in_place) tensors.opposite = tensors.weights;
   tensors.numel = parts[p].numel;
   optim::ZoPerturb perturb;
   if (pass) perturb = {{pass->seed, p}, pass->scale};
@@ -413,6 +415,19 @@ void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_
   }
 #endif
   optim::zo_apply(tensors, part_updates.data(), static_cast<int>(part_updates.size()), perturb);
+}
+
+// Note: a streamed block's device copy that does not go home is dropped after its passes. So the
+// kernel that writes the last sample's + copy can write its - copy over the weights' device copy
+// from the same z: one kernel and one draw of z for the pair instead of two, work that a block
+// resident on the device cannot save. Returns the pass that then reads the weights' device copy
+// (SIZE_MAX: none).
+std::size_t Engine::Zo2::opposite_in_place(std::size_t p, bool dropped, const std::vector<Pass>& passes) const {
+  if (!dropped || bundles[p].compressed || storage_dtype != compute_dtype || passes.size() < 2) return SIZE_MAX;
+  const Pass& first = passes[passes.size() - 2];
+  const Pass& second = passes.back();
+  if (second.seed != first.seed || second.scale != -first.scale) return SIZE_MAX;
+  return passes.size() - 1;
 }
 
 void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context, const torch::Tensor& tokens,
@@ -455,10 +470,16 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context, c
       if (pending.number > home_updates[p]) part_updates.push_back(update_for(p, pending));
     }
     const std::vector<optim::ZoUpdate> none;
+    const bool updated = !part_updates.empty();
+    const std::size_t in_place = opposite_in_place(p, streamed && !(updated && writes_back(p, flushing)), passes);
     if (flushing) apply(p, part_updates, nullptr);
     for (std::size_t j = 0; j < passes.size(); ++j) {
       Pass& pass = passes[j];
-      apply(p, j == 0 ? part_updates : none, &pass);
+      if (j == in_place) {
+        detail::bind_parameters(part, detail::typed_device_view(*store, b.weights, compute_dtype, part.numel));
+      } else {
+        apply(p, j == 0 ? part_updates : none, &pass, j + 1 == in_place);
+      }
       switch (part.kind) {
         case models::Part::kStem: pass.hidden = model.stem()->forward(tokens, context); break;
         case models::Part::kBlock: pass.hidden = model.blocks()[part.index]->forward(pass.hidden, context); break;
@@ -478,7 +499,6 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context, c
       window->depart(visit_of[p], {});
       continue;
     }
-    const bool updated = !part_updates.empty();
     if (updated) {
       store->mark_dirty(b.weights, Tier::kGpu);
       for (BundleId id : b.states) store->mark_dirty(id, Tier::kGpu);

@@ -83,10 +83,16 @@ struct Engine::Zo2 {
   // logits into its loss as soon as the head is done.
   void sweep(std::vector<Pass>& passes, const StepContext& context, const torch::Tensor& tokens,
              const torch::Tensor& labels);
-  void apply(std::size_t part, const std::vector<optim::ZoUpdate>& updates, const Pass* pass);
+  // One zo kernel over the part: the updates, then the pass's compute copy; `opposite_in_place`:
+  // the opposite perturbation's copy too, written over the part's device weights.
+  void apply(std::size_t part, const std::vector<optim::ZoUpdate>& updates, const Pass* pass,
+             bool opposite_in_place = false);
   optim::ZoUpdate update_for(std::size_t part, const PendingUpdate& pending) const;
   // Whether this sweep writes part p's updated copy home (see the Note in zo2.cpp).
   bool writes_back(std::size_t part, bool flushing) const;
+  // The pass whose copy the kernel of the pass before it writes over part p's device weights,
+  // when `dropped` (the copy does not go home); SIZE_MAX: none (see the Note in zo2.cpp).
+  std::size_t opposite_in_place(std::size_t part, bool dropped, const std::vector<Pass>& passes) const;
 
   LayeredModel model;
   EngineConfig config;

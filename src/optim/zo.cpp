@@ -46,6 +46,9 @@ void check_updates(const ZoTensors& tensors, const ZoUpdate* updates, int count)
               " updates; got ", count);
   for (int u = 0; u < count; ++u) check_update(tensors, updates[u]);
   FERRY_CHECK(tensors.compute || count > 0, "a zo pass without an update needs a compute copy to write");
+  FERRY_CHECK(!tensors.opposite || tensors.compute, "a zo pass writes an opposite copy only beside a compute copy");
+  FERRY_CHECK(tensors.opposite != tensors.weights || tensors.weights_dtype == tensors.compute_dtype,
+              "the opposite copy may overwrite the weights only when they are in the compute dtype");
 }
 
 // Elements [begin, end) of the part; begin is a multiple of 4.
@@ -80,6 +83,9 @@ void apply_range(const ZoTensors& tensors, const ZoUpdate* updates, int update_c
       if (tensors.compute == nullptr) continue;
       const float value = perturb.scale != 0.0f ? theta + perturb.scale * perturb_z[lane] : theta;
       store(tensors.compute, tensors.compute_dtype, i, value);
+      if (tensors.opposite == nullptr) continue;
+      const float opposite = perturb.scale != 0.0f ? theta + -perturb.scale * perturb_z[lane] : theta;
+      store(tensors.opposite, tensors.compute_dtype, i, opposite);
     }
   }
 }

@@ -39,8 +39,8 @@ struct Element<DType::kF16> {
 // keeping one update's worth of registers live.
 template <DType W, DType C>
 __global__ void zo_kernel(typename Element<W>::T* weights, float* state0, float* state1,
-                          typename Element<C>::T* compute, std::int64_t numel,
-                          const ZoUpdateList updates, ZoPerturb perturb) {
+                          typename Element<C>::T* compute, typename Element<C>::T* opposite,
+                          std::int64_t numel, const ZoUpdateList updates, ZoPerturb perturb) {
   const std::int64_t group = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   const std::int64_t begin = group * 4;
   if (begin >= numel) return;
@@ -71,6 +71,9 @@ __global__ void zo_kernel(typename Element<W>::T* weights, float* state0, float*
     const int lane = static_cast<int>(i - begin);
     const float value = perturb.scale != 0.0f ? theta[lane] + perturb.scale * perturb_z[lane] : theta[lane];
     Element<C>::store(compute + i, value);
+    if (opposite == nullptr) continue;
+    const float mirrored = perturb.scale != 0.0f ? theta[lane] + -perturb.scale * perturb_z[lane] : theta[lane];
+    Element<C>::store(opposite + i, mirrored);
   }
 }
 
@@ -83,7 +86,8 @@ void launch_typed(const ZoTensors& t, const ZoUpdateList& updates, const ZoPertu
   if (blocks == 0) return;
   auto* weights = static_cast<typename Element<W>::T*>(t.weights);
   auto* compute = static_cast<typename Element<C>::T*>(t.compute);
-  zo_kernel<W, C><<<blocks, kThreads, 0, stream>>>(weights, t.state0, t.state1, compute, t.numel,
+  auto* opposite = static_cast<typename Element<C>::T*>(t.opposite);
+  zo_kernel<W, C><<<blocks, kThreads, 0, stream>>>(weights, t.state0, t.state1, compute, opposite, t.numel,
                                                     updates, perturb);
 }
 

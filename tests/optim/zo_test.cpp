@@ -13,6 +13,7 @@
 #include <catch2/catch.hpp>
 
 #include "ferry/zo.h"
+#include "optim/low_precision.h"
 
 using namespace ferry::optim;
 
@@ -51,6 +52,44 @@ TEST_CASE("zo_apply writes weights + scale z without an update") {
   for (std::int64_t i = 0; i < n; ++i) REQUIRE(compute[i] == weights[i] + -0.5f * z[i]);
   zo_apply(tensors, nullptr, 0, {{9, 1}, 0.0f});
   for (std::int64_t i = 0; i < n; ++i) REQUIRE(compute[i] == weights[i]);
+}
+
+TEST_CASE("zo_apply's opposite copy is the pass with the negated scale, also written over the weights") {
+  const std::int64_t n = 40000 + 3;
+  std::vector<std::uint16_t> start(n);
+  for (std::int64_t i = 0; i < n; ++i) start[i] = ferry::optim::detail::float_to_bf16(0.001f * static_cast<float>(i % 97) - 0.03f);
+  ZoUpdate update;
+  update.lr = 0.01f;
+  update.samples = 1;
+  update.seeds[0] = 5;
+  update.projected_grads[0] = 2.5f;
+  update.stream = 3;
+  const ZoPerturb plus{{6, 3}, 1e-2f}, minus{{6, 3}, -1e-2f};
+
+  // Separately: the update with the + copy, then the - copy from the updated weights.
+  std::vector<std::uint16_t> weights = start, expected_plus(n), expected_minus(n);
+  zo_apply({weights.data(), DType::kBF16, nullptr, nullptr, expected_plus.data(), DType::kBF16, n}, &update, 1, plus);
+  zo_apply({weights.data(), DType::kBF16, nullptr, nullptr, expected_minus.data(), DType::kBF16, n}, nullptr, 0, minus);
+  const std::vector<std::uint16_t> updated = weights;
+
+  std::vector<std::uint16_t> compute(n), opposite(n);
+  weights = start;
+  zo_apply({weights.data(), DType::kBF16, nullptr, nullptr, compute.data(), DType::kBF16, n, opposite.data()}, &update,
+           1, plus);
+  CHECK(compute == expected_plus);
+  CHECK(opposite == expected_minus);
+  CHECK(weights == updated);
+
+  weights = start;
+  zo_apply({weights.data(), DType::kBF16, nullptr, nullptr, compute.data(), DType::kBF16, n, weights.data()}, &update,
+           1, plus);
+  CHECK(compute == expected_plus);
+  CHECK(weights == expected_minus);
+
+  std::vector<float> fp32_compute(n);
+  CHECK_THROWS_WITH(zo_apply({weights.data(), DType::kBF16, nullptr, nullptr, fp32_compute.data(), DType::kF32, n,
+                              weights.data()}, nullptr, 0, plus),
+                    Catch::Contains("only when they are in the compute dtype"));
 }
 
 TEST_CASE("zo_apply's sgd update follows theta - (g z + wd theta) lr, decay on the leading range") {
