@@ -53,6 +53,9 @@ struct Hardware {
   // share of the time, as flash does) or run side by side at full rate each.
   bool nvme_shared = true;
   double cpu_adam_params_per_s = 0;  // ferry's CPU AdamW, fp32 states, all cores
+  // Standard normals zo2's kernel draws per second on the device (Philox, Box-Muller): what
+  // bounds its kernels, more than their memory traffic. 0: unknown (memory traffic only).
+  double zo_normals_per_s = 0;
   std::uint64_t host_memory_bytes = 0;
 
   double matmul_tflops(Precision precision) const;

@@ -115,6 +115,10 @@ int run_plan(int argc, char** argv) {
       ("zo-block-tier", "zo2: where blocks live, host or nvme", cxxopts::value<std::string>()->default_value("host"))
       ("zo-host-blocks", "zo2 with nvme: blocks kept in host memory", cxxopts::value<std::int64_t>()->default_value("0"))
       ("zo-blocks-in-flight", "zo2: blocks on the device at once", cxxopts::value<std::int64_t>()->default_value("3"))
+      ("zo-gpu-blocks", "zo2: the first blocks resident on the device, a number or auto (the most the gpu "
+       "budget holds)", cxxopts::value<std::string>()->default_value("0"))
+      ("zo-write-back", "zo2: a streamed block goes home every this many steps (1 to 8)",
+       cxxopts::value<std::int64_t>()->default_value("4"))
       ("attention", "fused or materialized (default: what this build runs)", cxxopts::value<std::string>())
       ("hardware", "plan for a named machine instead of this one", cxxopts::value<std::string>())
       ("calibration", "hardware figures from `ferry bench calibrate`", cxxopts::value<std::string>())
@@ -167,6 +171,12 @@ int run_plan(int argc, char** argv) {
               "--zo-block-tier ", args["zo-block-tier"].as<std::string>(), " is invalid: use host or nvme");
   config.zo.host_blocks = args["zo-host-blocks"].as<std::int64_t>();
   config.zo.blocks_in_flight = args["zo-blocks-in-flight"].as<std::int64_t>();
+  const std::string gpu_blocks = args["zo-gpu-blocks"].as<std::string>();
+  FERRY_CHECK(gpu_blocks == "auto" ||
+                  (!gpu_blocks.empty() && gpu_blocks.find_first_not_of("0123456789") == std::string::npos),
+              "--zo-gpu-blocks ", gpu_blocks, " is invalid: use auto or a number of blocks");
+  config.zo.gpu_blocks = gpu_blocks == "auto" ? ZoConfig::kAutoGpuBlocks : std::stoll(gpu_blocks);
+  config.zo.write_back_interval = args["zo-write-back"].as<std::int64_t>();
   request.max_batch = args["max-batch"].as<std::int64_t>();
   const std::string activations = args["activations"].as<std::string>();
   request.choose_activations = activations == "auto";

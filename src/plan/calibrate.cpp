@@ -15,6 +15,7 @@
 #include "ferry/optim.h"
 #include "ferry/plan.h"
 #include "ferry/system.h"
+#include "ferry/zo.h"
 #include "plan/measure.h"
 
 namespace ferry {
@@ -81,6 +82,35 @@ double cpu_adam_params_per_s(std::int64_t elements, int repeats) {
   return static_cast<double>(elements) / seconds;
 }
 
+// One zo2 kernel as a streamed block's visit runs it: an update applied, then a perturbed copy,
+// two draws of z per bf16 weight. Bound by the draws (Philox, Box-Muller), not by memory.
+double zo_normals_per_s(torch::Device device, std::int64_t elements, int repeats) {
+  const auto options = torch::TensorOptions().device(device).dtype(torch::kBFloat16);
+  torch::Tensor weights = torch::zeros({elements}, options);
+  torch::Tensor compute = torch::empty({elements}, options);
+  optim::ZoTensors tensors;
+  tensors.weights = weights.data_ptr();
+  tensors.weights_dtype = optim::DType::kBF16;
+  tensors.compute = compute.data_ptr();
+  tensors.compute_dtype = optim::DType::kBF16;
+  tensors.numel = elements;
+  optim::ZoUpdate update;
+  update.lr = 1e-6f;
+  update.samples = 1;
+  update.seeds[0] = 1;
+  update.projected_grads[0] = 1.0f;
+  const optim::ZoPerturb perturb{{2, 0}, 1e-3f};
+  const double seconds = measure::median_seconds(repeats, [&] {
+    if (device.is_cuda()) {
+      optim::zo_apply_cuda(tensors, &update, 1, perturb, nullptr);
+    } else {
+      optim::zo_apply(tensors, &update, 1, perturb);
+    }
+    synchronize_gpu();
+  });
+  return 2.0 * static_cast<double>(elements) / seconds;
+}
+
 std::string fixed(double value, int digits = 1) {
   char text[32];
   std::snprintf(text, sizeof text, "%.*f", digits, value);
@@ -135,6 +165,10 @@ Hardware calibrate(const CalibrationOptions& options, const std::function<void(c
   hw.cpu_adam_params_per_s = cpu_adam_params_per_s(std::int64_t{1} << (options.quick ? 22 : 25), repeats);
   say(detail::concat("CPU AdamW (", optim::num_threads(), " threads, ", optim::isa_name(optim::active_isa()),
                      "): ", fixed(hw.cpu_adam_params_per_s / 1e9, 2), "e9 parameters/s"));
+
+  const int zo_log2 = gpu.cuda ? (options.quick ? 24 : 28) : (options.quick ? 18 : 22);
+  hw.zo_normals_per_s = zo_normals_per_s(device, std::int64_t{1} << zo_log2, repeats);
+  say(detail::concat("zo2 kernel: ", fixed(hw.zo_normals_per_s / 1e9, 2), "e9 normals/s"));
 
   const std::uint64_t file_bytes = std::max<std::uint64_t>(options.nvme_bytes >> 20 << 20, 1 << 20);
   for (const std::string& directory : options.nvme_directories) {

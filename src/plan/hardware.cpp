@@ -57,6 +57,9 @@ Hardware h100() {
   hw.pcie_d2h_gbps = 40;
   hw.nvme = {{"/", 2.39, 3.85}};  // docs/benchmarks.md, bench io, io_uring depth 8, 1 MiB
   hw.cpu_adam_params_per_s = 4.3e9;  // docs/benchmarks.md: 1.35B parameters in 311 ms
+  // Derived, docs/benchmarks.md: OPT-13B with write-back every 8th step against every 4th, 70 more
+  // draws over 327M-parameter blocks, 37 ms more a step. tools/bench/zo_normals.cu measures it.
+  hw.zo_normals_per_s = 6.2e11;
   hw.host_memory_bytes = 125 * kGiB;
   return hw;
 }
@@ -75,6 +78,7 @@ Hardware rtx4090_fuyou() {
   hw.pcie_d2h_gbps = 25;
   hw.nvme = {{"raid0", 30, 20}};  // assumed: 12 PCIe 4.0 SSDs behind one RAID-0 volume
   hw.cpu_adam_params_per_s = 3e9; // assumed: 8 channels of DDR4 at ~28 bytes per parameter
+  hw.zo_normals_per_s = 7.6e11;   // assumed: the H100's figure scaled by fp32 throughput (82.6 / 67)
   hw.host_memory_bytes = 768 * std::uint64_t{1000000000};
   return hw;
 }
@@ -133,6 +137,7 @@ std::string Hardware::to_json() const {
   }
   out["nvme_shared"] = nvme_shared;
   out["cpu_adam_params_per_s"] = cpu_adam_params_per_s;
+  out["zo_normals_per_s"] = zo_normals_per_s;
   out["host_memory_bytes"] = host_memory_bytes;
   return out.dump(2) + "\n";
 }
@@ -156,6 +161,8 @@ Hardware Hardware::from_json(const std::string& text, const std::string& file) {
   hw.pcie_h2d_gbps = number(root, "pcie_h2d_gbps", file);
   hw.pcie_d2h_gbps = number(root, "pcie_d2h_gbps", file);
   hw.cpu_adam_params_per_s = number(root, "cpu_adam_params_per_s", file);
+  // Optional: files calibrated before zo2's kernels were timed lack it.
+  if (root.contains("zo_normals_per_s")) hw.zo_normals_per_s = number(root, "zo_normals_per_s", file);
   hw.host_memory_bytes = static_cast<std::uint64_t>(number(root, "host_memory_bytes", file));
   if (root.contains("nvme_shared")) {
     FERRY_CHECK(root.at("nvme_shared").is_boolean(), file,

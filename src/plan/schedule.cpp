@@ -17,9 +17,6 @@ namespace {
 // Note: elementwise work (norms, activations, residual adds, casts) is memory-bound. Each tensor
 // autograd saves is written once and read about once more in forward; backward moves twice that.
 constexpr double kForwardTrafficPerSavedByte = 2.0;
-// The three passes of zo2's fused kernel over a block (update and +eps z, -2 eps z, +eps z back),
-// each reading and writing the stored weights and the compute copy.
-constexpr double kZoWeightPasses = 3.0;
 
 class Timeline {
  public:
@@ -99,7 +96,7 @@ class StepBuilder {
       switch (config_.mode) {
         case Mode::kGpu:
         case Mode::kZeroOffload: first_order_in_core(); break;
-        case Mode::kZo2: zeroth_order(); break;
+        case Mode::kZo2: zeroth_order(step); break;
         case Mode::kFuyou: fuyou(); break;
       }
     }
@@ -286,36 +283,70 @@ class StepBuilder {
     params_ready_[part] = move(Resource::kPcieUp, updated, numel(part) * e_, "parameters up " + parts_[part].name);
   }
 
-  // zo2: blocks stream up, compute both forwards and go back down, a few in flight; stem and
-  // head stay on the device.
-  void zeroth_order() {
+  // zo2: the stem, the head and the first gpu_blocks blocks stay on the device; the other blocks
+  // stream up (from NVMe through host memory for those at home there), a few in flight, and go
+  // back down on their write-back turns. A visit's kernels draw z once per sample for each update
+  // they apply and once per forward, but once for the last sample's pair when the block's copy is
+  // dropped after its passes (zo2.cpp, opposite_in_place). Compressed transfers are not modelled.
+  void zeroth_order(int step) {
     const ZoConfig& zo = config_.zo;
-    const std::uint64_t storage = compute_element_size(zo.storage.value_or(config_.precision));
-    const std::uint64_t block_state_bytes = states_ * 4;
-    const double forwards = 2.0 * static_cast<double>(zo.samples);
-    const std::size_t in_flight = static_cast<std::size_t>(zo.blocks_in_flight);
-    auto weight_passes = [&](std::size_t part) {
-      return seconds(Resource::kCompute,
-                     static_cast<std::uint64_t>(kZoWeightPasses * 2 * static_cast<double>(numel(part) * (storage + e_ + block_state_bytes))));
+    const std::uint64_t storage = compute_element_size(zo_storage(config_));
+    const std::uint64_t home_bytes = storage + states_ * 4;  // per parameter, what crosses PCIe
+    const auto samples = static_cast<double>(zo.samples);
+    const auto interval = zo.write_back_interval;
+    auto kernels = [&](std::size_t part, std::int64_t updates, bool pair_in_place) {
+      const double forwards = 2 * samples - (pair_in_place ? 1 : 0);
+      const double draws = static_cast<double>(updates) * samples + forwards;
+      const auto bytes = static_cast<double>(numel(part)) *
+                         static_cast<double>(home_bytes * (updates > 0 ? 2 : 1) + e_ * (pair_in_place ? 2 : 1) +
+                                             static_cast<std::uint64_t>(forwards - 1) * (storage + e_));
+      const double memory_s = bytes / (hw_.gpu_memory_gbps * 1e9);
+      const double draw_s = hw_.zo_normals_per_s > 0 ? draws * static_cast<double>(numel(part)) / hw_.zo_normals_per_s : 0;
+      return std::max(memory_s, draw_s);
     };
-    released_.resize(blocks(), 0);
-    double c = compute(0, weight_passes(0), 0, "stem: update, perturb, forwards");
+    const double forwards = 2.0 * samples;
+    std::vector<std::size_t> streamed;
     for (std::size_t i = 0; i < blocks(); ++i) {
-      const std::string name = "block." + std::to_string(i);
-      const std::uint64_t bytes = numel(i + 1) * (storage + block_state_bytes);
-      const bool on_nvme = zo_block_home(zo, static_cast<std::int64_t>(i)) == Tier::kNvme;
-      // A slot on the device frees when the block `in_flight` places earlier (in this step or
-      // the last) has gone down.
-      double ready = std::max(params_ready_[i + 1], released_[(i + blocks() - in_flight % blocks()) % blocks()]);
-      if (on_nvme) ready = move(Resource::kNvmeRead, ready, bytes, "read " + name);
-      const double up = move(Resource::kPcieUp, ready, bytes, "upload " + name);
-      c = compute(std::max(c, up), weight_passes(i + 1) + forwards * block_forward_s_[i],
-                  forwards * sizing_.block.forward_flops, name + ": update, perturb, forwards");
-      released_[i] = move(Resource::kPcieDown, c, bytes, "offload " + name);
-      params_ready_[i + 1] = on_nvme ? move(Resource::kNvmeWrite, released_[i], bytes, "write " + name) : released_[i];
+      if (zo_block_home(zo, static_cast<std::int64_t>(i)) != Tier::kGpu) streamed.push_back(i);
     }
-    compute(c, weight_passes(parts_.size() - 1) + forwards * head_forward_s_,
-            forwards * sizing_.head.forward_flops, "head: update, perturb, forwards and losses");
+    released_.resize(streamed.size(), 0);
+    const std::size_t in_flight = std::min(streamed.size(), static_cast<std::size_t>(zo.blocks_in_flight));
+    double c = compute(0, kernels(0, 1, false) + forwards * stem_forward_s_, 0, "stem: update, perturb, forwards");
+    std::size_t visit = 0;
+    for (std::size_t i = 0; i < blocks(); ++i) {
+      const std::size_t part = i + 1;
+      const std::string name = "block." + std::to_string(i);
+      const double flops = forwards * sizing_.block.forward_flops;
+      const double forwards_s = forwards * block_forward_s_[i];
+      const Tier home = zo_block_home(zo, static_cast<std::int64_t>(i));
+      if (home == Tier::kGpu) {
+        c = compute(c, kernels(part, 1, false) + forwards_s, flops, name + ": update, perturb, forwards");
+        continue;
+      }
+      // The engine's turns (zo2.cpp, writes_back): with u updates so far, block p goes home when
+      // (u + p) % interval == 0, and its home copy then lags by interval updates, else by fewer.
+      const std::int64_t updates_so_far = step + interval;
+      const std::int64_t lag = (updates_so_far + static_cast<std::int64_t>(part) - 1) % interval + 1;
+      const bool goes_home = lag == interval;
+      const std::uint64_t bytes = numel(part) * home_bytes;
+      // A window place frees when the visit `in_flight` places earlier (in this step or the last)
+      // has left the device.
+      double ready = std::max(params_ready_[part], released_[(visit + streamed.size() - in_flight) % streamed.size()]);
+      if (home == Tier::kNvme) ready = move(Resource::kNvmeRead, ready, bytes, "read " + name);
+      const double up = move(Resource::kPcieUp, ready, bytes, "upload " + name);
+      const bool pair_in_place = !goes_home && storage == e_;
+      c = compute(std::max(c, up), kernels(part, lag, pair_in_place) + forwards_s, flops,
+                  name + ": " + std::to_string(lag) + " updates, perturb, forwards");
+      released_[visit] = goes_home ? move(Resource::kPcieDown, c, bytes, "write back " + name) : c;
+      if (goes_home) {
+        params_ready_[part] = home == Tier::kNvme ? move(Resource::kNvmeWrite, released_[visit], bytes, "write " + name)
+                                                  : released_[visit];
+      }
+      ++visit;
+    }
+    const std::size_t head_part = parts_.size() - 1;
+    compute(c, kernels(head_part, 1, false) + forwards * head_forward_s_, forwards * sizing_.head.forward_flops,
+            "head: update, perturb, forwards and losses");
   }
 
   // fuyou: the blocks' parameters come from NVMe (the host blocks' from host memory) through a
@@ -456,7 +487,7 @@ class StepBuilder {
   double stem_backward_s_ = 0;
   double executed_flops_ = 0;
   double compute_end_ = 0;
-  std::vector<double> released_;  // zo2: when each block last went down
+  std::vector<double> released_;  // zo2: when each streamed block's visit left the device
   // When each part's updated parameters (and, for fuyou, its written states) can be used by the
   // next step.
   std::vector<double> params_ready_;

@@ -381,3 +381,51 @@ TEST_CASE("planner: the micro-batch order is chosen only with accumulation, and 
   CHECK_THROWS_WITH(make_plan(in_order(request, MicroBatchOrder::kLayerMajor)),
                     Contains("layer-major needs grad_accumulation > 1"));
 }
+
+TEST_CASE("planner: zo2 uploads only streamed blocks, writes them home on their turns and pays for the replays") {
+  PlanRequest request;
+  request.model_name = "opt-1.3b";
+  request.model = models::preset("opt-1.3b");
+  request.engine.mode = Mode::kZo2;
+  request.engine.precision = Precision::kBF16;
+  request.engine.optimizer.kind = OptimizerKind::kSgd;
+  request.batch = 8;
+  request.seq = 512;
+  request.hardware = synthetic(4);
+  // An H100's: its kernels are bound by the draws of z, not by their memory traffic.
+  request.hardware.gpu_memory_gbps = 2800;
+  request.hardware.zo_normals_per_s = 6e11;
+  const std::int64_t blocks = request.model.num_layers;
+  const std::uint64_t block_bytes = 2 * static_cast<std::uint64_t>(12 * 2048 * 2048);  // bf16, matrices only
+
+  auto plan = [&](std::int64_t gpu_blocks, std::int64_t interval) {
+    PlanRequest r = request;
+    r.engine.zo.gpu_blocks = gpu_blocks;
+    r.engine.zo.write_back_interval = interval;
+    const Plan p = make_plan(r);
+    REQUIRE(p.fits);
+    return p;
+  };
+  const auto up = static_cast<int>(Resource::kPcieUp);
+  const auto down = static_cast<int>(Resource::kPcieDown);
+  const auto compute = static_cast<int>(Resource::kCompute);
+
+  const Plan every_step = plan(0, 1);
+  const Plan every_fourth = plan(0, 4);
+  const Plan resident = plan(4, 4);
+  // Every streamed block goes up each step; home every step, or a quarter of them.
+  CHECK(every_step.moved_bytes[up] >= static_cast<std::uint64_t>(blocks) * block_bytes);
+  CHECK(every_step.moved_bytes[down] == every_step.moved_bytes[up]);
+  CHECK(every_fourth.moved_bytes[up] == every_step.moved_bytes[up]);
+  CHECK(every_fourth.moved_bytes[down] * 4 == every_step.moved_bytes[down]);
+  // Four resident blocks of the 24 neither go up nor come home.
+  CHECK(resident.moved_bytes[up] * blocks == every_step.moved_bytes[up] * (blocks - 4));
+  // Replays cost device time: home every fourth step, 3.75 draws per parameter and visit on
+  // average (1 to 4 updates, 2 forwards, the pair in place on three visits of four) against 3.
+  CHECK(every_fourth.busy_seconds[compute] > every_step.busy_seconds[compute]);
+
+  // Without a figure for the draws the kernels count as memory traffic, which replays barely change.
+  request.hardware.zo_normals_per_s = 0;
+  const Plan traffic_only = plan(0, 4);
+  CHECK(traffic_only.busy_seconds[compute] < every_fourth.busy_seconds[compute]);
+}
