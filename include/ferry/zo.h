@@ -52,6 +52,9 @@ struct ZoUpdate {
   std::int64_t decay_count = 0;
 };
 
+// A one-sample ZO-SGD update without decay or momentum: theta -= lr * projected_grad * z(seed).
+ZoUpdate zo_sgd_update(float lr, std::uint64_t seed, float projected_grad);
+
 // compute = weights + scale * z (rounded to the compute dtype); scale 0 is a plain copy.
 struct ZoPerturb {
   ZoDirection direction;

@@ -83,11 +83,7 @@ void print_encode_rate(const std::string& model, const models::ModelConfig& conf
   optim::ZoTensors stored;
   stored.weights = weights.data();
   stored.numel = numel;
-  optim::ZoUpdate update;
-  update.lr = 1e-7f;
-  update.samples = 1;
-  update.seeds[0] = 1;
-  update.projected_grads[0] = 1.0f;
+  const optim::ZoUpdate update = optim::zo_sgd_update(1e-7f, 1, 1.0f);
   optim::zo_update_and_encode(stored, &update, 1, copy);  // first touch
   const auto start = Clock::now();
   for (int i = 0; i < repeats; ++i) optim::zo_update_and_encode(stored, &update, 1, copy);

@@ -92,6 +92,15 @@ void apply_range(const ZoTensors& tensors, const ZoUpdate* updates, int update_c
 
 }  // namespace
 
+ZoUpdate zo_sgd_update(float lr, std::uint64_t seed, float projected_grad) {
+  ZoUpdate update;
+  update.lr = lr;
+  update.samples = 1;
+  update.seeds[0] = seed;
+  update.projected_grads[0] = projected_grad;
+  return update;
+}
+
 void zo_normals(ZoDirection direction, std::int64_t offset, float* out, std::int64_t count) {
   FERRY_CHECK(offset >= 0 && count >= 0, "zo_normals needs offset >= 0 and count >= 0");
   float group_z[4];

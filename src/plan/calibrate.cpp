@@ -94,11 +94,7 @@ double zo_normals_per_s(torch::Device device, std::int64_t elements, int repeats
   tensors.compute = compute.data_ptr();
   tensors.compute_dtype = optim::DType::kBF16;
   tensors.numel = elements;
-  optim::ZoUpdate update;
-  update.lr = 1e-6f;
-  update.samples = 1;
-  update.seeds[0] = 1;
-  update.projected_grads[0] = 1.0f;
+  const optim::ZoUpdate update = optim::zo_sgd_update(1e-6f, 1, 1.0f);
   const optim::ZoPerturb perturb{{2, 0}, 1e-3f};
   const double seconds = measure::median_seconds(repeats, [&] {
     if (device.is_cuda()) {

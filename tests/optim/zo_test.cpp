@@ -58,11 +58,7 @@ TEST_CASE("zo_apply's opposite copy is the pass with the negated scale, also wri
   const std::int64_t n = 40000 + 3;
   std::vector<std::uint16_t> start(n);
   for (std::int64_t i = 0; i < n; ++i) start[i] = ferry::optim::detail::float_to_bf16(0.001f * static_cast<float>(i % 97) - 0.03f);
-  ZoUpdate update;
-  update.lr = 0.01f;
-  update.samples = 1;
-  update.seeds[0] = 5;
-  update.projected_grads[0] = 2.5f;
+  ZoUpdate update = zo_sgd_update(0.01f, 5, 2.5f);
   update.stream = 3;
   const ZoPerturb plus{{6, 3}, 1e-2f}, minus{{6, 3}, -1e-2f};
 
