@@ -295,11 +295,11 @@ class StepBuilder {
     const auto samples = static_cast<double>(zo.samples);
     const auto interval = zo.write_back_interval;
     auto kernels = [&](std::size_t part, std::int64_t updates, bool pair_in_place) {
-      const double forwards = 2 * samples - (pair_in_place ? 1 : 0);
-      const double draws = static_cast<double>(updates) * samples + forwards;
+      const double launches = 2 * samples - (pair_in_place ? 1 : 0);  // one per forward's copy
+      const double draws = static_cast<double>(updates) * samples + launches;
       const auto bytes = static_cast<double>(numel(part)) *
                          static_cast<double>(home_bytes * (updates > 0 ? 2 : 1) + e_ * (pair_in_place ? 2 : 1) +
-                                             static_cast<std::uint64_t>(forwards - 1) * (storage + e_));
+                                             static_cast<std::uint64_t>(launches - 1) * (storage + e_));
       const double memory_s = bytes / (hw_.gpu_memory_gbps * 1e9);
       const double draw_s = hw_.zo_normals_per_s > 0 ? draws * static_cast<double>(numel(part)) / hw_.zo_normals_per_s : 0;
       return std::max(memory_s, draw_s);
@@ -334,7 +334,7 @@ class StepBuilder {
       double ready = std::max(params_ready_[part], released_[(visit + streamed.size() - in_flight) % streamed.size()]);
       if (home == Tier::kNvme) ready = move(Resource::kNvmeRead, ready, bytes, "read " + name);
       const double up = move(Resource::kPcieUp, ready, bytes, "upload " + name);
-      const bool pair_in_place = !goes_home && storage == e_;
+      const bool pair_in_place = !goes_home && zo_storage(config_) == config_.precision;
       c = compute(std::max(c, up), kernels(part, lag, pair_in_place) + forwards_s, flops,
                   name + ": " + std::to_string(lag) + " updates, perturb, forwards");
       released_[visit] = goes_home ? move(Resource::kPcieDown, c, bytes, "write back " + name) : c;
