@@ -163,19 +163,20 @@ void Engine::Zo2::allocate_and_bind() {
   }
 
   bundles.resize(parts.size());
+  const auto blocks = static_cast<std::int64_t>(model.num_blocks());
   for (std::size_t p = 0; p < parts.size(); ++p) {
     const Part& part = parts[p];
     PartBundles& b = bundles[p];
     const bool block = part.kind == models::Part::kBlock;
     const auto numel = static_cast<std::uint64_t>(part.numel);
-    b.home = block ? detail::zo_block_home(config.zo, part.index) : Tier::kGpu;
+    b.home = block ? detail::zo_block_home(config.zo, part.index, blocks) : Tier::kGpu;
     b.weights = store->add({part.name + ".weights", numel * storage_size, b.home});
     for (int i = 0; i < state_count; ++i) {
       b.states.push_back(store->add({part.name + ".state" + std::to_string(i), numel * 4, b.home}));
     }
     b.compute = block ? slots[static_cast<std::size_t>(part.index) % slot_count]
                       : store->add({part.name + ".compute", numel * compute_size, Tier::kGpu});
-    b.compressed = block && detail::zo_compressed(config.zo, part.index);
+    b.compressed = block && detail::zo_compressed(config.zo, part.index, blocks);
     if (b.compressed) {
       b.transfer = store->add({part.name + ".transfer", detail::zo_transfer_bytes(config.zo.transfer, part.numel),
                                Tier::kHost});
@@ -493,6 +494,10 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context, c
           if (labels.defined()) pass.hidden = model.loss(pass.hidden, labels).detach();
           break;
       }
+    }
+    // The module must not keep the dropped copy alive: its storage goes back to the budget.
+    if (in_place != SIZE_MAX) {
+      detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
     }
     if (streamed) window->settle(visit_of[p]);
     if (b.compressed) {  // its device copy is dropped unchanged
