@@ -92,10 +92,11 @@ struct ZoConfig {
   std::int64_t samples = 1;
   std::uint64_t seed = 0;
   // Where the blocks' weights (and their optimizer states) live: host (pinned) or nvme, streamed
-  // through the device; or gpu, everything resident (MeZO's all-GPU setting, the baseline). The
-  // first `gpu_blocks` blocks stay resident on the device (host or nvme only): each is a block
-  // not uploaded every step. With nvme, the next `host_blocks` blocks stay in host memory. The
-  // stem and head stay on the GPU. kAutoGpuBlocks: the most blocks that fit the gpu budget.
+  // through the device; or gpu, everything resident (MeZO's all-GPU setting, the baseline).
+  // `gpu_blocks` blocks stay resident on the device (host or nvme only), spread evenly with the
+  // first block among them: each is a block not uploaded every step. With nvme, the first
+  // `host_blocks` of the other blocks stay in host memory. The stem and head stay on the GPU.
+  // kAutoGpuBlocks: the most blocks that fit the gpu budget.
   Tier block_tier = Tier::kHost;
   static constexpr std::int64_t kAutoGpuBlocks = -1;
   std::int64_t gpu_blocks = 0;

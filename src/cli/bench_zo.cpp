@@ -193,7 +193,7 @@ int run_bench_zo(int argc, char** argv) {
   options.add_options()
       ("models", "presets", cxxopts::value<std::vector<std::string>>()->default_value("opt-1.3b,opt-13b"))
       ("placements", "gpu (the baseline), host, nvme, split:N (N blocks on host, the rest on NVMe) or "
-       "host+gpu:N (the first N blocks resident on the GPU, the rest on host; N = auto: as many as "
+       "host+gpu:N (N blocks resident on the GPU, spread evenly, the rest on host; N = auto: as many as "
        "--gpu-budget holds)",
        cxxopts::value<std::vector<std::string>>()->default_value("gpu,host"))
       ("gpu-budget", "the GPU budget of the streamed placements (0: none)",

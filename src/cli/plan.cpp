@@ -115,7 +115,7 @@ int run_plan(int argc, char** argv) {
       ("zo-block-tier", "zo2: where blocks live, host or nvme", cxxopts::value<std::string>()->default_value("host"))
       ("zo-host-blocks", "zo2 with nvme: blocks kept in host memory", cxxopts::value<std::int64_t>()->default_value("0"))
       ("zo-blocks-in-flight", "zo2: blocks on the device at once", cxxopts::value<std::int64_t>()->default_value("3"))
-      ("zo-gpu-blocks", "zo2: the first blocks resident on the device, a number or auto (the most the gpu "
+      ("zo-gpu-blocks", "zo2: blocks resident on the device (spread evenly), a number or auto (the most the gpu "
        "budget holds)", cxxopts::value<std::string>()->default_value("0"))
       ("zo-write-back", "zo2: a streamed block goes home every this many steps (1 to 8)",
        cxxopts::value<std::int64_t>()->default_value("4"))

@@ -200,10 +200,20 @@ std::vector<BlockActivations> block_activations(const EngineConfig& config, std:
   return out;
 }
 
-Tier zo_block_home(const ZoConfig& zo, std::int64_t block) {
+// Note: the window uploads at most blocks_in_flight blocks ahead of the forwards. Resident blocks
+// bunched at the start leave PCIe idle once the window is full and they are still computing;
+// spread out, each one's forwards let the uploads catch up while every slot keeps a block coming.
+// Block 0 is resident, so a step's compute starts without waiting for an upload. Block b is
+// resident when [b * n, (b + 1) * n) holds a multiple of `blocks`: these intervals tile
+// [0, blocks * n), so exactly n blocks are, and ceil(b * n / blocks) of them come before b.
+Tier zo_block_home(const ZoConfig& zo, std::int64_t block, std::int64_t blocks) {
   FERRY_ASSERT(zo.gpu_blocks >= 0, "zo gpu_blocks must be resolved (zo_gpu_blocks) before placing blocks");
-  if (block < zo.gpu_blocks) return Tier::kGpu;
-  const bool on_host = zo.block_tier == Tier::kNvme && block < zo.gpu_blocks + zo.host_blocks;
+  FERRY_ASSERT(block >= 0 && block < blocks && zo.gpu_blocks <= blocks, "block ", block, " of ", blocks,
+               " with ", zo.gpu_blocks, " resident");
+  const std::int64_t resident = zo.gpu_blocks;
+  if (block * resident % blocks < resident) return Tier::kGpu;
+  const std::int64_t streamed_before = block - (block * resident + blocks - 1) / blocks;
+  const bool on_host = zo.block_tier == Tier::kNvme && streamed_before < zo.host_blocks;
   return on_host ? Tier::kHost : zo.block_tier;
 }
 
@@ -211,8 +221,8 @@ Precision zo_storage(const EngineConfig& config) {
   return config.zo.storage.value_or(config.precision);
 }
 
-bool zo_compressed(const ZoConfig& zo, std::int64_t block) {
-  return zo.transfer != ZoTransfer::kStorage && zo_block_home(zo, block) == Tier::kHost;
+bool zo_compressed(const ZoConfig& zo, std::int64_t block, std::int64_t blocks) {
+  return zo.transfer != ZoTransfer::kStorage && zo_block_home(zo, block, blocks) == Tier::kHost;
 }
 
 std::uint64_t zo_transfer_bytes(ZoTransfer transfer, std::int64_t numel) {
@@ -297,6 +307,7 @@ TierDemand zo_demand(const std::vector<PartShape>& parts, const EngineConfig& co
   std::uint64_t resident = 0, resident_compute = 0, resident_states = 0;
   std::uint64_t home[kTierCount] = {0, 0, 0}, home_states[kTierCount] = {0, 0, 0};
   std::uint64_t block_bytes = 0, block_states = 0, block_compute = 0, transfer_copies = 0;
+  const auto blocks = static_cast<std::int64_t>(parts.size()) - 2;
   for (std::size_t i = 0; i < parts.size(); ++i) {
     const auto numel = static_cast<std::uint64_t>(parts[i].numel);
     const bool is_block = i > 0 && i + 1 < parts.size();
@@ -307,12 +318,12 @@ TierDemand zo_demand(const std::vector<PartShape>& parts, const EngineConfig& co
       continue;
     }
     const auto block = static_cast<std::int64_t>(i - 1);
-    const Tier tier = detail::zo_block_home(config.zo, block);
+    const Tier tier = detail::zo_block_home(config.zo, block, blocks);
     home[static_cast<int>(tier)] += round_up(numel * storage_size);
     home_states[static_cast<int>(tier)] += state_count * round_up(numel * 4);
     block_compute = std::max(block_compute, round_up(numel * compute_size));
     if (tier == Tier::kGpu) continue;  // resident: never in flight
-    if (detail::zo_compressed(config.zo, block)) {  // only the transfer copy travels
+    if (detail::zo_compressed(config.zo, block, blocks)) {  // only the transfer copy travels
       const std::uint64_t transfer = round_up(detail::zo_transfer_bytes(config.zo.transfer, parts[i].numel));
       transfer_copies += transfer;
       block_bytes = std::max(block_bytes, transfer);

@@ -42,14 +42,16 @@ constexpr std::size_t kGradientsAhead = 2;
 // zo2: device slots that hold blocks' perturbed compute copies (see zo2.cpp).
 constexpr std::size_t kZoComputeSlots = 2;
 
-// Where block `block`'s weights live in zo2 mode.
-Tier zo_block_home(const ZoConfig& zo, std::int64_t block);
+// Where block `block` of `blocks` keeps its weights in zo2 mode: zo.gpu_blocks of them (resolved)
+// resident on the device, spread evenly with block 0 among them (see the Note in sizing.cpp); with
+// nvme, the first zo.host_blocks of the others in host memory.
+Tier zo_block_home(const ZoConfig& zo, std::int64_t block, std::int64_t blocks);
 Precision zo_storage(const EngineConfig& config);
 
 // zo2: whether block `block` crosses PCIe as a compressed copy (zo.transfer), and that copy's
 // bytes. An fp8 copy starts with its scale table (segment ends as int64, then the scales as
 // fp32) in kZoTransferTableBytes, room for 341 parameter tensors; the codes follow.
-bool zo_compressed(const ZoConfig& zo, std::int64_t block);
+bool zo_compressed(const ZoConfig& zo, std::int64_t block, std::int64_t blocks);
 constexpr std::uint64_t kZoTransferTableBytes = 4096;
 constexpr std::int64_t kZoMaxTransferSegments = kZoTransferTableBytes / 12;
 std::uint64_t zo_transfer_bytes(ZoTransfer transfer, std::int64_t numel);

@@ -283,7 +283,7 @@ class StepBuilder {
     params_ready_[part] = move(Resource::kPcieUp, updated, numel(part) * e_, "parameters up " + parts_[part].name);
   }
 
-  // zo2: the stem, the head and the first gpu_blocks blocks stay on the device; the other blocks
+  // zo2: the stem, the head and gpu_blocks blocks (zo_block_home) stay on the device; the other blocks
   // stream up (from NVMe through host memory for those at home there), a few in flight, and go
   // back down on their write-back turns. A visit's kernels draw z once per sample for each update
   // they apply and once per forward, but once for the last sample's pair when the block's copy is
@@ -307,7 +307,7 @@ class StepBuilder {
     const double forwards = 2.0 * samples;
     std::vector<std::size_t> streamed;
     for (std::size_t i = 0; i < blocks(); ++i) {
-      if (zo_block_home(zo, static_cast<std::int64_t>(i)) != Tier::kGpu) streamed.push_back(i);
+      if (zo_block_home(zo, static_cast<std::int64_t>(i), static_cast<std::int64_t>(blocks())) != Tier::kGpu) streamed.push_back(i);
     }
     released_.resize(streamed.size(), 0);
     const std::size_t in_flight = std::min(streamed.size(), static_cast<std::size_t>(zo.blocks_in_flight));
@@ -318,7 +318,7 @@ class StepBuilder {
       const std::string name = "block." + std::to_string(i);
       const double flops = forwards * sizing_.block.forward_flops;
       const double forwards_s = forwards * block_forward_s_[i];
-      const Tier home = zo_block_home(zo, static_cast<std::int64_t>(i));
+      const Tier home = zo_block_home(zo, static_cast<std::int64_t>(i), static_cast<std::int64_t>(blocks()));
       if (home == Tier::kGpu) {
         c = compute(c, kernels(part, 1, false) + forwards_s, flops, name + ": update, perturb, forwards");
         continue;
