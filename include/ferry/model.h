@@ -106,7 +106,8 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
 
 // Mean cross-entropy over the labels that are not kIgnoreIndex, computed in fp32. Logits
 // [batch, seq, vocab] at position t predict labels[t + 1]; the shift happens here. Zero when
-// every label is ignored.
+// every label is ignored. Without a gradient to compute, the sequences go through in groups of at
+// most models::kLossGroupLogits logits (one sequence at least): small fp32 temporaries.
 torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels);
 
 // Labels for supervised fine-tuning: the tokens, with kIgnoreIndex where prompt_mask is true

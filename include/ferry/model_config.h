@@ -11,6 +11,10 @@
 
 namespace ferry::models {
 
+// causal_lm_loss without a gradient: the most logits one group of sequences takes through its
+// fp32 temporaries (ferry/model.h).
+inline constexpr std::int64_t kLossGroupLogits = std::int64_t{1} << 26;
+
 // LLaMA covers Mistral and Qwen2: the same block with different biases, defaults and masks.
 enum class Family { kGpt2, kOpt, kLlama };
 

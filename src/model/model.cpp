@@ -1,5 +1,6 @@
 #include "ferry/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -125,10 +126,25 @@ torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& l
   if (seq < 2) {
     return torch::zeros({}, logits.options().dtype(torch::kFloat));
   }
-  torch::Tensor predicted = logits.narrow(1, 0, seq - 1).reshape({-1, logits.size(2)});
-  torch::Tensor targets = labels.narrow(1, 1, seq - 1).reshape({-1}).to(torch::kLong);
-  torch::Tensor summed = at::cross_entropy_loss(predicted.to(torch::kFloat), targets, {},
+  const std::int64_t batch = logits.size(0), vocab = logits.size(2);
+  torch::Tensor targets = labels.narrow(1, 1, seq - 1).to(torch::kLong);
+  // Note: the fp32 copy of the logits and its log-softmax are each twice the bf16 logits (1.5 GiB
+  // for OPT's vocabulary at batch 8 x 512): where no gradient flows back (evaluation, zo2) the
+  // sequences go through in groups of at most kLossGroupLogits logits. With a gradient the batch
+  // goes through at once: each group's backward would build a zero-filled gradient of all the
+  // logits. One group, as in every test model, sums in the same order either way.
+  const std::int64_t group = logits.requires_grad() && torch::GradMode::is_enabled()
+                                 ? batch
+                                 : std::max<std::int64_t>(1, models::kLossGroupLogits / ((seq - 1) * vocab));
+  torch::Tensor summed;
+  for (std::int64_t start = 0; start < batch; start += group) {
+    const std::int64_t rows = std::min(group, batch - start);
+    torch::Tensor predicted = logits.narrow(0, start, rows).narrow(1, 0, seq - 1).to(torch::kFloat);
+    torch::Tensor part = at::cross_entropy_loss(predicted.reshape({-1, vocab}),
+                                                targets.narrow(0, start, rows).reshape({-1}), {},
                                                 at::Reduction::Sum, kIgnoreIndex);
+    summed = summed.defined() ? summed + part : part;
+  }
   torch::Tensor counted = targets.ne(kIgnoreIndex).sum().clamp_min(1).to(torch::kFloat);
   return summed / counted;
 }

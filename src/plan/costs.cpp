@@ -1,6 +1,7 @@
 #include "plan/costs.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace ferry::detail {
 namespace {
@@ -90,7 +91,14 @@ HeadCosts head_costs(const models::ModelConfig& config, const ActivationShape& s
   // The final norm's saved tensors (as a block's first norm) and the log-softmax.
   const double h = static_cast<double>(config.hidden_size);
   costs.saved_bytes = times_tokens(4 * v + (e < 4 ? 4 * h : 0) + e * h + (e < 4 ? 0 : 4 * h), shape);
-  costs.forward_logits_bytes = times_tokens(2 * e * v + (e < 4 ? 4 * v : 0) + 4 * v, shape);
+  // Without a graph the loss takes a group of sequences at a time (models::kLossGroupLogits): the
+  // logits, and the group's fp32 copy and log-softmax.
+  const double sequence_logits = static_cast<double>(shape.seq - 1) * v;
+  const double group_sequences = std::min(
+      static_cast<double>(shape.batch),
+      std::max(1.0, std::floor(static_cast<double>(models::kLossGroupLogits) / std::max(1.0, sequence_logits))));
+  costs.forward_logits_bytes = times_tokens(e * v, shape) +
+                               static_cast<std::uint64_t>(8 * group_sequences * sequence_logits);
   costs.peak_bytes = std::max(costs.forward_logits_bytes, times_tokens(12 * v, shape));
   const double embed = static_cast<double>(config.embed_dim());
   const double projection =

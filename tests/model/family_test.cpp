@@ -411,6 +411,17 @@ TEST_CASE("family: causal-LM and answer-only losses", "[family]") {
   CHECK(causal_lm_loss(logits, labels).item<double>() == Approx(total / count).epsilon(1e-5));
   CHECK(causal_lm_loss(logits, torch::full({2, 4}, kIgnoreIndex)).item<double>() == 0.0);
 
+  // Without a gradient, logits past 2^26 per batch go through a sequence group at a time (here:
+  // one sequence of 2^25 + 1 logits each); the mean is the one the batch gives at once.
+  {
+    auto wide = torch::randn({2, 2, (std::int64_t{1} << 25) + 1});
+    auto wide_labels = torch::randint(0, wide.size(2), {2, 2}, torch::kLong);
+    wide.requires_grad_(true);
+    const double at_once = causal_lm_loss(wide, wide_labels).item<double>();
+    torch::NoGradGuard no_grad;
+    CHECK(causal_lm_loss(wide, wide_labels).item<double>() == Approx(at_once).epsilon(1e-6));
+  }
+
   auto tokens = torch::tensor({{5, 6, 7, 8, 0}}, torch::kLong);
   auto prompt = torch::tensor({{1, 1, 0, 0, 0}}, torch::kBool);
   auto padding = torch::tensor({{1, 1, 1, 1, 0}}, torch::kBool);
