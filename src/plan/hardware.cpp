@@ -49,12 +49,14 @@ Hardware h100() {
   Hardware hw;
   hw.name = "h100: ferry's GPU machine (H100 80GB HBM3, 16 Sapphire Rapids cores, virtio disk)";
   hw.gpu_memory_bytes = 80 * kGiB;
-  hw.gpu_memory_gbps = 2800;      // assumed: ~85% of HBM3's 3.35 TB/s
-  hw.matmul_tflops_bf16 = 700;    // assumed: cuBLAS on large square bf16 matmuls
-  hw.matmul_tflops_fp16 = 700;
-  hw.matmul_tflops_fp32 = 50;
-  hw.pcie_h2d_gbps = 40;          // assumed: PCIe 5.0 x16, pinned
-  hw.pcie_d2h_gbps = 40;
+  // Measured there by `ferry bench calibrate` (2026-11-23, docs/benchmarks.md): device copies,
+  // 8192^3 matmuls, pinned copies of 1 GiB.
+  hw.gpu_memory_gbps = 2920;
+  hw.matmul_tflops_bf16 = 745;
+  hw.matmul_tflops_fp16 = 717;
+  hw.matmul_tflops_fp32 = 51;
+  hw.pcie_h2d_gbps = 55;
+  hw.pcie_d2h_gbps = 55;
   hw.nvme = {{"/", 2.39, 3.85}};  // docs/benchmarks.md, bench io, io_uring depth 8, 1 MiB
   hw.cpu_adam_params_per_s = 4.3e9;  // docs/benchmarks.md: 1.35B parameters in 311 ms
   // Derived, docs/benchmarks.md: OPT-13B with write-back every 8th step against every 4th, 70 more
