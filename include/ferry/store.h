@@ -8,7 +8,9 @@
 // and NVMe run through the I/O engine. Every tier has a hard byte budget. See docs/store.md.
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -46,6 +48,18 @@ struct BundleSpec {
   Tier home;            // where the bundle lives when nothing else holds it
 };
 
+// One hop of a transfer (NVMe <-> host or host <-> GPU), as StoreOptions::on_transfer sees it:
+// from its start on the host to its completion (a device copy's span includes its wait in the
+// copy stream's queue).
+struct TransferSpan {
+  std::string bundle;
+  Tier from;
+  Tier to;
+  std::uint64_t bytes;  // 0 when it failed or moved nothing (a never-written NVMe copy reads as zeros)
+  std::chrono::steady_clock::time_point start;
+  std::chrono::steady_clock::time_point end;
+};
+
 struct StoreOptions {
   // The GPU tier's device. On a CPU-only build (or with torch::kCPU) the GPU tier is ordinary
   // memory under its own budget, so every layer runs in CI.
@@ -62,6 +76,9 @@ struct StoreOptions {
   std::string nvme_file_name = "ferry-store.bin";
   // Opens the NVMe tier's files; nullptr means Env::posix(). Tests pass a FaultInjectingEnv.
   Env* env = nullptr;
+  // Called once per hop as it ends, on the thread that completes it, without the store's lock
+  // held: for traces. It must not call back into the store; what it throws is dropped.
+  std::function<void(const TransferSpan&)> on_transfer;
 };
 
 namespace detail {

@@ -68,7 +68,7 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
       compute_dtype(detail::scalar_type(config.precision)),
       optimizer_tier(config.mode == Mode::kGpu ? Tier::kGpu : Tier::kHost),
       scaler(config.loss_scale, config.loss_scale.enabled.value_or(config.precision == Precision::kF16)),
-      tracer(config.trace) {
+      tracer(std::make_shared<detail::Tracer>(config.trace)) {
   if (!config.staged.empty()) staged = detail::open_staged_layout(config);
   detail::validate(config);
   if (config.device.is_cuda() && !config.device.has_index()) config.device = torch::Device(torch::kCUDA, 0);
@@ -79,7 +79,9 @@ Engine::Impl::Impl(LayeredModel model_in, EngineConfig config_in)
   if (staged) detail::check_staged_layout(*staged, parts, config);
   TierDemand needed = demand();
   detail::check_budgets(needed, config);
-  store = std::make_unique<Store>(detail::store_options(config));
+  StoreOptions store_options = detail::store_options(config);
+  detail::trace_transfers(store_options, tracer);
+  store = std::make_unique<Store>(store_options);
   window = std::make_unique<detail::DeviceWindow>(
       *store, config.mode == Mode::kFuyou ? static_cast<std::size_t>(config.fuyou.blocks_in_flight) : 2);
   checkpoints.assign(model.num_blocks() * static_cast<std::size_t>(config.grad_accumulation), detail::kNoBundle);
@@ -668,7 +670,7 @@ void Engine::Impl::gradients_ready(std::size_t index, bool summed) {
   const auto sent = detail::Tracer::Clock::now();
   part_work[index] = worker.submit([this, index, first, last, summed, update_now, step, lr, sent] {
     gradients_down[index].wait();
-    tracer.record(parts[index].name + " gradients", detail::Track::kGradientsDown, sent,
+    tracer->record(parts[index].name + " gradients", detail::Track::kGradientsDown, sent,
                   detail::Tracer::Clock::now());
     traced("update " + parts[index].name, detail::Track::kOptimizer, [&] {
       accumulate_and_measure(index, first, last, summed);
@@ -962,9 +964,10 @@ std::vector<std::int64_t> Engine::generate(const std::vector<std::int64_t>& prom
 }
 
 std::string Engine::write_trace(const std::string& path) const {
-  FERRY_CHECK(impl_ && impl_->tracer.enabled(), "write_trace() needs EngineConfig::trace = true");
-  impl_->tracer.write(path);
-  return impl_->tracer.overlap_summary();
+  const detail::Tracer& tracer = impl_ ? *impl_->tracer : *zo2_->tracer;
+  FERRY_CHECK(tracer.enabled(), "write_trace() needs EngineConfig::trace = true");
+  tracer.write(path);
+  return tracer.overlap_summary();
 }
 
 const LayeredModel& Engine::model() const { return impl_ ? impl_->model : zo2_->model; }

@@ -206,11 +206,11 @@ struct Engine::Impl {
   // Runs f, and records it as a span on `track` when tracing.
   template <typename F>
   void traced(const std::string& name, detail::Track track, F f) {
-    if (!tracer.enabled()) return f();
+    if (!tracer->enabled()) return f();
     auto start = detail::Tracer::Clock::now();
     f();
     if (track == detail::Track::kCompute && config.device.is_cuda()) synchronize_gpu();
-    tracer.record(name, track, start, detail::Tracer::Clock::now());
+    tracer->record(name, track, start, detail::Tracer::Clock::now());
   }
 
   // Runs part `part`'s forward or backward compute, traced; with tracing on, its time also goes
@@ -218,7 +218,7 @@ struct Engine::Impl {
   template <typename F>
   void computed(std::size_t part, bool forward, F f) {
     const std::string name = (forward ? "forward " : "backward ") + parts[part].name;
-    if (!tracer.enabled()) return f();
+    if (!tracer->enabled()) return f();
     auto start = detail::Tracer::Clock::now();
     traced(name, detail::Track::kCompute, f);
     const double seconds = std::chrono::duration<double>(detail::Tracer::Clock::now() - start).count();
@@ -227,7 +227,7 @@ struct Engine::Impl {
     figures[part] += seconds;
   }
 
-  detail::Tracer tracer;
+  std::shared_ptr<detail::Tracer> tracer;  // shared with the store's on_transfer
   EngineStats stats;
   std::mutex stats_mutex;  // optimizer_seconds is written by the worker
 };

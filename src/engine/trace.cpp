@@ -17,8 +17,18 @@ const char* track_name(Track track) {
     case Track::kCompute: return "compute";
     case Track::kGradientsDown: return "gradients down";
     case Track::kOptimizer: return "CPU optimizer";
+    case Track::kHostToGpu: return "host -> gpu";
+    case Track::kGpuToHost: return "gpu -> host";
+    case Track::kNvmeToHost: return "nvme -> host";
+    case Track::kHostToNvme: return "host -> nvme";
   }
   return "?";
+}
+
+Track transfer_track(Tier from, Tier to) {
+  if (to == Tier::kGpu) return Track::kHostToGpu;
+  if (from == Tier::kGpu) return Track::kGpuToHost;
+  return from == Tier::kNvme ? Track::kNvmeToHost : Track::kHostToNvme;
 }
 
 // The union of intervals, merged and sorted.
@@ -62,10 +72,15 @@ void Tracer::record(std::string name, Track track, Clock::time_point start, Cloc
   spans_.push_back({std::move(name), track, micros(start), micros(end)});
 }
 
+void Tracer::record(const TransferSpan& span) {
+  record(span.bundle, transfer_track(span.from, span.to), span.start, span.end);
+}
+
 void Tracer::write(const std::string& path) const {
   nlohmann::json events = nlohmann::json::array();
   std::lock_guard<std::mutex> lock(mutex_);
-  for (Track track : {Track::kCompute, Track::kGradientsDown, Track::kOptimizer}) {
+  for (int t = 0; t < kTrackCount; ++t) {
+    const auto track = static_cast<Track>(t);
     events.push_back({{"ph", "M"}, {"name", "thread_name"}, {"pid", 1},
                       {"tid", static_cast<int>(track)}, {"args", {{"name", track_name(track)}}}});
   }
@@ -79,24 +94,32 @@ void Tracer::write(const std::string& path) const {
   FERRY_CHECK(out.good(), "cannot write the trace to '", path, "'");
 }
 
+void trace_transfers(StoreOptions& options, const std::shared_ptr<Tracer>& tracer) {
+  if (!tracer->enabled()) return;
+  options.on_transfer = [tracer](const TransferSpan& span) { tracer->record(span); };
+}
+
 std::string Tracer::overlap_summary() const {
-  std::vector<Interval> by_track[3];
+  std::vector<Interval> by_track[kTrackCount];
   {
     std::lock_guard<std::mutex> lock(mutex_);
     for (const Span& span : spans_) by_track[static_cast<int>(span.track)].push_back({span.start_us, span.end_us});
   }
-  const std::vector<Interval> compute = merged(by_track[0]);
-  const std::vector<Interval> down = merged(by_track[1]);
-  const std::vector<Interval> optimizer = merged(by_track[2]);
-  const double optimizer_us = total(optimizer);
-  const double hidden_us = intersection(optimizer, compute);
-  char text[256];
-  std::snprintf(text, sizeof text,
-                "compute %.2f s, gradients down %.2f s, CPU optimizer %.2f s of which %.2f s (%.0f%%) "
-                "overlapped compute",
-                total(compute) / 1e6, total(down) / 1e6, optimizer_us / 1e6, hidden_us / 1e6,
-                optimizer_us > 0 ? 100 * hidden_us / optimizer_us : 0.0);
-  return text;
+  const std::vector<Interval> compute = merged(by_track[static_cast<int>(Track::kCompute)]);
+  char text[160];
+  std::snprintf(text, sizeof text, "compute %.2f s", total(compute) / 1e6);
+  std::string summary = text;
+  for (int t = 1; t < kTrackCount; ++t) {
+    const std::vector<Interval> spans = merged(by_track[t]);
+    const double busy_us = total(spans);
+    if (busy_us == 0 && t != static_cast<int>(Track::kOptimizer)) continue;
+    const double hidden_us = intersection(spans, compute);
+    std::snprintf(text, sizeof text, ", %s %.2f s of which %.2f s (%.0f%%) overlapped compute",
+                  track_name(static_cast<Track>(t)), busy_us / 1e6, hidden_us / 1e6,
+                  busy_us > 0 ? 100 * hidden_us / busy_us : 0.0);
+    summary += text;
+  }
+  return summary;
 }
 
 }  // namespace ferry::detail

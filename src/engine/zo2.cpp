@@ -14,6 +14,7 @@
 #include "engine/sizing.h"
 #include "engine/update.h"
 #include "ferry/check.h"
+#include "ferry/system.h"
 
 #if FERRY_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -114,9 +115,9 @@ Engine::Zo2::Zo2(LayeredModel model_in, EngineConfig config_in)
     : model(std::move(model_in)),
       config(std::move(config_in)),
       compute_dtype(detail::scalar_type(config.precision)),
-      storage_dtype(detail::scalar_type(detail::zo_storage(config))) {
+      storage_dtype(detail::scalar_type(detail::zo_storage(config))),
+      tracer(std::make_shared<detail::Tracer>(config.trace)) {
   detail::validate(config);
-  FERRY_CHECK(!config.trace, "trace is not available in zo2 mode yet: run without --trace");
   if (config.device.is_cuda() && !config.device.has_index()) config.device = torch::Device(torch::kCUDA, 0);
   if (config.optimizer_threads > 0) optim::set_num_threads(config.optimizer_threads);
   parts = detail::describe_parts(model);
@@ -124,7 +125,9 @@ Engine::Zo2::Zo2(LayeredModel model_in, EngineConfig config_in)
   for (const Part& part : parts) shapes.push_back({part.name, part.numel});
   config.zo.gpu_blocks = zo_gpu_blocks(shapes, config);
   detail::check_budgets(engine_demand(shapes, config), config);
-  store = std::make_unique<Store>(detail::store_options(config));
+  StoreOptions store_options = detail::store_options(config);
+  detail::trace_transfers(store_options, tracer);
+  store = std::make_unique<Store>(store_options);
   allocate_and_bind();
   home_updates.assign(parts.size(), 0);
   window = std::make_unique<detail::DeviceWindow>(*store, static_cast<std::size_t>(config.zo.blocks_in_flight));
@@ -285,8 +288,10 @@ void Engine::Zo2::start_encoding() {
       if (pending.number > home_updates[p]) part_updates.push_back(update_for(p, pending));
     }
     jobs.push_back([stored = stored_tensors(p), transfer = transfer_copy(p, Tier::kHost),
-                    part_updates = std::move(part_updates)] {
+                    part_updates = std::move(part_updates), tracer = tracer, name = "encode " + parts[p].name] {
+      const auto start = Clock::now();
       optim::zo_update_and_encode(stored, part_updates.data(), static_cast<int>(part_updates.size()), transfer);
+      tracer->record(name, detail::Track::kOptimizer, start, Clock::now());
     });
     encoding.push_back(p);
   }
@@ -473,6 +478,7 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context, c
     const std::vector<optim::ZoUpdate> none;
     const bool updated = !part_updates.empty();
     const std::size_t in_place = opposite_in_place(p, streamed && !(updated && writes_back(p, flushing)), passes);
+    const auto compute_start = Clock::now();
     if (flushing) apply(p, part_updates, nullptr);
     for (std::size_t j = 0; j < passes.size(); ++j) {
       Pass& pass = passes[j];
@@ -499,6 +505,7 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context, c
     if (in_place != SIZE_MAX) {
       detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
     }
+    record_compute(p, compute_start);
     if (streamed) window->settle(visit_of[p]);
     if (b.compressed) {  // its device copy is dropped unchanged
       window->depart(visit_of[p], {});
@@ -583,6 +590,15 @@ StepResult Engine::Zo2::train_step(const data::Batch& batch) {
   stats.steps = steps;
   stats.forward_seconds += seconds_since(start);
   return result;
+}
+
+void Engine::Zo2::record_compute(std::size_t p, detail::Tracer::Clock::time_point start) {
+  if (!tracer->enabled()) return;
+  if (config.device.is_cuda()) synchronize_gpu();
+  const auto end = Clock::now();
+  tracer->record("zo " + parts[p].name, detail::Track::kCompute, start, end);
+  stats.part_forward_seconds.resize(parts.size());
+  stats.part_forward_seconds[p] += std::chrono::duration<double>(end - start).count();
 }
 
 void Engine::Zo2::flush() {

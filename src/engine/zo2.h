@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "engine/parts.h"
+#include "engine/trace.h"
 #include "engine/window.h"
 #include "ferry/engine.h"
 #include "ferry/zo.h"
@@ -115,8 +116,12 @@ struct Engine::Zo2 {
   std::int64_t encoding_updates = 0;    // the updates their stored copies will have
   std::vector<int> segment_counts;      // per part: its fp8 transfer copy's segments
 
+  // Ends part p's compute span from `start` (config.trace: the device is synchronized first).
+  void record_compute(std::size_t part, detail::Tracer::Clock::time_point start);
+
   std::int64_t steps = 0;
   EngineStats stats;
+  std::shared_ptr<detail::Tracer> tracer;  // shared with the store's on_transfer and the encoder
 };
 
 }  // namespace ferry

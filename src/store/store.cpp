@@ -152,6 +152,7 @@ struct Transfer {
   int hops;
   std::shared_ptr<detail::FenceState> fence;
   std::shared_ptr<detail::DeviceEvent> after;  // the requesting stream, for device copies
+  Clock::time_point hop_start;                  // of the hop in progress, for on_transfer
   // A write-back keeps its origin kWritingBack until the last hop ends, then restores this.
   bool write_back;
   CopyState origin_state = CopyState::kReady;
@@ -437,6 +438,7 @@ void Store::Impl::launch(const std::shared_ptr<Transfer>& transfer) {
   } catch (...) {
     transfer->fence->begin_hop(0, transfer->route[0], transfer->route[1]);
     counters->begin(transfer->route[0], transfer->route[1]);
+    transfer->hop_start = Clock::now();
     finish_hop(transfer, 0, std::current_exception(), 0);
     return;
   }
@@ -461,6 +463,7 @@ void Store::Impl::run_hop(const std::shared_ptr<Transfer>& transfer, int hop) {
   std::uint64_t bytes = bundle.storage_bytes;
   transfer->fence->begin_hop(hop, from, to);
   counters->begin(from, to);
+  transfer->hop_start = Clock::now();
   try {
     if (from == Tier::kNvme && source.reads_as_zeros) {
       std::memset(destination.host.data(), 0, bytes);
@@ -505,6 +508,13 @@ void Store::Impl::finish_hop(const std::shared_ptr<Transfer>& transfer, int hop,
   Tier from = transfer->route[hop];
   Tier to = transfer->route[hop + 1];
   counters->end(from, to, error ? 0 : moved_bytes);
+  if (options.on_transfer) {
+    try {
+      options.on_transfer({transfer->bundle->spec.name, from, to, error ? 0 : moved_bytes,
+                           transfer->hop_start, Clock::now()});
+    } catch (...) {
+    }
+  }
   torch::Tensor released[kTierCount];
   bool next_hop = false;
   {

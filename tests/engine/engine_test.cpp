@@ -266,11 +266,13 @@ TEST_CASE("a traced run writes compute, gradient and optimizer spans and an over
   for (int i = 0; i < 3; ++i) engine.train_step(loader->next());
   TempDir dir;
   std::string summary = engine.write_trace(dir.file("trace.json"));
-  CHECK_THAT(summary, Catch::Contains("CPU optimizer") && Catch::Contains("overlapped compute"));
+  CHECK_THAT(summary, Catch::Contains("CPU optimizer") && Catch::Contains("overlapped compute") &&
+                          Catch::Contains("gpu -> host"));
   std::ifstream in(dir.file("trace.json"));
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   CHECK_THAT(text, Catch::Contains("\"traceEvents\"") && Catch::Contains("backward block.1") &&
-                       Catch::Contains("update block.0") && Catch::Contains("block.0 gradients"));
+                       Catch::Contains("update block.0") && Catch::Contains("block.0 gradients") &&
+                       Catch::Contains("host -> gpu"));
 
   Engine untraced = make_engine("tiny-llama", base_config(Mode::kZeroOffload));
   CHECK_THROWS_WITH(untraced.write_trace(dir.file("x.json")), Catch::Contains("trace = true"));

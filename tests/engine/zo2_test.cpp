@@ -1,6 +1,8 @@
 // The zo2 mode against MeZO written plainly over an in-memory model, with the same seeds.
 
 #include <cmath>
+#include <fstream>
+#include <iterator>
 
 #include <torch/torch.h>
 #include <torch/version.h>
@@ -608,6 +610,25 @@ TEST_CASE("zo2 keeps the device tier within its budget") {
   CHECK_THROWS_AS(Engine(models::build(shape, kModelSeed), config), BudgetExceeded);
   CHECK_THROWS_WITH(Engine(models::build(shape, kModelSeed), config),
                     Catch::Contains("zo2 mode needs") && Catch::Contains("short"));
+}
+
+TEST_CASE("a traced zo2 run writes compute and transfer spans and an overlap summary") {
+  EngineConfig config = zo_config();
+  config.trace = true;
+  config.zo.write_back_interval = 1;
+  Engine engine(models::build(model_config("tiny-llama"), kModelSeed), config);
+  train(engine, 2);
+  TempDir dir;
+  const std::string summary = engine.write_trace(dir.file("trace.json"));
+  CHECK_THAT(summary, Catch::Contains("compute") && Catch::Contains("host -> gpu") &&
+                          Catch::Contains("gpu -> host") && Catch::Contains("overlapped compute"));
+  std::ifstream in(dir.file("trace.json"));
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK_THAT(text, Catch::Contains("\"traceEvents\"") && Catch::Contains("zo block.4") &&
+                       Catch::Contains("block.4.weights"));
+  const std::vector<double>& per_part = engine.stats().part_forward_seconds;
+  REQUIRE(per_part.size() == 7);  // stem, 5 blocks, head
+  for (double seconds : per_part) CHECK(seconds > 0);
 }
 
 TEST_CASE("zo2 rejects configurations it cannot run, naming the value") {

@@ -423,6 +423,47 @@ TEST_CASE("statistics count the bytes and transfers of each tier pair") {
   CHECK(stats.tiers[static_cast<int>(Tier::kGpu)].peak_bytes == 12288);
 }
 
+TEST_CASE("on_transfer sees every hop with its tiers, bytes and times, failed ones with no bytes") {
+  torch::Device device = GENERATE(from_range(test_devices()));
+  TempDir dir;
+  FaultInjectingEnv env;
+  StoreOptions options = options_in(dir, device);
+  options.env = &env;
+  std::mutex mutex;
+  std::vector<TransferSpan> spans;
+  options.on_transfer = [&](const TransferSpan& span) {
+    std::lock_guard<std::mutex> lock(mutex);
+    spans.push_back(span);
+  };
+  Store store(options);
+  BundleId id = store.add({"block.2.params", 10000, Tier::kNvme});
+  store.fetch(id, Tier::kHost).wait();
+  store.mark_dirty(id, Tier::kHost);
+  store.write_back(id, Tier::kHost, Tier::kNvme).wait();
+  store.evict(id, Tier::kHost);
+  store.fetch(id, Tier::kGpu).wait();  // two hops: nvme -> host -> gpu
+  store.evict(id, Tier::kGpu);
+  store.evict(id, Tier::kHost);
+  env.fail(IoOp::kRead, "ferry-store.bin", 0, EIO);
+  CHECK_THROWS_AS(store.fetch(id, Tier::kHost).wait(), IoException);
+
+  std::lock_guard<std::mutex> lock(mutex);
+  // The first fetch reads a never-written copy as zeros: a hop that moves no bytes.
+  const Tier hops[][2] = {{Tier::kNvme, Tier::kHost}, {Tier::kHost, Tier::kNvme}, {Tier::kNvme, Tier::kHost},
+                          {Tier::kHost, Tier::kGpu}, {Tier::kNvme, Tier::kHost}};
+  const std::uint64_t bytes[] = {0, 12288, 12288, 12288, 0};
+  REQUIRE(spans.size() == 5);
+  for (std::size_t i = 0; i < spans.size(); ++i) {
+    INFO("hop " << i);
+    CHECK(spans[i].bundle == "block.2.params");
+    CHECK(spans[i].from == hops[i][0]);
+    CHECK(spans[i].to == hops[i][1]);
+    CHECK(spans[i].start <= spans[i].end);
+    CHECK(spans[i].bytes == bytes[i]);
+  }
+  CHECK(spans[2].end <= spans[3].start);
+}
+
 TEST_CASE("many threads fetch, modify, write back and evict their own bundles") {
   torch::Device device = GENERATE(from_range(test_devices()));
   TempDir dir;
