@@ -614,6 +614,9 @@ TEST_CASE("zo2 keeps the device tier within its budget") {
 
 TEST_CASE("a traced zo2 run writes compute and transfer spans and an overlap summary") {
   EngineConfig config = zo_config();
+  const bool cuda = GENERATE(false, true);
+  if (cuda && !torch::cuda::is_available()) return;  // the GPU machine runs that one
+  if (cuda) config.device = torch::Device(torch::kCUDA, 0);
   config.trace = true;
   config.zo.write_back_interval = 1;
   Engine engine(models::build(model_config("tiny-llama"), kModelSeed), config);
