@@ -200,9 +200,11 @@ struct EngineConfig {
   bool trace = false;
 };
 
-// The engine's sizing: the bytes it keeps on each tier for a model, activations aside. The engine
-// allocates by it and refuses to start when a budget cannot hold it; `ferry plan` reports it for
-// models that are never built.
+// The engine's sizing: the bytes it keeps on each tier for a model, activations aside. For the
+// first-order modes it is the engine's own set-up counted without allocating (each part's bundles
+// at home and the pools every copy away from home is drawn from), so the engine takes exactly
+// this; it refuses to start when a budget cannot hold it, and `ferry plan` reports it for models
+// that are never built.
 struct PartShape {
   std::string name;    // "stem", "block.0", ..., "head"
   std::int64_t numel;  // the parameters the part owns (a tied head owns none of the embedding)
@@ -218,8 +220,11 @@ struct TierDemand {
   std::vector<Item> items[kTierCount];
   std::string describe(Tier tier) const;  // "parameters 12.0 MiB, gradients 12.0 MiB"
 };
-// Throws ferry::Error for a configuration the engine would reject.
-TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig& config);
+// With `checkpoint_bytes` (one block's input for one micro-batch, as the first forward finds it),
+// the activation checkpoints' bundles and pools too. Throws ferry::Error for a configuration the
+// engine would reject.
+TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig& config,
+                         std::uint64_t checkpoint_bytes = 0);
 // zo2: the blocks kept resident on the device: zo.gpu_blocks, or for kAutoGpuBlocks the most
 // whose engine_demand fits the gpu budget (0 when none does).
 std::int64_t zo_gpu_blocks(const std::vector<PartShape>& parts, const EngineConfig& config);

@@ -42,10 +42,17 @@ const char* to_string(CopyState state);
 
 using BundleId = std::uint32_t;
 
+// A share of a tier's budget set aside for copies that come and go (Store::reserve).
+using PoolId = std::uint32_t;
+constexpr PoolId kNoPool = UINT32_MAX;
+
 struct BundleSpec {
   std::string name;     // "block.3.master": for messages, statistics and traces
   std::uint64_t bytes;  // rounded up to 4096 for storage; views expose exactly `bytes`
   Tier home;            // where the bundle lives when nothing else holds it
+  // Per tier, the pool the bundle's copies away from home draw from; kNoPool: what the tier's
+  // budget has left beside its pools.
+  PoolId pools[kTierCount] = {kNoPool, kNoPool, kNoPool};
 };
 
 // One hop of a transfer (NVMe <-> host or host <-> GPU), as StoreOptions::on_transfer sees it:
@@ -79,6 +86,10 @@ struct StoreOptions {
   // Called once per hop as it ends, on the thread that completes it, without the store's lock
   // held: for traces. It must not call back into the store; what it throws is dropped.
   std::function<void(const TransferSpan&)> on_transfer;
+  // Counts without allocating or moving anything: add, adopt and reserve account their bytes
+  // per tier (peaks and budgets included) and touch no memory or file; every call that would
+  // move or expose data throws. A set-up run against it is that set-up's dry run.
+  bool count_only = false;
 };
 
 namespace detail {
@@ -116,9 +127,18 @@ struct TransferStats {
   double waited_seconds = 0;  // time callers spent blocked in Fence::wait on this pair
 };
 
+struct PoolStats {
+  std::string name;
+  Tier tier = Tier::kGpu;
+  std::uint64_t bytes = 0;  // set aside (counted in its tier's used and peak bytes)
+  std::uint64_t used_bytes = 0;
+  std::uint64_t peak_bytes = 0;
+};
+
 struct StoreStats {
   TierStats tiers[kTierCount];
   TransferStats transfers[kTierCount][kTierCount];  // [from][to]
+  std::vector<PoolStats> pools;  // by PoolId; released ones keep their figures
 };
 
 class Store {
@@ -139,6 +159,16 @@ class Store {
   // extent is not free or passes the NVMe budget.
   BundleId adopt(const BundleSpec& spec, std::uint64_t nvme_offset, bool holds_data);
   const BundleSpec& spec(BundleId id) const;
+
+  // Sets `bytes` of `tier`'s budget aside for copies that come and go (a device window, gradients
+  // on their way down, the staging of what lives on NVMe), drawn by the bundles whose
+  // BundleSpec::pools name it. A copy drawn from a pool waits for room in it as a copy beyond a
+  // budget waits (budget_wait_seconds) and then fails with BudgetExceeded naming the pool, so a
+  // step never takes more than its set-up reserved. Throws BudgetExceeded, naming the pool, when
+  // the tier cannot hold it.
+  PoolId reserve(Tier tier, std::uint64_t bytes, const std::string& name);
+  // Returns a pool's bytes to its tier. Throws ferry::Error while a copy still draws from it.
+  void release(PoolId pool);
   // Where the bundle's NVMe copy lies in the store's file. Throws when it has none.
   std::uint64_t nvme_offset(BundleId id) const;
   // fdatasync of the NVMe file (every stripe): what was written back is durable on return.

@@ -69,19 +69,15 @@ FirstOrderTrainer::FirstOrderTrainer(LayeredModel model, EngineConfig config)
   if (config_.device.is_cuda() && !config_.device.has_index()) config_.device = torch::Device(torch::kCUDA, 0);
   if (config_.optimizer_threads > 0) optim::set_num_threads(config_.optimizer_threads);
   parts_ = describe_parts(model_);
-  const Placement placement = resolve_placement(config_, parts_.size());
-  activations_ = placement.activations;
+  placement_ = resolve_placement(config_, parts_.size());
   state_.resize(parts_.size());
-  for (std::size_t p = 0; p < parts_.size(); ++p) state_[p].home = placement.parts[p];
+  for (std::size_t p = 0; p < parts_.size(); ++p) state_[p].home = placement_.parts[p];
   if (staged_) check_staged_layout(*staged_, parts_, config_);
   check_budgets(demand(), config_);
   StoreOptions store_options = detail::store_options(config_);
   trace_transfers(store_options, tracer_);
   store_ = std::make_unique<Store>(store_options);
-  const bool streams = std::any_of(state_.begin(), state_.end(), [](const PartState& s) { return s.home.streamed(); });
-  window_ = std::make_unique<DeviceWindow>(
-      *store_, streams ? static_cast<std::size_t>(config_.fuyou.blocks_in_flight) : 2);
-  checkpoints_.assign(model_.num_blocks() * static_cast<std::size_t>(config_.grad_accumulation), kNoBundle);
+  window_ = std::make_unique<DeviceWindow>(*store_, window_capacity(config_, placement_));
   allocate_and_bind();
   if (staged_) {
     mark_staged_live(std::move(*staged_), config_.staged);
@@ -110,12 +106,11 @@ void FirstOrderTrainer::allocate_and_bind() {
   torch::NoGradGuard no_grad;
   const bool separate_master = compute_dtype_ != torch::kFloat;
   move_buffers(model_, config_.device);
-
+  lay_out_parts(*store_, parts_, placement_, config_, [&](const BundleSpec& spec, const char*) {
+    return staged_ && spec.home == Tier::kNvme ? adopt_staged(*store_, *staged_, spec) : store_->add(spec);
+  }, nullptr);
   for (std::size_t p = 0; p < parts_.size(); ++p) {
     Part& part = parts_[p];
-    add_bundles(part, state_[p].home, config_, [&](const BundleSpec& spec) {
-      return staged_ && spec.home == Tier::kNvme ? adopt_staged(*store_, *staged_, spec) : store_->add(spec);
-    });
     if (staged_) {
       // What lives on NVMe is staged already; the other parameters start from their seed.
       if (needs_seed(state_[p].home)) write_bundle(p, part.params, read_seed(*store_, part, compute_dtype_));
@@ -308,27 +303,13 @@ void FirstOrderTrainer::enter_block(std::size_t block, std::size_t visit) {
 }
 
 void FirstOrderTrainer::size_checkpoints(std::uint64_t bytes) {
-  if (bytes <= checkpoint_bytes_) return;
   // A larger micro-batch than any before: every checkpoint bundle is made again at the new size.
-  for (BundleId& id : checkpoints_) {
-    if (id != kNoBundle) store_->remove(id);
-    id = kNoBundle;
-  }
-  checkpoint_bytes_ = bytes;
-}
-
-BundleId FirstOrderTrainer::checkpoint_bundle(std::size_t block, std::size_t micro_batch) {
-  BundleId& id = checkpoints_[block * static_cast<std::size_t>(config_.grad_accumulation) + micro_batch];
-  if (id == kNoBundle) {
-    id = store_->add({parts_[block + 1].name + ".checkpoint." + std::to_string(micro_batch), checkpoint_bytes_,
-                      activations_[block].tier});
-  }
-  return id;
+  if (bytes > checkpoints_.bytes) lay_out_checkpoints(*store_, parts_, placement_, config_, bytes, checkpoints_, nullptr);
 }
 
 void FirstOrderTrainer::save_checkpoint(std::size_t block, std::size_t micro_batch, const torch::Tensor& hidden,
                                         PendingBackward::SavedBlock& saved) {
-  const BundleId id = checkpoint_bundle(block, micro_batch);
+  const BundleId id = checkpoints_.bundles[block * static_cast<std::size_t>(config_.grad_accumulation) + micro_batch];
   const Tier home = store_->spec(id).home;
   if (home != Tier::kGpu) store_->allocate(id, Tier::kGpu);
   view(id, Tier::kGpu, hidden.scalar_type(), hidden.numel()).copy_(hidden.reshape({-1}));
@@ -336,7 +317,7 @@ void FirstOrderTrainer::save_checkpoint(std::size_t block, std::size_t micro_bat
   saved.checkpoint = id;
   if (home == Tier::kGpu) return;
   checkpoints_down_.emplace_back(id, store_->write_back(id, Tier::kGpu, home));
-  release_checkpoints(2);
+  release_checkpoints(kCheckpointsGoingDown);
 }
 
 void FirstOrderTrainer::release_checkpoints(std::size_t keep) {
@@ -388,7 +369,7 @@ void FirstOrderTrainer::forward_blocks(std::vector<PendingBackward>& micro) {
     enter_block(i, i);
     for (std::size_t m = 0; m < micro.size(); ++m) {
       PendingBackward::SavedBlock block;
-      if (!activations_[i].recompute) {
+      if (!placement_.activations[i].recompute) {
         block.input = hidden[m].detach().requires_grad_(true);
         computed(i + 1, true, [&] { block.output = model_.blocks()[i]->forward(block.input, micro[m].context); });
         hidden[m] = block.output.detach();
@@ -471,9 +452,9 @@ void FirstOrderTrainer::release_gradients(std::size_t keep) {
 void FirstOrderTrainer::prepare_gradients(std::size_t p) {
   if (!state_[p].cpu_updated()) return;  // they live on the device
   // A fresh device copy for this micro-batch's gradients of the part (collect_gradients fills
-  // it), once at most two earlier parts' are still going down (the stem's, kept for a tied
-  // head, aside).
-  release_gradients(2);
+  // it), once at most kGradientsGoingDown earlier parts' are still going down (the stem's, kept
+  // for a tied head, aside).
+  release_gradients(kGradientsGoingDown);
   // The worker may still be reading the part's host gradients: adding up the previous
   // micro-batch's, or, with a delayed update, updating with the previous step's.
   wait_for_part(p);
@@ -481,7 +462,10 @@ void FirstOrderTrainer::prepare_gradients(std::size_t p) {
 }
 
 void FirstOrderTrainer::limit_gradients_ahead(std::size_t p) {
-  if (!staged_on_host(p, parts_[p].grads)) return;  // they wait at home
+  const Part& part = parts_[p];
+  const bool waits_in_staging = staged_on_host(p, part.grads) || staged_on_host(p, part.params) ||
+                                (part.accumulator != kNoBundle && staged_on_host(p, part.accumulator));
+  if (!waits_in_staging) return;  // what the worker needs of it waits at home
   while (gradients_waiting_.size() > kGradientsAhead) {
     state_[gradients_waiting_.front()].work.wait();
     gradients_waiting_.pop_front();
@@ -662,6 +646,7 @@ void FirstOrderTrainer::gradients_ready(std::size_t p, bool summed) {
     state.gradients_down.wait();
     tracer_->record(parts_[p].name + " gradients", Track::kGradientsDown, sent, Tracer::Clock::now());
     traced("update " + parts_[p].name, Track::kOptimizer, [&] {
+      release_going_home(p + 1);
       accumulate_and_measure(p, first, last, summed);
       const BundleId gradient = gradient_bundle(p);
       if (!update_now) {

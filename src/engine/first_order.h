@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/layout.h"
 #include "engine/parts.h"
 #include "engine/sizing.h"
 #include "engine/trace.h"
@@ -140,7 +141,6 @@ class FirstOrderTrainer final : public Trainer {
   // Activation checkpoints, as bundles on their block's tier: host and NVMe ones go down in
   // forward and come back in backward.
   void size_checkpoints(std::uint64_t bytes);  // every micro-batch's checkpoint fits
-  BundleId checkpoint_bundle(std::size_t block, std::size_t micro_batch);
   void save_checkpoint(std::size_t block, std::size_t micro_batch, const torch::Tensor& hidden,
                        PendingBackward::SavedBlock& saved);
   void release_checkpoints(std::size_t keep);
@@ -225,8 +225,8 @@ class FirstOrderTrainer final : public Trainer {
   std::unique_ptr<Store> store_;
   std::optional<NvmeLayout> staged_;  // during set-up only: the staged layout being adopted
   std::vector<Part> parts_;
+  Placement placement_;
   std::vector<PartState> state_;  // per part
-  std::vector<BlockActivations> activations_;
   std::unique_ptr<DeviceWindow> window_;
   LossScaler scaler_;
 
@@ -238,9 +238,7 @@ class FirstOrderTrainer final : public Trainer {
   std::optional<PendingBackward> pending_;
   std::vector<data::Batch> buffered_;  // layer-major: the step's micro-batches so far
 
-  // Activation checkpoints, per block and micro-batch, as bundles under the budget of their tier.
-  std::vector<BundleId> checkpoints_;
-  std::uint64_t checkpoint_bytes_ = 0;
+  CheckpointLayout checkpoints_;  // per block and micro-batch, laid out at the first forward
   std::deque<std::pair<BundleId, Fence>> checkpoints_down_;
 
   // Parts whose device gradients (or their sum) are not dropped yet, with the bundle sent down.

@@ -55,19 +55,31 @@ torch::ScalarType scalar_type(Precision precision) {
   return torch::kFloat;
 }
 
-void add_bundles(Part& part, const PartPlacement& home, const EngineConfig& config,
-                 const std::function<BundleId(const BundleSpec&)>& add) {
+void add_bundles(Part& part, const PartPlacement& home, const EngineConfig& config, const StepPools& pools,
+                 const AddBundle& add) {
   const auto numel = static_cast<std::uint64_t>(part.numel);
   const std::uint64_t compute_bytes = numel * torch::elementSize(scalar_type(config.precision));
-  part.params = add({part.name + ".params", compute_bytes, home.params});
-  part.grads = add({part.name + ".grads", compute_bytes, home.grads});
-  if (config.precision != Precision::kF32) part.master = add({part.name + ".master", numel * 4, home.master});
+  // Copies away from home: host staging of what lives on NVMe, and the device copies the step brings in.
+  auto spec = [&](const char* role, std::uint64_t bytes, Tier tier, PoolId on_gpu) {
+    BundleSpec out{part.name + "." + role, bytes, tier};
+    out.pools[static_cast<int>(Tier::kGpu)] = on_gpu;
+    if (tier == Tier::kNvme) out.pools[static_cast<int>(Tier::kHost)] = pools.nvme_staging;
+    return out;
+  };
+  BundleSpec params = spec("params", compute_bytes, home.params, pools.window);
+  if (home.params == Tier::kGpu) params.pools[static_cast<int>(Tier::kHost)] = pools.parameter_staging;
+  part.params = add(params, "parameters");
+  part.grads = add(spec("grads", compute_bytes, home.grads, pools.device_gradients), "gradients");
+  if (config.precision != Precision::kF32) {
+    part.master = add(spec("master", numel * 4, home.master, kNoPool), "fp32 master");
+  }
   const int state_count = optimizer_state_count(config.optimizer);
   for (int i = 0; i < state_count; ++i) {
-    part.states.push_back(add({part.name + ".state" + std::to_string(i), numel * 4, home.states[i]}));
+    const std::string role = "state" + std::to_string(i);
+    part.states.push_back(add(spec(role.c_str(), numel * 4, home.states[i], kNoPool), "optimizer states"));
   }
   if (config.grad_accumulation > 1) {
-    part.accumulator = add({part.name + ".accumulator", numel * 4, home.accumulator});
+    part.accumulator = add(spec("accumulator", numel * 4, home.accumulator, pools.device_sums), "gradient accumulator");
   }
 }
 

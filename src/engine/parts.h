@@ -55,14 +55,30 @@ std::vector<Part> describe_parts(const LayeredModel& model);
 
 torch::ScalarType scalar_type(Precision precision);
 
-// Registers a first-order mode's bundles of one part, in the engine's order and sizes: params
-// and grads (compute dtype), the fp32 master (when the compute dtype is not fp32), the optimizer
-// states, the gradient accumulator (grad_accumulation > 1), and records the ids `add` returns.
-// Note: the engine and `ferry stage` both lay out bundles through this call, so a staged NVMe
-// layout is exactly the one the engine allocates; `add` decides how each is placed (allocated,
-// adopted from a staged layout, or skipped by staging when it is not at home on NVMe).
-void add_bundles(Part& part, const PartPlacement& home, const EngineConfig& config,
-                 const std::function<BundleId(const BundleSpec&)>& add);
+// The pools a first-order step draws the copies of bundles away from home from (engine/layout.h):
+// kNoPool where the placement has nothing to put in one, and everywhere for a layout that only
+// stages (`ferry stage`).
+struct StepPools {
+  PoolId window = kNoPool;              // gpu: streamed blocks' parameters visiting the device
+  PoolId device_gradients = kNoPool;    // gpu: gradients of CPU-updated parts, from backward until down
+  PoolId device_sums = kNoPool;         // gpu: their fp32 sums over a step's micro-batches (layer-major)
+  PoolId parameter_staging = kNoPool;   // host: resident parameters the CPU updates
+  PoolId nvme_staging = kNoPool;        // host: copies of what lives on NVMe
+};
+
+// Adds a bundle; `role` names what it holds for the sizing ("parameters", "fp32 master", ...).
+using AddBundle = std::function<BundleId(const BundleSpec& spec, const char* role)>;
+
+// Registers a first-order part's bundles in the engine's order and sizes: params and grads
+// (compute dtype), the fp32 master (when the compute dtype is not fp32), the optimizer states,
+// the gradient accumulator (grad_accumulation > 1), each at its home with its copies elsewhere
+// drawing from `pools`, and records the ids `add` returns.
+// Note: the engine, its sizing and `ferry stage` all lay out bundles through this call, so a
+// staged NVMe layout is exactly the one the engine allocates and the sizing counts what the
+// engine takes; `add` decides how each is placed (allocated, counted, adopted from a staged
+// layout, or skipped by staging when it is not at home on NVMe).
+void add_bundles(Part& part, const PartPlacement& home, const EngineConfig& config, const StepPools& pools,
+                 const AddBundle& add);
 
 // A batch's padding mask on `device`, or none when it has no padding: a host mask of all ones
 // (packed rows, or rows that fill the sequence) is dropped. The model then runs plain causal

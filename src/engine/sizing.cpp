@@ -5,6 +5,8 @@
 #include <cmath>
 
 #include "engine/sizing.h"
+
+#include "engine/layout.h"
 #include "engine/update.h"
 #include "ferry/check.h"
 #include "ferry/memory.h"
@@ -330,7 +332,8 @@ TierDemand zo_demand(const std::vector<PartShape>& parts, const EngineConfig& co
 
 }  // namespace
 
-TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig& config) {
+TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig& config,
+                         std::uint64_t checkpoint_bytes) {
   detail::validate(config);
   FERRY_CHECK(parts.size() >= 2, "a model needs a stem and a head; got ", parts.size(), " parts");
   if (config.mode == Mode::kZo2) {
@@ -338,77 +341,7 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
     resolved.zo.gpu_blocks = zo_gpu_blocks(parts, config);
     return zo_demand(parts, resolved);
   }
-  TierDemand demand;
-  auto add = [&](Tier tier, const char* role, std::uint64_t bytes) { add_item(demand, tier, role, bytes); };
-  const std::uint64_t compute_size = element_size(config.precision);
-  const Placement placement = detail::resolve_placement(config, parts.size());
-  const PlacementRoles roles = detail::placement_roles(config);
-
-  // Note: the sizing follows allocate_and_bind and the streaming in first_order.cpp. Per role,
-  // what lives at home on each tier, plus what visits a tier for a while: the device copies of
-  // the parts the CPU updates, in backward; the host staging of what lives on NVMe.
-  std::uint64_t params[kTierCount] = {0, 0, 0}, grads[kTierCount] = {0, 0, 0}, master[kTierCount] = {0, 0, 0};
-  std::uint64_t states[kTierCount] = {0, 0, 0}, accumulator[kTierCount] = {0, 0, 0};
-  std::uint64_t resident_staging = 0;  // host copies of the device parameters the CPU updates
-  std::uint64_t largest_sent = 0, largest_sum = 0;  // of the parts whose gradients go down
-  std::uint64_t largest_streamed = 0, largest_nvme_params = 0, largest_nvme_grads = 0, largest_nvme_work = 0;
-  bool sends_gradients = false;
-  for (std::size_t i = 0; i < parts.size(); ++i) {
-    const PartPlacement& home = placement.parts[i];
-    const auto numel = static_cast<std::uint64_t>(parts[i].numel);
-    const std::uint64_t compute = round_up(numel * compute_size), fp32 = round_up(numel * 4);
-    params[static_cast<int>(home.params)] += compute;
-    grads[static_cast<int>(home.grads)] += compute;
-    std::uint64_t nvme_work = 0;
-    auto optimizer_role = [&](std::uint64_t* tiers, Tier tier) {
-      tiers[static_cast<int>(tier)] += fp32;
-      if (tier == Tier::kNvme) nvme_work += fp32;
-    };
-    if (roles.master) optimizer_role(master, home.master);
-    for (int k = 0; k < roles.states; ++k) optimizer_role(states, home.states[k]);
-    if (roles.accumulator) optimizer_role(accumulator, home.accumulator);
-    largest_nvme_work = std::max(largest_nvme_work, nvme_work);
-    if (home.streamed()) largest_streamed = std::max(largest_streamed, compute);
-    if (home.params == Tier::kNvme) largest_nvme_params = std::max(largest_nvme_params, compute);
-    if (home.updated_on_gpu()) continue;
-    sends_gradients = true;
-    if (home.params == Tier::kGpu) resident_staging += compute;
-    if (home.grads == Tier::kNvme) largest_nvme_grads = std::max(largest_nvme_grads, compute);
-    if (i > 0) largest_sent = std::max(largest_sent, compute);
-    if (i > 0) largest_sum = std::max(largest_sum, fp32);
-  }
-  const std::uint64_t stem_grads = round_up(static_cast<std::uint64_t>(parts.front().numel) * compute_size);
-  const bool stem_sent = !placement.parts.front().updated_on_gpu();
-  const char* param_roles[kTierCount] = {"parameters", "streamed parameters (host)", "streamed parameters (nvme)"};
-  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
-    const int t = static_cast<int>(tier);
-    add(tier, param_roles[t], params[t]);
-    add(tier, "gradients", grads[t]);
-    add(tier, "fp32 master", master[t]);
-    add(tier, "optimizer states", states[t]);
-    add(tier, "gradient accumulator", accumulator[t]);
-  }
-  if (sends_gradients) {
-    // The device holds the stem's gradients through backward (a tied head adds to them), the
-    // part in backward and the two before it still going down.
-    add(Tier::kGpu, "gradients on their way down", (stem_sent ? stem_grads : 0) + 3 * largest_sent);
-    if (config.micro_batch_order == MicroBatchOrder::kLayerMajor) {
-      // Each part's gradients summed in fp32 on the device (its accumulator's device copy): the
-      // stem's through the whole backward, the part in backward and the two still going down.
-      const std::uint64_t stem_sum = stem_sent ? round_up(static_cast<std::uint64_t>(parts.front().numel) * 4) : 0;
-      add(Tier::kGpu, "fp32 gradient sums", stem_sum + 3 * largest_sum);
-    }
-  }
-  add(Tier::kHost, "parameter staging", resident_staging);
-  const auto window = static_cast<std::uint64_t>(config.fuyou.blocks_in_flight);
-  add(Tier::kGpu, "blocks in flight", window * largest_streamed);
-  // Blocks visiting the device from NVMe stage through the host; in backward the CPU optimizer
-  // also holds the staging of the blocks whose gradients wait for it.
-  add(Tier::kHost, "streamed parameter staging", (window + detail::kGradientsAhead + 1) * largest_nvme_params);
-  add(Tier::kHost, "gradient staging", (detail::kGradientsAhead + 1) * largest_nvme_grads);
-  // The part being updated, the next one arriving and the previous one going home.
-  add(Tier::kHost, "optimizer staging", 3 * largest_nvme_work);
-  return demand;
+  return detail::count_first_order(parts, config, checkpoint_bytes);
 }
 
 std::int64_t zo_gpu_blocks(const std::vector<PartShape>& parts, const EngineConfig& config) {

@@ -31,10 +31,6 @@ PlacementRoles placement_roles(const EngineConfig& config);
 // Each block's activations: the placement's, or what keep_graph_blocks and offload_checkpoints say.
 std::vector<BlockActivations> block_activations(const EngineConfig& config, std::int64_t blocks);
 
-// fuyou: parts whose gradients may wait on the host for the CPU optimizer beyond the one it is
-// updating. Backward waits rather than let more pile up there.
-constexpr std::size_t kGradientsAhead = 2;
-
 // zo2: device slots that hold blocks' perturbed compute copies (see zo2.cpp).
 constexpr std::size_t kZoComputeSlots = 2;
 

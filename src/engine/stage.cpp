@@ -290,7 +290,7 @@ void Stager::lay_out_store() {
     const detail::Part& part = parts_[p];
     shapes.push_back({part.name, part.numel});
     detail::Part sizing = part;
-    detail::add_bundles(sizing, placement.parts[p], config_, [&](const BundleSpec& spec) {
+    detail::add_bundles(sizing, placement.parts[p], config_, {}, [&](const BundleSpec& spec, const char*) {
       if (spec.home == Tier::kNvme) extent_bytes += detail::storage_bytes(spec.bytes);
       return detail::kNoBundle;
     });
@@ -319,7 +319,7 @@ void Stager::lay_out_store() {
   const torch::ScalarType compute = detail::scalar_type(config_.precision);
   for (std::size_t p = 0; p < parts_.size(); ++p) {
     detail::Part& part = parts_[p];
-    detail::add_bundles(part, placement.parts[p], config_, [&](const BundleSpec& spec) {
+    detail::add_bundles(part, placement.parts[p], config_, {}, [&](const BundleSpec& spec, const char*) {
       if (spec.home != Tier::kNvme) return detail::kNoBundle;
       const BundleId id = place(spec);
       staged_.push_back({id, p, torch::ScalarType::Undefined});

@@ -114,6 +114,16 @@ struct Copy {
   HostBlock host;                               // kHost
   std::uint64_t nvme_offset = 0;                // kNvme: the extent in the store's file
   bool reads_as_zeros = false;  // kNvme: never written since add(), so it reads as zeros
+  PoolId pool = kNoPool;        // where its bytes are counted: a pool, or its tier
+};
+
+struct Pool {
+  std::string name;
+  Tier tier;
+  std::uint64_t bytes;
+  std::uint64_t used = 0;
+  std::uint64_t peak = 0;
+  bool released = false;
 };
 
 struct Bundle {
@@ -204,8 +214,13 @@ struct Store::Impl {
   void free_locked(Bundle& bundle, Tier tier, torch::Tensor* released);
   // Waits for a tier to free memory; false when the wait is over.
   bool wait_for_room(std::unique_lock<std::mutex>& lock, const BudgetWait& wait);
-  BudgetExceeded budget_exceeded_locked(Tier tier, const std::string& request,
+  // The pool `tier`'s copy of the bundle draws from: none for the home copy.
+  PoolId pool_of(const Bundle& bundle, Tier tier) const {
+    return tier == bundle.spec.home ? kNoPool : bundle.spec.pools[index(tier)];
+  }
+  BudgetExceeded budget_exceeded_locked(Tier tier, PoolId pool, const std::string& request,
                                         std::uint64_t bytes, const BudgetWait& wait);
+  void check_movable() const;
   void check_tier_configured(const Bundle& bundle, Tier tier) const;
 
   // Allocates the copies that the route from `from` to `to` lacks and starts the transfer. When
@@ -246,9 +261,16 @@ struct Store::Impl {
   int transfers_in_flight = 0;
   std::unique_ptr<detail::ExtentAllocator> extents;
   std::vector<std::unique_ptr<Bundle>> bundles;
+  std::vector<Pool> pools;
 };
 
 Store::Impl::Impl(const StoreOptions& options_in) : options(options_in) {
+  budget_bytes[index(Tier::kGpu)] = options.gpu_budget_bytes;
+  budget_bytes[index(Tier::kHost)] = options.host_budget_bytes;
+  if (options.count_only) {
+    if (!options.nvme_directories.empty()) budget_bytes[index(Tier::kNvme)] = options.nvme_budget_bytes;
+    return;
+  }
   copier = detail::make_device_copier(options.device);
   if (!options.nvme_directories.empty()) {
     FERRY_CHECK(options.stripe_bytes > 0 && options.stripe_bytes % kIoAlignment == 0,
@@ -261,8 +283,6 @@ Store::Impl::Impl(const StoreOptions& options_in) : options(options_in) {
                              OpenMode::kCreate, options.stripe_bytes, options.io.direct_io);
     budget_bytes[index(Tier::kNvme)] = options.nvme_budget_bytes;
   }
-  budget_bytes[index(Tier::kGpu)] = options.gpu_budget_bytes;
-  budget_bytes[index(Tier::kHost)] = options.host_budget_bytes;
   if (options.host_budget_bytes > 0) {
     HostArenaOptions arena_options;
     arena_options.budget_bytes = options.host_budget_bytes;
@@ -281,17 +301,30 @@ Bundle& Store::Impl::bundle_locked(BundleId id) {
 
 void Store::Impl::check_tier_configured(const Bundle& bundle, Tier tier) const {
   check_tier(tier);
-  FERRY_CHECK(tier != Tier::kNvme || file != nullptr, "bundle '", bundle.spec.name,
+  FERRY_CHECK(tier != Tier::kNvme || file != nullptr || (options.count_only && !options.nvme_directories.empty()),
+              "bundle '", bundle.spec.name,
               "' needs the nvme tier, but StoreOptions::nvme_directories is empty: give the "
               "store at least one directory for its NVMe file");
+}
+
+void Store::Impl::check_movable() const {
+  FERRY_CHECK(!options.count_only, "a counting store (StoreOptions::count_only) holds no memory and moves "
+              "nothing: only add, adopt and reserve count");
 }
 
 bool Store::Impl::allocate_locked(Bundle& bundle, Tier tier, std::optional<std::uint64_t> nvme_at) {
   int t = index(tier);
   std::uint64_t bytes = bundle.storage_bytes;
-  if (used_bytes[t].load() + bytes > budget_bytes[t]) return false;
+  const PoolId pool = pool_of(bundle, tier);
+  if (pool != kNoPool) {
+    if (pools[pool].used + bytes > pools[pool].bytes) return false;
+  } else if (used_bytes[t].load() + bytes > budget_bytes[t]) {
+    return false;
+  }
   Copy& copy = bundle.at(tier);
-  switch (tier) {
+  if (options.count_only) {
+    // Nothing to place: the bytes are what counts.
+  } else switch (tier) {
     case Tier::kGpu:
       break;  // the tensor is created by the requesting thread, outside the lock
     case Tier::kHost:
@@ -306,6 +339,13 @@ bool Store::Impl::allocate_locked(Bundle& bundle, Tier tier, std::optional<std::
       copy.reads_as_zeros = false;
       break;
     }
+  }
+  copy.pool = pool;
+  if (pool != kNoPool) {
+    Pool& drawn = pools[pool];
+    drawn.used += bytes;
+    drawn.peak = std::max(drawn.peak, drawn.used);
+    return true;
   }
   std::uint64_t used = used_bytes[t].fetch_add(bytes) + bytes;
   if (used > peak_bytes[t].load()) peak_bytes[t].store(used);
@@ -338,11 +378,16 @@ void Store::Impl::free_locked(Bundle& bundle, Tier tier, torch::Tensor* released
     case Tier::kGpu: *released = std::move(copy.gpu); break;
     case Tier::kHost: copy.host.reset(); break;
     case Tier::kNvme:
-      extents->free(copy.nvme_offset, bundle.storage_bytes);
+      if (!options.count_only) extents->free(copy.nvme_offset, bundle.storage_bytes);
       copy.reads_as_zeros = false;
       break;
   }
-  used_bytes[index(tier)].fetch_sub(bundle.storage_bytes);
+  if (copy.pool != kNoPool) {
+    pools[copy.pool].used -= bundle.storage_bytes;
+  } else {
+    used_bytes[index(tier)].fetch_sub(bundle.storage_bytes);
+  }
+  copy.pool = kNoPool;
   copy.state = CopyState::kAbsent;
   copy.version = 0;
   copy.loading = nullptr;
@@ -355,11 +400,19 @@ bool Store::Impl::wait_for_room(std::unique_lock<std::mutex>& lock, const Budget
   return true;
 }
 
-BudgetExceeded Store::Impl::budget_exceeded_locked(Tier tier, const std::string& request,
+BudgetExceeded Store::Impl::budget_exceeded_locked(Tier tier, PoolId pool, const std::string& request,
                                                    std::uint64_t bytes, const BudgetWait& wait) {
   double waited_seconds = wait.waited_seconds();
   int t = index(tier);
   refusals[t].fetch_add(1);
+  if (pool != kNoPool) {
+    const Pool& full = pools[pool];
+    return BudgetExceeded(detail::concat(
+        "the ", to_string(tier), " pool '", full.name, "' (", format_bytes(full.bytes), " set aside): ",
+        format_bytes(full.used), " in use, ", request, " needs ", format_bytes(bytes),
+        waited_seconds > 0 ? detail::concat(" after waiting ", waited_seconds, " s for evictions") : std::string(),
+        "; the set-up that reserved the pool sized it for fewer copies at once than this step holds"));
+  }
   std::uint64_t used = used_bytes[t].load();
   std::uint64_t budget = budget_bytes[t];
   std::string why =
@@ -411,7 +464,7 @@ std::optional<Fence> Store::Impl::try_start(std::unique_lock<std::mutex>& lock, 
   if (std::optional<Tier> short_tier = allocate_absent_locked(*transfer)) {
     if (wait_for_room(lock, wait)) return std::nullopt;
     throw budget_exceeded_locked(
-        *short_tier,
+        *short_tier, pool_of(bundle, *short_tier),
         detail::concat(write_back ? "the write-back of " : "the fetch of ", bundle.spec.name,
                        " to ", to_string(to)),
         bundle.storage_bytes, wait);
@@ -576,6 +629,16 @@ BundleId Store::insert(const BundleSpec& spec, std::optional<std::uint64_t> nvme
   bundle->storage_bytes = round_up(spec.bytes);
   FERRY_CHECK(spec.bytes > 0, "bundle '", spec.name, "' has 0 bytes: a bundle needs at least 1 byte");
   impl_->check_tier_configured(*bundle, spec.home);
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    for (Tier tier : kTiers) {
+      const PoolId pool = spec.pools[index(tier)];
+      if (pool == kNoPool) continue;
+      FERRY_CHECK(pool < impl_->pools.size() && !impl_->pools[pool].released && impl_->pools[pool].tier == tier,
+                  "bundle '", spec.name, "' names pool ", pool, " for its ", to_string(tier),
+                  " copies, which is not a live pool of that tier (Store::reserve)");
+    }
+  }
   Tier home = spec.home;
   Copy& copy = bundle->at(home);
   if (nvme_offset) {
@@ -590,13 +653,13 @@ BundleId Store::insert(const BundleSpec& spec, std::optional<std::uint64_t> nvme
     std::unique_lock<std::mutex> lock(impl_->mutex);
     while (!impl_->allocate_locked(*bundle, home)) {
       if (!impl_->wait_for_room(lock, wait)) {
-        throw impl_->budget_exceeded_locked(home, detail::concat("adding bundle '", spec.name, "'"),
+        throw impl_->budget_exceeded_locked(home, kNoPool, detail::concat("adding bundle '", spec.name, "'"),
                                             bundle->storage_bytes, wait);
       }
     }
   }
   try {
-    switch (home) {
+    if (!options_.count_only) switch (home) {
       case Tier::kGpu:
         copy.gpu = impl_->copier->allocate(static_cast<std::int64_t>(bundle->storage_bytes)).zero_();
         break;
@@ -615,6 +678,36 @@ BundleId Store::insert(const BundleSpec& spec, std::optional<std::uint64_t> nvme
   bundle->id = static_cast<BundleId>(impl_->bundles.size());
   impl_->bundles.push_back(std::move(bundle));
   return impl_->bundles.back()->id;
+}
+
+PoolId Store::reserve(Tier tier, std::uint64_t bytes, const std::string& name) {
+  check_tier(tier);
+  const std::uint64_t rounded = round_up(bytes);
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  const int t = index(tier);
+  const std::uint64_t used = impl_->used_bytes[t].load();
+  if (used + rounded > impl_->budget_bytes[t]) {
+    impl_->refusals[t].fetch_add(1);
+    throw BudgetExceeded(detail::concat(
+        to_string(tier), " budget ", format_bytes(impl_->budget_bytes[t]), ": ", format_bytes(used),
+        " in use, the pool '", name, "' needs ", format_bytes(rounded), ", ",
+        format_bytes(used + rounded - impl_->budget_bytes[t]), " short; raise the ", to_string(tier), " budget"));
+  }
+  const std::uint64_t now = impl_->used_bytes[t].fetch_add(rounded) + rounded;
+  if (now > impl_->peak_bytes[t].load()) impl_->peak_bytes[t].store(now);
+  impl_->pools.push_back({name, tier, rounded});
+  return static_cast<PoolId>(impl_->pools.size() - 1);
+}
+
+void Store::release(PoolId id) {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  FERRY_CHECK(id < impl_->pools.size() && !impl_->pools[id].released, "pool ", id, " is not a live pool");
+  Pool& pool = impl_->pools[id];
+  FERRY_CHECK(pool.used == 0, "cannot release the pool '", pool.name, "': copies of ", format_bytes(pool.used),
+              " still draw from it; drop them first");
+  pool.released = true;
+  impl_->used_bytes[index(pool.tier)].fetch_sub(pool.bytes);
+  impl_->room.notify_all();
 }
 
 std::uint64_t Store::nvme_offset(BundleId id) const {
@@ -654,6 +747,7 @@ bool Store::up_to_date(BundleId id, Tier tier) const {
 }
 
 torch::Tensor Store::tensor(BundleId id, Tier tier) const {
+  impl_->check_movable();
   std::lock_guard<std::mutex> lock(impl_->mutex);
   Bundle& bundle = impl_->bundle_locked(id);
   FERRY_CHECK(tier == Tier::kGpu || tier == Tier::kHost, "no tensor for ",
@@ -668,6 +762,7 @@ torch::Tensor Store::tensor(BundleId id, Tier tier) const {
 }
 
 torch::Tensor Store::device_tensor_in_flight(BundleId id) const {
+  impl_->check_movable();
   std::lock_guard<std::mutex> lock(impl_->mutex);
   Bundle& bundle = impl_->bundle_locked(id);
   const Copy& copy = bundle.at(Tier::kGpu);
@@ -680,6 +775,7 @@ torch::Tensor Store::device_tensor_in_flight(BundleId id) const {
 }
 
 Fence Store::fetch(BundleId id, Tier to) {
+  impl_->check_movable();
   BudgetWait wait(options_.budget_wait_seconds);
   std::unique_lock<std::mutex> lock(impl_->mutex);
   for (;;) {
@@ -721,6 +817,7 @@ Fence Store::fetch(BundleId id, Tier to) {
 }
 
 void Store::allocate(BundleId id, Tier tier) {
+  impl_->check_movable();
   BudgetWait wait(options_.budget_wait_seconds);
   std::unique_lock<std::mutex> lock(impl_->mutex);
   Bundle& bundle = impl_->bundle_locked(id);
@@ -732,7 +829,7 @@ void Store::allocate(BundleId id, Tier tier) {
               ": it is already ", to_string(copy.state));
   while (!impl_->allocate_locked(bundle, tier)) {
     if (!impl_->wait_for_room(lock, wait)) {
-      throw impl_->budget_exceeded_locked(tier, detail::concat("allocating ", describe(bundle, tier)),
+      throw impl_->budget_exceeded_locked(tier, impl_->pool_of(bundle, tier), detail::concat("allocating ", describe(bundle, tier)),
                                           bundle.storage_bytes, wait);
     }
   }
@@ -760,6 +857,7 @@ void Store::allocate(BundleId id, Tier tier) {
 }
 
 void Store::mark_dirty(BundleId id, Tier tier) {
+  impl_->check_movable();
   std::lock_guard<std::mutex> lock(impl_->mutex);
   Bundle& bundle = impl_->bundle_locked(id);
   impl_->check_tier_configured(bundle, tier);
@@ -777,6 +875,7 @@ void Store::mark_dirty(BundleId id, Tier tier) {
 }
 
 Fence Store::write_back(BundleId id, Tier from, Tier to) {
+  impl_->check_movable();
   BudgetWait wait(options_.budget_wait_seconds);
   std::unique_lock<std::mutex> lock(impl_->mutex);
   for (;;) {
@@ -830,7 +929,7 @@ void Store::drop(BundleId id, Tier tier, bool keep_only_latest) {
                 to_string(bundle.spec.home), " first");
   }
   impl_->free_locked(bundle, tier, &released);
-  impl_->copier->retire(released);
+  if (impl_->copier) impl_->copier->retire(released);
   if (keep_only_latest) return;
   // The newest remaining contents are the bundle's contents again.
   std::uint64_t newest = 0;
@@ -861,7 +960,7 @@ void Store::remove(BundleId id) {
   for (Tier tier : kTiers) {
     if (bundle.at(tier).state == CopyState::kAbsent) continue;
     impl_->free_locked(bundle, tier, &released[index(tier)]);
-    impl_->copier->retire(released[index(tier)]);
+    if (impl_->copier) impl_->copier->retire(released[index(tier)]);
   }
   impl_->bundles[id].reset();
 }
@@ -878,6 +977,8 @@ StoreStats Store::stats() const {
     stats.tiers[t].refusals = impl_->refusals[t].load(std::memory_order_relaxed);
     for (Tier to : kTiers) stats.transfers[t][index(to)] = impl_->counters->read(tier, to);
   }
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  for (const Pool& pool : impl_->pools) stats.pools.push_back({pool.name, pool.tier, pool.bytes, pool.used, pool.peak});
   return stats;
 }
 

@@ -241,7 +241,7 @@ TEST_CASE("fuyou refuses settings it cannot run, naming them") {
   config.fuyou.blocks_in_flight = 3;
   config.host_budget_bytes = 64 << 10;
   CHECK_THROWS_WITH(make_engine(model, config),
-                    Catch::Contains("fuyou mode needs") && Catch::Contains("optimizer staging"));
+                    Catch::Contains("fuyou mode needs") && Catch::Contains("NVMe staging"));
   CHECK_THROWS_WITH(parse_block_activations("disk"), Catch::Contains("use gpu, host or nvme"));
 }
 

@@ -177,3 +177,50 @@ TEST_CASE("a placement the engine cannot run is refused, naming the part and the
   CHECK_THROWS_WITH(placement_from_json(R"({"parts": [{"params": "disk"}]})"),
                     Catch::Contains("part 0 (stem), params") && Catch::Contains("disk"));
 }
+
+// Note: the sizing is the engine's set-up counted (engine/layout.h). Every copy away from home
+// draws from a pool the set-up reserved, so the store's peak per tier is exactly the count, and a
+// pool too small for what the step holds would stall the step and fail it, not pass unnoticed.
+TEST_CASE("the sizing is the engine's set-up counted: the store's peak per tier, for every preset and a mixed placement") {
+  TempDir dir;
+  const models::ModelConfig model = four_blocks("tiny-llama");
+  EngineConfig config = base_config(Mode::kGpu);
+  config.nvme_directories = {dir.subdir("nvme")};
+  config.precision = Precision::kBF16;
+  config.max_grad_norm = 1.0;
+  SECTION("gpu") {}
+  SECTION("zero-offload with accumulation") {
+    config.mode = Mode::kZeroOffload;
+    config.grad_accumulation = 2;
+    config.offload_checkpoints = true;
+  }
+  SECTION("fuyou, layer-major") {
+    config.mode = Mode::kFuyou;
+    config.fuyou.host_blocks = 1;
+    config.grad_accumulation = 2;
+    config.micro_batch_order = MicroBatchOrder::kLayerMajor;
+    config.placement.activations = mixed(true).activations;
+    config.placement.activations[0] = {true, N};
+  }
+  SECTION("auto") {
+    config.mode = Mode::kAuto;
+    config.placement = mixed(false);
+  }
+  Engine engine(models::build(model, 7), config);
+  auto loader = demo_loader(11);
+  const data::Batch first = loader->next();
+  for (int i = 0; i < 3 * config.grad_accumulation; ++i) engine.train_step(i == 0 ? first : loader->next());
+  std::vector<PartShape> shapes = part_shapes(model);
+  const std::uint64_t checkpoint_bytes = static_cast<std::uint64_t>(first.input_ids.numel() * model.hidden_size) * 2;
+  const TierDemand counted = engine_demand(shapes, engine.config(), checkpoint_bytes);
+  const StoreStats store = engine.stats().store;
+  for (Tier tier : {G, H, N}) {
+    INFO(to_string(tier) << ": " << counted.describe(tier));
+    CHECK(store.tiers[static_cast<int>(tier)].peak_bytes == counted.bytes[static_cast<int>(tier)]);
+  }
+  for (const PoolStats& pool : store.pools) {
+    INFO(pool.name);
+    CHECK(pool.peak_bytes <= pool.bytes);
+    CHECK(pool.peak_bytes > 0);  // each pool the set-up reserved is used
+  }
+}

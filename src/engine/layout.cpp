@@ -1,0 +1,185 @@
+#include "engine/layout.h"
+
+#include <algorithm>
+
+#include "engine/sizing.h"
+#include "ferry/check.h"
+
+namespace ferry::detail {
+namespace {
+
+std::uint64_t stored(std::uint64_t bytes) { return (bytes + kIoAlignment - 1) / kIoAlignment * kIoAlignment; }
+
+// The most bytes one part's bundle of a role takes among the parts that `counts`.
+template <typename Counts>
+std::uint64_t largest(const std::vector<Part>& parts, std::size_t from, std::uint64_t per_parameter, Counts counts) {
+  std::uint64_t most = 0;
+  for (std::size_t p = from; p < parts.size(); ++p) {
+    if (counts(p)) most = std::max(most, stored(static_cast<std::uint64_t>(parts[p].numel) * per_parameter));
+  }
+  return most;
+}
+
+PoolId reserve(Store& store, Tier tier, std::uint64_t bytes, const char* name, TierDemand* demand) {
+  if (bytes == 0) return kNoPool;
+  record(demand, tier, name, bytes);
+  return store.reserve(tier, bytes, name);
+}
+
+}  // namespace
+
+std::size_t window_capacity(const EngineConfig& config, const Placement& placement) {
+  const bool streams = std::any_of(placement.parts.begin(), placement.parts.end(),
+                                   [](const PartPlacement& home) { return home.streamed(); });
+  return streams ? static_cast<std::size_t>(config.fuyou.blocks_in_flight) : 2;
+}
+
+void record(TierDemand* demand, Tier tier, const char* role, std::uint64_t bytes) {
+  if (demand == nullptr || bytes == 0) return;
+  const int t = static_cast<int>(tier);
+  demand->bytes[t] += bytes;
+  for (TierDemand::Item& item : demand->items[t]) {
+    if (item.role != role) continue;
+    item.bytes += bytes;
+    return;
+  }
+  demand->items[t].push_back({role, bytes});
+}
+
+// Note: what each pool holds at most, from the bounds the step keeps (first_order.cpp):
+// - window: the visits the device window holds, each with a streamed block's parameters;
+// - device gradients: the stem's (kept through backward), the part in backward and the
+//   kGradientsGoingDown before it still on their way down; their fp32 sums likewise, layer-major;
+// - parameter staging: every resident part the CPU updates keeps a host copy it writes into;
+// - NVMe staging: streamed blocks' parameters passing through (the window's, and those kept for
+//   an update the worker has not reached: kGradientsAhead + 1), gradients (or their sums) waiting
+//   for the worker (kGradientsAhead + 1), and the optimizer state of kPartsStaged parts.
+StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement& placement,
+                        const EngineConfig& config, const AddBundle& add, TierDemand* demand) {
+  const std::uint64_t e = torch::elementSize(scalar_type(config.precision));
+  const auto& homes = placement.parts;
+  auto cpu = [&](std::size_t p) { return !homes[p].updated_on_gpu(); };
+  auto on_nvme = [&](Tier tier) { return tier == Tier::kNvme; };
+  const std::size_t window = window_capacity(config, placement);
+  const bool layer_major = config.micro_batch_order == MicroBatchOrder::kLayerMajor;
+  const PlacementRoles roles = placement_roles(config);
+
+  const std::uint64_t streamed = largest(parts, 0, e, [&](std::size_t p) { return homes[p].streamed(); });
+  const std::uint64_t stem_grads = cpu(0) ? stored(static_cast<std::uint64_t>(parts[0].numel) * e) : 0;
+  const std::uint64_t stem_sum = cpu(0) ? stored(static_cast<std::uint64_t>(parts[0].numel) * 4) : 0;
+  const std::uint64_t sent = largest(parts, 1, e, cpu);
+  const std::uint64_t summed = largest(parts, 1, 4, cpu);
+  std::uint64_t resident_staging = 0;
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    if (cpu(p) && homes[p].params == Tier::kGpu) resident_staging += stored(static_cast<std::uint64_t>(parts[p].numel) * e);
+  }
+  const std::uint64_t nvme_params = largest(parts, 0, e, [&](std::size_t p) { return on_nvme(homes[p].params); });
+  const std::uint64_t nvme_gradients = std::max(
+      largest(parts, 0, e, [&](std::size_t p) { return cpu(p) && on_nvme(homes[p].grads); }),
+      layer_major && roles.accumulator
+          ? largest(parts, 0, 4, [&](std::size_t p) { return cpu(p) && on_nvme(homes[p].accumulator); })
+          : 0);
+  std::uint64_t nvme_work = 0;  // one CPU-updated part's bundles at home on NVMe that its update stages
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    if (!cpu(p)) continue;
+    const auto numel = static_cast<std::uint64_t>(parts[p].numel);
+    std::uint64_t work = on_nvme(homes[p].params) ? stored(numel * e) : 0;
+    if (roles.master && on_nvme(homes[p].master)) work += stored(numel * 4);
+    for (int i = 0; i < roles.states; ++i) work += on_nvme(homes[p].states[i]) ? stored(numel * 4) : 0;
+    if (roles.accumulator && on_nvme(homes[p].accumulator)) work += stored(numel * 4);
+    nvme_work = std::max(nvme_work, work);
+  }
+  const bool sends = std::any_of(homes.begin(), homes.end(), [](const PartPlacement& h) { return !h.updated_on_gpu(); });
+
+  StepPools pools;
+  pools.window = reserve(store, Tier::kGpu, window * streamed, "blocks in flight", demand);
+  if (sends) {
+    pools.device_gradients = reserve(store, Tier::kGpu, stem_grads + (kGradientsGoingDown + 1) * sent,
+                                     "gradients on their way down", demand);
+    if (layer_major) {
+      pools.device_sums = reserve(store, Tier::kGpu, stem_sum + (kGradientsGoingDown + 1) * summed,
+                                  "fp32 gradient sums on their way down", demand);
+    }
+  }
+  pools.parameter_staging = reserve(store, Tier::kHost, resident_staging, "parameter staging", demand);
+  pools.nvme_staging = reserve(store, Tier::kHost,
+                               (window + kGradientsAhead + 1) * nvme_params + (kGradientsAhead + 1) * nvme_gradients +
+                                   kPartsStaged * nvme_work,
+                               "NVMe staging", demand);
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    add_bundles(parts[p], homes[p], config, pools, [&](const BundleSpec& spec, const char* role) {
+      record(demand, spec.home, role, stored(spec.bytes));
+      return add(spec, role);
+    });
+  }
+  return pools;
+}
+
+// Note: in forward a swapped checkpoint goes down while the next ones are saved, at most
+// kCheckpointsGoingDown behind; in backward the window brings each visit's checkpoints back, all
+// of a step's micro-batches' in layer-major order.
+void lay_out_checkpoints(Store& store, const std::vector<Part>& parts, const Placement& placement,
+                         const EngineConfig& config, std::uint64_t bytes, CheckpointLayout& layout,
+                         TierDemand* demand) {
+  for (BundleId id : layout.bundles) {
+    if (id != kNoBundle) store.remove(id);
+  }
+  for (PoolId pool : {layout.device, layout.staging}) {
+    if (pool != kNoPool) store.release(pool);
+  }
+  layout = CheckpointLayout{};
+  layout.bytes = bytes;
+  const std::size_t blocks = parts.size() - 2;
+  const auto micro_batches = static_cast<std::size_t>(config.grad_accumulation);
+  const std::size_t per_visit = config.micro_batch_order == MicroBatchOrder::kLayerMajor ? micro_batches : 1;
+  const std::uint64_t in_flight =
+      std::max(kCheckpointsGoingDown + 1, window_capacity(config, placement) * per_visit) * stored(bytes);
+  bool swapped = false, through_host = false;
+  for (const BlockActivations& block : placement.activations) {
+    swapped |= block.recompute && block.tier != Tier::kGpu;
+    through_host |= block.recompute && block.tier == Tier::kNvme;
+  }
+  layout.device = reserve(store, Tier::kGpu, swapped ? in_flight : 0, "checkpoints on the device", demand);
+  layout.staging = reserve(store, Tier::kHost, through_host ? in_flight : 0, "checkpoint staging", demand);
+  layout.bundles.assign(blocks * micro_batches, kNoBundle);
+  for (std::size_t i = 0; i < blocks; ++i) {
+    const BlockActivations& block = placement.activations[i];
+    if (!block.recompute) continue;
+    for (std::size_t m = 0; m < micro_batches; ++m) {
+      BundleSpec spec{parts[i + 1].name + ".checkpoint." + std::to_string(m), bytes, block.tier};
+      spec.pools[static_cast<int>(Tier::kGpu)] = layout.device;
+      spec.pools[static_cast<int>(Tier::kHost)] = block.tier == Tier::kNvme ? layout.staging : kNoPool;
+      record(demand, block.tier, "activation checkpoints", stored(bytes));
+      layout.bundles[i * micro_batches + m] = store.add(spec);
+    }
+  }
+}
+
+TierDemand count_first_order(const std::vector<PartShape>& shapes, const EngineConfig& config,
+                             std::uint64_t checkpoint_bytes) {
+  const Placement placement = resolve_placement(config, shapes.size());
+  StoreOptions options = store_options(config);
+  options.count_only = true;
+  options.gpu_budget_bytes = options.host_budget_bytes = options.nvme_budget_bytes = UINT64_MAX;
+  Store store(options);
+  std::vector<Part> parts(shapes.size());
+  for (std::size_t p = 0; p < shapes.size(); ++p) {
+    parts[p].name = shapes[p].name;
+    parts[p].numel = shapes[p].numel;
+  }
+  TierDemand demand;
+  lay_out_parts(store, parts, placement, config, [&](const BundleSpec& spec, const char*) { return store.add(spec); },
+                &demand);
+  if (checkpoint_bytes > 0) {
+    CheckpointLayout checkpoints;
+    lay_out_checkpoints(store, parts, placement, config, checkpoint_bytes, checkpoints, &demand);
+  }
+  const StoreStats counted = store.stats();
+  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
+    FERRY_ASSERT(counted.tiers[static_cast<int>(tier)].used_bytes == demand.bytes[static_cast<int>(tier)],
+                 "the counted set-up and its record disagree on the ", to_string(tier), " tier");
+  }
+  return demand;
+}
+
+}  // namespace ferry::detail

@@ -1,0 +1,60 @@
+#pragma once
+
+// The first-order engine's set-up as one piece of code that the engine performs and its sizing
+// counts: each part's bundles at home, and the pools its step draws every copy away from home
+// from. engine_demand runs it against a counting store (StoreOptions::count_only), so the bytes
+// `ferry plan` reports per tier are the ones the engine takes; and since no copy away from home
+// comes from anywhere but a pool, the step cannot take more than the set-up counted.
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/parts.h"
+#include "ferry/engine.h"
+#include "ferry/store.h"
+
+namespace ferry::detail {
+
+// Parts whose gradients, or whose parameters kept for their update, wait on the host for the CPU
+// worker beyond the one it is updating: backward waits rather than let more pile up there.
+constexpr std::size_t kGradientsAhead = 2;
+// Parts whose device gradients (or their fp32 sums) may still be on their way down when the next
+// part's backward gets its own: the stem's, kept through backward for a tied head, comes on top.
+constexpr std::size_t kGradientsGoingDown = 2;
+// Swapped checkpoints on their way down while forward saves the next one.
+constexpr std::size_t kCheckpointsGoingDown = 2;
+// Parts whose optimizer state is staged on the host at once: the one being updated, the next
+// one arriving and the previous one going home.
+constexpr std::size_t kPartsStaged = 3;
+
+// Visits the device window holds at once: FuyouConfig::blocks_in_flight when blocks stream, else
+// two (the checkpoints a block's backward brings back, and the next block's).
+std::size_t window_capacity(const EngineConfig& config, const Placement& placement);
+
+// Records what a set-up takes, role by role, into a TierDemand.
+void record(TierDemand* demand, Tier tier, const char* role, std::uint64_t bytes);
+
+// Reserves the step's pools on `store` (parts described, bundles not yet added) and adds every
+// part's bundles at home through `add` (the engine places them, or adopts a staged layout's).
+StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement& placement,
+                        const EngineConfig& config, const AddBundle& add, TierDemand* demand);
+
+// Activation checkpoints of `bytes` each (one block's input for one micro-batch): a bundle per
+// recomputed block and micro-batch of a step at its activations' tier, and the pools of their
+// copies in flight.
+struct CheckpointLayout {
+  std::uint64_t bytes = 0;
+  std::vector<BundleId> bundles;  // [block * micro-batches + micro-batch]; kNoBundle for a kept graph
+  PoolId device = kNoPool;   // gpu: swapped checkpoints while on the device
+  PoolId staging = kNoPool;  // host: NVMe checkpoints passing through
+};
+// Removes `layout`'s bundles and pools (none may be in use) and lays out new ones.
+void lay_out_checkpoints(Store& store, const std::vector<Part>& parts, const Placement& placement,
+                         const EngineConfig& config, std::uint64_t bytes, CheckpointLayout& layout,
+                         TierDemand* demand);
+
+// The set-up counted: TierDemand of `parts`, with checkpoints of `checkpoint_bytes` when not 0.
+TierDemand count_first_order(const std::vector<PartShape>& parts, const EngineConfig& config,
+                             std::uint64_t checkpoint_bytes);
+
+}  // namespace ferry::detail
