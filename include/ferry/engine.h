@@ -167,11 +167,19 @@ struct EngineConfig {
   Precision precision = Precision::kF32;
   torch::Device device = torch::kCPU;  // the GPU tier; kCPU runs everything on the host
   std::uint64_t gpu_budget_bytes = 0;   // 0: everything the mode needs on the device
+  // Of the gpu budget, what the store leaves free for autograd: kept graphs and working
+  // activations, which the plan sizes (plan_engine_config fills it in).
+  std::uint64_t gpu_working_bytes = 0;
   std::uint64_t host_budget_bytes = 0;  // 0: everything the mode needs on the host
   // The NVMe tier's directories (one per SSD; files are striped over them) and its budget.
   std::vector<std::string> nvme_directories;
   std::uint64_t nvme_budget_bytes = 0;  // 0: no limit beyond the disks'
   Env* nvme_env = nullptr;  // opens the NVMe tier's files; nullptr: Env::posix(). Tests inject faults
+  // The NVMe tier's I/O engine: transfers in flight and the size large ones are split into; 0
+  // keeps IoOptions' defaults. `ferry finetune` takes what `ferry bench calibrate` measured
+  // fastest for the directory.
+  unsigned nvme_queue_depth = 0;
+  std::uint64_t nvme_block_bytes = 0;
   // A layout `ferry stage` wrote (include/ferry/stage.h): the directory holding its manifest, the
   // first NVMe directory. The engine adopts its files in place of the model's weights; the
   // layout then becomes the job's live state (docs/stage.md). Empty: weights come from the model.
@@ -231,7 +239,8 @@ std::int64_t zo_gpu_blocks(const std::vector<PartShape>& parts, const EngineConf
 
 // The engine's settings from a JSON object, under the names `ferry finetune` uses for its flags
 // and config file: "mode", "precision", "device" ("auto", "cpu", "cuda", "cuda:N"),
-// "gpu_budget" and "host_budget" (bytes or "24GiB"; 0: no limit), "optimizer", "lr", "beta1",
+// "gpu_budget" and "host_budget" (bytes or "24GiB"; 0: no limit), "gpu_working" (the part of the
+// gpu budget left for activations), "placement" (placement_to_json's object), "optimizer", "lr", "beta1",
 // "beta2", "eps", "weight_decay", "momentum", "nesterov", "schedule", "warmup", "steps" (the
 // schedule's total), "min_lr_ratio", "grad_accum", "max_grad_norm", "loss_scale" (true, false or
 // null: the precision decides), "keep_graph_blocks", "offload_checkpoints",

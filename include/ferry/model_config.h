@@ -110,6 +110,10 @@ struct ModelConfig {
 // Named presets with the public architectures' shapes, plus tiny-* test sizes that run in
 // milliseconds. Throws, listing the valid names, for an unknown one.
 ModelConfig preset(const std::string& name);
+// The same model cut to its first `layers` blocks, every other dimension kept: blocks of a model
+// too large for a machine, run there to measure them (`--layers`). 0 keeps them all; throws for
+// a count outside 1 to the model's.
+ModelConfig truncated(ModelConfig config, std::int64_t layers);
 std::vector<std::string> preset_names();
 
 }  // namespace ferry::models

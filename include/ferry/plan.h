@@ -32,6 +32,17 @@ struct NvmeFigures {
   std::string directory;
   double read_gbps = 0;   // GB/s (1e9 bytes) through ferry's I/O engine
   double write_gbps = 0;
+  // The I/O engine's settings that reached these figures, the fastest calibration tried (0: the
+  // engine's defaults). The front ends run the store's NVMe tier with them (nvme_io_for).
+  unsigned queue_depth = 0;
+  std::uint64_t block_bytes = 0;
+};
+
+// The I/O settings calibration measured fastest for the first of `directories` (the store runs
+// one I/O engine over all its stripes), or none.
+struct NvmeIoSettings {
+  unsigned queue_depth = 0;  // 0: the engine's default
+  std::uint64_t block_bytes = 0;
 };
 
 // What the cost model knows of a machine: achievable rates, measured by `ferry bench calibrate`
@@ -63,6 +74,7 @@ struct Hardware {
   // figure of its own counts as the mean of the known ones; none given: the sum of all known.
   double nvme_read_gbps(const std::vector<std::string>& directories = {}) const;
   double nvme_write_gbps(const std::vector<std::string>& directories = {}) const;
+  NvmeIoSettings nvme_io_for(const std::vector<std::string>& directories) const;
 
   std::string to_json() const;
   // Throws ferry::Error naming the file and the bad field.
@@ -178,6 +190,10 @@ struct Plan {
   std::vector<std::string> fixes;       // the smallest changes that fit, best first
 
   std::vector<BlockActivations> activations;  // one per block; empty for zo2 (no backward)
+  // The first-order placement the plan sized: a preset's, or the one mode auto chose, with the
+  // reasons for auto's choice.
+  Placement placement;
+  std::vector<std::string> placement_notes;
   std::int64_t host_blocks = 0;        // fuyou: blocks whose parameters live in host memory
   MicroBatchOrder micro_batch_order = MicroBatchOrder::kBatchMajor;
   std::uint64_t checkpoint_bytes = 0;  // one block's input, one micro-batch

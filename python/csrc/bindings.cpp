@@ -551,7 +551,10 @@ void bind_plan(py::module_& module) {
          const std::string& settings_json, const std::string& trace_path) {
         PlanRequest request;
         request.model_name = model;
-        if (model.find('/') == std::string::npos) {
+        if (!model.empty() && model.front() == '{') {  // a model's config.json, as text
+          request.model_name = "the engine's model";
+          request.model = models::ModelConfig::from_hf_json(model, "the engine's model config");
+        } else if (model.find('/') == std::string::npos) {
           request.model = models::preset(model);
         } else {
           FERRY_CHECK(fs::is_directory(model), "model ", model,
@@ -571,8 +574,8 @@ void bind_plan(py::module_& module) {
         request.choose_host_blocks = !given("fuyou_host_blocks");
         request.choose_micro_batch_order = !given("micro_batch_order");
         if (!attention.empty()) request.attention = parse_attention_kernel(attention);
-        FERRY_CHECK(hardware.empty() != calibration.empty(),
-                    "plan() needs exactly one of hardware= (a preset: ",
+        FERRY_CHECK(hardware.empty() || calibration.empty(),
+                    "plan() takes at most one of hardware= (a preset: ",
                     [] {
                       std::string names;
                       for (const std::string& name : hardware_preset_names()) {
@@ -580,8 +583,20 @@ void bind_plan(py::module_& module) {
                       }
                       return names;
                     }(),
-                    ") and calibration= (a file from `ferry bench calibrate`)");
-        request.hardware = hardware.empty() ? Hardware::load(calibration) : hardware_preset(hardware);
+                    ") and calibration= (a file from `ferry bench calibrate`); with neither, a quick "
+                    "calibration of this machine");
+        if (!hardware.empty()) {
+          request.hardware = hardware_preset(hardware);
+        } else if (!calibration.empty()) {
+          request.hardware = Hardware::load(calibration);
+        } else {
+          CalibrationOptions quick;
+          quick.nvme_directories = request.engine.nvme_directories;
+          quick.nvme_bytes = std::uint64_t{32} << 20;
+          quick.repeat = 1;
+          quick.quick = true;
+          request.hardware = calibrate(quick);
+        }
         py::gil_scoped_release release;
         const Plan plan = make_plan(request);
         if (!trace_path.empty()) write_plan_trace(plan, trace_path);

@@ -9,7 +9,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from . import _C
+from ._C import BudgetExceeded
 from .model import DTypeLike, LayeredModel
+from .plan import Plan, plan
 
 Batch = Union[Mapping[str, torch.Tensor], Any]
 """A dict, or an object with attributes, holding ``input_ids`` and ``labels`` (int64
@@ -38,7 +40,7 @@ class Engine:
         engine = ferry.Engine(config=json.load(open("job.json")))
 
     Engine settings (:func:`engine_settings`): mode (``"gpu"``, ``"zero-offload"``,
-    ``"fuyou"``, ``"zo2"``), precision
+    ``"fuyou"``, ``"auto"``, ``"zo2"``), precision
     (``"fp32"``, ``"bf16"``, ``"fp16"``), device (``"auto"``, the default here, ``"cpu"``,
     ``"cuda[:N]"``), gpu_budget, host_budget (bytes or ``"24GiB"``; 0: no limit), optimizer
     (``"adamw"``, ``"adam"``, ``"sgd"``, ``"adagrad"``), lr, beta1, beta2, eps, weight_decay,
@@ -53,6 +55,11 @@ class Engine:
     setting takes the C++
     ``EngineConfig`` default (adamw, lr 1e-3, no weight decay, constant schedule, fp32,
     zero-offload). They are parsed by the same C++ function the CLI uses.
+
+    With ``mode="auto"`` and no ``placement``, the engine is placed by :func:`ferry.plan` for
+    micro-batches of ``batch`` x ``seq`` tokens (both required), with the hardware figures of
+    ``hardware=`` (a preset) or ``calibration=`` (a file), or a quick calibration of this
+    machine; ``engine.plan`` is that plan.
 
     Besides the engine settings: ``model`` (when the argument is not given), ``seed`` (also the
     random initialisation of a preset, default 0, as in the CLI) and ``dtype`` (a preset's or
@@ -69,6 +76,9 @@ class Engine:
         name = merged.pop("model", None)
         seed = int(merged.get("seed", 0))
         dtype: DTypeLike = merged.pop("dtype", None)
+        # What mode="auto" plans with; batch and seq are also loop keys, dropped below.
+        planning = {"batch": merged.get("batch"), "seq": merged.get("seq"),
+                    "hardware": merged.pop("hardware", None), "calibration": merged.pop("calibration", None)}
         for key in LOOP_KEYS:
             merged.pop(key, None)
         merged.setdefault("device", "auto")
@@ -92,8 +102,32 @@ class Engine:
         else:
             raise TypeError(f"model must be a preset name, a Hugging Face directory or a "
                             f"ferry.LayeredModel, not {type(model).__name__}")
+        self.plan: Optional[Plan] = None
+        if merged.get("mode") == "auto" and "placement" not in merged:
+            self.plan = self._place(model, merged, **planning)
+            merged["placement"] = self.plan["placement"]
+            merged["gpu_working"] = self.plan["gpu_working"]
         self._engine = _C.Engine(self.model._model, json.dumps(merged))
         self.model._bound = True
+
+    def _place(self, source: Any, settings: Dict[str, Any], batch: Optional[int], seq: Optional[int],
+               hardware: Optional[str], calibration: Optional[str]) -> Plan:
+        if batch is None or seq is None:
+            raise TypeError("mode='auto' plans the placement for the micro-batch it will train on: "
+                            "give batch= and seq= (or a placement=)")
+        if isinstance(source, (str, os.PathLike)):
+            target = os.fspath(source)
+        elif self.model.hf_config is not None:
+            target = self.model.hf_config
+        else:
+            raise TypeError("mode='auto' plans from the model's shape, which a model of your own modules "
+                            "does not have: give a placement= (ferry.plan of an equal preset), or a preset mode")
+        planned = plan(target, "auto", batch=int(batch), seq=int(seq), hardware=hardware,
+                       calibration=calibration,
+                       **{k: v for k, v in settings.items() if k not in ("mode", "device", "seed")})
+        if not planned.fits:
+            raise BudgetExceeded(f"mode='auto' finds no placement within the budgets:\n{planned}")
+        return planned
 
     # --- training -------------------------------------------------------------------------
 

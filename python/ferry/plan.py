@@ -66,10 +66,11 @@ def plan(model: Union[str, os.PathLike], mode: str = "zero-offload", *, batch: i
          trace: Optional[Union[str, os.PathLike]] = None, **settings: Any) -> Plan:
     """Plans a job as ``ferry plan`` does: the same sizing code the engine allocates with.
 
-    ``model`` is a preset name or a Hugging Face directory; ``mode`` one of ``gpu``,
-    ``zero-offload``, ``zo2``, ``fuyou``. Hardware figures come from exactly one of
-    ``hardware`` (a preset such as ``"h100"`` or ``"rtx4090-fuyou"``) and ``calibration`` (a
-    file written by ``ferry bench calibrate``). ``settings`` are engine settings as in
+    ``model`` is a preset name, a Hugging Face directory or a model's config.json as text;
+    ``mode`` one of ``gpu``, ``zero-offload``, ``fuyou``, ``auto`` (the planner places every
+    part by the budgets) and ``zo2``. Hardware figures come from at most one of ``hardware`` (a
+    preset such as ``"h100"`` or ``"rtx4090-fuyou"``) and ``calibration`` (a file written by
+    ``ferry bench calibrate``); with neither, a quick calibration of this machine. ``settings`` are engine settings as in
     :class:`ferry.Engine` (``precision``, ``gpu_budget``, ``host_budget``, ``nvme``, ...).
     ``trace`` writes the predicted step as a Chrome trace. Raises :class:`ferry.Error` for a
     request the engine would reject.

@@ -51,6 +51,7 @@ struct OffloadSettings {
   std::int64_t grad_accumulation = 1;
   MicroBatchOrder order = MicroBatchOrder::kBatchMajor;
   bool delayed_update = false;  // zero-offload: ZeRO-Offload's DPU, from the first step
+  std::optional<Hardware> hardware;  // auto: the figures it plans with
 };
 
 // Runs `step` warmup times, then times `steps` of them with the device drained around the timing.
@@ -141,6 +142,20 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
       engine_config.placement.activations = parse_activations(offload.activations, config.num_layers);
     }
   }
+  // Auto: the planner places the job within the budgets, and its prediction is compared.
+  std::optional<Plan> plan;
+  if (mode == Mode::kAuto) {
+    PlanRequest request;
+    request.model = config;
+    request.engine = engine_config;
+    request.engine.fuyou.blocks_in_flight = offload.fuyou.blocks_in_flight;
+    request.batch = batch;
+    request.seq = seq;
+    request.hardware = *offload.hardware;
+    plan = make_plan(request);
+    FERRY_CHECK(plan->fits, "auto finds no placement within the budgets:\n", format_plan(*plan));
+    engine_config = plan_engine_config(*plan);
+  }
   Engine engine(models::build(config, 1), engine_config);
   std::vector<data::Batch> batches;
   for (int i = 0; i < 2; ++i) batches.push_back(data::random_batch(batch, seq, config.vocab_size, i));
@@ -168,6 +183,23 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
                 1e3 * stats.optimizer_seconds / (warmup + steps),
                 1e3 * stats.optimizer_wait_seconds / (warmup + steps));
   figures.note = note + std::string(", keeps ") + std::to_string(engine_config.keep_graph_blocks) + " graphs";
+  if (plan) {
+    std::size_t cpu = 0, recomputed = 0, streamed = 0;
+    for (const PartPlacement& home : plan->placement.parts) {
+      cpu += !home.updated_on_gpu();
+      streamed += home.streamed();
+    }
+    for (const BlockActivations& block : plan->placement.activations) recomputed += block.recompute;
+    char placed[256];
+    std::snprintf(placed, sizeof placed,
+                  "; auto: %zu of %zu parts updated by the cpu, %zu blocks recomputed, %zu streamed; gpu %s, host %s, "
+                  "nvme %s planned; plan predicts %.3f s (measured / predicted %.2f)",
+                  cpu, plan->placement.parts.size(), recomputed, streamed,
+                  format_bytes(plan->tier_bytes[0]).c_str(), format_bytes(plan->tier_bytes[1]).c_str(),
+                  format_bytes(plan->tier_bytes[2]).c_str(), plan->step_seconds,
+                  figures.seconds_per_step / plan->step_seconds);
+    figures.note = note + std::string(placed);
+  }
   if (mode != Mode::kGpu) {
     const TierStats& host = stats.store.tiers[static_cast<int>(Tier::kHost)];
     figures.note += ", peak host " + format_bytes(host.peak_bytes);
@@ -179,6 +211,10 @@ int run_bench_finetune(int argc, char** argv) {
   cxxopts::Options options(argv[0], "Measure ferry's modes against a plain LibTorch loop");
   options.add_options()
       ("model", "preset", cxxopts::value<std::string>()->default_value("llama-1.3b"))
+      ("layers", "the preset's first N blocks only, every other dimension kept (0: all)",
+       cxxopts::value<std::int64_t>()->default_value("0"))
+      ("calibration", "auto: the hardware figures it plans with, from `ferry bench calibrate` (default: a quick "
+       "calibration of this machine)", cxxopts::value<std::string>()->default_value(""))
       ("modes", "ferry modes", cxxopts::value<std::vector<std::string>>()->default_value("gpu,zero-offload"))
       ("batches", "batch sizes", cxxopts::value<std::vector<std::int64_t>>()->default_value("8,16"))
       ("seq", "sequence length", cxxopts::value<std::int64_t>()->default_value("1024"))
@@ -204,7 +240,8 @@ int run_bench_finetune(int argc, char** argv) {
     std::cout << options.help() << "\n";
     return 0;
   }
-  models::ModelConfig config = models::preset(args["model"].as<std::string>());
+  models::ModelConfig config =
+      models::truncated(models::preset(args["model"].as<std::string>()), args["layers"].as<std::int64_t>());
   std::optional<DType> dtype = parse_dtype(args["dtype"].as<std::string>());
   FERRY_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "--dtype must be F32 or BF16");
   config.dtype = *dtype;
@@ -226,6 +263,20 @@ int run_bench_finetune(int argc, char** argv) {
   offload.fuyou.blocks_in_flight = args["fuyou-window"].as<std::int64_t>();
   offload.grad_accumulation = args["grad-accum"].as<std::int64_t>();
   offload.order = parse_micro_batch_order(args["micro-batch-order"].as<std::string>());
+  for (const std::string& mode : args["modes"].as<std::vector<std::string>>()) {
+    if (parse_mode(mode) != Mode::kAuto || offload.hardware) continue;
+    const std::string file = args["calibration"].as<std::string>();
+    if (!file.empty()) {
+      offload.hardware = Hardware::load(file);
+    } else {
+      CalibrationOptions quick;
+      quick.nvme_directories = offload.nvme;
+      quick.nvme_bytes = std::uint64_t{64} << 20;
+      quick.repeat = 1;
+      quick.quick = true;
+      offload.hardware = calibrate(quick);
+    }
+  }
   // The NVMe figures the fuyou rows' lower bound divides by, measured here and now.
   std::optional<NvmeFigures> nvme;
   if (!offload.nvme.empty()) {

@@ -56,7 +56,7 @@ const Json& defaults() {
       {"zo_transfer", "storage"},    {"zo_window", 3},          {"zo_write_back", 4},
       {"fuyou_host_blocks", "auto"}, {"fuyou_window", 3},       {"staged", ""},
       {"activations", "auto"},       {"micro_batch_order", "auto"}, {"export", "auto"},
-      {"delayed_update", false},     {"delayed_update_warmup", 0},
+      {"delayed_update", false},     {"delayed_update_warmup", 0}, {"layers", 0},
   };
   return kDefaults;
 }
@@ -190,14 +190,21 @@ void stage_if_needed(const std::string& model, const EngineConfig& config) {
                format_bytes(report.nvme_bytes).c_str(), report.seconds, report.manifest_path.c_str());
 }
 
-LayeredModel load_model(const std::string& name, std::uint64_t seed) {
+// A preset, cut to `layers` blocks when not 0, or a Hugging Face directory (which keeps its own).
+models::ModelConfig preset_shape(const std::string& name, std::int64_t layers) {
+  return models::truncated(models::preset(name), layers);
+}
+
+LayeredModel load_model(const std::string& name, std::uint64_t seed, std::int64_t layers) {
   if (is_directory_name(name)) return models::from_pretrained(name);
-  return models::build(models::preset(name), seed);
+  return models::build(preset_shape(name, layers), seed);
 }
 
 // The model's shape without its weights: a preset, or a Hugging Face directory's config.json.
-models::ModelConfig model_shape(const std::string& name) {
-  if (!is_directory_name(name)) return models::preset(name);
+models::ModelConfig model_shape(const std::string& name, std::int64_t layers) {
+  if (!is_directory_name(name)) return preset_shape(name, layers);
+  FERRY_CHECK(layers == 0, "layers = ", layers, " truncates a preset; model '", name, "' is a Hugging Face "
+              "directory, which keeps its own blocks");
   FERRY_CHECK(fs::is_directory(name), "model directory '", name, "' does not exist: give a Hugging Face model ",
               "directory (config.json and safetensors) or a preset name (`ferry plan --help` lists them)");
   FERRY_CHECK(fs::exists(name + "/config.json"), "model directory '", name, "' has no config.json: give the ",
@@ -337,6 +344,8 @@ void print_plan_summary(const Plan& plan) {
 Json resolved_job(Json job, const EngineConfig& config) {
   job["fuyou_host_blocks"] = config.fuyou.host_blocks;
   job["micro_batch_order"] = to_string(config.micro_batch_order);
+  if (!config.placement.parts.empty()) job["placement"] = Json::parse(placement_to_json(config.placement));
+  if (config.gpu_working_bytes > 0) job["gpu_working"] = config.gpu_working_bytes;
   if (config.placement.activations.empty()) {
     job.erase("activations");
   } else {
@@ -436,7 +445,7 @@ int run_finetune(int argc, char** argv) {
 
   // Note: everything that can be checked without the weights is checked before they are read:
   // the model's name, the NVMe directories, the budgets (the plan) and the checkpoint to resume.
-  const models::ModelConfig shape = model_shape(job["model"]);
+  const models::ModelConfig shape = model_shape(job["model"], job["layers"]);
   EngineConfig config = engine_config(job, shape.num_layers);
   const std::string staged_manifest = config.staged + "/" + kStageManifestName;
   const bool staged_before = !config.staged.empty() && fs::exists(staged_manifest);
@@ -446,8 +455,13 @@ int run_finetune(int argc, char** argv) {
   }
   check_nvme_directories(config.nvme_directories);
   const Hardware hardware = job_hardware(args.count("hardware") ? args["hardware"].as<std::string>() : "", config);
+  // The store's NVMe tier runs with the I/O settings calibration measured fastest there.
+  const NvmeIoSettings io = hardware.nvme_io_for(config.nvme_directories);
+  if (config.nvme_queue_depth == 0) config.nvme_queue_depth = io.queue_depth;
+  if (config.nvme_block_bytes == 0) config.nvme_block_bytes = io.block_bytes;
   Plan plan = plan_job(job, config, shape, std::nullopt, hardware);
   require_fits(plan);
+  if (config.mode == Mode::kAuto) config = plan_engine_config(plan);
   // A staged layout already holds the plan's NVMe bytes.
   if (!staged_before) check_nvme_room(config.nvme_directories, plan.tier_bytes[static_cast<int>(Tier::kNvme)]);
   const std::string latest_file = out + "/checkpoints/latest";
@@ -462,7 +476,7 @@ int run_finetune(int argc, char** argv) {
 
   if (!config.staged.empty()) stage_if_needed(job["model"], config);
   // Note: a staged job's weights are on NVMe already; its model is allocated, never initialised.
-  LayeredModel model = config.staged.empty() ? load_model(job["model"], job["seed"])
+  LayeredModel model = config.staged.empty() ? load_model(job["model"], job["seed"], job["layers"])
                                              : models::allocate(staged_model_config(config.staged));
   const std::int64_t vocab = shape.vocab_size;
   data::AdditionTask task{job["demo_digits"], job["seed"]};
@@ -490,7 +504,7 @@ int run_finetune(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
     require_fits(plan);
     config = plan_engine_config(plan);
-    model = load_model(job["model"], job["seed"]);
+    model = load_model(job["model"], job["seed"], job["layers"]);
   }
   Engine engine(std::move(model), config);
   fs::make_directories(out + "/checkpoints");

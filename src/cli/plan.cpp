@@ -88,7 +88,10 @@ int run_plan(int argc, char** argv) {
   cxxopts::Options options(argv[0], "Plan a fine-tuning job: bytes per tier, fit, predicted step time");
   options.add_options()
       ("model", "preset or Hugging Face directory", cxxopts::value<std::string>()->default_value("llama-7b"))
-      ("mode", "gpu, zero-offload, zo2 or fuyou", cxxopts::value<std::string>()->default_value("zero-offload"))
+      ("layers", "a preset's first N blocks only, every other dimension kept (0: all)",
+       cxxopts::value<std::int64_t>()->default_value("0"))
+      ("mode", "gpu, zero-offload, fuyou, auto (the planner places every part by the budgets) or zo2",
+       cxxopts::value<std::string>()->default_value("zero-offload"))
       ("precision", "fp32, bf16 or fp16", cxxopts::value<std::string>()->default_value("bf16"))
       ("batch", "sequences per micro-batch", cxxopts::value<std::int64_t>()->default_value("8"))
       ("seq", "sequence length", cxxopts::value<std::int64_t>()->default_value("1024"))
@@ -145,6 +148,11 @@ int run_plan(int argc, char** argv) {
   PlanRequest request;
   request.model_name = args["model"].as<std::string>();
   request.model = resolve_model(request.model_name);
+  if (args["layers"].as<std::int64_t>() != 0) {
+    FERRY_CHECK(request.model_name.find('/') == std::string::npos, "--layers truncates a preset; ",
+                request.model_name, " is a Hugging Face directory");
+    request.model = models::truncated(request.model, args["layers"].as<std::int64_t>());
+  }
   request.batch = args["batch"].as<std::int64_t>();
   request.seq = args["seq"].as<std::int64_t>();
   EngineConfig& config = request.engine;

@@ -85,6 +85,7 @@ const std::vector<Setting>& settings() {
       {"device",
        [](const Json& v, EngineConfig& c) { c.device = parse_device(v.get<std::string>()); }},
       {"gpu_budget", [](const Json& v, EngineConfig& c) { c.gpu_budget_bytes = parse_budget(v); }},
+      {"gpu_working", [](const Json& v, EngineConfig& c) { c.gpu_working_bytes = parse_budget(v); }},
       {"host_budget",
        [](const Json& v, EngineConfig& c) { c.host_budget_bytes = parse_budget(v); }},
       {"optimizer",
@@ -125,6 +126,8 @@ const std::vector<Setting>& settings() {
          c.trace = v.is_string() ? !v.get<std::string>().empty() : v.get<bool>();
        }},
       {"nvme", [](const Json& v, EngineConfig& c) { c.nvme_directories = parse_list(v); }},
+      {"nvme_queue_depth", [](const Json& v, EngineConfig& c) { c.nvme_queue_depth = v.get<unsigned>(); }},
+      {"nvme_block", [](const Json& v, EngineConfig& c) { c.nvme_block_bytes = parse_budget(v); }},
       {"nvme_budget",
        [](const Json& v, EngineConfig& c) { c.nvme_budget_bytes = parse_budget(v); }},
       {"staged", [](const Json& v, EngineConfig& c) { c.staged = v.get<std::string>(); }},

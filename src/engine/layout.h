@@ -20,9 +20,11 @@ namespace ferry::detail {
 constexpr std::size_t kGradientsAhead = 2;
 // Parts whose device gradients (or their fp32 sums) may still be on their way down when the next
 // part's backward gets its own: the stem's, kept through backward for a tied head, comes on top.
-constexpr std::size_t kGradientsGoingDown = 2;
+// One is enough while PCIe moves a part's gradients faster than the device computes the next
+// part's backward, and a gpt3-175b block's are 3.6 GB.
+constexpr std::size_t kGradientsGoingDown = 1;
 // Swapped checkpoints on their way down while forward saves the next one.
-constexpr std::size_t kCheckpointsGoingDown = 2;
+constexpr std::size_t kCheckpointsGoingDown = 1;
 // Parts whose optimizer state is staged on the host at once: the one being updated, the next
 // one arriving and the previous one going home.
 constexpr std::size_t kPartsStaged = 3;

@@ -138,6 +138,9 @@ void validate(const EngineConfig& config) {
               " is invalid: it must be at least 1");
   FERRY_CHECK(config.max_grad_norm >= 0 && std::isfinite(config.max_grad_norm),
               "max_grad_norm = ", config.max_grad_norm, " is invalid: use 0 (off) or a positive norm");
+  FERRY_CHECK(config.gpu_working_bytes == 0 || config.gpu_working_bytes < config.gpu_budget_bytes,
+              "gpu_working = ", format_bytes(config.gpu_working_bytes), " is invalid: it is the part of the gpu budget (",
+              format_bytes(config.gpu_budget_bytes), ") left for activations, so it needs a budget larger than itself");
   FERRY_CHECK(config.keep_graph_blocks >= 0, "keep_graph_blocks = ", config.keep_graph_blocks,
               " is invalid: it must be >= 0");
   FERRY_CHECK(config.schedule.warmup_steps >= 0, "warmup_steps = ", config.schedule.warmup_steps,
@@ -215,9 +218,13 @@ std::uint64_t zo_transfer_bytes(ZoTransfer transfer, std::int64_t numel) {
   return 0;
 }
 
+std::uint64_t store_gpu_budget(const EngineConfig& config) {
+  return config.gpu_budget_bytes == 0 ? 0 : config.gpu_budget_bytes - config.gpu_working_bytes;
+}
+
 void check_budgets(const TierDemand& needed, const EngineConfig& config) {
   for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
-    const std::uint64_t budget = tier == Tier::kGpu    ? config.gpu_budget_bytes
+    const std::uint64_t budget = tier == Tier::kGpu    ? store_gpu_budget(config)
                                  : tier == Tier::kHost ? config.host_budget_bytes
                                                        : config.nvme_budget_bytes;
     const std::uint64_t bytes = needed.bytes[static_cast<int>(tier)];
@@ -235,11 +242,13 @@ void check_budgets(const TierDemand& needed, const EngineConfig& config) {
 StoreOptions store_options(const EngineConfig& config) {
   StoreOptions options;
   options.device = config.device;
-  options.gpu_budget_bytes = config.gpu_budget_bytes ? config.gpu_budget_bytes : UINT64_MAX;
+  options.gpu_budget_bytes = config.gpu_budget_bytes ? store_gpu_budget(config) : UINT64_MAX;
   options.host_budget_bytes = config.host_budget_bytes ? config.host_budget_bytes : UINT64_MAX;
   options.nvme_budget_bytes = config.nvme_budget_bytes ? config.nvme_budget_bytes : UINT64_MAX;
   options.nvme_directories = config.nvme_directories;
   options.env = config.nvme_env;
+  if (config.nvme_queue_depth > 0) options.io.queue_depth = config.nvme_queue_depth;
+  if (config.nvme_block_bytes > 0) options.io.block_bytes = static_cast<std::size_t>(config.nvme_block_bytes);
   // A copy may wait for earlier ones to finish their transfers and be evicted.
   options.budget_wait_seconds = 60;
   return options;

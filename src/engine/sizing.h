@@ -10,6 +10,9 @@ namespace ferry::detail {
 // Throws ferry::Error naming the first invalid field and what would be valid.
 void validate(const EngineConfig& config);
 
+// The store's share of the gpu budget: the budget less what is left for activations (0: none).
+std::uint64_t store_gpu_budget(const EngineConfig& config);
+
 // Throws BudgetExceeded naming the tier, what it would hold and the shortfall.
 void check_budgets(const TierDemand& needed, const EngineConfig& config);
 

@@ -721,6 +721,14 @@ const PresetTable& presets() {
 
 }  // namespace
 
+ModelConfig truncated(ModelConfig config, std::int64_t layers) {
+  if (layers == 0) return config;
+  FERRY_CHECK(layers >= 1 && layers <= config.num_layers, "layers = ", layers, " is invalid for a model of ",
+              config.num_layers, " blocks: use 1 to ", config.num_layers, ", or 0 for all of them");
+  config.num_layers = layers;
+  return config;
+}
+
 ModelConfig preset(const std::string& name) {
   auto found = presets().find(name);
   if (found == presets().end()) {

@@ -117,6 +117,14 @@ double Hardware::nvme_read_gbps(const std::vector<std::string>& directories) con
   return aggregate(nvme, directories, &NvmeFigures::read_gbps);
 }
 
+NvmeIoSettings Hardware::nvme_io_for(const std::vector<std::string>& directories) const {
+  if (directories.empty()) return {};
+  for (const NvmeFigures& figures : nvme) {
+    if (figures.directory == directories.front()) return {figures.queue_depth, figures.block_bytes};
+  }
+  return {};
+}
+
 double Hardware::nvme_write_gbps(const std::vector<std::string>& directories) const {
   return aggregate(nvme, directories, &NvmeFigures::write_gbps);
 }
@@ -134,8 +142,11 @@ std::string Hardware::to_json() const {
   out["pcie_d2h_gbps"] = pcie_d2h_gbps;
   out["nvme"] = Json::array();
   for (const NvmeFigures& entry : nvme) {
-    out["nvme"].push_back(
-        {{"directory", entry.directory}, {"read_gbps", entry.read_gbps}, {"write_gbps", entry.write_gbps}});
+    out["nvme"].push_back({{"directory", entry.directory},
+                           {"read_gbps", entry.read_gbps},
+                           {"write_gbps", entry.write_gbps},
+                           {"queue_depth", entry.queue_depth},
+                           {"block_bytes", entry.block_bytes}});
   }
   out["nvme_shared"] = nvme_shared;
   out["cpu_adam_params_per_s"] = cpu_adam_params_per_s;
@@ -176,8 +187,12 @@ Hardware Hardware::from_json(const std::string& text, const std::string& file) {
     for (const Json& entry : root.at("nvme")) {
       FERRY_CHECK(entry.is_object() && entry.contains("directory") && entry.at("directory").is_string(),
                   file, ": every nvme entry needs a directory, got ", entry.dump());
-      hw.nvme.push_back({entry.at("directory").get<std::string>(), number(entry, "read_gbps", file),
-                         number(entry, "write_gbps", file)});
+      NvmeFigures figures{entry.at("directory").get<std::string>(), number(entry, "read_gbps", file),
+                          number(entry, "write_gbps", file)};
+      // Optional: files calibrated before the I/O settings were swept lack them.
+      if (entry.contains("queue_depth")) figures.queue_depth = static_cast<unsigned>(number(entry, "queue_depth", file));
+      if (entry.contains("block_bytes")) figures.block_bytes = static_cast<std::uint64_t>(number(entry, "block_bytes", file));
+      hw.nvme.push_back(figures);
     }
   }
   return hw;

@@ -18,36 +18,25 @@ void add(Sizing* sizing, Tier tier, std::string role, std::uint64_t bytes) {
   sizing->items.push_back({tier, std::move(role), bytes});
 }
 
-// Note: in the layer-major order (GreedySnake, engine.cpp's train_layer_major) every micro-batch
-// passes through a block before the next block comes, so each block keeps the activations of all
-// M micro-batches and a swapped block brings all of them back with its visit. The head still runs
-// one micro-batch at a time, and backward one micro-batch's graph at a time.
+// Note: what autograd holds beside the store's bundles. The engine counts the checkpoints and
+// their copies in flight (engine_demand); kept graphs and the working activations are the
+// allocator's. In the layer-major order (GreedySnake, first_order.cpp's train_layer_major) every
+// micro-batch passes through a block before the next block comes, so each block keeps the
+// activations of all M micro-batches. The head still runs one micro-batch at a time, and backward
+// one micro-batch's graph at a time.
 void add_activations(Sizing* sizing) {
   const bool layer_major = sizing->config.micro_batch_order == MicroBatchOrder::kLayerMajor;
   const std::int64_t micro_batches = layer_major ? sizing->config.grad_accumulation : 1;
-  std::int64_t kept[kTierCount] = {0, 0, 0}, checkpoints[kTierCount] = {0, 0, 0};
-  bool rebuilt_on_gpu = false, swapped = false;
-  std::uint64_t arriving = 0;
-  for (const BlockActivations& block : sizing->config.placement.activations) {
-    (block.recompute ? checkpoints : kept)[static_cast<int>(block.tier)] += 1;
-    rebuilt_on_gpu |= block.recompute || block.tier != Tier::kGpu;
-    if (block.tier != Tier::kGpu) {
-      swapped = true;
-      arriving = std::max(arriving, block.recompute ? sizing->block.checkpoint_bytes : sizing->block.graph_bytes);
-    }
+  std::int64_t kept = 0;
+  bool rebuilt_on_gpu = false;
+  for (const BlockActivations& block : sizing->placement.activations) {
+    kept += block.recompute ? 0 : 1;
+    rebuilt_on_gpu |= block.recompute;
   }
-  arriving *= static_cast<std::uint64_t>(micro_batches);
   const std::string per_block = layer_major ? " x " + std::to_string(micro_batches) + " batches" : "";
-  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
-    const int t = static_cast<int>(tier);
-    if (checkpoints[t] > 0) {
-      add(sizing, tier, "checkpoints (" + std::to_string(checkpoints[t]) + " blocks" + per_block + ")",
-          static_cast<std::uint64_t>(checkpoints[t] * micro_batches) * sizing->block.checkpoint_bytes);
-    }
-    if (kept[t] > 0) {
-      add(sizing, tier, "graphs (" + std::to_string(kept[t]) + " blocks" + per_block + ")",
-          static_cast<std::uint64_t>(kept[t] * micro_batches) * sizing->block.graph_bytes);
-    }
+  if (kept > 0) {
+    add(sizing, Tier::kGpu, "graphs (" + std::to_string(kept) + " blocks" + per_block + ")",
+        static_cast<std::uint64_t>(kept * micro_batches) * sizing->block.graph_bytes);
   }
   // Layer-major: the other micro-batches' last hidden states wait for the head through forward,
   // and their gradients for the next block through backward.
@@ -55,23 +44,21 @@ void add_activations(Sizing* sizing) {
     add(sizing, Tier::kGpu, "other micro-batches' hidden states",
         2 * static_cast<std::uint64_t>(micro_batches - 1) * sizing->block.checkpoint_bytes);
   }
-  // Note: fuyou's swapped checkpoints travel with their block's visit: in backward, every block
-  // in flight but the computing one may hold its checkpoint on the device, and in forward two
-  // checkpoints at most are on their way down (engine.cpp, release_checkpoints). Those on NVMe
-  // stage through the host the same way.
-  if (sizing->config.mode == Mode::kFuyou && swapped) {
-    arriving *= static_cast<std::uint64_t>(std::max<std::int64_t>(2, sizing->config.fuyou.blocks_in_flight - 1));
-    if (checkpoints[static_cast<int>(Tier::kNvme)] > 0) add(sizing, Tier::kHost, "checkpoint staging", arriving);
-  }
-  // Backward needs one block's graph on the device (recomputed or swapped in) with the gradients
-  // of its intermediates, and the next blocks' swapped activations arriving; the head and loss
-  // peak before that.
+  // Backward needs one block's graph on the device (recomputed) with the gradients of its
+  // intermediates; the head and loss peak before that.
   const std::uint64_t block_backward =
-      (rebuilt_on_gpu ? sizing->block.graph_bytes : 0) + sizing->block.backward_working_bytes + arriving;
+      (rebuilt_on_gpu ? sizing->block.graph_bytes : 0) + sizing->block.backward_working_bytes;
   add(sizing, Tier::kGpu, "working activations", std::max(sizing->head.peak_bytes, block_backward));
 }
 
 }  // namespace
+
+bool is_activation(const std::string& role) {
+  for (const char* prefix : {"graphs", "working activations", "other micro-batches' hidden states", "hidden states"}) {
+    if (role.rfind(prefix, 0) == 0) return true;
+  }
+  return false;
+}
 
 std::uint64_t compute_element_size(Precision precision) { return precision == Precision::kF32 ? 4 : 2; }
 
@@ -117,7 +104,8 @@ Sizing size_tiers(const PlanRequest& request, const EngineConfig& config) {
                         request.attention == AttentionKernel::kFused};
   sizing.block = block_costs(model, shape);
   sizing.head = head_costs(model, shape);
-  const TierDemand demand = engine_demand(part_shapes(model), config);
+  if (!zo2) sizing.placement = resolve_placement(config, static_cast<std::size_t>(model.num_layers) + 2);
+  const TierDemand demand = engine_demand(part_shapes(model), config, zo2 ? 0 : sizing.block.checkpoint_bytes);
   for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
     for (const TierDemand::Item& item : demand.items[static_cast<int>(tier)]) {
       add(&sizing, tier, item.role, item.bytes);

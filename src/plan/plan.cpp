@@ -142,7 +142,187 @@ Candidate choose_fuyou_activations(const PlanRequest& request) {
   return evaluate(request, fuyou_placement(request, low, static_cast<std::int64_t>(on_host)));
 }
 
+
+// Why auto placed the job as it did, for `ferry plan`.
+std::vector<std::string> auto_notes(const Plan& plan) {
+  const Placement& placement = plan.placement;
+  std::size_t cpu = 0, streamed = 0, recomputed = 0;
+  for (const PartPlacement& home : placement.parts) {
+    cpu += !home.updated_on_gpu();
+    streamed += home.streamed();
+  }
+  for (const BlockActivations& block : placement.activations) recomputed += block.recompute;
+  std::vector<std::string> notes;
+  if (cpu == 0 && recomputed == 0) {
+    notes.push_back("everything fits on the gpu: it updates every part, and every block keeps its graph");
+    return notes;
+  }
+  const double cpu_busy = plan.busy_seconds[static_cast<int>(Resource::kCpuOptimizer)];
+  notes.push_back(detail::concat(
+      "the gpu budget (", format_bytes(plan.tier_budget[0]), ") holds the optimizer state of ",
+      placement.parts.size() - cpu, " of ", placement.parts.size(), " parts: the cpu updates the other ", cpu,
+      " (the head and the last blocks first, which have the rest of backward to hide under), busy ",
+      cpu_busy, " s of the predicted ", plan.step_seconds, " s step"));
+  if (recomputed > 0) {
+    notes.push_back(detail::concat(recomputed, " blocks recompute from a checkpoint where letting the cpu update ",
+                                   "more would have cost more time per byte freed"));
+  }
+  if (streamed > 0) notes.push_back(detail::concat(streamed, " blocks stream their parameters: the rest still did not fit"));
+  return notes;
+}
+
+// --- the auto placement -----------------------------------------------------------------------
+// Note: how auto places a job. It starts from everything on the device (every block keeping its
+// graph, every part updated there) and walks a path of single moves that each free GPU memory:
+// recompute one more block from a checkpoint (from the last block down), let the CPU update one
+// more part (in backward order: the head first, then the last blocks, whose updates have the
+// rest of backward to hide under), send one more recomputed block's checkpoint to host memory,
+// stream one more CPU-updated block's parameters from host memory. Each move is the one whose
+// predicted step grows least per byte it frees, so CPU updates come first while they hide under
+// backward, and recomputation once they no longer do. The path depends on the model and the
+// hardware only; the GPU budget decides how far along it the job goes (the first state that fits
+// is the fastest of those that fit), and what leaves the GPU goes to host memory until the host
+// budget is full, then to NVMe in a fixed order: checkpoints, the CPU parts' optimizer states
+// (the parts updated last first), their gradients, streamed parameters. So a smaller budget moves
+// roles to slower tiers and never back.
+struct AutoState {
+  std::size_t recomputed = 0;  // blocks recomputed from a checkpoint, the last ones
+  std::size_t cpu_parts = 0;   // parts the CPU updates: the head, then the blocks from the last down, then the stem
+  std::size_t swapped = 0;     // recomputed blocks whose checkpoint lives in host memory or on NVMe
+  std::size_t streamed = 0;    // CPU-updated blocks whose parameters stream, the last ones
+  std::size_t nvme_moves = 0;  // steps along the fixed order of moves to NVMe
+};
+
+// One move of a part's role or a checkpoint to NVMe, in the order auto makes them.
+struct NvmeMove {
+  enum Kind { kCheckpoint, kOptimizerState, kGradients, kParameters } kind;
+  std::size_t index;  // block or part
+};
+
+// The moves to NVMe, in their fixed order, of what a placement keeps in host memory.
+std::vector<NvmeMove> nvme_moves(const EngineConfig& config) {
+  std::vector<NvmeMove> moves;
+  if (config.nvme_directories.empty()) return moves;
+  const Placement& placement = config.placement;
+  const std::size_t parts = placement.parts.size();
+  for (std::size_t i = 0; i < placement.activations.size(); ++i) {
+    if (placement.activations[i].tier == Tier::kHost) moves.push_back({NvmeMove::kCheckpoint, i});
+  }
+  for (NvmeMove::Kind kind : {NvmeMove::kOptimizerState, NvmeMove::kGradients}) {
+    for (std::size_t p = 0; p < parts; ++p) {
+      if (!placement.parts[p].updated_on_gpu()) moves.push_back({kind, p});
+    }
+  }
+  for (std::size_t p = 1; p + 1 < parts; ++p) {
+    if (placement.parts[p].params == Tier::kHost) moves.push_back({NvmeMove::kParameters, p});
+  }
+  return moves;
+}
+
+EngineConfig auto_config(const PlanRequest& request, const AutoState& state) {
+  const std::size_t blocks = static_cast<std::size_t>(request.model.num_layers);
+  const std::size_t parts = blocks + 2;
+  EngineConfig config = request.engine;
+  config.mode = Mode::kAuto;
+  Placement& placement = config.placement;
+  placement.parts.assign(parts, PartPlacement{});
+  placement.activations.assign(blocks, BlockActivations{false, Tier::kGpu});
+  auto cpu = [&](std::size_t p) { return parts - 1 - p < state.cpu_parts; };
+  for (std::size_t p = 0; p < parts; ++p) {
+    if (!cpu(p)) continue;
+    PartPlacement& home = placement.parts[p];
+    home.grads = home.master = home.accumulator = Tier::kHost;
+    for (Tier& tier : home.states) tier = Tier::kHost;
+    const bool block = p > 0 && p + 1 < parts;
+    if (block && p > blocks - state.streamed) home.params = Tier::kHost;
+  }
+  for (std::size_t i = blocks - state.recomputed; i < blocks; ++i) {
+    placement.activations[i] = {true, i < blocks - state.recomputed + state.swapped ? Tier::kHost : Tier::kGpu};
+  }
+  const std::vector<NvmeMove> moves = nvme_moves(config);
+  for (std::size_t k = 0; k < std::min(state.nvme_moves, moves.size()); ++k) {
+    const NvmeMove& move = moves[k];
+    switch (move.kind) {
+      case NvmeMove::kCheckpoint: placement.activations[move.index].tier = Tier::kNvme; break;
+      case NvmeMove::kOptimizerState: {
+        PartPlacement& home = placement.parts[move.index];
+        home.master = home.accumulator = Tier::kNvme;
+        for (Tier& tier : home.states) tier = Tier::kNvme;
+        break;
+      }
+      case NvmeMove::kGradients: placement.parts[move.index].grads = Tier::kNvme; break;
+      case NvmeMove::kParameters: placement.parts[move.index].params = Tier::kNvme; break;
+    }
+  }
+  return config;
+}
+
+bool tier_fits(const PlanRequest& request, const Sizing& sizing, Tier tier) {
+  const std::uint64_t limit = detail::tier_limit(request, tier);
+  return limit == 0 || sizing.tier_bytes[static_cast<int>(tier)] <= limit;
+}
+
+// Whether `field` can grow by one in `state`.
+bool can_move(const PlanRequest& request, const AutoState& state, std::size_t AutoState::*field) {
+  const auto blocks = static_cast<std::size_t>(request.model.num_layers);
+  const std::size_t cpu_blocks = state.cpu_parts <= 1 ? 0 : std::min(blocks, state.cpu_parts - 1);
+  if (field == &AutoState::recomputed) return state.recomputed < blocks;
+  if (field == &AutoState::cpu_parts) return state.cpu_parts < blocks + 2;
+  if (field == &AutoState::swapped) return state.swapped < state.recomputed;
+  return state.streamed < std::min(cpu_blocks, state.recomputed);
+}
+
+Candidate plan_auto(const PlanRequest& request) {
+  auto evaluate_state = [&](const AutoState& state) { return evaluate(request, auto_config(request, state)); };
+  AutoState state;
+  Candidate current = evaluate_state(state);
+  while (!tier_fits(request, current.sizing, Tier::kGpu)) {
+    std::optional<std::pair<AutoState, Candidate>> best;
+    double best_cost = 0;
+    const std::uint64_t gpu_now = current.sizing.tier_bytes[static_cast<int>(Tier::kGpu)];
+    // Note: the first swapped checkpoint or streamed block brings the pool its copies travel
+    // through, so one such move may take more than it frees: a move repeats until it frees some.
+    for (std::size_t AutoState::*field :
+         {&AutoState::recomputed, &AutoState::cpu_parts, &AutoState::swapped, &AutoState::streamed}) {
+      AutoState moved = state;
+      std::optional<Candidate> freed;
+      while (can_move(request, moved, field)) {
+        ++(moved.*field);
+        Candidate candidate = evaluate_state(moved);
+        if (candidate.sizing.tier_bytes[static_cast<int>(Tier::kGpu)] < gpu_now) {
+          freed = std::move(candidate);
+          break;
+        }
+      }
+      if (!freed) continue;
+      Candidate& candidate = *freed;
+      const std::uint64_t gpu = candidate.sizing.tier_bytes[static_cast<int>(Tier::kGpu)];
+      const double slower = std::max(0.0, candidate.step.step_seconds - current.step.step_seconds);
+      const double cost = slower / static_cast<double>(gpu_now - gpu);
+      const bool wins = !best || cost < best_cost ||
+                        (cost == best_cost && gpu < best->second.sizing.tier_bytes[static_cast<int>(Tier::kGpu)]);
+      if (wins) {
+        best_cost = cost;
+        best.emplace(moved, std::move(candidate));
+      }
+    }
+    if (!best) break;  // nothing left to move off the device: it does not fit
+    state = best->first;
+    current = std::move(best->second);
+  }
+  const std::size_t moves = nvme_moves(auto_config(request, state)).size();
+  auto host_and_nvme_fit = [&](const Candidate& c) {
+    return tier_fits(request, c.sizing, Tier::kHost) && tier_fits(request, c.sizing, Tier::kNvme);
+  };
+  for (state.nvme_moves = 0; !host_and_nvme_fit(current) && state.nvme_moves < moves;) {
+    ++state.nvme_moves;
+    current = evaluate_state(state);
+  }
+  return current;
+}
+
 Candidate plan_in_order(const PlanRequest& request) {
+  if (request.engine.mode == Mode::kAuto && request.engine.placement.parts.empty()) return plan_auto(request);
   if (request.engine.mode == Mode::kFuyou && request.choose_activations) {
     return choose_fuyou_activations(request);
   }
@@ -187,10 +367,11 @@ void check_hardware(const PlanRequest& request) {
     need(hw.pcie_h2d_gbps, "PCIe host-to-device bandwidth", "pcie-h2d-gbps");
     need(hw.pcie_d2h_gbps, "PCIe device-to-host bandwidth", "pcie-d2h-gbps");
   }
-  if (mode == Mode::kZeroOffload || mode == Mode::kFuyou) {
+  if (mode == Mode::kZeroOffload || mode == Mode::kFuyou || mode == Mode::kAuto) {
     need(hw.cpu_adam_params_per_s, "CPU optimizer throughput", "cpu-adam-params-per-s");
   }
-  const bool uses_nvme = mode == Mode::kFuyou || (mode == Mode::kZo2 && config.zo.block_tier == Tier::kNvme);
+  const bool uses_nvme = mode == Mode::kFuyou || (mode == Mode::kZo2 && config.zo.block_tier == Tier::kNvme) ||
+                         (mode == Mode::kAuto && !config.nvme_directories.empty());
   if (uses_nvme) {
     FERRY_CHECK(!config.nvme_directories.empty(), to_string(mode),
                 " mode keeps state on NVMe: pass --nvme DIR[,DIR...]");
@@ -267,20 +448,20 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
                                      accumulation, " (about the same tokens per step)"));
     }
   }
-  for (Mode other : {Mode::kZeroOffload, Mode::kFuyou, Mode::kZo2}) {
+  for (Mode other : {Mode::kAuto, Mode::kZeroOffload, Mode::kFuyou, Mode::kZo2}) {
     if (other == mode) continue;
     PlanRequest changed = request;
     changed.engine.mode = other;
-    changed.engine.placement.activations.clear();
+    changed.engine.placement = {};
     if (other == Mode::kFuyou) {
       changed.engine.keep_graph_blocks = 0;  // fuyou recomputes every block
       changed.engine.offload_checkpoints = false;
     }
     if (auto candidate = fitting(changed)) {
       fixes.push_back(detail::concat("switch mode: --mode ", to_string(other), describe_time(*candidate)));
-    } else if (other == Mode::kFuyou && request.engine.nvme_directories.empty()) {
-      fixes.push_back("fuyou mode keeps parameters and optimizer states on NVMe: try --mode fuyou "
-                      "--nvme DIR[,DIR...]");
+    } else if ((other == Mode::kFuyou || other == Mode::kAuto) && request.engine.nvme_directories.empty()) {
+      fixes.push_back(detail::concat(to_string(other), " mode can keep parameters and optimizer states on NVMe: try "
+                                     "--mode ", to_string(other), " --nvme DIR[,DIR...]"));
     }
   }
   if (fixes.empty()) {
@@ -342,6 +523,7 @@ Plan make_plan(const PlanRequest& given) {
   plan.request = request;
   plan.items = chosen.sizing.items;
   plan.activations = chosen.sizing.config.placement.activations;
+  plan.placement = chosen.sizing.placement;
   plan.host_blocks = chosen.sizing.config.mode == Mode::kFuyou ? chosen.sizing.config.fuyou.host_blocks : 0;
   plan.micro_batch_order = chosen.sizing.config.micro_batch_order;
   plan.checkpoint_bytes = chosen.sizing.block.checkpoint_bytes;
@@ -388,14 +570,23 @@ Plan make_plan(const PlanRequest& given) {
     }
   }
   plan.spans = step.spans;
+  if (request.engine.mode == Mode::kAuto && request.engine.placement.parts.empty()) plan.placement_notes = auto_notes(plan);
   return plan;
 }
 
 EngineConfig plan_engine_config(const Plan& plan) {
   EngineConfig config = plan.request.engine;
   config.placement.activations = plan.activations;
+  if (config.mode == Mode::kAuto) config.placement = plan.placement;
   config.micro_batch_order = plan.micro_batch_order;
   if (config.mode == Mode::kFuyou) config.fuyou.host_blocks = plan.host_blocks;
+  // What the plan keeps beside the store's bundles on the device (graphs, working activations):
+  // the store leaves it free, so the whole device use stays within the GPU budget.
+  config.gpu_working_bytes = 0;
+  if (config.gpu_budget_bytes == 0) return config;  // no budget to share
+  for (const PlanItem& item : plan.items) {
+    if (item.tier == Tier::kGpu && detail::is_activation(item.role)) config.gpu_working_bytes += item.bytes;
+  }
   return config;
 }
 

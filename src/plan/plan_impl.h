@@ -14,6 +14,9 @@ namespace ferry::detail {
 
 std::uint64_t compute_element_size(Precision precision);
 
+// Whether a plan item is autograd's (kept graphs, working activations) rather than the store's.
+bool is_activation(const std::string& role);
+
 // The request's activations as the engine places them: engine.placement.activations, or the last
 // keep_graph_blocks blocks keep their graph on the GPU and the others recompute from a checkpoint
 // on the GPU, or on the host with offload_checkpoints. Empty for zo2.
@@ -29,6 +32,7 @@ struct Sizing {
   // What the engine runs: request.engine with activations (one per block; none for zo2) and, for
   // fuyou, host_blocks filled in.
   EngineConfig config;
+  Placement placement;  // resolved, one entry per part (first-order modes)
   std::vector<PlanItem> items;
   std::uint64_t tier_bytes[kTierCount] = {0, 0, 0};
   BlockCosts block;

@@ -10,6 +10,7 @@
 
 #include "ferry/check.h"
 #include "ferry/memory.h"
+#include "engine/sizing.h"
 #include "ferry/plan.h"
 
 namespace ferry {
@@ -118,6 +119,13 @@ std::string format_plan(const Plan& plan) {
                          describe_activations(plan.activations).c_str(),
                          format_bytes(plan.checkpoint_bytes).c_str(), format_bytes(plan.graph_bytes).c_str());
   }
+  if (!plan.placement.parts.empty()) {
+    out += "placement" + std::string(request.engine.mode == Mode::kAuto ? " (auto)" : "") + ":\n";
+    for (const std::string& line : describe_placement(plan.placement, detail::placement_roles(request.engine))) {
+      out += "  " + line + "\n";
+    }
+    for (const std::string& note : plan.placement_notes) out += "  why: " + note + "\n";
+  }
   if (request.engine.grad_accumulation > 1) {
     out += printf_string("micro-batch order: %s (%s)\n", to_string(plan.micro_batch_order),
                          request.choose_micro_batch_order && request.engine.mode != Mode::kZo2 ? "chosen" : "given");
@@ -166,6 +174,9 @@ std::string plan_to_json(const Plan& plan) {
   out["micro_batch_order"] = to_string(plan.micro_batch_order);
   out["attention"] = to_string(request.attention);
   out["hardware"] = Json::parse(request.hardware.to_json());
+  if (!plan.placement.parts.empty()) out["placement"] = Json::parse(placement_to_json(plan.placement));
+  out["gpu_working"] = plan_engine_config(plan).gpu_working_bytes;
+  out["placement_notes"] = plan.placement_notes;
   out["items"] = Json::array();
   for (const PlanItem& item : plan.items) {
     out["items"].push_back({{"tier", to_string(item.tier)}, {"role", item.role}, {"bytes", item.bytes}});

@@ -4,8 +4,10 @@
 // ends with its last task; the bottleneck is the resource busy longest.
 
 #include <algorithm>
+#include <optional>
 #include <string>
 
+#include "engine/layout.h"
 #include "engine/sizing.h"
 #include "engine/update.h"
 #include "ferry/check.h"
@@ -83,7 +85,7 @@ class StepBuilder {
     }
   }
 
-  // Note: steps overlap. zero-offload's last uploads, fuyou's last write-backs and zo2's last
+  // Note: steps overlap. The last uploads and NVMe write-backs of the CPU updates and zo2's last
   // offloads run while the next step starts, as far as each part's next use allows. So three
   // steps are replayed back to back, each part's next use waiting for its update, and the period
   // is measured between the ends of the first and the third; the middle one is reported.
@@ -93,12 +95,10 @@ class StepBuilder {
     for (int step = 0; step < 3; ++step) {
       timeline_.begin_step(step, 1);
       executed_flops_ = 0;
-      switch (config_.mode) {
-        case Mode::kGpu:
-        case Mode::kZeroOffload: first_order_in_core(); break;
-        case Mode::kZo2: zeroth_order(step); break;
-        case Mode::kFuyou: fuyou(); break;
-        case Mode::kAuto: FERRY_ASSERT(false, "the auto placement is not replayed yet");
+      if (config_.mode == Mode::kZo2) {
+        zeroth_order(step);
+      } else {
+        first_order();
       }
     }
     out_.executed_flops = executed_flops_;
@@ -221,69 +221,6 @@ class StepBuilder {
     return {micro_batches, 1, e_};
   }
 
-  // gpu and zero-offload: parameters stay on the device. zero-offload sends each part's gradients
-  // down as its backward ends, updates it on the CPU and sends the parameters back up. Layer-major,
-  // all micro-batches pass through a part at once and its gradients go down once, as fp32 sums.
-  void first_order_in_core() {
-    const bool offloaded = config_.mode == Mode::kZeroOffload;
-    const Order order = micro_batch_order();
-    std::vector<double> down(parts_.size(), 0);
-    std::vector<std::vector<double>> checkpoint_down(blocks(), std::vector<double>(order.per_pass, 0));
-    double c = 0;
-    for (std::size_t pass = 0; pass < order.passes; ++pass) {
-      const bool last = pass + 1 == order.passes;
-      for (std::size_t m = 0; m < order.per_pass; ++m) c = forward_stem(std::max(c, params_ready_[0]));
-      for (std::size_t i = 0; i < blocks(); ++i) {
-        for (std::size_t m = 0; m < order.per_pass; ++m) {
-          c = forward_block(std::max(c, params_ready_[i + 1]), i, "forward");
-          if (activations(i).tier == Tier::kHost) {
-            checkpoint_down[i][m] = move(Resource::kPcieDown, c, activation_bytes(i),
-                                         "checkpoint down block." + std::to_string(i));
-          }
-        }
-      }
-      for (std::size_t m = 0; m < order.per_pass; ++m) c = head(std::max(c, params_ready_.back()));
-      auto finished = [&](std::size_t part, double at) {
-        if (!offloaded) return;
-        down[part] = move(Resource::kPcieDown, at, numel(part) * order.gradient_size,
-                          "gradients down " + parts_[part].name);
-        if (last && !deferred_) update_in_place(part, down[part]);
-      };
-      finished(parts_.size() - 1, c);
-      for (std::size_t i = blocks(); i-- > 0;) {
-        for (std::size_t m = 0; m < order.per_pass; ++m) {
-          double ready = c;
-          if (activations(i).tier == Tier::kHost) {
-            // The engine copies a checkpoint up when the block's backward starts, not ahead.
-            ready = move(Resource::kPcieUp, std::max(c, checkpoint_down[i][m]), activation_bytes(i),
-                         "checkpoint up block." + std::to_string(i));
-          }
-          c = backward_block(ready, i);
-        }
-        finished(i + 1, c);
-      }
-      for (std::size_t m = 0; m < order.per_pass; ++m) c = compute(c, stem_backward_s_, 0, "backward stem");
-      finished(0, c);
-    }
-    if (!offloaded) {
-      // torch's fused AdamW on the device: memory-bound, reading and writing parameters, master
-      // and states and reading the gradients.
-      std::uint64_t bytes = 0;
-      for (std::size_t part = 0; part < parts_.size(); ++part) {
-        bytes += numel(part) * (3 * e_ + 2 * 4 * (master_ + states_));
-      }
-      compute(c, seconds(Resource::kCompute, bytes), 0, "optimizer (device)");
-    } else if (deferred_) {
-      const double all_down = std::max(c, *std::max_element(down.begin(), down.end()));
-      for (std::size_t part = parts_.size(); part-- > 0;) update_in_place(part, all_down);
-    }
-  }
-
-  void update_in_place(std::size_t part, double ready) {
-    const double updated = cpu_update(ready, part);
-    params_ready_[part] = move(Resource::kPcieUp, updated, numel(part) * e_, "parameters up " + parts_[part].name);
-  }
-
   // zo2: the stem, the head and gpu_blocks blocks (zo_block_home) stay on the device; the other blocks
   // stream up (from NVMe through host memory for those at home there), a few in flight, and go
   // back down on their write-back turns. A visit's kernels draw z once per sample for each update
@@ -350,64 +287,92 @@ class StepBuilder {
             "head: update, perturb, forwards and losses");
   }
 
-  // fuyou: the blocks' parameters come from NVMe (the host blocks' from host memory) through a
-  // window of blocks_in_flight blocks on the device; the stem and head stay there. Forward sends
-  // swapped checkpoints down (and on to NVMe); backward brings each block's parameters and
-  // checkpoint back with its visit and sends its gradients down. The CPU updates each part as its
-  // gradients arrive, with its master and states read from NVMe while the part after it is
-  // updated, and writes them back (with the parameters of a block on NVMe); the stem's and
-  // head's new parameters go back up. Between micro-batches, and until clipping or loss scaling
-  // has seen every gradient, the gradients wait at home on NVMe (fp32 sums with accumulation).
+  // The first-order step over any placement (sizing_.placement). Streamed blocks' parameters come
+  // from NVMe or host memory through a window of blocks_in_flight visits; the others stay on the
+  // device. Forward sends swapped checkpoints down (and on to NVMe); backward brings each block's
+  // parameters and checkpoints back with its visit. A part the CPU updates sends its gradients down
+  // as its backward ends and is updated as they arrive, its optimizer state read from NVMe (where
+  // it lives there) while the part before it is updated, and written back; its new parameters go
+  // up (resident), stay in host memory, or go home to NVMe. Between micro-batches, and until
+  // clipping or loss scaling has seen every gradient, gradients wait at home (NVMe: written and
+  // read back; fp32 sums with accumulation). The parts the device updates run ferry's device
+  // kernels after backward, memory-bound, on the compute stream, while the CPU works on its share.
   // Layer-major, one pass carries every micro-batch: each block is fetched once per direction and
   // the gradients wait at home only for clipping or loss scaling.
-  void fuyou() {
+  void first_order() {
+    const std::vector<PartPlacement>& homes = sizing_.placement.parts;
     const std::size_t count = blocks();
     const std::size_t head_part = parts_.size() - 1;
-    const auto host_blocks = static_cast<std::size_t>(config_.fuyou.host_blocks);
-    const auto window = static_cast<std::size_t>(config_.fuyou.blocks_in_flight);
+    const auto window = static_cast<std::size_t>(window_capacity(config_, sizing_.placement));
     const std::int64_t micro_batches = config_.grad_accumulation;
     const Order order = micro_batch_order();
     const bool gradients_home = order.passes > 1 || deferred_;
     const std::uint64_t gradient_home_size = micro_batches > 1 ? 4 : e_;
-    auto is_block = [&](std::size_t part) { return part >= 1 && part <= count; };
-    auto on_nvme = [&](std::size_t part) { return is_block(part) && part - 1 >= host_blocks; };
+    auto cpu = [&](std::size_t part) { return !homes[part].updated_on_gpu(); };
+    auto nvme = [](Tier tier) { return tier == Tier::kNvme; };
+    // What waits at home between passes: the fp32 sum with accumulation, else the gradients.
+    auto gradients_on_nvme = [&](std::size_t part) {
+      return micro_batches > 1 ? nvme(homes[part].accumulator) : nvme(homes[part].grads);
+    };
+    auto nvme_state_bytes = [&](std::size_t part) {
+      const PartPlacement& home = homes[part];
+      std::uint64_t per = master_ && nvme(home.master) ? 4 : 0;
+      for (std::uint64_t k = 0; k < states_; ++k) per += nvme(home.states[k]) ? 4 : 0;
+      return per * numel(part);
+    };
     std::vector<double> forward_end(count, 0), backward_end(count, 0);
     std::vector<std::vector<double>> activation_home(count, std::vector<double>(order.per_pass, 0));
     std::vector<double> gradients_at_home(parts_.size(), 0), states_read(parts_.size(), 0);
     double c = 0;
     auto fetch_block = [&](std::size_t block, double ready) {
       const std::size_t part = block + 1;
+      if (!homes[part].streamed()) return params_ready_[part];
       ready = std::max(ready, params_ready_[part]);
-      if (on_nvme(part)) {
+      if (nvme(homes[part].params)) {
         ready = move(Resource::kNvmeRead, ready, numel(part) * e_, "read " + parts_[part].name + " parameters");
       }
       return move(Resource::kPcieUp, ready, numel(part) * e_, parts_[part].name + " parameters up");
     };
-    // In fp32 a part's parameters are its master: a block on NVMe reads them back to update them.
+    // In fp32 a part's parameters are its master: a part on NVMe reads them back to update them.
     auto read_states = [&](std::size_t part, double ready) {
-      const std::uint64_t bytes = optimizer_bytes(part) + (gradients_home ? numel(part) * gradient_home_size : 0) +
-                                  (master_ == 0 && on_nvme(part) ? numel(part) * e_ : 0);
-      states_read[part] = move(Resource::kNvmeRead, std::max({ready, states_ready_[part], gradients_at_home[part]}),
-                               bytes, "read " + parts_[part].name + " states");
+      const std::uint64_t bytes = nvme_state_bytes(part) +
+                                  (gradients_home && gradients_on_nvme(part) ? numel(part) * gradient_home_size : 0) +
+                                  (master_ == 0 && nvme(homes[part].params) ? numel(part) * e_ : 0);
+      states_read[part] = bytes == 0 ? ready
+                                     : move(Resource::kNvmeRead, std::max({ready, states_ready_[part], gradients_at_home[part]}),
+                                            bytes, "read " + parts_[part].name + " states");
+    };
+    auto next_cpu_part = [&](std::size_t part) -> std::optional<std::size_t> {
+      for (std::size_t next = part; next-- > 0;) {
+        if (cpu(next)) return next;
+      }
+      return std::nullopt;
     };
     auto optimize = [&](std::size_t part, double ready) {
       const double updated = cpu_update(std::max(ready, states_read[part]), part);
       const double started = updated - static_cast<double>(numel(part)) / hw_.cpu_adam_params_per_s;
-      if (part > 0) read_states(part - 1, started);
-      const std::uint64_t written = optimizer_bytes(part) + (on_nvme(part) ? numel(part) * e_ : 0);
-      states_ready_[part] = move(Resource::kNvmeWrite, updated, written, "write " + parts_[part].name + " states");
-      params_ready_[part] = !is_block(part) ? move(Resource::kPcieUp, updated, numel(part) * e_,
-                                                   "parameters up " + parts_[part].name)
-                            : on_nvme(part) ? states_ready_[part]
-                                            : updated;
+      if (auto next = next_cpu_part(part)) read_states(*next, started);
+      const std::uint64_t written = nvme_state_bytes(part) + (nvme(homes[part].params) ? numel(part) * e_ : 0);
+      states_ready_[part] = written == 0 ? updated
+                                         : move(Resource::kNvmeWrite, updated, written, "write " + parts_[part].name + " states");
+      params_ready_[part] = homes[part].params == Tier::kGpu
+                                ? move(Resource::kPcieUp, updated, numel(part) * e_, "parameters up " + parts_[part].name)
+                            : nvme(homes[part].params) ? states_ready_[part]
+                                                       : updated;
     };
+    auto first_cpu_part = [&]() -> std::optional<std::size_t> { return next_cpu_part(parts_.size()); };
     for (std::size_t pass = 0; pass < order.passes; ++pass) {
       const bool update_now = pass + 1 == order.passes && !deferred_;
       auto finished = [&](std::size_t part, double at) {
+        if (!cpu(part)) return;
         double down = move(Resource::kPcieDown, at, numel(part) * order.gradient_size,
                            parts_[part].name + " gradients down");
         if (update_now) {
           optimize(part, down);
+          return;
+        }
+        if (!gradients_on_nvme(part)) {
+          gradients_at_home[part] = std::max(gradients_at_home[part], down);
           return;
         }
         if (pass > 0) {
@@ -428,16 +393,16 @@ class StepBuilder {
           if (activations(i).tier != Tier::kGpu) {
             const std::string name = "checkpoint block." + std::to_string(i);
             home = move(Resource::kPcieDown, c, activation_bytes(i), name + " down");
-            if (activations(i).tier == Tier::kNvme) {
-              home = move(Resource::kNvmeWrite, home, activation_bytes(i), "write " + name);
-            }
+            if (activations(i).tier == Tier::kNvme) home = move(Resource::kNvmeWrite, home, activation_bytes(i), "write " + name);
           }
         }
         forward_end[i] = c;
       }
       const double head_start = c;
       for (std::size_t m = 0; m < order.per_pass; ++m) c = head(std::max(c, params_ready_[head_part]));
-      if (update_now) read_states(head_part, head_start);
+      if (update_now) {
+        if (auto first = first_cpu_part()) read_states(*first, head_start);
+      }
       finished(head_part, c);
       for (std::size_t k = 0; k < count; ++k) {
         const std::size_t i = count - 1 - k;
@@ -448,9 +413,7 @@ class StepBuilder {
           if (activations(i).tier != Tier::kGpu) {
             const std::string name = "checkpoint block." + std::to_string(i);
             double at = std::max(slot, activation_home[i][m]);
-            if (activations(i).tier == Tier::kNvme) {
-              at = move(Resource::kNvmeRead, at, activation_bytes(i), "read " + name);
-            }
+            if (activations(i).tier == Tier::kNvme) at = move(Resource::kNvmeRead, at, activation_bytes(i), "read " + name);
             ready = std::max(ready, move(Resource::kPcieUp, at, activation_bytes(i), name + " up"));
           }
           c = backward_block(std::max(c, ready), i);
@@ -462,10 +425,20 @@ class StepBuilder {
       finished(0, c);
     }
     if (deferred_) {
-      const double all_home = std::max(c, *std::max_element(gradients_at_home.begin(), gradients_at_home.end()));
-      read_states(head_part, all_home);
-      for (std::size_t part = parts_.size(); part-- > 0;) optimize(part, all_home);
+      double all_home = c;
+      for (double at : gradients_at_home) all_home = std::max(all_home, at);
+      if (auto first = first_cpu_part()) read_states(*first, all_home);
+      for (std::size_t part = parts_.size(); part-- > 0;) {
+        if (cpu(part)) optimize(part, all_home);
+      }
     }
+    // ferry's device kernels: memory-bound, reading and writing the parameters, the master and the
+    // states and reading the gradients.
+    std::uint64_t device_bytes = 0;
+    for (std::size_t part = 0; part < parts_.size(); ++part) {
+      if (!cpu(part)) device_bytes += numel(part) * (3 * e_ + 2 * 4 * (master_ + states_));
+    }
+    if (device_bytes > 0) compute(c, seconds(Resource::kCompute, device_bytes), 0, "optimizer (device)");
   }
 
   const PlanRequest& request_;

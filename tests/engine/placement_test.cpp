@@ -224,3 +224,34 @@ TEST_CASE("the sizing is the engine's set-up counted: the store's peak per tier,
     CHECK(pool.peak_bytes > 0);  // each pool the set-up reserved is used
   }
 }
+
+// A checkpoint holds fp32 master weights and optimizer states, whatever the placement: a run
+// resumed in another placement continues the same trajectory.
+TEST_CASE("a run resumed in another placement gives the losses of an uninterrupted one") {
+  TempDir dir;
+  const models::ModelConfig model = four_blocks("tiny-llama");
+  EngineConfig first = base_config(Mode::kAuto);
+  first.nvme_directories = {dir.subdir("nvme")};
+  first.placement = mixed(true);
+  EngineConfig second = first;
+  second.placement = mixed(false);
+  const std::string checkpoint = dir.file("checkpoint");
+  std::vector<double> uninterrupted;
+  {
+    Engine engine(models::build(model, 7), first);
+    uninterrupted = losses_saving_at(engine, 8, 4, checkpoint);
+  }
+  SECTION("the same placement") {
+    Engine resumed(models::build(model, 9), first);
+    require_resumed_losses(resumed, checkpoint, 4, uninterrupted);
+  }
+  SECTION("another mixed placement") {
+    Engine resumed(models::build(model, 9), second);
+    require_resumed_losses(resumed, checkpoint, 4, uninterrupted);
+  }
+  SECTION("the zero-offload preset") {
+    EngineConfig preset = base_config(Mode::kZeroOffload);
+    Engine resumed(models::build(model, 9), preset);
+    require_resumed_losses(resumed, checkpoint, 4, uninterrupted);
+  }
+}

@@ -79,14 +79,15 @@ TEST_CASE("planner: with slow NVMe, fuyou keeps the checkpoints the device canno
   request.choose_host_blocks = false;  // host memory is for checkpoints only
   const Plan roomy = make_plan(request);
   REQUIRE(on_tier(roomy, Tier::kGpu) == request.model.num_layers);
-  // Eight checkpoints too many for the device (the head's peak, not a swapped checkpoint arriving,
-  // sets its working activations here), room for just those eight on the host.
-  request.engine.gpu_budget_bytes = roomy.tier_bytes[static_cast<int>(Tier::kGpu)] - 8 * roomy.checkpoint_bytes;
-  request.engine.host_budget_bytes = roomy.tier_bytes[static_cast<int>(Tier::kHost)] + 8 * roomy.checkpoint_bytes;
+  // Eight checkpoints too many for the device. Swapped checkpoints come back through a pool of
+  // as many as the window holds (3), so 11 go to the host, which has room for just those.
+  const std::uint64_t checkpoint = (roomy.checkpoint_bytes + 4095) / 4096 * 4096;
+  request.engine.gpu_budget_bytes = roomy.tier_bytes[static_cast<int>(Tier::kGpu)] - 8 * checkpoint;
+  request.engine.host_budget_bytes = roomy.tier_bytes[static_cast<int>(Tier::kHost)] + 11 * checkpoint;
   const Plan tight = make_plan(request);
   REQUIRE(tight.fits);
   CHECK(on_tier(tight, Tier::kNvme) == 0);
-  CHECK(on_tier(tight, Tier::kHost) == 8);
+  CHECK(on_tier(tight, Tier::kHost) == 11);
   CHECK(tight.host_blocks == 0);
   for (Tier tier : {Tier::kGpu, Tier::kHost}) {
     CHECK(tight.tier_bytes[static_cast<int>(tier)] <= tight.tier_budget[static_cast<int>(tier)]);
@@ -154,7 +155,7 @@ TEST_CASE("planner: a job that does not fit names the shortfall and the changes 
 TEST_CASE("planner: bad input fails with the reason and the fix") {
   CHECK_THROWS_WITH(models::preset("gpt3-14b"), Contains("unknown model preset 'gpt3-14b'") && Contains("gpt3-13b"));
   CHECK_THROWS_WITH(hardware_preset("a100"), Contains("unknown hardware preset 'a100'") && Contains("rtx4090-fuyou"));
-  CHECK_THROWS_WITH(parse_mode("infinity"), Contains("valid modes are gpu, zero-offload, fuyou, zo2"));
+  CHECK_THROWS_WITH(parse_mode("infinity"), Contains("valid modes are gpu, zero-offload, fuyou, auto, zo2"));
   CHECK(parse_activations("nvme", 3).size() == 3);
   CHECK_THROWS_WITH(parse_activations("gpu,nvme", 3), Contains("name 2 blocks but the model has 3"));
   CHECK_THROWS_WITH(parse_activations("gpu,disk,nvme", 3), Contains("disk"));
@@ -233,7 +234,7 @@ TEST_CASE("planner: the EngineConfig a fuyou plan implies is one the engine acce
     CHECK(demand.bytes[t] <= plan.tier_bytes[t]);  // the plan adds the activations
     if (plan.tier_budget[t] > 0) CHECK(demand.bytes[t] <= plan.tier_budget[t]);
   }
-  CHECK_THAT(demand.describe(Tier::kHost), Contains("host blocks' parameters"));
+  CHECK_THAT(demand.describe(Tier::kHost), Contains("parameters"));
 }
 
 namespace {
