@@ -17,38 +17,14 @@ std::size_t power_of_two_at_least(std::size_t value) {
   return size;
 }
 
-// Note: each thread keeps its own caches, one per model it has used lately, so the hot loop
-// takes no lock. A model is known by a number drawn once, never by its address, which a later
-// model could reuse.
-WordCache& thread_cache(std::uint64_t owner) {
-  struct Entry {
-    std::uint64_t owner;
-    std::unique_ptr<WordCache> cache;
-  };
-  constexpr std::size_t kModelsPerThread = 4;
-  thread_local std::vector<Entry> caches;
-  for (Entry& entry : caches) {
-    if (entry.owner == owner) return *entry.cache;
-  }
-  if (caches.size() == kModelsPerThread) caches.erase(caches.begin());
-  caches.push_back({owner, std::make_unique<WordCache>()});
-  return *caches.back().cache;
-}
-
-std::uint64_t next_cache_owner() {
+std::uint64_t next_scratch_owner() {
   static std::atomic<std::uint64_t> counter{0};
   return ++counter;
 }
 
-struct Candidate {
-  std::uint32_t rank;
-  std::uint32_t position;
-  std::int32_t merged;
-};
-
 // The heap's order: lowest rank first, then the leftmost position (std::*_heap keep the
 // greatest on top, so "greater" here means "merged later").
-bool merged_later(const Candidate& a, const Candidate& b) {
+bool merged_later(const Bpe::Candidate& a, const Bpe::Candidate& b) {
   return a.rank != b.rank ? a.rank > b.rank : a.position > b.position;
 }
 
@@ -229,7 +205,7 @@ int byte_level_byte(char32_t code_point) {
 
 Bpe::Bpe(std::vector<std::string> tokens, const std::vector<std::pair<std::string, std::string>>& merges,
          BpeOptions options, const std::string& where)
-    : tokens_(std::move(tokens)), options_(std::move(options)), where_(where), cache_owner_(next_cache_owner()) {
+    : tokens_(std::move(tokens)), options_(std::move(options)), where_(where), scratch_owner_(next_scratch_owner()) {
   FERRY_CHECK(!options_.byte_level || (options_.continuing_subword_prefix.empty() && options_.end_of_word_suffix.empty()),
               where_, ": a byte-level BPE with continuing_subword_prefix or end_of_word_suffix is not supported ",
               "(valid: neither, as GPT-2, Llama-3 and Qwen2 have it)");
@@ -280,6 +256,24 @@ Bpe::Bpe(std::vector<std::string> tokens, const std::vector<std::pair<std::strin
   }
 }
 
+// Note: each thread keeps its own scratch (and word cache), one per model it has used lately, so
+// the hot loop takes no lock. A model is known by a number drawn once, never by its address, which
+// a later model could reuse.
+Bpe::Scratch& Bpe::thread_scratch() const {
+  struct Entry {
+    std::uint64_t owner;
+    std::unique_ptr<Scratch> scratch;
+  };
+  constexpr std::size_t kModelsPerThread = 4;
+  thread_local std::vector<Entry> entries;
+  for (Entry& entry : entries) {
+    if (entry.owner == scratch_owner_) return *entry.scratch;
+  }
+  if (entries.size() == kModelsPerThread) entries.erase(entries.begin());
+  entries.push_back({scratch_owner_, std::make_unique<Scratch>()});
+  return *entries.back().scratch;
+}
+
 const std::string* Bpe::id_to_token(std::int32_t id) const {
   if (id < 0 || id >= size() || tokens_[id].empty()) return nullptr;
   return &tokens_[id];
@@ -292,7 +286,8 @@ const std::string* Bpe::id_to_token(std::int32_t id) const {
 // Note: the reference adds a pending unknown token only when the next known character comes (or
 // the word ends), not before byte-fallback tokens; so an unknown character followed by one that
 // falls back to bytes comes out after those bytes. That order is kept.
-void Bpe::initial_symbols(std::string_view word, std::vector<Symbol>& symbols) const {
+void Bpe::initial_symbols(std::string_view word, Scratch& scratch) const {
+  std::vector<Symbol>& symbols = scratch.symbols;
   bool unk_pending = false;
   std::uint32_t unk_length = 0;
   const auto add = [&](std::int32_t id, std::uint32_t length) {
@@ -336,7 +331,7 @@ void Bpe::initial_symbols(std::string_view word, std::vector<Symbol>& symbols) c
     }
   } else {
     const bool affixes = !options_.continuing_subword_prefix.empty() || !options_.end_of_word_suffix.empty();
-    thread_local std::string key;
+    std::string& key = scratch.key;
     for (std::size_t at = 0; at < word.size();) {
       const std::uint32_t length = std::min<std::uint32_t>(utf8_length(static_cast<unsigned char>(word[at])),
                                                            static_cast<std::uint32_t>(word.size() - at));
@@ -364,9 +359,10 @@ void Bpe::initial_symbols(std::string_view word, std::vector<Symbol>& symbols) c
   if (!symbols.empty()) symbols.back().next = -1;
 }
 
-void Bpe::merge(std::vector<Symbol>& symbols) const {
+void Bpe::merge(Scratch& scratch) const {
+  std::vector<Symbol>& symbols = scratch.symbols;
   if (symbols.size() < 2) return;
-  thread_local std::vector<Candidate> heap;
+  std::vector<Candidate>& heap = scratch.heap;
   heap.clear();
   for (std::size_t i = 0; i + 1 < symbols.size(); ++i) {
     const Merge found = merges_.find(symbols[i].id, symbols[i + 1].id);
@@ -405,37 +401,34 @@ void Bpe::merge(std::vector<Symbol>& symbols) const {
   }
 }
 
-void Bpe::tokenize(std::string_view word, std::vector<std::int32_t>& ids, std::vector<std::uint32_t>* lengths) const {
+void Bpe::tokenize(std::string_view word, std::vector<std::int32_t>& ids, std::vector<std::uint32_t>* lengths,
+                   Scratch& scratch) const {
   if (word.empty()) return;
-  if (options_.ignore_merges) {
-    const std::int32_t whole = (options_.byte_level ? word_tokens_ : vocabulary_).find(word);
-    if (whole >= 0) {
-      ids.push_back(whole);
-      if (lengths != nullptr) lengths->push_back(static_cast<std::uint32_t>(word.size()));
-      return;
-    }
-  }
   const bool cached = word.size() < WordCache::kMaxWordBytes;
-  const std::uint64_t hash = cached ? hash_bytes(word) : 0;
-  WordCache* cache = cached ? &thread_cache(cache_owner_) : nullptr;
-  if (cache != nullptr && cache->find(word, hash, ids, lengths)) return;
-
-  thread_local std::vector<Symbol> symbols;
-  thread_local std::vector<std::int32_t> word_ids;
-  thread_local std::vector<std::uint32_t> word_lengths;
-  symbols.clear();
-  initial_symbols(word, symbols);
-  merge(symbols);
+  const std::uint64_t hash = hash_bytes(word);
+  if (cached && scratch.cache.find(word, hash, ids, lengths)) return;
+  std::vector<std::int32_t>& word_ids = scratch.ids;
+  std::vector<std::uint32_t>& word_lengths = scratch.lengths;
   word_ids.clear();
   word_lengths.clear();
-  for (const Symbol& symbol : symbols) {
-    if (symbol.id == kRemoved) continue;
-    word_ids.push_back(symbol.id);
-    word_lengths.push_back(symbol.length);
+  const std::int32_t whole =
+      options_.ignore_merges ? (options_.byte_level ? word_tokens_ : vocabulary_).find(word, hash) : -1;
+  if (whole >= 0) {
+    word_ids.push_back(whole);
+    word_lengths.push_back(static_cast<std::uint32_t>(word.size()));
+  } else {
+    scratch.symbols.clear();
+    initial_symbols(word, scratch);
+    merge(scratch);
+    for (const Symbol& symbol : scratch.symbols) {
+      if (symbol.id == kRemoved) continue;
+      word_ids.push_back(symbol.id);
+      word_lengths.push_back(symbol.length);
+    }
   }
   ids.insert(ids.end(), word_ids.begin(), word_ids.end());
   if (lengths != nullptr) lengths->insert(lengths->end(), word_lengths.begin(), word_lengths.end());
-  if (cache != nullptr) cache->insert(word, hash, word_ids.data(), word_lengths.data(), word_ids.size());
+  if (cached) scratch.cache.insert(word, hash, word_ids.data(), word_lengths.data(), word_ids.size());
 }
 
 }  // namespace ferry::tokenizer

@@ -35,8 +35,32 @@ class Bpe {
   Bpe(std::vector<std::string> tokens, const std::vector<std::pair<std::string, std::string>>& merges,
       BpeOptions options, const std::string& where);
 
+  struct Symbol {
+    std::int32_t id;
+    std::uint32_t length;
+    std::int32_t previous;
+    std::int32_t next;
+  };
+  struct Candidate {
+    std::uint32_t rank;
+    std::uint32_t position;
+    std::int32_t merged;
+  };
+  // One thread's buffers and word cache for one model.
+  struct Scratch {
+    WordCache cache;
+    std::vector<Symbol> symbols;
+    std::vector<Candidate> heap;
+    std::vector<std::int32_t> ids;
+    std::vector<std::uint32_t> lengths;
+    std::string key;
+  };
+  // This thread's scratch for this model; fetch it once per text, not per word.
+  Scratch& thread_scratch() const;
+
   // Appends the tokens of one word, and the bytes of the word each covers.
-  void tokenize(std::string_view word, std::vector<std::int32_t>& ids, std::vector<std::uint32_t>* lengths) const;
+  void tokenize(std::string_view word, std::vector<std::int32_t>& ids, std::vector<std::uint32_t>* lengths,
+                Scratch& scratch) const;
 
   // -1 when absent; token is the vocabulary's string.
   std::int32_t token_to_id(std::string_view token) const { return vocabulary_.find(token); }
@@ -45,14 +69,8 @@ class Bpe {
   std::int32_t size() const { return static_cast<std::int32_t>(tokens_.size()); }
 
  private:
-  struct Symbol {
-    std::int32_t id;
-    std::uint32_t length;
-    std::int32_t previous;
-    std::int32_t next;
-  };
-  void initial_symbols(std::string_view word, std::vector<Symbol>& symbols) const;
-  void merge(std::vector<Symbol>& symbols) const;
+  void initial_symbols(std::string_view word, Scratch& scratch) const;
+  void merge(Scratch& scratch) const;
 
   std::vector<std::string> tokens_;
   StringTable vocabulary_;   // the vocabulary's strings
@@ -65,7 +83,7 @@ class Bpe {
   std::array<std::int32_t, 256> fallback_ids_{};  // "<0xAB>" tokens; -1 when missing
   std::array<std::int32_t, 128> ascii_ids_{};     // the ASCII characters' tokens, -1 when missing
   std::array<std::string, 256> byte_chars_;       // byte-level: the character each byte stands as
-  std::uint64_t cache_owner_;                     // identifies this model's per-thread word cache
+  std::uint64_t scratch_owner_;                   // identifies this model's per-thread scratch
 };
 
 // GPT-2's table: byte b stands as this code point in a byte-level vocabulary.

@@ -216,6 +216,17 @@ void invert(std::vector<std::pair<Match, bool>>& covering) {
   for (auto& entry : covering) entry.second = !entry.second;
 }
 
+// Isolated pieces straight from the matches: each match and each stretch between matches.
+void split_isolated(const Piece& piece, const std::vector<Match>& matches, std::vector<Piece>& out) {
+  std::uint32_t previous = 0;
+  for (const Match& match : matches) {
+    if (previous < match.first) out.push_back(sub_piece(piece, previous, match.first));
+    if (match.first < match.second) out.push_back(sub_piece(piece, match.first, match.second));
+    previous = match.second;
+  }
+  if (previous < piece.text.size()) out.push_back(sub_piece(piece, previous, piece.text.size()));
+}
+
 // The pieces `behavior` makes of a covering; empty ones are dropped, as the reference drops them.
 void split_piece(const Piece& piece, const std::vector<std::pair<Match, bool>>& covering, Behavior behavior,
                  std::vector<Piece>& out) {
@@ -470,8 +481,7 @@ class ByteLevelPreTokenizer final : public PreTokenizer {
       }
       scratch.matches.clear();
       regex_.find_all(piece.text, scratch.matches);
-      cover_with_matches(piece.text, scratch.matches, scratch.covering);
-      split_piece(piece, scratch.covering, Behavior::kIsolated, out);
+      split_isolated(piece, scratch.matches, out);
     });
   }
   bool byte_level() const override { return true; }
@@ -489,6 +499,10 @@ class SplitPreTokenizer final : public PreTokenizer {
     for_each_piece(pieces, scratch, [&](const Piece& piece, std::vector<Piece>& out) {
       scratch.matches.clear();
       pattern_.find_all(piece.text, scratch.matches);
+      if (behavior_ == Behavior::kIsolated) {
+        split_isolated(piece, scratch.matches, out);  // inverting changes nothing when all is kept
+        return;
+      }
       cover_with_matches(piece.text, scratch.matches, scratch.covering);
       if (invert_) invert(scratch.covering);
       split_piece(piece, scratch.covering, behavior_, out);
@@ -1020,8 +1034,8 @@ class HfTokenizer final : public Tokenizer {
 
  private:
   void encode_segment(std::string_view text, std::uint32_t original_begin, bool track, Scratch& scratch,
-                      std::vector<std::int32_t>& ids, std::vector<TokenSpan>* spans) const;
-  void encode_piece(const Piece& piece, Scratch& scratch, std::vector<std::int32_t>& ids,
+                      Bpe::Scratch& model_scratch, std::vector<std::int32_t>& ids, std::vector<TokenSpan>* spans) const;
+  void encode_piece(const Piece& piece, Scratch& scratch, Bpe::Scratch& model_scratch, std::vector<std::int32_t>& ids,
                     std::vector<TokenSpan>* spans) const;
   // The string decoding starts from: the added token's (normalized) form, else the model's.
   const std::string* token_string(std::int64_t id) const;
@@ -1143,10 +1157,11 @@ void HfTokenizer::encode(std::string_view text, std::vector<std::int32_t>& ids, 
               UINT32_MAX - 1, " bytes");
   Scratch& scratch = thread_scratch();
   scratch.reset();
+  Bpe::Scratch& model_scratch = model_->thread_scratch();
   const bool track = spans != nullptr || metaspace_first_with_normalizer_;
   thread_local std::vector<AddedTokenMatcher::Found> segments;
   if (original_matcher_.empty()) {
-    if (!text.empty()) encode_segment(text, 0, track, scratch, ids, spans);
+    if (!text.empty()) encode_segment(text, 0, track, scratch, model_scratch, ids, spans);
     return;
   }
   original_matcher_.split(text, added_, segments);
@@ -1155,7 +1170,8 @@ void HfTokenizer::encode(std::string_view text, std::vector<std::int32_t>& ids, 
       ids.push_back(added_[segment.token].id);
       if (spans != nullptr) spans->push_back({segment.begin, segment.end});
     } else {
-      encode_segment(text.substr(segment.begin, segment.end - segment.begin), segment.begin, track, scratch, ids, spans);
+      encode_segment(text.substr(segment.begin, segment.end - segment.begin), segment.begin, track, scratch,
+                     model_scratch, ids, spans);
     }
   }
 }
@@ -1163,7 +1179,8 @@ void HfTokenizer::encode(std::string_view text, std::vector<std::int32_t>& ids, 
 // One stretch of text between added tokens: normalized, searched for normalized added tokens,
 // pre-tokenized and run through the model.
 void HfTokenizer::encode_segment(std::string_view text, std::uint32_t original_begin, bool track, Scratch& scratch,
-                                 std::vector<std::int32_t>& ids, std::vector<TokenSpan>* spans) const {
+                                 Bpe::Scratch& model_scratch, std::vector<std::int32_t>& ids,
+                                 std::vector<TokenSpan>* spans) const {
   std::string_view normalized = text;
   const std::uint32_t* origin = nullptr;
   if (normalizer_ != nullptr || track) {
@@ -1182,7 +1199,7 @@ void HfTokenizer::encode_segment(std::string_view text, std::uint32_t original_b
   }
   const Piece whole{normalized, origin, origin != nullptr ? origin[0] : original_begin};
   if (normalized_matcher_.empty()) {
-    encode_piece(whole, scratch, ids, spans);
+    encode_piece(whole, scratch, model_scratch, ids, spans);
     return;
   }
   thread_local std::vector<AddedTokenMatcher::Found> found;
@@ -1193,18 +1210,18 @@ void HfTokenizer::encode_segment(std::string_view text, std::uint32_t original_b
       ids.push_back(added_[segment.token].id);
       if (spans != nullptr) spans->push_back({piece.origin[0], piece.origin[piece.text.size()]});
     } else {
-      encode_piece(piece, scratch, ids, spans);
+      encode_piece(piece, scratch, model_scratch, ids, spans);
     }
   }
 }
 
-void HfTokenizer::encode_piece(const Piece& piece, Scratch& scratch, std::vector<std::int32_t>& ids,
-                               std::vector<TokenSpan>* spans) const {
+void HfTokenizer::encode_piece(const Piece& piece, Scratch& scratch, Bpe::Scratch& model_scratch,
+                               std::vector<std::int32_t>& ids, std::vector<TokenSpan>* spans) const {
   std::vector<std::uint32_t>* lengths = spans != nullptr ? &scratch.lengths : nullptr;
   if (pre_tokenizer_ == nullptr) {
     if (lengths != nullptr) lengths->clear();
     const std::size_t first = ids.size();
-    model_->tokenize(piece.text, ids, lengths);
+    model_->tokenize(piece.text, ids, lengths, model_scratch);
     if (spans != nullptr) {
       std::size_t offset = 0;
       for (std::size_t i = first; i < ids.size(); ++i) {
@@ -1221,7 +1238,7 @@ void HfTokenizer::encode_piece(const Piece& piece, Scratch& scratch, std::vector
   for (const Piece& word : words) {
     if (lengths != nullptr) lengths->clear();
     const std::size_t first = ids.size();
-    model_->tokenize(word.text, ids, lengths);
+    model_->tokenize(word.text, ids, lengths, model_scratch);
     if (spans != nullptr) {
       std::size_t offset = 0;
       for (std::size_t i = first; i < ids.size(); ++i) {
