@@ -65,7 +65,8 @@ class Tokenizer {
   // With the special tokens the tokenizer adds (transformers' tokenizer(text).input_ids).
   virtual std::vector<std::int64_t> encode_with_special_tokens(std::string_view text) const;
 
-  // Hugging Face's decode(ids, skip_special_tokens). Throws for an id outside the vocabulary.
+  // Hugging Face's decode(ids, skip_special_tokens): an id without a token is skipped, as the
+  // reference skips it (SentencePiece and the byte tokenizer throw for one).
   virtual std::string decode(const std::vector<std::int64_t>& ids, bool skip_special_tokens = false) const = 0;
 
   // Ids are 0 to vocab_size() - 1, added tokens included.

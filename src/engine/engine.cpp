@@ -365,7 +365,7 @@ void Engine::Impl::start_step() {
   step_tokens = 0;
 }
 
-detail::PendingBackward Engine::Impl::prepare_micro_batch(const data::Batch& batch) const {
+detail::PendingBackward Engine::Impl::prepare_micro_batch(const data::Batch& batch, std::int64_t micro_batch) const {
   FERRY_CHECK(batch.input_ids.defined() && batch.input_ids.dim() == 2, "a batch needs input_ids of shape [batch, seq]");
   FERRY_CHECK(batch.labels.defined() && batch.labels.sizes() == batch.input_ids.sizes(),
               "labels must have the shape of input_ids ", batch.input_ids.sizes(), "; got ",
@@ -374,7 +374,11 @@ detail::PendingBackward Engine::Impl::prepare_micro_batch(const data::Batch& bat
   saved.tokens = batch.input_ids.to(config.device, torch::kLong);
   saved.labels = batch.labels.to(config.device, torch::kLong);
   torch::Tensor mask = detail::device_padding_mask(batch.attention_mask, config.device);
-  saved.context = model.make_context(saved.tokens, mask);
+  saved.context = model.make_context(saved.tokens, mask, batch.position_ids);
+  saved.context.dropout.training = true;
+  saved.context.dropout.seed = config.dropout.seed;
+  saved.context.dropout.step = steps + 1;
+  saved.context.dropout.micro_batch = micro_batch;
   saved.token_count = saved.tokens.numel();
   return saved;
 }
@@ -428,7 +432,7 @@ torch::Tensor Engine::Impl::forward(const data::Batch& batch) {
               " micro-batches");
   auto start = Clock::now();
   std::vector<detail::PendingBackward> micro;
-  micro.push_back(prepare_micro_batch(batch));
+  micro.push_back(prepare_micro_batch(batch, micro_batches));
   start_step();
   forward_blocks(micro);
   forward_head(micro.front());
@@ -605,7 +609,9 @@ void Engine::Impl::backward(const torch::Tensor& loss) {
 StepResult Engine::Impl::train_layer_major(const std::vector<data::Batch>& batches) {
   auto start = Clock::now();
   std::vector<detail::PendingBackward> micro;
-  for (const data::Batch& batch : batches) micro.push_back(prepare_micro_batch(batch));
+  for (const data::Batch& batch : batches) {
+    micro.push_back(prepare_micro_batch(batch, static_cast<std::int64_t>(micro.size())));
+  }
   start_step();
   forward_blocks(micro);
   stats.forward_seconds += seconds_since(start);
@@ -866,14 +872,14 @@ StepResult Engine::Impl::step() {
   return result;
 }
 
-torch::Tensor Engine::Impl::run_inference(const torch::Tensor& tokens,
-                                          const torch::Tensor& padding_mask) {
+torch::Tensor Engine::Impl::run_inference(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
+                                          const torch::Tensor& position_ids) {
   FERRY_CHECK(!pending, "inference between forward() and backward(): call backward() first");
   flush();
   torch::NoGradGuard no_grad;
   torch::Tensor input = tokens.to(config.device, torch::kLong);
   torch::Tensor mask = detail::device_padding_mask(padding_mask, config.device);
-  StepContext context = model.make_context(input, mask);
+  StepContext context = model.make_context(input, mask, position_ids);
   window->begin(parameter_visits(/*reverse=*/false));
   enter_part(0);
   torch::Tensor hidden = model.stem()->forward(input, context);
@@ -890,6 +896,7 @@ torch::Tensor Engine::Impl::run_inference(const torch::Tensor& tokens,
 // --- Engine -----------------------------------------------------------------------------------
 
 Engine::Engine(LayeredModel model, EngineConfig config) {
+  if (config.dropout.rate) model.set_dropout(*config.dropout.rate);
   if (config.mode == Mode::kZo2) {
     zo2_ = std::make_unique<Zo2>(std::move(model), std::move(config));
   } else {
@@ -936,8 +943,8 @@ void Engine::flush() {
 }
 
 double Engine::evaluate(const data::Batch& batch) {
-  torch::Tensor logits = impl_ ? impl_->run_inference(batch.input_ids, batch.attention_mask)
-                               : zo2_->logits(batch.input_ids, batch.attention_mask);
+  torch::Tensor logits = impl_ ? impl_->run_inference(batch.input_ids, batch.attention_mask, batch.position_ids)
+                               : zo2_->logits(batch.input_ids, batch.attention_mask, batch.position_ids);
   torch::NoGradGuard no_grad;
   return model().loss(logits, batch.labels.to(config().device, torch::kLong)).item<double>();
 }

@@ -81,7 +81,7 @@ struct Engine::Impl {
 
   // The passes, over one micro-batch (batch-major) or all of a step's (layer-major).
   void start_step();
-  detail::PendingBackward prepare_micro_batch(const data::Batch& batch) const;
+  detail::PendingBackward prepare_micro_batch(const data::Batch& batch, std::int64_t micro_batch) const;
   void forward_blocks(std::vector<detail::PendingBackward>& micro);
   void forward_head(detail::PendingBackward& saved);
   bool updates_now() const;  // the backward that starts now ends with the updates
@@ -91,7 +91,8 @@ struct Engine::Impl {
   void backward_blocks(std::vector<detail::PendingBackward>& micro, bool summed);
   void backward_stem(std::vector<detail::PendingBackward>& micro, bool summed);
   void fold_gradients(std::size_t part, bool first);
-  torch::Tensor run_inference(const torch::Tensor& tokens, const torch::Tensor& padding_mask);
+  torch::Tensor run_inference(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
+                              const torch::Tensor& position_ids = {});
 
   // Parameters on the device. Streamed blocks (fuyou) visit it through `window`, the others wait
   // for their last upload.

@@ -24,7 +24,8 @@ struct Engine::Zo2 {
 
   StepResult train_step(const data::Batch& batch);
   // Logits through the same block streaming, after applying any deferred update.
-  torch::Tensor logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask);
+  torch::Tensor logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
+                       const torch::Tensor& position_ids = {});
   // Applies the updates not yet applied everywhere and sends every part home up to date.
   void flush();
 

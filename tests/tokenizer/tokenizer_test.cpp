@@ -233,7 +233,7 @@ TEST_CASE("tokenizer errors name the file, the value and what is valid") {
                     Contains("no tokenizer in") && Contains("tokenizer.json") && Contains("tokenizer.model"));
   const auto tokenizer = ferry::load_tokenizer(fixtures() + "/hf/gpt2");
   CHECK_THROWS_WITH(tokenizer->encode(std::string("ok\xff") + "x"), Contains("not valid UTF-8") && Contains("byte 2"));
-  CHECK_THROWS_WITH(tokenizer->decode({1, 100000}), Contains("100000") && Contains("ids 0 to"));
+  CHECK(tokenizer->decode({1, 100000, -3}) == tokenizer->decode({1}));  // as the reference: skipped
 
   Json json = read_json(fixtures() + "/hf/gpt2/tokenizer.json");
   json["normalizer"] = {{"type", "Precompiled"}, {"precompiled_charsmap", ""}};
