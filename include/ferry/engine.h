@@ -1,9 +1,10 @@
 #pragma once
 
-// The execution engine (DESIGN.md, layer 6): drives a LayeredModel block by block, with the
-// parameters, gradients and optimizer states of each part (stem, every block, head) in bundles
-// of the residency manager. The offload mode decides on which tier the optimizer runs and what
-// moves between tiers; the step itself is one code path for every mode. See docs/engine.md.
+// The execution engine (docs/architecture.md, layer 6): drives a LayeredModel block by block,
+// with the parameters, gradients and optimizer states of each part (stem, every block, head) in
+// bundles of the residency manager. A placement (ferry/placement.h) says on which tier each of
+// them lives and where each part's update runs; the step itself is one code path for every
+// placement. See docs/engine.md.
 //
 //   ferry::Engine engine(std::move(model), config);
 //   for (...) {
@@ -22,19 +23,26 @@
 
 #include "ferry/data.h"
 #include "ferry/model.h"
+#include "ferry/placement.h"
 #include "ferry/store.h"
 
 namespace ferry {
 
-// gpu: everything on the device, the reference. zero-offload: parameters on the device, fp32
-// master and optimizer states on the host, the CPU optimizer overlapped with backward. fuyou:
-// parameters, gradients, fp32 master and optimizer states on NVMe, blocks streamed through the
-// device and the host, the CPU optimizer overlapped with backward, activation checkpoints swapped
-// (docs/fuyou.md). zo2: zeroth-order (MeZO), forward only, block weights streamed from host
-// memory or NVMe.
-enum class Mode { kGpu, kZeroOffload, kFuyou, kZo2 };
+namespace detail {
+class Trainer;
+}
+
+// The first-order modes are presets of one placement (ferry/placement.h). gpu: everything on the
+// device, the reference. zero-offload: parameters on the device, gradients, fp32 master and
+// optimizer states on the host, the CPU optimizer overlapped with backward. fuyou: gradients,
+// fp32 master and optimizer states on NVMe and the blocks' parameters too (but for
+// FuyouConfig::host_blocks), blocks streamed through the device and the host, the CPU optimizer
+// overlapped with backward, activation checkpoints swapped (docs/fuyou.md). auto: the placement
+// in EngineConfig::placement, which the planner chooses (plan_engine_config(make_plan(...))).
+// zo2: zeroth-order (MeZO), forward only, block weights streamed from host memory or NVMe.
+enum class Mode { kGpu, kZeroOffload, kFuyou, kAuto, kZo2 };
 const char* to_string(Mode mode);
-Mode parse_mode(const std::string& name);  // "gpu", "zero-offload", "fuyou", "zo2"
+Mode parse_mode(const std::string& name);  // "gpu", "zero-offload", "fuyou", "auto", "zo2"
 
 Tier parse_tier(const std::string& name);  // "gpu", "host", "nvme"
 
@@ -118,25 +126,13 @@ struct ZoConfig {
   std::int64_t write_back_interval = 4;
 };
 
-// What a block keeps between its forward and its backward, and on which tier. A recomputed block
-// keeps only its input (its checkpoint) and runs its forward again in backward; otherwise the
-// whole autograd graph is kept, which the engine keeps on the device only. Host and NVMe
-// checkpoints go down in forward and come back up ahead of the block's backward.
-struct BlockActivations {
-  bool recompute = true;
-  Tier tier = Tier::kGpu;
-  std::string describe() const;  // "recompute from gpu", "graph on gpu"
-};
-// "gpu", "host" or "nvme": recompute from a checkpoint on that tier; "graph": keep the graph.
-BlockActivations parse_block_activations(const std::string& name);
-
 // Fuyou (Liao et al., arXiv 2403.06504): every part's gradients, fp32 master and optimizer states
 // live on NVMe, and the blocks' parameters too, apart from the first `host_blocks` blocks, whose
 // parameters stay in host memory. The stem's and head's parameters stay on the device.
 struct FuyouConfig {
   std::int64_t host_blocks = 0;
   // Blocks whose parameters (and swapped checkpoints) are on the device at once: one computing,
-  // the next ones uploading.
+  // the next ones uploading. In every placement that streams parameters, not only fuyou's.
   std::int64_t blocks_in_flight = 3;
 };
 
@@ -203,8 +199,9 @@ struct EngineConfig {
   // backward. `offload_checkpoints` keeps those inputs in host memory instead of on the device.
   std::int64_t keep_graph_blocks = 0;
   bool offload_checkpoints = false;
-  // Per block, in place of the two settings above (empty: they decide); `ferry plan` chooses them.
-  std::vector<BlockActivations> activations;
+  // Each part's homes (mode auto: required; the presets fill them in) and each block's
+  // activations (empty: the two settings above decide); `ferry plan` chooses both.
+  Placement placement;
   // Threads for the CPU optimizer (0: one per core).
   int optimizer_threads = 0;
   // Record spans for write_trace(). On a CUDA device the engine then waits for the device at
@@ -348,10 +345,7 @@ class Engine {
   EngineStats stats() const;
 
  private:
-  struct Impl;  // gpu and zero-offload
-  struct Zo2;
-  std::unique_ptr<Impl> impl_;
-  std::unique_ptr<Zo2> zo2_;
+  std::unique_ptr<detail::Trainer> trainer_;  // the first-order engine or zo2
 };
 
 // Sampling settings of generate(): greedy at temperature 0, else softmax(logits / temperature)

@@ -138,7 +138,7 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
   if (mode == Mode::kFuyou) {
     engine_config.fuyou = offload.fuyou;
     if (!offload.activations.empty()) {
-      engine_config.activations = parse_activations(offload.activations, config.num_layers);
+      engine_config.placement.activations = parse_activations(offload.activations, config.num_layers);
     }
   }
   Engine engine(models::build(config, 1), engine_config);

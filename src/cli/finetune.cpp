@@ -160,9 +160,9 @@ EngineConfig engine_config(const Json& job, std::int64_t blocks) {
   settings.erase("activations");
   EngineConfig config = engine_config_from_json(settings.dump());
   if (activations.is_array()) {
-    config.activations = engine_config_from_json(Json{{"activations", activations}}.dump()).activations;
+    config.placement.activations = engine_config_from_json(Json{{"activations", activations}}.dump()).placement.activations;
   } else if (activations != "auto") {
-    config.activations = parse_activations(activations.get<std::string>(), blocks);
+    config.placement.activations = parse_activations(activations.get<std::string>(), blocks);
   }
   return config;
 }
@@ -273,7 +273,7 @@ void check_resume_checkpoint(const std::string& dir, const models::ModelConfig& 
 // first pays for first-touch allocations and the page cache). The steps change the model's
 // weights, so the job loads its model again.
 MeasuredCompute profile_fuyou(LayeredModel model, EngineConfig config, const data::Batch& batch) {
-  config.activations.assign(model.num_blocks(), {true, Tier::kNvme});
+  config.placement.activations.assign(model.num_blocks(), {true, Tier::kNvme});
   config.fuyou.host_blocks = 0;
   config.grad_accumulation = 1;
   config.micro_batch_order = MicroBatchOrder::kBatchMajor;  // one micro-batch has no order
@@ -349,11 +349,11 @@ void print_plan_summary(const Plan& plan) {
 Json resolved_job(Json job, const EngineConfig& config) {
   job["fuyou_host_blocks"] = config.fuyou.host_blocks;
   job["micro_batch_order"] = to_string(config.micro_batch_order);
-  if (config.activations.empty()) {
+  if (config.placement.activations.empty()) {
     job.erase("activations");
   } else {
     Json names = Json::array();
-    for (const BlockActivations& block : config.activations) {
+    for (const BlockActivations& block : config.placement.activations) {
       names.push_back(block.recompute ? to_string(block.tier) : "graph");
     }
     job["activations"] = names;

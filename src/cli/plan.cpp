@@ -180,7 +180,7 @@ int run_plan(int argc, char** argv) {
   request.max_batch = args["max-batch"].as<std::int64_t>();
   const std::string activations = args["activations"].as<std::string>();
   request.choose_activations = activations == "auto";
-  if (!request.choose_activations) config.activations = parse_activations(activations, request.model.num_layers);
+  if (!request.choose_activations) config.placement.activations = parse_activations(activations, request.model.num_layers);
   request.choose_host_blocks = args.count("fuyou-host-blocks") == 0;
   if (!request.choose_host_blocks) config.fuyou.host_blocks = args["fuyou-host-blocks"].as<std::int64_t>();
   config.fuyou.blocks_in_flight = args["fuyou-window"].as<std::int64_t>();

@@ -17,8 +17,7 @@
 #include <optional>
 #include <sstream>
 
-#include "engine/engine_impl.h"
-#include "engine/zo2.h"
+#include "engine/trainer.h"
 #include "ferry/check.h"
 #include "ferry/fs.h"
 #include "ferry/safetensors.h"
@@ -265,110 +264,33 @@ void read_checkpoint(const std::string& dir, const LayeredModel& model,
 
 void Engine::save(const std::string& dir, const std::string& extra_json) {
   const nlohmann::json extra = parse_extra(extra_json);
-  if (zo2_) {
-    Zo2& zo2 = *zo2_;
-    zo2.flush();
-    nlohmann::json state = {{"step", zo2.steps},
-                            {"mode", to_string(Mode::kZo2)},
-                            {"zo_seed", zo2.config.zo.seed},
-                            {"zo_updates", zo2.update_count},
-                            {"extra", extra}};
-    detail::write_checkpoint(dir, zo2.model, zo2.parts, zo2.config.optimizer.kind,
-                             zo2.bundles.front().states.size(), state, [&](std::size_t p) {
-                               return detail::PartValues{zo2.read_weights(p), zo2.read_states(p)};
-                             });
-    return;
-  }
-  Impl& impl = *impl_;
-  FERRY_CHECK(!impl.pending && impl.micro_batches == 0 && impl.buffered.empty(), "save() in the middle of a step (",
-              impl.micro_batches, " of ", impl.config.grad_accumulation,
-              " micro-batches done): save after step()");
-  impl.flush();
-  impl.wait_for_workers();
-  impl.store->synchronize();
-  nlohmann::json state = {
-      {"step", impl.steps},
-      {"mode", to_string(impl.config.mode)},
-      {"precision", to_string(impl.config.precision)},
-      {"loss_scale", impl.scaler.raw_scale()},
-      {"loss_scale_clean_steps", impl.scaler.clean_steps()},
-      {"extra", extra},
-  };
-  detail::write_checkpoint(
-      dir, impl.model, impl.parts, impl.config.optimizer.kind, impl.parts.front().states.size(),
-      state, [&](std::size_t p) {
-        const detail::Part& part = impl.parts[p];
-        detail::PartValues values{
-            impl.read_bundle(impl.master_bundle(part), torch::kFloat, part.numel), {}};
-        for (BundleId id : part.states) {
-          values.states.push_back(impl.read_bundle(id, torch::kFloat, part.numel));
-        }
-        return values;
-      });
+  detail::Trainer& trainer = *trainer_;
+  trainer.quiesce("save()");
+  nlohmann::json state = trainer.checkpoint_state();
+  state["extra"] = extra;
+  detail::write_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
+                           trainer.state_count(), state,
+                           [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/true); });
 }
 
 void Engine::export_pretrained(const std::string& dir, Precision precision) {
   FERRY_CHECK(model().config(), "export_pretrained('", dir, "'): the model has no Hugging Face config (a model ",
               "of your own modules); save() writes its weights under the parts' own names");
   const DType dtype = to_dtype(detail::scalar_type(precision));
-  if (zo2_) {
-    Zo2& zo2 = *zo2_;
-    zo2.flush();
-    detail::write_weights_directory(dir, zo2.model, zo2.parts, dtype, {}, "", [&](std::size_t p) {
-      return detail::PartValues{zo2.read_weights(p), {}};
-    });
-    return;
-  }
-  Impl& impl = *impl_;
-  FERRY_CHECK(!impl.pending && impl.micro_batches == 0 && impl.buffered.empty(), "export_pretrained() in the ",
-              "middle of a step (", impl.micro_batches, " of ", impl.config.grad_accumulation,
-              " micro-batches done): export after step()");
-  impl.wait_for_workers();
-  impl.store->synchronize();
-  detail::write_weights_directory(dir, impl.model, impl.parts, dtype, {}, "", [&](std::size_t p) {
-    const detail::Part& part = impl.parts[p];
-    return detail::PartValues{impl.read_bundle(impl.master_bundle(part), torch::kFloat, part.numel), {}};
-  });
+  detail::Trainer& trainer = *trainer_;
+  trainer.quiesce("export_pretrained()");
+  detail::write_weights_directory(dir, trainer.model(), trainer.parts(), dtype, {}, "",
+                                  [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/false); });
 }
 
 std::string Engine::load(const std::string& dir) {
   const nlohmann::json state = read_state(dir, config());
-  if (zo2_) {
-    Zo2& zo2 = *zo2_;
-    zo2.flush();
-    detail::read_checkpoint(dir, zo2.model, zo2.parts, zo2.config.optimizer.kind,
-                            zo2.bundles.front().states.size(),
-                            [&](std::size_t p, detail::PartValues values) {
-                              zo2.write_part(p, values.weights.to(zo2.storage_dtype), values.states);
-                            });
-    zo2.steps = state.value("step", std::int64_t{0});
-    zo2.stats.steps = zo2.steps;
-    // Adam's bias corrections count the updates made so far.
-    zo2.update_count = state.value("zo_updates", zo2.steps);
-    zo2.home_updates.assign(zo2.parts.size(), zo2.update_count);
-    return state.contains("extra") ? state["extra"].dump() : "{}";
-  }
-  Impl& impl = *impl_;
-  FERRY_CHECK(!impl.pending && impl.micro_batches == 0 && impl.buffered.empty(), "load() in the middle of a step");
-  impl.flush();
-  impl.wait_for_workers();
-  impl.store->synchronize();
-  detail::read_checkpoint(
-      dir, impl.model, impl.parts, impl.config.optimizer.kind, impl.parts.front().states.size(),
-      [&](std::size_t p, detail::PartValues values) {
-        const detail::Part& part = impl.parts[p];
-        impl.write_bundle(p, impl.master_bundle(part), values.weights);
-        for (std::size_t i = 0; i < part.states.size(); ++i) {
-          impl.write_bundle(p, part.states[i], values.states[i]);
-        }
-        if (part.master != detail::kNoBundle) {
-          impl.write_bundle(p, part.params, values.weights.to(impl.compute_dtype));
-        }
-      });
-  impl.steps = state.value("step", std::int64_t{0});
-  impl.stats.steps = impl.steps;
-  impl.scaler.restore(state.value("loss_scale", impl.scaler.raw_scale()),
-                      state.value("loss_scale_clean_steps", std::int64_t{0}));
+  detail::Trainer& trainer = *trainer_;
+  trainer.quiesce("load()");
+  detail::read_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
+                          trainer.state_count(),
+                          [&](std::size_t p, detail::PartValues values) { trainer.write_part(p, values); });
+  trainer.restore_state(state);
   return state.contains("extra") ? state["extra"].dump() : "{}";
 }
 

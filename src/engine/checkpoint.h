@@ -13,17 +13,11 @@
 #include <torch/types.h>
 
 #include "engine/parts.h"
+#include "engine/trainer.h"
 #include "ferry/engine.h"
 #include "ferry/model.h"
 
 namespace ferry::detail {
-
-// One part's fp32 weights and optimizer states on the host, as a checkpoint holds them: flat,
-// contiguous, part.numel elements each, laid out as the part's slices.
-struct PartValues {
-  torch::Tensor weights;
-  std::vector<torch::Tensor> states;
-};
 
 // Called once per part, in order; the values it returns are released before the next call.
 using PartProducer = std::function<PartValues(std::size_t part)>;

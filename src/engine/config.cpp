@@ -169,8 +169,14 @@ const std::vector<Setting>& settings() {
        [](const Json& v, EngineConfig& c) { c.delayed_update.warmup_steps = v.get<std::int64_t>(); }},
       {"activations",
        [](const Json& v, EngineConfig& c) {
-         c.activations.clear();
-         for (const std::string& name : parse_list(v)) c.activations.push_back(parse_block_activations(name));
+         c.placement.activations.clear();
+         for (const std::string& name : parse_list(v)) c.placement.activations.push_back(parse_block_activations(name));
+       }},
+      {"placement",
+       [](const Json& v, EngineConfig& c) {
+         const std::vector<BlockActivations> activations = std::move(c.placement.activations);
+         c.placement = placement_from_json(v.dump());
+         if (c.placement.activations.empty()) c.placement.activations = activations;
        }},
   };
   return kSettings;
@@ -220,13 +226,14 @@ const char* to_string(Mode mode) {
     case Mode::kGpu: return "gpu";
     case Mode::kZeroOffload: return "zero-offload";
     case Mode::kFuyou: return "fuyou";
+    case Mode::kAuto: return "auto";
     case Mode::kZo2: return "zo2";
   }
   return "unknown";
 }
 
 Mode parse_mode(const std::string& name) {
-  static const Mode kModes[] = {Mode::kGpu, Mode::kZeroOffload, Mode::kFuyou, Mode::kZo2};
+  static const Mode kModes[] = {Mode::kGpu, Mode::kZeroOffload, Mode::kFuyou, Mode::kAuto, Mode::kZo2};
   return parse_choice(name, "mode", kModes, to_string);
 }
 

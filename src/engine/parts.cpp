@@ -55,21 +55,19 @@ torch::ScalarType scalar_type(Precision precision) {
   return torch::kFloat;
 }
 
-void add_bundles(Part& part, const PartHomes& homes, const EngineConfig& config,
+void add_bundles(Part& part, const PartPlacement& home, const EngineConfig& config,
                  const std::function<BundleId(const BundleSpec&)>& add) {
   const auto numel = static_cast<std::uint64_t>(part.numel);
   const std::uint64_t compute_bytes = numel * torch::elementSize(scalar_type(config.precision));
-  part.params = add({part.name + ".params", compute_bytes, homes.params});
-  part.grads = add({part.name + ".grads", compute_bytes, homes.grads});
-  if (config.precision != Precision::kF32) {
-    part.master = add({part.name + ".master", numel * 4, homes.optimizer});
-  }
+  part.params = add({part.name + ".params", compute_bytes, home.params});
+  part.grads = add({part.name + ".grads", compute_bytes, home.grads});
+  if (config.precision != Precision::kF32) part.master = add({part.name + ".master", numel * 4, home.master});
   const int state_count = optimizer_state_count(config.optimizer);
   for (int i = 0; i < state_count; ++i) {
-    part.states.push_back(add({part.name + ".state" + std::to_string(i), numel * 4, homes.optimizer}));
+    part.states.push_back(add({part.name + ".state" + std::to_string(i), numel * 4, home.states[i]}));
   }
   if (config.grad_accumulation > 1) {
-    part.accumulator = add({part.name + ".accumulator", numel * 4, homes.optimizer});
+    part.accumulator = add({part.name + ".accumulator", numel * 4, home.accumulator});
   }
 }
 

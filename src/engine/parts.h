@@ -29,7 +29,8 @@ struct ParameterSlice {
   std::int64_t numel = 0;
 };
 
-// Which bundles a part has depends on the mode and the precision; absent ones are kNoBundle.
+// Which bundles a part has depends on the precision, the optimizer and the accumulation; absent
+// ones are kNoBundle.
 constexpr BundleId kNoBundle = UINT32_MAX;
 
 struct Part {
@@ -40,10 +41,11 @@ struct Part {
   std::int64_t numel = 0;
   std::int64_t decay_numel = 0;
 
-  BundleId params = kNoBundle;  // compute dtype, home GPU; modules see views of it
-  BundleId grads = kNoBundle;   // compute dtype, home GPU; collect_gradients copies .grad into it
-  BundleId master = kNoBundle;  // fp32 on the optimizer's tier, when the compute dtype is not
-  std::vector<BundleId> states;  // fp32 on the optimizer's tier
+  // Each on its home tier (PartPlacement).
+  BundleId params = kNoBundle;  // compute dtype; modules see views of its device copy
+  BundleId grads = kNoBundle;   // compute dtype; collect_gradients copies .grad into its device copy
+  BundleId master = kNoBundle;  // fp32, when the compute dtype is not
+  std::vector<BundleId> states;  // fp32
   BundleId accumulator = kNoBundle;  // fp32 gradient sum over micro-batches, when there are several
 };
 
@@ -59,7 +61,7 @@ torch::ScalarType scalar_type(Precision precision);
 // Note: the engine and `ferry stage` both lay out bundles through this call, so a staged NVMe
 // layout is exactly the one the engine allocates; `add` decides how each is placed (allocated,
 // adopted from a staged layout, or skipped by staging when it is not at home on NVMe).
-void add_bundles(Part& part, const PartHomes& homes, const EngineConfig& config,
+void add_bundles(Part& part, const PartPlacement& home, const EngineConfig& config,
                  const std::function<BundleId(const BundleSpec&)>& add);
 
 // A batch's padding mask on `device`, or none when it has no padding: a host mask of all ones

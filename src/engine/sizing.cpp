@@ -72,8 +72,8 @@ void validate_zo(const EngineConfig& config) {
 
 void validate_activations(const EngineConfig& config) {
   auto needs_nvme = [&](Tier tier) { return tier == Tier::kNvme && config.nvme_directories.empty(); };
-  for (std::size_t i = 0; i < config.activations.size(); ++i) {
-    const BlockActivations& block = config.activations[i];
+  for (std::size_t i = 0; i < config.placement.activations.size(); ++i) {
+    const BlockActivations& block = config.placement.activations[i];
     FERRY_CHECK(block.recompute || block.tier == Tier::kGpu, "block ", i, " activations '",
                 block.describe(), "' are invalid: a kept autograd graph stays on the gpu; swap its "
                 "checkpoint instead (host or nvme)");
@@ -108,14 +108,23 @@ void validate_delayed_update(const EngineConfig& config) {
   const char* why = "";
   switch (config.mode) {
     case Mode::kZeroOffload: return;
+    case Mode::kAuto: {
+      const std::vector<PartPlacement>& parts = config.placement.parts;
+      const bool streams = std::any_of(parts.begin(), parts.end(), [](const PartPlacement& p) { return p.streamed(); });
+      const bool cpu = std::any_of(parts.begin(), parts.end(), [](const PartPlacement& p) { return !p.updated_on_gpu(); });
+      if (!streams && cpu) return;
+      why = streams ? "each streamed block is updated in backward while its parameters are staged on the host"
+                    : "every part is updated on the device, so there is no CPU update to hide";
+      break;
+    }
     case Mode::kGpu: why = "the optimizer runs on the device, so there is no CPU update to hide"; break;
     case Mode::kFuyou:
       why = "each block is updated in backward while its parameters are staged on the host";
       break;
     case Mode::kZo2: why = "it already applies each update when the parts next come to the device"; break;
   }
-  throw Error(detail::concat("delayed_update is for zero-offload mode only; ", to_string(config.mode),
-                             " mode cannot delay its update: ", why));
+  throw Error(detail::concat("delayed_update is for zero-offload mode only (or an auto placement whose parameters "
+                             "all stay on the device); ", to_string(config.mode), " mode cannot delay its update: ", why));
 }
 
 }  // namespace
@@ -159,45 +168,14 @@ std::string unstageable(Mode mode) {
     case Mode::kZeroOffload:
       return concat(to_string(mode), " mode keeps nothing on NVMe, so there is no layout to stage "
                     "or adopt: load the checkpoint directly (--model), or use --mode fuyou");
+    case Mode::kAuto:
+      return "an auto placement cannot start from a staged layout yet (staging lays out fuyou's bundles): "
+             "load the checkpoint directly (--model), or use --mode fuyou";
     case Mode::kZo2:
       return "zo2 mode cannot start from a staged layout yet (it lays out its own bundles): load "
              "the checkpoint directly (--model), or use --mode fuyou";
   }
   return "unknown mode";
-}
-
-PartHomes part_homes(const EngineConfig& config, models::Part kind, std::int64_t block) {
-  switch (config.mode) {
-    case Mode::kGpu: return {Tier::kGpu, Tier::kGpu, Tier::kGpu};
-    case Mode::kZeroOffload: return {Tier::kGpu, Tier::kHost, Tier::kHost};
-    case Mode::kFuyou: {
-      const bool streamed = kind == models::Part::kBlock;
-      const Tier params = !streamed ? Tier::kGpu
-                          : block < config.fuyou.host_blocks ? Tier::kHost
-                                                             : Tier::kNvme;
-      return {params, Tier::kNvme, Tier::kNvme};
-    }
-    case Mode::kZo2: break;
-  }
-  FERRY_ASSERT(false, "zo2 keeps its own placement (zo_block_home)");
-  return {};
-}
-
-std::vector<BlockActivations> block_activations(const EngineConfig& config, std::int64_t blocks) {
-  if (!config.activations.empty()) {
-    FERRY_CHECK(static_cast<std::int64_t>(config.activations.size()) == blocks, "activations name ",
-                config.activations.size(), " blocks but the model has ", blocks,
-                ": give one per block");
-    return config.activations;
-  }
-  const std::int64_t kept = std::min(blocks, config.keep_graph_blocks);
-  std::vector<BlockActivations> out(static_cast<std::size_t>(blocks));
-  for (std::int64_t i = 0; i < blocks; ++i) {
-    BlockActivations& block = out[static_cast<std::size_t>(i)];
-    block.recompute = i < blocks - kept;
-    block.tier = block.recompute && config.offload_checkpoints ? Tier::kHost : Tier::kGpu;
-  }
-  return out;
 }
 
 // Note: the window uploads at most blocks_in_flight blocks ahead of the forwards. Resident blocks
@@ -247,7 +225,7 @@ void check_budgets(const TierDemand& needed, const EngineConfig& config) {
         " tier (", needed.describe(tier), ") but the ", to_string(tier),
         " budget is ", format_bytes(budget), ": ", format_bytes(bytes - budget),
         " short. Raise --", to_string(tier), "-budget to at least ", format_bytes(bytes),
-        tier == Tier::kGpu && config.mode == Mode::kGpu ? ", or use --mode zero-offload" : "",
+        tier == Tier::kGpu && config.mode == Mode::kGpu ? ", or use --mode zero-offload (or auto)" : "",
         " (activations come on top of this)"));
   }
 }
@@ -363,68 +341,73 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
   TierDemand demand;
   auto add = [&](Tier tier, const char* role, std::uint64_t bytes) { add_item(demand, tier, role, bytes); };
   const std::uint64_t compute_size = element_size(config.precision);
-  const int state_count = detail::optimizer_state_count(config.optimizer);
+  const Placement placement = detail::resolve_placement(config, parts.size());
+  const PlacementRoles roles = detail::placement_roles(config);
 
-  // Note: the sizing follows allocate_and_bind and the streaming in engine.cpp. Per role, what
-  // lives at home on each tier, plus what visits a tier for a while: the device copies of the
-  // parts in backward, the host staging of what lives on NVMe.
-  detail::block_activations(config, static_cast<std::int64_t>(parts.size()) - 2);  // validates them
-  const bool separate_master = config.precision != Precision::kF32;
-  const bool offloaded = config.mode != Mode::kGpu;
-  const Tier optimizer_work = offloaded ? Tier::kHost : Tier::kGpu;
-  std::uint64_t params[kTierCount] = {0, 0, 0};
-  std::uint64_t grads = 0, largest = 0, largest_work = 0, master = 0, states = 0, accumulator = 0;
-  std::uint64_t largest_sum = 0;  // one part's gradients in fp32
+  // Note: the sizing follows allocate_and_bind and the streaming in first_order.cpp. Per role,
+  // what lives at home on each tier, plus what visits a tier for a while: the device copies of
+  // the parts the CPU updates, in backward; the host staging of what lives on NVMe.
+  std::uint64_t params[kTierCount] = {0, 0, 0}, grads[kTierCount] = {0, 0, 0}, master[kTierCount] = {0, 0, 0};
+  std::uint64_t states[kTierCount] = {0, 0, 0}, accumulator[kTierCount] = {0, 0, 0};
+  std::uint64_t resident_staging = 0;  // host copies of the device parameters the CPU updates
+  std::uint64_t largest_sent = 0, largest_sum = 0;  // of the parts whose gradients go down
+  std::uint64_t largest_streamed = 0, largest_nvme_params = 0, largest_nvme_grads = 0, largest_nvme_work = 0;
+  bool sends_gradients = false;
   for (std::size_t i = 0; i < parts.size(); ++i) {
+    const PartPlacement& home = placement.parts[i];
     const auto numel = static_cast<std::uint64_t>(parts[i].numel);
-    const bool block = i > 0 && i + 1 < parts.size();
-    const detail::PartHomes homes = detail::part_homes(
-        config, block ? models::Part::kBlock : (i == 0 ? models::Part::kStem : models::Part::kHead),
-        static_cast<std::int64_t>(i) - 1);
-    params[static_cast<int>(homes.params)] += round_up(numel * compute_size);
-    grads += round_up(numel * compute_size);
-    largest = std::max(largest, round_up(numel * compute_size));
-    largest_sum = std::max(largest_sum, round_up(numel * 4));
-    if (separate_master) master += round_up(numel * 4);
-    states += state_count * round_up(numel * 4);
-    if (config.grad_accumulation > 1) accumulator += round_up(numel * 4);
-    largest_work = std::max(largest_work, (separate_master + state_count +
-                                           (config.grad_accumulation > 1)) * round_up(numel * 4));
+    const std::uint64_t compute = round_up(numel * compute_size), fp32 = round_up(numel * 4);
+    params[static_cast<int>(home.params)] += compute;
+    grads[static_cast<int>(home.grads)] += compute;
+    std::uint64_t nvme_work = 0;
+    auto optimizer_role = [&](std::uint64_t* tiers, Tier tier) {
+      tiers[static_cast<int>(tier)] += fp32;
+      if (tier == Tier::kNvme) nvme_work += fp32;
+    };
+    if (roles.master) optimizer_role(master, home.master);
+    for (int k = 0; k < roles.states; ++k) optimizer_role(states, home.states[k]);
+    if (roles.accumulator) optimizer_role(accumulator, home.accumulator);
+    largest_nvme_work = std::max(largest_nvme_work, nvme_work);
+    if (home.streamed()) largest_streamed = std::max(largest_streamed, compute);
+    if (home.params == Tier::kNvme) largest_nvme_params = std::max(largest_nvme_params, compute);
+    if (home.updated_on_gpu()) continue;
+    sends_gradients = true;
+    if (home.params == Tier::kGpu) resident_staging += compute;
+    if (home.grads == Tier::kNvme) largest_nvme_grads = std::max(largest_nvme_grads, compute);
+    if (i > 0) largest_sent = std::max(largest_sent, compute);
+    if (i > 0) largest_sum = std::max(largest_sum, fp32);
   }
-  const Tier optimizer_home = detail::part_homes(config, models::Part::kStem, 0).optimizer;
-  const bool fuyou = config.mode == Mode::kFuyou;
-  add(Tier::kGpu, fuyou ? "stem and head parameters" : "parameters", params[0]);
-  add(Tier::kHost, "host blocks' parameters", params[1]);
-  add(Tier::kNvme, "parameters", params[2]);
-  // Offloaded, the device holds the stem's gradients through backward (a tied head adds to them)
-  // plus the part in backward and the one still going down.
   const std::uint64_t stem_grads = round_up(static_cast<std::uint64_t>(parts.front().numel) * compute_size);
-  add(Tier::kGpu, "gradients", offloaded ? std::min(grads, stem_grads + 2 * largest) : grads);
-  if (offloaded && config.micro_batch_order == MicroBatchOrder::kLayerMajor) {
-    // Each part's gradients summed in fp32 on the device (its accumulator's device copy): the
-    // stem's through the whole backward, the part in backward and the one still going down.
-    const std::uint64_t stem_sum = round_up(static_cast<std::uint64_t>(parts.front().numel) * 4);
-    add(Tier::kGpu, "fp32 gradient sums", stem_sum + 2 * largest_sum);
+  const bool stem_sent = !placement.parts.front().updated_on_gpu();
+  const char* param_roles[kTierCount] = {"parameters", "streamed parameters (host)", "streamed parameters (nvme)"};
+  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
+    const int t = static_cast<int>(tier);
+    add(tier, param_roles[t], params[t]);
+    add(tier, "gradients", grads[t]);
+    add(tier, "fp32 master", master[t]);
+    add(tier, "optimizer states", states[t]);
+    add(tier, "gradient accumulator", accumulator[t]);
   }
-  add(optimizer_home, "fp32 master", master);
-  add(optimizer_home, "optimizer states", states);
-  add(optimizer_home, "gradient accumulator", accumulator);
-  if (config.mode == Mode::kZeroOffload) {
-    add(Tier::kHost, "parameter staging", params[0]);
-    add(Tier::kHost, "gradient staging", grads);
+  if (sends_gradients) {
+    // The device holds the stem's gradients through backward (a tied head adds to them), the
+    // part in backward and the two before it still going down.
+    add(Tier::kGpu, "gradients on their way down", (stem_sent ? stem_grads : 0) + 3 * largest_sent);
+    if (config.micro_batch_order == MicroBatchOrder::kLayerMajor) {
+      // Each part's gradients summed in fp32 on the device (its accumulator's device copy): the
+      // stem's through the whole backward, the part in backward and the two still going down.
+      const std::uint64_t stem_sum = stem_sent ? round_up(static_cast<std::uint64_t>(parts.front().numel) * 4) : 0;
+      add(Tier::kGpu, "fp32 gradient sums", stem_sum + 3 * largest_sum);
+    }
   }
-  if (fuyou) {
-    const auto window = static_cast<std::uint64_t>(config.fuyou.blocks_in_flight);
-    add(Tier::kGpu, "blocks in flight", window * largest);
-    add(Tier::kNvme, "gradients", grads);
-    add(Tier::kHost, "stem and head parameter staging", params[0]);
-    // Blocks visiting the device stage through the host; in backward the CPU optimizer also
-    // holds the staging of the blocks whose gradients wait for it.
-    add(Tier::kHost, "parameter staging", (window + detail::kGradientsAhead + 1) * largest);
-    add(Tier::kHost, "gradient staging", (detail::kGradientsAhead + 1) * largest);
-    // The part being updated, the next one arriving and the previous one going home.
-    add(optimizer_work, "optimizer staging", 3 * largest_work);
-  }
+  add(Tier::kHost, "parameter staging", resident_staging);
+  const auto window = static_cast<std::uint64_t>(config.fuyou.blocks_in_flight);
+  add(Tier::kGpu, "blocks in flight", window * largest_streamed);
+  // Blocks visiting the device from NVMe stage through the host; in backward the CPU optimizer
+  // also holds the staging of the blocks whose gradients wait for it.
+  add(Tier::kHost, "streamed parameter staging", (window + detail::kGradientsAhead + 1) * largest_nvme_params);
+  add(Tier::kHost, "gradient staging", (detail::kGradientsAhead + 1) * largest_nvme_grads);
+  // The part being updated, the next one arriving and the previous one going home.
+  add(Tier::kHost, "optimizer staging", 3 * largest_nvme_work);
   return demand;
 }
 

@@ -1,7 +1,7 @@
 #pragma once
 
 // What the engine's modes share about their configuration: validation, budgets, and where each
-// mode keeps what.
+// part keeps what.
 
 #include "ferry/engine.h"
 
@@ -19,20 +19,16 @@ std::string unstageable(Mode mode);
 // The residency manager's options for the engine's budgets and directories.
 StoreOptions store_options(const EngineConfig& config);
 
-// Where a first-order mode (gpu, zero-offload, fuyou) keeps one part's bundles: `params` in the
-// compute dtype (modules see views of its device copy), `grads` (whose device copy lives only
-// through the part's backward in the offload modes), and `optimizer` for the fp32 master, the
-// optimizer states and the gradient accumulator. The optimizer runs on the GPU in gpu mode and
-// on the host otherwise, staging what lives on NVMe through host memory.
-struct PartHomes {
-  Tier params;
-  Tier grads;
-  Tier optimizer;
-};
-PartHomes part_homes(const EngineConfig& config, models::Part kind, std::int64_t block);
+// A first-order job's placement in full: EngineConfig::placement's parts (mode auto) or the mode's
+// preset, and every block's activations. Throws ferry::Error for one the engine cannot run,
+// naming the part, the role and what would be valid.
+Placement resolve_placement(const EngineConfig& config, std::size_t part_count);
+// The preset's homes for part `part` of `count` (mode gpu, zero-offload or fuyou).
+PartPlacement preset_part_placement(const EngineConfig& config, std::size_t part, std::size_t count);
+// The roles the job's parts have.
+PlacementRoles placement_roles(const EngineConfig& config);
 
-// Each block's activations: EngineConfig::activations, or what keep_graph_blocks and
-// offload_checkpoints say.
+// Each block's activations: the placement's, or what keep_graph_blocks and offload_checkpoints say.
 std::vector<BlockActivations> block_activations(const EngineConfig& config, std::int64_t blocks);
 
 // fuyou: parts whose gradients may wait on the host for the CPU optimizer beyond the one it is

@@ -135,9 +135,9 @@ std::map<std::string, std::string> stage_identity(const std::vector<Part>& parts
   };
 }
 
-bool needs_seed(const PartHomes& homes) {
-  FERRY_ASSERT(homes.grads == Tier::kNvme, "a staged part's gradients live on NVMe");
-  return homes.params != Tier::kNvme;
+bool needs_seed(const PartPlacement& home) {
+  FERRY_ASSERT(home.grads == Tier::kNvme, "a staged part's gradients live on NVMe");
+  return home.params != Tier::kNvme;
 }
 
 NvmeLayout open_staged_layout(EngineConfig& config) {
@@ -284,13 +284,13 @@ void Stager::check_continues(const NvmeLayout& previous) const {
 void Stager::lay_out_store() {
   // What the layout takes, and the most staging holds in host memory at once.
   std::vector<PartShape> shapes;
-  std::vector<detail::PartHomes> homes;
+  const Placement placement = detail::resolve_placement(config_, parts_.size());
   std::uint64_t extent_bytes = 0, largest_data = 0;
-  for (const detail::Part& part : parts_) {
+  for (std::size_t p = 0; p < parts_.size(); ++p) {
+    const detail::Part& part = parts_[p];
     shapes.push_back({part.name, part.numel});
-    homes.push_back(detail::part_homes(config_, part.kind, part.index));
     detail::Part sizing = part;
-    detail::add_bundles(sizing, homes.back(), config_, [&](const BundleSpec& spec) {
+    detail::add_bundles(sizing, placement.parts[p], config_, [&](const BundleSpec& spec) {
       if (spec.home == Tier::kNvme) extent_bytes += detail::storage_bytes(spec.bytes);
       return detail::kNoBundle;
     });
@@ -319,13 +319,13 @@ void Stager::lay_out_store() {
   const torch::ScalarType compute = detail::scalar_type(config_.precision);
   for (std::size_t p = 0; p < parts_.size(); ++p) {
     detail::Part& part = parts_[p];
-    detail::add_bundles(part, homes[p], config_, [&](const BundleSpec& spec) {
+    detail::add_bundles(part, placement.parts[p], config_, [&](const BundleSpec& spec) {
       if (spec.home != Tier::kNvme) return detail::kNoBundle;
       const BundleId id = place(spec);
       staged_.push_back({id, p, torch::ScalarType::Undefined});
       return id;
     });
-    const BundleId seed = detail::needs_seed(homes[p]) ? part.grads : detail::kNoBundle;
+    const BundleId seed = detail::needs_seed(placement.parts[p]) ? part.grads : detail::kNoBundle;
     for (StagedBundle& staged : staged_) {
       if (staged.part != p) continue;
       if (staged.id == part.params || staged.id == seed) staged.dtype = compute;

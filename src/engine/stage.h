@@ -26,7 +26,7 @@ std::map<std::string, std::string> stage_identity(const std::vector<Part>& parts
 // parameters, in the compute dtype, into the part's gradients bundle: that bundle is on NVMe in
 // every part, has exactly the size, and its contents are never read before backward overwrites
 // them. The engine reads this seed once at set-up, so the layout stays exactly the engine's own.
-bool needs_seed(const PartHomes& homes);
+bool needs_seed(const PartPlacement& home);
 
 // For an engine given config.staged: reads the manifest and checks it against the settings known
 // before the model is described (the mode, the NVMe directories, that staging finished and no

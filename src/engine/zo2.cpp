@@ -62,7 +62,7 @@ std::uint64_t zo_step_seed(std::uint64_t seed, std::int64_t step, std::int64_t s
 
 // Runs jobs in order on a thread of its own; the caller waits for the first n of them. A job's
 // exception stops the rest and is rethrown to the waiter.
-class Engine::Zo2::Encoder {
+class detail::Zo2Trainer::Encoder {
  public:
   explicit Encoder(std::vector<std::function<void()>> jobs)
       : jobs_(std::move(jobs)), thread_([this] { run(); }) {}
@@ -111,42 +111,42 @@ class Engine::Zo2::Encoder {
   std::thread thread_;             // last: starts once the rest is built
 };
 
-Engine::Zo2::Zo2(LayeredModel model_in, EngineConfig config_in)
-    : model(std::move(model_in)),
-      config(std::move(config_in)),
-      compute_dtype(detail::scalar_type(config.precision)),
-      storage_dtype(detail::scalar_type(detail::zo_storage(config))),
-      tracer(std::make_shared<detail::Tracer>(config.trace)) {
-  detail::validate(config);
-  if (config.device.is_cuda() && !config.device.has_index()) config.device = torch::Device(torch::kCUDA, 0);
-  if (config.optimizer_threads > 0) optim::set_num_threads(config.optimizer_threads);
-  parts = detail::describe_parts(model);
+detail::Zo2Trainer::Zo2Trainer(LayeredModel model_in, EngineConfig config_in)
+    : model_(std::move(model_in)),
+      config_(std::move(config_in)),
+      compute_dtype(detail::scalar_type(config_.precision)),
+      storage_dtype(detail::scalar_type(detail::zo_storage(config_))),
+      tracer_(std::make_shared<detail::Tracer>(config_.trace)) {
+  detail::validate(config_);
+  if (config_.device.is_cuda() && !config_.device.has_index()) config_.device = torch::Device(torch::kCUDA, 0);
+  if (config_.optimizer_threads > 0) optim::set_num_threads(config_.optimizer_threads);
+  parts_ = detail::describe_parts(model_);
   std::vector<PartShape> shapes;
-  for (const Part& part : parts) shapes.push_back({part.name, part.numel});
-  config.zo.gpu_blocks = zo_gpu_blocks(shapes, config);
-  detail::check_budgets(engine_demand(shapes, config), config);
-  StoreOptions store_options = detail::store_options(config);
-  detail::trace_transfers(store_options, tracer);
+  for (const Part& part : parts_) shapes.push_back({part.name, part.numel});
+  config_.zo.gpu_blocks = zo_gpu_blocks(shapes, config_);
+  detail::check_budgets(engine_demand(shapes, config_), config_);
+  StoreOptions store_options = detail::store_options(config_);
+  detail::trace_transfers(store_options, tracer_);
   store = std::make_unique<Store>(store_options);
   allocate_and_bind();
-  home_updates.assign(parts.size(), 0);
-  window = std::make_unique<detail::DeviceWindow>(*store, static_cast<std::size_t>(config.zo.blocks_in_flight));
+  home_updates.assign(parts_.size(), 0);
+  window = std::make_unique<detail::DeviceWindow>(*store, static_cast<std::size_t>(config_.zo.blocks_in_flight));
   // Both forwards of a step must see the same function: the modules' own training switches stay
   // off, and ferry's dropout draws the same masks in both (train_step gives them one context).
-  model.train(false);
+  model_.train(false);
 }
 
-Engine::Zo2::~Zo2() {
+detail::Zo2Trainer::~Zo2Trainer() {
   try {
     finish_encoding();
   } catch (...) {
   }
 }
 
-void Engine::Zo2::allocate_and_bind() {
+void detail::Zo2Trainer::allocate_and_bind() {
   torch::NoGradGuard no_grad;
-  detail::move_buffers(model, config.device);
-  const int state_count = detail::optimizer_state_count(config.optimizer);
+  detail::move_buffers(model_, config_.device);
+  const int state_count = detail::optimizer_state_count(config_.optimizer);
   const std::uint64_t compute_size = torch::elementSize(compute_dtype);
   const std::uint64_t storage_size = torch::elementSize(storage_dtype);
 
@@ -155,51 +155,51 @@ void Engine::Zo2::allocate_and_bind() {
   // The slot's previous user, block i - 2, queued its forwards earlier on the same stream, so
   // writing the slot needs no other ordering.
   std::int64_t largest_block = 0;
-  for (const Part& part : parts) {
+  for (const Part& part : parts_) {
     if (part.kind == models::Part::kBlock) largest_block = std::max(largest_block, part.numel);
   }
-  segment_counts.assign(parts.size(), 0);
-  const std::size_t slot_count = std::min<std::size_t>(detail::kZoComputeSlots, model.num_blocks());
+  segment_counts.assign(parts_.size(), 0);
+  const std::size_t slot_count = std::min<std::size_t>(detail::kZoComputeSlots, model_.num_blocks());
   std::vector<BundleId> slots;
   for (std::size_t i = 0; i < slot_count; ++i) {
     slots.push_back(store->add({"block slot " + std::to_string(i),
                                 static_cast<std::uint64_t>(largest_block) * compute_size, Tier::kGpu}));
   }
 
-  bundles.resize(parts.size());
-  const auto blocks = static_cast<std::int64_t>(model.num_blocks());
-  for (std::size_t p = 0; p < parts.size(); ++p) {
-    const Part& part = parts[p];
+  bundles.resize(parts_.size());
+  const auto blocks = static_cast<std::int64_t>(model_.num_blocks());
+  for (std::size_t p = 0; p < parts_.size(); ++p) {
+    const Part& part = parts_[p];
     PartBundles& b = bundles[p];
     const bool block = part.kind == models::Part::kBlock;
     const auto numel = static_cast<std::uint64_t>(part.numel);
-    b.home = block ? detail::zo_block_home(config.zo, part.index, blocks) : Tier::kGpu;
+    b.home = block ? detail::zo_block_home(config_.zo, part.index, blocks) : Tier::kGpu;
     b.weights = store->add({part.name + ".weights", numel * storage_size, b.home});
     for (int i = 0; i < state_count; ++i) {
       b.states.push_back(store->add({part.name + ".state" + std::to_string(i), numel * 4, b.home}));
     }
     b.compute = block ? slots[static_cast<std::size_t>(part.index) % slot_count]
                       : store->add({part.name + ".compute", numel * compute_size, Tier::kGpu});
-    b.compressed = block && detail::zo_compressed(config.zo, part.index, blocks);
+    b.compressed = block && detail::zo_compressed(config_.zo, part.index, blocks);
     if (b.compressed) {
-      b.transfer = store->add({part.name + ".transfer", detail::zo_transfer_bytes(config.zo.transfer, part.numel),
+      b.transfer = store->add({part.name + ".transfer", detail::zo_transfer_bytes(config_.zo.transfer, part.numel),
                                Tier::kHost});
-      if (config.zo.transfer == ZoTransfer::kFp8) write_segment_ends(p);
+      if (config_.zo.transfer == ZoTransfer::kFp8) write_segment_ends(p);
     }
 
     torch::Tensor initial = torch::empty({part.numel}, torch::TensorOptions().dtype(storage_dtype));
     for (const detail::ParameterSlice& slice : part.slices) {
       initial.narrow(0, slice.offset, slice.numel).copy_(slice.parameter.detach().reshape({-1}));
     }
-    write_part(p, initial, {});
+    write_home(p, initial, {});
     // The module now computes from the device copy; its own parameters are freed.
     detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
   }
 }
 
 // The fp8 copy's segments are the part's parameter tensors, in their order in the bundle.
-void Engine::Zo2::write_segment_ends(std::size_t p) {
-  const Part& part = parts[p];
+void detail::Zo2Trainer::write_segment_ends(std::size_t p) {
+  const Part& part = parts_[p];
   std::vector<std::int64_t> ends;
   for (const detail::ParameterSlice& slice : part.slices) ends.push_back(slice.offset + slice.numel);
   std::sort(ends.begin(), ends.end());
@@ -212,7 +212,7 @@ void Engine::Zo2::write_segment_ends(std::size_t p) {
   segment_counts[p] = static_cast<int>(ends.size());
 }
 
-optim::ZoTensors Engine::Zo2::stored_tensors(std::size_t p) const {
+optim::ZoTensors detail::Zo2Trainer::stored_tensors(std::size_t p) const {
   const PartBundles& b = bundles[p];
   auto host_memory = [&](BundleId id) { return store->tensor(id, Tier::kHost).data_ptr(); };
   optim::ZoTensors tensors;
@@ -220,19 +220,19 @@ optim::ZoTensors Engine::Zo2::stored_tensors(std::size_t p) const {
   tensors.weights_dtype = optim_dtype(storage_dtype);
   if (!b.states.empty()) tensors.state0 = static_cast<float*>(host_memory(b.states[0]));
   if (b.states.size() > 1) tensors.state1 = static_cast<float*>(host_memory(b.states[1]));
-  tensors.numel = parts[p].numel;
+  tensors.numel = parts_[p].numel;
   return tensors;
 }
 
 // Note: the fp8 copy is laid out as [segment ends (int64) | scales (fp32)] in the first
 // kZoTransferTableBytes, then one code per element, so one upload carries all of it.
-optim::ZoTransferCopy Engine::Zo2::transfer_copy(std::size_t p, Tier tier) const {
+optim::ZoTransferCopy detail::Zo2Trainer::transfer_copy(std::size_t p, Tier tier) const {
   const BundleId id = bundles[p].transfer;
   auto* base = static_cast<std::uint8_t*>(tier == Tier::kGpu ? store->device_tensor_in_flight(id).data_ptr()
                                                              : store->tensor(id, tier).data_ptr());
   optim::ZoTransferCopy copy;
-  copy.numel = parts[p].numel;
-  if (config.zo.transfer == ZoTransfer::kBF16) {
+  copy.numel = parts_[p].numel;
+  if (config_.zo.transfer == ZoTransfer::kBF16) {
     copy.format = optim::ZoTransferFormat::kBF16;
     copy.codes = base;
     return copy;
@@ -245,11 +245,11 @@ optim::ZoTransferCopy Engine::Zo2::transfer_copy(std::size_t p, Tier tier) const
   return copy;
 }
 
-void Engine::Zo2::write_part(std::size_t p, const torch::Tensor& weights,
+void detail::Zo2Trainer::write_home(std::size_t p, const torch::Tensor& weights,
                              const std::vector<torch::Tensor>& states) {
   finish_encoding();
   const PartBundles& b = bundles[p];
-  const std::int64_t numel = parts[p].numel;
+  const std::int64_t numel = parts_[p].numel;
   auto put = [&](BundleId id, torch::ScalarType dtype, const torch::Tensor& values) {
     const Tier staging = b.home == Tier::kNvme ? Tier::kHost : b.home;
     if (b.home == Tier::kNvme) store->allocate(id, Tier::kHost);
@@ -279,17 +279,17 @@ void Engine::Zo2::write_part(std::size_t p, const torch::Tensor& weights,
 // keep up, the step is CPU-bound (see docs/zo2.md). The jobs touch only their own blocks' host
 // memory, which nothing else reads or writes until the job is awaited. The encoder's time counts
 // as optimizer_seconds (when it finishes), the sweep's waits for it as optimizer_wait_seconds.
-void Engine::Zo2::start_encoding() {
+void detail::Zo2Trainer::start_encoding() {
   finish_encoding();
   std::vector<std::function<void()>> jobs;
-  for (std::size_t p = 0; p < parts.size(); ++p) {
+  for (std::size_t p = 0; p < parts_.size(); ++p) {
     if (!bundles[p].compressed || home_updates[p] == update_count) continue;
     std::vector<optim::ZoUpdate> part_updates;
     for (const PendingUpdate& pending : updates) {
       if (pending.number > home_updates[p]) part_updates.push_back(update_for(p, pending));
     }
     jobs.push_back([stored = stored_tensors(p), transfer = transfer_copy(p, Tier::kHost),
-                    part_updates = std::move(part_updates), tracer = tracer, name = "encode " + parts[p].name] {
+                    part_updates = std::move(part_updates), tracer = tracer_, name = "encode " + parts_[p].name] {
       const auto start = Clock::now();
       optim::zo_update_and_encode(stored, part_updates.data(), static_cast<int>(part_updates.size()), transfer);
       tracer->record(name, detail::Track::kOptimizer, start, Clock::now());
@@ -301,23 +301,23 @@ void Engine::Zo2::start_encoding() {
   encoder = std::make_unique<Encoder>(std::move(jobs));
 }
 
-void Engine::Zo2::await_encoded(std::size_t p) {
+void detail::Zo2Trainer::await_encoded(std::size_t p) {
   const auto job = std::find(encoding.begin(), encoding.end(), p);
   if (job == encoding.end()) return;
-  stats.optimizer_wait_seconds += encoder->wait(static_cast<std::size_t>(job - encoding.begin()) + 1);
+  stats_.optimizer_wait_seconds += encoder->wait(static_cast<std::size_t>(job - encoding.begin()) + 1);
   mark_encoded(p);
 }
 
-void Engine::Zo2::finish_encoding() {
+void detail::Zo2Trainer::finish_encoding() {
   if (!encoder) return;
-  stats.optimizer_wait_seconds += encoder->wait(encoding.size());
-  stats.optimizer_seconds += encoder->busy_seconds();
+  stats_.optimizer_wait_seconds += encoder->wait(encoding.size());
+  stats_.optimizer_seconds += encoder->busy_seconds();
   for (std::size_t p : encoding) mark_encoded(p);
   encoder.reset();
   encoding.clear();
 }
 
-void Engine::Zo2::mark_encoded(std::size_t p) {
+void detail::Zo2Trainer::mark_encoded(std::size_t p) {
   if (home_updates[p] == encoding_updates) return;
   const PartBundles& b = bundles[p];
   store->mark_dirty(b.weights, Tier::kHost);
@@ -326,20 +326,20 @@ void Engine::Zo2::mark_encoded(std::size_t p) {
   home_updates[p] = encoding_updates;
 }
 
-torch::Tensor Engine::Zo2::read_home(std::size_t p, BundleId id, torch::ScalarType dtype) {
-  FERRY_CHECK(flushed(), "reading part ", parts[p].name, "'s stored copy needs flush() first");
+torch::Tensor detail::Zo2Trainer::read_home(std::size_t p, BundleId id, torch::ScalarType dtype) {
+  FERRY_CHECK(flushed(), "reading part ", parts_[p].name, "'s stored copy needs flush() first");
   const Tier home = bundles[p].home;
   if (home == Tier::kNvme) store->fetch(id, Tier::kHost).wait();
   const Tier from = home == Tier::kNvme ? Tier::kHost : home;
   torch::Tensor values =
-      detail::typed_view(*store, id, from, dtype, parts[p].numel).to(torch::kCPU, torch::kFloat, false, true);
+      detail::typed_view(*store, id, from, dtype, parts_[p].numel).to(torch::kCPU, torch::kFloat, false, true);
   if (home == Tier::kNvme) store->evict(id, Tier::kHost);
   return values;
 }
 
-torch::Tensor Engine::Zo2::read_weights(std::size_t p) { return read_home(p, bundles[p].weights, storage_dtype); }
+torch::Tensor detail::Zo2Trainer::read_weights(std::size_t p) { return read_home(p, bundles[p].weights, storage_dtype); }
 
-std::vector<torch::Tensor> Engine::Zo2::read_states(std::size_t p) {
+std::vector<torch::Tensor> detail::Zo2Trainer::read_states(std::size_t p) {
   std::vector<torch::Tensor> states;
   for (BundleId id : bundles[p].states) states.push_back(read_home(p, id, torch::kFloat));
   return states;
@@ -347,8 +347,8 @@ std::vector<torch::Tensor> Engine::Zo2::read_states(std::size_t p) {
 
 // --- the sweep --------------------------------------------------------------------------------
 
-optim::ZoUpdate Engine::Zo2::update_for(std::size_t p, const PendingUpdate& pending) const {
-  const OptimizerConfig& optimizer = config.optimizer;
+optim::ZoUpdate detail::Zo2Trainer::update_for(std::size_t p, const PendingUpdate& pending) const {
+  const OptimizerConfig& optimizer = config_.optimizer;
   optim::ZoUpdate update;
   update.rule = zo_rule(optimizer.kind);
   update.lr = static_cast<float>(pending.lr);
@@ -367,11 +367,11 @@ optim::ZoUpdate Engine::Zo2::update_for(std::size_t p, const PendingUpdate& pend
     update.projected_grads[s] = static_cast<float>(pending.projected_grads[s]);
   }
   update.stream = p;
-  update.decay_count = parts[p].decay_numel;
+  update.decay_count = parts_[p].decay_numel;
   return update;
 }
 
-bool Engine::Zo2::flushed() const { return updates.empty(); }
+bool detail::Zo2Trainer::flushed() const { return updates.empty(); }
 
 // Note: a streamed block's updated copy need not go home every step. Its stored copy at home may
 // lag up to write_back_interval updates behind: each visit replays the missing updates on the
@@ -379,13 +379,13 @@ bool Engine::Zo2::flushed() const { return updates.empty(); }
 // of applying them one step at a time) and only every write_back_interval-th visit sends the
 // result home. Blocks take turns, block p going home when (updates + p) % interval == 0, so each
 // step downloads 1/interval of the model instead of all of it. A flush sends everything home.
-bool Engine::Zo2::writes_back(std::size_t p, bool flushing) const {
+bool detail::Zo2Trainer::writes_back(std::size_t p, bool flushing) const {
   if (flushing) return true;
-  const auto interval = static_cast<std::int64_t>(config.zo.write_back_interval);
+  const auto interval = static_cast<std::int64_t>(config_.zo.write_back_interval);
   return (update_count + static_cast<std::int64_t>(p)) % interval == 0;
 }
 
-void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_updates, const Pass* pass,
+void detail::Zo2Trainer::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_updates, const Pass* pass,
                         bool opposite_in_place) {
   const PartBundles& b = bundles[p];
   auto device_memory = [&](BundleId id) { return store->device_tensor_in_flight(id).data_ptr(); };
@@ -394,9 +394,9 @@ void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_
     const optim::ZoTransferCopy transfer = transfer_copy(p, Tier::kGpu);
     const optim::ZoPerturb perturb{{pass->seed, p}, pass->scale};
 #if FERRY_WITH_CUDA
-    if (config.device.is_cuda()) {
+    if (config_.device.is_cuda()) {
       optim::zo_perturb_transfer_cuda(transfer, device_memory(b.compute), optim_dtype(compute_dtype), perturb,
-                                      c10::cuda::getCurrentCUDAStream(config.device.index()).stream());
+                                      c10::cuda::getCurrentCUDAStream(config_.device.index()).stream());
       return;
     }
 #endif
@@ -411,13 +411,13 @@ void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_
   tensors.compute = pass ? device_memory(b.compute) : nullptr;
   tensors.compute_dtype = optim_dtype(compute_dtype);
   if (opposite_in_place) tensors.opposite = tensors.weights;
-  tensors.numel = parts[p].numel;
+  tensors.numel = parts_[p].numel;
   optim::ZoPerturb perturb;
   if (pass) perturb = {{pass->seed, p}, pass->scale};
 #if FERRY_WITH_CUDA
-  if (config.device.is_cuda()) {
+  if (config_.device.is_cuda()) {
     optim::zo_apply_cuda(tensors, part_updates.data(), static_cast<int>(part_updates.size()), perturb,
-                         c10::cuda::getCurrentCUDAStream(config.device.index()).stream());
+                         c10::cuda::getCurrentCUDAStream(config_.device.index()).stream());
     return;
   }
 #endif
@@ -429,7 +429,7 @@ void Engine::Zo2::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_
 // from the same z: one kernel and one draw of z for the pair instead of two, work that a block
 // resident on the device cannot save. Returns the pass that then reads the weights' device copy
 // (SIZE_MAX: none).
-std::size_t Engine::Zo2::opposite_in_place(std::size_t p, bool dropped, const std::vector<Pass>& passes) const {
+std::size_t detail::Zo2Trainer::opposite_in_place(std::size_t p, bool dropped, const std::vector<Pass>& passes) const {
   if (!dropped || bundles[p].compressed || storage_dtype != compute_dtype || passes.size() < 2) return SIZE_MAX;
   const Pass& first = passes[passes.size() - 2];
   const Pass& second = passes.back();
@@ -437,16 +437,16 @@ std::size_t Engine::Zo2::opposite_in_place(std::size_t p, bool dropped, const st
   return passes.size() - 1;
 }
 
-void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context, const torch::Tensor& tokens,
+void detail::Zo2Trainer::sweep(std::vector<Pass>& passes, const StepContext& context, const torch::Tensor& tokens,
                         const torch::Tensor& labels) {
   torch::NoGradGuard no_grad;
   const bool flushing = passes.empty();
   if (flushing) finish_encoding();  // the compressed blocks are flushed on the host
   std::vector<std::vector<BundleId>> visits;
-  std::vector<std::size_t> visit_of(parts.size(), SIZE_MAX), visiting;
-  for (std::size_t p = 0; p < parts.size(); ++p) {
+  std::vector<std::size_t> visit_of(parts_.size(), SIZE_MAX), visiting;
+  for (std::size_t p = 0; p < parts_.size(); ++p) {
     const PartBundles& b = bundles[p];
-    if (parts[p].kind != models::Part::kBlock || b.home == Tier::kGpu || (b.compressed && flushing)) continue;
+    if (parts_[p].kind != models::Part::kBlock || b.home == Tier::kGpu || (b.compressed && flushing)) continue;
     visit_of[p] = visits.size();
     visiting.push_back(p);
     if (b.compressed) {
@@ -457,8 +457,8 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context, c
     visits.back().insert(visits.back().end(), b.states.begin(), b.states.end());
   }
   window->begin(std::move(visits));
-  for (std::size_t p = 0; p < parts.size(); ++p) {
-    const Part& part = parts[p];
+  for (std::size_t p = 0; p < parts_.size(); ++p) {
+    const Part& part = parts_[p];
     const PartBundles& b = bundles[p];
     const bool streamed = visit_of[p] != SIZE_MAX;
     if (flushing && b.compressed) continue;
@@ -467,7 +467,7 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context, c
     }
     if (streamed) {
       // The window may fetch up to blocks_in_flight visits from here: their copies must be encoded.
-      const auto window_size = static_cast<std::size_t>(config.zo.blocks_in_flight);
+      const auto window_size = static_cast<std::size_t>(config_.zo.blocks_in_flight);
       const std::size_t last = std::min(visiting.size(), visit_of[p] + window_size);
       for (std::size_t k = visit_of[p]; k < last; ++k) await_encoded(visiting[k]);
       window->arrive(visit_of[p]);
@@ -489,16 +489,16 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context, c
         apply(p, j == 0 ? part_updates : none, &pass, j + 1 == in_place);
       }
       switch (part.kind) {
-        case models::Part::kStem: pass.hidden = model.stem()->forward(tokens, context); break;
-        case models::Part::kBlock: pass.hidden = model.blocks()[part.index]->forward(pass.hidden, context); break;
+        case models::Part::kStem: pass.hidden = model_.stem()->forward(tokens, context); break;
+        case models::Part::kBlock: pass.hidden = model_.blocks()[part.index]->forward(pass.hidden, context); break;
         case models::Part::kHead:
           // Note: the stem's compute copy holds the last pass's perturbation by now; a head that
           // reads the stem's weights (tied embeddings) must see this pass's, so it is rewritten.
           if (passes.size() > 1) apply(0, none, &pass);
-          pass.hidden = model.head()->forward(pass.hidden, context);
+          pass.hidden = model_.head()->forward(pass.hidden, context);
           // Each pass's logits become its loss at once, so only one pass's logits (0.4 GiB for
           // OPT's vocabulary at batch 8 x 512 in bf16, the step's largest activation) are alive.
-          if (labels.defined()) pass.hidden = model.loss(pass.hidden, labels).detach();
+          if (labels.defined()) pass.hidden = model_.loss(pass.hidden, labels).detach();
           break;
       }
     }
@@ -535,30 +535,30 @@ void Engine::Zo2::sweep(std::vector<Pass>& passes, const StepContext& context, c
 
 // --- steps ------------------------------------------------------------------------------------
 
-StepResult Engine::Zo2::train_step(const data::Batch& batch) {
+std::optional<StepResult> detail::Zo2Trainer::train_step(const data::Batch& batch) {
   FERRY_CHECK(batch.input_ids.defined() && batch.input_ids.dim() == 2, "a batch needs input_ids of shape [batch, seq]");
   FERRY_CHECK(batch.labels.defined() && batch.labels.sizes() == batch.input_ids.sizes(),
               "labels must have the shape of input_ids ", batch.input_ids.sizes(), "; got ",
               batch.labels.defined() ? batch.labels.sizes() : torch::IntArrayRef{});
   auto start = Clock::now();
-  const std::int64_t step = steps + 1;
-  const double lr = detail::scheduled_lr(config.schedule, config.optimizer.lr, step);
-  torch::Tensor tokens = batch.input_ids.to(config.device, torch::kLong);
-  torch::Tensor labels = batch.labels.to(config.device, torch::kLong);
-  torch::Tensor mask = detail::device_padding_mask(batch.attention_mask, config.device);
+  const std::int64_t step = steps_ + 1;
+  const double lr = detail::scheduled_lr(config_.schedule, config_.optimizer.lr, step);
+  torch::Tensor tokens = batch.input_ids.to(config_.device, torch::kLong);
+  torch::Tensor labels = batch.labels.to(config_.device, torch::kLong);
+  torch::Tensor mask = detail::device_padding_mask(batch.attention_mask, config_.device);
   // Note: one context for every pass of the step, so the +eps and -eps forwards of a sample (and
   // every sample) draw the same dropout masks: the projected gradient then measures the
   // perturbation, not the masks.
-  StepContext context = model.make_context(tokens, mask, batch.position_ids);
+  StepContext context = model_.make_context(tokens, mask, batch.position_ids);
   context.dropout.training = true;
-  context.dropout.seed = config.dropout.seed;
+  context.dropout.seed = config_.dropout.seed;
   context.dropout.step = step;
 
-  const auto eps = static_cast<float>(config.zo.eps);
+  const auto eps = static_cast<float>(config_.zo.eps);
   std::vector<std::uint64_t> seeds;
   std::vector<Pass> passes;
-  for (std::int64_t s = 0; s < config.zo.samples; ++s) {
-    seeds.push_back(zo_step_seed(config.zo.seed, step, s));
+  for (std::int64_t s = 0; s < config_.zo.samples; ++s) {
+    seeds.push_back(zo_step_seed(config_.zo.seed, step, s));
     passes.push_back({seeds.back(), eps, {}});
     passes.push_back({seeds.back(), -eps, {}});
   }
@@ -571,17 +571,17 @@ StepResult Engine::Zo2::train_step(const data::Batch& batch) {
   StepResult result;
   PendingUpdate update{update_count + 1, step, lr, seeds, {}};
   double loss_sum = 0;
-  for (std::int64_t s = 0; s < config.zo.samples; ++s) {
+  for (std::int64_t s = 0; s < config_.zo.samples; ++s) {
     const double plus = values[2 * s].item<double>();
     const double minus = values[2 * s + 1].item<double>();
-    const double projected = (plus - minus) / (2.0 * config.zo.eps);
+    const double projected = (plus - minus) / (2.0 * config_.zo.eps);
     result.loss_plus.push_back(plus);
     result.loss_minus.push_back(minus);
     result.projected_grads.push_back(projected);
     update.projected_grads.push_back(projected);
     loss_sum += plus + minus;
   }
-  result.loss = loss_sum / static_cast<double>(2 * config.zo.samples);
+  result.loss = loss_sum / static_cast<double>(2 * config_.zo.samples);
   result.lr = lr;
   result.tokens = tokens.numel();
   result.step = step;
@@ -593,36 +593,79 @@ StepResult Engine::Zo2::train_step(const data::Batch& batch) {
     ++update_count;
     start_encoding();
   }
-  steps = step;
-  stats.steps = steps;
-  stats.forward_seconds += seconds_since(start);
+  steps_ = step;
+  stats_.steps = steps_;
+  stats_.forward_seconds += seconds_since(start);
   return result;
 }
 
-void Engine::Zo2::record_compute(std::size_t p, detail::Tracer::Clock::time_point start) {
-  if (!tracer->enabled()) return;
-  if (config.device.is_cuda()) synchronize_gpu();
+void detail::Zo2Trainer::record_compute(std::size_t p, detail::Tracer::Clock::time_point start) {
+  if (!tracer_->enabled()) return;
+  if (config_.device.is_cuda()) synchronize_gpu();
   const auto end = Clock::now();
-  tracer->record("zo " + parts[p].name, detail::Track::kCompute, start, end);
-  stats.part_forward_seconds.resize(parts.size());
-  stats.part_forward_seconds[p] += std::chrono::duration<double>(end - start).count();
+  tracer_->record("zo " + parts_[p].name, detail::Track::kCompute, start, end);
+  stats_.part_forward_seconds.resize(parts_.size());
+  stats_.part_forward_seconds[p] += std::chrono::duration<double>(end - start).count();
 }
 
-void Engine::Zo2::flush() {
+void detail::Zo2Trainer::flush() {
   if (flushed()) return;
   std::vector<Pass> none;
   sweep(none, StepContext{}, torch::Tensor(), torch::Tensor());
 }
 
-torch::Tensor Engine::Zo2::logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
-                                  const torch::Tensor& position_ids) {
+torch::Tensor detail::Zo2Trainer::logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
+                                         const torch::Tensor& position_ids) {
   flush();
-  torch::Tensor input = tokens.to(config.device, torch::kLong);
-  torch::Tensor mask = detail::device_padding_mask(padding_mask, config.device);
-  StepContext context = model.make_context(input, mask, position_ids);
+  torch::Tensor input = tokens.to(config_.device, torch::kLong);
+  torch::Tensor mask = detail::device_padding_mask(padding_mask, config_.device);
+  StepContext context = model_.make_context(input, mask, position_ids);
   std::vector<Pass> passes(1);
   sweep(passes, context, input, torch::Tensor());
   return passes.front().hidden;
+}
+
+namespace {
+[[noreturn]] void no_backward(const char* call) {
+  throw Error(detail::concat(call, " is not available in zo2 mode: it has no backward pass; train with "
+                             "train_step(batch), which runs both perturbed forwards and the update"));
+}
+}  // namespace
+
+torch::Tensor detail::Zo2Trainer::forward(const data::Batch&) { no_backward("forward()"); }
+void detail::Zo2Trainer::backward(const torch::Tensor&) { no_backward("backward()"); }
+StepResult detail::Zo2Trainer::step() { no_backward("step()"); }
+
+void detail::Zo2Trainer::quiesce(const char*) { flush(); }
+
+nlohmann::json detail::Zo2Trainer::checkpoint_state() const {
+  return {{"step", steps_}, {"mode", to_string(Mode::kZo2)}, {"zo_seed", config_.zo.seed}, {"zo_updates", update_count}};
+}
+
+void detail::Zo2Trainer::restore_state(const nlohmann::json& state) {
+  steps_ = state.value("step", std::int64_t{0});
+  stats_.steps = steps_;
+  // Adam's bias corrections count the updates made so far.
+  update_count = state.value("zo_updates", steps_);
+  home_updates.assign(parts_.size(), update_count);
+}
+
+detail::PartValues detail::Zo2Trainer::read_part(std::size_t p, bool with_states) {
+  return {read_weights(p), with_states ? read_states(p) : std::vector<torch::Tensor>{}};
+}
+
+void detail::Zo2Trainer::write_part(std::size_t p, const PartValues& values) {
+  write_home(p, values.weights.to(storage_dtype), values.states);
+}
+
+EngineStats detail::Zo2Trainer::stats() const {
+  EngineStats stats = stats_;
+  stats.store = store->stats();
+  return stats;
+}
+
+std::unique_ptr<detail::Trainer> detail::make_zo2_trainer(LayeredModel model, EngineConfig config) {
+  return std::make_unique<Zo2Trainer>(std::move(model), std::move(config));
 }
 
 }  // namespace ferry

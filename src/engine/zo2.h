@@ -12,28 +12,49 @@
 
 #include "engine/parts.h"
 #include "engine/trace.h"
+#include "engine/trainer.h"
 #include "engine/window.h"
 #include "ferry/engine.h"
 #include "ferry/zo.h"
 
-namespace ferry {
+namespace ferry::detail {
 
-struct Engine::Zo2 {
-  Zo2(LayeredModel model, EngineConfig config);
-  ~Zo2();
+// Note: a struct in all but name: its members are the mode's state, open to zo2.cpp's helpers.
+class Zo2Trainer final : public Trainer {
+ public:
+  Zo2Trainer(LayeredModel model, EngineConfig config);
+  ~Zo2Trainer() override;
 
-  StepResult train_step(const data::Batch& batch);
+  // No backward pass: forward, backward and step throw, naming train_step.
+  torch::Tensor forward(const data::Batch& batch) override;
+  void backward(const torch::Tensor& loss) override;
+  StepResult step() override;
+  std::optional<StepResult> train_step(const data::Batch& batch) override;
   // Logits through the same block streaming, after applying any deferred update.
   torch::Tensor logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
-                       const torch::Tensor& position_ids = {});
+                       const torch::Tensor& position_ids = {}) override;
   // Applies the updates not yet applied everywhere and sends every part home up to date.
-  void flush();
+  void flush() override;
+
+  void quiesce(const char* call) override;
+  std::size_t state_count() const override { return bundles.front().states.size(); }
+  nlohmann::json checkpoint_state() const override;
+  void restore_state(const nlohmann::json& state) override;
+  PartValues read_part(std::size_t part, bool with_states) override;
+  void write_part(std::size_t part, const PartValues& values) override;
+
+  const LayeredModel& model() const override { return model_; }
+  const EngineConfig& config() const override { return config_; }
+  const std::vector<Part>& parts() const override { return parts_; }
+  std::int64_t steps() const override { return steps_; }
+  EngineStats stats() const override;
+  const Tracer& tracer() const override { return *tracer_; }
 
   // Checkpoint access: the weights (fp32 on the host) and optimizer states of one part. Both
   // need a flushed engine.
   torch::Tensor read_weights(std::size_t part);
   std::vector<torch::Tensor> read_states(std::size_t part);
-  void write_part(std::size_t part, const torch::Tensor& weights, const std::vector<torch::Tensor>& states);
+  void write_home(std::size_t part, const torch::Tensor& weights, const std::vector<torch::Tensor>& states);
   // One bundle of a part as fp32 on the host, read from its home (through host for NVMe).
   torch::Tensor read_home(std::size_t part, BundleId id, torch::ScalarType dtype);
 
@@ -96,12 +117,12 @@ struct Engine::Zo2 {
   // when `dropped` (the copy does not go home); SIZE_MAX: none (see the Note in zo2.cpp).
   std::size_t opposite_in_place(std::size_t part, bool dropped, const std::vector<Pass>& passes) const;
 
-  LayeredModel model;
-  EngineConfig config;
+  LayeredModel model_;
+  EngineConfig config_;
   torch::ScalarType compute_dtype;
   torch::ScalarType storage_dtype;
   std::unique_ptr<Store> store;
-  std::vector<detail::Part> parts;
+  std::vector<Part> parts_;
   std::vector<PartBundles> bundles;
 
   // Updates not yet in every part's stored copy at home, oldest first.
@@ -120,9 +141,9 @@ struct Engine::Zo2 {
   // Ends part p's compute span from `start` (config.trace: the device is synchronized first).
   void record_compute(std::size_t part, detail::Tracer::Clock::time_point start);
 
-  std::int64_t steps = 0;
-  EngineStats stats;
-  std::shared_ptr<detail::Tracer> tracer;  // shared with the store's on_transfer and the encoder
+  std::int64_t steps_ = 0;
+  EngineStats stats_;
+  std::shared_ptr<detail::Tracer> tracer_;  // shared with the store's on_transfer and the encoder
 };
 
-}  // namespace ferry
+}  // namespace ferry::detail

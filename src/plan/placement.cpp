@@ -28,7 +28,7 @@ void add_activations(Sizing* sizing) {
   std::int64_t kept[kTierCount] = {0, 0, 0}, checkpoints[kTierCount] = {0, 0, 0};
   bool rebuilt_on_gpu = false, swapped = false;
   std::uint64_t arriving = 0;
-  for (const BlockActivations& block : sizing->config.activations) {
+  for (const BlockActivations& block : sizing->config.placement.activations) {
     (block.recompute ? checkpoints : kept)[static_cast<int>(block.tier)] += 1;
     rebuilt_on_gpu |= block.recompute || block.tier != Tier::kGpu;
     if (block.tier != Tier::kGpu) {
@@ -107,8 +107,8 @@ Sizing size_tiers(const PlanRequest& request, const EngineConfig& config) {
               "seq = ", request.seq, " is longer than the model's ", model.max_position_embeddings,
               " learned positions: use --seq ", model.max_position_embeddings, " or less");
   const bool zo2 = config.mode == Mode::kZo2;
-  FERRY_CHECK(config.activations.size() == (zo2 ? 0 : static_cast<std::size_t>(model.num_layers)),
-              "a placement needs one entry per block: got ", config.activations.size(), " for ",
+  FERRY_CHECK(config.placement.activations.size() == (zo2 ? 0 : static_cast<std::size_t>(model.num_layers)),
+              "a placement needs one entry per block: got ", config.placement.activations.size(), " for ",
               model.num_layers, " blocks");
   Sizing sizing;
   sizing.config = config;

@@ -84,9 +84,9 @@ EngineConfig with_host_blocks(const PlanRequest& request, EngineConfig config) {
 EngineConfig fuyou_placement(const PlanRequest& request, std::int64_t on_gpu, std::int64_t on_host) {
   const std::int64_t blocks = request.model.num_layers;
   EngineConfig config = request.engine;
-  config.activations.assign(static_cast<std::size_t>(blocks), {true, Tier::kNvme});
+  config.placement.activations.assign(static_cast<std::size_t>(blocks), {true, Tier::kNvme});
   for (std::int64_t from_last = 0; from_last < std::min(blocks, on_gpu + on_host); ++from_last) {
-    config.activations[static_cast<std::size_t>(blocks - 1 - from_last)].tier =
+    config.placement.activations[static_cast<std::size_t>(blocks - 1 - from_last)].tier =
         from_last < on_gpu ? Tier::kGpu : Tier::kHost;
   }
   return with_host_blocks(request, config);
@@ -147,7 +147,7 @@ Candidate plan_in_order(const PlanRequest& request) {
     return choose_fuyou_activations(request);
   }
   EngineConfig config = request.engine;
-  config.activations = detail::engine_activations(request);
+  config.placement.activations = detail::engine_activations(request);
   return evaluate(request, with_host_blocks(request, config));
 }
 
@@ -236,7 +236,7 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
   };
   const Mode mode = request.engine.mode;
   const bool first_order_in_core = mode == Mode::kGpu || mode == Mode::kZeroOffload;
-  if (first_order_in_core && request.engine.activations.empty() && request.engine.keep_graph_blocks > 0) {
+  if (first_order_in_core && request.engine.placement.activations.empty() && request.engine.keep_graph_blocks > 0) {
     auto keep = largest_that_works(0, std::min(request.engine.keep_graph_blocks, request.model.num_layers) - 1,
                                    [&](std::int64_t k) {
                                      PlanRequest changed = request;
@@ -249,7 +249,7 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
     PlanRequest changed = request;
     changed.engine.offload_checkpoints = true;
     changed.engine.keep_graph_blocks = 0;
-    changed.engine.activations.clear();
+    changed.engine.placement.activations.clear();
     if (auto candidate = fitting(changed)) {
       fixes.push_back("offload the checkpoints to the host: --offload-checkpoints --keep-graph 0" +
                       describe_time(*candidate));
@@ -271,7 +271,7 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
     if (other == mode) continue;
     PlanRequest changed = request;
     changed.engine.mode = other;
-    changed.engine.activations.clear();
+    changed.engine.placement.activations.clear();
     if (other == Mode::kFuyou) {
       changed.engine.keep_graph_blocks = 0;  // fuyou recomputes every block
       changed.engine.offload_checkpoints = false;
@@ -341,7 +341,7 @@ Plan make_plan(const PlanRequest& given) {
   Plan plan;
   plan.request = request;
   plan.items = chosen.sizing.items;
-  plan.activations = chosen.sizing.config.activations;
+  plan.activations = chosen.sizing.config.placement.activations;
   plan.host_blocks = chosen.sizing.config.mode == Mode::kFuyou ? chosen.sizing.config.fuyou.host_blocks : 0;
   plan.micro_batch_order = chosen.sizing.config.micro_batch_order;
   plan.checkpoint_bytes = chosen.sizing.block.checkpoint_bytes;
@@ -393,7 +393,7 @@ Plan make_plan(const PlanRequest& given) {
 
 EngineConfig plan_engine_config(const Plan& plan) {
   EngineConfig config = plan.request.engine;
-  config.activations = plan.activations;
+  config.placement.activations = plan.activations;
   config.micro_batch_order = plan.micro_batch_order;
   if (config.mode == Mode::kFuyou) config.fuyou.host_blocks = plan.host_blocks;
   return config;

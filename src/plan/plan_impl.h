@@ -14,7 +14,7 @@ namespace ferry::detail {
 
 std::uint64_t compute_element_size(Precision precision);
 
-// The request's activations as the engine places them: engine.activations, or the last
+// The request's activations as the engine places them: engine.placement.activations, or the last
 // keep_graph_blocks blocks keep their graph on the GPU and the others recompute from a checkpoint
 // on the GPU, or on the host with offload_checkpoints. Empty for zo2.
 std::vector<BlockActivations> engine_activations(const PlanRequest& request);

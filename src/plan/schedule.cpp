@@ -98,6 +98,7 @@ class StepBuilder {
         case Mode::kZeroOffload: first_order_in_core(); break;
         case Mode::kZo2: zeroth_order(step); break;
         case Mode::kFuyou: fuyou(); break;
+        case Mode::kAuto: FERRY_ASSERT(false, "the auto placement is not replayed yet");
       }
     }
     out_.executed_flops = executed_flops_;
@@ -114,7 +115,7 @@ class StepBuilder {
  private:
   std::size_t blocks() const { return parts_.size() - 2; }
   std::uint64_t numel(std::size_t part) const { return static_cast<std::uint64_t>(parts_[part].numel); }
-  const BlockActivations& activations(std::size_t block) const { return config_.activations[block]; }
+  const BlockActivations& activations(std::size_t block) const { return config_.placement.activations[block]; }
   std::uint64_t activation_bytes(std::size_t block) const {
     return activations(block).recompute ? sizing_.block.checkpoint_bytes : sizing_.block.graph_bytes;
   }

@@ -103,14 +103,14 @@ TEST_CASE("fuyou equals the gpu mode exactly in fp32") {
   TempDir dir;
   EngineConfig fuyou = fuyou_config(config, dir);
   SECTION("checkpoints on nvme, host and gpu") {
-    fuyou.activations = checkpoints_on({Tier::kNvme, Tier::kHost, Tier::kGpu, Tier::kNvme});
+    fuyou.placement.activations = checkpoints_on({Tier::kNvme, Tier::kHost, Tier::kGpu, Tier::kNvme});
   }
   SECTION("with gradient accumulation, clipping and a schedule") {
     config.grad_accumulation = 2;
     config.max_grad_norm = 0.5;
     config.schedule = {LrSchedule::kCosine, 5, 30, 0.1};
     fuyou = fuyou_config(config, dir);
-    fuyou.activations = checkpoints_on({Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNvme});
+    fuyou.placement.activations = checkpoints_on({Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNvme});
   }
   SECTION("with host blocks, a window of two and sgd with momentum") {
     config.optimizer.kind = OptimizerKind::kSgd;
@@ -136,7 +136,7 @@ TEST_CASE("fuyou equals the gpu mode in bf16 with an fp32 master") {
   config.precision = Precision::kBF16;
   TempDir dir;
   EngineConfig fuyou = fuyou_config(config, dir);
-  fuyou.activations = checkpoints_on({Tier::kNvme, Tier::kHost, Tier::kNvme});
+  fuyou.placement.activations = checkpoints_on({Tier::kNvme, Tier::kHost, Tier::kNvme});
   // Both run the same CPU kernels over the same fp32 master here; on a CUDA device the
   // tolerance is stated in the device test below.
   require_identical(train(model, config, 20, dir), train(model, fuyou, 20, dir));
@@ -147,7 +147,7 @@ TEST_CASE("fuyou trains with a host budget smaller than the optimizer states") {
   TempDir dir;
   EngineConfig config = fuyou_config(base_config(Mode::kGpu), dir);
   config.fuyou.blocks_in_flight = 2;
-  config.activations.assign(16, {true, Tier::kNvme});
+  config.placement.activations.assign(16, {true, Tier::kNvme});
   const TierDemand demand = engine_demand(part_shapes(model), config);
   // What the mode keeps on the host, plus the staging of a few swapped checkpoints.
   const std::uint64_t budget = demand.bytes[static_cast<int>(Tier::kHost)] + (256 << 10);
@@ -176,7 +176,7 @@ TEST_CASE("fuyou resumes from a checkpoint with the losses of an uninterrupted r
   EngineConfig config = fuyou_config(base_config(Mode::kGpu), dir);
   config.precision = Precision::kBF16;
   config.schedule = {LrSchedule::kLinear, 2, 12, 0.0};
-  config.activations = checkpoints_on({Tier::kNvme, Tier::kHost, Tier::kGpu});
+  config.placement.activations = checkpoints_on({Tier::kNvme, Tier::kHost, Tier::kGpu});
 
   std::vector<double> uninterrupted;
   {
@@ -188,7 +188,7 @@ TEST_CASE("fuyou resumes from a checkpoint with the losses of an uninterrupted r
     INFO(to_string(mode));
     EngineConfig resume_config = config;
     resume_config.mode = mode;
-    if (mode == Mode::kZeroOffload) resume_config.activations.clear();
+    if (mode == Mode::kZeroOffload) resume_config.placement.activations.clear();
     Engine resumed = make_engine(model, resume_config, /*seed=*/99);  // other weights, overwritten
     require_resumed_losses(resumed, dir.file("ckpt"), 6, uninterrupted);
   }
@@ -231,11 +231,11 @@ TEST_CASE("fuyou refuses settings it cannot run, naming them") {
   config.keep_graph_blocks = 1;
   CHECK_THROWS_WITH(make_engine(model, config), Catch::Contains("keep_graph_blocks = 1"));
   config.keep_graph_blocks = 0;
-  config.activations = {{false, Tier::kGpu}, {true, Tier::kNvme}};
+  config.placement.activations = {{false, Tier::kGpu}, {true, Tier::kNvme}};
   CHECK_THROWS_WITH(make_engine(model, config), Catch::Contains("activations 'graph' are invalid in fuyou"));
-  config.activations = checkpoints_on({Tier::kNvme});
+  config.placement.activations = checkpoints_on({Tier::kNvme});
   CHECK_THROWS_WITH(make_engine(model, config), Catch::Contains("activations name 1 blocks but the model has 2"));
-  config.activations.clear();
+  config.placement.activations.clear();
   config.fuyou.blocks_in_flight = 1;
   CHECK_THROWS_WITH(make_engine(model, config), Catch::Contains("blocks_in_flight = 1"));
   config.fuyou.blocks_in_flight = 3;
@@ -264,7 +264,7 @@ TEST_CASE("on a CUDA device fuyou follows the gpu mode") {
       INFO(to_string(order));
       EngineConfig fuyou = fuyou_config(config, dir);
       fuyou.micro_batch_order = order;
-      fuyou.activations = checkpoints_on({Tier::kNvme, Tier::kHost, Tier::kGpu, Tier::kNvme});
+      fuyou.placement.activations = checkpoints_on({Tier::kNvme, Tier::kHost, Tier::kGpu, Tier::kNvme});
       Run streamed = train(model, fuyou, 30, dir);
       // The forward and backward run on the same device in both modes; the update runs in torch
       // ops on the device (gpu mode) or in ferry's CPU kernels (fuyou).
@@ -296,7 +296,7 @@ TEST_CASE("the layer-major order equals the batch-major one and moves each block
   }
 
   EngineConfig fuyou = fuyou_config(config, dir);
-  fuyou.activations = checkpoints_on({Tier::kNvme, Tier::kHost, Tier::kGpu, Tier::kNvme});
+  fuyou.placement.activations = checkpoints_on({Tier::kNvme, Tier::kHost, Tier::kGpu, Tier::kNvme});
   const Run batch_major = train(model, fuyou, 8, dir);
   fuyou.micro_batch_order = MicroBatchOrder::kLayerMajor;
   const Run snake = train(model, fuyou, 8, dir);
@@ -329,7 +329,7 @@ TEST_CASE("the layer-major order takes micro-batches of different sizes") {
   config.grad_accumulation = 3;
   EngineConfig snake = fuyou_config(config, dir);
   snake.micro_batch_order = MicroBatchOrder::kLayerMajor;
-  snake.activations = checkpoints_on({Tier::kNvme, Tier::kHost});
+  snake.placement.activations = checkpoints_on({Tier::kNvme, Tier::kHost});
   Engine reference = make_engine(model, config);
   Engine layer_major = make_engine(model, snake);
   for (int step = 0; step < 3; ++step) {

@@ -134,7 +134,7 @@ TEST_CASE("plan: a fuyou plan runs in the engine within the bytes per tier it pl
   request.choose_activations = false;
   request.choose_host_blocks = false;
   request.engine.fuyou.host_blocks = 1;
-  request.engine.activations = parse_activations("nvme,host", request.model.num_layers);
+  request.engine.placement.activations = parse_activations("nvme,host", request.model.num_layers);
   request.engine.max_grad_norm = 1.0;
   const Plan plan = make_plan(request);
   REQUIRE(plan.fits);
@@ -164,7 +164,7 @@ TEST_CASE("plan: a layer-major fuyou plan runs in the engine within the bytes pe
   request.choose_activations = false;
   request.choose_host_blocks = false;
   request.engine.fuyou.host_blocks = 1;
-  request.engine.activations = parse_activations("nvme,host", request.model.num_layers);
+  request.engine.placement.activations = parse_activations("nvme,host", request.model.num_layers);
   const Plan plan = make_plan(request);
   REQUIRE(plan.fits);
   const EngineConfig config = plan_engine_config(plan);

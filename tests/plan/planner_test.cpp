@@ -226,7 +226,7 @@ TEST_CASE("planner: the EngineConfig a fuyou plan implies is one the engine acce
   CHECK(config.mode == Mode::kFuyou);
   CHECK(plan.host_blocks > 0);
   CHECK(config.fuyou.host_blocks == plan.host_blocks);
-  REQUIRE(static_cast<std::int64_t>(config.activations.size()) == plan.request.model.num_layers);
+  REQUIRE(static_cast<std::int64_t>(config.placement.activations.size()) == plan.request.model.num_layers);
   const TierDemand demand = engine_demand(part_shapes(plan.request.model), config);
   for (int t = 0; t < kTierCount; ++t) {
     INFO(to_string(static_cast<Tier>(t)));
