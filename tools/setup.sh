@@ -8,6 +8,7 @@ packages=(
   libtorch-dev
   liburing-dev libaio-dev libtbb-dev
   libcxxopts-dev catch2 nlohmann-json3-dev libyaml-cpp-dev
+  libpcre2-dev libutf8proc-dev libsentencepiece-dev
   clang-14 libclang-rt-14-dev
   python3-dev python3-torch pybind11-dev python3-setuptools python3-pytest
 )

@@ -1,8 +1,9 @@
 #pragma once
 
-// ferry's data layer: token sources, a byte-level tokenizer, a loader that packs or pads
-// examples into batches with seeded shuffling and an exact resume position, and the built-in
-// demo task with its metrics. It knows nothing of models: the engine hands these batches to
+// ferry's data layer: token sources, text and instruction/chat datasets tokenized with a model's
+// own tokenizer (ferry/tokenizer.h) or the byte-level one, a loader that packs or pads examples
+// into batches with seeded shuffling and an exact resume position, and the built-in demo task with
+// its metrics. It knows nothing of models: the engine hands these batches to
 // whatever layered model it drives. docs/data.md describes the formats.
 //
 // Note: labels follow the Hugging Face convention. They are aligned with input_ids, not
@@ -19,14 +20,19 @@
 #include <string_view>
 #include <vector>
 
+#include "ferry/tokenizer.h"
+
 namespace ferry::data {
 
 constexpr int64_t kIgnoreIndex = -100;
 
-// One training example: a document, or a prompt followed by its completion.
+// One training example: a document, a prompt followed by its completion, or a conversation.
 struct Example {
   std::vector<int64_t> tokens;
   int64_t prompt_tokens = 0;  // leading tokens that answer-only training never learns
+  // Per token, whether answer-only training learns it (a conversation's assistant turns). Empty:
+  // every token from prompt_tokens on is learned.
+  std::vector<std::uint8_t> learned;
 };
 
 // 256 byte tokens followed by three special tokens. A model with a larger vocabulary trains on
@@ -71,15 +77,60 @@ TokenDtype token_dtype_from_path(const std::string& path);
 std::shared_ptr<const Dataset> open_token_file(const std::string& path, int64_t example_tokens,
                                                std::optional<TokenDtype> dtype = std::nullopt);
 
-// JSON Lines, byte-tokenized: each non-empty line is an object with a string "text" field (a
-// document), or string "prompt" and "completion" fields (a prompt-completion example).
+// How a text source's records become examples (docs/data.md). kAuto tells each record by its keys:
+// "messages" (OpenAI chat), "conversations" (ShareGPT), "instruction" (Alpaca), "prompt" and
+// "completion", or "text".
+enum class DataFormat { kAuto, kText, kPromptCompletion, kAlpaca, kMessages, kShareGpt };
+const char* to_string(DataFormat format);
+// "auto", "text", "prompt-completion", "alpaca", "messages", "sharegpt".
+DataFormat parse_data_format(const std::string& name);
+
+// What tokenizes a text source.
+struct TextOptions {
+  // Null: ferry::byte_tokenizer().
+  std::shared_ptr<const Tokenizer> tokenizer;
+  DataFormat format = DataFormat::kAuto;
+  // The chat template of conversations (alpaca, messages, sharegpt), by ChatTemplate name. Empty:
+  // the tokenizer's own when it is a known one (an unknown one is refused), else plain. When set,
+  // prompt/completion records are rendered as one user and one assistant turn too; otherwise they
+  // are the prompt's text followed by the completion's.
+  std::string chat_template;
+};
+
+// A document: BOS (when the tokenizer adds one), the text, EOS (when the tokenizer has one).
+Example encode_document(const Tokenizer& tokenizer, std::string_view text);
+// BOS, prompt and completion tokenized as one text, EOS; the tokens that start in the prompt (and
+// BOS) are the prompt tokens.
+Example encode_prompt_completion(const Tokenizer& tokenizer, std::string_view prompt, std::string_view completion);
+// The conversation rendered by the template and tokenized as one text; a token is learned when it
+// starts inside an assistant turn or the token ending it. Throws when no turn is learned.
+Example encode_conversation(const Tokenizer& tokenizer, const ChatTemplate& chat, const std::vector<ChatMessage>& messages);
+
+// JSON Lines (.jsonl: one record per non-empty line) or JSON (.json: an array of records). Records
+// are tokenized on every core. A record that does not fit its format is an error naming the file,
+// the line (JSON Lines) or index (JSON) and the field (`data.jsonl:3: field "messages"[1]["role"]
+// is "tool" ...`).
+std::shared_ptr<const Dataset> open_records(const std::string& path, const TextOptions& options = {});
+// JSON Lines; kept for callers of the byte-tokenized API: open_records.
 std::shared_ptr<const Dataset> open_jsonl(const std::string& path);
 
-// Plain text, byte-tokenized: documents are separated by one or more blank lines.
-std::shared_ptr<const Dataset> open_text(const std::string& path);
+// Plain text: documents are separated by one or more blank lines.
+std::shared_ptr<const Dataset> open_text(const std::string& path, const TextOptions& options = {});
 
-// Chooses the source by extension: ".bin" a token file, ".jsonl" JSON Lines, otherwise text.
-std::shared_ptr<const Dataset> open_dataset(const std::string& path, int64_t example_tokens);
+// Chooses the source by extension: ".bin" a token file, ".jsonl" and ".json" records, otherwise
+// text.
+std::shared_ptr<const Dataset> open_dataset(const std::string& path, int64_t example_tokens,
+                                            const TextOptions& options = {});
+
+// Counts over a dataset, for the warnings a job prints before it trains.
+struct DatasetSummary {
+  int64_t examples = 0;
+  int64_t tokens = 0;
+  int64_t longest = 0;         // tokens of the longest example
+  int64_t longer_than = 0;     // examples with more tokens than the length asked about
+  int64_t learned_tokens = 0;  // tokens answer-only training learns
+};
+DatasetSummary summarize(const Dataset& dataset, int64_t sequence_length);
 
 // Examples held in memory; none may be empty.
 std::shared_ptr<const Dataset> make_dataset(std::string name, std::vector<Example> examples);
@@ -96,6 +147,9 @@ struct LoaderOptions {
   uint64_t seed = 0;
   std::optional<int64_t> vocab_size;  // when set, every token id must be below it
   int64_t pad_token = ByteTokenizer::kPad;
+  // One pass over the examples, for evaluation: once the last example is out, the rest of the
+  // batch is padding (every label kIgnoreIndex) and finished() is true.
+  bool single_pass = false;
 };
 
 // All int64 [batch_size, sequence_length].
@@ -130,6 +184,8 @@ class DataLoader {
   DataLoader(std::shared_ptr<const Dataset> dataset, LoaderOptions options);
 
   Batch next();
+  // With single_pass: every example is out, and next() would refuse.
+  bool finished() const { return options_.single_pass && epoch_ > 0; }
 
   // The batches after restore(state()) are identical to the ones an uninterrupted loader
   // gives, also in a new process. Batch size and sequence length may change in between.
@@ -142,7 +198,7 @@ class DataLoader {
  private:
   const Example& current_example();
   void advance_example();
-  void fill_packed_row(int64_t* tokens, int64_t* labels, int64_t* positions);
+  void fill_packed_row(int64_t* tokens, int64_t* labels, int64_t* mask, int64_t* positions);
   void fill_padded_row(int64_t* tokens, int64_t* labels, int64_t* mask, int64_t* positions);
 
   std::shared_ptr<const Dataset> dataset_;

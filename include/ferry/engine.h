@@ -162,6 +162,14 @@ struct DelayedUpdateConfig {
 // engine packs them (decayed parameters first, in registration order, then norms and biases).
 std::uint64_t zo_step_seed(std::uint64_t seed, std::int64_t step, std::int64_t sample);
 
+// Dropout in training forwards: the model's own rates (config.json's, ModelConfig::dropout)
+// unless `rate` overrides them all. Masks come from `seed`, the step, the micro-batch and the part
+// (ferry::dropout), so recomputation replays them and every mode and placement draws the same.
+struct DropoutConfig {
+  std::optional<double> rate;
+  std::uint64_t seed = 0;
+};
+
 struct EngineConfig {
   Mode mode = Mode::kZeroOffload;
   Precision precision = Precision::kF32;
@@ -190,6 +198,7 @@ struct EngineConfig {
   ZoConfig zo;        // mode zo2 only
   FuyouConfig fuyou;  // mode fuyou only
   DelayedUpdateConfig delayed_update;  // mode zero-offload only
+  DropoutConfig dropout;
   std::int64_t grad_accumulation = 1;  // micro-batches per optimizer step
   MicroBatchOrder micro_batch_order = MicroBatchOrder::kBatchMajor;
   double max_grad_norm = 0.0;          // global-norm clipping; 0 turns it off
@@ -253,7 +262,9 @@ std::int64_t zo_gpu_blocks(const std::vector<PartShape>& parts, const EngineConf
 // "fuyou_host_blocks" and "fuyou_window" (FuyouConfig's blocks_in_flight), and "activations" (a
 // list, or one text with commas, of parse_block_activations names, one per block),
 // "micro_batch_order" ("batch-major" or "layer-major"), for zero-offload "delayed_update" (a bool)
-// and "delayed_update_warmup" (DelayedUpdateConfig's warmup_steps). A missing key
+// and "delayed_update_warmup" (DelayedUpdateConfig's warmup_steps), "dropout" (a rate for every
+// dropout of the model, or "auto" / null for config.json's); "seed" also seeds the dropout masks.
+// A missing key
 // keeps EngineConfig's default. Throws ferry::Error for text that is not a JSON object, an
 // unknown key (listing the valid ones) or a value of the wrong type. The front ends (CLI,
 // Python) share it, so a setting means the same everywhere.
@@ -350,5 +361,38 @@ class Engine {
  private:
   std::unique_ptr<detail::Trainer> trainer_;  // the first-order engine or zo2
 };
+
+// Sampling settings of generate(): greedy at temperature 0, else softmax(logits / temperature)
+// restricted to the top_k most likely tokens (0: all) and then to the smallest set whose
+// probability reaches top_p (nucleus sampling), drawn from a generator seeded by `seed`.
+// Generation_config.json's do_sample, temperature, top_k, top_p and max_new_tokens map onto these.
+struct GenerationOptions {
+  std::int64_t max_new_tokens = 128;
+  double temperature = 0;
+  double top_p = 1;
+  std::int64_t top_k = 0;
+  std::vector<std::int64_t> stop_ids;  // generation ends before any of these
+  std::uint64_t seed = 0;
+  // Only ids below this are generated (the tokenizer's vocabulary, when the model's embedding is
+  // padded past it); 0: every id of the model.
+  std::int64_t vocab_size = 0;
+};
+// The new tokens after prompt. Each step runs the whole sequence again (Engine::logits): no
+// key-value cache.
+std::vector<std::int64_t> generate(Engine& engine, const std::vector<std::int64_t>& prompt,
+                                   const GenerationOptions& options);
+
+// Held-out evaluation: the mean loss over every learned token of the batches (each batch's
+// mean weighted by its learned tokens) and its exponential, the perplexity.
+struct EvaluationResult {
+  double loss = 0;
+  double perplexity = 0;
+  std::int64_t tokens = 0;   // learned tokens counted
+  std::int64_t batches = 0;
+};
+// Runs a single-pass loader (LoaderOptions::single_pass) to its end; changes no training state.
+EvaluationResult evaluate(Engine& engine, data::DataLoader& loader);
+// The same over batches at hand.
+EvaluationResult evaluate(Engine& engine, const std::vector<data::Batch>& batches);
 
 }  // namespace ferry

@@ -33,6 +33,17 @@ namespace ferry {
 // Labels equal to this are ignored by the loss (transformers' and torch's convention).
 inline constexpr std::int64_t kIgnoreIndex = -100;
 
+// Which dropout masks a forward pass draws: none unless `training`. Each mask's generator is
+// seeded from (seed, step, micro_batch, part, site), so a block recomputed in backward draws the
+// masks of its forward again, and a step draws the same masks in every placement and mode.
+struct DropoutContext {
+  bool training = false;
+  std::uint64_t seed = 0;
+  std::int64_t step = 0;
+  std::int64_t micro_batch = 0;
+  models::DropoutRates rates;
+};
+
 // What every part sees during one forward pass. Built once per step by
 // LayeredModel::make_context and shared, read-only, by the stem, each block and the head; the
 // engine keeps it for recomputing blocks in backward.
@@ -40,8 +51,9 @@ struct StepContext {
   torch::Tensor positions;       // [batch, seq] int64; -1 at padding when counted from the mask
   torch::Tensor attention_mask;  // [batch or 1, 1, seq, seq] bool, true where a query may see a
                                  // key; undefined means plain causal attention
-  torch::Tensor rope_cos;        // [seq, head_dim] in the model dtype; undefined without RoPE
-  torch::Tensor rope_sin;
+  torch::Tensor rope_cos;        // in the model dtype: [seq, head_dim], or [batch, seq, head_dim]
+  torch::Tensor rope_sin;        // when positions restart within a row; undefined without RoPE
+  DropoutContext dropout;
 };
 
 // Token (and position) embeddings: tokens [batch, seq] int64 -> hidden [batch, seq, dim].
@@ -103,6 +115,16 @@ torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos,
 // where the LibTorch version has it, else the same formula in plain ops with an fp32 softmax.
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const StepContext& context);
+// The same with dropout on the attention probabilities (context.dropout.rates.attention), drawn as
+// dropout() draws it; without training or at rate 0 it is attention() above.
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const StepContext& context, std::int64_t part, int site);
+
+// x with each element zeroed with probability p and the rest scaled by 1 / (1 - p), as
+// torch.nn.functional.dropout, from the generator that (context.dropout, part, site) seeds; x itself
+// when not training or p is 0. `part` is the stem 0, block i i + 1, the head num_blocks + 1; `site`
+// tells the dropouts of one part apart.
+torch::Tensor dropout(const torch::Tensor& x, double p, const StepContext& context, std::int64_t part, int site);
 
 // Mean cross-entropy over the labels that are not kIgnoreIndex, computed in fp32. Logits
 // [batch, seq, vocab] at position t predict labels[t + 1]; the shift happens here. Zero when
@@ -126,6 +148,7 @@ struct ContextOptions {
   std::shared_ptr<const RotaryEmbedding> rope;  // fills rope_cos/rope_sin when set
   bool positions_from_padding_mask = false;     // OPT: positions count real tokens only
   std::int64_t sliding_window = 0;              // a query sees this many keys, itself included; 0: all
+  models::DropoutRates dropout;                 // copied into each StepContext
 };
 
 using LossFunction =
@@ -147,12 +170,20 @@ class LayeredModel {
   const std::optional<models::ModelConfig>& config() const { return config_; }
   const ContextOptions& context_options() const { return context_options_; }
 
-  // tokens [batch, seq] int64; padding_mask [batch, seq], true (or 1) at real tokens, optional.
-  StepContext make_context(const torch::Tensor& tokens,
-                           const torch::Tensor& padding_mask = {}) const;
+  // tokens [batch, seq] int64; padding_mask [batch, seq], true (or 1) at real tokens, optional;
+  // position_ids [batch, seq], optional: where they restart at 0 within a row a new document
+  // starts, which sees none of the row before it (a block-diagonal causal mask), and positions
+  // (and RoPE angles) count from its start. Dropout is off in the context this returns (the
+  // engine turns it on for training forwards).
+  StepContext make_context(const torch::Tensor& tokens, const torch::Tensor& padding_mask = {},
+                           const torch::Tensor& position_ids = {}) const;
+
+  // Every dropout of the model at this rate, in place of the rates its config gave.
+  void set_dropout(double rate);
 
   // The whole model in one call (the engine drives the parts itself): logits [batch, seq, vocab].
-  torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& padding_mask = {}) const;
+  torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& padding_mask = {},
+                        const torch::Tensor& position_ids = {}) const;
   torch::Tensor loss(const torch::Tensor& logits, const torch::Tensor& labels) const;
 
   // Parameters of stem, blocks and head in that order, each part in registration order.
@@ -181,7 +212,8 @@ namespace models {
 // The parts of a built-in family. Parameters are allocated (in config.dtype, on the CPU) but
 // not initialised: fill them with initialize(), a checkpoint, or rebind them to bundle views.
 std::shared_ptr<Stem> make_stem(const ModelConfig& config);
-std::shared_ptr<Block> make_block(const ModelConfig& config);
+// `index` is the block's place in the model, which tells its dropout masks from other blocks'.
+std::shared_ptr<Block> make_block(const ModelConfig& config, std::int64_t index);
 // A tied head multiplies by stem.token_embedding() and owns no lm_head parameter.
 std::shared_ptr<Head> make_head(const ModelConfig& config, const Stem& stem);
 ContextOptions make_context_options(const ModelConfig& config);

@@ -50,6 +50,14 @@ struct RopeScaling {
   std::int64_t original_max_position_embeddings = 8192;
 };
 
+// Dropout rates as a family's config.json gives them; 0 where the family has no such dropout.
+struct DropoutRates {
+  double embedding = 0;  // after the embeddings: GPT-2's embd_pdrop
+  double attention = 0;  // on the attention probabilities: GPT-2's attn_pdrop, attention_dropout elsewhere
+  double residual = 0;   // on each sublayer's output before its residual add: GPT-2's resid_pdrop, OPT's dropout
+  bool any() const { return embedding > 0 || attention > 0 || residual > 0; }
+};
+
 struct ModelConfig {
   Family family = Family::kLlama;
   std::string model_type = "llama";  // "gpt2", "opt", "llama", "mistral", "qwen2"
@@ -66,6 +74,10 @@ struct ModelConfig {
   Activation activation = Activation::kSilu;
   bool tie_word_embeddings = false;
   std::int64_t pad_token_id = -1;  // -1: none
+  // config.json's bos_token_id and eos_token_id (one or a list), written back on export.
+  std::int64_t bos_token_id = -1;  // -1: none
+  std::vector<std::int64_t> eos_token_ids;
+  DropoutRates dropout;
 
   // LLaMA family.
   double rope_theta = 10000.0;

@@ -286,6 +286,38 @@ void bind_engine(py::module_& module) {
       .def("logits", &Engine::logits, py::call_guard<py::gil_scoped_release>())
       .def("generate", &Engine::generate, py::arg("prompt"), py::arg("max_new_tokens"),
            py::arg("stop_token") = std::nullopt, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "generate_sampled",
+          [](Engine& engine, const std::vector<std::int64_t>& prompt, std::int64_t max_new_tokens, double temperature,
+             double top_p, std::int64_t top_k, const std::vector<std::int64_t>& stop_ids, std::uint64_t seed,
+             std::int64_t vocab_size) {
+            GenerationOptions options;
+            options.vocab_size = vocab_size;
+            options.max_new_tokens = max_new_tokens;
+            options.temperature = temperature;
+            options.top_p = top_p;
+            options.top_k = top_k;
+            options.stop_ids = stop_ids;
+            options.seed = seed;
+            py::gil_scoped_release release;
+            return generate(engine, prompt, options);
+          },
+          py::arg("prompt"), py::arg("max_new_tokens"), py::arg("temperature"), py::arg("top_p"), py::arg("top_k"),
+          py::arg("stop_ids"), py::arg("seed"), py::arg("vocab_size") = 0)
+      .def(
+          "evaluate_batches",
+          [](Engine& engine, const py::sequence& batches) {
+            std::vector<data::Batch> converted;
+            for (const py::handle& batch : batches) converted.push_back(to_batch(batch));
+            EvaluationResult result;
+            {
+              py::gil_scoped_release release;
+              result = evaluate(engine, converted);
+            }
+            return py::dict(py::arg("loss") = result.loss, py::arg("perplexity") = result.perplexity,
+                            py::arg("tokens") = result.tokens, py::arg("batches") = result.batches);
+          },
+          py::arg("batches"))
       .def("save", &Engine::save, py::arg("dir"), py::arg("extra_json") = "{}",
            py::call_guard<py::gil_scoped_release>())
       .def("load", &Engine::load, py::call_guard<py::gil_scoped_release>())
@@ -339,13 +371,32 @@ void bind_data(py::module_& module) {
              data::Example example = dataset.get(index);
              return py::make_tuple(example.tokens, example.prompt_tokens);
            })
+      .def("learned",
+           [](const data::Dataset& dataset, std::int64_t index) {
+             if (index < 0 || index >= dataset.size()) throw py::index_error();
+             const data::Example example = dataset.get(index);
+             std::vector<bool> learned(example.tokens.size());
+             for (std::size_t i = 0; i < learned.size(); ++i) {
+               learned[i] = example.learned.empty() ? static_cast<std::int64_t>(i) >= example.prompt_tokens
+                                                    : example.learned[i] != 0;
+             }
+             return learned;
+           },
+           py::arg("index"), "Per token, whether answer-only training learns it.")
       .def_property_readonly("name", &data::Dataset::name);
   module.def(
       "open_dataset",
-      [](const std::string& path, std::int64_t example_tokens) {
-        return hold(data::open_dataset(path, example_tokens));
+      [](const std::string& path, std::int64_t example_tokens, std::shared_ptr<Tokenizer> tokenizer,
+         const std::string& data_format, const std::string& chat_template) {
+        data::TextOptions options;
+        options.tokenizer = std::move(tokenizer);
+        options.format = data::parse_data_format(data_format);
+        options.chat_template = chat_template;
+        py::gil_scoped_release release;
+        return hold(data::open_dataset(path, example_tokens, options));
       },
-      py::arg("path"), py::arg("example_tokens"));
+      py::arg("path"), py::arg("example_tokens"), py::arg("tokenizer") = nullptr, py::arg("data_format") = "auto",
+      py::arg("chat_template") = "");
   module.def(
       "addition_problems",
       [](std::int64_t max_digits, std::uint64_t seed, const std::string& split,
@@ -378,8 +429,11 @@ void bind_data(py::module_& module) {
   py::class_<data::DataLoader>(module, "DataLoader")
       .def(py::init([](DatasetHolder dataset, std::int64_t batch_size, std::int64_t sequence_length,
                        bool pack, bool answer_only, bool shuffle, std::uint64_t seed,
-                       std::optional<std::int64_t> vocab_size) {
+                       std::optional<std::int64_t> vocab_size, std::optional<std::int64_t> pad_token,
+                       bool single_pass) {
              data::LoaderOptions options;
+             if (pad_token) options.pad_token = *pad_token;
+             options.single_pass = single_pass;
              options.batch_size = batch_size;
              options.sequence_length = sequence_length;
              options.pack = pack;
@@ -391,8 +445,10 @@ void bind_data(py::module_& module) {
            }),
            py::arg("dataset"), py::arg("batch_size"), py::arg("sequence_length"), py::arg("pack"),
            py::arg("answer_only"), py::arg("shuffle"), py::arg("seed"),
-           py::arg("vocab_size") = std::nullopt)
+           py::arg("vocab_size") = std::nullopt, py::arg("pad_token") = std::nullopt,
+           py::arg("single_pass") = false)
       .def("next", [](data::DataLoader& loader) { return to_dict(loader.next()); })
+      .def_property_readonly("finished", &data::DataLoader::finished)
       .def("state", [](const data::DataLoader& loader) { return loader.state().to_json(); })
       .def("restore", [](data::DataLoader& loader, const std::string& state) {
         loader.restore(data::LoaderState::from_json(state));
@@ -637,6 +693,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   python::bind_models(module);
   python::bind_engine(module);
   python::bind_plan(module);
+  python::bind_tokenizer(module);
   pybind11::module_ data_module = module.def_submodule("data", "ferry's data layer");
   python::bind_data(data_module);
   pybind11::module_ optim_module =

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "ferry/model.h"
+#include "ferry/tokenizer.h"
 
 namespace ferry::python {
 
@@ -26,5 +27,8 @@ LayeredModel python_model(py::object stem, const py::sequence& blocks, py::objec
 
 void bind_modules(py::module_& module);  // StepContext, the Python-module model
 void bind_plan(py::module_& module);     // plan(): the planner's dry run
+void bind_tokenizer(py::module_& module);  // Tokenizer, load_tokenizer, chat templates (tokenizer.cpp)
+// Python holds tokenizers as shared_ptr<Tokenizer>, calling only const methods.
+std::shared_ptr<Tokenizer> hold_tokenizer(std::shared_ptr<const Tokenizer> tokenizer);
 
 }  // namespace ferry::python

@@ -7,7 +7,8 @@ A thin layer over ferry's C++ runtime (``ferry._C``), not a second implementatio
   assembled from your own ``torch.nn.Module`` stem, blocks and head;
 - :mod:`ferry.optim` holds ferry's vectorized CPU optimizers as ``torch.optim.Optimizer``
   subclasses;
-- :mod:`ferry.data` the token datasets, loader and demo task of ferry's data layer;
+- :mod:`ferry.data` the token and text datasets (instruction and chat formats), loader and demo
+  task of ferry's data layer; :class:`Tokenizer` a model's own tokenizer and chat templates;
 - :func:`plan` the planner's dry run: bytes per tier, fit, predicted step time; :func:`calibrate`
   the I/O, PCIe, matmul and optimizer benchmarks it reads.
 
@@ -35,6 +36,7 @@ from ._C import BudgetExceeded, Error, InternalError, IoError, StepContext, Step
 from .engine import Engine
 from .model import LayeredModel, causal_lm_loss, preset_names
 from .plan import Plan, calibrate, plan
+from .tokenizer import Tokenizer, chat_template_names
 
 __version__: str = _C.__version__
 
@@ -48,7 +50,9 @@ __all__ = [
     "Plan",
     "StepContext",
     "StepResult",
+    "Tokenizer",
     "calibrate",
+    "chat_template_names",
     "causal_lm_loss",
     "data",
     "optim",

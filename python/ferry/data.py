@@ -22,10 +22,16 @@ ByteTokenizer = _data.ByteTokenizer
 Dataset = _data.Dataset
 
 
-def open_dataset(path: Union[str, os.PathLike], example_tokens: int) -> Dataset:
-    """A token file (``.bin``, windows of ``example_tokens``), JSON Lines (``.jsonl``, "text"
-    or "prompt"/"completion" objects) or plain text, chosen by extension."""
-    return _data.open_dataset(os.fspath(path), example_tokens)
+def open_dataset(path: Union[str, os.PathLike], example_tokens: int, tokenizer: Optional[Any] = None,
+                 data_format: str = "auto", template: Optional[str] = None) -> Dataset:
+    """A token file (``.bin``, windows of ``example_tokens``), records (``.jsonl``, one a line, or
+    ``.json``, a list: text, prompt/completion, alpaca, messages or sharegpt, told by their keys or
+    by ``data_format``) or plain text, chosen by extension. Text is tokenized with ``tokenizer``
+    (a :class:`ferry.Tokenizer`; default: the byte-level one); conversations use ``template`` (a
+    chat template name; default: the tokenizer's own, else plain). ``dataset.learned(i)`` tells
+    which tokens of example i answer-only training learns."""
+    native = tokenizer._tokenizer if tokenizer is not None else None
+    return _data.open_dataset(os.fspath(path), example_tokens, native, data_format, template or "")
 
 
 def addition_problems(max_digits: int, seed: int, split: str, count: int) -> List[Tuple[str, str]]:
@@ -40,7 +46,8 @@ def addition_dataset(max_digits: int, seed: int, split: str, count: int) -> Data
 
 
 class DataLoader:
-    """An endless iterator of batches: dicts with ``input_ids``, ``labels``,
+    """An endless iterator of batches (one pass with ``single_pass``, the last batch padded: what
+    :meth:`ferry.Engine.evaluate` runs over): dicts with ``input_ids``, ``labels``,
     ``attention_mask`` and ``position_ids``, int64 ``[batch_size, sequence_length]``.
 
     ``pack`` concatenates examples into full rows; otherwise each row is one example, padded or
@@ -50,15 +57,18 @@ class DataLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, sequence_length: int, *,
                  pack: bool = True, answer_only: bool = False, shuffle: bool = True,
-                 seed: int = 0, vocab_size: Optional[int] = None) -> None:
+                 seed: int = 0, vocab_size: Optional[int] = None, pad_token: Optional[int] = None,
+                 single_pass: bool = False) -> None:
         self.dataset = dataset
         self._loader = _data.DataLoader(dataset, batch_size, sequence_length, pack, answer_only,
-                                        shuffle, seed, vocab_size)
+                                        shuffle, seed, vocab_size, pad_token, single_pass)
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
+        if self._loader.finished:
+            raise StopIteration
         return self._loader.next()
 
     def state(self) -> Dict[str, Any]:

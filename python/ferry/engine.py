@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -21,7 +22,8 @@ Batch = Union[Mapping[str, torch.Tensor], Any]
 # Keys of a `ferry finetune` job file that describe its training loop rather than the engine.
 # In Python the loop is yours, so the engine accepts and ignores them: a job file loads as is.
 LOOP_KEYS = ("data", "out", "resume", "save_every", "eval_problems", "log_every", "demo_digits",
-             "batch", "seq", "export")
+             "batch", "seq", "export", "tokenizer", "data_format", "template", "answer_only", "pack",
+             "eval_data", "eval_every", "export_precision")
 
 
 def engine_settings() -> List[str]:
@@ -159,9 +161,37 @@ class Engine:
 
     # --- inference ------------------------------------------------------------------------
 
-    def evaluate(self, batch: Batch) -> float:
-        """The loss without gradients; changes no training state."""
-        return self._engine.evaluate(batch)
+    def evaluate(self, batches: Union[Batch, Iterable[Batch]],
+                 max_batches: Optional[int] = None) -> Union[float, Dict[str, float]]:
+        """Without gradients, changing no training state: for one batch, its loss; for a loader
+        or any iterable of batches (a :class:`ferry.data.DataLoader` with ``single_pass=True``
+        runs out after one pass; ``max_batches`` stops sooner), the mean loss over every learned
+        token, as a dict of ``loss``, ``perplexity``, ``tokens`` and ``batches``."""
+        if isinstance(batches, Mapping) or hasattr(batches, "input_ids"):
+            return self._engine.evaluate(batches)
+        loss_sum, tokens, count = 0.0, 0, 0
+        chunk: List[Batch] = []
+
+        def flush() -> None:
+            nonlocal loss_sum, tokens
+            if chunk:
+                result = self._engine.evaluate_batches(chunk)
+                if result["tokens"] > 0:
+                    loss_sum += result["loss"] * result["tokens"]
+                    tokens += result["tokens"]
+                chunk.clear()
+
+        for batch in batches:
+            chunk.append(batch)
+            count += 1
+            if len(chunk) == 32:
+                flush()
+            if max_batches is not None and count >= max_batches:
+                break
+        flush()
+        loss = loss_sum / tokens if tokens else float("nan")
+        return {"loss": loss, "perplexity": math.exp(loss) if tokens else float("nan"), "tokens": tokens,
+                "batches": count}
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` for int64 tokens ``[batch, seq]``, without
@@ -169,12 +199,39 @@ class Engine:
         return self._engine.logits(tokens)
 
     def generate(self, prompt: Union[Sequence[int], torch.Tensor], max_new_tokens: int,
-                 stop_token: Optional[int] = None) -> List[int]:
-        """Greedy decoding: the new token ids after ``prompt``, at most ``max_new_tokens``,
-        stopping before ``stop_token`` when it is generated."""
+                 stop_token: Optional[int] = None, *, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, stop_tokens: Sequence[int] = (), seed: int = 0,
+                 vocab_size: int = 0) -> List[int]:
+        """The new token ids after ``prompt``, at most ``max_new_tokens``, stopping before any of
+        ``stop_token`` / ``stop_tokens``. Greedy at temperature 0; otherwise sampled from
+        softmax(logits / temperature) within the ``top_k`` most likely (0: all) and the smallest
+        set of probability ``top_p``, with a generator seeded by ``seed``; only ids below
+        ``vocab_size`` (0: all; a tokenizer's, when the embedding is padded past it)."""
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.flatten().tolist()
-        return self._engine.generate(list(prompt), max_new_tokens, stop_token)
+        stops = list(stop_tokens) + ([stop_token] if stop_token is not None else [])
+        return self._engine.generate_sampled(list(prompt), max_new_tokens, temperature, top_p, top_k, stops, seed,
+                                             vocab_size)
+
+    def generate_text(self, tokenizer: Any, prompt: str, max_new_tokens: int = 128, *, chat: bool = False,
+                      system: Optional[str] = None, template: Optional[str] = None, temperature: float = 0.0,
+                      top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> str:
+        """Text after ``prompt`` with a :class:`ferry.Tokenizer`, as ``ferry generate`` makes it:
+        with ``chat``, the prompt (after a ``system`` message) rendered by the chat template with
+        a generation prompt, stopping at the template's end-of-turn token too; else the prompt
+        with the special tokens the tokenizer adds. Stops at the tokenizer's stop ids."""
+        stops = list(tokenizer.stop_token_ids)
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            text, _, _, end_of_turn = tokenizer._tokenizer.apply_chat_template(messages, True, template or "")
+            ids = tokenizer.encode(text)
+            if end_of_turn and tokenizer.token_to_id(end_of_turn) is not None:
+                stops.append(tokenizer.token_to_id(end_of_turn))
+        else:
+            ids = tokenizer.encode(prompt, add_special_tokens=True)
+        new = self.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            stop_tokens=stops, seed=seed, vocab_size=tokenizer.vocab_size)
+        return tokenizer.decode(new, skip_special_tokens=True)
 
     # --- checkpoints ----------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ LayeredModel build_with_shared_blocks(const models::ModelConfig& config) {
   const std::vector<torch::Tensor> first = blocks.front()->parameters();
   torch::NoGradGuard no_grad;
   for (std::int64_t i = 1; i < config.num_layers; ++i) {
-    std::shared_ptr<Block> block = models::make_block(config);
+    std::shared_ptr<Block> block = models::make_block(config, 0);
     std::vector<torch::Tensor> own = block->parameters();
     for (std::size_t j = 0; j < own.size(); ++j) own[j].set_data(first[j]);
     blocks.push_back(block);

@@ -15,6 +15,7 @@
 #include <cxxopts.hpp>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <set>
 #include <nlohmann/json.hpp>
@@ -31,6 +32,7 @@
 #include "ferry/stage.h"
 #include "ferry/store.h"
 #include "ferry/system.h"
+#include "ferry/tokenizer.h"
 
 namespace ferry::cli {
 namespace {
@@ -57,6 +59,9 @@ const Json& defaults() {
       {"fuyou_host_blocks", "auto"}, {"fuyou_window", 3},       {"staged", ""},
       {"activations", "auto"},       {"micro_batch_order", "auto"}, {"export", "auto"},
       {"delayed_update", false},     {"delayed_update_warmup", 0}, {"layers", 0},
+      {"tokenizer", "auto"},         {"data_format", "auto"},   {"template", ""},
+      {"answer_only", true},         {"pack", "auto"},          {"eval_data", ""},
+      {"eval_every", 0},             {"export_precision", "auto"}, {"dropout", "auto"},
   };
   return kDefaults;
 }
@@ -98,12 +103,19 @@ Json resolve(const cxxopts::ParseResult& args) {
       given.insert(key);
     }
   }
+  FERRY_CHECK(!(args.count("pack") && args.count("no-pack")), "--pack and --no-pack contradict each other: give one");
+  if (args.count("pack") || args.count("no-pack")) {
+    config["pack"] = args.count("pack") > 0;
+    given.insert("pack");
+  }
   for (auto& [key, value] : defaults().items()) {
     std::string flag = key;
     std::replace(flag.begin(), flag.end(), '_', '-');
-    if (!args.count(flag)) continue;
+    if (key == "pack" || !args.count(flag)) continue;
     const std::string text = args[flag].as<std::string>();
-    if (value.is_boolean()) {
+    if (key == "dropout" && text != "auto") {
+      config[key] = std::stod(text);
+    } else if (value.is_boolean()) {
       FERRY_CHECK(text == "true" || text == "false", "--", flag, " ", text, " is invalid: use true or false");
       config[key] = text == "true";
     } else if (value.is_number_integer()) {
@@ -381,15 +393,195 @@ std::string format_duration(double seconds) {
 }
 
 void draw_progress(std::int64_t step, std::int64_t steps, const StepResult& result,
-                   double tokens_per_s, double elapsed) {
+                   double tokens_per_s, double elapsed, const std::optional<EvaluationResult>& eval) {
   const int width = 24;
   const int filled = static_cast<int>(width * step / std::max<std::int64_t>(1, steps));
   const double eta = step > 0 ? elapsed / static_cast<double>(step) * static_cast<double>(steps - step) : 0;
-  std::fprintf(stderr, "\r[%s%s] step %lld/%lld  loss %.4f  %.0f tok/s  ETA %s ",
+  char eval_text[64] = "";
+  if (eval) std::snprintf(eval_text, sizeof eval_text, "  eval %.4f (ppl %.2f)", eval->loss, eval->perplexity);
+  std::fprintf(stderr, "\r[%s%s] step %lld/%lld  loss %.4f%s  %.0f tok/s  ETA %s ",
                std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
-               static_cast<long long>(step), static_cast<long long>(steps), result.loss,
+               static_cast<long long>(step), static_cast<long long>(steps), result.loss, eval_text,
                tokens_per_s, format_duration(eta).c_str());
   std::fflush(stderr);
+}
+
+// What --help says of the settings beyond the engine's.
+std::string setting_help(const std::string& key) {
+  static const std::map<std::string, std::string> help = {
+      {"tokenizer", "the model's tokenizer (a directory, tokenizer.json or tokenizer.model); auto: the model "
+                    "directory's, or the byte tokenizer for a preset; "},
+      {"data_format", "auto (each record by its keys), text, prompt-completion, alpaca, messages or sharegpt; "},
+      {"template", "the chat template: chatml, qwen2, llama3, llama2, mistral, mistral-v0.1 or plain; empty: the "
+                   "model's own when it is one of these, else plain; "},
+      {"answer_only", "learn only the answers (completions, assistant turns) of instruction and chat data; "},
+      {"eval_data", "held-out data (any format) for the eval loss and perplexity; "},
+      {"eval_every", "evaluate every N steps (0: at the end only); "},
+      {"export_precision", "the export's weights: fp32, bf16, fp16, or auto (the training precision); "},
+      {"dropout", "a rate for every dropout of the model, or auto (config.json's); "},
+  };
+  auto found = help.find(key);
+  return found == help.end() ? "" : found->second;
+}
+
+// The job's tokenizer: --tokenizer, else a Hugging Face model directory's own, else (a preset, the
+// demo) ferry's byte tokenizer. Null when the model directory has none and every data file is
+// tokenized already.
+std::shared_ptr<const Tokenizer> job_tokenizer(const Json& job, bool needs_text) {
+  const std::string setting = job["tokenizer"];
+  const std::string model = job["model"];
+  if (setting != "auto") return load_tokenizer(setting);
+  if (!is_directory_name(model) || job["data"] == "demo") return byte_tokenizer();
+  if (has_tokenizer(model)) return load_tokenizer(model);
+  FERRY_CHECK(!needs_text, "model directory '", model, "' has no tokenizer: looked for ", model, "/tokenizer.json and ",
+              model, "/tokenizer.model. Give --tokenizer PATH, or data already tokenized with the model's own ",
+              "tokenizer (.bin, see `ferry tokenize --data`)");
+  return nullptr;
+}
+
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+struct JobData {
+  std::shared_ptr<const Tokenizer> tokenizer;
+  std::shared_ptr<const data::Dataset> train, eval;
+  data::LoaderOptions train_options, eval_options;
+};
+
+// Opens and checks the job's data before any weight is read: the tokenizer, every record
+// tokenized, the warnings about truncation and positions.
+JobData prepare_data(const Json& job, const models::ModelConfig& shape) {
+  const std::string train_path = job["data"], eval_path = job["eval_data"];
+  const bool demo = train_path == "demo";
+  FERRY_CHECK(job["eval_every"].get<std::int64_t>() >= 0, "eval_every = ", job["eval_every"].dump(),
+              " is invalid: give 0 (only at the end) or a number of steps");
+  FERRY_CHECK(job["eval_every"].get<std::int64_t>() == 0 || !eval_path.empty(),
+              "--eval-every needs --eval-data: the held-out data to evaluate on");
+  const bool needs_text = (!demo && !ends_with(train_path, ".bin")) || (!eval_path.empty() && !ends_with(eval_path, ".bin"));
+  JobData data;
+  data.tokenizer = job_tokenizer(job, needs_text);
+  if (data.tokenizer != nullptr) {
+    FERRY_CHECK(data.tokenizer->vocab_size() <= shape.vocab_size, "the tokenizer (", data.tokenizer->kind(), ") has ",
+                data.tokenizer->vocab_size(), " ids but the model's vocabulary is ", shape.vocab_size,
+                ": give the model's own tokenizer with --tokenizer");
+  }
+  const std::int64_t seq = job["seq"];
+  // Note: GPT-2 and OPT learn one embedding per position; past max_position_embeddings there is
+  // none. Rotary models compute any position, though quality past the trained length is the model's.
+  if (seq > shape.max_position_embeddings) {
+    FERRY_CHECK(shape.family == models::Family::kLlama, "--seq ", seq, " exceeds ", shape.model_type,
+                "'s max_position_embeddings ", shape.max_position_embeddings,
+                ", which learns one embedding per position: give --seq ", shape.max_position_embeddings, " or less");
+    std::fprintf(stderr, "warning: --seq %lld exceeds the model's max_position_embeddings %lld: positions past %lld "
+                 "are beyond what it was trained on\n", static_cast<long long>(seq),
+                 static_cast<long long>(shape.max_position_embeddings),
+                 static_cast<long long>(shape.max_position_embeddings - 1));
+  }
+  data::TextOptions text;
+  text.tokenizer = data.tokenizer;
+  text.format = data::parse_data_format(job["data_format"]);
+  text.chat_template = job["template"];
+
+  data::LoaderOptions& options = data.train_options;
+  options.batch_size = job["batch"];
+  options.sequence_length = seq;
+  options.seed = job["seed"];
+  options.vocab_size = shape.vocab_size;
+  options.answer_only = demo || job["answer_only"].get<bool>();
+  if (data.tokenizer != nullptr) {
+    const TokenizerInfo& info = data.tokenizer->info();
+    options.pad_token = info.pad ? info.pad->id : info.eos ? info.eos->id : 0;
+  }
+  if (demo) {
+    data.train = data::addition_dataset(data::AdditionTask{job["demo_digits"], job["seed"]}, data::Split::kTrain, 20000);
+    options.pack = false;
+    return data;
+  }
+  data.train = data::open_dataset(train_path, seq, text);
+  const bool token_file = ends_with(train_path, ".bin");
+  const data::DatasetSummary summary = token_file ? data::DatasetSummary{} : data::summarize(*data.train, seq);
+  // Packing by default for text; one example per row for data with prompts to mask.
+  const bool instructions = summary.learned_tokens < summary.tokens;
+  options.pack = job["pack"].is_boolean() ? job["pack"].get<bool>() : !instructions;
+  FERRY_CHECK(job["pack"].is_boolean() || job["pack"] == "auto", "pack = ", job["pack"].dump(),
+              " is invalid: use true, false or auto");
+  if (!token_file) {
+    std::fprintf(stderr, "data: %s: %lld examples, %lld tokens (%lld learned%s), the longest %lld; %s; %s\n",
+                 train_path.c_str(), static_cast<long long>(summary.examples), static_cast<long long>(summary.tokens),
+                 static_cast<long long>(options.answer_only ? summary.learned_tokens : summary.tokens),
+                 options.answer_only ? " answer-only" : "", static_cast<long long>(summary.longest),
+                 options.pack ? "packed" : "one example per row", data.tokenizer->kind().c_str());
+  }
+  if (summary.longer_than > 0 && !options.pack) {
+    std::fprintf(stderr, "warning: %lld of %lld examples are longer than --seq %lld (the longest has %lld tokens) and "
+                 "are cut to %lld: raise --seq to keep them whole\n", static_cast<long long>(summary.longer_than),
+                 static_cast<long long>(summary.examples), static_cast<long long>(seq),
+                 static_cast<long long>(summary.longest), static_cast<long long>(seq));
+  } else if (summary.longer_than > 0) {
+    std::fprintf(stderr, "warning: %lld of %lld examples are longer than --seq %lld (the longest has %lld tokens): "
+                 "packed, each continues in the next row, where it no longer sees its beginning\n",
+                 static_cast<long long>(summary.longer_than), static_cast<long long>(summary.examples),
+                 static_cast<long long>(seq), static_cast<long long>(summary.longest));
+  }
+  if (!eval_path.empty()) {
+    data.eval = data::open_dataset(eval_path, seq, text);
+    data.eval_options = options;
+    data.eval_options.shuffle = false;
+    data.eval_options.single_pass = true;
+    if (!ends_with(eval_path, ".bin")) {
+      const data::DatasetSummary eval_summary = data::summarize(*data.eval, seq);
+      if (eval_summary.longer_than > 0 && !options.pack) {
+        std::fprintf(stderr, "warning: %lld of %lld eval examples are longer than --seq %lld and are cut to it\n",
+                     static_cast<long long>(eval_summary.longer_than), static_cast<long long>(eval_summary.examples),
+                     static_cast<long long>(seq));
+      }
+    }
+  }
+  return data;
+}
+
+EvaluationResult run_evaluation(Engine& engine, const JobData& data) {
+  data::DataLoader loader(data.eval, data.eval_options);
+  return evaluate(engine, loader);
+}
+
+void copy_file(const std::string& from, const std::string& to) {
+  std::ifstream in(from, std::ios::binary);
+  FERRY_CHECK(in.is_open(), "cannot read ", from);
+  std::ofstream out(to, std::ios::binary | std::ios::trunc);
+  out << in.rdbuf();
+  out.close();
+  FERRY_CHECK(out.good(), "cannot write ", to);
+}
+
+// What the export needs beyond the weights to deploy: the tokenizer's files as the source has
+// them, and generation_config.json (the source's, else one with the tokenizer's special ids).
+std::vector<std::string> complete_export(const std::string& export_dir, const std::string& model_dir,
+                                         const Tokenizer* tokenizer) {
+  std::vector<std::string> copied;
+  if (tokenizer != nullptr && !tokenizer->info().files.empty()) {
+    const std::string source = fs::parent_directory(tokenizer->info().files.front());
+    for (const std::string& name : tokenizer_file_names()) {
+      if (!fs::exists(source + "/" + name)) continue;
+      copy_file(source + "/" + name, export_dir + "/" + name);
+      copied.push_back(name);
+    }
+  }
+  const std::string generation = model_dir + "/generation_config.json";
+  if (is_directory_name(model_dir) && fs::exists(generation)) {
+    copy_file(generation, export_dir + "/generation_config.json");
+    copied.push_back("generation_config.json");
+  } else if (is_directory_name(model_dir) && tokenizer != nullptr && tokenizer->info().eos) {
+    const TokenizerInfo& info = tokenizer->info();
+    Json config = {{"_from_model_config", true}};
+    if (info.bos) config["bos_token_id"] = info.bos->id;
+    config["eos_token_id"] = info.stop_ids.size() == 1 ? Json(info.stop_ids.front()) : Json(info.stop_ids);
+    if (info.pad) config["pad_token_id"] = info.pad->id;
+    std::ofstream(export_dir + "/generation_config.json") << config.dump(2) << "\n";
+    copied.push_back("generation_config.json (written)");
+  }
+  return copied;
 }
 
 volatile std::sig_atomic_t g_stop_requested = 0;
@@ -425,11 +617,14 @@ int run_finetune(int argc, char** argv) {
   options.add_options()("hardware", "the plan's figures: a calibration file (ferry bench calibrate) or a hardware "
                         "preset; default: a quick calibration", cxxopts::value<std::string>());
   for (auto& [key, value] : defaults().items()) {
+    if (key == "pack") continue;
     std::string flag = key;
     std::replace(flag.begin(), flag.end(), '_', '-');
-    options.add_options()(flag, "default: " + (value.is_string() ? value.get<std::string>() : value.dump()),
+    options.add_options()(flag, setting_help(key) + "default: " + (value.is_string() ? value.get<std::string>() : value.dump()),
                           cxxopts::value<std::string>());
   }
+  options.add_options()("pack", "pack examples into full rows (documents never see each other; default for text and "
+                        "token files)")("no-pack", "one example per row, padded (default for instruction and chat data)");
   options.add_options()("h,help", "show this help");
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
@@ -473,27 +668,16 @@ int run_finetune(int argc, char** argv) {
   }
   if (resume != "none") check_resume_checkpoint(resume, shape, job["model"]);
   print_plan_summary(plan);
+  const JobData job_data = prepare_data(job, shape);
+  const std::shared_ptr<const data::Dataset>& dataset = job_data.train;
+  const data::LoaderOptions& loader_options = job_data.train_options;
+  data::DataLoader loader(dataset, loader_options);
+  data::AdditionTask task{job["demo_digits"], job["seed"]};
 
   if (!config.staged.empty()) stage_if_needed(job["model"], config);
   // Note: a staged job's weights are on NVMe already; its model is allocated, never initialised.
   LayeredModel model = config.staged.empty() ? load_model(job["model"], job["seed"], job["layers"])
                                              : models::allocate(staged_model_config(config.staged));
-  const std::int64_t vocab = shape.vocab_size;
-  data::AdditionTask task{job["demo_digits"], job["seed"]};
-  data::LoaderOptions loader_options;
-  loader_options.batch_size = job["batch"];
-  loader_options.sequence_length = job["seq"];
-  loader_options.seed = job["seed"];
-  loader_options.vocab_size = vocab;
-  std::shared_ptr<const data::Dataset> dataset;
-  if (demo) {
-    dataset = data::addition_dataset(task, data::Split::kTrain, 20000);
-    loader_options.pack = false;
-    loader_options.answer_only = true;
-  } else {
-    dataset = data::open_dataset(job["data"], job["seq"]);
-  }
-  data::DataLoader loader(dataset, loader_options);
 
   if (plans_fuyou(job, config)) {
     std::fprintf(stderr, "fuyou: profiling two steps with every checkpoint on NVMe (the second is measured), "
@@ -547,6 +731,16 @@ int run_finetune(int argc, char** argv) {
   std::int64_t tokens = 0;
   StepResult last;
   std::vector<double> step_seconds;
+  const std::int64_t eval_every = job["eval_every"];
+  std::optional<EvaluationResult> last_eval;
+  // Held-out loss, in metrics.jsonl beside the training records and on the progress line.
+  auto evaluate_now = [&](std::int64_t step) {
+    last_eval = run_evaluation(engine, job_data);
+    metrics << Json{{"step", step}, {"eval_loss", last_eval->loss}, {"eval_perplexity", last_eval->perplexity},
+                    {"eval_tokens", last_eval->tokens}, {"eval_batches", last_eval->batches}}
+                   .dump()
+            << "\n";
+  };
   auto step_start = Clock::now();
   while (engine.steps_taken() < steps && !g_stop_requested) {
     auto result = engine.train_step(loader.next());
@@ -563,24 +757,40 @@ int run_finetune(int argc, char** argv) {
                     {"elapsed_s", elapsed}}
                    .dump()
             << "\n";
+    if (job_data.eval != nullptr && eval_every > 0 && result->step % eval_every == 0 && result->step < steps) {
+      evaluate_now(result->step);
+    }
     if (result->step % log_every == 0 || result->step == steps) {
-      draw_progress(result->step - first_step, steps - first_step, *result, tokens_per_s, elapsed);
+      draw_progress(result->step - first_step, steps - first_step, *result, tokens_per_s, elapsed, last_eval);
     }
     if (save_every > 0 && result->step % save_every == 0) save("every " + std::to_string(save_every) + " steps");
     step_start = Clock::now();
   }
-  metrics.flush();
   engine.flush();  // zo2 applies the last step's update (a no-op in the other modes)
   if (g_stop_requested) {
+    metrics.flush();
     save("interrupted");
     return 130;
   }
+  if (job_data.eval != nullptr) {
+    evaluate_now(engine.steps_taken());
+    std::fprintf(stderr, "\neval after %lld steps: loss %.4f, perplexity %.3f (%lld tokens of %s)\n",
+                 static_cast<long long>(engine.steps_taken()), last_eval->loss, last_eval->perplexity,
+                 static_cast<long long>(last_eval->tokens), std::string(job["eval_data"]).c_str());
+  }
+  metrics.flush();
   save("final");
   const std::string export_dir = job["export"] == "auto" ? out + "/hf" : std::string(job["export"]);
   if (export_dir != "none") {
-    engine.export_pretrained(export_dir, config.precision);
-    std::fprintf(stderr, "exported the model (%s, Hugging Face safetensors): %s\n", to_string(config.precision),
-                 export_dir.c_str());
+    const Precision export_precision =
+        job["export_precision"] == "auto" ? config.precision : parse_precision(job["export_precision"]);
+    engine.export_pretrained(export_dir, export_precision);
+    std::string extras;
+    for (const std::string& name : complete_export(export_dir, job["model"], job_data.tokenizer.get())) {
+      extras += (extras.empty() ? "" : ", ") + name;
+    }
+    std::fprintf(stderr, "exported the model (%s, Hugging Face safetensors%s%s): %s\n", to_string(export_precision),
+                 extras.empty() ? "" : "; ", extras.c_str(), export_dir.c_str());
   }
   if (demo) {
     std::fprintf(stderr, "exact-match accuracy after %lld steps: %.1f%% (final loss %.4f)\n",

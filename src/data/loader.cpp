@@ -25,6 +25,9 @@ void check_example(const Example& example, int64_t index, const Dataset& dataset
   FERRY_CHECK(example.prompt_tokens >= 0 && example.prompt_tokens <= token_count(example),
               "example ", index, " of ", dataset.name(), " has prompt_tokens ",
               example.prompt_tokens, ": valid are 0 to its ", token_count(example), " tokens");
+  FERRY_CHECK(example.learned.empty() || static_cast<int64_t>(example.learned.size()) == token_count(example),
+              "example ", index, " of ", dataset.name(), " has ", example.learned.size(), " learned flags for ",
+              token_count(example), " tokens: give one per token, or none");
   int64_t vocab_size = options.vocab_size.value_or(INT64_MAX);
   for (int64_t position = 0; position < token_count(example); ++position) {
     int64_t id = example.tokens[position];
@@ -35,7 +38,9 @@ void check_example(const Example& example, int64_t index, const Dataset& dataset
 }
 
 bool is_learned(const Example& example, int64_t token_index, bool answer_only) {
-  return !answer_only || token_index >= example.prompt_tokens;
+  if (!answer_only) return true;
+  if (!example.learned.empty()) return example.learned[token_index] != 0;
+  return token_index >= example.prompt_tokens;
 }
 
 int64_t json_int(const nlohmann::json& state, const char* field) {
@@ -100,6 +105,7 @@ Batch random_batch(int64_t batch, int64_t seq, int64_t vocab_size, uint64_t seed
 }
 
 Batch DataLoader::next() {
+  FERRY_CHECK(!finished(), "the single pass over ", dataset_->name(), " is over: every example was in an earlier batch");
   const int64_t rows = options_.batch_size;
   const int64_t columns = options_.sequence_length;
   Batch batch;
@@ -113,8 +119,7 @@ Batch DataLoader::next() {
     int64_t* mask = batch.attention_mask.data_ptr<int64_t>() + row * columns;
     int64_t* positions = batch.position_ids.data_ptr<int64_t>() + row * columns;
     if (options_.pack) {
-      fill_packed_row(tokens, labels, positions);
-      std::fill(mask, mask + columns, 1);
+      fill_packed_row(tokens, labels, mask, positions);
     } else {
       fill_padded_row(tokens, labels, mask, positions);
     }
@@ -122,9 +127,29 @@ Batch DataLoader::next() {
   return batch;
 }
 
-void DataLoader::fill_packed_row(int64_t* tokens, int64_t* labels, int64_t* positions) {
+namespace {
+
+// Padding after the last example of a single pass: the pad token, nothing learned, masked out.
+void pad_columns(int64_t begin, int64_t end, int64_t pad_token, int64_t* tokens, int64_t* labels, int64_t* mask,
+                 int64_t* positions) {
+  for (int64_t column = begin; column < end; ++column) {
+    tokens[column] = pad_token;
+    labels[column] = kIgnoreIndex;
+    mask[column] = 0;
+    positions[column] = column - begin;
+  }
+}
+
+}  // namespace
+
+void DataLoader::fill_packed_row(int64_t* tokens, int64_t* labels, int64_t* mask, int64_t* positions) {
   const int64_t columns = options_.sequence_length;
+  std::fill(mask, mask + columns, 1);
   for (int64_t column = 0; column < columns;) {
+    if (finished()) {
+      pad_columns(column, columns, options_.pad_token, tokens, labels, mask, positions);
+      return;
+    }
     const Example& example = current_example();
     int64_t count = std::min(columns - column, token_count(example) - token_offset_);
     for (int64_t i = 0; i < count; ++i) {
@@ -148,6 +173,10 @@ void DataLoader::fill_packed_row(int64_t* tokens, int64_t* labels, int64_t* posi
 void DataLoader::fill_padded_row(int64_t* tokens, int64_t* labels, int64_t* mask,
                                  int64_t* positions) {
   const int64_t columns = options_.sequence_length;
+  if (finished()) {
+    pad_columns(0, columns, options_.pad_token, tokens, labels, mask, positions);
+    return;
+  }
   const Example& example = current_example();
   int64_t count = std::min(columns, token_count(example) - token_offset_);
   for (int64_t column = 0; column < columns; ++column) {

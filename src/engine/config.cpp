@@ -131,7 +131,14 @@ const std::vector<Setting>& settings() {
       {"nvme_budget",
        [](const Json& v, EngineConfig& c) { c.nvme_budget_bytes = parse_budget(v); }},
       {"staged", [](const Json& v, EngineConfig& c) { c.staged = v.get<std::string>(); }},
-      {"seed", [](const Json& v, EngineConfig& c) { c.zo.seed = v.get<std::uint64_t>(); }},
+      {"seed", [](const Json& v, EngineConfig& c) { c.zo.seed = c.dropout.seed = v.get<std::uint64_t>(); }},
+      {"dropout",
+       [](const Json& v, EngineConfig& c) {
+         const bool model_rates = v.is_null() || (v.is_string() && v.get<std::string>() == "auto");
+         c.dropout.rate = model_rates ? std::nullopt : std::optional<double>(v.get<double>());
+         FERRY_CHECK(!c.dropout.rate || (*c.dropout.rate >= 0 && *c.dropout.rate < 1), "dropout = ", v.dump(),
+                     " is invalid: valid are auto (the model's config.json) or a rate 0 <= p < 1");
+       }},
       {"zo_eps", [](const Json& v, EngineConfig& c) { c.zo.eps = v.get<double>(); }},
       {"zo_samples", [](const Json& v, EngineConfig& c) { c.zo.samples = v.get<std::int64_t>(); }},
       {"zo_blocks",

@@ -10,9 +10,16 @@
 
 namespace ferry {
 
-Engine::Engine(LayeredModel model, EngineConfig config)
-    : trainer_(config.mode == Mode::kZo2 ? detail::make_zo2_trainer(std::move(model), std::move(config))
-                                         : detail::make_first_order_trainer(std::move(model), std::move(config))) {}
+namespace {
+// The trainer of the configured mode, on the model with the dropout setting applied.
+std::unique_ptr<detail::Trainer> make_trainer(LayeredModel model, EngineConfig config) {
+  if (config.dropout.rate) model.set_dropout(*config.dropout.rate);
+  if (config.mode == Mode::kZo2) return detail::make_zo2_trainer(std::move(model), std::move(config));
+  return detail::make_first_order_trainer(std::move(model), std::move(config));
+}
+}  // namespace
+
+Engine::Engine(LayeredModel model, EngineConfig config) : trainer_(make_trainer(std::move(model), std::move(config))) {}
 
 Engine::~Engine() = default;
 
@@ -27,7 +34,7 @@ std::optional<StepResult> Engine::train_step(const data::Batch& batch) { return 
 void Engine::flush() { trainer_->flush(); }
 
 double Engine::evaluate(const data::Batch& batch) {
-  torch::Tensor logits = trainer_->logits(batch.input_ids, batch.attention_mask);
+  torch::Tensor logits = trainer_->logits(batch.input_ids, batch.attention_mask, batch.position_ids);
   torch::NoGradGuard no_grad;
   return model().loss(logits, batch.labels.to(config().device, torch::kLong)).item<double>();
 }

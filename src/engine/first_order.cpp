@@ -338,7 +338,7 @@ void FirstOrderTrainer::start_step() {
   step_tokens_ = 0;
 }
 
-PendingBackward FirstOrderTrainer::prepare_micro_batch(const data::Batch& batch) const {
+PendingBackward FirstOrderTrainer::prepare_micro_batch(const data::Batch& batch, std::int64_t micro_batch) const {
   FERRY_CHECK(batch.input_ids.defined() && batch.input_ids.dim() == 2, "a batch needs input_ids of shape [batch, seq]");
   FERRY_CHECK(batch.labels.defined() && batch.labels.sizes() == batch.input_ids.sizes(),
               "labels must have the shape of input_ids ", batch.input_ids.sizes(), "; got ",
@@ -347,7 +347,11 @@ PendingBackward FirstOrderTrainer::prepare_micro_batch(const data::Batch& batch)
   saved.tokens = batch.input_ids.to(config_.device, torch::kLong);
   saved.labels = batch.labels.to(config_.device, torch::kLong);
   torch::Tensor mask = device_padding_mask(batch.attention_mask, config_.device);
-  saved.context = model_.make_context(saved.tokens, mask);
+  saved.context = model_.make_context(saved.tokens, mask, batch.position_ids);
+  saved.context.dropout.training = true;
+  saved.context.dropout.seed = config_.dropout.seed;
+  saved.context.dropout.step = steps_ + 1;
+  saved.context.dropout.micro_batch = micro_batch;
   saved.token_count = saved.tokens.numel();
   return saved;
 }
@@ -401,7 +405,7 @@ torch::Tensor FirstOrderTrainer::forward(const data::Batch& batch) {
               " micro-batches");
   auto start = Clock::now();
   std::vector<PendingBackward> micro;
-  micro.push_back(prepare_micro_batch(batch));
+  micro.push_back(prepare_micro_batch(batch, micro_batches_));
   start_step();
   forward_blocks(micro);
   forward_head(micro.front());
@@ -578,7 +582,9 @@ void FirstOrderTrainer::backward(const torch::Tensor& loss) {
 StepResult FirstOrderTrainer::train_layer_major(const std::vector<data::Batch>& batches) {
   auto start = Clock::now();
   std::vector<PendingBackward> micro;
-  for (const data::Batch& batch : batches) micro.push_back(prepare_micro_batch(batch));
+  for (const data::Batch& batch : batches) {
+    micro.push_back(prepare_micro_batch(batch, static_cast<std::int64_t>(micro.size())));
+  }
   start_step();
   forward_blocks(micro);
   stats_.forward_seconds += seconds_since(start);
@@ -847,13 +853,14 @@ StepResult FirstOrderTrainer::step() {
   return result;
 }
 
-torch::Tensor FirstOrderTrainer::logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask) {
+torch::Tensor FirstOrderTrainer::logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
+                                        const torch::Tensor& position_ids) {
   FERRY_CHECK(!pending_, "inference between forward() and backward(): call backward() first");
   flush();
   torch::NoGradGuard no_grad;
   torch::Tensor input = tokens.to(config_.device, torch::kLong);
   torch::Tensor mask = device_padding_mask(padding_mask, config_.device);
-  StepContext context = model_.make_context(input, mask);
+  StepContext context = model_.make_context(input, mask, position_ids);
   window_->begin(parameter_visits(/*reverse=*/false));
   enter_part(0);
   torch::Tensor hidden = model_.stem()->forward(input, context);

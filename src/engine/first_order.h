@@ -93,7 +93,8 @@ class FirstOrderTrainer final : public Trainer {
   StepResult step() override;
   std::optional<StepResult> train_step(const data::Batch& batch) override;
   void flush() override;
-  torch::Tensor logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask) override;
+  torch::Tensor logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
+                       const torch::Tensor& position_ids = {}) override;
 
   void quiesce(const char* call) override;
   std::size_t state_count() const override { return parts_.front().states.size(); }
@@ -121,7 +122,8 @@ class FirstOrderTrainer final : public Trainer {
 
   // The passes, over one micro-batch (batch-major) or all of a step's (layer-major).
   void start_step();
-  PendingBackward prepare_micro_batch(const data::Batch& batch) const;
+  // `micro_batch` is the batch's place in its step, which seeds its dropout masks.
+  PendingBackward prepare_micro_batch(const data::Batch& batch, std::int64_t micro_batch) const;
   void forward_blocks(std::vector<PendingBackward>& micro);
   void forward_head(PendingBackward& saved);
   void begin_backward();

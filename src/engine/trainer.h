@@ -37,7 +37,9 @@ class Trainer {
   virtual std::optional<StepResult> train_step(const data::Batch& batch) = 0;
   virtual void flush() = 0;
   // The model's logits with the latest parameters (after flushing), through the same streaming.
-  virtual torch::Tensor logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask) = 0;
+  // position_ids, when given, restart where packed documents start (LayeredModel::make_context).
+  virtual torch::Tensor logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
+                               const torch::Tensor& position_ids = {}) = 0;
 
   // Checkpoints. quiesce() flushes and waits for every transfer, so the parts can be read or
   // written; it throws, naming `call`, between the micro-batches of a step.

@@ -131,7 +131,8 @@ detail::Zo2Trainer::Zo2Trainer(LayeredModel model_in, EngineConfig config_in)
   allocate_and_bind();
   home_updates.assign(parts_.size(), 0);
   window = std::make_unique<detail::DeviceWindow>(*store, static_cast<std::size_t>(config_.zo.blocks_in_flight));
-  // Both forwards of a step must see the same function: no dropout.
+  // Both forwards of a step must see the same function: the modules' own training switches stay
+  // off, and ferry's dropout draws the same masks in both (train_step gives them one context).
   model_.train(false);
 }
 
@@ -545,7 +546,13 @@ std::optional<StepResult> detail::Zo2Trainer::train_step(const data::Batch& batc
   torch::Tensor tokens = batch.input_ids.to(config_.device, torch::kLong);
   torch::Tensor labels = batch.labels.to(config_.device, torch::kLong);
   torch::Tensor mask = detail::device_padding_mask(batch.attention_mask, config_.device);
-  StepContext context = model_.make_context(tokens, mask);
+  // Note: one context for every pass of the step, so the +eps and -eps forwards of a sample (and
+  // every sample) draw the same dropout masks: the projected gradient then measures the
+  // perturbation, not the masks.
+  StepContext context = model_.make_context(tokens, mask, batch.position_ids);
+  context.dropout.training = true;
+  context.dropout.seed = config_.dropout.seed;
+  context.dropout.step = step;
 
   const auto eps = static_cast<float>(config_.zo.eps);
   std::vector<std::uint64_t> seeds;
@@ -607,11 +614,12 @@ void detail::Zo2Trainer::flush() {
   sweep(none, StepContext{}, torch::Tensor(), torch::Tensor());
 }
 
-torch::Tensor detail::Zo2Trainer::logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask) {
+torch::Tensor detail::Zo2Trainer::logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
+                                         const torch::Tensor& position_ids) {
   flush();
   torch::Tensor input = tokens.to(config_.device, torch::kLong);
   torch::Tensor mask = detail::device_padding_mask(padding_mask, config_.device);
-  StepContext context = model_.make_context(input, mask);
+  StepContext context = model_.make_context(input, mask, position_ids);
   std::vector<Pass> passes(1);
   sweep(passes, context, input, torch::Tensor());
   return passes.front().hidden;

@@ -31,7 +31,8 @@ class Zo2Trainer final : public Trainer {
   StepResult step() override;
   std::optional<StepResult> train_step(const data::Batch& batch) override;
   // Logits through the same block streaming, after applying any deferred update.
-  torch::Tensor logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask) override;
+  torch::Tensor logits(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
+                       const torch::Tensor& position_ids = {}) override;
   // Applies the updates not yet applied everywhere and sends every part home up to date.
   void flush() override;
 

@@ -129,6 +129,30 @@ std::string torch_dtype_name(DType dtype) {
   }
 }
 
+// A probability field: 0 to below 1.
+double probability(const Fields& fields, const char* key, double fallback) {
+  const double value = fields.number(key, fallback);
+  FERRY_CHECK(value >= 0 && value < 1, fields.file(), ": field ", key, " is ", value, " (valid: 0 <= p < 1)");
+  return value;
+}
+
+// bos_token_id and eos_token_id, where eos may be a list (Llama-3 instruct models end on any of
+// several). A null or missing field is none.
+void parse_token_ids(const Fields& fields, const Json& root, ModelConfig* config) {
+  config->bos_token_id = fields.integer("bos_token_id", -1);
+  if (!fields.has("eos_token_id")) return;
+  const Json& eos = root.at("eos_token_id");
+  if (eos.is_array()) {
+    for (const Json& id : eos) {
+      FERRY_CHECK(id.is_number_integer(), fields.file(), ": field eos_token_id must be an id or a list of ids, got ",
+                  eos.dump());
+      config->eos_token_ids.push_back(id.get<std::int64_t>());
+    }
+  } else {
+    config->eos_token_ids.push_back(fields.integer("eos_token_id", -1));
+  }
+}
+
 // The required fields are checked by name so that a config.json without, say, hidden_size
 // fails here rather than producing a model of transformers' default size by accident.
 void require(const Fields& fields, std::initializer_list<const char*> keys) {
@@ -154,6 +178,9 @@ ModelConfig parse_gpt2(const Fields& fields) {
   config.norm_eps = fields.number("layer_norm_epsilon", 1e-5);
   config.initializer_range = fields.number("initializer_range", 0.02);
   config.tie_word_embeddings = fields.boolean("tie_word_embeddings", true);
+  config.dropout.embedding = probability(fields, "embd_pdrop", 0.1);
+  config.dropout.attention = probability(fields, "attn_pdrop", 0.1);
+  config.dropout.residual = probability(fields, "resid_pdrop", 0.1);
   FERRY_CHECK(fields.boolean("scale_attn_weights", true), fields.file(),
               ": scale_attn_weights=false is not supported (valid: true)");
   FERRY_CHECK(!fields.boolean("scale_attn_by_inverse_layer_idx", false), fields.file(),
@@ -182,6 +209,10 @@ ModelConfig parse_opt(const Fields& fields) {
   config.tie_word_embeddings = fields.boolean("tie_word_embeddings", true);
   config.pad_token_id = fields.integer("pad_token_id", 1);
   config.norm_eps = 1e-5;
+  config.dropout.attention = probability(fields, "attention_dropout", 0.0);
+  config.dropout.residual = probability(fields, "dropout", 0.1);
+  FERRY_CHECK(fields.number("layerdrop", 0.0) == 0.0, fields.file(), ": layerdrop=", fields.number("layerdrop", 0.0),
+              " is not supported (valid: 0)");
   FERRY_CHECK(fields.boolean("enable_bias", true), fields.file(),
               ": enable_bias=false is not supported (valid: true)");
   FERRY_CHECK(fields.boolean("layer_norm_elementwise_affine", true), fields.file(),
@@ -247,6 +278,7 @@ ModelConfig parse_llama_family(const Fields& fields, const Json& root,
   config.activation = parse_activation(fields, "hidden_act", "silu");
   config.tie_word_embeddings = fields.boolean("tie_word_embeddings", false);
   config.pad_token_id = fields.integer("pad_token_id", -1);
+  config.dropout.attention = probability(fields, "attention_dropout", 0.0);
   parse_rope(fields, root, &config);
   if (model_type == "llama") {
     config.qkv_bias = fields.boolean("attention_bias", false);
@@ -472,6 +504,7 @@ ModelConfig ModelConfig::from_hf_json(const std::string& json_text, const std::s
                 "' is not supported (valid: gpt2, opt, llama, mistral, qwen2)");
   }
   config.dtype = parse_torch_dtype(fields);
+  parse_token_ids(fields, root, &config);
   try {
     config.validate();
   } catch (const Error& error) {
@@ -503,6 +536,9 @@ std::string ModelConfig::to_hf_json() const {
       out["activation_function"] = activation_name(activation);
       out["layer_norm_epsilon"] = norm_eps;
       out["initializer_range"] = initializer_range;
+      out["embd_pdrop"] = dropout.embedding;
+      out["attn_pdrop"] = dropout.attention;
+      out["resid_pdrop"] = dropout.residual;
       break;
     case Family::kOpt:
       out["architectures"] = {"OPTForCausalLM"};
@@ -519,6 +555,8 @@ std::string ModelConfig::to_hf_json() const {
       out["init_std"] = initializer_range;
       out["enable_bias"] = true;
       out["pad_token_id"] = pad_token_id;
+      out["dropout"] = dropout.residual;
+      out["attention_dropout"] = dropout.attention;
       break;
     case Family::kLlama: {
       const std::map<std::string, std::string> architectures = {
@@ -565,9 +603,13 @@ std::string ModelConfig::to_hf_json() const {
       if (pad_token_id >= 0) {
         out["pad_token_id"] = pad_token_id;
       }
+      out["attention_dropout"] = dropout.attention;
       break;
     }
   }
+  if (bos_token_id >= 0) out["bos_token_id"] = bos_token_id;
+  if (eos_token_ids.size() == 1) out["eos_token_id"] = eos_token_ids.front();
+  if (eos_token_ids.size() > 1) out["eos_token_id"] = eos_token_ids;
   out["tie_word_embeddings"] = tie_word_embeddings;
   out["torch_dtype"] = torch_dtype_name(dtype);
   return out.dump(2) + "\n";

@@ -114,14 +114,23 @@ torch::Tensor merge_heads(const torch::Tensor& x) {
 
 torch::ScalarType dtype_of(const ModelConfig& config) { return to_scalar_type(config.dtype); }
 
+// The parts' numbers in dropout seeds (ferry::dropout): the stem 0, block i i + 1.
+constexpr std::int64_t kStemPart = 0;
+std::int64_t block_part(std::int64_t index) { return index + 1; }
+// The dropouts of one block.
+constexpr int kAttentionSite = 0;        // the attention probabilities
+constexpr int kAttentionOutputSite = 1;  // the attention's output projection
+constexpr int kMlpOutputSite = 2;        // the MLP's output projection
+
 class Gpt2Stem final : public Stem {
  public:
   explicit Gpt2Stem(const ModelConfig& config)
       : parameters_(register_parameters(*this, config.stem_parameters(), dtype_of(config))) {}
 
   torch::Tensor forward(const torch::Tensor& tokens, const StepContext& context) override {
-    return at::embedding(get(parameters_, "wte.weight"), tokens) +
-           at::embedding(get(parameters_, "wpe.weight"), context.positions);
+    torch::Tensor embedded = at::embedding(get(parameters_, "wte.weight"), tokens) +
+                             at::embedding(get(parameters_, "wpe.weight"), context.positions);
+    return dropout(embedded, context.dropout.rates.embedding, context, kStemPart, 0);
   }
 
   torch::Tensor token_embedding() const override { return get(parameters_, "wte.weight"); }
@@ -132,26 +141,30 @@ class Gpt2Stem final : public Stem {
 
 class Gpt2Block final : public Block {
  public:
-  explicit Gpt2Block(const ModelConfig& config)
+  Gpt2Block(const ModelConfig& config, std::int64_t index)
       : config_(config),
-        parameters_(register_parameters(*this, config.block_parameters(), dtype_of(config))) {}
+        parameters_(register_parameters(*this, config.block_parameters(), dtype_of(config))),
+        part_(block_part(index)) {}
 
   torch::Tensor forward(const torch::Tensor& hidden, const StepContext& context) override {
+    const double residual_rate = context.dropout.rates.residual;
     torch::Tensor h = layer_norm(hidden, parameters_, "ln_1", config_.norm_eps);
     std::vector<torch::Tensor> qkv =
         conv1d(h, parameters_, "attn.c_attn").split(config_.hidden_size, -1);
     torch::Tensor attended =
         attention(split_heads(qkv[0], config_.head_dim), split_heads(qkv[1], config_.head_dim),
-                  split_heads(qkv[2], config_.head_dim), context);
-    torch::Tensor x = hidden + conv1d(merge_heads(attended), parameters_, "attn.c_proj");
+                  split_heads(qkv[2], config_.head_dim), context, part_, kAttentionSite);
+    torch::Tensor x = hidden + dropout(conv1d(merge_heads(attended), parameters_, "attn.c_proj"), residual_rate,
+                                       context, part_, kAttentionOutputSite);
     h = layer_norm(x, parameters_, "ln_2", config_.norm_eps);
     h = activate(conv1d(h, parameters_, "mlp.c_fc"), config_.activation);
-    return x + conv1d(h, parameters_, "mlp.c_proj");
+    return x + dropout(conv1d(h, parameters_, "mlp.c_proj"), residual_rate, context, part_, kMlpOutputSite);
   }
 
  private:
   ModelConfig config_;
   Parameters parameters_;
+  std::int64_t part_;
 };
 
 class Gpt2Head final : public Head {
@@ -197,19 +210,22 @@ class OptStem final : public Stem {
 
 class OptBlock final : public Block {
  public:
-  explicit OptBlock(const ModelConfig& config)
+  OptBlock(const ModelConfig& config, std::int64_t index)
       : config_(config),
-        parameters_(register_parameters(*this, config.block_parameters(), dtype_of(config))) {}
+        parameters_(register_parameters(*this, config.block_parameters(), dtype_of(config))),
+        part_(block_part(index)) {}
 
   torch::Tensor forward(const torch::Tensor& hidden, const StepContext& context) override {
     const bool pre_norm = config_.do_layer_norm_before;
+    const double residual_rate = context.dropout.rates.residual;
     torch::Tensor h = pre_norm ? norm(hidden, "self_attn_layer_norm") : hidden;
     torch::Tensor attended =
         attention(split_heads(linear(h, parameters_, "self_attn.q_proj"), config_.head_dim),
                   split_heads(linear(h, parameters_, "self_attn.k_proj"), config_.head_dim),
                   split_heads(linear(h, parameters_, "self_attn.v_proj"), config_.head_dim),
-                  context);
-    h = hidden + linear(merge_heads(attended), parameters_, "self_attn.out_proj");
+                  context, part_, kAttentionSite);
+    h = hidden + dropout(linear(merge_heads(attended), parameters_, "self_attn.out_proj"), residual_rate, context,
+                         part_, kAttentionOutputSite);
     if (!pre_norm) {
       h = norm(h, "self_attn_layer_norm");
     }
@@ -218,7 +234,7 @@ class OptBlock final : public Block {
       h = norm(h, "final_layer_norm");
     }
     h = linear(activate(linear(h, parameters_, "fc1"), config_.activation), parameters_, "fc2");
-    h = residual + h;
+    h = residual + dropout(h, residual_rate, context, part_, kMlpOutputSite);
     return pre_norm ? h : norm(h, "final_layer_norm");
   }
 
@@ -229,6 +245,7 @@ class OptBlock final : public Block {
 
   ModelConfig config_;
   Parameters parameters_;
+  std::int64_t part_;
 };
 
 class OptHead final : public Head {
@@ -275,9 +292,10 @@ class LlamaStem final : public Stem {
 
 class LlamaBlock final : public Block {
  public:
-  explicit LlamaBlock(const ModelConfig& config)
+  LlamaBlock(const ModelConfig& config, std::int64_t index)
       : config_(config),
-        parameters_(register_parameters(*this, config.block_parameters(), dtype_of(config))) {}
+        parameters_(register_parameters(*this, config.block_parameters(), dtype_of(config))),
+        part_(block_part(index)) {}
 
   torch::Tensor forward(const torch::Tensor& hidden, const StepContext& context) override {
     FERRY_CHECK(context.rope_cos.defined(),
@@ -285,15 +303,19 @@ class LlamaBlock final : public Block {
                 "with LayeredModel::make_context");
     torch::Tensor h = rms_norm(hidden, get(parameters_, "input_layernorm.weight"),
                                config_.norm_eps);
-    torch::Tensor cos = context.rope_cos.view({1, 1, -1, config_.head_dim});
-    torch::Tensor sin = context.rope_sin.view({1, 1, -1, config_.head_dim});
+    // [seq, head_dim] shared by every row, or [batch, seq, head_dim] when positions restart.
+    torch::Tensor cos = context.rope_cos.dim() == 3 ? context.rope_cos.unsqueeze(1)
+                                                    : context.rope_cos.view({1, 1, -1, config_.head_dim});
+    torch::Tensor sin = context.rope_sin.dim() == 3 ? context.rope_sin.unsqueeze(1)
+                                                    : context.rope_sin.view({1, 1, -1, config_.head_dim});
     torch::Tensor q = apply_rotary(
         split_heads(linear(h, parameters_, "self_attn.q_proj"), config_.head_dim), cos, sin);
     torch::Tensor k = apply_rotary(
         split_heads(linear(h, parameters_, "self_attn.k_proj"), config_.head_dim), cos, sin);
     torch::Tensor v = split_heads(linear(h, parameters_, "self_attn.v_proj"), config_.head_dim);
     torch::Tensor x =
-        hidden + linear(merge_heads(attention(q, k, v, context)), parameters_, "self_attn.o_proj");
+        hidden + linear(merge_heads(attention(q, k, v, context, part_, kAttentionSite)), parameters_,
+                        "self_attn.o_proj");
     h = rms_norm(x, get(parameters_, "post_attention_layernorm.weight"), config_.norm_eps);
     torch::Tensor gated = activate(linear(h, parameters_, "mlp.gate_proj"), config_.activation) *
                           linear(h, parameters_, "mlp.up_proj");
@@ -303,6 +325,7 @@ class LlamaBlock final : public Block {
  private:
   ModelConfig config_;
   Parameters parameters_;
+  std::int64_t part_;
 };
 
 class LlamaHead final : public Head {
@@ -374,15 +397,15 @@ std::shared_ptr<Stem> make_stem(const ModelConfig& config) {
   return nullptr;
 }
 
-std::shared_ptr<Block> make_block(const ModelConfig& config) {
+std::shared_ptr<Block> make_block(const ModelConfig& config, std::int64_t index) {
   config.validate();
   switch (config.family) {
     case Family::kGpt2:
-      return std::make_shared<Gpt2Block>(config);
+      return std::make_shared<Gpt2Block>(config, index);
     case Family::kOpt:
-      return std::make_shared<OptBlock>(config);
+      return std::make_shared<OptBlock>(config, index);
     case Family::kLlama:
-      return std::make_shared<LlamaBlock>(config);
+      return std::make_shared<LlamaBlock>(config, index);
   }
   FERRY_ASSERT(false, "unknown family");
   return nullptr;
@@ -412,6 +435,7 @@ ContextOptions make_context_options(const ModelConfig& config) {
     options.sliding_window = config.sliding_window;
   }
   options.positions_from_padding_mask = config.family == Family::kOpt;
+  options.dropout = config.dropout;
   return options;
 }
 
@@ -421,7 +445,7 @@ LayeredModel allocate(const ModelConfig& config) {
   std::vector<std::shared_ptr<Block>> blocks;
   blocks.reserve(static_cast<std::size_t>(config.num_layers));
   for (std::int64_t i = 0; i < config.num_layers; ++i) {
-    blocks.push_back(make_block(config));
+    blocks.push_back(make_block(config, i));
   }
   std::shared_ptr<Head> head = make_head(config, *stem);
   return LayeredModel(std::move(stem), std::move(blocks), std::move(head),

@@ -5,7 +5,11 @@
 #include <limits>
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/version.h>
+#if FERRY_WITH_CUDA
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#endif
 
 #include "ferry/check.h"
 
@@ -117,6 +121,66 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
 #endif
 }
 
+namespace {
+
+std::uint64_t mix_seed(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// One generator per mask, seeded from everything that tells the mask apart from the others.
+at::Generator dropout_generator(const StepContext& context, std::int64_t part, int site, torch::Device device) {
+  std::uint64_t seed = mix_seed(context.dropout.seed);
+  for (std::uint64_t value : {static_cast<std::uint64_t>(context.dropout.step),
+                              static_cast<std::uint64_t>(context.dropout.micro_batch), static_cast<std::uint64_t>(part),
+                              static_cast<std::uint64_t>(site)}) {
+    seed = mix_seed(seed ^ value);
+  }
+  if (device.is_cuda()) {
+#if FERRY_WITH_CUDA
+    at::Generator generator = at::cuda::detail::createCUDAGenerator(device.index());
+    generator.set_current_seed(seed);
+    return generator;
+#else
+    FERRY_CHECK(false, "dropout on ", device, " needs ferry built with CUDA");
+#endif
+  }
+  return at::detail::createCPUGenerator(seed);
+}
+
+torch::Tensor attention_probabilities_dropped(const torch::Tensor& q, const torch::Tensor& keys,
+                                              const torch::Tensor& values, const StepContext& context,
+                                              std::int64_t part, int site) {
+  const std::int64_t seq_q = q.size(2), seq_k = keys.size(2);
+  torch::Tensor scores = torch::matmul(q, keys.transpose(-2, -1)) / std::sqrt(static_cast<double>(q.size(-1)));
+  torch::Tensor allowed = context.attention_mask.defined()
+                              ? context.attention_mask
+                              : torch::ones({seq_q, seq_k}, q.options().dtype(torch::kBool)).tril();
+  scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+  torch::Tensor probabilities = torch::softmax(scores, -1, torch::kFloat).to(q.scalar_type());
+  return torch::matmul(dropout(probabilities, context.dropout.rates.attention, context, part, site), values);
+}
+
+}  // namespace
+
+torch::Tensor dropout(const torch::Tensor& x, double p, const StepContext& context, std::int64_t part, int site) {
+  if (!context.dropout.training || p <= 0) return x;
+  FERRY_CHECK(p < 1, "dropout probability ", p, " is invalid: valid are 0 <= p < 1");
+  at::Generator generator = dropout_generator(context, part, site, x.device());
+  torch::Tensor keep = at::empty(x.sizes(), x.options()).bernoulli_(1 - p, generator);
+  return x * keep * (1.0 / (1 - p));
+}
+
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const StepContext& context, std::int64_t part, int site) {
+  if (!context.dropout.training || context.dropout.rates.attention <= 0) return attention(q, k, v, context);
+  FERRY_ASSERT(q.size(1) % k.size(1) == 0, "query heads must be a multiple of kv heads");
+  const std::int64_t n_rep = q.size(1) / k.size(1);
+  return attention_probabilities_dropped(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), context, part, site);
+}
+
 torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels) {
   FERRY_CHECK(logits.dim() == 3 && labels.dim() == 2 && logits.size(0) == labels.size(0) &&
                   logits.size(1) == labels.size(1),
@@ -226,8 +290,8 @@ LayeredModel::LayeredModel(std::shared_ptr<Stem> stem, std::vector<std::shared_p
               context_options_.sliding_window);
 }
 
-StepContext LayeredModel::make_context(const torch::Tensor& tokens,
-                                       const torch::Tensor& padding_mask) const {
+StepContext LayeredModel::make_context(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
+                                       const torch::Tensor& position_ids) const {
   FERRY_CHECK(tokens.dim() == 2, "tokens must be [batch, seq], got shape ", tokens.sizes());
   const std::int64_t batch = tokens.size(0), seq = tokens.size(1);
   const auto index_options = torch::TensorOptions().dtype(torch::kLong).device(tokens.device());
@@ -238,19 +302,34 @@ StepContext LayeredModel::make_context(const torch::Tensor& tokens,
                 padding_mask.sizes(), " but tokens have shape ", tokens.sizes());
     real = padding_mask.to(bool_options);
   }
+  const torch::Tensor counting = torch::arange(seq, index_options).unsqueeze(0).expand({batch, seq});
+  // Positions that restart within a row: packed documents. Rows of plain 0, 1, 2, ... take the
+  // ordinary causal path.
+  torch::Tensor restarted;
+  if (position_ids.defined()) {
+    FERRY_CHECK(position_ids.sizes() == tokens.sizes(), "position_ids has shape ", position_ids.sizes(),
+                " but tokens have shape ", tokens.sizes());
+    torch::Tensor given = position_ids.to(index_options);
+    if (!given.equal(counting)) restarted = given;
+  }
 
   StepContext context;
-  if (context_options_.positions_from_padding_mask && real.defined()) {
+  context.dropout.rates = context_options_.dropout;
+  if (restarted.defined()) {
+    context.positions = real.defined() && context_options_.positions_from_padding_mask
+                            ? restarted.masked_fill(real.logical_not(), -1)
+                            : restarted;
+  } else if (context_options_.positions_from_padding_mask && real.defined()) {
     torch::Tensor counted = real.to(torch::kLong);
     context.positions = counted.cumsum(1) * counted - 1;
   } else {
-    context.positions = torch::arange(seq, index_options).unsqueeze(0).expand({batch, seq});
+    context.positions = counting;
   }
 
   // Note: a query at a padding position would see no key at all under a pure key-padding
   // mask and produce NaN. Every query is allowed to see itself, so padding rows stay finite;
   // their outputs are never used because their labels are ignored.
-  if (real.defined() || context_options_.sliding_window > 0) {
+  if (real.defined() || context_options_.sliding_window > 0 || restarted.defined()) {
     torch::Tensor query = torch::arange(seq, index_options).unsqueeze(1);
     torch::Tensor key = torch::arange(seq, index_options).unsqueeze(0);
     torch::Tensor allowed = key.le(query);
@@ -258,6 +337,11 @@ StepContext LayeredModel::make_context(const torch::Tensor& tokens,
       allowed = allowed.logical_and((query - key).lt(context_options_.sliding_window));
     }
     allowed = allowed.view({1, 1, seq, seq});
+    if (restarted.defined()) {
+      // A document starts wherever the position is 0; a query sees keys of its own document only.
+      torch::Tensor document = restarted.eq(0).to(torch::kLong).cumsum(1);
+      allowed = allowed.logical_and(document.unsqueeze(2).eq(document.unsqueeze(1)).unsqueeze(1));
+    }
     if (real.defined()) {
       allowed = allowed.logical_and(real.view({batch, 1, 1, seq}));
     }
@@ -267,13 +351,23 @@ StepContext LayeredModel::make_context(const torch::Tensor& tokens,
   if (context_options_.rope != nullptr) {
     std::tie(context.rope_cos, context.rope_sin) =
         context_options_.rope->cos_sin(seq, tokens.device(), dtype());
+    if (restarted.defined()) {
+      const torch::Tensor flat = restarted.clamp_min(0).reshape({-1});
+      context.rope_cos = context.rope_cos.index_select(0, flat).view({batch, seq, -1});
+      context.rope_sin = context.rope_sin.index_select(0, flat).view({batch, seq, -1});
+    }
   }
   return context;
 }
 
-torch::Tensor LayeredModel::forward(const torch::Tensor& tokens,
-                                    const torch::Tensor& padding_mask) const {
-  StepContext context = make_context(tokens, padding_mask);
+void LayeredModel::set_dropout(double rate) {
+  FERRY_CHECK(rate >= 0 && rate < 1, "dropout rate ", rate, " is invalid: valid are 0 <= rate < 1");
+  context_options_.dropout = {rate, rate, rate};
+}
+
+torch::Tensor LayeredModel::forward(const torch::Tensor& tokens, const torch::Tensor& padding_mask,
+                                    const torch::Tensor& position_ids) const {
+  StepContext context = make_context(tokens, padding_mask, position_ids);
   torch::Tensor hidden = stem_->forward(tokens, context);
   for (const auto& block : blocks_) {
     hidden = block->forward(hidden, context);

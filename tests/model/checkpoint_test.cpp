@@ -155,7 +155,7 @@ TEST_CASE("checkpoint: a block streams straight into a caller's flat bundle", "[
   models::save_pretrained(model, dir.path());
 
   models::PretrainedReader reader(dir.path());
-  auto block = models::make_block(config);
+  auto block = models::make_block(config, 0);
   torch::Tensor bundle = torch::zeros({config.block_parameter_count()});
   int64_t offset = 0;
   for (auto& parameter : block->parameters()) {
