@@ -189,14 +189,16 @@ DType model_dtype(const std::string& name) {
 
 // A preset name ("tiny-llama", "llama3-8b") or a Hugging Face directory, as the CLI reads it.
 LayeredModel load_model(const std::string& name, std::uint64_t seed,
-                        const std::optional<std::string>& dtype) {
+                        const std::optional<std::string>& dtype, std::int64_t layers) {
   const bool is_directory = name.find('/') != std::string::npos || fs::is_directory(name);
   if (is_directory) {
+    FERRY_CHECK(layers == 0, "layers = ", layers, " truncates a preset; '", name, "' is a Hugging Face directory, "
+                "which keeps its own blocks");
     models::LoadOptions options;
     if (dtype) options.dtype = model_dtype(*dtype);
     return models::from_pretrained(name, options);
   }
-  models::ModelConfig config = models::preset(name);
+  models::ModelConfig config = models::truncated(models::preset(name), layers);
   if (dtype) config.dtype = model_dtype(*dtype);
   return models::build(config, seed);
 }
@@ -228,7 +230,7 @@ void bind_models(py::module_& module) {
       .def("loss", &LayeredModel::loss, py::arg("logits"), py::arg("labels"),
            py::call_guard<py::gil_scoped_release>());
   module.def("load_model", &load_model, py::arg("name"), py::arg("seed") = 0,
-             py::arg("dtype") = std::nullopt);
+             py::arg("dtype") = std::nullopt, py::arg("layers") = 0);
   module.def("python_model", &python_model, py::arg("stem"), py::arg("blocks"), py::arg("head"),
              py::arg("pass_context") = false);
   module.def("preset_names", &models::preset_names);

@@ -78,6 +78,7 @@ class Engine:
         name = merged.pop("model", None)
         seed = int(merged.get("seed", 0))
         dtype: DTypeLike = merged.pop("dtype", None)
+        layers = int(merged.pop("layers", 0))
         # What mode="auto" plans with; batch and seq are also loop keys, dropped below.
         planning = {"batch": merged.get("batch"), "seq": merged.get("seq"),
                     "hardware": merged.pop("hardware", None), "calibration": merged.pop("calibration", None)}
@@ -99,8 +100,10 @@ class Engine:
             self.model = model
         elif isinstance(model, (str, os.PathLike)):
             path = os.fspath(model)
+            if os.path.isdir(path) and layers:
+                raise ValueError(f"layers={layers} truncates a preset; {path} is a Hugging Face directory")
             self.model = (LayeredModel.from_pretrained(path, dtype) if os.path.isdir(path)
-                          else LayeredModel.preset(path, seed, dtype))
+                          else LayeredModel.preset(path, seed, dtype, layers))
         else:
             raise TypeError(f"model must be a preset name, a Hugging Face directory or a "
                             f"ferry.LayeredModel, not {type(model).__name__}")
@@ -117,10 +120,10 @@ class Engine:
         if batch is None or seq is None:
             raise TypeError("mode='auto' plans the placement for the micro-batch it will train on: "
                             "give batch= and seq= (or a placement=)")
-        if isinstance(source, (str, os.PathLike)):
-            target = os.fspath(source)
-        elif self.model.hf_config is not None:
+        if self.model.hf_config is not None:  # the model's own shape, --layers and all
             target = self.model.hf_config
+        elif isinstance(source, (str, os.PathLike)):
+            target = os.fspath(source)
         else:
             raise TypeError("mode='auto' plans from the model's shape, which a model of your own modules "
                             "does not have: give a placement= (ferry.plan of an equal preset), or a preset mode")

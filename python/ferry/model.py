@@ -72,10 +72,11 @@ class LayeredModel:
         return instance
 
     @classmethod
-    def preset(cls, name: str, seed: int = 0, dtype: DTypeLike = None) -> "LayeredModel":
+    def preset(cls, name: str, seed: int = 0, dtype: DTypeLike = None, layers: int = 0) -> "LayeredModel":
         """A built-in family by preset name (see :func:`preset_names`), randomly initialised
-        as transformers does, deterministically for ``seed``."""
-        return cls._wrap(_C.load_model(name, seed, _dtype_name(dtype)))
+        as transformers does, deterministically for ``seed``; with ``layers``, only its first
+        that many blocks (every other dimension kept)."""
+        return cls._wrap(_C.load_model(name, seed, _dtype_name(dtype), int(layers)))
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike],

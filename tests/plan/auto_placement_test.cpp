@@ -1,11 +1,13 @@
 // Mode auto: the planner chooses every part's homes from the budgets and the hardware figures,
 // and the engine runs the placement within those budgets.
 
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include "ferry/engine.h"
 #include "ferry/model.h"
 #include "ferry/plan.h"
+#include "ferry/system.h"
 #include "support/temp_dir.h"
 
 // glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
@@ -187,4 +189,40 @@ TEST_CASE("auto: the engine runs the planned placement within every budget") {
     if (budget > 0) CHECK(store.tiers[rank(tier)].peak_bytes + left_for_autograd <= budget);
     CHECK(store.tiers[rank(tier)].peak_bytes + left_for_autograd == total(plan, tier));
   }
+}
+
+// Note: on a CUDA device the budget bounds what the caching allocator really holds: the store's
+// bundles and pools within its share, kept graphs, working activations and autograd's buffers
+// within gpu_working_bytes.
+TEST_CASE("auto on a CUDA device: the allocator's peak stays within the gpu budget") {
+  if (!torch::cuda::is_available()) {
+    WARN("no CUDA device: the allocator's peak is measured on the GPU machine");
+    return;
+  }
+  PlanRequest request;
+  request.model_name = "llama-1.3b, 6 blocks";
+  request.model = models::truncated(models::preset("llama-1.3b"), 6);
+  request.engine.mode = Mode::kAuto;
+  request.engine.precision = Precision::kBF16;
+  request.engine.device = torch::Device(torch::kCUDA, 0);
+  request.batch = 4;
+  request.seq = 1024;
+  request.hardware = hardware_preset("h100");
+  const Plan roomy = make_plan(request);
+  request.engine.gpu_budget_bytes = total(roomy, Tier::kGpu) * 6 / 10;
+  const Plan plan = make_plan(request);
+  INFO(format_plan(plan));
+  REQUIRE(plan.fits);
+  release_cached_gpu_memory();
+  reset_gpu_peak_memory();
+  const std::uint64_t before = gpu_memory_stats().allocated_bytes;
+  {
+    Engine engine(models::build(request.model, 1), plan_engine_config(plan));
+    for (int step = 0; step < 3; ++step) {
+      engine.train_step(data::random_batch(request.batch, request.seq, request.model.vocab_size, step));
+    }
+    synchronize_gpu();
+  }
+  const std::uint64_t peak = gpu_memory_stats().peak_allocated_bytes - before;
+  CHECK(peak <= request.engine.gpu_budget_bytes);
 }

@@ -207,3 +207,21 @@ def test_zero_offload_follows_the_gpu_mode_on_cuda() -> None:
     offloaded = losses(ferry.Engine("tiny-llama", mode="zero-offload", device="cuda", seed=7),
                        loader(), 5)
     assert offloaded == pytest.approx(reference, rel=1e-4)
+
+
+def test_mode_auto_plans_the_placement_and_trains_as_the_gpu_mode_does() -> None:
+    """mode="auto" places the parts with ferry.plan for the given micro-batch; on the CPU every
+    placement computes the gpu mode's bits."""
+    settings = dict(lr=3e-3, device="cpu", seed=3)
+    reference = ferry.Engine("tiny-llama", mode="gpu", **settings)
+    roomy = ferry.plan("tiny-llama", "auto", batch=4, seq=16, hardware="h100", device="cpu")
+    budget = roomy.tier_bytes("gpu") * 2 // 3
+    placed = ferry.Engine("tiny-llama", mode="auto", batch=4, seq=16, hardware="h100",
+                          gpu_budget=budget, **settings)
+    assert placed.plan is not None and placed.plan.fits
+    assert placed.plan.tier_bytes("gpu") <= budget
+    updates = [part["grads"] for part in placed.plan["placement"]["parts"]]
+    assert "host" in updates and "gpu" in updates  # both sides update some parts
+    assert losses(placed, loader(), 5) == losses(reference, loader(), 5)
+    with pytest.raises(TypeError, match="batch= and seq="):
+        ferry.Engine("tiny-llama", mode="auto", hardware="h100", **settings)
