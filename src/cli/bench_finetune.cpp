@@ -52,7 +52,44 @@ struct OffloadSettings {
   MicroBatchOrder order = MicroBatchOrder::kBatchMajor;
   bool delayed_update = false;  // zero-offload: ZeRO-Offload's DPU, from the first step
   std::optional<Hardware> hardware;  // auto: the figures it plans with
+  // Auto: trace each part's compute, compare the blocks' with the plan's and predict the whole
+  // preset (`full` blocks, when --layers cut it) from the measured block times.
+  bool trace_blocks = false;
+  std::optional<models::ModelConfig> full;
 };
+
+// The mean seconds of the plan's spans named `prefix` + "block.N", over the step it reports.
+double planned_block_seconds(const Plan& plan, const std::string& prefix) {
+  double sum = 0;
+  int count = 0;
+  for (const PlanSpan& span : plan.spans) {
+    if (span.resource != Resource::kCompute || span.name.rfind(prefix + "block.", 0) != 0) continue;
+    sum += span.end_s - span.start_s;
+    ++count;
+  }
+  return count ? sum / count : 0;
+}
+
+// The measured compute of a step's blocks (their mean), the stem and the head, extended to
+// `blocks` blocks: what the planner replays for a model cut by --layers, at full depth.
+MeasuredCompute at_depth(const EngineStats& stats, int steps, std::int64_t batch, std::int64_t seq,
+                         std::int64_t blocks) {
+  MeasuredCompute measured{batch, seq, {}, {}};
+  const std::size_t parts = stats.part_forward_seconds.size();
+  auto mean_block = [&](const std::vector<double>& seconds) {
+    double sum = 0;
+    for (std::size_t p = 1; p + 1 < parts; ++p) sum += seconds[p];
+    return sum / static_cast<double>(parts - 2) / steps;
+  };
+  for (const std::vector<double>* seconds : {&stats.part_forward_seconds, &stats.part_backward_seconds}) {
+    std::vector<double>& out = seconds == &stats.part_forward_seconds ? measured.part_forward_seconds
+                                                                      : measured.part_backward_seconds;
+    out.push_back(seconds->front() / steps);
+    out.insert(out.end(), static_cast<std::size_t>(blocks), mean_block(*seconds));
+    out.push_back(seconds->back() / steps);
+  }
+  return measured;
+}
 
 // Runs `step` warmup times, then times `steps` of them with the device drained around the timing.
 template <typename Step>
@@ -155,6 +192,7 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
     plan = make_plan(request);
     FERRY_CHECK(plan->fits, "auto finds no placement within the budgets:\n", format_plan(*plan));
     engine_config = plan_engine_config(*plan);
+    engine_config.trace = offload.trace_blocks;
   }
   Engine engine(models::build(config, 1), engine_config);
   std::vector<data::Batch> batches;
@@ -199,6 +237,36 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
                   format_bytes(plan->tier_bytes[2]).c_str(), plan->step_seconds,
                   figures.seconds_per_step / plan->step_seconds);
     figures.note = note + std::string(placed);
+    if (offload.trace_blocks) {
+      const MeasuredCompute measured = at_depth(stats, warmup + steps, batch, seq, config.num_layers);
+      const double forward = measured.part_forward_seconds[1], backward = measured.part_backward_seconds[1];
+      const double plan_forward = planned_block_seconds(*plan, "forward ");
+      const double plan_backward = planned_block_seconds(*plan, "recompute and backward ") +
+                                   planned_block_seconds(*plan, "backward ");
+      char blocks[512];
+      std::snprintf(blocks, sizeof blocks,
+                    "; traced (the device syncs at each part): a block's forward %.2f ms (plan %.2f, measured / "
+                    "plan %.2f), backward %.2f ms (plan %.2f, %.2f)",
+                    1e3 * forward, 1e3 * plan_forward, forward / plan_forward, 1e3 * backward, 1e3 * plan_backward,
+                    backward / plan_backward);
+      figures.note += blocks;
+      if (offload.full && offload.full->num_layers > config.num_layers) {
+        PlanRequest whole = plan->request;
+        whole.model = *offload.full;
+        whole.engine.placement = {};
+        whole.measured = at_depth(stats, warmup + steps, batch, seq, offload.full->num_layers);
+        const Plan predicted = make_plan(whole);
+        char full[384];
+        std::snprintf(full, sizeof full,
+                      "; the whole model (%lld blocks) with these block times: %s, %.3f s/step, %.0f tokens/s, "
+                      "gpu %s, host %s, nvme %s, bottleneck %s",
+                      static_cast<long long>(offload.full->num_layers), predicted.fits ? "fits" : "does NOT fit",
+                      predicted.step_seconds, predicted.tokens_per_s, format_bytes(predicted.tier_bytes[0]).c_str(),
+                      format_bytes(predicted.tier_bytes[1]).c_str(), format_bytes(predicted.tier_bytes[2]).c_str(),
+                      to_string(predicted.bottleneck));
+        figures.note += full;
+      }
+    }
   }
   if (mode != Mode::kGpu) {
     const TierStats& host = stats.store.tiers[static_cast<int>(Tier::kHost)];
@@ -213,6 +281,8 @@ int run_bench_finetune(int argc, char** argv) {
       ("model", "preset", cxxopts::value<std::string>()->default_value("llama-1.3b"))
       ("layers", "the preset's first N blocks only, every other dimension kept (0: all)",
        cxxopts::value<std::int64_t>()->default_value("0"))
+      ("trace-blocks", "auto rows: trace each part's compute against the plan's, and predict the whole preset "
+       "from the measured block times")
       ("calibration", "auto: the hardware figures it plans with, from `ferry bench calibrate` (default: a quick "
        "calibration of this machine)", cxxopts::value<std::string>()->default_value(""))
       ("modes", "ferry modes", cxxopts::value<std::vector<std::string>>()->default_value("gpu,zero-offload"))
@@ -263,6 +333,9 @@ int run_bench_finetune(int argc, char** argv) {
   offload.fuyou.blocks_in_flight = args["fuyou-window"].as<std::int64_t>();
   offload.grad_accumulation = args["grad-accum"].as<std::int64_t>();
   offload.order = parse_micro_batch_order(args["micro-batch-order"].as<std::string>());
+  offload.trace_blocks = args.count("trace-blocks") > 0;
+  offload.full = models::preset(args["model"].as<std::string>());
+  offload.full->dtype = config.dtype;
   for (const std::string& mode : args["modes"].as<std::vector<std::string>>()) {
     if (parse_mode(mode) != Mode::kAuto || offload.hardware) continue;
     const std::string file = args["calibration"].as<std::string>();
