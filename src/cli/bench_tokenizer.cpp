@@ -3,6 +3,8 @@
 // core (the way `ferry tokenize --data` pre-tokenizes a dataset). The baseline is
 // tools/bench/tokenizer_baseline.py, run by this command; the ids of both must agree.
 
+#include <unistd.h>
+
 #include <tbb/global_control.h>
 
 #include <algorithm>
@@ -118,9 +120,12 @@ std::optional<Json> run_baseline(const std::string& python, const std::string& s
   return result;
 }
 
-std::string default_script(const char* argv0) {
-  // build/ferry next to tools/ in the source tree, or an installed bin/ferry beside share/.
-  const std::string self = fs::parent_directory(argv0);
+std::string default_script(const char*) {
+  // build/ferry next to tools/ in the source tree, or an installed bin/ferry beside share/. The
+  // executable's own path: the subcommand's argv[0] is its name, not where it lies.
+  char path[4096];
+  const ssize_t length = ::readlink("/proc/self/exe", path, sizeof path - 1);
+  const std::string self = fs::parent_directory(length > 0 ? std::string(path, static_cast<std::size_t>(length)) : ".");
   for (const std::string& candidate : {self + "/../tools/bench/tokenizer_baseline.py",
                                        self + "/../share/ferry/tokenizer_baseline.py"}) {
     if (fs::exists(candidate)) return candidate;

@@ -51,7 +51,7 @@ PlanRequest tiny_request(const std::string& preset, Mode mode, std::int64_t keep
 // What the store does not hold: kept graphs and the working activations (autograd's own memory).
 // Checkpoints are store bundles.
 bool is_activation(const PlanItem& item) {
-  for (const char* prefix : {"graphs", "working activations"}) {
+  for (const char* prefix : {"graphs", "working activations", "hidden states", "allocator headroom"}) {
     if (item.role.rfind(prefix, 0) == 0) return true;
   }
   return false;

@@ -34,7 +34,7 @@ struct FuyouCase {
 
 TEST_CASE("published: Fuyou on an RTX 4090, GPT-3 13B and 175B") {
   const FuyouCase cases[] = {
-      {"gpt3-13b", 64, 32, 3, 155.8}, {"gpt3-175b", 8, 8, 2, 52.6}, {"gpt3-175b", 16, 8, 2, 86.9}};
+      {"gpt3-13b", 64, 16, 3, 155.8}, {"gpt3-175b", 8, 8, 2, 52.6}, {"gpt3-175b", 16, 8, 2, 86.9}};
   double predicted[3];
   for (int i = 0; i < 3; ++i) {
     const FuyouCase& c = cases[i];
