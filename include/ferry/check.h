@@ -1,6 +1,6 @@
 #pragma once
 
-// The first two of ferry's three error channels (STYLE.md, rule 3):
+// The first two of ferry's three error channels (docs/style.md, rule 3):
 //  - FERRY_CHECK for user and configuration errors: throws ferry::Error with a message that
 //    names the bad value and what would be valid.
 //  - FERRY_ASSERT for internal invariants: stays on in release builds and throws

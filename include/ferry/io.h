@@ -29,7 +29,7 @@ IoBackendKind parse_io_backend(std::string_view name);
 
 enum class IoOp { kRead, kWrite };
 
-// The third error channel (STYLE.md, rule 3): what failed, where, and the errno behind it.
+// The third error channel (docs/style.md, rule 3): what failed, where, and the errno behind it.
 struct IoError {
   int error_number = 0;  // errno; ENODATA for a read past the end of the file
   IoOp op = IoOp::kRead;

@@ -1,6 +1,6 @@
 #pragma once
 
-// The layered model: the contract the engine drives block by block (DESIGN.md, layer 5).
+// The layered model: the contract the engine drives block by block (docs/architecture.md, layer 5).
 //
 //   tokens --stem--> hidden --block 0--> ... --block N-1--> hidden --head--> logits --loss
 //

@@ -1,6 +1,6 @@
 #pragma once
 
-// The planner (DESIGN.md, layer 7): where every byte of a fine-tuning job lives and how long a
+// The planner (docs/architecture.md, layer 7): where every byte of a fine-tuning job lives and how long a
 // step takes, for a model that is never built, on hardware described by figures. It sizes the
 // tiers with the engine's own sizing (engine_demand), adds the activations, checks the budgets
 // and, when they do not hold, names the smallest changes that would make the job fit. The step

@@ -1,6 +1,6 @@
 #pragma once
 
-// The residency manager (DESIGN.md, layer 3). The unit of movement is a bundle: one part's
+// The residency manager (docs/architecture.md, layer 3). The unit of movement is a bundle: one part's
 // tensors of one role (bf16 parameters, fp32 master, exp_avg, exp_avg_sq, gradients, an
 // activation checkpoint) packed flat and aligned, so a block moves as one large transfer and one
 // large NVMe extent. A bundle has a home tier and copies on other tiers, each in an explicit

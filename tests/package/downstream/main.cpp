@@ -1,5 +1,4 @@
-#include <ferry/engine.h>
-#include <ferry/version.h>
+#include <ferry/ferry.h>
 #include <iostream>
 int main() {
   ferry::EngineConfig config;
