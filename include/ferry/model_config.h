@@ -128,4 +128,7 @@ ModelConfig preset(const std::string& name);
 ModelConfig truncated(ModelConfig config, std::int64_t layers);
 std::vector<std::string> preset_names();
 
+// Parameter counts as people write them: "156.5K", "1.35B", "13.02B".
+std::string format_parameter_count(std::int64_t count);
+
 }  // namespace ferry::models

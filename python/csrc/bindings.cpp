@@ -337,7 +337,7 @@ void bind_engine(py::module_& module) {
       .def_property_readonly("steps_taken", &Engine::steps_taken)
       .def_property_readonly("current_lr", &Engine::current_lr)
       .def_property_readonly("parameter_count",
-                             [](const Engine& engine) { return engine.model().parameter_count(); })
+                             [](const Engine& engine) { return engine.parameter_count(); })
       .def_property_readonly("num_blocks",
                              [](const Engine& engine) { return engine.model().num_blocks(); })
       .def_property_readonly("mode",

@@ -362,8 +362,8 @@ int run_bench_finetune(int argc, char** argv) {
     std::printf("NVMe measured: read %.2f GB/s, write %.2f GB/s (io_uring, 2 GiB)\n", nvme->read_gbps,
                 nvme->write_gbps);
   }
-  std::printf("bench finetune: %s (%.2fB parameters), sequence %lld, on %s, %s\n",
-              args["model"].as<std::string>().c_str(), static_cast<double>(config.parameter_count()) / 1e9,
+  std::printf("bench finetune: %s (%s parameters), sequence %lld, on %s, %s\n",
+              args["model"].as<std::string>().c_str(), models::format_parameter_count(config.parameter_count()).c_str(),
               static_cast<long long>(seq), device.str().c_str(), probe_gpu_tier().description.c_str());
   std::printf("| %-40s | %5s | %8s | %9s | %7s | %9s | %8s | %s\n", "run", "batch", "s/step",
               "tokens/s", "TFLOPS", "peak GPU", "vs plain", "notes");

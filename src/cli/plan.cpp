@@ -25,6 +25,30 @@ models::ModelConfig resolve_model(const std::string& name) {
   return models::ModelConfig::from_hf_file(name + "/config.json");
 }
 
+// With no calibration file: a quick calibration of this machine and its NVMe directories (about a
+// second), said so on stderr. Where even that cannot run (a directory without O_DIRECT, say), the
+// machine's figures without those directories, and NVMe at a stated default rate.
+Hardware quick_calibration(const std::vector<std::string>& directories) {
+  CalibrationOptions options;
+  options.nvme_directories = directories;
+  options.nvme_bytes = std::uint64_t{32} << 20;
+  options.repeat = 1;
+  options.quick = true;
+  std::cerr << "ferry plan: no " << kDefaultCalibration << " here: planning with a quick calibration of this "
+               "machine (rougher figures; `ferry bench calibrate` measures them properly)\n";
+  try {
+    return calibrate(options);
+  } catch (const Error& error) {
+    constexpr double kDefaultNvmeGbps = 1.0;
+    std::cerr << "ferry plan: the NVMe directories could not be measured (" << error.what() << "): planning them at "
+              << kDefaultNvmeGbps << " GB/s each way\n";
+    options.nvme_directories.clear();
+    Hardware hw = calibrate(options);
+    for (const std::string& directory : directories) hw.nvme.push_back({directory, kDefaultNvmeGbps, kDefaultNvmeGbps});
+    return hw;
+  }
+}
+
 // Hardware figures: a preset (planning for another machine), else the calibration file, then the
 // flags on top.
 Hardware resolve_hardware(const cxxopts::ParseResult& args, const std::vector<std::string>& directories) {
@@ -33,15 +57,7 @@ Hardware resolve_hardware(const cxxopts::ParseResult& args, const std::vector<st
     hw = hardware_preset(args["hardware"].as<std::string>());
   } else {
     const std::string path = args.count("calibration") ? args["calibration"].as<std::string>() : kDefaultCalibration;
-    FERRY_CHECK(args.count("calibration") || fs::exists(path),
-                "no hardware figures: measure this machine with `ferry bench calibrate` (it writes ",
-                kDefaultCalibration, "), pass --calibration FILE, or plan for a named machine with --hardware ",
-                [] {
-                  std::string names;
-                  for (const std::string& name : hardware_preset_names()) names += (names.empty() ? "" : "|") + name;
-                  return names;
-                }());
-    hw = Hardware::load(path);
+    hw = args.count("calibration") || fs::exists(path) ? Hardware::load(path) : quick_calibration(directories);
   }
   auto override_figure = [&](const char* flag, double* figure) {
     if (args.count(flag)) *figure = args[flag].as<double>();
@@ -122,9 +138,10 @@ int run_plan(int argc, char** argv) {
        "budget holds)", cxxopts::value<std::string>()->default_value("0"))
       ("zo-write-back", "zo2: a streamed block goes home every this many steps (1 to 8)",
        cxxopts::value<std::int64_t>()->default_value("4"))
-      ("attention", "fused or materialized (default: what this build runs)", cxxopts::value<std::string>())
+      ("attention", "fused or materialized (default: fused for a GPU, else what this build runs)", cxxopts::value<std::string>())
       ("hardware", "plan for a named machine instead of this one", cxxopts::value<std::string>())
-      ("calibration", "hardware figures from `ferry bench calibrate`", cxxopts::value<std::string>())
+      ("calibration", "hardware figures from `ferry bench calibrate` (default: ferry-calibration.json if present, else a "
+       "quick calibration of this machine)", cxxopts::value<std::string>())
       ("tflops-bf16", "dense bf16 matmul TFLOPS", cxxopts::value<double>())
       ("tflops-fp16", "dense fp16 matmul TFLOPS", cxxopts::value<double>())
       ("tflops-fp32", "dense fp32 matmul TFLOPS", cxxopts::value<double>())
@@ -192,8 +209,14 @@ int run_plan(int argc, char** argv) {
   request.choose_host_blocks = args.count("fuyou-host-blocks") == 0;
   if (!request.choose_host_blocks) config.fuyou.host_blocks = args["fuyou-host-blocks"].as<std::int64_t>();
   config.fuyou.blocks_in_flight = args["fuyou-window"].as<std::int64_t>();
-  if (args.count("attention")) request.attention = parse_attention_kernel(args["attention"].as<std::string>());
   request.hardware = resolve_hardware(args, config.nvme_directories);
+  // Note: a GPU target runs a CUDA build of ferry, which is LibTorch 2's (docs/gpu-machine.md), so
+  // it has SDPA's fused kernels even when this build, planning for it, has not.
+  if (args.count("attention")) {
+    request.attention = parse_attention_kernel(args["attention"].as<std::string>());
+  } else if (!request.hardware.gpu_is_host) {
+    request.attention = AttentionKernel::kFused;
+  }
   if (!args.count("hardware")) check_directories(&request);
 
   const Plan plan = make_plan(request);

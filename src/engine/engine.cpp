@@ -72,6 +72,12 @@ double Engine::current_lr() const {
   return detail::scheduled_lr(config().schedule, config().optimizer.lr, steps_taken() + 1);
 }
 
+std::int64_t Engine::parameter_count() const {
+  std::int64_t count = 0;
+  for (const detail::Part& part : trainer_->parts()) count += part.numel;
+  return count;
+}
+
 EngineStats Engine::stats() const { return trainer_->stats(); }
 
 }  // namespace ferry

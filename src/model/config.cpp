@@ -1,6 +1,7 @@
 #include "ferry/model_config.h"
 
 #include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -791,6 +792,22 @@ std::vector<std::string> preset_names() {
     names.push_back(entry.first);
   }
   return names;
+}
+
+std::string format_parameter_count(std::int64_t count) {
+  static const struct {
+    double scale;
+    const char* format;
+  } kScales[] = {{1e9, "%.2fB"}, {1e6, "%.2fM"}, {1e3, "%.1fK"}};
+  char text[32];
+  for (const auto& scale : kScales) {
+    if (static_cast<double>(count) >= scale.scale) {
+      std::snprintf(text, sizeof text, scale.format, static_cast<double>(count) / scale.scale);
+      return text;
+    }
+  }
+  std::snprintf(text, sizeof text, "%lld", static_cast<long long>(count));
+  return text;
 }
 
 }  // namespace ferry::models

@@ -92,10 +92,10 @@ std::string format_plan(const Plan& plan) {
   const PlanRequest& request = plan.request;
   const std::int64_t tokens = request.batch * request.seq * request.engine.grad_accumulation;
   std::string out = printf_string(
-      "plan: %s (%.2fB parameters), %s mode, %s, batch %lld x seq %lld x %lld micro-batches = %lld "
+      "plan: %s (%s parameters), %s mode, %s, batch %lld x seq %lld x %lld micro-batches = %lld "
       "tokens/step, attention %s\n",
       request.model_name.empty() ? request.model.model_type.c_str() : request.model_name.c_str(),
-      static_cast<double>(request.model.parameter_count()) / 1e9, to_string(request.engine.mode),
+      models::format_parameter_count(request.model.parameter_count()).c_str(), to_string(request.engine.mode),
       to_string(request.engine.precision), static_cast<long long>(request.batch),
       static_cast<long long>(request.seq), static_cast<long long>(request.engine.grad_accumulation),
       static_cast<long long>(tokens), to_string(request.attention));

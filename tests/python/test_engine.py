@@ -145,6 +145,12 @@ def test_stats_repr_and_properties() -> None:
     assert ferry.__version__.count(".") == 2
 
 
+def test_an_engine_counts_every_parameter_wherever_it_lives(tmp_path) -> None:
+    # fuyou keeps most parameters on NVMe, unbound from the model between their uses.
+    engine = ferry.Engine("tiny-llama", mode="fuyou", nvme=[str(tmp_path)], device="cpu")
+    assert "parameters=156480," in repr(engine)
+
+
 def test_keyword_settings_override_the_config_dict() -> None:
     engine = ferry.Engine("tiny-gpt2", {"mode": "zero-offload", "device": "cpu"}, mode="gpu")
     assert engine.mode == "gpu"

@@ -191,3 +191,18 @@ def test_a_staged_fuyou_job_trains_as_one_that_reads_the_checkpoint(tmp_path: Pa
     again = run_ferry(build_dir, *common, "--nvme", str(staged_nvme), "--staged", str(staged_nvme), "--out",
                       str(tmp_path / "again"), check=False)
     assert again.returncode != 0 and "ferry stage" in again.stderr
+
+
+def test_plan_without_a_calibration_file_calibrates_this_machine_and_says_so(tmp_path: Path,
+                                                                              build_dir: Path) -> None:
+    result = subprocess.run([str(build_dir / "ferry"), "plan", "--model", "tiny-llama", "--mode", "fuyou",
+                             "--nvme", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "planning with a quick calibration of this machine" in result.stderr
+    assert result.stdout.startswith("plan: tiny-llama (156.5K parameters), fuyou mode")
+
+
+def test_plan_for_a_gpu_machine_plans_fused_attention(tmp_path: Path, build_dir: Path) -> None:
+    result = subprocess.run([str(build_dir / "ferry"), "plan", "--model", "llama-13b", "--mode", "auto",
+                             "--hardware", "h100"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "(13.02B parameters)" in result.stdout and "attention fused" in result.stdout, result.stdout

@@ -4,5 +4,5 @@ int main() {
   ferry::EngineConfig config;
   config.mode = ferry::Mode::kZeroOffload;
   ferry::Engine engine(ferry::models::build(ferry::models::preset("tiny-llama"), 1), config);
-  std::cout << "ferry " << FERRY_VERSION_STRING << " engine with " << engine.model().parameter_count() << " parameters\n";
+  std::cout << "ferry " << FERRY_VERSION_STRING << " engine with " << engine.parameter_count() << " parameters\n";
 }
