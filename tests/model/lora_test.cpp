@@ -128,10 +128,8 @@ TEST_CASE("with PEFT's adapters loaded, the forward is PEFT's and the names are 
     for (std::int64_t i = 0; i < adapted.num_layers; ++i) {
       for (const models::ParameterSpec& spec : adapted.lora_parameters()) names.insert(models::peft_name(adapted, i, spec.name));
     }
-    for (const safetensors::TensorInfo& info :
-         safetensors::Reader(fixture + "/" + adapter + "/adapter_model.safetensors").header().tensors) {
-      expected_names.insert(info.name);
-    }
+    const safetensors::Reader saved(fixture + "/" + adapter + "/adapter_model.safetensors");
+    for (const safetensors::TensorInfo& info : saved.header().tensors) expected_names.insert(info.name);
     CHECK(names == expected_names);
   }
   // PEFT's fresh A has the range of ferry's Kaiming-uniform: within 1/sqrt(in), near its edge.
