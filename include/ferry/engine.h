@@ -224,7 +224,8 @@ struct EngineConfig {
 // that are never built.
 struct PartShape {
   std::string name;    // "stem", "block.0", ..., "head"
-  std::int64_t numel;  // the parameters the part owns (a tied head owns none of the embedding)
+  std::int64_t numel;  // the trained parameters the part owns (a tied head owns none of the embedding)
+  std::int64_t frozen_numel = 0;  // its frozen ones (a LoRA base): parameters only, read-only
 };
 std::vector<PartShape> part_shapes(const models::ModelConfig& config);
 
@@ -338,15 +339,20 @@ class Engine {
 
   // Checkpoints: a directory with the weights as safetensors under Hugging Face names
   // (fp32 master weights), the optimizer state, and trainer_state.json (step, schedule, loss
-  // scale, and `extra`, e.g. the data loader's position). Written atomically: into a temporary
+  // scale, and `extra`, e.g. the data loader's position). Frozen parameters (a LoRA base) are not
+  // saved, only their count and the adapters' settings, which load() checks. Written atomically: into a temporary
   // directory, fsynced, then renamed over `dir`.
   void save(const std::string& dir, const std::string& extra_json = "{}");
   // Restores what save wrote; returns `extra`. The model must have the same shape.
   std::string load(const std::string& dir);
   // The trained model for inference: config.json and safetensors under Hugging Face names in
   // `precision`, sharded as transformers does, no optimizer state; written atomically like save.
-  // Flushes first. Built-in families only.
+  // With LoRA the adapters are merged into the frozen base (W + alpha / rank * B A). Flushes
+  // first. Built-in families only.
   void export_pretrained(const std::string& dir, Precision precision);
+  // The LoRA adapters as PEFT saves them, for PeftModel.from_pretrained: adapter_config.json and
+  // adapter_model.safetensors (fp32, PEFT's names). Written atomically like save.
+  void export_adapter(const std::string& dir, const std::string& base_model_name_or_path = "");
 
   // Writes the spans recorded so far (config.trace) as a Chrome trace and returns a one-line
   // summary of how much of the CPU optimizer's time overlapped compute.

@@ -226,10 +226,23 @@ LayeredModel allocate(const ModelConfig& config);
 // c_proj scaled by 1/sqrt(2 * num_layers), zero biases, unit norms.
 void initialize(LayeredModel& model, std::uint64_t seed);
 
+// LoRA's adapters alone, as PEFT initialises them (A Kaiming-uniform, B zero), deterministic for
+// a seed; initialize() calls it after drawing the base. Throws for a model without adapters.
+void initialize_adapters(LayeredModel& model, std::uint64_t seed);
+
 // allocate() then initialize().
 LayeredModel build(const ModelConfig& config, std::uint64_t seed);
 
 enum class Part { kStem, kBlock, kHead };
+
+// The name PEFT saves a block's adapter under in adapter_model.safetensors: (LLaMA, 3,
+// "self_attn.q_proj.lora_A.weight") -> "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight".
+std::string peft_name(const ModelConfig& config, std::int64_t block, const std::string& local_name);
+
+// W + scale * B A for the weight of a linear that `target` names, as PEFT's merge computes it
+// (transposed for GPT-2's Conv1D); the result in fp32.
+torch::Tensor merge_lora(const ModelConfig& config, const LoraTarget& target, const torch::Tensor& weight,
+                         const torch::Tensor& lora_a, const torch::Tensor& lora_b);
 
 // The Hugging Face name of a part's parameter, e.g. (LLaMA, kBlock, 3, "self_attn.q_proj.weight")
 // -> "model.layers.3.self_attn.q_proj.weight"; (GPT-2, kStem, 0, "wte.weight") ->
@@ -269,6 +282,9 @@ class PretrainedReader {
 
 struct LoadOptions {
   std::optional<DType> dtype;  // parameter dtype; default: config.json's torch_dtype, else F32
+  // Adapters over the loaded base (ModelConfig::lora), initialised from `seed`.
+  LoraConfig lora;
+  std::uint64_t seed = 0;
 };
 
 LayeredModel from_pretrained(const std::string& dir, const LoadOptions& options = {});

@@ -31,6 +31,7 @@ enum class Init {
   kEmbedding,       // normal(0, initializer_range), row pad_token_id zeroed when set
   kZeros,           // biases
   kOnes,            // norm weights
+  kKaimingUniform,  // LoRA's A: torch's kaiming_uniform_(a = sqrt(5)), U(-1/sqrt(fan_in), 1/sqrt(fan_in))
 };
 
 struct ParameterSpec {
@@ -56,6 +57,31 @@ struct DropoutRates {
   double attention = 0;  // on the attention probabilities: GPT-2's attn_pdrop, attention_dropout elsewhere
   double residual = 0;   // on each sublayer's output before its residual add: GPT-2's resid_pdrop, OPT's dropout
   bool any() const { return embedding > 0 || attention > 0 || residual > 0; }
+};
+
+// LoRA (Hu et al. 2021) as PEFT applies it: each targeted linear of every block gains
+// adapters A [rank, in] and B [out, rank] and computes W x + b + scale * B A dropout(x), with
+// scale = alpha / rank; the base weights are frozen. A is drawn as torch's kaiming_uniform_ with
+// a = sqrt(5) draws it, B starts at zero, so training starts from the base model.
+struct LoraConfig {
+  std::int64_t rank = 0;  // 0: no adapters
+  double alpha = 8;       // PEFT's default lora_alpha
+  double dropout = 0;     // on the adapters' input only
+  // PEFT's target_modules: names of the blocks' linears ("q_proj", "self_attn.o_proj": a module
+  // matches a name it ends with), ferry's short names q, k, v, o, gate, up, down, or "all-linear":
+  // every linear of the blocks (never the LM head).
+  std::vector<std::string> targets = {"all-linear"};
+
+  bool enabled() const { return rank > 0; }
+  double scale() const { return alpha / static_cast<double>(rank); }
+};
+
+// One linear of a block that LoRA may adapt.
+struct LoraTarget {
+  std::string module;  // relative to the block: "self_attn.q_proj"
+  std::int64_t in = 0;
+  std::int64_t out = 0;
+  bool fan_in_fan_out = false;  // GPT-2's Conv1D keeps its weight as [in, out]
 };
 
 struct ModelConfig {
@@ -93,6 +119,10 @@ struct ModelConfig {
 
   DType dtype = DType::kF32;  // parameter dtype: F32, BF16 or F16
 
+  // Adapters on the blocks' linears, and every other parameter frozen; off by default. Not part
+  // of config.json: a job's setting, applied to a base model.
+  LoraConfig lora;
+
   // Throws ferry::Error naming the field when the shape is inconsistent (heads that do not
   // divide hidden_size, kv heads that do not divide heads, a dtype that is not F32/BF16/F16...).
   void validate() const;
@@ -103,11 +133,19 @@ struct ModelConfig {
   std::vector<ParameterSpec> stem_parameters() const;
   std::vector<ParameterSpec> block_parameters() const;  // identical for every block
   std::vector<ParameterSpec> head_parameters() const;
+  // The blocks' linears LoRA may adapt, and those lora.targets selects (each target must match
+  // one: an error lists the valid names otherwise); empty without LoRA.
+  std::vector<LoraTarget> lora_candidates() const;
+  std::vector<LoraTarget> lora_targets() const;
+  // Each adapted linear's "<module>.lora_A.weight" and "<module>.lora_B.weight", registered by
+  // each block after block_parameters(); empty without LoRA.
+  std::vector<ParameterSpec> lora_parameters() const;
 
   std::int64_t stem_parameter_count() const;
   std::int64_t block_parameter_count() const;
   std::int64_t head_parameter_count() const;
   std::int64_t parameter_count() const;  // stem + num_layers blocks + head
+  std::int64_t lora_parameter_count() const;  // one block's adapters
   std::uint64_t block_bytes() const;     // block_parameter_count() in dtype
 
   // Parses a Hugging Face config.json (text); `file` names it in errors. Missing fields take

@@ -187,19 +187,29 @@ DType model_dtype(const std::string& name) {
   return *dtype;
 }
 
-// A preset name ("tiny-llama", "llama3-8b") or a Hugging Face directory, as the CLI reads it.
-LayeredModel load_model(const std::string& name, std::uint64_t seed,
-                        const std::optional<std::string>& dtype, std::int64_t layers) {
+// A preset name ("tiny-llama", "llama3-8b") or a Hugging Face directory, as the CLI reads it,
+// with LoRA adapters of `lora_rank` (0: none) over its frozen base.
+LayeredModel load_model(const std::string& name, std::uint64_t seed, const std::optional<std::string>& dtype,
+                        std::int64_t layers, std::int64_t lora_rank, double lora_alpha, double lora_dropout,
+                        const std::vector<std::string>& lora_targets) {
+  models::LoraConfig lora;
+  lora.rank = lora_rank;
+  lora.alpha = lora_alpha;
+  lora.dropout = lora_dropout;
+  lora.targets = lora_targets;
   const bool is_directory = name.find('/') != std::string::npos || fs::is_directory(name);
   if (is_directory) {
     FERRY_CHECK(layers == 0, "layers = ", layers, " truncates a preset; '", name, "' is a Hugging Face directory, "
                 "which keeps its own blocks");
     models::LoadOptions options;
     if (dtype) options.dtype = model_dtype(*dtype);
+    options.lora = lora;
+    options.seed = seed;
     return models::from_pretrained(name, options);
   }
   models::ModelConfig config = models::truncated(models::preset(name), layers);
   if (dtype) config.dtype = model_dtype(*dtype);
+  config.lora = lora;
   return models::build(config, seed);
 }
 
@@ -230,7 +240,9 @@ void bind_models(py::module_& module) {
       .def("loss", &LayeredModel::loss, py::arg("logits"), py::arg("labels"),
            py::call_guard<py::gil_scoped_release>());
   module.def("load_model", &load_model, py::arg("name"), py::arg("seed") = 0,
-             py::arg("dtype") = std::nullopt, py::arg("layers") = 0);
+             py::arg("dtype") = std::nullopt, py::arg("layers") = 0, py::arg("lora_rank") = 0,
+             py::arg("lora_alpha") = 8.0, py::arg("lora_dropout") = 0.0,
+             py::arg("lora_targets") = std::vector<std::string>{"all-linear"});
   module.def("python_model", &python_model, py::arg("stem"), py::arg("blocks"), py::arg("head"),
              py::arg("pass_context") = false);
   module.def("preset_names", &models::preset_names);
@@ -331,6 +343,8 @@ void bind_engine(py::module_& module) {
             engine.export_pretrained(dir, chosen);
           },
           py::arg("dir"), py::arg("precision") = "")
+      .def("export_adapter", &Engine::export_adapter, py::arg("dir"), py::arg("base_model_name_or_path") = "",
+           py::call_guard<py::gil_scoped_release>())
       .def("write_trace", &Engine::write_trace, py::call_guard<py::gil_scoped_release>())
       .def("stats", [](const Engine& engine) { return to_dict(engine.stats()); })
       .def("parameters", [](const Engine& engine) { return engine.model().parameters(); })

@@ -106,13 +106,11 @@ class PythonPart final : public Base {
   // Note: a tensor may belong to one part only, because the engine packs each part's
   // parameters into that part's bundles. The one exception is a head that reuses the stem's
   // embedding (tied weights): the head leaves it to the stem, and the engine keeps the stem's
-  // gradients until the head's backward has added to them.
+  // gradients until the head's backward has added to them. A parameter with requires_grad =
+  // False is frozen: the engine keeps it apart, with no gradient or optimizer state.
   void register_parameter_once(const std::string& name, const torch::Tensor& parameter,
                                  Registered& registered) {
     const std::string full_name = name_ + "." + name;
-    FERRY_CHECK(parameter.requires_grad(), "parameter ", full_name,
-                " has requires_grad = False; ferry trains every parameter of the parts, so "
-                "freeze nothing or keep frozen tensors as buffers");
     auto [found, inserted] = registered.emplace(parameter.unsafeGetTensorImpl(), full_name);
     if (!inserted) {
       FERRY_CHECK(kind_ == models::Part::kHead && found->second.rfind("stem.", 0) == 0,
@@ -122,7 +120,7 @@ class PythonPart final : public Base {
       return;
     }
     std::string leaf;
-    owner_of(*this, name, leaf).register_parameter(leaf, parameter);
+    owner_of(*this, name, leaf).register_parameter(leaf, parameter, parameter.requires_grad());
   }
 
   py::object module_;

@@ -11,7 +11,7 @@ import torch
 
 from . import _C
 from ._C import BudgetExceeded
-from .model import DTypeLike, LayeredModel
+from .model import LORA_KEYS, DTypeLike, LayeredModel
 from .plan import Plan, plan
 
 Batch = Union[Mapping[str, torch.Tensor], Any]
@@ -23,7 +23,7 @@ Batch = Union[Mapping[str, torch.Tensor], Any]
 # In Python the loop is yours, so the engine accepts and ignores them: a job file loads as is.
 LOOP_KEYS = ("data", "out", "resume", "save_every", "eval_problems", "log_every", "demo_digits",
              "batch", "seq", "export", "tokenizer", "data_format", "template", "answer_only", "pack",
-             "eval_data", "eval_every", "export_precision")
+             "eval_data", "eval_every", "export_precision", "adapter")
 
 
 def engine_settings() -> List[str]:
@@ -64,8 +64,10 @@ class Engine:
     machine; ``engine.plan`` is that plan.
 
     Besides the engine settings: ``model`` (when the argument is not given), ``seed`` (also the
-    random initialisation of a preset, default 0, as in the CLI) and ``dtype`` (a preset's or
-    checkpoint's parameter dtype). The job file's loop keys (:data:`LOOP_KEYS`) are ignored. An unknown key
+    random initialisation of a preset, default 0, as in the CLI), ``dtype`` (a preset's or
+    checkpoint's parameter dtype) and LoRA's ``lora_rank`` (adapters of this rank on the blocks'
+    linears over a frozen base; 0, the default: train every parameter), ``lora_alpha`` (8),
+    ``lora_dropout`` (0) and ``lora_targets`` (``"all-linear"``, or PEFT's target_modules names). The job file's loop keys (:data:`LOOP_KEYS`) are ignored. An unknown key
     raises :class:`ferry.Error` listing the valid ones.
 
     Raises :class:`ferry.BudgetExceeded` when the budgets cannot hold what the mode needs.
@@ -79,6 +81,7 @@ class Engine:
         seed = int(merged.get("seed", 0))
         dtype: DTypeLike = merged.pop("dtype", None)
         layers = int(merged.pop("layers", 0))
+        lora = {key: merged.pop(key) for key in LORA_KEYS if key in merged}
         # What mode="auto" plans with; batch and seq are also loop keys, dropped below.
         planning = {"batch": merged.get("batch"), "seq": merged.get("seq"),
                     "hardware": merged.pop("hardware", None), "calibration": merged.pop("calibration", None)}
@@ -94,16 +97,16 @@ class Engine:
             if model._bound:
                 raise ValueError("this LayeredModel already belongs to an Engine, which has "
                                  "moved its parameters into its own memory; build a new one")
-            if dtype is not None:
-                raise TypeError("dtype applies to a preset or a checkpoint; a LayeredModel "
-                                "keeps the dtype of its parameters")
+            if dtype is not None or lora:
+                raise TypeError("dtype and the LoRA settings apply to a preset or a checkpoint; a LayeredModel "
+                                "keeps its parameters (freeze some with requires_grad=False)")
             self.model = model
         elif isinstance(model, (str, os.PathLike)):
             path = os.fspath(model)
             if os.path.isdir(path) and layers:
                 raise ValueError(f"layers={layers} truncates a preset; {path} is a Hugging Face directory")
-            self.model = (LayeredModel.from_pretrained(path, dtype) if os.path.isdir(path)
-                          else LayeredModel.preset(path, seed, dtype, layers))
+            self.model = (LayeredModel.from_pretrained(path, dtype, seed, **lora) if os.path.isdir(path)
+                          else LayeredModel.preset(path, seed, dtype, layers, **lora))
         else:
             raise TypeError(f"model must be a preset name, a Hugging Face directory or a "
                             f"ferry.LayeredModel, not {type(model).__name__}")
@@ -256,6 +259,12 @@ class Engine:
         without optimizer state, so ``transformers``' ``from_pretrained`` loads the directory.
         Built-in families only."""
         self._engine.export_pretrained(os.fspath(directory), precision or "")
+
+    def export_adapter(self, directory: Union[str, os.PathLike], base_model_name_or_path: str = "") -> None:
+        """Writes the LoRA adapters as PEFT saves them (adapter_config.json and
+        adapter_model.safetensors under PEFT's names), atomically, for
+        ``peft.PeftModel.from_pretrained``. :meth:`export_pretrained` writes the merged model."""
+        self._engine.export_adapter(os.fspath(directory), base_model_name_or_path)
 
     # --- what it is and what it did -------------------------------------------------------
 

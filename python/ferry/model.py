@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -28,6 +28,28 @@ def _dtype_name(dtype: DTypeLike) -> Optional[str]:
     return _DTYPE_NAMES[key]
 
 
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+"""The LoRA settings, named as in ``ferry finetune``'s job files."""
+
+
+def _lora_arguments(settings: Dict[str, Any]) -> Dict[str, Any]:
+    unknown = sorted(set(settings) - set(LORA_KEYS))
+    if unknown:
+        raise TypeError(f"unexpected arguments {unknown}; the LoRA settings are {list(LORA_KEYS)}")
+    arguments: Dict[str, Any] = {}
+    if "lora_rank" in settings:
+        arguments["lora_rank"] = int(settings["lora_rank"])
+    if "lora_alpha" in settings:
+        arguments["lora_alpha"] = float(settings["lora_alpha"])
+    if "lora_dropout" in settings:
+        arguments["lora_dropout"] = float(settings["lora_dropout"])
+    if "lora_targets" in settings:
+        targets = settings["lora_targets"]
+        arguments["lora_targets"] = ([t for t in targets.split(",") if t] if isinstance(targets, str)
+                                     else [str(t) for t in targets])
+    return arguments
+
+
 class LayeredModel:
     """A model as ferry's engine sees it::
 
@@ -48,8 +70,9 @@ class LayeredModel:
     :class:`ferry.StepContext` holding ``positions`` and ``attention_mask`` (from the batch's
     padding mask; ``None`` for plain causal attention).
 
-    The loss is ferry's causal LM loss (:func:`causal_lm_loss`). Every parameter of the parts is
-    trained (``requires_grad`` must be True), and a tensor may belong to one part only, except
+    The loss is ferry's causal LM loss (:func:`causal_lm_loss`). The parameters with
+    ``requires_grad`` are trained; those without are a frozen group (no gradients, optimizer
+    state or weight decay, never written back). A tensor may belong to one part only, except
     a head that reuses the stem's embedding (tied weights). The parts keep their parameters
     objects: once an :class:`Engine` holds the model, those parameters are views into the
     engine's memory, so your modules see every update.
@@ -72,21 +95,25 @@ class LayeredModel:
         return instance
 
     @classmethod
-    def preset(cls, name: str, seed: int = 0, dtype: DTypeLike = None, layers: int = 0) -> "LayeredModel":
+    def preset(cls, name: str, seed: int = 0, dtype: DTypeLike = None, layers: int = 0,
+               **lora: Any) -> "LayeredModel":
         """A built-in family by preset name (see :func:`preset_names`), randomly initialised
         as transformers does, deterministically for ``seed``; with ``layers``, only its first
-        that many blocks (every other dimension kept)."""
-        return cls._wrap(_C.load_model(name, seed, _dtype_name(dtype), int(layers)))
+        that many blocks (every other dimension kept). ``lora_rank`` (with ``lora_alpha``,
+        ``lora_dropout``, ``lora_targets``) adds LoRA adapters over the frozen base."""
+        return cls._wrap(_C.load_model(name, seed, _dtype_name(dtype), int(layers), **_lora_arguments(lora)))
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike],
-                        dtype: DTypeLike = None) -> "LayeredModel":
+    def from_pretrained(cls, directory: Union[str, os.PathLike], dtype: DTypeLike = None, seed: int = 0,
+                        **lora: Any) -> "LayeredModel":
         """A Hugging Face directory (config.json and safetensors): GPT-2, OPT, LLaMA, Mistral,
-        Qwen2. ``dtype`` defaults to config.json's torch_dtype."""
+        Qwen2. ``dtype`` defaults to config.json's torch_dtype. ``lora_rank`` (with
+        ``lora_alpha``, ``lora_dropout``, ``lora_targets``) adds LoRA adapters, drawn from
+        ``seed``, over the frozen base."""
         path = os.fspath(directory)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path!r} is not a directory with a Hugging Face model")
-        return cls._wrap(_C.load_model(path, 0, _dtype_name(dtype)))
+        return cls._wrap(_C.load_model(path, seed, _dtype_name(dtype), **_lora_arguments(lora)))
 
     @property
     def num_blocks(self) -> int:

@@ -62,6 +62,9 @@ const Json& defaults() {
       {"tokenizer", "auto"},         {"data_format", "auto"},   {"template", ""},
       {"answer_only", true},         {"pack", "auto"},          {"eval_data", ""},
       {"eval_every", 0},             {"export_precision", "auto"}, {"dropout", "auto"},
+      // LoRA (issue 22): adapters on the blocks' linears over a frozen base.
+      {"lora_rank", 0},              {"lora_alpha", 8.0},       {"lora_dropout", 0.0},
+      {"lora_targets", "all-linear"}, {"adapter", "auto"},
   };
   return kDefaults;
 }
@@ -202,18 +205,40 @@ void stage_if_needed(const std::string& model, const EngineConfig& config) {
                format_bytes(report.nvme_bytes).c_str(), report.seconds, report.manifest_path.c_str());
 }
 
+// The job's LoRA settings; rank 0 trains every parameter. Targets are a list, or one text with commas.
+models::LoraConfig job_lora(const Json& job) {
+  models::LoraConfig lora;
+  lora.rank = job["lora_rank"];
+  lora.alpha = job["lora_alpha"];
+  lora.dropout = job["lora_dropout"];
+  const Json& targets = job["lora_targets"];
+  if (targets.is_array()) {
+    lora.targets = targets.get<std::vector<std::string>>();
+  } else {
+    lora.targets.clear();
+    std::stringstream text(targets.get<std::string>());
+    for (std::string name; std::getline(text, name, ',');) {
+      if (!name.empty()) lora.targets.push_back(name);
+    }
+  }
+  return lora;
+}
+
 // A preset, cut to `layers` blocks when not 0, or a Hugging Face directory (which keeps its own).
 models::ModelConfig preset_shape(const std::string& name, std::int64_t layers) {
   return models::truncated(models::preset(name), layers);
 }
 
-LayeredModel load_model(const std::string& name, std::uint64_t seed, std::int64_t layers) {
-  if (is_directory_name(name)) return models::from_pretrained(name);
-  return models::build(preset_shape(name, layers), seed);
+LayeredModel load_model(const Json& job) {
+  const std::string name = job["model"];
+  if (is_directory_name(name)) return models::from_pretrained(name, {std::nullopt, job_lora(job), job["seed"]});
+  models::ModelConfig config = preset_shape(name, job["layers"]);
+  config.lora = job_lora(job);
+  return models::build(config, job["seed"]);
 }
 
 // The model's shape without its weights: a preset, or a Hugging Face directory's config.json.
-models::ModelConfig model_shape(const std::string& name, std::int64_t layers) {
+models::ModelConfig base_shape(const std::string& name, std::int64_t layers) {
   if (!is_directory_name(name)) return preset_shape(name, layers);
   FERRY_CHECK(layers == 0, "layers = ", layers, " truncates a preset; model '", name, "' is a Hugging Face "
               "directory, which keeps its own blocks");
@@ -222,6 +247,14 @@ models::ModelConfig model_shape(const std::string& name, std::int64_t layers) {
   FERRY_CHECK(fs::exists(name + "/config.json"), "model directory '", name, "' has no config.json: give the ",
               "directory transformers' save_pretrained wrote, or a preset name");
   return models::ModelConfig::from_hf_file(name + "/config.json");
+}
+
+// The same with the job's adapters.
+models::ModelConfig model_shape(const Json& job) {
+  models::ModelConfig shape = base_shape(job["model"], job["layers"]);
+  shape.lora = job_lora(job);
+  shape.validate();
+  return shape;
 }
 
 std::string describe_shape(const models::ModelConfig& shape) {
@@ -419,6 +452,12 @@ std::string setting_help(const std::string& key) {
       {"eval_every", "evaluate every N steps (0: at the end only); "},
       {"export_precision", "the export's weights: fp32, bf16, fp16, or auto (the training precision); "},
       {"dropout", "a rate for every dropout of the model, or auto (config.json's); "},
+      {"lora_rank", "LoRA adapters of this rank on the blocks' linears, the base frozen (0: train every parameter); "},
+      {"lora_alpha", "LoRA's alpha: the adapters' output is scaled by alpha / rank; "},
+      {"lora_dropout", "dropout on the adapters' input; "},
+      {"lora_targets", "the linears to adapt, a comma list of PEFT target_modules names (q_proj, ...), ferry's "
+                       "short ones (q, k, v, o, gate, up, down) or all-linear; "},
+      {"adapter", "where the LoRA adapters are exported for PEFT (auto: OUT/adapter; none: not exported); "},
   };
   auto found = help.find(key);
   return found == help.end() ? "" : found->second;
@@ -640,7 +679,7 @@ int run_finetune(int argc, char** argv) {
 
   // Note: everything that can be checked without the weights is checked before they are read:
   // the model's name, the NVMe directories, the budgets (the plan) and the checkpoint to resume.
-  const models::ModelConfig shape = model_shape(job["model"], job["layers"]);
+  const models::ModelConfig shape = model_shape(job);
   EngineConfig config = engine_config(job, shape.num_layers);
   const std::string staged_manifest = config.staged + "/" + kStageManifestName;
   const bool staged_before = !config.staged.empty() && fs::exists(staged_manifest);
@@ -676,7 +715,7 @@ int run_finetune(int argc, char** argv) {
 
   if (!config.staged.empty()) stage_if_needed(job["model"], config);
   // Note: a staged job's weights are on NVMe already; its model is allocated, never initialised.
-  LayeredModel model = config.staged.empty() ? load_model(job["model"], job["seed"], job["layers"])
+  LayeredModel model = config.staged.empty() ? load_model(job)
                                              : models::allocate(staged_model_config(config.staged));
 
   if (plans_fuyou(job, config)) {
@@ -688,7 +727,7 @@ int run_finetune(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
     require_fits(plan);
     config = plan_engine_config(plan);
-    model = load_model(job["model"], job["seed"], job["layers"]);
+    model = load_model(job);
   }
   Engine engine(std::move(model), config);
   fs::make_directories(out + "/checkpoints");
@@ -789,8 +828,15 @@ int run_finetune(int argc, char** argv) {
     for (const std::string& name : complete_export(export_dir, job["model"], job_data.tokenizer.get())) {
       extras += (extras.empty() ? "" : ", ") + name;
     }
-    std::fprintf(stderr, "exported the model (%s, Hugging Face safetensors%s%s): %s\n", to_string(export_precision),
-                 extras.empty() ? "" : "; ", extras.c_str(), export_dir.c_str());
+    std::fprintf(stderr, "exported the model (%s, Hugging Face safetensors%s%s%s): %s\n", to_string(export_precision),
+                 shape.lora.enabled() ? ", the adapters merged" : "", extras.empty() ? "" : "; ", extras.c_str(),
+                 export_dir.c_str());
+  }
+  const std::string adapter_dir = job["adapter"] == "auto" ? out + "/adapter" : std::string(job["adapter"]);
+  if (shape.lora.enabled() && adapter_dir != "none") {
+    engine.export_adapter(adapter_dir, job["model"]);
+    std::fprintf(stderr, "exported the LoRA adapters (PEFT's adapter_config.json and adapter_model.safetensors): %s\n",
+                 adapter_dir.c_str());
   }
   if (demo) {
     std::fprintf(stderr, "exact-match accuracy after %lld steps: %.1f%% (final loss %.4f)\n",

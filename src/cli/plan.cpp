@@ -5,6 +5,7 @@
 #include <cxxopts.hpp>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 
 #include "cli/command.h"
 #include "ferry/check.h"
@@ -106,6 +107,10 @@ int run_plan(int argc, char** argv) {
       ("model", "preset or Hugging Face directory", cxxopts::value<std::string>()->default_value("llama-7b"))
       ("layers", "a preset's first N blocks only, every other dimension kept (0: all)",
        cxxopts::value<std::int64_t>()->default_value("0"))
+      ("lora-rank", "LoRA adapters of this rank over a frozen base (0: train every parameter)",
+       cxxopts::value<std::int64_t>()->default_value("0"))
+      ("lora-targets", "the linears LoRA adapts: PEFT target_modules names, comma-separated, or all-linear",
+       cxxopts::value<std::string>()->default_value("all-linear"))
       ("mode", "gpu, zero-offload, fuyou, auto (the planner places every part by the budgets) or zo2",
        cxxopts::value<std::string>()->default_value("zero-offload"))
       ("precision", "fp32, bf16 or fp16", cxxopts::value<std::string>()->default_value("bf16"))
@@ -170,6 +175,13 @@ int run_plan(int argc, char** argv) {
                 request.model_name, " is a Hugging Face directory");
     request.model = models::truncated(request.model, args["layers"].as<std::int64_t>());
   }
+  request.model.lora.rank = args["lora-rank"].as<std::int64_t>();
+  request.model.lora.targets.clear();
+  std::stringstream targets(args["lora-targets"].as<std::string>());
+  for (std::string name; std::getline(targets, name, ',');) {
+    if (!name.empty()) request.model.lora.targets.push_back(name);
+  }
+  request.model.validate();
   request.batch = args["batch"].as<std::int64_t>();
   request.seq = args["seq"].as<std::int64_t>();
   EngineConfig& config = request.engine;

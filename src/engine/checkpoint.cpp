@@ -14,7 +14,9 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <optional>
+#include <set>
 #include <sstream>
 
 #include "engine/trainer.h"
@@ -131,6 +133,80 @@ void check_tensor(const safetensors::TensorInfo* info, const std::string& dir, c
               "': tensor '", name, "' is ", dtype_name(info->dtype), " ",
               torch::IntArrayRef(info->shape), " but the model has F32 ",
               torch::IntArrayRef(slice.shape), ": it was written for another model");
+}
+
+// What a checkpoint of trained parameters needs of the frozen ones it was trained over: their
+// count, and the adapters' settings, which the tensors' names and shapes do not say.
+nlohmann::json base_identity(const LayeredModel& model, const std::vector<detail::Part>& parts) {
+  std::int64_t frozen = 0;
+  for (const detail::Part& part : parts) frozen += part.frozen_numel;
+  nlohmann::json base = {{"frozen_parameters", frozen}};
+  if (model.config() && model.config()->lora.enabled()) {
+    const models::LoraConfig& lora = model.config()->lora;
+    base["lora"] = {{"rank", lora.rank}, {"alpha", lora.alpha}, {"dropout", lora.dropout}, {"targets", lora.targets}};
+  }
+  return base;
+}
+
+void check_base(const std::string& dir, const nlohmann::json& state, const nlohmann::json& expected) {
+  const nlohmann::json saved = state.value("base", nlohmann::json{{"frozen_parameters", 0}});
+  FERRY_CHECK(saved == expected, "checkpoint '", dir, "' was trained over frozen parameters ", saved.dump(),
+              " but the engine has ", expected.dump(), ": resume it over the same base model and LoRA settings");
+}
+
+// The tensors PEFT's merge gives for a model with LoRA adapters: every parameter but the adapters,
+// trained and frozen alike, each adapted weight merged with its adapters (models::merge_lora).
+// Laid out per part as write_weights_directory takes them.
+std::vector<detail::Part> merged_parts(const std::vector<detail::Part>& parts) {
+  std::vector<detail::Part> merged;
+  for (const detail::Part& part : parts) {
+    detail::Part out;
+    out.name = part.name;
+    out.kind = part.kind;
+    out.index = part.index;
+    for (const auto* slices : {&part.slices, &part.frozen_slices}) {
+      for (const detail::ParameterSlice& slice : *slices) {
+        if (slice.name.find(".lora_A.") != std::string::npos || slice.name.find(".lora_B.") != std::string::npos) {
+          continue;
+        }
+        detail::ParameterSlice copy = slice;
+        copy.offset = out.numel;
+        out.numel += slice.numel;
+        out.slices.push_back(std::move(copy));
+      }
+    }
+    merged.push_back(std::move(out));
+  }
+  return merged;
+}
+
+// One part's tensors by name, as views of its trained and frozen values.
+std::map<std::string, torch::Tensor> named_values(const detail::Part& part, const torch::Tensor& trained,
+                                                  const torch::Tensor& frozen) {
+  std::map<std::string, torch::Tensor> named;
+  for (const detail::ParameterSlice& slice : part.slices) {
+    named[slice.name] = trained.narrow(0, slice.offset, slice.numel).view(slice.shape);
+  }
+  for (const detail::ParameterSlice& slice : part.frozen_slices) {
+    named[slice.name] = frozen.narrow(0, slice.offset, slice.numel).view(slice.shape);
+  }
+  return named;
+}
+
+// PEFT's target_modules for the adapted linears: each one's last name, or its whole name where
+// another linear of the block with that last name is not adapted (GPT-2's two c_proj).
+std::vector<std::string> peft_target_modules(const models::ModelConfig& config) {
+  auto leaf = [](const std::string& module) { return module.substr(module.rfind('.') + 1); };
+  std::set<std::string> adapted, names;
+  for (const models::LoraTarget& target : config.lora_targets()) adapted.insert(target.module);
+  for (const std::string& module : adapted) {
+    bool shared = false;
+    for (const models::LoraTarget& candidate : config.lora_candidates()) {
+      shared |= leaf(candidate.module) == leaf(module) && adapted.count(candidate.module) == 0;
+    }
+    names.insert(shared ? module : leaf(module));
+  }
+  return {names.begin(), names.end()};
 }
 
 }  // namespace
@@ -268,6 +344,7 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
   trainer.quiesce("save()");
   nlohmann::json state = trainer.checkpoint_state();
   state["extra"] = extra;
+  state["base"] = base_identity(trainer.model(), trainer.parts());
   detail::write_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
                            trainer.state_count(), state,
                            [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/true); });
@@ -279,13 +356,87 @@ void Engine::export_pretrained(const std::string& dir, Precision precision) {
   const DType dtype = to_dtype(detail::scalar_type(precision));
   detail::Trainer& trainer = *trainer_;
   trainer.quiesce("export_pretrained()");
-  detail::write_weights_directory(dir, trainer.model(), trainer.parts(), dtype, {}, "",
-                                  [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/false); });
+  const std::vector<detail::Part>& parts = trainer.parts();
+  const models::ModelConfig& config = *trainer.model().config();
+  const std::vector<detail::Part> merged = merged_parts(parts);
+  detail::write_weights_directory(dir, trainer.model(), merged, dtype, {}, "", [&](std::size_t p) {
+    const torch::Tensor trained = trainer.read_part(p, /*with_states=*/false).weights;
+    const torch::Tensor frozen = trainer.read_frozen(p);
+    std::map<std::string, torch::Tensor> named = named_values(parts[p], trained, frozen);
+    if (parts[p].kind == models::Part::kBlock) {
+      for (const models::LoraTarget& target : config.lora_targets()) {
+        const std::string weight = target.module + ".weight";
+        named[weight] = models::merge_lora(config, target, named.at(weight), named.at(target.module + ".lora_A.weight"),
+                                           named.at(target.module + ".lora_B.weight"));
+      }
+    }
+    torch::Tensor flat = torch::empty({merged[p].numel}, torch::kFloat);
+    for (const detail::ParameterSlice& slice : merged[p].slices) {
+      flat.narrow(0, slice.offset, slice.numel).copy_(named.at(slice.name).reshape({-1}));
+    }
+    return detail::PartValues{flat, {}};
+  });
+}
+
+void Engine::export_adapter(const std::string& dir, const std::string& base_model_name_or_path) {
+  FERRY_CHECK(model().config() && model().config()->lora.enabled(), "export_adapter('", dir,
+              "'): the model has no LoRA adapters (ModelConfig::lora.rank is 0)");
+  detail::Trainer& trainer = *trainer_;
+  trainer.quiesce("export_adapter()");
+  const models::ModelConfig& config = *trainer.model().config();
+  const std::vector<detail::Part>& parts = trainer.parts();
+  const std::string staged = dir + ".partial";
+  fs::remove_tree(staged);
+  fs::make_directories(staged);
+
+  std::vector<safetensors::TensorSpec> specs;
+  for (const detail::Part& part : parts) {
+    for (const detail::ParameterSlice& slice : part.slices) {
+      specs.push_back({models::peft_name(config, part.index, slice.name), DType::kF32, slice.shape});
+    }
+  }
+  safetensors::Writer adapters = safetensors::Writer::file(staged + "/adapter_model.safetensors", std::move(specs));
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    if (!parts[p].trainable()) continue;
+    const torch::Tensor values = trainer.read_part(p, /*with_states=*/false).weights;
+    for (const detail::ParameterSlice& slice : parts[p].slices) {
+      adapters.write(models::peft_name(config, parts[p].index, slice.name), values.data_ptr<float>() + slice.offset,
+                     static_cast<std::uint64_t>(slice.numel) * 4);
+    }
+  }
+  adapters.finish();
+
+  // The keys of PEFT's LoraConfig that say what the adapters are; PEFT takes its defaults for the rest.
+  const nlohmann::json adapter_config = {
+      {"peft_type", "LORA"},
+      {"task_type", "CAUSAL_LM"},
+      {"base_model_name_or_path", base_model_name_or_path},
+      {"r", config.lora.rank},
+      {"lora_alpha", config.lora.alpha},
+      {"lora_dropout", config.lora.dropout},
+      {"target_modules", peft_target_modules(config)},
+      {"bias", "none"},
+      {"fan_in_fan_out", config.family == models::Family::kGpt2},
+      {"inference_mode", true},
+      {"init_lora_weights", true},
+      {"modules_to_save", nullptr},
+      {"layers_to_transform", nullptr},
+      {"layers_pattern", nullptr},
+      {"rank_pattern", nlohmann::json::object()},
+      {"alpha_pattern", nlohmann::json::object()},
+      {"use_rslora", false},
+      {"use_dora", false},
+      {"revision", nullptr},
+  };
+  write_text_file(staged + "/adapter_config.json", adapter_config.dump(2) + "\n");
+  fsync_path(staged, true);
+  swap_into_place(staged, dir);
 }
 
 std::string Engine::load(const std::string& dir) {
   const nlohmann::json state = read_state(dir, config());
   detail::Trainer& trainer = *trainer_;
+  check_base(dir, state, base_identity(trainer.model(), trainer.parts()));
   trainer.quiesce("load()");
   detail::read_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
                           trainer.state_count(),

@@ -69,6 +69,10 @@ FirstOrderTrainer::FirstOrderTrainer(LayeredModel model, EngineConfig config)
   if (config_.device.is_cuda() && !config_.device.has_index()) config_.device = torch::Device(torch::kCUDA, 0);
   if (config_.optimizer_threads > 0) optim::set_num_threads(config_.optimizer_threads);
   parts_ = describe_parts(model_);
+  for (const Part& part : parts_) {
+    FERRY_CHECK(!staged_ || part.frozen_numel == 0, "a staged layout holds every parameter trained, but ", part.name,
+                " has frozen ones (a LoRA base): train it from the model's own weights, without staged");
+  }
   placement_ = resolve_placement(config_, parts_.size());
   state_.resize(parts_.size());
   for (std::size_t p = 0; p < parts_.size(); ++p) state_[p].home = placement_.parts[p];
@@ -94,7 +98,7 @@ FirstOrderTrainer::~FirstOrderTrainer() {
 
 TierDemand FirstOrderTrainer::demand() const {
   std::vector<PartShape> shapes;
-  for (const Part& part : parts_) shapes.push_back({part.name, part.numel});
+  for (const Part& part : parts_) shapes.push_back({part.name, part.numel, part.frozen_numel});
   return engine_demand(shapes, config_);
 }
 
@@ -114,23 +118,62 @@ void FirstOrderTrainer::allocate_and_bind() {
     if (staged_) {
       // What lives on NVMe is staged already; the other parameters start from their seed.
       if (needs_seed(state_[p].home)) write_bundle(p, part.params, read_seed(*store_, part, compute_dtype_));
-    } else {
-      torch::Tensor initial = torch::empty({part.numel}, torch::kFloat);
-      for (const ParameterSlice& slice : part.slices) {
-        initial.narrow(0, slice.offset, slice.numel).copy_(slice.parameter.detach().reshape({-1}));
-      }
+    } else if (part.trainable()) {
+      torch::Tensor initial = pack_slices(part.slices, part.numel);
       write_bundle(p, part.params, initial.to(compute_dtype_));
       if (separate_master) write_bundle(p, part.master, initial);
     }
+    if (part.frozen != kNoBundle) write_frozen(p, pack_slices(part.frozen_slices, part.frozen_numel).to(compute_dtype_));
     if (streamed(p)) {
       // The module's own tensors are freed; each visit to the device binds the copy there.
-      for (const ParameterSlice& slice : part.slices) {
-        slice.parameter.set_data(torch::empty({0}, torch::TensorOptions().dtype(compute_dtype_).device(config_.device)));
+      for (const auto* slices : {&part.slices, &part.frozen_slices}) {
+        for (const ParameterSlice& slice : *slices) {
+          slice.parameter.set_data(torch::empty({0}, torch::TensorOptions().dtype(compute_dtype_).device(config_.device)));
+        }
       }
     } else {
-      bind_parameters(part, view(part.params, Tier::kGpu, compute_dtype_, part.numel));
+      bind_device_copies(p, /*in_flight=*/false);
     }
   }
+}
+
+void FirstOrderTrainer::bind_device_copies(std::size_t p, bool in_flight) {
+  const Part& part = parts_[p];
+  auto device_view = [&](BundleId id, std::int64_t numel) {
+    return in_flight ? typed_device_view(*store_, id, compute_dtype_, numel)
+                     : view(id, Tier::kGpu, compute_dtype_, numel);
+  };
+  if (part.trainable()) bind_parameters(part, device_view(part.params, part.numel));
+  if (part.frozen != kNoBundle) bind_frozen(part, device_view(part.frozen, part.frozen_numel));
+}
+
+// Note: frozen parameters are written once, at set-up, straight into their home copy (through
+// the NVMe staging for an NVMe home), and never staged for an update; reads (exports) go the same
+// way.
+void FirstOrderTrainer::write_frozen(std::size_t p, const torch::Tensor& values) {
+  torch::NoGradGuard no_grad;
+  const Part& part = parts_[p];
+  const Tier home = store_->spec(part.frozen).home;
+  const Tier tier = home == Tier::kNvme ? Tier::kHost : home;
+  if (tier != home) store_->allocate(part.frozen, tier);
+  view(part.frozen, tier, compute_dtype_, part.frozen_numel).copy_(values.reshape({-1}));
+  store_->mark_dirty(part.frozen, tier);
+  if (tier == home) return;
+  store_->write_back(part.frozen, tier, home).wait();
+  store_->evict(part.frozen, tier);
+}
+
+torch::Tensor FirstOrderTrainer::read_frozen(std::size_t p) {
+  const Part& part = parts_[p];
+  if (part.frozen == kNoBundle) return torch::empty({0}, torch::kFloat);
+  const Tier home = store_->spec(part.frozen).home;
+  const Tier tier = home == Tier::kNvme ? Tier::kHost : home;
+  const bool absent = store_->state(part.frozen, tier) == CopyState::kAbsent;
+  store_->fetch(part.frozen, tier).wait();
+  torch::Tensor values =
+      view(part.frozen, tier, compute_dtype_, part.frozen_numel).to(torch::kCPU, torch::kFloat, false, true);
+  if (absent) store_->evict(part.frozen, tier);
+  return values;
 }
 
 BundleId FirstOrderTrainer::master_bundle(std::size_t p) const {
@@ -286,7 +329,10 @@ std::vector<std::vector<BundleId>> FirstOrderTrainer::parameter_visits(bool reve
   std::vector<std::vector<BundleId>> visits(blocks);
   for (std::size_t k = 0; k < blocks; ++k) {
     const std::size_t p = (reverse ? blocks - 1 - k : k) + 1;
-    if (streamed(p)) visits[k].push_back(parts_[p].params);
+    if (!streamed(p)) continue;
+    for (BundleId id : {parts_[p].params, parts_[p].frozen}) {
+      if (id != kNoBundle) visits[k].push_back(id);
+    }
   }
   return visits;
 }
@@ -297,9 +343,7 @@ void FirstOrderTrainer::enter_block(std::size_t block, std::size_t visit) {
   const std::size_t p = block + 1;
   window_->arrive(visit);
   enter_part(p);
-  if (streamed(p)) {
-    bind_parameters(parts_[p], typed_device_view(*store_, parts_[p].params, compute_dtype_, parts_[p].numel));
-  }
+  if (streamed(p)) bind_device_copies(p, /*in_flight=*/true);
 }
 
 void FirstOrderTrainer::size_checkpoints(std::uint64_t bytes) {
@@ -429,6 +473,7 @@ void FirstOrderTrainer::check_batch_major(const char* call) const {
 void FirstOrderTrainer::collect_gradients(std::size_t p) {
   torch::NoGradGuard no_grad;
   const Part& part = parts_[p];
+  if (!part.trainable()) return;
   torch::Tensor grads = view(part.grads, Tier::kGpu, compute_dtype_, part.numel);
   for (const ParameterSlice& slice : part.slices) {
     torch::Tensor into = grads.narrow(0, slice.offset, slice.numel);
@@ -454,7 +499,7 @@ void FirstOrderTrainer::release_gradients(std::size_t keep) {
 }
 
 void FirstOrderTrainer::prepare_gradients(std::size_t p) {
-  if (!state_[p].cpu_updated()) return;  // they live on the device
+  if (!parts_[p].trainable() || !state_[p].cpu_updated()) return;  // none, or they live on the device
   // A fresh device copy for this micro-batch's gradients of the part (collect_gradients fills
   // it), once at most kGradientsGoingDown earlier parts' are still going down (the stem's, kept
   // for a tied head, aside).
@@ -480,7 +525,7 @@ void FirstOrderTrainer::begin_backward() {
   release_gradients(0);    // the previous micro-batch's device gradients are all down
   release_checkpoints(0);  // the window brings them back
   const std::size_t head = parts_.size() - 1;
-  if (micro_batches_ + 1 >= config_.grad_accumulation && !update_waits_for_step(head)) {
+  if (micro_batches_ + 1 >= config_.grad_accumulation && parts_[head].trainable() && !update_waits_for_step(head)) {
     worker_.submit([this, head] { prefetch_optimizer_state(head); });
   }
   // The stem's gradients collect from the head too when the embedding is tied.
@@ -513,7 +558,9 @@ void FirstOrderTrainer::backward_blocks(std::vector<PendingBackward>& micro, boo
       if (checkpoint != kNoBundle && store_->spec(checkpoint).home != Tier::kGpu) visits[k].push_back(checkpoint);
     }
     const std::size_t p = i + 1;
-    if (last && !update_waits_for_step(p) && staged_on_host(p, parts_[p].params)) keep_staging.push_back(parts_[p].params);
+    if (last && parts_[p].trainable() && !update_waits_for_step(p) && staged_on_host(p, parts_[p].params)) {
+      keep_staging.push_back(parts_[p].params);
+    }
   }
   window_->begin(std::move(visits), std::move(keep_staging));
   for (std::size_t k = 0; k < blocks; ++k) {
@@ -550,6 +597,7 @@ void FirstOrderTrainer::backward_blocks(std::vector<PendingBackward>& micro, boo
 
 void FirstOrderTrainer::backward_stem(std::vector<PendingBackward>& micro, bool summed) {
   for (PendingBackward& saved : micro) {
+    if (!saved.stem_output.requires_grad()) break;  // a frozen stem
     computed(0, false, [&] { torch::autograd::backward({saved.stem_output}, {saved.gradient}); });
     if (summed) fold_gradients(0, false);  // the head's backward began the stem's sum
   }
@@ -606,9 +654,10 @@ StepResult FirstOrderTrainer::train_layer_major(const std::vector<data::Batch>& 
 }
 
 void FirstOrderTrainer::fold_gradients(std::size_t p, bool first) {
+  const Part& part = parts_[p];
+  if (!part.trainable()) return;
   collect_gradients(p);
   torch::NoGradGuard no_grad;
-  const Part& part = parts_[p];
   if (store_->state(part.accumulator, Tier::kGpu) == CopyState::kAbsent) store_->allocate(part.accumulator, Tier::kGpu);
   torch::Tensor sum = view(part.accumulator, Tier::kGpu, torch::kFloat, part.numel);
   torch::Tensor grads = view(part.grads, Tier::kGpu, compute_dtype_, part.numel);
@@ -624,6 +673,7 @@ void FirstOrderTrainer::gradients_ready(std::size_t p, bool summed) {
   const bool last = micro_batches_ + 1 == config_.grad_accumulation;
   const Part& part = parts_[p];
   PartState& state = state_[p];
+  if (!part.trainable()) return;
   if (!summed) collect_gradients(p);
   if (!state.cpu_updated()) {
     accumulate_and_measure(p, first, last, summed);
@@ -831,7 +881,9 @@ StepResult FirstOrderTrainer::step() {
     const UpdateContext context{steps_ + 1, step_lr_, scaler_.scale(), clip_coef, true};
     // Without loss scaling a non-finite part is left as is. The worker's share goes first, in
     // backward order as it stages them, so that it runs while the device updates its parts.
-    auto waiting = [&](std::size_t p) { return !state_[p].updated && state_[p].stats.finite; };
+    auto waiting = [&](std::size_t p) {
+      return parts_[p].trainable() && !state_[p].updated && state_[p].stats.finite;
+    };
     for (std::size_t p = parts_.size(); p-- > 0;) {
       if (!waiting(p) || !state_[p].cpu_updated()) continue;
       state_[p].work = worker_.submit([this, p, context, delayed] {
@@ -899,6 +951,10 @@ void FirstOrderTrainer::restore_state(const nlohmann::json& state) {
 }
 
 PartValues FirstOrderTrainer::read_part(std::size_t p, bool with_states) {
+  if (!parts_[p].trainable()) {
+    return {torch::empty({0}, torch::kFloat),
+            std::vector<torch::Tensor>(with_states ? state_count() : 0, torch::empty({0}, torch::kFloat))};
+  }
   PartValues values{read_bundle(p, master_bundle(p), torch::kFloat), {}};
   if (with_states) {
     for (BundleId id : parts_[p].states) values.states.push_back(read_bundle(p, id, torch::kFloat));
@@ -908,6 +964,7 @@ PartValues FirstOrderTrainer::read_part(std::size_t p, bool with_states) {
 
 void FirstOrderTrainer::write_part(std::size_t p, const PartValues& values) {
   const Part& part = parts_[p];
+  if (!part.trainable()) return;
   write_bundle(p, master_bundle(p), values.weights);
   for (std::size_t i = 0; i < part.states.size(); ++i) write_bundle(p, part.states[i], values.states[i]);
   if (part.master != kNoBundle) write_bundle(p, part.params, values.weights.to(compute_dtype_));

@@ -97,10 +97,11 @@ class FirstOrderTrainer final : public Trainer {
                        const torch::Tensor& position_ids = {}) override;
 
   void quiesce(const char* call) override;
-  std::size_t state_count() const override { return parts_.front().states.size(); }
+  std::size_t state_count() const override { return static_cast<std::size_t>(optimizer_state_count(config_.optimizer)); }
   nlohmann::json checkpoint_state() const override;
   void restore_state(const nlohmann::json& state) override;
   PartValues read_part(std::size_t part, bool with_states) override;
+  torch::Tensor read_frozen(std::size_t part) override;
   void write_part(std::size_t part, const PartValues& values) override;
 
   const LayeredModel& model() const override { return model_; }
@@ -113,6 +114,10 @@ class FirstOrderTrainer final : public Trainer {
  private:
   // Setup.
   void allocate_and_bind();
+  // Binds the part's modules to its device copies: those a visit may still be uploading, or
+  // resident ones.
+  void bind_device_copies(std::size_t part, bool in_flight);
+  void write_frozen(std::size_t part, const torch::Tensor& values);
   TierDemand demand() const;
 
   // The step: forward, backward and step for one micro-batch at a time (batch-major), or

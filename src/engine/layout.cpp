@@ -51,8 +51,9 @@ void record(TierDemand* demand, Tier tier, const char* role, std::uint64_t bytes
 // - device gradients: the stem's (kept through backward), the part in backward and the
 //   kGradientsGoingDown before it still on their way down; their fp32 sums likewise, layer-major;
 // - parameter staging: every resident part the CPU updates keeps a host copy it writes into;
-// - NVMe staging: streamed blocks' parameters passing through (the window's, and those kept for
-//   an update the worker has not reached: kGradientsAhead + 1), gradients (or their sums) waiting
+// - NVMe staging: streamed blocks' parameters passing through (the window's, with their frozen
+//   ones, and those kept for an update the worker has not reached: kGradientsAhead + 1, which
+//   never includes frozen ones), gradients (or their sums) waiting
 //   for the worker (kGradientsAhead + 1), and the optimizer state of kPartsStaged parts.
 StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement& placement,
                         const EngineConfig& config, const AddBundle& add, TierDemand* demand) {
@@ -64,7 +65,17 @@ StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement&
   const bool layer_major = config.micro_batch_order == MicroBatchOrder::kLayerMajor;
   const PlacementRoles roles = placement_roles(config);
 
-  const std::uint64_t streamed = largest(parts, 0, e, [&](std::size_t p) { return homes[p].streamed(); });
+  // A visit brings a part's parameters and its frozen ones; only the former wait for an update.
+  auto visit_bytes = [&](auto counts) {
+    std::uint64_t most = 0;
+    for (std::size_t p = 0; p < parts.size(); ++p) {
+      if (!counts(p)) continue;
+      most = std::max(most, stored(static_cast<std::uint64_t>(parts[p].numel) * e) +
+                                stored(static_cast<std::uint64_t>(parts[p].frozen_numel) * e));
+    }
+    return most;
+  };
+  const std::uint64_t streamed = visit_bytes([&](std::size_t p) { return homes[p].streamed(); });
   const std::uint64_t stem_grads = cpu(0) ? stored(static_cast<std::uint64_t>(parts[0].numel) * e) : 0;
   const std::uint64_t stem_sum = cpu(0) ? stored(static_cast<std::uint64_t>(parts[0].numel) * 4) : 0;
   const std::uint64_t sent = largest(parts, 1, e, cpu);
@@ -74,6 +85,7 @@ StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement&
     if (cpu(p) && homes[p].params == Tier::kGpu) resident_staging += stored(static_cast<std::uint64_t>(parts[p].numel) * e);
   }
   const std::uint64_t nvme_params = largest(parts, 0, e, [&](std::size_t p) { return on_nvme(homes[p].params); });
+  const std::uint64_t nvme_visit = visit_bytes([&](std::size_t p) { return on_nvme(homes[p].params); });
   const std::uint64_t nvme_gradients = std::max(
       largest(parts, 0, e, [&](std::size_t p) { return cpu(p) && on_nvme(homes[p].grads); }),
       layer_major && roles.accumulator
@@ -103,7 +115,7 @@ StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement&
   }
   pools.parameter_staging = reserve(store, Tier::kHost, resident_staging, "parameter staging", demand);
   pools.nvme_staging = reserve(store, Tier::kHost,
-                               (window + kGradientsAhead + 1) * nvme_params + (kGradientsAhead + 1) * nvme_gradients +
+                               window * nvme_visit + (kGradientsAhead + 1) * (nvme_params + nvme_gradients) +
                                    kPartsStaged * nvme_work,
                                "NVMe staging", demand);
   for (std::size_t p = 0; p < parts.size(); ++p) {
@@ -166,6 +178,7 @@ TierDemand count_first_order(const std::vector<PartShape>& shapes, const EngineC
   for (std::size_t p = 0; p < shapes.size(); ++p) {
     parts[p].name = shapes[p].name;
     parts[p].numel = shapes[p].numel;
+    parts[p].frozen_numel = shapes[p].frozen_numel;
   }
   TierDemand demand;
   lay_out_parts(store, parts, placement, config, [&](const BundleSpec& spec, const char*) { return store.add(spec); },

@@ -18,6 +18,12 @@ Part describe(std::string name, models::Part kind, std::int64_t index, torch::nn
     slice.parameter = item.value();
     slice.shape = item.value().sizes().vec();
     slice.numel = item.value().numel();
+    if (!slice.parameter.requires_grad()) {
+      slice.offset = part.frozen_numel;
+      part.frozen_numel += slice.numel;
+      part.frozen_slices.push_back(std::move(slice));
+      continue;
+    }
     (is_no_decay(slice.name, slice.parameter) ? not_decayed : decayed).push_back(std::move(slice));
   }
   for (auto* group : {&decayed, &not_decayed}) {
@@ -28,7 +34,7 @@ Part describe(std::string name, models::Part kind, std::int64_t index, torch::nn
       part.slices.push_back(std::move(slice));
     }
   }
-  FERRY_CHECK(part.numel > 0, "model part '", part.name,
+  FERRY_CHECK(part.numel + part.frozen_numel > 0, "model part '", part.name,
               "' has no parameters; every part the engine drives must own at least one");
   return part;
 }
@@ -66,6 +72,12 @@ void add_bundles(Part& part, const PartPlacement& home, const EngineConfig& conf
     if (tier == Tier::kNvme) out.pools[static_cast<int>(Tier::kHost)] = pools.nvme_staging;
     return out;
   };
+  if (part.frozen_numel > 0) {
+    const std::uint64_t frozen_bytes = static_cast<std::uint64_t>(part.frozen_numel) *
+                                       torch::elementSize(scalar_type(config.precision));
+    part.frozen = add(spec("frozen", frozen_bytes, home.params, pools.window), "frozen parameters");
+  }
+  if (!part.trainable()) return;
   BundleSpec params = spec("params", compute_bytes, home.params, pools.window);
   if (home.params == Tier::kGpu) params.pools[static_cast<int>(Tier::kHost)] = pools.parameter_staging;
   part.params = add(params, "parameters");
@@ -98,10 +110,24 @@ void move_buffers(const LayeredModel& model, torch::Device device) {
   move(*model.head());
 }
 
-void bind_parameters(const Part& part, const torch::Tensor& flat) {
-  for (const ParameterSlice& slice : part.slices) {
+namespace {
+void bind_slices(const std::vector<ParameterSlice>& slices, const torch::Tensor& flat) {
+  for (const ParameterSlice& slice : slices) {
     slice.parameter.set_data(flat.narrow(0, slice.offset, slice.numel).view(slice.shape));
   }
+}
+}  // namespace
+
+void bind_parameters(const Part& part, const torch::Tensor& flat) { bind_slices(part.slices, flat); }
+void bind_frozen(const Part& part, const torch::Tensor& flat) { bind_slices(part.frozen_slices, flat); }
+
+torch::Tensor pack_slices(const std::vector<ParameterSlice>& slices, std::int64_t numel) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor flat = torch::empty({numel}, torch::kFloat);
+  for (const ParameterSlice& slice : slices) {
+    flat.narrow(0, slice.offset, slice.numel).copy_(slice.parameter.detach().reshape({-1}));
+  }
+  return flat;
 }
 
 namespace {

@@ -33,6 +33,12 @@ struct ParameterSlice {
 // ones are kNoBundle.
 constexpr BundleId kNoBundle = UINT32_MAX;
 
+// Note: a part's parameters fall into two groups. The trainable ones (requires_grad) are `slices`,
+// with every bundle below; the frozen ones (requires_grad = False: a LoRA base) are
+// `frozen_slices`, packed in registration order into the `frozen` bundle alone: no gradients,
+// master or optimizer states, never decayed and never written back. The frozen bundle lives with
+// the parameters (PartPlacement::params) and visits the device with them; a part may have either
+// group empty, not both.
 struct Part {
   std::string name;  // "stem", "block.3", "head"
   models::Part kind = models::Part::kBlock;
@@ -40,6 +46,10 @@ struct Part {
   std::vector<ParameterSlice> slices;
   std::int64_t numel = 0;
   std::int64_t decay_numel = 0;
+  std::vector<ParameterSlice> frozen_slices;
+  std::int64_t frozen_numel = 0;
+
+  bool trainable() const { return numel > 0; }
 
   // Each on its home tier (PartPlacement).
   BundleId params = kNoBundle;  // compute dtype; modules see views of its device copy
@@ -47,6 +57,7 @@ struct Part {
   BundleId master = kNoBundle;  // fp32, when the compute dtype is not
   std::vector<BundleId> states;  // fp32
   BundleId accumulator = kNoBundle;  // fp32 gradient sum over micro-batches, when there are several
+  BundleId frozen = kNoBundle;  // compute dtype, read-only; modules see views of its device copy
 };
 
 // The parts of a model in execution order: stem, blocks, head. Slices are laid out, bundles
@@ -92,6 +103,10 @@ void move_buffers(const LayeredModel& model, torch::Device device);
 
 // Points every slice's parameter at its range of `flat` (a part's bundle viewed as its dtype).
 void bind_parameters(const Part& part, const torch::Tensor& flat);
+void bind_frozen(const Part& part, const torch::Tensor& flat);
+
+// The parameters of `slices` packed flat, in fp32 on the host (`numel` in all).
+torch::Tensor pack_slices(const std::vector<ParameterSlice>& slices, std::int64_t numel);
 
 // A flat view of a bundle's copy on `tier` as `dtype`, numel elements long.
 torch::Tensor typed_view(const Store& store, BundleId id, Tier tier, torch::ScalarType dtype,

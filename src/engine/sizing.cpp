@@ -265,12 +265,16 @@ std::string TierDemand::describe(Tier tier) const {
 }
 
 std::vector<PartShape> part_shapes(const models::ModelConfig& config) {
+  // With LoRA the base is frozen and the blocks' adapters alone are trained.
+  auto shape = [&](std::string name, std::int64_t base, std::int64_t adapters) {
+    return config.lora.enabled() ? PartShape{std::move(name), adapters, base} : PartShape{std::move(name), base, 0};
+  };
   std::vector<PartShape> parts;
-  parts.push_back({"stem", config.stem_parameter_count()});
+  parts.push_back(shape("stem", config.stem_parameter_count(), 0));
   for (std::int64_t i = 0; i < config.num_layers; ++i) {
-    parts.push_back({"block." + std::to_string(i), config.block_parameter_count()});
+    parts.push_back(shape("block." + std::to_string(i), config.block_parameter_count(), config.lora_parameter_count()));
   }
-  parts.push_back({"head", config.head_parameter_count()});
+  parts.push_back(shape("head", config.head_parameter_count(), 0));
   return parts;
 }
 

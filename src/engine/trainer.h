@@ -51,6 +51,8 @@ class Trainer {
   // One part's fp32 weights (the master) and, with `with_states`, its optimizer states.
   virtual PartValues read_part(std::size_t part, bool with_states) = 0;
   virtual void write_part(std::size_t part, const PartValues& values) = 0;
+  // One part's frozen parameters (Part::frozen_slices) in fp32 on the host; empty when none.
+  virtual torch::Tensor read_frozen(std::size_t part) = 0;
 
   virtual const LayeredModel& model() const = 0;
   virtual const EngineConfig& config() const = 0;

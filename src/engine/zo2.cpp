@@ -121,6 +121,11 @@ detail::Zo2Trainer::Zo2Trainer(LayeredModel model_in, EngineConfig config_in)
   if (config_.device.is_cuda() && !config_.device.has_index()) config_.device = torch::Device(torch::kCUDA, 0);
   if (config_.optimizer_threads > 0) optim::set_num_threads(config_.optimizer_threads);
   parts_ = detail::describe_parts(model_);
+  for (const Part& part : parts_) {
+    FERRY_CHECK(part.frozen_numel == 0, "mode zo2 trains every parameter, but ", part.name, " has ",
+                part.frozen_numel, " frozen ones (requires_grad = False, or a LoRA base): train them in a "
+                "first-order mode (gpu, zero-offload, fuyou, auto)");
+  }
   std::vector<PartShape> shapes;
   for (const Part& part : parts_) shapes.push_back({part.name, part.numel});
   config_.zo.gpu_blocks = zo_gpu_blocks(shapes, config_);

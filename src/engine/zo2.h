@@ -42,6 +42,7 @@ class Zo2Trainer final : public Trainer {
   void restore_state(const nlohmann::json& state) override;
   PartValues read_part(std::size_t part, bool with_states) override;
   void write_part(std::size_t part, const PartValues& values) override;
+  torch::Tensor read_frozen(std::size_t) override { return torch::empty({0}, torch::kFloat); }  // none
 
   const LayeredModel& model() const override { return model_; }
   const EngineConfig& config() const override { return config_; }

@@ -384,6 +384,8 @@ void ModelConfig::validate() const {
   }
   FERRY_CHECK(pad_token_id < vocab_size, type, " config: pad_token_id ", pad_token_id,
               " is not below vocab_size ", vocab_size);
+  FERRY_CHECK(lora.rank >= 0, "lora rank = ", lora.rank, " is invalid: use a positive rank, or 0 for no adapters");
+  lora_targets();  // checks the adapters' settings
 }
 
 std::int64_t ModelConfig::embed_dim() const {
@@ -473,6 +475,84 @@ std::vector<ParameterSpec> ModelConfig::head_parameters() const {
   }
   return specs;
 }
+
+namespace {
+
+// ferry's short target names, per family; GPT-2's fused c_attn has no q, k or v of its own.
+std::string short_target(Family family, const std::string& name) {
+  static const std::map<std::string, std::string> llama = {
+      {"q", "q_proj"}, {"k", "k_proj"}, {"v", "v_proj"}, {"o", "o_proj"},
+      {"gate", "gate_proj"}, {"up", "up_proj"}, {"down", "down_proj"}};
+  static const std::map<std::string, std::string> opt = {
+      {"q", "q_proj"}, {"k", "k_proj"}, {"v", "v_proj"}, {"o", "out_proj"}, {"up", "fc1"}, {"down", "fc2"}};
+  static const std::map<std::string, std::string> gpt2 = {{"o", "attn.c_proj"}, {"up", "c_fc"}, {"down", "mlp.c_proj"}};
+  const auto& table = family == Family::kLlama ? llama : family == Family::kOpt ? opt : gpt2;
+  auto found = table.find(name);
+  return found == table.end() ? name : found->second;
+}
+
+bool ends_with_module(const std::string& module, const std::string& name) {
+  if (module == name) return true;
+  return module.size() > name.size() && module.compare(module.size() - name.size(), name.size(), name) == 0 &&
+         module[module.size() - name.size() - 1] == '.';
+}
+
+}  // namespace
+
+std::vector<LoraTarget> ModelConfig::lora_candidates() const {
+  std::vector<LoraTarget> candidates;
+  const std::string suffix = ".weight";
+  for (const ParameterSpec& spec : block_parameters()) {
+    if (spec.shape.size() != 2) continue;  // every 2-D parameter of a block is a linear's weight
+    LoraTarget target;
+    target.module = spec.name.substr(0, spec.name.size() - suffix.size());
+    target.fan_in_fan_out = family == Family::kGpt2;
+    target.in = spec.shape[target.fan_in_fan_out ? 0 : 1];
+    target.out = spec.shape[target.fan_in_fan_out ? 1 : 0];
+    candidates.push_back(std::move(target));
+  }
+  return candidates;
+}
+
+std::vector<LoraTarget> ModelConfig::lora_targets() const {
+  if (!lora.enabled()) return {};
+  FERRY_CHECK(lora.alpha > 0, "lora alpha = ", lora.alpha, " is invalid: it must be positive (PEFT's default is 8)");
+  FERRY_CHECK(lora.dropout >= 0 && lora.dropout < 1, "lora dropout = ", lora.dropout,
+              " is invalid: it must be in [0, 1)");
+  FERRY_CHECK(!lora.targets.empty(), "lora targets are empty: name the linears to adapt, or \"all-linear\"");
+  const std::vector<LoraTarget> candidates = lora_candidates();
+  std::vector<bool> chosen(candidates.size(), false);
+  for (const std::string& target : lora.targets) {
+    bool matched = false;
+    for (std::size_t i = 0; i < candidates.size(); ++i) {
+      if (target == "all-linear" || ends_with_module(candidates[i].module, short_target(family, target))) {
+        chosen[i] = matched = true;
+      }
+    }
+    if (!matched) {
+      std::string valid = "all-linear";
+      for (const LoraTarget& candidate : candidates) valid += ", " + candidate.module;
+      FERRY_CHECK(false, "lora target '", target, "' matches no linear of a ", model_type,
+                  " block (valid: ", valid, ", or the last part of a name: q_proj, c_attn...)");
+    }
+  }
+  std::vector<LoraTarget> targets;
+  for (std::size_t i = 0; i < candidates.size(); ++i) {
+    if (chosen[i]) targets.push_back(candidates[i]);
+  }
+  return targets;
+}
+
+std::vector<ParameterSpec> ModelConfig::lora_parameters() const {
+  std::vector<ParameterSpec> specs;
+  for (const LoraTarget& target : lora_targets()) {
+    specs.push_back({target.module + ".lora_A.weight", {lora.rank, target.in}, Init::kKaimingUniform});
+    specs.push_back({target.module + ".lora_B.weight", {target.out, lora.rank}, Init::kZeros});
+  }
+  return specs;
+}
+
+std::int64_t ModelConfig::lora_parameter_count() const { return total(lora_parameters()); }
 
 std::int64_t ModelConfig::stem_parameter_count() const { return total(stem_parameters()); }
 std::int64_t ModelConfig::block_parameter_count() const { return total(block_parameters()); }

@@ -32,7 +32,7 @@ std::shared_ptr<torch::nn::Module> child(torch::nn::Module& parent, const std::s
 // rebinds parameters with set_data(), which swaps the data inside that TensorImpl, so these
 // handles (and a tied head's handle on the embedding) follow without being re-fetched.
 Parameters register_parameters(torch::nn::Module& module, const std::vector<ParameterSpec>& specs,
-                               torch::ScalarType dtype) {
+                               torch::ScalarType dtype, bool trainable = true) {
   Parameters parameters;
   for (const ParameterSpec& spec : specs) {
     torch::nn::Module* owner = &module;
@@ -43,8 +43,22 @@ Parameters register_parameters(torch::nn::Module& module, const std::vector<Para
       start = dot + 1;
     }
     parameters[spec.name] =
-        owner->register_parameter(spec.name.substr(start), torch::empty(spec.shape, dtype));
+        owner->register_parameter(spec.name.substr(start), torch::empty(spec.shape, dtype), trainable);
   }
+  return parameters;
+}
+
+// A part's own parameters: frozen when the config trains LoRA adapters instead.
+Parameters register_base(torch::nn::Module& module, const ModelConfig& config,
+                         const std::vector<ParameterSpec>& specs) {
+  return register_parameters(module, specs, to_scalar_type(config.dtype), !config.lora.enabled());
+}
+
+// A block's parameters: its base ones, then its LoRA adapters.
+Parameters register_block(torch::nn::Module& module, const ModelConfig& config) {
+  Parameters parameters = register_base(module, config, config.block_parameters());
+  Parameters adapters = register_parameters(module, config.lora_parameters(), to_scalar_type(config.dtype));
+  parameters.insert(adapters.begin(), adapters.end());
   return parameters;
 }
 
@@ -89,6 +103,49 @@ torch::Tensor conv1d(const torch::Tensor& x, const Parameters& parameters,
   return flat.view(sizes);
 }
 
+// A block's LoRA adapters (ModelConfig::lora): the linears they adapt, each with its dropout site.
+struct Adapters {
+  double scale = 0;
+  double dropout = 0;
+  std::int64_t part = 0;
+  std::map<std::string, int> sites;  // module -> dropout site
+};
+
+constexpr int kFirstLoraSite = 3;  // after the block's own dropout sites
+
+Adapters make_adapters(const ModelConfig& config, std::int64_t part) {
+  Adapters adapters;
+  if (!config.lora.enabled()) return adapters;
+  adapters.scale = config.lora.scale();
+  adapters.dropout = config.lora.dropout;
+  adapters.part = part;
+  int site = kFirstLoraSite;
+  for (const LoraTarget& target : config.lora_targets()) adapters.sites[target.module] = site++;
+  return adapters;
+}
+
+// y, the output of linear `name` for input x, plus its adapter's scale * B A dropout(x), summed
+// in PEFT's order.
+torch::Tensor adapted(torch::Tensor y, const torch::Tensor& x, const Parameters& parameters,
+                      const std::string& name, const Adapters& adapters, const StepContext& context) {
+  auto site = adapters.sites.find(name);
+  if (site == adapters.sites.end()) return y;
+  const torch::Tensor input = dropout(x, adapters.dropout, context, adapters.part, site->second);
+  const torch::Tensor update = at::linear(at::linear(input, get(parameters, name + ".lora_A.weight")),
+                                          get(parameters, name + ".lora_B.weight"));
+  return y + update * adapters.scale;
+}
+
+torch::Tensor linear(const torch::Tensor& x, const Parameters& parameters, const std::string& name,
+                     const Adapters& adapters, const StepContext& context) {
+  return adapted(linear(x, parameters, name), x, parameters, name, adapters, context);
+}
+
+torch::Tensor conv1d(const torch::Tensor& x, const Parameters& parameters, const std::string& name,
+                     const Adapters& adapters, const StepContext& context) {
+  return adapted(conv1d(x, parameters, name), x, parameters, name, adapters, context);
+}
+
 torch::Tensor activate(const torch::Tensor& x, Activation activation) {
   switch (activation) {
     case Activation::kGeluTanh:
@@ -112,8 +169,6 @@ torch::Tensor merge_heads(const torch::Tensor& x) {
   return x.transpose(1, 2).reshape({x.size(0), x.size(2), -1});
 }
 
-torch::ScalarType dtype_of(const ModelConfig& config) { return to_scalar_type(config.dtype); }
-
 // The parts' numbers in dropout seeds (ferry::dropout): the stem 0, block i i + 1.
 constexpr std::int64_t kStemPart = 0;
 std::int64_t block_part(std::int64_t index) { return index + 1; }
@@ -125,7 +180,7 @@ constexpr int kMlpOutputSite = 2;        // the MLP's output projection
 class Gpt2Stem final : public Stem {
  public:
   explicit Gpt2Stem(const ModelConfig& config)
-      : parameters_(register_parameters(*this, config.stem_parameters(), dtype_of(config))) {}
+      : parameters_(register_base(*this, config, config.stem_parameters())) {}
 
   torch::Tensor forward(const torch::Tensor& tokens, const StepContext& context) override {
     torch::Tensor embedded = at::embedding(get(parameters_, "wte.weight"), tokens) +
@@ -143,35 +198,37 @@ class Gpt2Block final : public Block {
  public:
   Gpt2Block(const ModelConfig& config, std::int64_t index)
       : config_(config),
-        parameters_(register_parameters(*this, config.block_parameters(), dtype_of(config))),
-        part_(block_part(index)) {}
+        parameters_(register_block(*this, config)),
+        part_(block_part(index)),
+        adapters_(make_adapters(config, part_)) {}
 
   torch::Tensor forward(const torch::Tensor& hidden, const StepContext& context) override {
     const double residual_rate = context.dropout.rates.residual;
     torch::Tensor h = layer_norm(hidden, parameters_, "ln_1", config_.norm_eps);
     std::vector<torch::Tensor> qkv =
-        conv1d(h, parameters_, "attn.c_attn").split(config_.hidden_size, -1);
+        conv1d(h, parameters_, "attn.c_attn", adapters_, context).split(config_.hidden_size, -1);
     torch::Tensor attended =
         attention(split_heads(qkv[0], config_.head_dim), split_heads(qkv[1], config_.head_dim),
                   split_heads(qkv[2], config_.head_dim), context, part_, kAttentionSite);
-    torch::Tensor x = hidden + dropout(conv1d(merge_heads(attended), parameters_, "attn.c_proj"), residual_rate,
+    torch::Tensor x = hidden + dropout(conv1d(merge_heads(attended), parameters_, "attn.c_proj", adapters_, context), residual_rate,
                                        context, part_, kAttentionOutputSite);
     h = layer_norm(x, parameters_, "ln_2", config_.norm_eps);
-    h = activate(conv1d(h, parameters_, "mlp.c_fc"), config_.activation);
-    return x + dropout(conv1d(h, parameters_, "mlp.c_proj"), residual_rate, context, part_, kMlpOutputSite);
+    h = activate(conv1d(h, parameters_, "mlp.c_fc", adapters_, context), config_.activation);
+    return x + dropout(conv1d(h, parameters_, "mlp.c_proj", adapters_, context), residual_rate, context, part_, kMlpOutputSite);
   }
 
  private:
   ModelConfig config_;
   Parameters parameters_;
   std::int64_t part_;
+  Adapters adapters_;
 };
 
 class Gpt2Head final : public Head {
  public:
   Gpt2Head(const ModelConfig& config, const Stem& stem)
       : config_(config),
-        parameters_(register_parameters(*this, config.head_parameters(), dtype_of(config))),
+        parameters_(register_base(*this, config, config.head_parameters())),
         lm_head_(config.tie_word_embeddings ? stem.token_embedding()
                                             : get(parameters_, "lm_head.weight")) {}
 
@@ -188,7 +245,7 @@ class Gpt2Head final : public Head {
 class OptStem final : public Stem {
  public:
   explicit OptStem(const ModelConfig& config)
-      : parameters_(register_parameters(*this, config.stem_parameters(), dtype_of(config))) {}
+      : parameters_(register_base(*this, config, config.stem_parameters())) {}
 
   torch::Tensor forward(const torch::Tensor& tokens, const StepContext& context) override {
     torch::Tensor embedded = at::embedding(get(parameters_, "embed_tokens.weight"), tokens);
@@ -212,19 +269,20 @@ class OptBlock final : public Block {
  public:
   OptBlock(const ModelConfig& config, std::int64_t index)
       : config_(config),
-        parameters_(register_parameters(*this, config.block_parameters(), dtype_of(config))),
-        part_(block_part(index)) {}
+        parameters_(register_block(*this, config)),
+        part_(block_part(index)),
+        adapters_(make_adapters(config, part_)) {}
 
   torch::Tensor forward(const torch::Tensor& hidden, const StepContext& context) override {
     const bool pre_norm = config_.do_layer_norm_before;
     const double residual_rate = context.dropout.rates.residual;
     torch::Tensor h = pre_norm ? norm(hidden, "self_attn_layer_norm") : hidden;
     torch::Tensor attended =
-        attention(split_heads(linear(h, parameters_, "self_attn.q_proj"), config_.head_dim),
-                  split_heads(linear(h, parameters_, "self_attn.k_proj"), config_.head_dim),
-                  split_heads(linear(h, parameters_, "self_attn.v_proj"), config_.head_dim),
+        attention(split_heads(linear(h, parameters_, "self_attn.q_proj", adapters_, context), config_.head_dim),
+                  split_heads(linear(h, parameters_, "self_attn.k_proj", adapters_, context), config_.head_dim),
+                  split_heads(linear(h, parameters_, "self_attn.v_proj", adapters_, context), config_.head_dim),
                   context, part_, kAttentionSite);
-    h = hidden + dropout(linear(merge_heads(attended), parameters_, "self_attn.out_proj"), residual_rate, context,
+    h = hidden + dropout(linear(merge_heads(attended), parameters_, "self_attn.out_proj", adapters_, context), residual_rate, context,
                          part_, kAttentionOutputSite);
     if (!pre_norm) {
       h = norm(h, "self_attn_layer_norm");
@@ -233,7 +291,7 @@ class OptBlock final : public Block {
     if (pre_norm) {
       h = norm(h, "final_layer_norm");
     }
-    h = linear(activate(linear(h, parameters_, "fc1"), config_.activation), parameters_, "fc2");
+    h = linear(activate(linear(h, parameters_, "fc1", adapters_, context), config_.activation), parameters_, "fc2", adapters_, context);
     h = residual + dropout(h, residual_rate, context, part_, kMlpOutputSite);
     return pre_norm ? h : norm(h, "final_layer_norm");
   }
@@ -246,13 +304,14 @@ class OptBlock final : public Block {
   ModelConfig config_;
   Parameters parameters_;
   std::int64_t part_;
+  Adapters adapters_;
 };
 
 class OptHead final : public Head {
  public:
   OptHead(const ModelConfig& config, const Stem& stem)
       : config_(config),
-        parameters_(register_parameters(*this, config.head_parameters(), dtype_of(config))),
+        parameters_(register_base(*this, config, config.head_parameters())),
         lm_head_(config.tie_word_embeddings ? stem.token_embedding()
                                             : get(parameters_, "lm_head.weight")) {}
 
@@ -276,7 +335,7 @@ class OptHead final : public Head {
 class LlamaStem final : public Stem {
  public:
   explicit LlamaStem(const ModelConfig& config)
-      : parameters_(register_parameters(*this, config.stem_parameters(), dtype_of(config))) {}
+      : parameters_(register_base(*this, config, config.stem_parameters())) {}
 
   torch::Tensor forward(const torch::Tensor& tokens, const StepContext& context) override {
     return at::embedding(get(parameters_, "embed_tokens.weight"), tokens);
@@ -294,8 +353,9 @@ class LlamaBlock final : public Block {
  public:
   LlamaBlock(const ModelConfig& config, std::int64_t index)
       : config_(config),
-        parameters_(register_parameters(*this, config.block_parameters(), dtype_of(config))),
-        part_(block_part(index)) {}
+        parameters_(register_block(*this, config)),
+        part_(block_part(index)),
+        adapters_(make_adapters(config, part_)) {}
 
   torch::Tensor forward(const torch::Tensor& hidden, const StepContext& context) override {
     FERRY_CHECK(context.rope_cos.defined(),
@@ -309,30 +369,31 @@ class LlamaBlock final : public Block {
     torch::Tensor sin = context.rope_sin.dim() == 3 ? context.rope_sin.unsqueeze(1)
                                                     : context.rope_sin.view({1, 1, -1, config_.head_dim});
     torch::Tensor q = apply_rotary(
-        split_heads(linear(h, parameters_, "self_attn.q_proj"), config_.head_dim), cos, sin);
+        split_heads(linear(h, parameters_, "self_attn.q_proj", adapters_, context), config_.head_dim), cos, sin);
     torch::Tensor k = apply_rotary(
-        split_heads(linear(h, parameters_, "self_attn.k_proj"), config_.head_dim), cos, sin);
-    torch::Tensor v = split_heads(linear(h, parameters_, "self_attn.v_proj"), config_.head_dim);
+        split_heads(linear(h, parameters_, "self_attn.k_proj", adapters_, context), config_.head_dim), cos, sin);
+    torch::Tensor v = split_heads(linear(h, parameters_, "self_attn.v_proj", adapters_, context), config_.head_dim);
     torch::Tensor x =
         hidden + linear(merge_heads(attention(q, k, v, context, part_, kAttentionSite)), parameters_,
-                        "self_attn.o_proj");
+                        "self_attn.o_proj", adapters_, context);
     h = rms_norm(x, get(parameters_, "post_attention_layernorm.weight"), config_.norm_eps);
-    torch::Tensor gated = activate(linear(h, parameters_, "mlp.gate_proj"), config_.activation) *
-                          linear(h, parameters_, "mlp.up_proj");
-    return x + linear(gated, parameters_, "mlp.down_proj");
+    torch::Tensor gated = activate(linear(h, parameters_, "mlp.gate_proj", adapters_, context), config_.activation) *
+                          linear(h, parameters_, "mlp.up_proj", adapters_, context);
+    return x + linear(gated, parameters_, "mlp.down_proj", adapters_, context);
   }
 
  private:
   ModelConfig config_;
   Parameters parameters_;
   std::int64_t part_;
+  Adapters adapters_;
 };
 
 class LlamaHead final : public Head {
  public:
   LlamaHead(const ModelConfig& config, const Stem& stem)
       : config_(config),
-        parameters_(register_parameters(*this, config.head_parameters(), dtype_of(config))),
+        parameters_(register_base(*this, config, config.head_parameters())),
         lm_head_(config.tie_word_embeddings ? stem.token_embedding()
                                             : get(parameters_, "lm_head.weight")) {}
 
@@ -376,6 +437,12 @@ void initialize_part(torch::nn::Module& part, const std::vector<ParameterSpec>& 
       case Init::kOnes:
         values.fill_(1.0);
         break;
+      case Init::kKaimingUniform: {
+        // kaiming_uniform_(a = sqrt(5)): gain sqrt(2 / (1 + a^2)) times sqrt(3 / fan_in).
+        const double bound = 1.0 / std::sqrt(static_cast<double>(spec.shape[1]));
+        values.uniform_(-bound, bound, generator);
+        break;
+      }
     }
     parameter->copy_(values);
   }
@@ -463,6 +530,16 @@ void initialize(LayeredModel& model, std::uint64_t seed) {
     initialize_part(*block, config.block_parameters(), config, generator);
   }
   initialize_part(*model.head(), config.head_parameters(), config, generator);
+  if (config.lora.enabled()) initialize_adapters(model, seed);
+}
+
+void initialize_adapters(LayeredModel& model, std::uint64_t seed) {
+  FERRY_CHECK(model.config().has_value() && model.config()->lora.enabled(),
+              "initialize_adapters(): the model has no LoRA adapters (ModelConfig::lora.rank is 0)");
+  const ModelConfig& config = *model.config();
+  // Its own stream, so that the base is drawn as it is without adapters.
+  at::Generator generator = at::detail::createCPUGenerator(seed ^ 0x4c6f5241u);
+  for (const auto& block : model.blocks()) initialize_part(*block, config.lora_parameters(), config, generator);
 }
 
 LayeredModel build(const ModelConfig& config, std::uint64_t seed) {

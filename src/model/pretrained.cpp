@@ -194,7 +194,7 @@ void PretrainedReader::read_into(Part part, std::int64_t block, const std::strin
 void PretrainedReader::read_part(Part part, std::int64_t block, torch::nn::Module& module) const {
   auto parameters = module.named_parameters();
   const std::vector<ParameterSpec> specs = specs_of(config_, part);
-  FERRY_CHECK(parameters.size() == specs.size(), "the module has ", parameters.size(),
+  FERRY_CHECK(parameters.size() >= specs.size(), "the module has ", parameters.size(),
               " parameters but a ", config_.model_type, " part of this config has ", specs.size());
   for (const ParameterSpec& spec : specs) {
     const torch::Tensor* parameter = parameters.find(spec.name);
@@ -210,13 +210,27 @@ LayeredModel from_pretrained(const std::string& dir, const LoadOptions& options)
   if (options.dtype.has_value()) {
     config.dtype = *options.dtype;
   }
+  config.lora = options.lora;
   LayeredModel model = allocate(config);
   reader.read_part(Part::kStem, 0, *model.stem());
   for (std::size_t block = 0; block < model.num_blocks(); ++block) {
     reader.read_part(Part::kBlock, static_cast<std::int64_t>(block), *model.blocks()[block]);
   }
   reader.read_part(Part::kHead, 0, *model.head());
+  if (config.lora.enabled()) initialize_adapters(model, options.seed);
   return model;
+}
+
+std::string peft_name(const ModelConfig& config, std::int64_t block, const std::string& local_name) {
+  return "base_model.model." + hf_name(config, Part::kBlock, block, local_name);
+}
+
+torch::Tensor merge_lora(const ModelConfig& config, const LoraTarget& target, const torch::Tensor& weight,
+                         const torch::Tensor& lora_a, const torch::Tensor& lora_b) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor delta = torch::matmul(lora_b.to(torch::kFloat), lora_a.to(torch::kFloat)) * config.lora.scale();
+  if (target.fan_in_fan_out) delta = delta.t();
+  return weight.to(torch::kFloat) + delta;
 }
 
 void save_pretrained(const LayeredModel& model, const std::string& dir,

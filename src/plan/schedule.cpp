@@ -115,6 +115,10 @@ class StepBuilder {
  private:
   std::size_t blocks() const { return parts_.size() - 2; }
   std::uint64_t numel(std::size_t part) const { return static_cast<std::uint64_t>(parts_[part].numel); }
+  // What a visit of the part brings to the device: its trained parameters and its frozen ones.
+  std::uint64_t visit_numel(std::size_t part) const {
+    return numel(part) + static_cast<std::uint64_t>(parts_[part].frozen_numel);
+  }
   const BlockActivations& activations(std::size_t block) const { return config_.placement.activations[block]; }
   std::uint64_t activation_bytes(std::size_t block) const {
     return activations(block).recompute ? sizing_.block.checkpoint_bytes : sizing_.block.graph_bytes;
@@ -329,9 +333,9 @@ class StepBuilder {
       if (!homes[part].streamed()) return params_ready_[part];
       ready = std::max(ready, params_ready_[part]);
       if (nvme(homes[part].params)) {
-        ready = move(Resource::kNvmeRead, ready, numel(part) * e_, "read " + parts_[part].name + " parameters");
+        ready = move(Resource::kNvmeRead, ready, visit_numel(part) * e_, "read " + parts_[part].name + " parameters");
       }
-      return move(Resource::kPcieUp, ready, numel(part) * e_, parts_[part].name + " parameters up");
+      return move(Resource::kPcieUp, ready, visit_numel(part) * e_, parts_[part].name + " parameters up");
     };
     // In fp32 a part's parameters are its master: a part on NVMe reads them back to update them.
     auto read_states = [&](std::size_t part, double ready) {

@@ -126,6 +126,24 @@ def test_checkpoints_resume_exactly_and_load_as_a_hugging_face_directory(tmp_pat
     assert ferry.LayeredModel.from_pretrained(tmp_path / "step-2").num_blocks == 2
 
 
+def test_lora_keywords_train_adapters_that_export_for_peft_and_merged(tmp_path: Path) -> None:
+    engine = ferry.Engine("tiny-llama", lora_rank=4, lora_alpha=16, lora_targets="q_proj,v_proj", **SETTINGS)
+    trained = losses(engine, loader(), 6)
+    assert trained[-1] < trained[0]
+    engine.export_adapter(tmp_path / "adapter", "tiny-llama")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 16)
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert config["base_model_name_or_path"] == "tiny-llama"
+    # The merged export is a plain model computing what base + adapters compute.
+    engine.export_pretrained(tmp_path / "merged")
+    merged = ferry.Engine(str(tmp_path / "merged"), device="cpu")
+    tokens = next(loader())["input_ids"]
+    torch.testing.assert_close(merged.logits(tokens), engine.logits(tokens), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="LoRA settings apply to a preset"):
+        ferry.Engine(ferry.LayeredModel.preset("tiny-llama"), lora_rank=4, device="cpu")
+
+
 def test_stats_repr_and_properties() -> None:
     engine = ferry.Engine("tiny-llama", mode="zero-offload", **SETTINGS)
     losses(engine, loader(), 2)
