@@ -359,9 +359,10 @@ class Engine {
   std::string write_trace(const std::string& path) const;
 
   const LayeredModel& model() const;
-  // Every part's parameters, wherever they live (model().parameter_count() counts only those
-  // bound on the device at the moment).
+  // Every part's parameters, frozen ones included, wherever they live (model().parameter_count()
+  // counts only those bound on the device at the moment); and the trainable ones alone.
   std::int64_t parameter_count() const;
+  std::int64_t trainable_parameter_count() const;
   const EngineConfig& config() const;
   std::int64_t steps_taken() const;
   double current_lr() const;

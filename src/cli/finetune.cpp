@@ -739,8 +739,9 @@ int run_finetune(int argc, char** argv) {
                  static_cast<long long>(engine.steps_taken()));
   }
 
-  std::fprintf(stderr, "ferry finetune: %s, %lld parameters, mode %s, %s on %s, %lld steps of %lld x %lld tokens\n",
+  std::fprintf(stderr, "ferry finetune: %s, %lld parameters (%lld trainable), mode %s, %s on %s, %lld steps of %lld x %lld tokens\n",
                std::string(job["model"]).c_str(), static_cast<long long>(engine.parameter_count()),
+               static_cast<long long>(engine.trainable_parameter_count()),
                to_string(config.mode), to_string(config.precision), config.device.str().c_str(),
                static_cast<long long>(steps), static_cast<long long>(loader_options.batch_size),
                static_cast<long long>(loader_options.sequence_length));

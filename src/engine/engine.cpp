@@ -74,6 +74,12 @@ double Engine::current_lr() const {
 
 std::int64_t Engine::parameter_count() const {
   std::int64_t count = 0;
+  for (const detail::Part& part : trainer_->parts()) count += part.numel + part.frozen_numel;
+  return count;
+}
+
+std::int64_t Engine::trainable_parameter_count() const {
+  std::int64_t count = 0;
   for (const detail::Part& part : trainer_->parts()) count += part.numel;
   return count;
 }
