@@ -26,11 +26,11 @@ namespace {
 constexpr int kSteps = 20;
 constexpr std::int64_t kBatch = 4, kSeq = 16;
 // Note: the reference sums in other orders than ferry (torch's AdamW against ferry's CPU kernels,
-// SDPA-free attention against the model's), so it agrees to rounding, not bit for bit. Measured on
-// the CPU: losses within 2e-6 relative and weights within 2e-6 after 20 steps; the bounds leave
-// a factor of about 10.
-constexpr double kLossTolerance = 2e-5;   // relative
-constexpr double kWeightTolerance = 2e-5;  // absolute, on weights of magnitude ~0.02-1
+// its own attention against the model's), so it agrees to rounding, not bit for bit. Measured on
+// the CPU, in every placement alike: losses within 1.3e-7 relative, weights within 3.7e-7 after
+// 20 steps; the bounds leave a factor of about 10.
+constexpr double kLossTolerance = 1e-6;    // relative
+constexpr double kWeightTolerance = 4e-6;  // absolute, on weights of magnitude 0.02 to 1
 
 struct RmsNorm : torch::nn::Module {
   RmsNorm(std::int64_t size, double eps) : weight(register_parameter("weight", torch::ones({size}))), eps(eps) {}
@@ -166,11 +166,14 @@ struct Run {
   std::map<std::string, torch::Tensor> weights;  // by Hugging Face name, fp32
 };
 
+// Note: the batches draw from 32 of the 512 ids, so that every embedding row that is trained
+// sees a gradient at most steps. A row seen once or twice has Adam's second moment set by one
+// gradient, and an element of it near 0 moves by about lr whatever its rounding: there the two
+// implementations' orders of summation part by up to 6e-4 after 20 steps (measured). The losses
+// fall as the model learns which 32 ids occur.
 std::vector<data::Batch> batches() {
   std::vector<data::Batch> all;
-  for (int step = 0; step < kSteps; ++step) {
-    all.push_back(data::random_batch(kBatch, kSeq, four_block_llama().vocab_size, 100 + step));
-  }
+  for (int step = 0; step < kSteps; ++step) all.push_back(data::random_batch(kBatch, kSeq, 32, 100 + step));
   return all;
 }
 
@@ -265,7 +268,8 @@ Placement mixed_placement() {
 
 TEST_CASE("every first-order placement trains as plain LibTorch with torch::optim::AdamW does") {
   TempDir dir;
-  const EngineConfig base = adamw_config(Mode::kGpu);
+  EngineConfig base = adamw_config(Mode::kGpu);
+
   const Run reference = train_reference(base);
   CHECK(reference.losses.back() < reference.losses.front());
 
