@@ -179,7 +179,7 @@ TEST_CASE("a delayed update keeps loss-scale skips and bf16 parameters right") {
   CHECK_FALSE(delayed.steps.back().skipped);
 }
 
-TEST_CASE("flush sends the pending update up; evaluate and save flush first") {
+TEST_CASE("flush sends the pending update up, and evaluate and save flush first") {
   EngineConfig config = delayed_config();
   SECTION("flush between steps") {
     const Run delayed = delayed_run(config, 12, /*flush_after=*/6);

@@ -353,7 +353,7 @@ TEST_CASE("zo2 trains: the loss falls on the demo task") {
   CHECK(engine.evaluate(held_out) < before);
 }
 
-TEST_CASE("zo2 defers each update to the next upload; flush applies it, once") {
+TEST_CASE("zo2 defers each update to the next upload, and flush applies it once") {
   EngineConfig config = zo_config();
   const models::ModelConfig shape = model_config("tiny-opt");
   data::Batch held_out = loader(99)->next();

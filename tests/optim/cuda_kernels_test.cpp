@@ -131,7 +131,7 @@ EncodedTransfer encode(torch::Tensor weights, ZoTransferFormat format) {
   return encoded;
 }
 
-TEST_CASE("the CUDA transfer decode gives the CPU's bits; with a perturbation, its rounding", "[zo][cuda]") {
+TEST_CASE("the CUDA transfer decode gives the CPU's bits, and with a perturbation its rounding", "[zo][cuda]") {
   const std::int64_t n = 3 * 65536 + 77;
   torch::manual_seed(3);
   const torch::Tensor weights = torch::randn({n}) * 0.02;
