@@ -63,7 +63,8 @@ NvmeFigures measure_directory(const std::string& directory, std::uint64_t file_b
                               const std::vector<IoOptions>& settings,
                               const std::function<void(const std::string&)>& say) {
   const DiskTierInfo disk = probe_disk_tier(directory);
-  FERRY_CHECK(disk.exists, "NVMe directory '", directory, "' does not exist: create it on the SSD or name another one");
+  FERRY_CHECK(disk.exists, "NVMe directory '", directory, "' does not exist: give a writable directory on the SSD ",
+              "(mkdir -p ", directory, ")");
   if (!disk.direct_io) {
     say("NVMe " + directory + ": no O_DIRECT on its filesystem (" + disk.filesystem +
         "): measured, and run by the store, through the page cache (buffered)");
