@@ -96,7 +96,9 @@ struct CalibrationOptions {
 
 // Measures this machine with ferry's own kernels and I/O engine (`ferry bench calibrate`):
 // minutes on a GPU machine, dominated by the NVMe passes. `report` gets one line per figure.
-// Throws ferry::Error for an NVMe directory that is missing or lacks O_DIRECT.
+// Throws ferry::Error for an NVMe directory that is missing or has under 2 MiB free. One without
+// O_DIRECT is measured through the page cache and one with less room than nvme_bytes with what
+// fits; `report` says so. The scratch file is removed on every way out.
 Hardware calibrate(const CalibrationOptions& options,
                    const std::function<void(const std::string&)>& report = {});
 

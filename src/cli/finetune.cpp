@@ -23,6 +23,8 @@
 
 #include "cli/command.h"
 #include "cli/job_file.h"
+#include "cli/preflight.h"
+#include "cli/settings.h"
 #include "ferry/data.h"
 #include "ferry/engine.h"
 #include "ferry/fs.h"
@@ -40,48 +42,42 @@ namespace {
 using Json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-// Every setting of a job, with its default. Flags and the config file use the same names.
-const Json& defaults() {
-  static const Json kDefaults = {
-      {"model", "tiny-llama"},       {"data", "demo"},          {"mode", "zero-offload"},
-      {"precision", "fp32"},         {"device", "auto"},        {"gpu_budget", "0"},
-      {"host_budget", "0"},          {"steps", 400},            {"batch", 32},
-      {"seq", 16},                   {"lr", 3e-3},              {"schedule", "cosine"},
-      {"warmup", 20},                {"min_lr_ratio", 0.1},     {"optimizer", "adamw"},
-      {"weight_decay", 0.01},        {"grad_accum", 1},         {"max_grad_norm", 1.0},
-      {"keep_graph_blocks", 0},      {"seed", 1},               {"out", "runs/demo"},
-      {"resume", "none"},            {"save_every", 0},         {"eval_problems", 100},
-      {"log_every", 10},             {"demo_digits", 1},           {"trace", ""},
-      {"momentum", 0.0},             {"nvme", ""},              {"nvme_budget", "0"},
-      {"zo_eps", 1e-3},              {"zo_samples", 1},         {"zo_blocks", "host"},
-      {"zo_gpu_blocks", "0"},        {"zo_host_blocks", 0},     {"zo_storage", ""},
-      {"zo_transfer", "storage"},    {"zo_window", 3},          {"zo_write_back", 4},
-      {"fuyou_host_blocks", "auto"}, {"fuyou_window", 3},       {"staged", ""},
-      {"activations", "auto"},       {"micro_batch_order", "auto"}, {"export", "auto"},
-      {"delayed_update", false},     {"delayed_update_warmup", 0}, {"layers", 0},
-      {"tokenizer", "auto"},         {"data_format", "auto"},   {"template", ""},
-      {"answer_only", true},         {"pack", "auto"},          {"eval_data", ""},
-      {"eval_every", 0},             {"export_precision", "auto"}, {"dropout", "auto"},
-      // LoRA (issue 22): adapters on the blocks' linears over a frozen base.
-      {"lora_rank", 0},              {"lora_alpha", 8.0},       {"lora_dropout", 0.0},
-      {"lora_targets", "all-linear"}, {"adapter", "auto"},
-  };
-  return kDefaults;
+// Every setting of a job is in the table of cli/settings.h: its default (flags and the job file
+// use the same names), its type and its valid range.
+std::vector<std::string> job_setting_names() {
+  std::vector<std::string> names;
+  for (const Setting& setting : job_settings()) names.push_back(setting.key);
+  std::sort(names.begin(), names.end());
+  return names;
 }
 
-// What a job file may set: every flag's setting, and every engine setting (engine_config_keys:
-// beta1, nesterov, loss_scale, ...) whether or not it has a flag.
-bool is_job_setting(const std::string& key) {
-  const auto& engine_keys = engine_config_keys();
-  return defaults().contains(key) || std::find(engine_keys.begin(), engine_keys.end(), key) != engine_keys.end();
-}
-
-std::string job_setting_names() {
-  std::set<std::string> names(engine_config_keys().begin(), engine_config_keys().end());
-  for (auto& item : defaults().items()) names.insert(item.key());
+std::string joined(const std::vector<std::string>& names) {
   std::string text;
   for (const std::string& name : names) text += (text.empty() ? "" : ", ") + name;
   return text;
+}
+
+std::string flag_name(std::string key) {
+  std::replace(key.begin(), key.end(), '_', '-');
+  return key;
+}
+
+// Note: cxxopts is told to let unknown flags through, so that the error can name the nearest
+// known one; a stray word is refused too, since every setting is a flag with a value.
+void refuse_unknown_flags(const cxxopts::ParseResult& args) {
+  if (args.unmatched().empty()) return;
+  const std::string& first = args.unmatched().front();
+  if (first.rfind("-", 0) != 0) {
+    throw Error(detail::concat("unexpected argument '", first, "': every setting is a flag with a value ",
+                               "(--steps 100); `ferry finetune --help` lists them"));
+  }
+  std::string name = first.substr(first.find_first_not_of('-'));
+  name = name.substr(0, name.find('='));
+  std::vector<std::string> flags = {"config", "hardware", "pack", "no-pack", "help"};
+  for (const auto& item : job_defaults().items()) flags.push_back(flag_name(item.key()));
+  const std::string hint = did_you_mean(name, flags);
+  throw Error(detail::concat("unknown flag '", first, "'", hint, hint.empty() ? ": `ferry finetune --help` lists "
+                             "the flags" : ""));
 }
 
 // Where zo2 needs other defaults than the first-order modes: no gradient to clip, and MeZO's
@@ -92,17 +88,22 @@ const Json& zo2_defaults() {
   return kDefaults;
 }
 
-// defaults (zo2's where the mode is zo2) <- config file <- flags given on the command line.
+// defaults (zo2's where the mode is zo2) <- config file <- flags given on the command line, each
+// value read strictly as its setting's type and range.
 Json resolve(const cxxopts::ParseResult& args) {
-  Json config = defaults();
+  refuse_unknown_flags(args);
+  Json config = job_defaults();
   std::set<std::string> given;  // set by the file or a flag
   if (args.count("config")) {
     const std::string path = args["config"].as<std::string>();
     const Json file = read_job_file(path);
     for (auto& [key, value] : file.items()) {
-      FERRY_CHECK(is_job_setting(key), "unknown setting '", key, "' in ", path, "; valid settings: ",
-                  job_setting_names());
-      config[key] = value;
+      if (find_setting(key) == nullptr) {
+        const std::string hint = did_you_mean(key, job_setting_names());
+        throw Error(detail::concat("unknown setting '", key, "' in ", path, hint, hint.empty() ? "; valid settings: " : "",
+                                   hint.empty() ? joined(job_setting_names()) : ""));
+      }
+      config[key] = read_setting(key, value, detail::concat(key, " = ", value.dump(), " in ", path));
       given.insert(key);
     }
   }
@@ -111,23 +112,12 @@ Json resolve(const cxxopts::ParseResult& args) {
     config["pack"] = args.count("pack") > 0;
     given.insert("pack");
   }
-  for (auto& [key, value] : defaults().items()) {
-    std::string flag = key;
-    std::replace(flag.begin(), flag.end(), '_', '-');
+  for (auto& item : job_defaults().items()) {
+    const std::string& key = item.key();
+    const std::string flag = flag_name(key);
     if (key == "pack" || !args.count(flag)) continue;
     const std::string text = args[flag].as<std::string>();
-    if (key == "dropout" && text != "auto") {
-      config[key] = std::stod(text);
-    } else if (value.is_boolean()) {
-      FERRY_CHECK(text == "true" || text == "false", "--", flag, " ", text, " is invalid: use true or false");
-      config[key] = text == "true";
-    } else if (value.is_number_integer()) {
-      config[key] = std::stoll(text);
-    } else if (value.is_number()) {
-      config[key] = std::stod(text);
-    } else {
-      config[key] = text;
-    }
+    config[key] = read_setting(key, text, "--" + flag + " " + text);
     given.insert(key);
   }
   if (config["mode"] == "zo2") {
@@ -146,15 +136,7 @@ EngineConfig engine_config(const Json& job, std::int64_t blocks) {
   for (const std::string& key : engine_config_keys()) {
     if (job.contains(key)) settings[key] = job[key];
   }
-  const Json host_blocks = settings["fuyou_host_blocks"];
-  if (host_blocks == "auto") {
-    settings.erase("fuyou_host_blocks");
-  } else if (host_blocks.is_string()) {
-    const std::string text = host_blocks.get<std::string>();
-    FERRY_CHECK(!text.empty() && text.find_first_not_of("0123456789") == std::string::npos,
-                "fuyou_host_blocks = '", text, "' is invalid: use auto or a number of blocks");
-    settings["fuyou_host_blocks"] = std::stoll(text);
-  }
+  if (settings["fuyou_host_blocks"] == "auto") settings.erase("fuyou_host_blocks");
   const std::string order = settings["micro_batch_order"];
   FERRY_CHECK(order == "auto" || order == "batch-major" || order == "layer-major", "micro_batch_order = '", order,
               "' is invalid: use auto, batch-major or layer-major");
@@ -278,15 +260,45 @@ void check_nvme_directories(const std::vector<std::string>& directories) {
   }
 }
 
+// Note: a filesystem without O_DIRECT (tmpfs, ramfs) runs through the page cache, which the store
+// announces. ramfs keeps no count of its blocks, so its free space cannot be checked.
 void check_nvme_room(const std::vector<std::string>& directories, std::uint64_t nvme_bytes) {
   if (directories.empty()) return;
   const std::uint64_t share = (nvme_bytes + directories.size() - 1) / directories.size();
   for (const std::string& directory : directories) {
     const DiskTierInfo disk = probe_disk_tier(directory);
+    if (disk.total_bytes == 0) {
+      std::fprintf(stderr, "NVMe directory '%s': its filesystem (%s) reports no size: the %s the job keeps there is "
+                   "not checked against free space\n", directory.c_str(), disk.filesystem.c_str(),
+                   format_bytes(share).c_str());
+      continue;
+    }
     FERRY_CHECK(disk.free_bytes >= share, "NVMe directory '", directory, "' has ", format_bytes(disk.free_bytes),
                 " free, but the job keeps ", format_bytes(share), " there (", format_bytes(nvme_bytes),
                 " striped over ", directories.size(), " directories): free space there, add directories to --nvme, ",
                 "or raise --host-budget so that less goes to NVMe");
+  }
+}
+
+// Note: a budget is a limit the plan fills; one above what the machine has would let it plan for
+// memory that is not there. A GPU budget beyond the CUDA device's memory is refused (the job would
+// fail with out-of-memory hours in); beyond host memory (the host budget, or the "gpu" budget of a
+// CPU device) it is warned, since the kernel may still page.
+void check_budgets(const EngineConfig& config) {
+  const HostTierInfo host = probe_host_tier();
+  if (config.device.is_cuda()) {
+    const GpuTierInfo gpu = probe_gpu_tier();
+    FERRY_CHECK(!gpu.cuda || config.gpu_budget_bytes <= gpu.total_bytes, "--gpu-budget ",
+                format_bytes(config.gpu_budget_bytes), " is more than the device has (", gpu.description,
+                "): give at most ", format_bytes(gpu.total_bytes), ", or 0 for the whole device");
+  }
+  const std::pair<const char*, std::uint64_t> host_budgets[] = {
+      {"--host-budget", config.host_budget_bytes}, {"--gpu-budget", config.device.is_cpu() ? config.gpu_budget_bytes : 0}};
+  for (const auto& [flag, budget] : host_budgets) {
+    if (host.total_bytes == 0 || budget <= host.total_bytes) continue;
+    std::fprintf(stderr, "warning: %s %s is more than this machine's %s of memory: the plan counts memory that is not "
+                 "there, and the job may page or fail to pin its buffers\n", flag, format_bytes(budget).c_str(),
+                 format_bytes(host.total_bytes).c_str());
   }
 }
 
@@ -312,13 +324,18 @@ void check_resume_checkpoint(const std::string& dir, const models::ModelConfig& 
 // compute alone); two steps train on one batch of the job's shape and the second is measured (the
 // first pays for first-touch allocations and the page cache). The steps change the model's
 // weights, so the job loads its model again.
-MeasuredCompute profile_fuyou(LayeredModel model, EngineConfig config, const data::Batch& batch) {
-  config.placement.activations.assign(model.num_blocks(), {true, Tier::kNvme});
+EngineConfig profiling_config(EngineConfig config, std::int64_t blocks) {
+  config.placement.activations.assign(static_cast<std::size_t>(blocks), {true, Tier::kNvme});
   config.fuyou.host_blocks = 0;
   config.grad_accumulation = 1;
   config.micro_batch_order = MicroBatchOrder::kBatchMajor;  // one micro-batch has no order
   config.trace = true;
-  Engine engine(std::move(model), config);
+  return config;
+}
+
+MeasuredCompute profile_fuyou(LayeredModel model, const EngineConfig& config, const data::Batch& batch) {
+  const std::int64_t blocks = static_cast<std::int64_t>(model.num_blocks());
+  Engine engine(std::move(model), profiling_config(config, blocks));
   engine.train_step(batch);
   const EngineStats warm_up = engine.stats();
   engine.train_step(batch);
@@ -364,6 +381,19 @@ Plan plan_job(const Json& job, const EngineConfig& config, const models::ModelCo
   request.measured = std::move(measured);
   request.hardware = std::move(hardware);
   return make_plan(request);
+}
+
+// What fuyou's profiling step (profile_fuyou) keeps on NVMe, by the same plan.
+std::uint64_t profiling_nvme_bytes(const Json& job, const EngineConfig& config, const models::ModelConfig& shape,
+                                   const Hardware& hardware) {
+  PlanRequest request;
+  request.model_name = job["model"];
+  request.model = shape;
+  request.engine = profiling_config(config, shape.num_layers);
+  request.batch = job["batch"];
+  request.seq = job["seq"];
+  request.hardware = hardware;
+  return make_plan(request).tier_bytes[static_cast<int>(Tier::kNvme)];
 }
 
 // Fails, with the plan and its fixes, when the job does not fit its budgets.
@@ -439,30 +469,6 @@ void draw_progress(std::int64_t step, std::int64_t steps, const StepResult& resu
   std::fflush(stderr);
 }
 
-// What --help says of the settings beyond the engine's.
-std::string setting_help(const std::string& key) {
-  static const std::map<std::string, std::string> help = {
-      {"tokenizer", "the model's tokenizer (a directory, tokenizer.json or tokenizer.model); auto: the model "
-                    "directory's, or the byte tokenizer for a preset; "},
-      {"data_format", "auto (each record by its keys), text, prompt-completion, alpaca, messages or sharegpt; "},
-      {"template", "the chat template: chatml, qwen2, llama3, llama2, mistral, mistral-v0.1 or plain; empty: the "
-                   "model's own when it is one of these, else plain; "},
-      {"answer_only", "learn only the answers (completions, assistant turns) of instruction and chat data; "},
-      {"eval_data", "held-out data (any format) for the eval loss and perplexity; "},
-      {"eval_every", "evaluate every N steps (0: at the end only); "},
-      {"export_precision", "the export's weights: fp32, bf16, fp16, or auto (the training precision); "},
-      {"dropout", "a rate for every dropout of the model, or auto (config.json's); "},
-      {"lora_rank", "LoRA adapters of this rank on the blocks' linears, the base frozen (0: train every parameter); "},
-      {"lora_alpha", "LoRA's alpha: the adapters' output is scaled by alpha / rank; "},
-      {"lora_dropout", "dropout on the adapters' input; "},
-      {"lora_targets", "the linears to adapt, a comma list of PEFT target_modules names (q_proj, ...), ferry's "
-                       "short ones (q, k, v, o, gate, up, down) or all-linear; "},
-      {"adapter", "where the LoRA adapters are exported for PEFT (auto: OUT/adapter; none: not exported); "},
-  };
-  auto found = help.find(key);
-  return found == help.end() ? "" : found->second;
-}
-
 // The job's tokenizer: --tokenizer, else a Hugging Face model directory's own, else (a preset, the
 // demo) ferry's byte tokenizer. Null when the model directory has none and every data file is
 // tokenized already.
@@ -493,8 +499,6 @@ struct JobData {
 JobData prepare_data(const Json& job, const models::ModelConfig& shape) {
   const std::string train_path = job["data"], eval_path = job["eval_data"];
   const bool demo = train_path == "demo";
-  FERRY_CHECK(job["eval_every"].get<std::int64_t>() >= 0, "eval_every = ", job["eval_every"].dump(),
-              " is invalid: give 0 (only at the end) or a number of steps");
   FERRY_CHECK(job["eval_every"].get<std::int64_t>() == 0 || !eval_path.empty(),
               "--eval-every needs --eval-data: the held-out data to evaluate on");
   const bool needs_text = (!demo && !ends_with(train_path, ".bin")) || (!eval_path.empty() && !ends_with(eval_path, ".bin"));
@@ -539,12 +543,11 @@ JobData prepare_data(const Json& job, const models::ModelConfig& shape) {
   }
   data.train = data::open_dataset(train_path, seq, text);
   const bool token_file = ends_with(train_path, ".bin");
+  if (token_file) check_token_ids(train_path, shape.vocab_size);
   const data::DatasetSummary summary = token_file ? data::DatasetSummary{} : data::summarize(*data.train, seq);
   // Packing by default for text; one example per row for data with prompts to mask.
   const bool instructions = summary.learned_tokens < summary.tokens;
   options.pack = job["pack"].is_boolean() ? job["pack"].get<bool>() : !instructions;
-  FERRY_CHECK(job["pack"].is_boolean() || job["pack"] == "auto", "pack = ", job["pack"].dump(),
-              " is invalid: use true, false or auto");
   if (!token_file) {
     std::fprintf(stderr, "data: %s: %lld examples, %lld tokens (%lld learned%s), the longest %lld; %s; %s\n",
                  train_path.c_str(), static_cast<long long>(summary.examples), static_cast<long long>(summary.tokens),
@@ -565,6 +568,7 @@ JobData prepare_data(const Json& job, const models::ModelConfig& shape) {
   }
   if (!eval_path.empty()) {
     data.eval = data::open_dataset(eval_path, seq, text);
+    if (ends_with(eval_path, ".bin")) check_token_ids(eval_path, shape.vocab_size);
     data.eval_options = options;
     data.eval_options.shuffle = false;
     data.eval_options.single_pass = true;
@@ -655,16 +659,17 @@ int run_finetune(int argc, char** argv) {
                         cxxopts::value<std::string>());
   options.add_options()("hardware", "the plan's figures: a calibration file (ferry bench calibrate) or a hardware "
                         "preset; default: a quick calibration", cxxopts::value<std::string>());
-  for (auto& [key, value] : defaults().items()) {
-    if (key == "pack") continue;
-    std::string flag = key;
-    std::replace(flag.begin(), flag.end(), '_', '-');
-    options.add_options()(flag, setting_help(key) + "default: " + (value.is_string() ? value.get<std::string>() : value.dump()),
-                          cxxopts::value<std::string>());
+  for (const Setting& setting : job_settings()) {
+    const Json& value = setting.default_value;
+    if (value.is_null() || setting.key == "pack") continue;
+    options.add_options()(flag_name(setting.key), setting.help + "default: " +
+                          (value.is_string() ? value.get<std::string>() : value.dump()) + "; valid: " +
+                          valid_range(setting.key), cxxopts::value<std::string>());
   }
   options.add_options()("pack", "pack examples into full rows (documents never see each other; default for text and "
                         "token files)")("no-pack", "one example per row, padded (default for instruction and chat data)");
   options.add_options()("h,help", "show this help");
+  options.allow_unrecognised_options();
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
     std::cout << options.help() << "\n";
@@ -675,7 +680,6 @@ int run_finetune(int argc, char** argv) {
   const std::string out = job["out"];
   const std::int64_t steps = job["steps"];
   const bool demo = job["data"] == "demo";
-  FERRY_CHECK(steps >= 1, "steps = ", steps, " is invalid: it must be at least 1");
 
   // Note: everything that can be checked without the weights is checked before they are read:
   // the model's name, the NVMe directories, the budgets (the plan) and the checkpoint to resume.
@@ -688,6 +692,7 @@ int run_finetune(int argc, char** argv) {
     config.nvme_directories = read_nvme_layout(staged_manifest).directories;
   }
   check_nvme_directories(config.nvme_directories);
+  check_budgets(config);
   const Hardware hardware = job_hardware(args.count("hardware") ? args["hardware"].as<std::string>() : "", config);
   // The store's NVMe tier runs with the I/O settings calibration measured fastest there.
   const NvmeIoSettings io = hardware.nvme_io_for(config.nvme_directories);
@@ -696,8 +701,13 @@ int run_finetune(int argc, char** argv) {
   Plan plan = plan_job(job, config, shape, std::nullopt, hardware);
   require_fits(plan);
   if (config.mode == Mode::kAuto) config = plan_engine_config(plan);
-  // A staged layout already holds the plan's NVMe bytes.
-  if (!staged_before) check_nvme_room(config.nvme_directories, plan.tier_bytes[static_cast<int>(Tier::kNvme)]);
+  // A staged layout already holds the plan's NVMe bytes. fuyou's profiling step, which runs
+  // before the job with every checkpoint on NVMe, may need more than the job.
+  if (!staged_before) {
+    std::uint64_t nvme_bytes = plan.tier_bytes[static_cast<int>(Tier::kNvme)];
+    if (plans_fuyou(job, config)) nvme_bytes = std::max(nvme_bytes, profiling_nvme_bytes(job, config, shape, hardware));
+    check_nvme_room(config.nvme_directories, nvme_bytes);
+  }
   const std::string latest_file = out + "/checkpoints/latest";
   std::string resume = job["resume"];
   if (resume == "auto") {
@@ -706,6 +716,9 @@ int run_finetune(int argc, char** argv) {
     if (resume.empty()) resume = "none";
   }
   if (resume != "none") check_resume_checkpoint(resume, shape, job["model"]);
+  check_writable(out, "--out");
+  const std::string export_dir = job["export"] == "auto" ? out + "/hf" : std::string(job["export"]);
+  if (export_dir != "none") check_writable(export_dir, "--export");
   print_plan_summary(plan);
   const JobData job_data = prepare_data(job, shape);
   const std::shared_ptr<const data::Dataset>& dataset = job_data.train;
@@ -781,10 +794,27 @@ int run_finetune(int argc, char** argv) {
                    .dump()
             << "\n";
   };
+  // Note: a non-finite loss (NaN or Inf weights, a diverged run) skips its step; after
+  // max_nonfinite_losses of them in a row the job stops with an error and without saving, so the
+  // latest checkpoint stays the last good one. No checkpoint is written while the latest loss is
+  // not finite.
+  const std::int64_t max_nonfinite_losses = job["max_nonfinite_losses"];
+  std::int64_t nonfinite_losses = 0;  // in a row, up to the latest step
+  auto stop_if_diverged = [&](bool at_end) {
+    if (nonfinite_losses == 0 || (!at_end && nonfinite_losses < max_nonfinite_losses)) return;
+    metrics.flush();
+    const std::int64_t last_step = engine.steps_taken();
+    throw Error(detail::concat("the loss was not finite (NaN or Inf) at the last ", nonfinite_losses, " step",
+                               nonfinite_losses == 1 ? "" : "s", " (to step ", last_step, "; max_nonfinite_losses = ",
+                               max_nonfinite_losses, "): the job stops without saving, and ", out, "/checkpoints ",
+                               "keeps the last good checkpoint. Check the model's weights for NaN or Inf, lower --lr (",
+                               job["lr"].dump(), "), or with fp16 use bf16 or loss scaling"));
+  };
   auto step_start = Clock::now();
   while (engine.steps_taken() < steps && !g_stop_requested) {
     auto result = engine.train_step(loader.next());
     if (!result) continue;
+    nonfinite_losses = std::isfinite(result->loss) ? 0 : nonfinite_losses + 1;
     step_seconds.push_back(std::chrono::duration<double>(Clock::now() - step_start).count());
     last = *result;
     tokens += result->tokens;
@@ -803,10 +833,19 @@ int run_finetune(int argc, char** argv) {
     if (result->step % log_every == 0 || result->step == steps) {
       draw_progress(result->step - first_step, steps - first_step, *result, tokens_per_s, elapsed, last_eval);
     }
-    if (save_every > 0 && result->step % save_every == 0) save("every " + std::to_string(save_every) + " steps");
+    stop_if_diverged(false);
+    if (save_every > 0 && result->step % save_every == 0) {
+      if (nonfinite_losses == 0) {
+        save("every " + std::to_string(save_every) + " steps");
+      } else {
+        std::fprintf(stderr, "\nno checkpoint at step %lld: its loss is not finite\n",
+                     static_cast<long long>(result->step));
+      }
+    }
     step_start = Clock::now();
   }
   engine.flush();  // zo2 applies the last step's update (a no-op in the other modes)
+  stop_if_diverged(/*at_end=*/true);
   if (g_stop_requested) {
     metrics.flush();
     save("interrupted");
@@ -820,7 +859,6 @@ int run_finetune(int argc, char** argv) {
   }
   metrics.flush();
   save("final");
-  const std::string export_dir = job["export"] == "auto" ? out + "/hf" : std::string(job["export"]);
   if (export_dir != "none") {
     const Precision export_precision =
         job["export_precision"] == "auto" ? config.precision : parse_precision(job["export_precision"]);

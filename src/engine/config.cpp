@@ -52,7 +52,12 @@ std::uint64_t parse_budget(const Json& value) {
   if (value.is_string()) return parse_bytes(value.get<std::string>());
   FERRY_CHECK(value.is_number() && value.get<double>() >= 0,
               "a budget must be a byte count >= 0 or text such as \"24GiB\"; got ", value.dump());
-  return value.get<std::uint64_t>();
+  if (value.is_number_integer()) {
+    const std::uint64_t bytes = value.get<std::uint64_t>();
+    FERRY_CHECK(bytes < (std::uint64_t{1} << 63), "a budget of ", bytes, " bytes is 2^63 or more: give a smaller one");
+    return bytes;
+  }
+  return parse_bytes(value.dump());  // a float: refused where it is no whole byte count below 2^63
 }
 
 // Directories as a JSON list, or as one text with commas ("/mnt/a,/mnt/b"), as the CLI flag.

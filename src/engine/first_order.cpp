@@ -872,14 +872,20 @@ StepResult FirstOrderTrainer::step() {
   }
   const double grad_norm = std::sqrt(sum_squares) / scaler_.scale();
   result.grad_norm = finite ? grad_norm : std::numeric_limits<double>::quiet_NaN();
-  result.skipped = scaler_.enabled() && !finite;
+  // Note: a non-finite gradient skips the whole step, in every precision, unless some part took
+  // its update during backward already (no clipping, no loss scaling: a CPU-updated part updates
+  // as soon as its gradient is ready); then the finite parts update and the others are left as
+  // they are. `skipped` says that nothing was updated, which the CLI's metrics record.
+  const bool applied_in_backward =
+      std::any_of(state_.begin(), state_.end(), [](const PartState& s) { return s.updated && s.stats.finite; });
+  result.skipped = !finite && (scaler_.enabled() || !applied_in_backward);
 
   const bool delayed = delays_update();
   if (!result.skipped) {
     double clip_coef = 1.0;
     if (config_.max_grad_norm > 0 && finite) clip_coef = std::min(1.0, config_.max_grad_norm / (grad_norm + 1e-6));
     const UpdateContext context{steps_ + 1, step_lr_, scaler_.scale(), clip_coef, true};
-    // Without loss scaling a non-finite part is left as is. The worker's share goes first, in
+    // A non-finite part is left as is (see above). The worker's share goes first, in
     // backward order as it stages them, so that it runs while the device updates its parts.
     auto waiting = [&](std::size_t p) {
       return parts_[p].trainable() && !state_[p].updated && state_[p].stats.finite;

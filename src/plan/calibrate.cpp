@@ -41,37 +41,65 @@ double copy_gbps(const torch::Tensor& from, torch::Tensor& to, int repeats, doub
   return traffic_per_byte * measure::gbps(static_cast<std::uint64_t>(from.nbytes()), seconds);
 }
 
+// The scratch file of a directory's measurement, removed on every way out of it.
+class ScratchFile {
+ public:
+  explicit ScratchFile(std::string path) : path_(std::move(path)) {}
+  ~ScratchFile() { ::unlink(path_.c_str()); }
+  ScratchFile(const ScratchFile&) = delete;
+  ScratchFile& operator=(const ScratchFile&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
 // Through the I/O engine, for each of `settings` (queue depth, block size), keeping the one with
 // the best harmonic mean of read and write, which a step of offloaded training does both of.
+// Note: a directory without O_DIRECT (tmpfs, ramfs) is measured through the page cache, as the
+// store then runs it; a directory with less room than `file_bytes` is measured with what fits
+// (half its free space, at least 1 MiB), so that calibrating never fills a disk.
 NvmeFigures measure_directory(const std::string& directory, std::uint64_t file_bytes, unsigned repeat,
-                              const std::vector<IoOptions>& settings) {
-  FERRY_CHECK(supports_direct_io(directory), "NVMe directory '", directory,
-              "' does not exist or does not support O_DIRECT: create it on the SSD or name another one");
+                              const std::vector<IoOptions>& settings,
+                              const std::function<void(const std::string&)>& say) {
+  const DiskTierInfo disk = probe_disk_tier(directory);
+  FERRY_CHECK(disk.exists, "NVMe directory '", directory, "' does not exist: give a writable directory on the SSD ",
+              "(mkdir -p ", directory, ")");
+  if (!disk.direct_io) {
+    say("NVMe " + directory + ": no O_DIRECT on its filesystem (" + disk.filesystem +
+        "): measured, and run by the store, through the page cache (buffered)");
+  }
+  constexpr std::uint64_t kMiB = std::uint64_t{1} << 20;
+  if (disk.total_bytes > 0 && disk.free_bytes / 2 < file_bytes) {
+    const std::uint64_t fitting = disk.free_bytes / 2 / kMiB * kMiB;
+    FERRY_CHECK(fitting >= kMiB, "NVMe directory '", directory, "' has ", format_bytes(disk.free_bytes),
+                " free: too little to measure it (2 MiB at least) or to hold a job's data; free space there");
+    say(detail::concat("NVMe ", directory, ": ", format_bytes(disk.free_bytes), " free, measured with ",
+                       format_bytes(fitting), " instead of ", format_bytes(file_bytes)));
+    file_bytes = fitting;
+  }
   const std::size_t buffer_bytes = static_cast<std::size_t>(std::min<std::uint64_t>(file_bytes, std::uint64_t{256} << 20));
   HostArena arena({.budget_bytes = buffer_bytes, .chunk_bytes = std::min(buffer_bytes, std::size_t{1} << 30),
                    .name = "calibrate"});
   HostBlock buffer = arena.allocate(buffer_bytes);
   std::memset(buffer.data(), 0x5a, buffer.bytes());
-  const std::string path = directory + "/ferry-calibrate.dat";
+  const ScratchFile scratch(directory + "/ferry-calibrate-" + std::to_string(::getpid()) + ".dat");
   NvmeFigures best{directory, 0, 0};
   auto harmonic = [](const NvmeFigures& f) { return f.read_gbps > 0 && f.write_gbps > 0 ? 2 / (1 / f.read_gbps + 1 / f.write_gbps) : 0; };
-  {
-    auto file = StripedFile::open(Env::posix(), path, OpenMode::kCreate);
-    file->members()[0]->allocate(file_bytes);
-    for (const IoOptions& io : settings) {
-      auto engine = IoEngine::create(io);
-      engine->register_buffer(buffer.data(), buffer.bytes());
-      auto measure = [&](IoOp op) {
-        return measure::median_of(repeat, [&] { return measure::engine_gbps(*engine, *file, op, buffer.as<char>(), buffer_bytes, file_bytes); });
-      };
-      NvmeFigures figures{directory, 0, 0, io.queue_depth, io.block_bytes};
-      figures.write_gbps = measure(IoOp::kWrite);
-      figures.read_gbps = measure(IoOp::kRead);
-      engine->unregister_buffer(buffer.data());
-      if (harmonic(figures) > harmonic(best)) best = figures;
-    }
+  auto file = StripedFile::open(Env::posix(), scratch.path(), OpenMode::kCreate);
+  file->members()[0]->allocate(file_bytes);
+  for (const IoOptions& io : settings) {
+    auto engine = IoEngine::create(io);
+    engine->register_buffer(buffer.data(), buffer.bytes());
+    auto measure = [&](IoOp op) {
+      return measure::median_of(repeat, [&] { return measure::engine_gbps(*engine, *file, op, buffer.as<char>(), buffer_bytes, file_bytes); });
+    };
+    NvmeFigures figures{directory, 0, 0, io.queue_depth, io.block_bytes};
+    figures.write_gbps = measure(IoOp::kWrite);
+    figures.read_gbps = measure(IoOp::kRead);
+    engine->unregister_buffer(buffer.data());
+    if (harmonic(figures) > harmonic(best)) best = figures;
   }
-  ::unlink(path.c_str());
   return best;
 }
 
@@ -189,7 +217,7 @@ Hardware calibrate(const CalibrationOptions& options, const std::function<void(c
         }
       }
     }
-    hw.nvme.push_back(measure_directory(directory, file_bytes, repeat, settings));
+    hw.nvme.push_back(measure_directory(directory, file_bytes, repeat, settings, say));
     const NvmeFigures& figures = hw.nvme.back();
     say(detail::concat("NVMe ", directory, ": read ", fixed(figures.read_gbps, 2), " GB/s, write ",
                        fixed(figures.write_gbps, 2), " GB/s (queue depth ", figures.queue_depth, ", ",

@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <iostream>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -281,6 +282,14 @@ Store::Impl::Impl(const StoreOptions& options_in) : options(options_in) {
     Env& env = options.env != nullptr ? *options.env : Env::posix();
     file = StripedFile::open(env, options.nvme_directories, options.nvme_file_name,
                              OpenMode::kCreate, options.stripe_bytes, options.io.direct_io);
+    // Note: announced once per store in every front end, as the I/O backend is: without O_DIRECT
+    // the NVMe tier's traffic goes through the page cache and costs host memory besides.
+    for (const std::string& directory : options.nvme_directories) {
+      if (options.io.direct_io && !supports_direct_io(directory)) {
+        std::cerr << "[ferry] NVMe directory " << directory << ": its filesystem has no O_DIRECT (tmpfs, ramfs?): "
+                  << "buffered I/O through the page cache\n";
+      }
+    }
     budget_bytes[index(Tier::kNvme)] = options.nvme_budget_bytes;
   }
   if (options.host_budget_bytes > 0) {

@@ -11,6 +11,7 @@
 #include "ferry/data.h"
 #include "ferry/engine.h"
 #include "ferry/model.h"
+#include "support/skip.h"
 #include "support/temp_dir.h"
 
 // glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
@@ -178,7 +179,7 @@ TEST_CASE("a delayed update keeps loss-scale skips and bf16 parameters right") {
   CHECK_FALSE(delayed.steps.back().skipped);
 }
 
-TEST_CASE("flush sends the pending update up; evaluate and save flush first") {
+TEST_CASE("flush sends the pending update up, and evaluate and save flush first") {
   EngineConfig config = delayed_config();
   SECTION("flush between steps") {
     const Run delayed = delayed_run(config, 12, /*flush_after=*/6);
@@ -255,10 +256,7 @@ TEST_CASE("a delayed update is refused where it does not apply, naming why") {
 }
 
 TEST_CASE("on a CUDA device a delayed update follows its plain reading") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: the device run of the delayed update runs on the GPU machine");
-    return;
-  }
+  if (ferry::testing::skip_without_cuda("the device run of the delayed update runs on the GPU machine")) return;
   for (Precision precision : {Precision::kF32, Precision::kBF16}) {
     INFO(to_string(precision));
     EngineConfig config = delayed_config();

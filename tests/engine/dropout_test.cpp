@@ -116,7 +116,7 @@ TEST_CASE("zo2's +eps and -eps forwards of a step share their dropout masks") {
   for (const StepResult& step : masked.steps) CHECK(std::abs(step.loss_plus[0] - step.loss_minus[0]) < 1e-6);
 }
 
-TEST_CASE("a model's own rates apply unless the dropout setting overrides them; inference draws none") {
+TEST_CASE("a model's own rates apply unless the dropout setting overrides them, and inference draws none") {
   models::ModelConfig shape = models::preset("tiny-gpt2");
   shape.dropout = {0.1, 0.1, 0.1};
   LayeredModel model = models::build(shape, 3);

@@ -14,6 +14,7 @@
 #include "ferry/data.h"
 #include "ferry/engine.h"
 #include "ferry/model.h"
+#include "support/skip.h"
 #include "support/temp_dir.h"
 
 // glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
@@ -231,10 +232,7 @@ TEST_CASE("a batch's mask is dropped only when it pads nothing: the losses are t
 }
 
 TEST_CASE("on a CUDA device zero-offload follows the gpu mode") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: the device equivalence runs on the GPU machine");
-    return;
-  }
+  if (ferry::testing::skip_without_cuda("the device equivalence runs on the GPU machine")) return;
   for (Precision precision : {Precision::kF32, Precision::kBF16, Precision::kF16}) {
     INFO(to_string(precision));
     EngineConfig config = base_config(Mode::kGpu);

@@ -12,6 +12,7 @@
 #include "ferry/io_fault.h"
 #include "ferry/model.h"
 #include "ferry/safetensors.h"
+#include "support/skip.h"
 #include "support/temp_dir.h"
 
 // glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
@@ -246,10 +247,7 @@ TEST_CASE("fuyou refuses settings it cannot run, naming them") {
 }
 
 TEST_CASE("on a CUDA device fuyou follows the gpu mode") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: the device equivalence runs on the GPU machine");
-    return;
-  }
+  if (ferry::testing::skip_without_cuda("the device equivalence runs on the GPU machine")) return;
   const models::ModelConfig model = model_config("tiny-llama", 4);
   TempDir dir;
   for (Precision precision : {Precision::kF32, Precision::kBF16}) {

@@ -13,6 +13,7 @@
 #include "ferry/system.h"
 #include "ferry/zo.h"
 #include "engine/sizing.h"
+#include "support/skip.h"
 #include "support/temp_dir.h"
 
 #undef CHECK
@@ -352,7 +353,7 @@ TEST_CASE("zo2 trains: the loss falls on the demo task") {
   CHECK(engine.evaluate(held_out) < before);
 }
 
-TEST_CASE("zo2 defers each update to the next upload; flush applies it, once") {
+TEST_CASE("zo2 defers each update to the next upload, and flush applies it once") {
   EngineConfig config = zo_config();
   const models::ModelConfig shape = model_config("tiny-opt");
   data::Batch held_out = loader(99)->next();
@@ -612,11 +613,9 @@ TEST_CASE("zo2 keeps the device tier within its budget") {
                     Catch::Contains("zo2 mode needs") && Catch::Contains("short"));
 }
 
-TEST_CASE("a traced zo2 run writes compute and transfer spans and an overlap summary") {
+void check_traced_run(torch::Device device) {
   EngineConfig config = zo_config();
-  const bool cuda = GENERATE(false, true);
-  if (cuda && !torch::cuda::is_available()) return;  // the GPU machine runs that one
-  if (cuda) config.device = torch::Device(torch::kCUDA, 0);
+  config.device = device;
   config.trace = true;
   config.zo.write_back_interval = 1;
   Engine engine(models::build(model_config("tiny-llama"), kModelSeed), config);
@@ -632,6 +631,13 @@ TEST_CASE("a traced zo2 run writes compute and transfer spans and an overlap sum
   const std::vector<double>& per_part = engine.stats().part_forward_seconds;
   REQUIRE(per_part.size() == 7);  // stem, 5 blocks, head
   for (double seconds : per_part) CHECK(seconds > 0);
+}
+
+TEST_CASE("a traced zo2 run writes compute and transfer spans and an overlap summary") { check_traced_run(torch::kCPU); }
+
+TEST_CASE("on a CUDA device a traced zo2 run writes compute and transfer spans and an overlap summary") {
+  if (ferry::testing::skip_without_cuda("the device trace runs on the GPU machine")) return;
+  check_traced_run(torch::Device(torch::kCUDA, 0));
 }
 
 TEST_CASE("zo2 rejects configurations it cannot run, naming the value") {
@@ -723,7 +729,7 @@ TEST_CASE("zo2 rejects configurations it cannot run, naming the value") {
 }
 
 TEST_CASE("zo2 on CUDA: between steps the device holds what the store counts, no dropped copy") {
-  if (!torch::cuda::is_available()) return;  // the GPU machine runs this
+  if (ferry::testing::skip_without_cuda("the device's residency is measured on the GPU machine")) return;
   EngineConfig config = zo_config();
   config.device = torch::Device(torch::kCUDA, 0);
   const models::ModelConfig shape = model_config("tiny-llama");
@@ -749,7 +755,7 @@ TEST_CASE("zo2 on CUDA: between steps the device holds what the store counts, no
 }
 
 TEST_CASE("zo2 on CUDA: streamed placements equal the all-GPU one exactly, plain MeZO closely") {
-  if (!torch::cuda::is_available()) return;  // the GPU machine runs this
+  if (ferry::testing::skip_without_cuda("the device equivalence runs on the GPU machine")) return;
   EngineConfig config = zo_config();
   config.device = torch::Device(torch::kCUDA, 0);
   config.optimizer.kind = OptimizerKind::kAdamW;

@@ -97,5 +97,17 @@ TEST_CASE("bad arena settings and sizes give clear errors") {
   CHECK(parse_bytes("1.5GB") == 1500000000u);
   CHECK(parse_bytes("4096") == 4096u);
   CHECK_THROWS_WITH(parse_bytes("lots"), Catch::Contains("'lots'") && Catch::Contains("24GiB"));
+  CHECK(parse_bytes("0") == 0u);
+  CHECK(parse_bytes("1e9") == 1000000000u);
+  CHECK(parse_bytes("0.5KiB") == 512u);
+  // Refused rather than rounded: below a byte would read as 0 ("no limit"), 2^63 and more do not fit.
+  CHECK_THROWS_WITH(parse_bytes("0.0001"), Catch::Contains("'0.0001'") && Catch::Contains("less than one byte"));
+  CHECK_THROWS_WITH(parse_bytes("1e30"), Catch::Contains("'1e30'") && Catch::Contains("2^63"));
+  CHECK_THROWS_WITH(parse_bytes("8EiB"), Catch::Contains("'8EiB'"));
+  CHECK_THROWS_WITH(parse_bytes("16777216TiB"), Catch::Contains("2^63"));
+  CHECK_THROWS_WITH(parse_bytes("4096.5"), Catch::Contains("whole number of bytes"));
+  CHECK_THROWS_WITH(parse_bytes("-1GiB"), Catch::Contains("'-1GiB'"));
+  CHECK_THROWS_WITH(parse_bytes("nan"), Catch::Contains("'nan'"));
+  CHECK_THROWS_WITH(parse_bytes("12GiBx"), Catch::Contains("'12GiBx'"));
   CHECK(format_bytes(3 << 20) == "3.00 MiB");
 }

@@ -13,6 +13,7 @@
 #include "ferry/optim.h"
 #include "ferry/zo.h"
 #include "support/catch.h"
+#include "support/skip.h"
 
 namespace ferry::optim {
 namespace {
@@ -68,7 +69,7 @@ TEST_CASE("the CUDA Adam and AdamW steps give the CPU kernels' bits", "[optim][c
   if (!torch::cuda::is_available()) {
     Spans spans = make_spans(16, torch::kFloat, std::nullopt);
     CHECK_THROWS_WITH(step(spans, context, true, true), Catch::Contains("built without CUDA"));
-    WARN("no CUDA device: the device comparison runs on the GPU machine");
+    ferry::testing::skip("no CUDA device: the device comparison runs on the GPU machine");
     return;
   }
   const torch::Device cuda(torch::kCUDA, 0);
@@ -130,7 +131,7 @@ EncodedTransfer encode(torch::Tensor weights, ZoTransferFormat format) {
   return encoded;
 }
 
-TEST_CASE("the CUDA transfer decode gives the CPU's bits; with a perturbation, its rounding", "[zo][cuda]") {
+TEST_CASE("the CUDA transfer decode gives the CPU's bits, and with a perturbation its rounding", "[zo][cuda]") {
   const std::int64_t n = 3 * 65536 + 77;
   torch::manual_seed(3);
   const torch::Tensor weights = torch::randn({n}) * 0.02;
@@ -163,7 +164,7 @@ TEST_CASE("the CUDA transfer decode gives the CPU's bits; with a perturbation, i
       }
     }
   }
-  if (!torch::cuda::is_available()) WARN("no CUDA device: the device comparison runs on the GPU machine");
+  ferry::testing::skip_without_cuda("the device comparison runs on the GPU machine");
 }
 
 TEST_CASE("the CUDA sum of squares is the CPU's up to order, repeatable, and flags Inf and NaN", "[optim][cuda]") {
@@ -196,7 +197,7 @@ TEST_CASE("the CUDA sum of squares is the CPU's up to order, repeatable, and fla
     on_device[4321] = std::numeric_limits<float>::quiet_NaN();
     CHECK(measure()[1].item<double>() == 1.0);
   }
-  if (!torch::cuda::is_available()) WARN("no CUDA device: the device comparison runs on the GPU machine");
+  ferry::testing::skip_without_cuda("the device comparison runs on the GPU machine");
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include "ferry/model.h"
 #include "ferry/plan.h"
 #include "ferry/system.h"
+#include "support/skip.h"
 #include "support/temp_dir.h"
 
 // glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
@@ -195,10 +196,7 @@ TEST_CASE("auto: the engine runs the planned placement within every budget") {
 // bundles and pools within its share, kept graphs, working activations and autograd's buffers
 // within gpu_working_bytes.
 TEST_CASE("auto on a CUDA device: the allocator's peak stays within the gpu budget") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: the allocator's peak is measured on the GPU machine");
-    return;
-  }
+  if (ferry::testing::skip_without_cuda("the allocator's peak is measured on the GPU machine")) return;
   PlanRequest request;
   request.model_name = "llama-1.3b, 6 blocks";
   request.model = models::truncated(models::preset("llama-1.3b"), 6);
