@@ -17,6 +17,7 @@
 #include <optional>
 #include <sstream>
 
+#include "engine/data_parallel.h"
 #include "engine/trainer.h"
 #include "ferry/check.h"
 #include "ferry/fs.h"
@@ -268,9 +269,15 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
   trainer.quiesce("save()");
   nlohmann::json state = trainer.checkpoint_state();
   state["extra"] = extra;
-  detail::write_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
-                           trainer.state_count(), state,
-                           [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/true); });
+  state["world_size"] = detail::world_size(trainer.config());
+  // Note: every rank holds the same weights and optimizer states (they are replicated), so rank 0
+  // writes them all; the others wait for it to succeed.
+  detail::on_every_rank(trainer.config().communicator.get(), "save()", [&] {
+    if (detail::rank(trainer.config()) != 0) return;
+    detail::write_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
+                             trainer.state_count(), state,
+                             [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/true); });
+  });
 }
 
 void Engine::export_pretrained(const std::string& dir, Precision precision) {
@@ -279,17 +286,24 @@ void Engine::export_pretrained(const std::string& dir, Precision precision) {
   const DType dtype = to_dtype(detail::scalar_type(precision));
   detail::Trainer& trainer = *trainer_;
   trainer.quiesce("export_pretrained()");
-  detail::write_weights_directory(dir, trainer.model(), trainer.parts(), dtype, {}, "",
-                                  [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/false); });
+  detail::on_every_rank(trainer.config().communicator.get(), "export_pretrained()", [&] {
+    if (detail::rank(trainer.config()) != 0) return;
+    detail::write_weights_directory(dir, trainer.model(), trainer.parts(), dtype, {}, "",
+                                    [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/false); });
+  });
 }
 
+// Every rank reads the whole checkpoint, whatever world size wrote it: the states are replicated.
 std::string Engine::load(const std::string& dir) {
-  const nlohmann::json state = read_state(dir, config());
   detail::Trainer& trainer = *trainer_;
-  trainer.quiesce("load()");
-  detail::read_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
-                          trainer.state_count(),
-                          [&](std::size_t p, detail::PartValues values) { trainer.write_part(p, values); });
+  nlohmann::json state;
+  detail::on_every_rank(trainer.config().communicator.get(), "load()", [&] {
+    state = read_state(dir, config());
+    trainer.quiesce("load()");
+    detail::read_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
+                            trainer.state_count(),
+                            [&](std::size_t p, detail::PartValues values) { trainer.write_part(p, values); });
+  });
   trainer.restore_state(state);
   return state.contains("extra") ? state["extra"].dump() : "{}";
 }
