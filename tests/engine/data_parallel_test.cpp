@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <fstream>
 
 #include <torch/torch.h>
 
@@ -29,13 +30,14 @@ constexpr std::int64_t kGlobalRows = 4;  // per micro-batch, over every rank
 constexpr std::int64_t kSequence = 16;
 constexpr std::uint64_t kModelSeed = 7;
 constexpr int kSteps = 20;
+constexpr std::int64_t kDistinctBatches = 4;  // seen again and again, so the loss falls
 
 models::ModelConfig model_config() { return models::preset("tiny-llama"); }
 
 // Micro-batch `index` of the job, all ranks' rows: random tokens, no padding, every label learned,
-// so each rank's mean loss weighs its rows as the whole batch's mean does.
+// so each rank's mean loss weighs its rows as the whole batch's mean does. A few batches repeat.
 data::Batch global_batch(std::int64_t index) {
-  return data::random_batch(kGlobalRows, kSequence, model_config().vocab_size, 1000 + index);
+  return data::random_batch(kGlobalRows, kSequence, model_config().vocab_size, 1000 + index % kDistinctBatches);
 }
 
 struct Run {
@@ -84,15 +86,15 @@ std::vector<Run> train_two_ranks(const EngineConfig& config, int steps = kSteps)
 double relative_difference(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-12); }
 
 // Note: the tolerance. Each rank's gradient is a sum over its own rows; the two sums are then
-// added, where one rank alone sums all rows in one reduction. fp32 sums of the same terms in
-// another order differ by a few ulps (a relative 1e-7 per sum here, a few hundred terms deep), and
-// nothing else differs: the per-token loss gradients are the same bits (the 1/2 of each rank's
-// share is exact). AdamW divides by sqrt(v), so a relative gradient difference d moves a weight by
-// at most about lr * d per step, and a step's loss by its gradient times that; over 20 steps at
-// lr 3e-3 the losses stay within a relative 1e-5 and the weights within 1e-5 absolutely (the
-// measured differences are a tenth of these).
+// added, where one rank alone sums all rows in one reduction. Nothing else differs: the per-token
+// loss gradients are the same bits (each rank's share, 1/2, is exact). fp32 sums of the same terms
+// in another order differ by a few ulps of the terms' magnitude, so the losses stay within a
+// relative 1e-7 (measured) and the test allows 1e-5. Weights: where a gradient element cancels to
+// near zero its relative error is large, and AdamW, which divides by sqrt(v), turns that into up
+// to a fraction of lr (3e-3) per step; the largest difference measured over 20 steps is 6e-6 (a
+// fifth of a percent of lr), and the test allows 3e-5, 1% of lr.
 constexpr double kLossTolerance = 1e-5;
-constexpr double kWeightTolerance = 1e-5;
+constexpr double kWeightTolerance = 3e-5;
 
 void require_close(const Run& ranks, const Run& alone) {
   REQUIRE(ranks.steps.size() == alone.steps.size());
@@ -255,15 +257,16 @@ TEST_CASE("a two-rank run resumes exactly, and its checkpoint trains on in one r
 TEST_CASE("a rank that fails to start stops every rank, naming it, without hanging") {
   TempDir dir;
   EngineConfig config = first_order_config(Mode::kFuyou, dir);
+  std::ofstream(dir.file("a-file")) << "not a directory";
   const auto start = std::chrono::steady_clock::now();
   auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
     EngineConfig ranked = config;
     ranked.communicator = communicator;
-    if (rank == 1) ranked.nvme_directories = {dir.file("missing/nvme")};
+    if (rank == 1) ranked.nvme_directories = {dir.file("a-file/nvme")};  // under a file: never a directory
     Engine engine(models::build(model_config(), kModelSeed), ranked);
     train_on(engine, rank, 2, 0, 2);
   });
-  CHECK_THAT(errors[0], Catch::Contains("engine set-up failed on rank 1") && Catch::Contains("missing/nvme"));
-  CHECK_THAT(errors[1], Catch::Contains("missing/nvme"));
+  CHECK_THAT(errors[0], Catch::Contains("engine set-up failed on rank 1") && Catch::Contains("a-file/nvme"));
+  CHECK_THAT(errors[1], Catch::Contains("a-file/nvme"));
   CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(20));
 }
