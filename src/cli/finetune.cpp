@@ -650,6 +650,10 @@ int finetune(int argc, char** argv, const dist::World& world) {
   if (world.world_size > 1 && config.device.is_cuda() && !config.device.has_index()) {
     config.device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(world.local_rank));
   }
+  // Joined before any check, so that a rank stopped by one (it exits, closing its connections)
+  // stops the others at their next collective instead of at the rendezvous' timeout.
+  std::shared_ptr<dist::Communicator> communicator;
+  if (world.world_size > 1) communicator = dist::connect(world, dist::CommunicatorOptions{config.device});
   const std::string staged_manifest = config.staged + "/" + kStageManifestName;
   const bool staged_before = !config.staged.empty() && fs::exists(staged_manifest);
   // As the engine does, a staged job without NVMe directories of its own takes the layout's.
@@ -698,16 +702,16 @@ int finetune(int argc, char** argv, const dist::World& world) {
     const data::Batch sample = next_batch(sample_loader);
     MeasuredCompute measured = profile_fuyou(std::move(model), config, sample);
     plan = plan_job(job, config, shape, std::move(measured), hardware);
-    std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
+    if (lead) std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
     require_fits(plan);
     config = plan_engine_config(plan);
     model = load_model(job["model"], job["seed"], job["layers"]);
   }
+  config.communicator = communicator;  // the profile above, and the plan's config, run without it
   if (world.world_size > 1) {
-    config.communicator = dist::connect(world, dist::CommunicatorOptions{config.device});
     if (lead) {
       std::fprintf(stderr, "data parallel: %d ranks over %s, %lld rows each of a global batch of %lld\n",
-                   world.world_size, config.communicator->backend().c_str(),
+                   world.world_size, communicator->backend().c_str(),
                    static_cast<long long>(job["batch"].get<std::int64_t>()),
                    static_cast<long long>(loader_options.batch_size));
     }
@@ -730,7 +734,7 @@ int finetune(int argc, char** argv, const dist::World& world) {
   auto stop_requested = [&] {
     if (world.world_size == 1) return static_cast<bool>(g_stop_requested);
     torch::Tensor flag = torch::tensor({g_stop_requested ? 1 : 0}, torch::kInt);
-    config.communicator->all_reduce_sum(flag);
+    communicator->all_reduce_sum(flag);
     return flag.item<int>() > 0;
   };
 

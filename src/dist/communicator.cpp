@@ -83,15 +83,14 @@ struct Communicator::Impl {
 #endif
   std::int64_t agreements = 0;  // the key of each agreement's errors in the store
 
-  // Waits for `work`, turning c10d's errors into one that names this rank and the timeout.
+  // Waits for `work`, turning c10d's errors into one that says what the likely causes are.
   template <typename Work>
   void wait(const Work& work, const char* what) {
     try {
       work->wait();
     } catch (const std::exception& e) {
-      throw Error(detail::concat("rank ", rank, ": ", what, " across ", world_size, " ranks failed (another rank ",
-                                 "stopped, or none answered within the timeout of ", timeout.count() / 1000.0,
-                                 " s): ", e.what()));
+      throw Error(detail::concat(what, " across ", world_size, " ranks failed (another rank stopped, or not all ",
+                                 "answered within the timeout of ", timeout.count() / 1000.0, " s): ", e.what()));
     }
   }
 };

@@ -567,9 +567,9 @@ std::optional<StepResult> detail::Zo2Trainer::train_step(const data::Batch& batc
 
   std::vector<torch::Tensor> losses;
   for (const Pass& pass : passes) losses.push_back(pass.hidden.to(torch::kDouble));
-  // Data parallelism: each rank evaluated the same directions on its own rows, so the ranks'
-  // mean losses (and with them the projected gradients) are the whole batch's, the same bits on
-  // every rank, which then applies the same update (docs/distributed.md).
+  // Data parallelism: each rank evaluated the same directions on its own rows; the mean of the
+  // ranks' losses (the whole batch's when every rank learns as many tokens) gives the projected
+  // gradients, the same bits on every rank, which then applies the same update (docs/distributed.md).
   losses.push_back(torch::scalar_tensor(static_cast<double>(tokens.numel()), torch::kDouble).to(config_.device));
   torch::Tensor values = torch::stack(losses).to(torch::kCPU);
   detail::sum_across_ranks(config_, values);
