@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build pkg-config
-  libtorch-dev
+  libtorch-dev libgloo-dev
   liburing-dev libaio-dev libtbb-dev
   libcxxopts-dev catch2 nlohmann-json3-dev libyaml-cpp-dev
   libpcre2-dev libutf8proc-dev libsentencepiece-dev

@@ -164,6 +164,11 @@ struct Batch {
 // for benchmarks, where what is learned does not matter. Deterministic for a seed.
 Batch random_batch(int64_t batch, int64_t seq, int64_t vocab_size, uint64_t seed);
 
+// Data parallelism: rank `rank`'s rows of a batch that all `world_size` ranks read whole, rows
+// [rank * b, (rank + 1) * b) with b = rows / world_size. So which examples a step sees does not
+// depend on the world size. Throws ferry::Error when the rows do not divide evenly.
+Batch rank_rows(const Batch& batch, int64_t rank, int64_t world_size);
+
 // Where a loader is in its endless stream of examples, plus what it must match on restore.
 struct LoaderState {
   int64_t epoch = 0;         // completed passes over the dataset

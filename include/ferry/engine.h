@@ -31,6 +31,9 @@ namespace ferry {
 namespace detail {
 class Trainer;
 }
+namespace dist {
+class Communicator;  // ferry/dist.h
+}
 
 // The first-order modes are presets of one placement (ferry/placement.h). gpu: everything on the
 // device, the reference. zero-offload: parameters on the device, gradients, fp32 master and
@@ -210,6 +213,11 @@ struct EngineConfig {
   // Each part's homes (mode auto: required; the presets fill them in) and each block's
   // activations (empty: the two settings above decide); `ferry plan` chooses both.
   Placement placement;
+  // Data parallelism (ferry/dist.h, docs/distributed.md): each rank passes its own rows of every
+  // batch, the gradients (zo2: the projected gradients) are summed across the ranks, and every
+  // rank applies the same update; the losses reported are the ranks' mean. Every rank must build
+  // the same model. nullptr: this process alone.
+  std::shared_ptr<dist::Communicator> communicator;
   // Threads for the CPU optimizer (0: one per core).
   int optimizer_threads = 0;
   // Record spans for write_trace(). On a CUDA device the engine then waits for the device at

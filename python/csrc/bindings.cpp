@@ -6,6 +6,7 @@
 #include "bindings.h"
 
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -13,6 +14,7 @@
 
 #include "ferry/check.h"
 #include "ferry/data.h"
+#include "ferry/dist.h"
 #include "ferry/engine.h"
 #include "ferry/fs.h"
 #include "ferry/io.h"
@@ -24,6 +26,28 @@
 
 namespace ferry::python {
 namespace {
+
+// --- data parallelism -------------------------------------------------------------------------
+
+// Note: under torchrun (WORLD_SIZE in the environment) every Engine of the process joins the
+// job's world through one communicator, made by the first: a second rendezvous at the same
+// MASTER_PORT would find rank 0's store taken (docs/distributed.md).
+std::shared_ptr<dist::Communicator> process_communicator(const dist::World& world, torch::Device device) {
+  static std::mutex mutex;
+  static std::shared_ptr<dist::Communicator> communicator;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!communicator) communicator = dist::connect(world, dist::CommunicatorOptions{device});
+  return communicator;
+}
+
+void join_world(EngineConfig& config) {
+  const dist::World world = dist::World::from_environment();
+  if (world.world_size == 1) return;
+  if (config.device.is_cuda() && !config.device.has_index()) {
+    config.device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(world.local_rank));
+  }
+  config.communicator = process_communicator(world, config.device);
+}
 
 // --- errors -----------------------------------------------------------------------------------
 
@@ -273,6 +297,7 @@ void bind_engine(py::module_& module) {
       .def(py::init([](const LayeredModel& model, const std::string& settings_json) {
              EngineConfig config = engine_config_from_json(settings_json);
              py::gil_scoped_release release;
+             join_world(config);
              return std::make_unique<Engine>(model, std::move(config));
            }),
            py::arg("model"), py::arg("settings_json"))
@@ -359,7 +384,14 @@ void bind_engine(py::module_& module) {
       .def_property_readonly(
           "precision", [](const Engine& engine) { return to_string(engine.config().precision); })
       .def_property_readonly("device",
-                             [](const Engine& engine) { return engine.config().device.str(); });
+                             [](const Engine& engine) { return engine.config().device.str(); })
+      .def_property_readonly("rank",
+                             [](const Engine& engine) {
+                               return engine.config().communicator ? engine.config().communicator->rank() : 0;
+                             })
+      .def_property_readonly("world_size", [](const Engine& engine) {
+        return engine.config().communicator ? engine.config().communicator->world_size() : 1;
+      });
 }
 
 // --- data -------------------------------------------------------------------------------------

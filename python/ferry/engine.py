@@ -306,6 +306,16 @@ class Engine:
     def device(self) -> torch.device:
         return torch.device(self._engine.device)
 
+    @property
+    def rank(self) -> int:
+        """This process's rank under torchrun (0 alone); it trains on its own rows of each
+        global batch: ``batch[rank * b:(rank + 1) * b]`` (docs/distributed.md)."""
+        return self._engine.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._engine.world_size
+
     def __repr__(self) -> str:
         return (f"ferry.Engine(mode={self.mode!r}, precision={self.precision!r}, "
                 f"device={str(self.device)!r}, blocks={self._engine.num_blocks}, "

@@ -26,6 +26,7 @@
 #include "cli/preflight.h"
 #include "cli/settings.h"
 #include "ferry/data.h"
+#include "ferry/dist.h"
 #include "ferry/engine.h"
 #include "ferry/fs.h"
 #include "ferry/memory.h"
@@ -639,7 +640,7 @@ double demo_accuracy(Engine& engine, const data::AdditionTask& task, std::int64_
   });
 }
 
-int run_finetune(int argc, char** argv) {
+int finetune(int argc, char** argv, const dist::World& world) {
   cxxopts::Options options(argv[0], "Fine-tune a model (default: a tiny model on the built-in addition task). "
                                     "Before reading any weights the job is checked and planned: the model's name, "
                                     "the NVMe directories (present, writable, room for the plan), the budgets and "
@@ -653,7 +654,10 @@ int run_finetune(int argc, char** argv) {
                                     "the model's compute and the planner chooses them (docs/plan.md); "
                                     "--micro-batch-order auto (the default) lets that plan choose the order, and is "
                                     "batch-major without one. --activations takes gpu, host, nvme or graph for "
-                                    "every block, or a comma list with one per block.");
+                                    "every block, or a comma list with one per block. Under torchrun (RANK, "
+                                    "WORLD_SIZE, ... in the environment) each rank trains on cuda:LOCAL_RANK with "
+                                    "--batch rows of every step's global batch, and rank 0 writes the outputs "
+                                    "(docs/distributed.md).");
   options.add_options()("config", "job file, YAML (*.yaml, *.yml) or JSON, with any of the settings below and every "
                         "engine setting (beta1, nesterov, loss_scale, ...); flags override it",
                         cxxopts::value<std::string>());
@@ -685,6 +689,14 @@ int run_finetune(int argc, char** argv) {
   // the model's name, the NVMe directories, the budgets (the plan) and the checkpoint to resume.
   const models::ModelConfig shape = model_shape(job);
   EngineConfig config = engine_config(job, shape.num_layers);
+  const bool lead = world.rank == 0;  // writes the outputs and reports
+  if (world.world_size > 1 && config.device.is_cuda() && !config.device.has_index()) {
+    config.device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(world.local_rank));
+  }
+  // Joined before any check, so that a rank stopped by one (it exits, closing its connections)
+  // stops the others at their next collective instead of at the rendezvous' timeout.
+  std::shared_ptr<dist::Communicator> communicator;
+  if (world.world_size > 1) communicator = dist::connect(world, dist::CommunicatorOptions{config.device});
   const std::string staged_manifest = config.staged + "/" + kStageManifestName;
   const bool staged_before = !config.staged.empty() && fs::exists(staged_manifest);
   // As the engine does, a staged job without NVMe directories of its own takes the layout's.
@@ -719,8 +731,12 @@ int run_finetune(int argc, char** argv) {
   check_writable(out, "--out");
   const std::string export_dir = job["export"] == "auto" ? out + "/hf" : std::string(job["export"]);
   if (export_dir != "none") check_writable(export_dir, "--export");
-  print_plan_summary(plan);
-  const JobData job_data = prepare_data(job, shape);
+  if (lead) print_plan_summary(plan);
+  JobData job_data = prepare_data(job, shape);
+  // Every rank reads the global batch and keeps its rows: the examples of a step, and the
+  // loader's position in a checkpoint, are those of one rank at the global batch.
+  job_data.train_options.batch_size *= world.world_size;
+  auto next_batch = [&](data::DataLoader& loader) { return data::rank_rows(loader.next(), world.rank, world.world_size); };
   const std::shared_ptr<const data::Dataset>& dataset = job_data.train;
   const data::LoaderOptions& loader_options = job_data.train_options;
   data::DataLoader loader(dataset, loader_options);
@@ -734,32 +750,57 @@ int run_finetune(int argc, char** argv) {
   if (plans_fuyou(job, config)) {
     std::fprintf(stderr, "fuyou: profiling two steps with every checkpoint on NVMe (the second is measured), "
                          "then planning\n");
-    const data::Batch sample = data::DataLoader(dataset, loader_options).next();
+    data::DataLoader sample_loader(dataset, loader_options);
+    const data::Batch sample = next_batch(sample_loader);
     MeasuredCompute measured = profile_fuyou(std::move(model), config, sample);
     plan = plan_job(job, config, shape, std::move(measured), hardware);
-    std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
+    if (lead) std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
     require_fits(plan);
     config = plan_engine_config(plan);
     model = load_model(job);
   }
+  config.communicator = communicator;  // the profile above, and the plan's config, run without it
+  if (world.world_size > 1) {
+    if (lead) {
+      std::fprintf(stderr, "data parallel: %d ranks over %s, %lld rows each of a global batch of %lld\n",
+                   world.world_size, communicator->backend().c_str(),
+                   static_cast<long long>(job["batch"].get<std::int64_t>()),
+                   static_cast<long long>(loader_options.batch_size));
+    }
+  }
   Engine engine(std::move(model), config);
-  fs::make_directories(out + "/checkpoints");
-  std::ofstream(out + "/config.json") << resolved_job(job, config).dump(2) << "\n";
+  if (lead) {
+    fs::make_directories(out + "/checkpoints");
+    std::ofstream(out + "/config.json") << resolved_job(job, config).dump(2) << "\n";
+  }
 
   if (resume != "none") {
     loader.restore(data::LoaderState::from_json(engine.load(resume)));
-    std::fprintf(stderr, "resumed from %s at step %lld\n", resume.c_str(),
-                 static_cast<long long>(engine.steps_taken()));
+    if (lead) {
+      std::fprintf(stderr, "resumed from %s at step %lld\n", resume.c_str(),
+                   static_cast<long long>(engine.steps_taken()));
+    }
   }
+  // Every rank stops at the same step when any of them is asked to (torchrun signals them all,
+  // but not at the same moment): a collective of one number a step.
+  auto stop_requested = [&] {
+    if (world.world_size == 1) return static_cast<bool>(g_stop_requested);
+    torch::Tensor flag = torch::tensor({g_stop_requested ? 1 : 0}, torch::kInt);
+    communicator->all_reduce_sum(flag);
+    return flag.item<int>() > 0;
+  };
 
-  std::fprintf(stderr, "ferry finetune: %s, %lld parameters (%lld trainable), mode %s, %s on %s, %lld steps of %lld x %lld tokens\n",
-               std::string(job["model"]).c_str(), static_cast<long long>(engine.parameter_count()),
-               static_cast<long long>(engine.trainable_parameter_count()),
-               to_string(config.mode), to_string(config.precision), config.device.str().c_str(),
-               static_cast<long long>(steps), static_cast<long long>(loader_options.batch_size),
-               static_cast<long long>(loader_options.sequence_length));
+  if (lead) {
+    std::fprintf(stderr,
+                 "ferry finetune: %s, %lld parameters (%lld trainable), mode %s, %s on %s, %lld steps of %lld x %lld "
+                 "tokens\n",
+                 std::string(job["model"]).c_str(), static_cast<long long>(engine.parameter_count()),
+                 static_cast<long long>(engine.trainable_parameter_count()), to_string(config.mode),
+                 to_string(config.precision), config.device.str().c_str(), static_cast<long long>(steps),
+                 static_cast<long long>(loader_options.batch_size), static_cast<long long>(loader_options.sequence_length));
+  }
   const std::int64_t eval_problems = job["eval_problems"];
-  if (demo && engine.steps_taken() == 0) {
+  if (lead && demo && engine.steps_taken() == 0) {
     std::fprintf(stderr, "exact-match accuracy before: %.1f%%\n",
                  100 * demo_accuracy(engine, task, eval_problems));
   }
@@ -769,6 +810,7 @@ int run_finetune(int argc, char** argv) {
     std::snprintf(name, sizeof name, "step-%06lld", static_cast<long long>(engine.steps_taken()));
     const std::string dir = out + "/checkpoints/" + name;
     engine.save(dir, loader.state().to_json());
+    if (!lead) return;
     std::ofstream(latest_file + ".tmp") << dir << "\n";
     std::rename((latest_file + ".tmp").c_str(), latest_file.c_str());
     std::fprintf(stderr, "\ncheckpoint (%s): %s\n", why.c_str(), dir.c_str());
@@ -776,7 +818,8 @@ int run_finetune(int argc, char** argv) {
 
   std::signal(SIGINT, request_stop);
   std::signal(SIGTERM, request_stop);
-  std::ofstream metrics(out + "/metrics.jsonl", std::ios::app);
+  std::ofstream metrics;
+  if (lead) metrics.open(out + "/metrics.jsonl", std::ios::app);
   const std::int64_t save_every = job["save_every"];
   const std::int64_t log_every = job["log_every"];
   const auto start = Clock::now();
@@ -811,8 +854,9 @@ int run_finetune(int argc, char** argv) {
                                job["lr"].dump(), "), or with fp16 use bf16 or loss scaling"));
   };
   auto step_start = Clock::now();
-  while (engine.steps_taken() < steps && !g_stop_requested) {
-    auto result = engine.train_step(loader.next());
+  bool stopped = false;
+  while (engine.steps_taken() < steps && !(stopped = stop_requested())) {
+    auto result = engine.train_step(next_batch(loader));
     if (!result) continue;
     nonfinite_losses = std::isfinite(result->loss) ? 0 : nonfinite_losses + 1;
     step_seconds.push_back(std::chrono::duration<double>(Clock::now() - step_start).count());
@@ -820,17 +864,19 @@ int run_finetune(int argc, char** argv) {
     tokens += result->tokens;
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     const double tokens_per_s = static_cast<double>(tokens) / elapsed;
-    metrics << Json{{"step", result->step},         {"loss", result->loss},
-                    {"lr", result->lr},             {"grad_norm", result->grad_norm},
-                    {"loss_scale", result->loss_scale}, {"skipped", result->skipped},
-                    {"tokens", result->tokens},     {"tokens_per_s", tokens_per_s},
-                    {"elapsed_s", elapsed}}
-                   .dump()
-            << "\n";
-    if (job_data.eval != nullptr && eval_every > 0 && result->step % eval_every == 0 && result->step < steps) {
+    if (lead) {
+      metrics << Json{{"step", result->step},         {"loss", result->loss},
+                      {"lr", result->lr},             {"grad_norm", result->grad_norm},
+                      {"loss_scale", result->loss_scale}, {"skipped", result->skipped},
+                      {"tokens", result->tokens},     {"tokens_per_s", tokens_per_s},
+                      {"elapsed_s", elapsed}}
+                     .dump()
+              << "\n";
+    }
+    if (lead && job_data.eval != nullptr && eval_every > 0 && result->step % eval_every == 0 && result->step < steps) {
       evaluate_now(result->step);
     }
-    if (result->step % log_every == 0 || result->step == steps) {
+    if (lead && (result->step % log_every == 0 || result->step == steps)) {
       draw_progress(result->step - first_step, steps - first_step, *result, tokens_per_s, elapsed, last_eval);
     }
     stop_if_diverged(false);
@@ -846,12 +892,12 @@ int run_finetune(int argc, char** argv) {
   }
   engine.flush();  // zo2 applies the last step's update (a no-op in the other modes)
   stop_if_diverged(/*at_end=*/true);
-  if (g_stop_requested) {
+  if (stopped) {
     metrics.flush();
     save("interrupted");
     return 130;
   }
-  if (job_data.eval != nullptr) {
+  if (lead && job_data.eval != nullptr) {
     evaluate_now(engine.steps_taken());
     std::fprintf(stderr, "\neval after %lld steps: loss %.4f, perplexity %.3f (%lld tokens of %s)\n",
                  static_cast<long long>(engine.steps_taken()), last_eval->loss, last_eval->perplexity,
@@ -863,20 +909,26 @@ int run_finetune(int argc, char** argv) {
     const Precision export_precision =
         job["export_precision"] == "auto" ? config.precision : parse_precision(job["export_precision"]);
     engine.export_pretrained(export_dir, export_precision);
-    std::string extras;
-    for (const std::string& name : complete_export(export_dir, job["model"], job_data.tokenizer.get())) {
-      extras += (extras.empty() ? "" : ", ") + name;
+    if (lead) {
+      std::string extras;
+      for (const std::string& name : complete_export(export_dir, job["model"], job_data.tokenizer.get())) {
+        extras += (extras.empty() ? "" : ", ") + name;
+      }
+      std::fprintf(stderr, "exported the model (%s, Hugging Face safetensors%s%s%s): %s\n",
+                   to_string(export_precision), shape.lora.enabled() ? ", the adapters merged" : "",
+                   extras.empty() ? "" : "; ", extras.c_str(), export_dir.c_str());
     }
-    std::fprintf(stderr, "exported the model (%s, Hugging Face safetensors%s%s%s): %s\n", to_string(export_precision),
-                 shape.lora.enabled() ? ", the adapters merged" : "", extras.empty() ? "" : "; ", extras.c_str(),
-                 export_dir.c_str());
   }
+  // Note: every rank calls the exports (rank 0 writes, the others wait for it to succeed).
   const std::string adapter_dir = job["adapter"] == "auto" ? out + "/adapter" : std::string(job["adapter"]);
   if (shape.lora.enabled() && adapter_dir != "none") {
     engine.export_adapter(adapter_dir, job["model"]);
-    std::fprintf(stderr, "exported the LoRA adapters (PEFT's adapter_config.json and adapter_model.safetensors): %s\n",
-                 adapter_dir.c_str());
+    if (lead) {
+      std::fprintf(stderr, "exported the LoRA adapters (PEFT's adapter_config.json and adapter_model.safetensors): %s\n",
+                   adapter_dir.c_str());
+    }
   }
+  if (!lead) return 0;
   if (demo) {
     std::fprintf(stderr, "exact-match accuracy after %lld steps: %.1f%% (final loss %.4f)\n",
                  static_cast<long long>(engine.steps_taken()),
@@ -894,6 +946,17 @@ int run_finetune(int argc, char** argv) {
   std::fprintf(stderr, "outputs: %s/metrics.jsonl, %s/config.json, %s/checkpoints/\n", out.c_str(),
                out.c_str(), out.c_str());
   return 0;
+}
+
+// Under torchrun an error names the rank it happened on.
+int run_finetune(int argc, char** argv) {
+  const dist::World world = dist::World::from_environment();
+  if (world.world_size == 1) return finetune(argc, argv, world);
+  try {
+    return finetune(argc, argv, world);
+  } catch (const std::exception& error) {
+    throw Error(detail::concat("rank ", world.rank, " of ", world.world_size, ": ", error.what()));
+  }
 }
 
 }  // namespace

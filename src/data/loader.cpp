@@ -104,6 +104,17 @@ Batch random_batch(int64_t batch, int64_t seq, int64_t vocab_size, uint64_t seed
   return out;
 }
 
+Batch rank_rows(const Batch& batch, int64_t rank, int64_t world_size) {
+  FERRY_CHECK(world_size >= 1 && rank >= 0 && rank < world_size, "rank ", rank, " is not in a world of size ",
+              world_size);
+  const int64_t rows = batch.input_ids.size(0);
+  FERRY_CHECK(rows % world_size == 0, "a batch of ", rows, " rows does not split evenly over ", world_size,
+              " ranks: the global batch is the per-rank batch times the world size");
+  const int64_t per_rank = rows / world_size;
+  auto slice = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, rank * per_rank, per_rank) : t; };
+  return {slice(batch.input_ids), slice(batch.labels), slice(batch.attention_mask), slice(batch.position_ids)};
+}
+
 Batch DataLoader::next() {
   FERRY_CHECK(!finished(), "the single pass over ", dataset_->name(), " is over: every example was in an earlier batch");
   const int64_t rows = options_.batch_size;

@@ -19,6 +19,7 @@
 #include <set>
 #include <sstream>
 
+#include "engine/data_parallel.h"
 #include "engine/trainer.h"
 #include "ferry/check.h"
 #include "ferry/fs.h"
@@ -345,9 +346,15 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
   nlohmann::json state = trainer.checkpoint_state();
   state["extra"] = extra;
   state["base"] = base_identity(trainer.model(), trainer.parts());
-  detail::write_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
-                           trainer.state_count(), state,
-                           [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/true); });
+  state["world_size"] = detail::world_size(trainer.config());
+  // Note: every rank holds the same weights and optimizer states (they are replicated), so rank 0
+  // writes them all; the others wait for it to succeed.
+  detail::on_every_rank(trainer.config().communicator.get(), "save()", [&] {
+    if (detail::rank(trainer.config()) != 0) return;
+    detail::write_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
+                             trainer.state_count(), state,
+                             [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/true); });
+  });
 }
 
 void Engine::export_pretrained(const std::string& dir, Precision precision) {
@@ -356,25 +363,28 @@ void Engine::export_pretrained(const std::string& dir, Precision precision) {
   const DType dtype = to_dtype(detail::scalar_type(precision));
   detail::Trainer& trainer = *trainer_;
   trainer.quiesce("export_pretrained()");
-  const std::vector<detail::Part>& parts = trainer.parts();
-  const models::ModelConfig& config = *trainer.model().config();
-  const std::vector<detail::Part> merged = merged_parts(parts);
-  detail::write_weights_directory(dir, trainer.model(), merged, dtype, {}, "", [&](std::size_t p) {
-    const torch::Tensor trained = trainer.read_part(p, /*with_states=*/false).weights;
-    const torch::Tensor frozen = trainer.read_frozen(p);
-    std::map<std::string, torch::Tensor> named = named_values(parts[p], trained, frozen);
-    if (parts[p].kind == models::Part::kBlock) {
-      for (const models::LoraTarget& target : config.lora_targets()) {
-        const std::string weight = target.module + ".weight";
-        named[weight] = models::merge_lora(config, target, named.at(weight), named.at(target.module + ".lora_A.weight"),
-                                           named.at(target.module + ".lora_B.weight"));
+  detail::on_every_rank(trainer.config().communicator.get(), "export_pretrained()", [&] {
+    if (detail::rank(trainer.config()) != 0) return;
+    const std::vector<detail::Part>& parts = trainer.parts();
+    const models::ModelConfig& config = *trainer.model().config();
+    const std::vector<detail::Part> merged = merged_parts(parts);
+    detail::write_weights_directory(dir, trainer.model(), merged, dtype, {}, "", [&](std::size_t p) {
+      const torch::Tensor trained = trainer.read_part(p, /*with_states=*/false).weights;
+      const torch::Tensor frozen = trainer.read_frozen(p);
+      std::map<std::string, torch::Tensor> named = named_values(parts[p], trained, frozen);
+      if (parts[p].kind == models::Part::kBlock) {
+        for (const models::LoraTarget& target : config.lora_targets()) {
+          const std::string weight = target.module + ".weight";
+          named[weight] = models::merge_lora(config, target, named.at(weight), named.at(target.module + ".lora_A.weight"),
+                                             named.at(target.module + ".lora_B.weight"));
+        }
       }
-    }
-    torch::Tensor flat = torch::empty({merged[p].numel}, torch::kFloat);
-    for (const detail::ParameterSlice& slice : merged[p].slices) {
-      flat.narrow(0, slice.offset, slice.numel).copy_(named.at(slice.name).reshape({-1}));
-    }
-    return detail::PartValues{flat, {}};
+      torch::Tensor flat = torch::empty({merged[p].numel}, torch::kFloat);
+      for (const detail::ParameterSlice& slice : merged[p].slices) {
+        flat.narrow(0, slice.offset, slice.numel).copy_(named.at(slice.name).reshape({-1}));
+      }
+      return detail::PartValues{flat, {}};
+    });
   });
 }
 
@@ -383,64 +393,71 @@ void Engine::export_adapter(const std::string& dir, const std::string& base_mode
               "'): the model has no LoRA adapters (ModelConfig::lora.rank is 0)");
   detail::Trainer& trainer = *trainer_;
   trainer.quiesce("export_adapter()");
-  const models::ModelConfig& config = *trainer.model().config();
-  const std::vector<detail::Part>& parts = trainer.parts();
-  const std::string staged = dir + ".partial";
-  fs::remove_tree(staged);
-  fs::make_directories(staged);
+  detail::on_every_rank(trainer.config().communicator.get(), "export_adapter()", [&] {
+    if (detail::rank(trainer.config()) != 0) return;
+    const models::ModelConfig& config = *trainer.model().config();
+    const std::vector<detail::Part>& parts = trainer.parts();
+    const std::string staged = dir + ".partial";
+    fs::remove_tree(staged);
+    fs::make_directories(staged);
 
-  std::vector<safetensors::TensorSpec> specs;
-  for (const detail::Part& part : parts) {
-    for (const detail::ParameterSlice& slice : part.slices) {
-      specs.push_back({models::peft_name(config, part.index, slice.name), DType::kF32, slice.shape});
+    std::vector<safetensors::TensorSpec> specs;
+    for (const detail::Part& part : parts) {
+      for (const detail::ParameterSlice& slice : part.slices) {
+        specs.push_back({models::peft_name(config, part.index, slice.name), DType::kF32, slice.shape});
+      }
     }
-  }
-  safetensors::Writer adapters = safetensors::Writer::file(staged + "/adapter_model.safetensors", std::move(specs));
-  for (std::size_t p = 0; p < parts.size(); ++p) {
-    if (!parts[p].trainable()) continue;
-    const torch::Tensor values = trainer.read_part(p, /*with_states=*/false).weights;
-    for (const detail::ParameterSlice& slice : parts[p].slices) {
-      adapters.write(models::peft_name(config, parts[p].index, slice.name), values.data_ptr<float>() + slice.offset,
-                     static_cast<std::uint64_t>(slice.numel) * 4);
+    safetensors::Writer adapters = safetensors::Writer::file(staged + "/adapter_model.safetensors", std::move(specs));
+    for (std::size_t p = 0; p < parts.size(); ++p) {
+      if (!parts[p].trainable()) continue;
+      const torch::Tensor values = trainer.read_part(p, /*with_states=*/false).weights;
+      for (const detail::ParameterSlice& slice : parts[p].slices) {
+        adapters.write(models::peft_name(config, parts[p].index, slice.name), values.data_ptr<float>() + slice.offset,
+                       static_cast<std::uint64_t>(slice.numel) * 4);
+      }
     }
-  }
-  adapters.finish();
+    adapters.finish();
 
-  // The keys of PEFT's LoraConfig that say what the adapters are; PEFT takes its defaults for the rest.
-  const nlohmann::json adapter_config = {
-      {"peft_type", "LORA"},
-      {"task_type", "CAUSAL_LM"},
-      {"base_model_name_or_path", base_model_name_or_path},
-      {"r", config.lora.rank},
-      {"lora_alpha", config.lora.alpha},
-      {"lora_dropout", config.lora.dropout},
-      {"target_modules", peft_target_modules(config)},
-      {"bias", "none"},
-      {"fan_in_fan_out", config.family == models::Family::kGpt2},
-      {"inference_mode", true},
-      {"init_lora_weights", true},
-      {"modules_to_save", nullptr},
-      {"layers_to_transform", nullptr},
-      {"layers_pattern", nullptr},
-      {"rank_pattern", nlohmann::json::object()},
-      {"alpha_pattern", nlohmann::json::object()},
-      {"use_rslora", false},
-      {"use_dora", false},
-      {"revision", nullptr},
-  };
-  write_text_file(staged + "/adapter_config.json", adapter_config.dump(2) + "\n");
-  fsync_path(staged, true);
-  swap_into_place(staged, dir);
+    // The keys of PEFT's LoraConfig that say what the adapters are; PEFT takes its defaults for the rest.
+    const nlohmann::json adapter_config = {
+        {"peft_type", "LORA"},
+        {"task_type", "CAUSAL_LM"},
+        {"base_model_name_or_path", base_model_name_or_path},
+        {"r", config.lora.rank},
+        {"lora_alpha", config.lora.alpha},
+        {"lora_dropout", config.lora.dropout},
+        {"target_modules", peft_target_modules(config)},
+        {"bias", "none"},
+        {"fan_in_fan_out", config.family == models::Family::kGpt2},
+        {"inference_mode", true},
+        {"init_lora_weights", true},
+        {"modules_to_save", nullptr},
+        {"layers_to_transform", nullptr},
+        {"layers_pattern", nullptr},
+        {"rank_pattern", nlohmann::json::object()},
+        {"alpha_pattern", nlohmann::json::object()},
+        {"use_rslora", false},
+        {"use_dora", false},
+        {"revision", nullptr},
+    };
+    write_text_file(staged + "/adapter_config.json", adapter_config.dump(2) + "\n");
+    fsync_path(staged, true);
+    swap_into_place(staged, dir);
+  });
 }
 
+// Every rank reads the whole checkpoint, whatever world size wrote it: the states are replicated.
 std::string Engine::load(const std::string& dir) {
-  const nlohmann::json state = read_state(dir, config());
   detail::Trainer& trainer = *trainer_;
-  check_base(dir, state, base_identity(trainer.model(), trainer.parts()));
-  trainer.quiesce("load()");
-  detail::read_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
-                          trainer.state_count(),
-                          [&](std::size_t p, detail::PartValues values) { trainer.write_part(p, values); });
+  nlohmann::json state;
+  detail::on_every_rank(trainer.config().communicator.get(), "load()", [&] {
+    state = read_state(dir, config());
+    check_base(dir, state, base_identity(trainer.model(), trainer.parts()));
+    trainer.quiesce("load()");
+    detail::read_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
+                            trainer.state_count(),
+                            [&](std::size_t p, detail::PartValues values) { trainer.write_part(p, values); });
+  });
   trainer.restore_state(state);
   return state.contains("extra") ? state["extra"].dump() : "{}";
 }

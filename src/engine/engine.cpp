@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include "engine/data_parallel.h"
 #include "engine/trainer.h"
 #include "engine/update.h"
 #include "ferry/check.h"
@@ -19,7 +20,14 @@ std::unique_ptr<detail::Trainer> make_trainer(LayeredModel model, EngineConfig c
 }
 }  // namespace
 
-Engine::Engine(LayeredModel model, EngineConfig config) : trainer_(make_trainer(std::move(model), std::move(config))) {}
+// A rank that fails to set up (a bad NVMe directory, a budget too small) stops every rank here,
+// each naming it, rather than leaving the others waiting at the first collective.
+Engine::Engine(LayeredModel model, EngineConfig config) {
+  const std::shared_ptr<dist::Communicator> communicator = config.communicator;
+  detail::on_every_rank(communicator.get(), "engine set-up",
+                        [&] { trainer_ = make_trainer(std::move(model), std::move(config)); });
+  detail::require_same_schedule(trainer_->config(), trainer_->model().parameter_count());
+}
 
 Engine::~Engine() = default;
 

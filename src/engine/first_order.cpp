@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 
+#include "engine/data_parallel.h"
 #include "engine/sizing.h"
 #include "engine/stage.h"
 #include "ferry/check.h"
@@ -534,7 +535,9 @@ void FirstOrderTrainer::begin_backward() {
 }
 
 void FirstOrderTrainer::backward_head(PendingBackward& saved) {
-  torch::Tensor scaled = saved.loss * (scaler_.scale() / static_cast<double>(config_.grad_accumulation));
+  // Each rank's share of the step's mean loss: the gradients summed across ranks are the mean's.
+  const double share = static_cast<double>(config_.grad_accumulation) * world_size(config_);
+  torch::Tensor scaled = saved.loss * (scaler_.scale() / share);
   computed(parts_.size() - 1, false, [&] { torch::autograd::backward({scaled}); });
   saved.gradient = saved.head_input.grad();
   // Summed on the device and read once in step(): a read here would stall the host until the
@@ -675,6 +678,7 @@ void FirstOrderTrainer::gradients_ready(std::size_t p, bool summed) {
   PartState& state = state_[p];
   if (!part.trainable()) return;
   if (!summed) collect_gradients(p);
+  reduce_gradients(p, summed);
   if (!state.cpu_updated()) {
     accumulate_and_measure(p, first, last, summed);
     return;
@@ -719,6 +723,20 @@ void FirstOrderTrainer::gradients_ready(std::size_t p, bool summed) {
     });
   });
   gradients_waiting_.push_back(p);
+}
+
+// Note: data parallelism (docs/distributed.md). A part's gradients are summed across the ranks
+// on the device as soon as its backward has produced them, before they are accumulated, measured
+// or sent down, so everything after (the norm, the overflow check, clipping, the update) sees the
+// same gradients on every rank and needs no collective of its own. Every rank calls this in the
+// same order, from this thread only (backward order, stem last), as c10d requires; batch-major
+// accumulation reduces each micro-batch's gradients, layer-major the step's sum once.
+void FirstOrderTrainer::reduce_gradients(std::size_t p, bool summed) {
+  if (world_size(config_) == 1) return;
+  const Part& part = parts_[p];
+  torch::Tensor gradients = summed ? view(part.accumulator, Tier::kGpu, torch::kFloat, part.numel)
+                                   : view(part.grads, Tier::kGpu, compute_dtype_, part.numel);
+  traced("reduce " + part.name, Track::kCompute, [&] { sum_across_ranks(config_, gradients); });
 }
 
 void FirstOrderTrainer::accumulate_and_measure(std::size_t p, bool first_micro_batch, bool last_micro_batch,
@@ -860,10 +878,14 @@ StepResult FirstOrderTrainer::step() {
   read_device_stats();
 
   StepResult result;
-  result.loss = step_loss_sum_.item<double>() / static_cast<double>(micro_batches_);
+  // The loss and tokens of every rank's rows: the mean loss, the sum of tokens.
+  torch::Tensor totals =
+      torch::tensor({step_loss_sum_.item<double>(), static_cast<double>(step_tokens_)}, torch::kDouble);
+  sum_across_ranks(config_, totals);
+  result.loss = totals[0].item<double>() / static_cast<double>(micro_batches_ * world_size(config_));
   result.lr = step_lr_;
   result.loss_scale = scaler_.scale();
-  result.tokens = step_tokens_;
+  result.tokens = static_cast<std::int64_t>(totals[1].item<double>());
   double sum_squares = 0;
   bool finite = true;
   for (const PartState& state : state_) {

@@ -159,6 +159,7 @@ class FirstOrderTrainer final : public Trainer {
   // are still on the device.
   void release_gradients(std::size_t keep);
   void gradients_ready(std::size_t part, bool summed);
+  void reduce_gradients(std::size_t part, bool summed);  // across the ranks
   void accumulate_and_measure(std::size_t part, bool first_micro_batch, bool last_micro_batch,
                               bool summed_on_device);
   // Where gradients wait on the host for the CPU optimizer, backward lets at most

@@ -6,6 +6,7 @@
 
 #include "engine/sizing.h"
 
+#include "engine/data_parallel.h"
 #include "engine/layout.h"
 #include "engine/update.h"
 #include "ferry/check.h"
@@ -158,6 +159,9 @@ void validate(const EngineConfig& config) {
               "micro-batches); got grad_accumulation = ", config.grad_accumulation);
   FERRY_CHECK(config.micro_batch_order == MicroBatchOrder::kBatchMajor || config.mode != Mode::kZo2,
               "micro_batch_order layer-major is for the first-order modes; zo2 has no micro-batches");
+  FERRY_CHECK(config.staged.empty() || world_size(config) == 1, "staged layout '", config.staged,
+              "' is one process's live state; with ", world_size(config), " ranks each would write "
+              "into it: train from the model's weights, or with one rank");
   FERRY_CHECK(config.staged.empty() || unstageable(config.mode).empty(), "staged layout '",
               config.staged, "' was given, but ", unstageable(config.mode));
   if (config.mode == Mode::kZo2) validate_zo(config);
@@ -246,6 +250,8 @@ StoreOptions store_options(const EngineConfig& config) {
   options.host_budget_bytes = config.host_budget_bytes ? config.host_budget_bytes : UINT64_MAX;
   options.nvme_budget_bytes = config.nvme_budget_bytes ? config.nvme_budget_bytes : UINT64_MAX;
   options.nvme_directories = config.nvme_directories;
+  // Ranks on one host may share the directories.
+  options.nvme_file_name = rank_file_name(config, options.nvme_file_name);
   options.env = config.nvme_env;
   if (config.nvme_queue_depth > 0) options.io.queue_depth = config.nvme_queue_depth;
   if (config.nvme_block_bytes > 0) options.io.block_bytes = static_cast<std::size_t>(config.nvme_block_bytes);

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <thread>
 
+#include "engine/data_parallel.h"
 #include "engine/sizing.h"
 #include "engine/update.h"
 #include "ferry/check.h"
@@ -571,7 +572,14 @@ std::optional<StepResult> detail::Zo2Trainer::train_step(const data::Batch& batc
 
   std::vector<torch::Tensor> losses;
   for (const Pass& pass : passes) losses.push_back(pass.hidden.to(torch::kDouble));
+  // Data parallelism: each rank evaluated the same directions on its own rows; the mean of the
+  // ranks' losses (the whole batch's when every rank learns as many tokens) gives the projected
+  // gradients, the same bits on every rank, which then applies the same update (docs/distributed.md).
+  losses.push_back(torch::scalar_tensor(static_cast<double>(tokens.numel()), torch::kDouble).to(config_.device));
   torch::Tensor values = torch::stack(losses).to(torch::kCPU);
+  detail::sum_across_ranks(config_, values);
+  const std::int64_t token_count = static_cast<std::int64_t>(values[2 * config_.zo.samples].item<double>());
+  values /= detail::world_size(config_);
 
   StepResult result;
   PendingUpdate update{update_count + 1, step, lr, seeds, {}};
@@ -588,7 +596,7 @@ std::optional<StepResult> detail::Zo2Trainer::train_step(const data::Batch& batc
   }
   result.loss = loss_sum / static_cast<double>(2 * config_.zo.samples);
   result.lr = lr;
-  result.tokens = tokens.numel();
+  result.tokens = token_count;
   result.step = step;
   // Note: a non-finite loss would turn every weight into NaN; the step is skipped instead, as
   // the first-order modes skip a step with non-finite gradients under loss scaling.

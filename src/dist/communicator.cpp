@@ -1,0 +1,173 @@
+// The Communicator over c10d: a TCPStore for the rendezvous, ProcessGroupGloo for CPU tensors and
+// control, ProcessGroupNCCL for CUDA tensors where the LibTorch has it (FERRY_WITH_NCCL).
+//
+// Note: the groups are used as backends, never through c10d's dispatching ProcessGroup: LibTorch
+// 1.13's ProcessGroupGloo derives from c10d::ProcessGroup, 2.x's from c10d::Backend, and both
+// have the same allreduce/barrier members, which is all this file calls (docs/distributed.md
+// lists what is verified on which version).
+
+#include "ferry/dist.h"
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef FERRY_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+#include <torch/torch.h>
+
+#include "ferry/check.h"
+
+namespace ferry::dist {
+
+namespace {
+
+// The variable's value, which must be an integer in [low, high].
+int integer_variable(const char* name, int low, int high) {
+  const char* text = std::getenv(name);
+  FERRY_CHECK(text && *text, "the environment has WORLD_SIZE but not ", name,
+              ": set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (torchrun does)");
+  char* end = nullptr;
+  errno = 0;
+  const long value = std::strtol(text, &end, 10);
+  FERRY_CHECK(errno == 0 && *end == '\0' && value >= low && value <= high, name, "='", text,
+              "' is not an integer in [", low, ", ", high, "]");
+  return static_cast<int>(value);
+}
+
+bool is_loopback(const std::string& address) {
+  return address == "localhost" || address.rfind("127.", 0) == 0 || address == "::1";
+}
+
+std::shared_ptr<::gloo::transport::Device> gloo_device(const std::string& master_addr) {
+  // As torch.distributed chooses: GLOO_SOCKET_IFNAME names the interface; a job on one host
+  // talks over loopback; otherwise the address this host's name resolves to.
+  if (const char* interface = std::getenv("GLOO_SOCKET_IFNAME"); interface && *interface) {
+    return c10d::ProcessGroupGloo::createDeviceForInterface(interface);
+  }
+  if (is_loopback(master_addr)) return c10d::ProcessGroupGloo::createDeviceForHostname(master_addr);
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+
+}  // namespace
+
+World World::from_environment() {
+  World world;
+  const char* size = std::getenv("WORLD_SIZE");
+  if (!size || !*size) return world;
+  world.world_size = integer_variable("WORLD_SIZE", 1, 1 << 20);
+  world.rank = integer_variable("RANK", 0, world.world_size - 1);
+  world.local_rank = integer_variable("LOCAL_RANK", 0, world.world_size - 1);
+  const char* addr = std::getenv("MASTER_ADDR");
+  FERRY_CHECK(addr && *addr, "the environment has WORLD_SIZE=", world.world_size,
+              " but no MASTER_ADDR: set it to rank 0's host (torchrun does)");
+  world.master_addr = addr;
+  world.master_port = integer_variable("MASTER_PORT", 1, 65535);
+  return world;
+}
+
+struct Communicator::Impl {
+  int rank = 0;
+  int world_size = 1;
+  std::chrono::milliseconds timeout{};
+  std::string backend = "gloo";
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo;
+#ifdef FERRY_WITH_NCCL
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl;
+#endif
+  std::int64_t agreements = 0;  // the key of each agreement's errors in the store
+
+  // Waits for `work`, turning c10d's errors into one that says what the likely causes are.
+  template <typename Work>
+  void wait(const Work& work, const char* what) {
+    try {
+      work->wait();
+    } catch (const std::exception& e) {
+      throw Error(detail::concat(what, " across ", world_size, " ranks failed (another rank stopped, or not all ",
+                                 "answered within the timeout of ", timeout.count() / 1000.0, " s): ", e.what()));
+    }
+  }
+};
+
+Communicator::Communicator(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Communicator::~Communicator() = default;
+
+int Communicator::rank() const { return impl_->rank; }
+int Communicator::world_size() const { return impl_->world_size; }
+const std::string& Communicator::backend() const { return impl_->backend; }
+
+void Communicator::all_reduce_sum(torch::Tensor& tensor) {
+  FERRY_ASSERT(tensor.is_contiguous(), "all_reduce_sum needs a contiguous tensor");
+  std::vector<at::Tensor> tensors{tensor};
+#ifdef FERRY_WITH_NCCL
+  if (tensor.is_cuda() && impl_->nccl) return impl_->wait(impl_->nccl->allreduce(tensors), "all-reduce");
+#endif
+  impl_->wait(impl_->gloo->allreduce(tensors), "all-reduce");
+}
+
+void Communicator::barrier() { impl_->wait(impl_->gloo->barrier(), "barrier"); }
+
+void Communicator::agree(const std::string& what, const std::string& error) {
+  const std::string key = "ferry/agree/" + std::to_string(impl_->agreements++) + "/";
+  torch::Tensor failed = torch::zeros({impl_->world_size}, torch::kInt);
+  if (!error.empty()) {
+    failed[impl_->rank] = 1;
+    impl_->store->set(key + std::to_string(impl_->rank), std::vector<std::uint8_t>(error.begin(), error.end()));
+  }
+  all_reduce_sum(failed);
+  std::string message;
+  for (int r = 0; r < impl_->world_size; ++r) {
+    if (failed[r].item<int>() == 0) continue;
+    const std::vector<std::uint8_t> text = impl_->store->get(key + std::to_string(r));
+    message += detail::concat(message.empty() ? "" : "; ", "rank ", r, ": ", std::string(text.begin(), text.end()));
+  }
+  FERRY_CHECK(message.empty(), what, " failed on ", message);
+}
+
+std::shared_ptr<Communicator> connect(const World& world, const CommunicatorOptions& options) {
+  FERRY_CHECK(world.world_size >= 1 && world.rank >= 0 && world.rank < world.world_size, "rank ", world.rank,
+              " is not in a world of size ", world.world_size, ": a rank is in [0, world_size)");
+  FERRY_CHECK(world.master_port > 0 && world.master_port <= 65535, "master port ", world.master_port,
+              " is not in [1, 65535]");
+  FERRY_CHECK(options.timeout.count() > 0, "the communicator's timeout must be positive; got ",
+              options.timeout.count(), " ms");
+  auto impl = std::make_unique<Communicator::Impl>();
+  impl->rank = world.rank;
+  impl->world_size = world.world_size;
+  impl->timeout = options.timeout;
+  const std::string where = detail::concat(world.master_addr, ":", world.master_port);
+  try {
+    c10d::TCPStoreOptions store_options;
+    store_options.port = static_cast<std::uint16_t>(world.master_port);
+    store_options.isServer = world.rank == 0;
+    store_options.numWorkers = static_cast<std::size_t>(world.world_size);
+    store_options.timeout = options.timeout;
+    impl->store = c10::make_intrusive<c10d::TCPStore>(world.master_addr, store_options);
+    auto gloo_options = c10d::ProcessGroupGloo::Options::create(options.timeout);
+    gloo_options->devices.push_back(gloo_device(world.master_addr));
+    impl->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
+        c10::make_intrusive<c10d::PrefixStore>("gloo", impl->store), world.rank, world.world_size, gloo_options);
+#ifdef FERRY_WITH_NCCL
+    if (options.device.is_cuda()) {
+      auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
+      nccl_options->timeout = options.timeout;
+      impl->nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+          c10::make_intrusive<c10d::PrefixStore>("nccl", impl->store), world.rank, world.world_size, nccl_options);
+      impl->backend = "nccl";
+    }
+#endif
+  } catch (const std::exception& e) {
+    throw Error(detail::concat("rank ", world.rank, " of ", world.world_size, " could not join the job at ", where,
+                               " within ", options.timeout.count() / 1000.0, " s (is rank 0 running, and are ",
+                               "MASTER_ADDR and MASTER_PORT the same on every rank?): ", e.what()));
+  }
+  return std::shared_ptr<Communicator>(new Communicator(std::move(impl)));
+}
+
+}  // namespace ferry::dist

@@ -1,0 +1,103 @@
+// The communicator over real c10d: a TCPStore and ProcessGroupGloo on loopback, one thread a rank.
+
+#include <stdlib.h>
+
+#include <chrono>
+
+#include <torch/torch.h>
+
+#include "ferry/check.h"
+#include "ferry/dist.h"
+#include "support/ranks.h"
+
+// glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
+#undef CHECK
+#include <catch2/catch.hpp>
+
+using namespace ferry;
+using namespace ferry::testing;
+
+namespace {
+
+// Sets the variables for the test's lifetime and restores the environment after.
+class Environment {
+ public:
+  Environment(std::vector<std::pair<std::string, std::string>> variables) {
+    for (const char* name : {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}) ::unsetenv(name);
+    for (const auto& [name, value] : variables) ::setenv(name.c_str(), value.c_str(), 1);
+  }
+  ~Environment() {
+    for (const char* name : {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}) ::unsetenv(name);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("the world comes from torchrun's variables, and a bad one is named") {
+  {
+    Environment none({});
+    dist::World world = dist::World::from_environment();
+    CHECK(world.world_size == 1);
+    CHECK(world.rank == 0);
+  }
+  {
+    Environment torchrun({{"RANK", "3"}, {"LOCAL_RANK", "1"}, {"WORLD_SIZE", "4"}, {"MASTER_ADDR", "node0"},
+                          {"MASTER_PORT", "29400"}});
+    dist::World world = dist::World::from_environment();
+    CHECK(world.rank == 3);
+    CHECK(world.local_rank == 1);
+    CHECK(world.world_size == 4);
+    CHECK(world.master_addr == "node0");
+    CHECK(world.master_port == 29400);
+  }
+  {
+    Environment bad({{"RANK", "4"}, {"LOCAL_RANK", "0"}, {"WORLD_SIZE", "4"}, {"MASTER_ADDR", "x"},
+                     {"MASTER_PORT", "1"}});
+    CHECK_THROWS_WITH(dist::World::from_environment(), Catch::Contains("RANK='4'") && Catch::Contains("[0, 3]"));
+  }
+  {
+    Environment missing({{"RANK", "0"}, {"LOCAL_RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "x"}});
+    CHECK_THROWS_WITH(dist::World::from_environment(), Catch::Contains("MASTER_PORT"));
+  }
+  {
+    Environment junk({{"RANK", "0"}, {"LOCAL_RANK", "0"}, {"WORLD_SIZE", "two"}});
+    CHECK_THROWS_WITH(dist::World::from_environment(), Catch::Contains("WORLD_SIZE='two'"));
+  }
+}
+
+TEST_CASE("two ranks sum tensors to the same bits and agree on success") {
+  std::vector<torch::Tensor> results(2);
+  auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+    REQUIRE(communicator->rank() == rank);
+    REQUIRE(communicator->world_size() == 2);
+    CHECK(communicator->backend() == "gloo");
+    torch::Tensor values = torch::randn({1000}, torch::TensorOptions().dtype(torch::kFloat)) * (rank + 1);
+    communicator->all_reduce_sum(values);
+    results[static_cast<std::size_t>(rank)] = values;
+    communicator->agree("the test");
+    communicator->barrier();
+  });
+  CHECK(errors == std::vector<std::string>{"", ""});
+  CHECK(torch::equal(results[0], results[1]));
+}
+
+TEST_CASE("a rank's failure is named on every rank") {
+  auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+    communicator->agree("loading", rank == 1 ? "no such file 'x'" : "");
+  });
+  for (const std::string& error : errors) {
+    CHECK_THAT(error, Catch::Contains("loading failed on rank 1: no such file 'x'"));
+  }
+}
+
+TEST_CASE("a rank that never comes stops the rendezvous at the timeout, naming the address") {
+  dist::World world;
+  world.world_size = 2;
+  world.master_port = free_port();
+  dist::CommunicatorOptions options;
+  options.timeout = std::chrono::milliseconds(1500);
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_THROWS_WITH(dist::connect(world, options),
+                    Catch::Contains("rank 0 of 2 could not join") && Catch::Contains("127.0.0.1:"));
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(20));
+}

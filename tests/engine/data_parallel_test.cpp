@@ -1,0 +1,272 @@
+// Data parallelism (docs/distributed.md): two ranks, each a thread with its own engine and its own
+// c10d ProcessGroupGloo over a real TCPStore on loopback, each passing half of every global batch,
+// against one rank passing it whole, in every placement; and against torch::optim::AdamW on a
+// plain LibTorch copy of the model as the independent reference.
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <fstream>
+
+#include <torch/torch.h>
+
+#include "ferry/data.h"
+#include "ferry/dist.h"
+#include "ferry/engine.h"
+#include "ferry/model.h"
+#include "support/ranks.h"
+#include "support/temp_dir.h"
+
+// glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
+#undef CHECK
+#include <catch2/catch.hpp>
+
+using namespace ferry;
+using namespace ferry::testing;
+
+namespace {
+
+constexpr std::int64_t kGlobalRows = 4;  // per micro-batch, over every rank
+constexpr std::int64_t kSequence = 16;
+constexpr std::uint64_t kModelSeed = 7;
+constexpr int kSteps = 20;
+constexpr std::int64_t kDistinctBatches = 4;  // seen again and again, so the loss falls
+
+models::ModelConfig model_config() { return models::preset("tiny-llama"); }
+
+// Micro-batch `index` of the job, all ranks' rows: random tokens, no padding, every label learned,
+// so each rank's mean loss weighs its rows as the whole batch's mean does. A few batches repeat.
+data::Batch global_batch(std::int64_t index) {
+  return data::random_batch(kGlobalRows, kSequence, model_config().vocab_size, 1000 + index % kDistinctBatches);
+}
+
+struct Run {
+  std::vector<StepResult> steps;
+  std::vector<torch::Tensor> weights;  // fp32 on the CPU, after the last step
+};
+
+std::vector<torch::Tensor> weights_of(const Engine& engine) {
+  std::vector<torch::Tensor> weights;
+  for (const torch::Tensor& parameter : engine.model().parameters()) {
+    weights.push_back(parameter.detach().to(torch::kCPU, torch::kFloat).clone());
+  }
+  return weights;
+}
+
+// Steps [first, last) of the job on `engine`, as rank `rank` of `world`.
+Run train_on(Engine& engine, int rank, int world, int first, int last) {
+  Run run;
+  const std::int64_t micro = engine.config().grad_accumulation;
+  for (std::int64_t i = first * micro; static_cast<int>(run.steps.size()) < last - first; ++i) {
+    if (auto result = engine.train_step(data::rank_rows(global_batch(i), rank, world))) run.steps.push_back(*result);
+  }
+  engine.flush();
+  run.weights = weights_of(engine);
+  return run;
+}
+
+Run train_alone(const EngineConfig& config, int steps = kSteps) {
+  Engine engine(models::build(model_config(), kModelSeed), config);
+  return train_on(engine, 0, 1, 0, steps);
+}
+
+// Each rank's run; a failure on either fails the test with its rank's message.
+std::vector<Run> train_two_ranks(const EngineConfig& config, int steps = kSteps) {
+  std::vector<Run> runs(2);
+  auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+    EngineConfig ranked = config;
+    ranked.communicator = communicator;
+    Engine engine(models::build(model_config(), kModelSeed), ranked);
+    runs[static_cast<std::size_t>(rank)] = train_on(engine, rank, 2, 0, steps);
+  });
+  REQUIRE(errors == std::vector<std::string>{"", ""});
+  return runs;
+}
+
+double relative_difference(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-12); }
+
+// Note: the tolerance. Each rank's gradient is a sum over its own rows; the two sums are then
+// added, where one rank alone sums all rows in one reduction. Nothing else differs: the per-token
+// loss gradients are the same bits (each rank's share, 1/2, is exact). fp32 sums of the same terms
+// in another order differ by a few ulps of the terms' magnitude, so the losses stay within a
+// relative 1e-7 (measured) and the test allows 1e-5. Weights: where a gradient element cancels to
+// near zero its relative error is large, and AdamW, which divides by sqrt(v), turns that into up
+// to a fraction of lr (3e-3) per step; the largest difference measured over 20 steps is 6e-6 (a
+// fifth of a percent of lr), and the test allows 3e-5, 1% of lr.
+constexpr double kLossTolerance = 1e-5;
+constexpr double kWeightTolerance = 3e-5;
+
+void require_close(const Run& ranks, const Run& alone) {
+  REQUIRE(ranks.steps.size() == alone.steps.size());
+  for (std::size_t i = 0; i < ranks.steps.size(); ++i) {
+    INFO("step " << i + 1);
+    CHECK(relative_difference(ranks.steps[i].loss, alone.steps[i].loss) < kLossTolerance);
+    CHECK(relative_difference(ranks.steps[i].grad_norm, alone.steps[i].grad_norm) < 1e-4);
+    CHECK(ranks.steps[i].tokens == alone.steps[i].tokens);
+  }
+  REQUIRE(ranks.weights.size() == alone.weights.size());
+  for (std::size_t i = 0; i < ranks.weights.size(); ++i) {
+    INFO("parameter " << i);
+    CHECK((ranks.weights[i] - alone.weights[i]).abs().max().item<double>() < kWeightTolerance);
+  }
+}
+
+// Both ranks applied the same updates to the same weights: the same bits.
+void require_identical_ranks(const std::vector<Run>& runs) {
+  for (std::size_t i = 0; i < runs[0].steps.size(); ++i) CHECK(runs[0].steps[i].loss == runs[1].steps[i].loss);
+  for (std::size_t i = 0; i < runs[0].weights.size(); ++i) CHECK(torch::equal(runs[0].weights[i], runs[1].weights[i]));
+}
+
+EngineConfig first_order_config(Mode mode, const TempDir& dir) {
+  EngineConfig config;
+  config.mode = mode;
+  config.optimizer.lr = 3e-3;
+  config.optimizer.weight_decay = 0.01;
+  // Both ranks share the directory: each writes its own file.
+  if (mode == Mode::kFuyou) config.nvme_directories = {dir.subdir("nvme")};
+  return config;
+}
+
+}  // namespace
+
+TEST_CASE("two ranks at batch b train as one rank at batch 2b in every placement") {
+  const Mode mode = GENERATE(Mode::kGpu, Mode::kZeroOffload, Mode::kFuyou);
+  INFO(to_string(mode));
+  TempDir dir;
+  EngineConfig config = first_order_config(mode, dir);
+  SECTION("plain") {}
+  SECTION("with gradient accumulation and clipping") {
+    config.grad_accumulation = 2;
+    config.max_grad_norm = 0.5;
+  }
+  SECTION("layer-major accumulation") {
+    config.grad_accumulation = 2;
+    config.micro_batch_order = MicroBatchOrder::kLayerMajor;
+  }
+  const std::vector<Run> ranks = train_two_ranks(config);
+  require_identical_ranks(ranks);
+  require_close(ranks[0], train_alone(config));
+  CHECK(ranks[0].steps.back().loss < ranks[0].steps.front().loss);
+}
+
+TEST_CASE("two ranks follow torch::optim::AdamW on a plain LibTorch model") {
+  TempDir dir;
+  EngineConfig config = first_order_config(Mode::kZeroOffload, dir);
+  config.optimizer.weight_decay = 0;  // ferry spares norms and biases; torch's single group would not
+  config.grad_accumulation = 2;
+  config.max_grad_norm = 0.5;
+  const std::vector<Run> ranks = train_two_ranks(config);
+
+  LayeredModel reference = models::build(model_config(), kModelSeed);
+  reference.train(true);
+  std::vector<torch::Tensor> parameters = reference.parameters();
+  torch::optim::AdamW adamw(parameters, torch::optim::AdamWOptions(config.optimizer.lr).weight_decay(0));
+  for (int step = 0; step < kSteps; ++step) {
+    adamw.zero_grad();
+    double loss_sum = 0;
+    for (std::int64_t m = 0; m < config.grad_accumulation; ++m) {
+      data::Batch batch = global_batch(step * config.grad_accumulation + m);
+      torch::Tensor loss = reference.loss(reference.forward(batch.input_ids), batch.labels);
+      (loss / static_cast<double>(config.grad_accumulation)).backward();
+      loss_sum += loss.item<double>();
+    }
+    torch::nn::utils::clip_grad_norm_(parameters, config.max_grad_norm);
+    adamw.step();
+    INFO("step " << step + 1);
+    CHECK(relative_difference(ranks[0].steps[static_cast<std::size_t>(step)].loss,
+                              loss_sum / static_cast<double>(config.grad_accumulation)) < kLossTolerance);
+  }
+  for (std::size_t i = 0; i < parameters.size(); ++i) {
+    INFO("parameter " << i);
+    CHECK((ranks[0].weights[i] - parameters[i].detach()).abs().max().item<double>() < kWeightTolerance);
+  }
+}
+
+TEST_CASE("zo2 with two ranks takes the steps of one rank with the same seeds") {
+  EngineConfig config;
+  config.mode = Mode::kZo2;
+  config.optimizer.kind = OptimizerKind::kSgd;
+  config.optimizer.lr = 1e-3;
+  config.zo.seed = 42;
+  config.zo.samples = 2;
+  config.zo.blocks_in_flight = 2;
+  const std::vector<Run> ranks = train_two_ranks(config);
+  require_identical_ranks(ranks);
+  const Run alone = train_alone(config);
+  for (std::size_t i = 0; i < alone.steps.size(); ++i) {
+    INFO("step " << i + 1);
+    // The mean of two ranks' mean losses against one mean: a few ulps apart (fp32 sums).
+    CHECK(relative_difference(ranks[0].steps[i].loss, alone.steps[i].loss) < 1e-5);
+    CHECK(ranks[0].steps[i].tokens == alone.steps[i].tokens);
+  }
+  for (std::size_t i = 0; i < alone.weights.size(); ++i) {
+    INFO("parameter " << i);
+    CHECK((ranks[0].weights[i] - alone.weights[i]).abs().max().item<double>() < 1e-5);
+  }
+}
+
+TEST_CASE("a two-rank run resumes exactly, and its checkpoint trains on in one rank") {
+  TempDir dir;
+  EngineConfig config = first_order_config(Mode::kZeroOffload, dir);
+  config.max_grad_norm = 0.5;
+  const std::string checkpoint = dir.file("step-5");
+  constexpr int kSaveAfter = 5, kTotal = 10;
+  std::vector<Run> uninterrupted(2);
+  auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+    EngineConfig ranked = config;
+    ranked.communicator = communicator;
+    Engine engine(models::build(model_config(), kModelSeed), ranked);
+    Run first = train_on(engine, rank, 2, 0, kSaveAfter);
+    engine.save(checkpoint);
+    Run rest = train_on(engine, rank, 2, kSaveAfter, kTotal);
+    first.steps.insert(first.steps.end(), rest.steps.begin(), rest.steps.end());
+    first.weights = rest.weights;
+    uninterrupted[static_cast<std::size_t>(rank)] = first;
+  });
+  REQUIRE(errors == std::vector<std::string>{"", ""});
+
+  SECTION("two ranks resume with the uninterrupted run's losses and weights") {
+    std::vector<Run> resumed(2);
+    errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+      EngineConfig ranked = config;
+      ranked.communicator = communicator;
+      Engine engine(models::build(model_config(), kModelSeed + 1), ranked);  // the weights come from the checkpoint
+      engine.load(checkpoint);
+      REQUIRE(engine.steps_taken() == kSaveAfter);
+      resumed[static_cast<std::size_t>(rank)] = train_on(engine, rank, 2, kSaveAfter, kTotal);
+    });
+    REQUIRE(errors == std::vector<std::string>{"", ""});
+    for (std::size_t i = 0; i < resumed[0].steps.size(); ++i) {
+      INFO("step " << kSaveAfter + i + 1);
+      CHECK(resumed[0].steps[i].loss == uninterrupted[0].steps[kSaveAfter + i].loss);
+    }
+    for (std::size_t i = 0; i < resumed[0].weights.size(); ++i) {
+      CHECK(torch::equal(resumed[0].weights[i], uninterrupted[0].weights[i]));
+    }
+  }
+  SECTION("one rank loads the two ranks' checkpoint and trains on at the global batch") {
+    Engine engine(models::build(model_config(), kModelSeed + 1), config);
+    engine.load(checkpoint);
+    Run alone = train_on(engine, 0, 1, kSaveAfter, kTotal);
+    Run tail = uninterrupted[0];
+    tail.steps.erase(tail.steps.begin(), tail.steps.begin() + kSaveAfter);
+    require_close(tail, alone);
+  }
+}
+
+TEST_CASE("a rank that fails to start stops every rank, naming it, without hanging") {
+  TempDir dir;
+  EngineConfig config = first_order_config(Mode::kFuyou, dir);
+  std::ofstream(dir.file("a-file")) << "not a directory";
+  const auto start = std::chrono::steady_clock::now();
+  auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+    EngineConfig ranked = config;
+    ranked.communicator = communicator;
+    if (rank == 1) ranked.nvme_directories = {dir.file("a-file/nvme")};  // under a file: never a directory
+    Engine engine(models::build(model_config(), kModelSeed), ranked);
+    train_on(engine, rank, 2, 0, 2);
+  });
+  CHECK_THAT(errors[0], Catch::Contains("engine set-up failed on rank 1") && Catch::Contains("a-file/nvme"));
+  CHECK_THAT(errors[1], Catch::Contains("a-file/nvme"));
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(20));
+}
