@@ -26,7 +26,7 @@ Engine::Engine(LayeredModel model, EngineConfig config) {
   const std::shared_ptr<dist::Communicator> communicator = config.communicator;
   detail::on_every_rank(communicator.get(), "engine set-up",
                         [&] { trainer_ = make_trainer(std::move(model), std::move(config)); });
-  detail::require_same_schedule(trainer_->config(), trainer_->model().parameter_count());
+  detail::require_same_schedule(trainer_->config(), parameter_count());
 }
 
 Engine::~Engine() = default;
