@@ -7,6 +7,7 @@
 #include <map>
 
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include "ferry/data.h"
 #include "ferry/engine.h"
@@ -28,9 +29,13 @@ constexpr std::int64_t kBatch = 4, kSeq = 16;
 // Note: the reference sums in other orders than ferry (torch's AdamW against ferry's CPU kernels,
 // its own attention against the model's), so it agrees to rounding, not bit for bit. Measured on
 // the CPU, in every placement alike: losses within 1.3e-7 relative, weights within 3.7e-7 after
-// 20 steps; the bounds leave a factor of about 10.
-constexpr double kLossTolerance = 1e-6;    // relative
-constexpr double kWeightTolerance = 4e-6;  // absolute, on weights of magnitude 0.02 to 1
+// 20 steps with LibTorch 1.13; the bounds leave a factor of about 10. LibTorch 2.11's CPU kernels
+// (16 threads on the GPU machine) sum in orders of their own: there the placements that update in
+// the step (gpu, fuyou, auto) measured weights within 2.3e-5, zero-offload and the losses within
+// the 1.13 bounds; hence its own weight bound.
+constexpr double kLossTolerance = 1e-6;  // relative
+// absolute, on weights of magnitude 0.02 to 1
+constexpr double kWeightTolerance = TORCH_VERSION_MAJOR >= 2 ? 1e-4 : 4e-6;
 
 struct RmsNorm : torch::nn::Module {
   RmsNorm(std::int64_t size, double eps) : weight(register_parameter("weight", torch::ones({size}))), eps(eps) {}
