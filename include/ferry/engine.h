@@ -14,6 +14,7 @@
 //   }
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -173,6 +174,17 @@ struct DropoutConfig {
   std::uint64_t seed = 0;
 };
 
+// How much of what the engine reads back is checked against its recorded XXH64 checksums: a
+// checkpoint on load() and a staged layout on adoption (docs/launcher.md, "Reliability").
+// full: every byte. sampled: every bundle of a layout (one chunk of each at least) and every
+// tensor of a checkpoint in part, chosen at random anew each time, at least a sixteenth of the
+// bytes. auto: full for a checkpoint of at most kFullVerifyCheckpointBytes, sampled above it,
+// and sampled for a staged layout. none: nothing (the headers are still checked).
+enum class Verify { kAuto, kFull, kSampled, kNone };
+const char* to_string(Verify verify);
+Verify parse_verify(const std::string& name);  // "auto", "full", "sampled", "none"
+inline constexpr std::uint64_t kFullVerifyCheckpointBytes = std::uint64_t{32} << 30;
+
 struct EngineConfig {
   Mode mode = Mode::kZeroOffload;
   Precision precision = Precision::kF32;
@@ -195,6 +207,10 @@ struct EngineConfig {
   // first NVMe directory. The engine adopts its files in place of the model's weights; the
   // layout then becomes the job's live state (docs/stage.md). Empty: weights come from the model.
   std::string staged;
+  Verify verify = Verify::kAuto;
+  // Writes checkpoints (save) and exports (export_pretrained); nullptr: Env::posix(). Tests inject
+  // faults through it.
+  Env* checkpoint_env = nullptr;
   OptimizerConfig optimizer;
   ScheduleConfig schedule;
   LossScaleConfig loss_scale;
@@ -347,17 +363,23 @@ class Engine {
 
   // Checkpoints: a directory with the weights as safetensors under Hugging Face names
   // (fp32 master weights), the optimizer state, and trainer_state.json (step, schedule, loss
-  // scale, and `extra`, e.g. the data loader's position). Frozen parameters (a LoRA base) are not
-  // saved, only their count and the adapters' settings, which load() checks. Written atomically: into a temporary
-  // directory, fsynced, then renamed over `dir`.
+  // scale, `extra`, e.g. the data loader's position, and every tensor's XXH64). Frozen parameters
+  // (a LoRA base) are not saved, only their count and the adapters' settings, which load()
+  // checks. Written atomically: into "<dir>.partial", every file fsynced, then swapped in place
+  // of `dir` and the parent directory fsynced; a failure or a crash at any point leaves `dir` as
+  // it was.
   void save(const std::string& dir, const std::string& extra_json = "{}");
-  // Restores what save wrote; returns `extra`. The model must have the same shape.
+  // Restores what save wrote; returns `extra`. The model must have the same shape. The tensors
+  // read are checked against their checksums as config().verify says; a mismatch throws naming
+  // the tensor and its file (the engine's state is then undefined: load another checkpoint).
   std::string load(const std::string& dir);
   // The trained model for inference: config.json and safetensors under Hugging Face names in
-  // `precision`, sharded as transformers does, no optimizer state; written atomically like save.
-  // With LoRA the adapters are merged into the frozen base (W + alpha / rank * B A). Flushes
-  // first. Built-in families only.
-  void export_pretrained(const std::string& dir, Precision precision);
+  // `precision`, sharded as transformers does, no optimizer state; written atomically like save,
+  // with `extra_files` (name -> contents: the tokenizer's files, generation_config.json) in the
+  // same directory before it is swapped in. With LoRA the adapters are merged into the frozen
+  // base (W + alpha / rank * B A). Flushes first. Built-in families only.
+  void export_pretrained(const std::string& dir, Precision precision,
+                         const std::map<std::string, std::string>& extra_files = {});
   // The LoRA adapters as PEFT saves them, for PeftModel.from_pretrained: adapter_config.json and
   // adapter_model.safetensors (fp32, PEFT's names). Written atomically like save.
   void export_adapter(const std::string& dir, const std::string& base_model_name_or_path = "");

@@ -24,5 +24,15 @@ void remove_tree(const std::string& path);
 std::vector<std::string> list_directory(const std::string& path);
 // Creates a fresh directory "<parent>/<prefix>XXXXXX" and returns its path.
 std::string make_temp_directory(const std::string& parent, const std::string& prefix);
+// The absolute path with symbolic links resolved (realpath) when `path` exists, else the
+// absolute path from the working directory with "." and ".." folded.
+std::string absolute_path(const std::string& path);
+// `target` as seen from directory `base` ("../nvme1/job"; "." for base itself), both resolved
+// with absolute_path first.
+std::string relative_path(const std::string& target, const std::string& base);
+// `path` when it is absolute, else `base`/`path` ("." gives base).
+std::string resolve(const std::string& base, const std::string& path);
+// Whether both exist and are the same file or directory (device and inode).
+bool same_file(const std::string& a, const std::string& b);
 
 }  // namespace ferry::fs

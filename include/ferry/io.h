@@ -36,6 +36,9 @@ struct IoError {
   std::string path;
   uint64_t offset = 0;
   uint64_t length = 0;
+  // For a call other than a transfer ("fsync", "close", "rename to '<path>'", "fsync of the
+  // directory"): what failed; empty for a read or a write.
+  std::string call = {};
 
   std::string to_string() const;
 };
@@ -95,9 +98,19 @@ class File {
   int buffered_fd() const { return buffered_fd_; }
 
   uint64_t size() const;
-  void sync();                     // fdatasync; throws IoException
+  virtual void sync();             // fdatasync; throws IoException
+  // Closes both descriptors and reports what close() reports (NFS and some FUSE filesystems
+  // report a failed write-back only there); throws IoException. The destructor closes too, but
+  // cannot report.
+  virtual void close();
   void allocate(uint64_t bytes);   // reserves disk space up front (fallocate); throws IoException
   void truncate(uint64_t bytes);   // throws IoException
+
+  // Synchronous transfers through the buffered descriptor, for small files and logs: every
+  // byte moves (short transfers continue) or IoException says why. Faults from before_transfer
+  // apply as they do to the engine's transfers.
+  void write(uint64_t offset, const void* data, size_t length);
+  void read(uint64_t offset, void* data, size_t length);
 
   virtual InjectedFault before_transfer(IoOp op, uint64_t offset, size_t length) { return {}; }
 
@@ -113,10 +126,55 @@ class Env {
   // Opens `path`; with try_direct, also an O_DIRECT descriptor when the directory supports it.
   // Throws IoException naming the path and errno.
   virtual std::unique_ptr<File> open(const std::string& path, OpenMode mode, bool try_direct);
+  // rename(2): `to` is replaced atomically. Throws IoException naming both paths.
+  virtual void rename(const std::string& from, const std::string& to);
+  // Swaps two existing paths atomically (renameat2 RENAME_EXCHANGE): a directory put in place of
+  // another with no moment where neither is there. Throws IoException.
+  virtual void exchange(const std::string& a, const std::string& b);
+  // fsync of a directory: what was created, renamed or removed in it is durable on return.
+  virtual void sync_directory(const std::string& directory);
 
   // The process-wide POSIX Env.
   static Env& posix();
 };
+
+// `env`, or the POSIX Env when it is null.
+inline Env& env_or_posix(Env* env) { return env != nullptr ? *env : Env::posix(); }
+
+// ---------------------------------------------------------------------------------------------
+// Durable files. Every file ferry writes (checkpoints, exports, trainer_state.json, `latest`,
+// manifests, calibration files, traces) is written one way: into "<path>.tmp", every write and
+// the close checked, fdatasync, renamed over `path`, and the directory fsynced. A crash or a
+// failure at any point leaves the old file or the new one, never a torn one.
+
+// A file being written durably. Not committed, its destructor removes the temporary.
+class DurableFile {
+ public:
+  DurableFile(Env& env, std::string path);
+  ~DurableFile();
+  DurableFile(const DurableFile&) = delete;
+  DurableFile& operator=(const DurableFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  std::string temporary_path() const { return path_ + ".tmp"; }
+
+  void write(uint64_t offset, const void* data, size_t length);
+  void append(const void* data, size_t length);  // at the end of what was written so far
+  uint64_t written_bytes() const { return end_; }
+  // fdatasync, close, rename over path(), fsync of its directory. Throws IoException; the
+  // temporary is removed then, and path() is as it was.
+  void commit();
+
+ private:
+  Env& env_;
+  std::string path_;
+  std::unique_ptr<File> file_;
+  uint64_t end_ = 0;
+  bool committed_ = false;
+};
+
+// The whole file at once, as DurableFile writes it.
+void write_file_durably(Env& env, const std::string& path, std::string_view bytes);
 
 // Whether O_DIRECT works in `directory` (tmpfs and some overlay filesystems refuse it), found
 // by opening a scratch file there. Results are cached per directory.

@@ -19,6 +19,10 @@
 
 #include "ferry/dtype.h"
 
+namespace ferry {
+class Env;
+}
+
 namespace ferry::safetensors {
 
 struct TensorInfo {
@@ -107,8 +111,8 @@ inline constexpr const char* kIndexFileName = "model.safetensors.index.json";
 //   writer.finish();
 //
 // Note: each file goes to "<file>.tmp" and is fsynced and renamed into place (then the directory
-// fsynced) once its last tensor is complete, so a crash leaves the old file or the new one, never
-// a torn one. A sharded checkpoint is only consistent as a whole after finish(): to replace one
+// fsynced) once its last tensor is complete (a DurableFile, through `env`: nullptr is
+// Env::posix()), so a crash leaves the old file or the new one, never a torn one. A sharded checkpoint is only consistent as a whole after finish(): to replace one
 // atomically, write it into a staging directory and swap that in (the engine does). A Writer
 // destroyed before finish() removes the temporary file it has open.
 class Writer {
@@ -116,14 +120,14 @@ class Writer {
   // One file at `path`. Tensors are laid out in the given order; names must be unique.
   // `__metadata__` always carries "format": "pt" (transformers requires it) plus `metadata`.
   static Writer file(const std::string& path, std::vector<TensorSpec> tensors,
-                     const std::map<std::string, std::string>& metadata = {});
+                     const std::map<std::string, std::string>& metadata = {}, Env* env = nullptr);
   // A checkpoint directory, created if missing: model.safetensors when everything fits in
   // max_shard_bytes, else model-00001-of-0000K.safetensors ... and model.safetensors.index.json
   // (weight_map and metadata.total_size). Shards take tensors in order while they fit; a tensor
   // larger than max_shard_bytes gets a shard of its own. finish() removes the form not written
   // (the index, or a single model.safetensors).
   static Writer checkpoint(const std::string& dir, std::vector<TensorSpec> tensors,
-                           std::uint64_t max_shard_bytes);
+                           std::uint64_t max_shard_bytes, Env* env = nullptr);
 
   ~Writer();
   Writer(Writer&& other) noexcept;
@@ -140,6 +144,9 @@ class Writer {
   // files in place and returns the names written, relative to their directory.
   std::vector<std::string> finish();
 
+  // The file (relative to its directory) that holds tensor `name`, as laid out.
+  const std::string& file_of(std::string_view name) const;
+
  private:
   struct Impl;
   explicit Writer(std::unique_ptr<Impl> impl);
@@ -149,13 +156,13 @@ class Writer {
 
 // Writes one file with Writer::file: the whole file at once, from memory.
 void write_file(const std::string& path, const std::vector<TensorView>& tensors,
-                const std::map<std::string, std::string>& metadata = {});
+                const std::map<std::string, std::string>& metadata = {}, Env* env = nullptr);
 
 // Writes a checkpoint directory with Writer::checkpoint from memory. Returns the file names
 // written.
 std::vector<std::string> write_checkpoint(const std::string& dir,
                                           const std::vector<TensorView>& tensors,
-                                          std::uint64_t max_shard_bytes);
+                                          std::uint64_t max_shard_bytes, Env* env = nullptr);
 
 // A checkpoint directory, sharded or not, seen as one set of named tensors. The index and every
 // shard header are validated on open: each name in the weight map must be in its shard, and

@@ -73,7 +73,9 @@ struct StoreOptions {
   torch::Device device = torch::kCPU;
   std::uint64_t gpu_budget_bytes = 0;
   std::uint64_t host_budget_bytes = 0;
-  std::vector<std::string> nvme_directories;  // the NVMe tier's files are striped over these
+  // The NVMe tier's files are striped over these. The store holds each one's DirectoryLock
+  // (ferry/lock.h) while it lives: another process's store on one of them is refused.
+  std::vector<std::string> nvme_directories;
   std::uint64_t nvme_budget_bytes = UINT64_MAX;
   std::size_t stripe_bytes = std::size_t{1} << 20;
   IoOptions io;
@@ -255,12 +257,33 @@ struct LayoutBundle {
   bool holds_data = true;
   bool complete = false;      // durable on NVMe (fdatasync) with `checksum` over its storage bytes
   std::uint64_t checksum = 0;
+  // XXH64 of each kLayoutChunkBytes of the bundle (the last one shorter), so that an adopter can
+  // check a sample of the bundle without reading it whole. Empty for a layout an earlier ferry
+  // staged.
+  std::vector<std::uint64_t> chunk_checksums = {};
+};
+
+inline constexpr std::uint64_t kLayoutChunkBytes = std::uint64_t{16} << 20;
+
+// Where one directory of a layout was when it was staged: a copy (cp -a, rsync, a restore from a
+// backup) has other inodes, a move within the filesystem keeps them.
+struct LayoutBinding {
+  std::uint64_t directory_inode = 0;
+  std::uint64_t file_inode = 0;        // the store's file in the directory
+  std::int64_t file_birth_ns = 0;      // its birth time where the filesystem records one, else 0
 };
 
 struct NvmeLayout {
   std::map<std::string, std::string> identity;  // what the layout was made for
   std::map<std::string, std::string> metadata;  // kept alongside, not compared
-  std::vector<std::string> directories;         // the file's stripes, in order
+  // The file's stripes, in order. Note: the manifest records them relative to its own directory
+  // and read_nvme_layout resolves them against where it is now, so a layout that was moved
+  // (or a copy) names its own directories, never the original's.
+  std::vector<std::string> directories;
+  // This layout's own identity: a random id given when it was staged, and per directory the
+  // inodes it was staged on (bind_nvme_layout). Empty for a layout an earlier ferry staged.
+  std::string layout_id;
+  std::vector<LayoutBinding> bindings;
   std::string file_name;
   std::uint64_t stripe_bytes = 0;
   // An engine adopted the layout and updates it in place: contents no longer match checksums.
@@ -272,7 +295,15 @@ struct NvmeLayout {
 
 // Reads a manifest; throws ferry::Error naming the file and the bad field.
 NvmeLayout read_nvme_layout(const std::string& path);
-// Writes a manifest atomically: "<path>.tmp", fdatasync, rename, fsync of the directory.
-void write_nvme_layout(const NvmeLayout& layout, const std::string& path);
+// Writes a manifest durably through `env` (nullptr: Env::posix()): "<path>.tmp", fdatasync,
+// rename, fsync of the directory. The directories are recorded relative to the manifest's.
+void write_nvme_layout(const NvmeLayout& layout, const std::string& path, Env* env = nullptr);
+// Gives the layout a new random id and binds it to where its directories and files are now.
+void bind_nvme_layout(NvmeLayout& layout);
+// Empty when the layout's directories and files are the ones it was bound to; else what differs
+// (it is a copy, or was restored from a backup, or an earlier ferry staged it unbound).
+std::string nvme_layout_binding_mismatch(const NvmeLayout& layout);
+// The XXH64 of each kLayoutChunkBytes of `bytes` bytes at `data` (LayoutBundle::chunk_checksums).
+std::vector<std::uint64_t> chunk_checksums(const void* data, std::uint64_t bytes);
 
 }  // namespace ferry

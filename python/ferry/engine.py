@@ -23,7 +23,8 @@ Batch = Union[Mapping[str, torch.Tensor], Any]
 # In Python the loop is yours, so the engine accepts and ignores them: a job file loads as is.
 LOOP_KEYS = ("data", "out", "resume", "save_every", "eval_problems", "log_every", "demo_digits",
              "batch", "seq", "export", "tokenizer", "data_format", "template", "answer_only", "pack",
-             "eval_data", "eval_every", "export_precision", "adapter", "max_nonfinite_losses")
+             "eval_data", "eval_every", "export_precision", "adapter", "max_nonfinite_losses", "overwrite",
+             "keep_checkpoints")
 
 
 def engine_settings() -> List[str]:

@@ -29,9 +29,12 @@
 #include "ferry/dist.h"
 #include "ferry/engine.h"
 #include "ferry/fs.h"
+#include "ferry/io.h"
+#include "ferry/lock.h"
 #include "ferry/memory.h"
 #include "ferry/model.h"
 #include "ferry/plan.h"
+#include "ferry/run.h"
 #include "ferry/stage.h"
 #include "ferry/store.h"
 #include "ferry/system.h"
@@ -590,42 +593,53 @@ EvaluationResult run_evaluation(Engine& engine, const JobData& data) {
   return evaluate(engine, loader);
 }
 
-void copy_file(const std::string& from, const std::string& to) {
-  std::ifstream in(from, std::ios::binary);
-  FERRY_CHECK(in.is_open(), "cannot read ", from);
-  std::ofstream out(to, std::ios::binary | std::ios::trunc);
-  out << in.rdbuf();
-  out.close();
-  FERRY_CHECK(out.good(), "cannot write ", to);
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  FERRY_CHECK(in.is_open(), "cannot read ", path, ": ", std::strerror(errno));
+  std::ostringstream text;
+  text << in.rdbuf();
+  FERRY_CHECK(!in.bad(), "cannot read ", path, ": ", std::strerror(errno));
+  return text.str();
 }
 
 // What the export needs beyond the weights to deploy: the tokenizer's files as the source has
 // them, and generation_config.json (the source's, else one with the tokenizer's special ids).
-std::vector<std::string> complete_export(const std::string& export_dir, const std::string& model_dir,
-                                         const Tokenizer* tokenizer) {
-  std::vector<std::string> copied;
+// They go into the export's directory before it is swapped in, so the export is whole or absent.
+struct ExportExtras {
+  std::map<std::string, std::string> files;  // name -> contents
+  std::vector<std::string> described;
+};
+
+ExportExtras export_extras(const std::string& model_dir, const Tokenizer* tokenizer) {
+  ExportExtras extras;
   if (tokenizer != nullptr && !tokenizer->info().files.empty()) {
     const std::string source = fs::parent_directory(tokenizer->info().files.front());
     for (const std::string& name : tokenizer_file_names()) {
       if (!fs::exists(source + "/" + name)) continue;
-      copy_file(source + "/" + name, export_dir + "/" + name);
-      copied.push_back(name);
+      extras.files[name] = read_file(source + "/" + name);
+      extras.described.push_back(name);
     }
   }
   const std::string generation = model_dir + "/generation_config.json";
   if (is_directory_name(model_dir) && fs::exists(generation)) {
-    copy_file(generation, export_dir + "/generation_config.json");
-    copied.push_back("generation_config.json");
+    extras.files["generation_config.json"] = read_file(generation);
+    extras.described.push_back("generation_config.json");
   } else if (is_directory_name(model_dir) && tokenizer != nullptr && tokenizer->info().eos) {
     const TokenizerInfo& info = tokenizer->info();
     Json config = {{"_from_model_config", true}};
     if (info.bos) config["bos_token_id"] = info.bos->id;
     config["eos_token_id"] = info.stop_ids.size() == 1 ? Json(info.stop_ids.front()) : Json(info.stop_ids);
     if (info.pad) config["pad_token_id"] = info.pad->id;
-    std::ofstream(export_dir + "/generation_config.json") << config.dump(2) << "\n";
-    copied.push_back("generation_config.json (written)");
+    extras.files["generation_config.json"] = config.dump(2) + "\n";
+    extras.described.push_back("generation_config.json (written)");
   }
-  return copied;
+  return extras;
+}
+
+// Whether `path` lies inside directory `dir`.
+bool is_inside(const std::string& path, const std::string& dir) {
+  const std::string relative = fs::relative_path(path, dir);
+  return relative != ".." && relative.rfind("../", 0) != 0;
 }
 
 volatile std::sig_atomic_t g_stop_requested = 0;
@@ -666,9 +680,12 @@ int finetune(int argc, char** argv, const dist::World& world) {
   for (const Setting& setting : job_settings()) {
     const Json& value = setting.default_value;
     if (value.is_null() || setting.key == "pack") continue;
+    // --overwrite alone means true (--overwrite=false to say no).
+    auto parsed = setting.key == "overwrite" ? cxxopts::value<std::string>()->implicit_value("true")
+                                             : cxxopts::value<std::string>();
     options.add_options()(flag_name(setting.key), setting.help + "default: " +
                           (value.is_string() ? value.get<std::string>() : value.dump()) + "; valid: " +
-                          valid_range(setting.key), cxxopts::value<std::string>());
+                          valid_range(setting.key), parsed);
   }
   options.add_options()("pack", "pack examples into full rows (documents never see each other; default for text and "
                         "token files)")("no-pack", "one example per row, padded (default for instruction and chat data)");
@@ -697,6 +714,30 @@ int finetune(int argc, char** argv, const dist::World& world) {
   // stops the others at their next collective instead of at the rendezvous' timeout.
   std::shared_ptr<dist::Communicator> communicator;
   if (world.world_size > 1) communicator = dist::connect(world, dist::CommunicatorOptions{config.device});
+  // The run directory next (rank 0's: it writes the outputs): a second job on it, or a new job
+  // into an earlier run, is refused before anything else is read or written. Note: the job with
+  // no --out at all (the demo into runs/demo) replaces its own earlier run, so that `ferry` runs
+  // again as it is.
+  std::optional<RunDirectory> run;
+  std::vector<DirectoryLock> locks;
+  if (lead) {
+    RunOptions run_options;
+    run_options.out = out;
+    run_options.resume = job["resume"];
+    run_options.overwrite = job["overwrite"].get<bool>() || (args.count("out") == 0 && out == job_defaults()["out"]);
+    run_options.keep_checkpoints = job["keep_checkpoints"];
+    run.emplace(std::move(run_options));
+    if (const auto& previous = run->lock().previous_holder()) {
+      std::fprintf(stderr, "note: %s was locked by %s, which ended without releasing it: taken over\n", out.c_str(),
+                   previous->describe().c_str());
+    }
+    if (!run->start_note().empty()) std::fprintf(stderr, "%s\n", run->start_note().c_str());
+    // The staged layout and every NVMe directory stay locked for the whole job: calibration,
+    // staging, fuyou's profiling engine and the job's engine.
+    if (!config.staged.empty() && fs::is_directory(config.staged)) {
+      locks.push_back(DirectoryLock::acquire(config.staged, "staged layout"));
+    }
+  }
   const std::string staged_manifest = config.staged + "/" + kStageManifestName;
   const bool staged_before = !config.staged.empty() && fs::exists(staged_manifest);
   // As the engine does, a staged job without NVMe directories of its own takes the layout's.
@@ -704,6 +745,11 @@ int finetune(int argc, char** argv, const dist::World& world) {
     config.nvme_directories = read_nvme_layout(staged_manifest).directories;
   }
   check_nvme_directories(config.nvme_directories);
+  if (lead) {
+    for (const std::string& directory : config.nvme_directories) {
+      locks.push_back(DirectoryLock::acquire(directory, "NVMe directory"));
+    }
+  }
   check_budgets(config);
   const Hardware hardware = job_hardware(args.count("hardware") ? args["hardware"].as<std::string>() : "", config);
   // The store's NVMe tier runs with the I/O settings calibration measured fastest there.
@@ -720,17 +766,28 @@ int finetune(int argc, char** argv, const dist::World& world) {
     if (plans_fuyou(job, config)) nvme_bytes = std::max(nvme_bytes, profiling_nvme_bytes(job, config, shape, hardware));
     check_nvme_room(config.nvme_directories, nvme_bytes);
   }
-  const std::string latest_file = out + "/checkpoints/latest";
-  std::string resume = job["resume"];
-  if (resume == "auto") {
-    std::ifstream latest(latest_file);
-    std::getline(latest, resume);
-    if (resume.empty()) resume = "none";
+  std::string resume;
+  if (run) {
+    resume = run->resume_from();
+  } else if (job["resume"] == "auto") {
+    resume = latest_checkpoint(out);
+  } else if (job["resume"] != "none") {
+    resume = job["resume"];
   }
-  if (resume != "none") check_resume_checkpoint(resume, shape, job["model"]);
+  if (!resume.empty()) check_resume_checkpoint(resume, shape, job["model"]);
   check_writable(out, "--out");
   const std::string export_dir = job["export"] == "auto" ? out + "/hf" : std::string(job["export"]);
   if (export_dir != "none") check_writable(export_dir, "--export");
+  // An export outside the run directory is locked too (beside it: the export is swapped in whole).
+  if (lead && export_dir != "none" && !is_inside(export_dir, out)) {
+    locks.push_back(DirectoryLock::acquire_beside(export_dir, "export directory"));
+  }
+  for (const DirectoryLock& lock : locks) {
+    if (const auto& previous = lock.previous_holder()) {
+      std::fprintf(stderr, "note: %s was locked by %s, which ended without releasing it: taken over\n",
+                   lock.directory().c_str(), previous->describe().c_str());
+    }
+  }
   if (lead) print_plan_summary(plan);
   JobData job_data = prepare_data(job, shape);
   // Every rank reads the global batch and keeps its rows: the examples of a step, and the
@@ -769,17 +826,21 @@ int finetune(int argc, char** argv, const dist::World& world) {
     }
   }
   Engine engine(std::move(model), config);
-  if (lead) {
-    fs::make_directories(out + "/checkpoints");
-    std::ofstream(out + "/config.json") << resolved_job(job, config).dump(2) << "\n";
-  }
-
-  if (resume != "none") {
+  if (!resume.empty()) {
     loader.restore(data::LoaderState::from_json(engine.load(resume)));
     if (lead) {
       std::fprintf(stderr, "resumed from %s at step %lld\n", resume.c_str(),
                    static_cast<long long>(engine.steps_taken()));
     }
+  }
+  std::int64_t last_saved_step = resume.empty() ? -1 : engine.steps_taken();
+  if (run) {
+    const std::int64_t dropped = run->begin(engine.steps_taken());
+    if (dropped > 0) {
+      std::fprintf(stderr, "metrics.jsonl: dropped %lld records past step %lld (of the run after the checkpoint)\n",
+                   static_cast<long long>(dropped), static_cast<long long>(engine.steps_taken()));
+    }
+    write_file_durably(Env::posix(), out + "/config.json", resolved_job(job, config).dump(2) + "\n");
   }
   // Every rank stops at the same step when any of them is asked to (torchrun signals them all,
   // but not at the same moment): a collective of one number a step.
@@ -805,21 +866,26 @@ int finetune(int argc, char** argv, const dist::World& world) {
                  100 * demo_accuracy(engine, task, eval_problems));
   }
 
+  // Each checkpoint once: the final one is skipped when the last step saved already.
   auto save = [&](const std::string& why) {
-    char name[32];
-    std::snprintf(name, sizeof name, "step-%06lld", static_cast<long long>(engine.steps_taken()));
-    const std::string dir = out + "/checkpoints/" + name;
-    engine.save(dir, loader.state().to_json());
+    if (last_saved_step == engine.steps_taken()) return;
+    // Every rank saves (rank 0 writes, the others wait for it); rank 0 also points `latest` at it.
+    std::string dir;
+    if (run) {
+      dir = run->save(engine, loader.state().to_json());
+    } else {
+      char name[32];
+      std::snprintf(name, sizeof name, "step-%06lld", static_cast<long long>(engine.steps_taken()));
+      dir = out + "/checkpoints/" + name;
+      engine.save(dir, loader.state().to_json());
+    }
+    last_saved_step = engine.steps_taken();
     if (!lead) return;
-    std::ofstream(latest_file + ".tmp") << dir << "\n";
-    std::rename((latest_file + ".tmp").c_str(), latest_file.c_str());
     std::fprintf(stderr, "\ncheckpoint (%s): %s\n", why.c_str(), dir.c_str());
   };
 
   std::signal(SIGINT, request_stop);
   std::signal(SIGTERM, request_stop);
-  std::ofstream metrics;
-  if (lead) metrics.open(out + "/metrics.jsonl", std::ios::app);
   const std::int64_t save_every = job["save_every"];
   const std::int64_t log_every = job["log_every"];
   const auto start = Clock::now();
@@ -832,10 +898,9 @@ int finetune(int argc, char** argv, const dist::World& world) {
   // Held-out loss, in metrics.jsonl beside the training records and on the progress line.
   auto evaluate_now = [&](std::int64_t step) {
     last_eval = run_evaluation(engine, job_data);
-    metrics << Json{{"step", step}, {"eval_loss", last_eval->loss}, {"eval_perplexity", last_eval->perplexity},
-                    {"eval_tokens", last_eval->tokens}, {"eval_batches", last_eval->batches}}
-                   .dump()
-            << "\n";
+    run->log(Json{{"step", step}, {"eval_loss", last_eval->loss}, {"eval_perplexity", last_eval->perplexity},
+                 {"eval_tokens", last_eval->tokens}, {"eval_batches", last_eval->batches}}
+                .dump());
   };
   // Note: a non-finite loss (NaN or Inf weights, a diverged run) skips its step; after
   // max_nonfinite_losses of them in a row the job stops with an error and without saving, so the
@@ -845,7 +910,6 @@ int finetune(int argc, char** argv, const dist::World& world) {
   std::int64_t nonfinite_losses = 0;  // in a row, up to the latest step
   auto stop_if_diverged = [&](bool at_end) {
     if (nonfinite_losses == 0 || (!at_end && nonfinite_losses < max_nonfinite_losses)) return;
-    metrics.flush();
     const std::int64_t last_step = engine.steps_taken();
     throw Error(detail::concat("the loss was not finite (NaN or Inf) at the last ", nonfinite_losses, " step",
                                nonfinite_losses == 1 ? "" : "s", " (to step ", last_step, "; max_nonfinite_losses = ",
@@ -864,14 +928,13 @@ int finetune(int argc, char** argv, const dist::World& world) {
     tokens += result->tokens;
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     const double tokens_per_s = static_cast<double>(tokens) / elapsed;
-    if (lead) {
-      metrics << Json{{"step", result->step},         {"loss", result->loss},
-                      {"lr", result->lr},             {"grad_norm", result->grad_norm},
-                      {"loss_scale", result->loss_scale}, {"skipped", result->skipped},
-                      {"tokens", result->tokens},     {"tokens_per_s", tokens_per_s},
-                      {"elapsed_s", elapsed}}
-                     .dump()
-              << "\n";
+    if (run) {
+      run->log(Json{{"step", result->step},         {"loss", result->loss},
+                    {"lr", result->lr},             {"grad_norm", result->grad_norm},
+                    {"loss_scale", result->loss_scale}, {"skipped", result->skipped},
+                    {"tokens", result->tokens},     {"tokens_per_s", tokens_per_s},
+                    {"elapsed_s", elapsed}}
+                   .dump());
     }
     if (lead && job_data.eval != nullptr && eval_every > 0 && result->step % eval_every == 0 && result->step < steps) {
       evaluate_now(result->step);
@@ -893,7 +956,6 @@ int finetune(int argc, char** argv, const dist::World& world) {
   engine.flush();  // zo2 applies the last step's update (a no-op in the other modes)
   stop_if_diverged(/*at_end=*/true);
   if (stopped) {
-    metrics.flush();
     save("interrupted");
     return 130;
   }
@@ -903,17 +965,15 @@ int finetune(int argc, char** argv, const dist::World& world) {
                  static_cast<long long>(engine.steps_taken()), last_eval->loss, last_eval->perplexity,
                  static_cast<long long>(last_eval->tokens), std::string(job["eval_data"]).c_str());
   }
-  metrics.flush();
   save("final");
   if (export_dir != "none") {
     const Precision export_precision =
         job["export_precision"] == "auto" ? config.precision : parse_precision(job["export_precision"]);
-    engine.export_pretrained(export_dir, export_precision);
+    const ExportExtras export_files = export_extras(job["model"], job_data.tokenizer.get());
+    engine.export_pretrained(export_dir, export_precision, export_files.files);
     if (lead) {
       std::string extras;
-      for (const std::string& name : complete_export(export_dir, job["model"], job_data.tokenizer.get())) {
-        extras += (extras.empty() ? "" : ", ") + name;
-      }
+      for (const std::string& name : export_files.described) extras += (extras.empty() ? "" : ", ") + name;
       std::fprintf(stderr, "exported the model (%s, Hugging Face safetensors%s%s%s): %s\n",
                    to_string(export_precision), shape.lora.enabled() ? ", the adapters merged" : "",
                    extras.empty() ? "" : "; ", extras.c_str(), export_dir.c_str());

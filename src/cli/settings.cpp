@@ -148,6 +148,15 @@ std::vector<Setting> make_settings() {
       helped(integer("max_nonfinite_losses", 3, 1),
              "stop the job with an error after this many consecutive non-finite losses, keeping the last "
              "checkpoint; "),
+      // The run directory's reliability settings (docs/launcher.md, "Reliability").
+      helped(boolean("overwrite", false),
+             "a new job (--resume none) into an --out holding an earlier run replaces it (its checkpoints/, "
+             "metrics.jsonl, config.json and hf/) instead of being refused; "),
+      helped(integer("keep_checkpoints", 0, 0),
+             "keep the newest N checkpoints (never the one `latest` names); 0: all; "),
+      helped(text("verify", "auto"),
+             "check what is read back against its checksums: full, sampled, none, or auto (full for a checkpoint "
+             "up to 32 GiB, sampled above and for a staged layout); "),
       // LoRA (docs/lora.md): adapters on the blocks' linears over a frozen base.
       helped(integer("lora_rank", 0, 0),
              "LoRA adapters of this rank on the blocks' linears, the base frozen (0: train every parameter); "),

@@ -15,6 +15,7 @@
 #include "cli/command.h"
 #include "ferry/check.h"
 #include "ferry/data.h"
+#include "ferry/io.h"
 #include "ferry/tokenizer.h"
 
 namespace ferry::cli {
@@ -33,9 +34,7 @@ std::int64_t write_token_file(const data::Dataset& dataset, const std::string& p
   const int bytes = dtype == data::TokenDtype::kUint16 ? 2 : 4;
   FERRY_CHECK(dtype == data::TokenDtype::kUint32 || vocab_size <= 65536, "the tokenizer has ", vocab_size,
               " ids, more than uint16 holds: name the output *.u32.bin (uint32 tokens) instead of ", path);
-  const std::string temporary = path + ".partial";
-  std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
-  FERRY_CHECK(file.is_open(), "cannot write ", temporary);
+  DurableFile file(Env::posix(), path);
   std::int64_t tokens = 0;
   std::string buffer;
   for (std::int64_t i = 0; i < dataset.size(); ++i) {
@@ -43,12 +42,10 @@ std::int64_t write_token_file(const data::Dataset& dataset, const std::string& p
     for (std::int64_t id : dataset.get(i).tokens) {
       for (int b = 0; b < bytes; ++b) buffer.push_back(static_cast<char>((id >> (8 * b)) & 0xFF));
     }
-    file.write(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    file.append(buffer.data(), buffer.size());
     tokens += static_cast<std::int64_t>(buffer.size()) / bytes;
   }
-  file.close();
-  FERRY_CHECK(file.good(), "cannot write ", temporary, " (disk full?)");
-  FERRY_CHECK(std::rename(temporary.c_str(), path.c_str()) == 0, "cannot rename ", temporary, " to ", path);
+  file.commit();
   return tokens;
 }
 

@@ -1,21 +1,20 @@
 // Engine checkpoints: weights as safetensors under Hugging Face names (with config.json, so
 // transformers loads the directory), the optimizer state in the layout of torch's optimizers,
-// and trainer_state.json. Written into a temporary directory, fsynced, then swapped in
-// atomically, so a crash mid-save leaves the previous checkpoint intact. Saving and loading go
-// one part at a time through the strategies' per-part readers and writers.
+// and trainer_state.json with every tensor's XXH64. Written through the Env into a temporary
+// directory, every file fsynced, then swapped in atomically, so a failure or a crash mid-save
+// leaves the previous checkpoint intact. Saving and loading go one part at a time through the
+// strategies' per-part readers and writers; loading checks what it reads against the checksums.
 
 #include "engine/checkpoint.h"
 
-#include <fcntl.h>
-#include <linux/fs.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
+#include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <map>
 #include <optional>
+#include <random>
 #include <set>
 #include <sstream>
 
@@ -23,7 +22,9 @@
 #include "engine/trainer.h"
 #include "ferry/check.h"
 #include "ferry/fs.h"
+#include "ferry/io.h"
 #include "ferry/safetensors.h"
+#include "ferry/store.h"
 
 namespace ferry {
 namespace {
@@ -48,24 +49,6 @@ std::string tensor_name(const LayeredModel& model, const detail::Part& part,
   return part.name + "." + slice.name;
 }
 
-void fsync_path(const std::string& path, bool directory) {
-  int fd = ::open(path.c_str(), (directory ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC);
-  FERRY_CHECK(fd >= 0, "cannot open '", path, "' to fsync it: ", std::strerror(errno));
-  int result = ::fsync(fd);
-  int error = errno;
-  ::close(fd);
-  FERRY_CHECK(result == 0, "fsync of '", path, "' failed: ", std::strerror(error));
-}
-
-void write_text_file(const std::string& path, const std::string& text) {
-  {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out << text;
-    FERRY_CHECK(out.good(), "cannot write '", path, "'");
-  }
-  fsync_path(path, false);
-}
-
 std::string read_text_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   FERRY_CHECK(in.good(), "cannot read '", path, "': ", std::strerror(errno));
@@ -76,18 +59,47 @@ std::string read_text_file(const std::string& path) {
 
 // Puts `staged` in place of `target` in one step: RENAME_EXCHANGE when target exists, so there
 // is no moment without a complete checkpoint at `target`.
-void swap_into_place(const std::string& staged, const std::string& target) {
+void swap_into_place(Env& env, const std::string& staged, const std::string& target) {
   if (!fs::exists(target)) {
-    FERRY_CHECK(::rename(staged.c_str(), target.c_str()) == 0, "cannot rename '", staged, "' to '",
-                target, "': ", std::strerror(errno));
+    env.rename(staged, target);
   } else {
-    long result = ::syscall(SYS_renameat2, AT_FDCWD, staged.c_str(), AT_FDCWD, target.c_str(),
-                            RENAME_EXCHANGE);
-    FERRY_CHECK(result == 0, "cannot swap '", staged, "' into '", target, "': ",
-                std::strerror(errno));
+    env.exchange(staged, target);
     fs::remove_tree(staged);  // now the previous checkpoint
   }
-  fsync_path(fs::parent_directory(target), true);
+  env.sync_directory(fs::parent_directory(target));
+}
+
+std::string hex(std::uint64_t value) {
+  char text[17];
+  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(value));
+  return text;
+}
+
+constexpr const char* kChecksumAlgorithm = "xxh64";
+
+// Which tensors a load checks: all of them, none, or (sampled) a random selection of at least a
+// sixteenth of the bytes, drawn anew each time so that repeated loads cover everything.
+std::set<std::string> tensors_to_verify(const std::vector<std::pair<std::string, std::uint64_t>>& tensors,
+                                        Verify verify) {
+  std::uint64_t total = 0;
+  for (const auto& tensor : tensors) total += tensor.second;
+  if (verify == Verify::kAuto) verify = total <= kFullVerifyCheckpointBytes ? Verify::kFull : Verify::kSampled;
+  std::set<std::string> chosen;
+  if (verify == Verify::kNone) return chosen;
+  if (verify == Verify::kFull) {
+    for (const auto& tensor : tensors) chosen.insert(tensor.first);
+    return chosen;
+  }
+  std::vector<std::size_t> order(tensors.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(std::random_device{}()));
+  std::uint64_t covered = 0;
+  for (std::size_t i : order) {
+    if (covered * 16 >= total) break;
+    chosen.insert(tensors[i].first);
+    covered += tensors[i].second;
+  }
+  return chosen;
 }
 
 nlohmann::json parse_extra(const std::string& extra_json) {
@@ -214,10 +226,17 @@ std::vector<std::string> peft_target_modules(const models::ModelConfig& config) 
 
 namespace detail {
 
+// Writes the directory's files into `staged`, each durable, and fsyncs it.
+void stage_weights_directory(const std::string& staged, const LayeredModel& model,
+                             const std::vector<Part>& parts, DType weight_dtype,
+                             const std::vector<std::string>& states, const nlohmann::json& trainer_state,
+                             const std::map<std::string, std::string>& extra_files,
+                             const PartProducer& produce, Env& env);
+
 void write_checkpoint(const std::string& dir, const LayeredModel& model,
                       const std::vector<Part>& parts, OptimizerKind kind,
                       std::size_t state_count, const nlohmann::json& state,
-                      const PartProducer& produce) {
+                      const PartProducer& produce, Env* env) {
   const std::vector<std::string> states = state_names(kind);
   FERRY_ASSERT(state_count <= states.size(), to_string(kind), " has ", states.size(),
                " states per parameter, not ", state_count);
@@ -226,16 +245,36 @@ void write_checkpoint(const std::string& dir, const LayeredModel& model,
   full["optimizer"] = to_string(kind);
   write_weights_directory(dir, model, parts, DType::kF32,
                           std::vector<std::string>(states.begin(), states.begin() + state_count),
-                          full.dump(2), produce);
+                          full, {}, produce, env);
 }
 
 void write_weights_directory(const std::string& dir, const LayeredModel& model,
                              const std::vector<Part>& parts, DType weight_dtype,
-                             const std::vector<std::string>& states, const std::string& trainer_state,
-                             const PartProducer& produce) {
+                             const std::vector<std::string>& states, const nlohmann::json& trainer_state,
+                             const std::map<std::string, std::string>& extra_files,
+                             const PartProducer& produce, Env* env_in) {
+  Env& env = env_or_posix(env_in);
   const std::string staged = dir + ".partial";
-  fs::remove_tree(staged);
+  fs::remove_tree(staged);  // what a failed or interrupted save left
   fs::make_directories(staged);
+  try {
+    stage_weights_directory(staged, model, parts, weight_dtype, states, trainer_state, extra_files, produce, env);
+    swap_into_place(env, staged, dir);
+  } catch (...) {
+    try {
+      fs::remove_tree(staged);
+    } catch (const Error&) {
+      // The save's own error says more; the next save removes what is left.
+    }
+    throw;
+  }
+}
+
+void stage_weights_directory(const std::string& staged, const LayeredModel& model,
+                             const std::vector<Part>& parts, DType weight_dtype,
+                             const std::vector<std::string>& states, const nlohmann::json& trainer_state,
+                             const std::map<std::string, std::string>& extra_files,
+                             const PartProducer& produce, Env& env) {
   const torch::ScalarType weight_scalar_type = to_scalar_type(weight_dtype);
 
   // Note: every tensor is declared before any part is produced, so both writers know their
@@ -251,12 +290,19 @@ void write_weights_directory(const std::string& dir, const LayeredModel& model,
     }
   }
   safetensors::Writer weights = safetensors::Writer::checkpoint(
-      staged, std::move(weight_specs), models::kDefaultMaxShardBytes);
+      staged, std::move(weight_specs), models::kDefaultMaxShardBytes, &env);
   std::optional<safetensors::Writer> optimizer;
   if (!optimizer_specs.empty()) {
     optimizer.emplace(
-        safetensors::Writer::file(staged + "/" + kOptimizerFile, std::move(optimizer_specs)));
+        safetensors::Writer::file(staged + "/" + kOptimizerFile, std::move(optimizer_specs), {}, &env));
   }
+  // Every tensor's XXH64, by file: each tensor comes whole in one write.
+  nlohmann::json checksums = nlohmann::json::object();
+  auto write_summed = [&](safetensors::Writer& writer, const std::string& file, const std::string& name,
+                          const void* data, std::uint64_t bytes) {
+    writer.write(name, data, bytes);
+    checksums[file.empty() ? writer.file_of(name) : file][name] = hex(xxh64(data, bytes));
+  };
   const std::uint64_t weight_size = dtype_size(weight_dtype);
   for (std::size_t p = 0; p < parts.size(); ++p) {
     const Part& part = parts[p];
@@ -273,9 +319,9 @@ void write_weights_directory(const std::string& dir, const LayeredModel& model,
     for (const ParameterSlice& slice : part.slices) {
       const std::string name = tensor_name(model, part, slice);
       const auto numel = static_cast<std::uint64_t>(slice.numel);
-      weights.write(name, weight_bytes + slice.offset * weight_size, numel * weight_size);
+      write_summed(weights, "", name, weight_bytes + slice.offset * weight_size, numel * weight_size);
       for (std::size_t i = 0; i < states.size(); ++i) {
-        optimizer->write(name + "." + states[i], part_states[i] + slice.offset, numel * 4);
+        write_summed(*optimizer, kOptimizerFile, name + "." + states[i], part_states[i] + slice.offset, numel * 4);
       }
     }
   }
@@ -285,16 +331,25 @@ void write_weights_directory(const std::string& dir, const LayeredModel& model,
   if (model.config()) {
     models::ModelConfig config = *model.config();
     config.dtype = weight_dtype;
-    write_text_file(staged + "/config.json", config.to_hf_json());
+    write_file_durably(env, staged + "/config.json", config.to_hf_json());
   }
-  if (!trainer_state.empty()) write_text_file(staged + "/" + kStateFile, trainer_state);
-  fsync_path(staged, true);
-  swap_into_place(staged, dir);
+  for (const auto& [name, contents] : extra_files) {
+    FERRY_CHECK(!name.empty() && name.find('/') == std::string::npos && name != kStateFile, "extra file '", name,
+                "' is not a file name this directory may take");
+    write_file_durably(env, staged + "/" + name, contents);
+  }
+  if (!trainer_state.is_null()) {
+    nlohmann::json state = trainer_state;
+    state["checksums"] = {{"algorithm", kChecksumAlgorithm}, {"files", checksums}};
+    write_file_durably(env, staged + "/" + kStateFile, state.dump(2));
+  }
+  env.sync_directory(staged);
 }
 
 void read_checkpoint(const std::string& dir, const LayeredModel& model,
                      const std::vector<Part>& parts, OptimizerKind kind,
-                     std::size_t state_count, const PartConsumer& consume) {
+                     std::size_t state_count, const nlohmann::json& checksums, Verify verify,
+                     const PartConsumer& consume) {
   const std::vector<std::string> states = state_names(kind);
   FERRY_ASSERT(state_count <= states.size(), to_string(kind), " has ", states.size(),
                " states per parameter, not ", state_count);
@@ -305,17 +360,52 @@ void read_checkpoint(const std::string& dir, const LayeredModel& model,
   // Note: the headers are checked whole before the first part is handed over, so a checkpoint
   // of another model leaves the engine as it was. (Opening them already checked that each file
   // is as long as its header says.)
+  // Each tensor read, with the file it is in and its recorded checksum.
+  std::map<std::string, std::pair<std::string, std::string>> recorded;
+  std::vector<std::pair<std::string, std::uint64_t>> sizes;
+  auto record = [&](const std::string& name, const std::string& path, std::uint64_t bytes) {
+    const std::size_t slash = path.find_last_of('/');
+    const std::string file = slash == std::string::npos ? path : path.substr(slash + 1);
+    std::string sum;
+    if (!checksums.is_null()) {
+      const nlohmann::json& files = checksums.at("files");
+      FERRY_CHECK(files.contains(file) && files[file].contains(name), "checkpoint '", dir, "': trainer_state.json ",
+                  "records no checksum for tensor '", name, "' in ", file, ": the checkpoint is damaged; load ",
+                  "another one (or this one with verify none, at your own risk)");
+      sum = files[file][name].get<std::string>();
+    }
+    recorded[name] = {file, sum};
+    sizes.emplace_back(name, bytes);
+  };
   for (const Part& part : parts) {
     for (const ParameterSlice& slice : part.slices) {
       const std::string name = tensor_name(model, part, slice);
       check_tensor(weights.contains(name) ? &weights.tensor(name) : nullptr, dir, "the weights",
                    name, slice);
+      const std::uint64_t bytes = static_cast<std::uint64_t>(slice.numel) * 4;
+      record(name, weights.file_of(name), bytes);
       for (std::size_t i = 0; i < state_count; ++i) {
         const std::string state_name = name + "." + states[i];
         check_tensor(optimizer->header().find(state_name), dir, kOptimizerFile, state_name, slice);
+        record(state_name, optimizer->path(), bytes);
       }
     }
   }
+  if (!checksums.is_null()) {
+    FERRY_CHECK(checksums.value("algorithm", "") == kChecksumAlgorithm, "checkpoint '", dir, "': checksums of ",
+                "algorithm '", checksums.value("algorithm", ""), "'; this ferry checks ", kChecksumAlgorithm);
+  }
+  const std::set<std::string> verified =
+      checksums.is_null() ? std::set<std::string>() : tensors_to_verify(sizes, verify);
+  auto check_read = [&](const std::string& name, const void* data, std::uint64_t bytes) {
+    if (!verified.count(name)) return;
+    const auto& [file, sum] = recorded.at(name);
+    const std::string read = hex(xxh64(data, bytes));
+    FERRY_CHECK(read == sum, "checkpoint '", dir, "' is corrupt: tensor '", name, "' in ", file,
+                " does not match the checksum recorded when it was saved (xxh64 ", sum, " recorded, ", read,
+                " read): the file was changed or damaged on disk. Load an earlier checkpoint, or this one with ",
+                "verify none to read it anyway");
+  };
 
   for (std::size_t p = 0; p < parts.size(); ++p) {
     const Part& part = parts[p];
@@ -327,10 +417,13 @@ void read_checkpoint(const std::string& dir, const LayeredModel& model,
     for (const ParameterSlice& slice : part.slices) {
       const std::string name = tensor_name(model, part, slice);
       const std::uint64_t bytes = static_cast<std::uint64_t>(slice.numel) * 4;
-      weights.read_into(name, values.weights.data_ptr<float>() + slice.offset, bytes);
+      float* weight_data = values.weights.data_ptr<float>() + slice.offset;
+      weights.read_into(name, weight_data, bytes);
+      check_read(name, weight_data, bytes);
       for (std::size_t i = 0; i < state_count; ++i) {
-        optimizer->read_into(name + "." + states[i],
-                             values.states[i].data_ptr<float>() + slice.offset, bytes);
+        float* state_data = values.states[i].data_ptr<float>() + slice.offset;
+        optimizer->read_into(name + "." + states[i], state_data, bytes);
+        check_read(name + "." + states[i], state_data, bytes);
       }
     }
     consume(p, std::move(values));
@@ -338,6 +431,23 @@ void read_checkpoint(const std::string& dir, const LayeredModel& model,
 }
 
 }  // namespace detail
+
+const char* to_string(Verify verify) {
+  switch (verify) {
+    case Verify::kAuto: return "auto";
+    case Verify::kFull: return "full";
+    case Verify::kSampled: return "sampled";
+    case Verify::kNone: return "none";
+  }
+  return "?";
+}
+
+Verify parse_verify(const std::string& name) {
+  for (Verify verify : {Verify::kAuto, Verify::kFull, Verify::kSampled, Verify::kNone}) {
+    if (name == to_string(verify)) return verify;
+  }
+  throw Error(detail::concat("unknown verify level '", name, "': valid are auto, full, sampled and none"));
+}
 
 void Engine::save(const std::string& dir, const std::string& extra_json) {
   const nlohmann::json extra = parse_extra(extra_json);
@@ -353,11 +463,13 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
     if (detail::rank(trainer.config()) != 0) return;
     detail::write_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
                              trainer.state_count(), state,
-                             [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/true); });
+                             [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/true); },
+                             trainer.config().checkpoint_env);
   });
 }
 
-void Engine::export_pretrained(const std::string& dir, Precision precision) {
+void Engine::export_pretrained(const std::string& dir, Precision precision,
+                               const std::map<std::string, std::string>& extra_files) {
   FERRY_CHECK(model().config(), "export_pretrained('", dir, "'): the model has no Hugging Face config (a model ",
               "of your own modules); save() writes its weights under the parts' own names");
   const DType dtype = to_dtype(detail::scalar_type(precision));
@@ -368,7 +480,7 @@ void Engine::export_pretrained(const std::string& dir, Precision precision) {
     const std::vector<detail::Part>& parts = trainer.parts();
     const models::ModelConfig& config = *trainer.model().config();
     const std::vector<detail::Part> merged = merged_parts(parts);
-    detail::write_weights_directory(dir, trainer.model(), merged, dtype, {}, "", [&](std::size_t p) {
+    detail::write_weights_directory(dir, trainer.model(), merged, dtype, {}, nlohmann::json(), extra_files, [&](std::size_t p) {
       const torch::Tensor trained = trainer.read_part(p, /*with_states=*/false).weights;
       const torch::Tensor frozen = trainer.read_frozen(p);
       std::map<std::string, torch::Tensor> named = named_values(parts[p], trained, frozen);
@@ -384,7 +496,7 @@ void Engine::export_pretrained(const std::string& dir, Precision precision) {
         flat.narrow(0, slice.offset, slice.numel).copy_(named.at(slice.name).reshape({-1}));
       }
       return detail::PartValues{flat, {}};
-    });
+    }, trainer.config().checkpoint_env);
   });
 }
 
@@ -397,6 +509,7 @@ void Engine::export_adapter(const std::string& dir, const std::string& base_mode
     if (detail::rank(trainer.config()) != 0) return;
     const models::ModelConfig& config = *trainer.model().config();
     const std::vector<detail::Part>& parts = trainer.parts();
+    Env& env = env_or_posix(trainer.config().checkpoint_env);
     const std::string staged = dir + ".partial";
     fs::remove_tree(staged);
     fs::make_directories(staged);
@@ -407,7 +520,7 @@ void Engine::export_adapter(const std::string& dir, const std::string& base_mode
         specs.push_back({models::peft_name(config, part.index, slice.name), DType::kF32, slice.shape});
       }
     }
-    safetensors::Writer adapters = safetensors::Writer::file(staged + "/adapter_model.safetensors", std::move(specs));
+    safetensors::Writer adapters = safetensors::Writer::file(staged + "/adapter_model.safetensors", std::move(specs), {}, &env);
     for (std::size_t p = 0; p < parts.size(); ++p) {
       if (!parts[p].trainable()) continue;
       const torch::Tensor values = trainer.read_part(p, /*with_states=*/false).weights;
@@ -440,9 +553,9 @@ void Engine::export_adapter(const std::string& dir, const std::string& base_mode
         {"use_dora", false},
         {"revision", nullptr},
     };
-    write_text_file(staged + "/adapter_config.json", adapter_config.dump(2) + "\n");
-    fsync_path(staged, true);
-    swap_into_place(staged, dir);
+    write_file_durably(env, staged + "/adapter_config.json", adapter_config.dump(2) + "\n");
+    env.sync_directory(staged);
+    swap_into_place(env, staged, dir);
   });
 }
 
@@ -455,7 +568,8 @@ std::string Engine::load(const std::string& dir) {
     check_base(dir, state, base_identity(trainer.model(), trainer.parts()));
     trainer.quiesce("load()");
     detail::read_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
-                            trainer.state_count(),
+                            trainer.state_count(), state.contains("checksums") ? state["checksums"] : nlohmann::json(),
+                            trainer.config().verify,
                             [&](std::size_t p, detail::PartValues values) { trainer.write_part(p, values); });
   });
   trainer.restore_state(state);

@@ -136,6 +136,7 @@ const std::vector<Setting>& settings() {
       {"nvme_budget",
        [](const Json& v, EngineConfig& c) { c.nvme_budget_bytes = parse_budget(v); }},
       {"staged", [](const Json& v, EngineConfig& c) { c.staged = v.get<std::string>(); }},
+      {"verify", [](const Json& v, EngineConfig& c) { c.verify = parse_verify(v.get<std::string>()); }},
       {"seed", [](const Json& v, EngineConfig& c) { c.zo.seed = c.dropout.seed = v.get<std::uint64_t>(); }},
       {"dropout",
        [](const Json& v, EngineConfig& c) {

@@ -65,7 +65,7 @@ FirstOrderTrainer::FirstOrderTrainer(LayeredModel model, EngineConfig config)
       compute_dtype_(scalar_type(config_.precision)),
       scaler_(config_.loss_scale, config_.loss_scale.enabled.value_or(config_.precision == Precision::kF16)),
       tracer_(std::make_shared<Tracer>(config_.trace)) {
-  if (!config_.staged.empty()) staged_ = open_staged_layout(config_);
+  if (!config_.staged.empty()) staged_ = open_staged_layout(config_, staged_lock_);
   validate(config_);
   if (config_.device.is_cuda() && !config_.device.has_index()) config_.device = torch::Device(torch::kCUDA, 0);
   if (config_.optimizer_threads > 0) optim::set_num_threads(config_.optimizer_threads);
@@ -77,7 +77,10 @@ FirstOrderTrainer::FirstOrderTrainer(LayeredModel model, EngineConfig config)
   placement_ = resolve_placement(config_, parts_.size());
   state_.resize(parts_.size());
   for (std::size_t p = 0; p < parts_.size(); ++p) state_[p].home = placement_.parts[p];
-  if (staged_) check_staged_layout(*staged_, parts_, config_);
+  if (staged_) {
+    check_staged_layout(*staged_, parts_, config_);
+    verify_staged_layout(*staged_, parts_, config_);
+  }
   check_budgets(demand(), config_);
   StoreOptions store_options = detail::store_options(config_);
   trace_transfers(store_options, tracer_);
@@ -85,7 +88,7 @@ FirstOrderTrainer::FirstOrderTrainer(LayeredModel model, EngineConfig config)
   window_ = std::make_unique<DeviceWindow>(*store_, window_capacity(config_, placement_));
   allocate_and_bind();
   if (staged_) {
-    mark_staged_live(std::move(*staged_), config_.staged);
+    mark_staged_live(std::move(*staged_), config_.staged, config_.nvme_env);
     staged_.reset();
   }
   model_.train(true);

@@ -24,6 +24,7 @@
 #include "engine/update.h"
 #include "engine/window.h"
 #include "ferry/engine.h"
+#include "ferry/lock.h"
 #include "ferry/system.h"
 
 namespace ferry::detail {
@@ -230,6 +231,7 @@ class FirstOrderTrainer final : public Trainer {
   LayeredModel model_;
   EngineConfig config_;
   torch::ScalarType compute_dtype_;
+  DirectoryLock staged_lock_;  // the staged layout's, for the engine's life (released after the store)
   std::unique_ptr<Store> store_;
   std::optional<NvmeLayout> staged_;  // during set-up only: the staged layout being adopted
   std::vector<Part> parts_;

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstring>
 #include <optional>
+#include <random>
 #include <sstream>
 
 #include "engine/parts.h"
@@ -140,16 +141,30 @@ bool needs_seed(const PartPlacement& home) {
   return home.params != Tier::kNvme;
 }
 
-NvmeLayout open_staged_layout(EngineConfig& config) {
+bool same_directories(const std::vector<std::string>& a, const std::vector<std::string>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (a[i] != b[i] && !fs::same_file(a[i], b[i])) return false;
+  }
+  return true;
+}
+
+NvmeLayout open_staged_layout(EngineConfig& config, DirectoryLock& lock) {
   const std::string why = unstageable(config.mode);
   FERRY_CHECK(why.empty(), "staged layout '", config.staged, "' was given, but ", why);
   const std::string path = stage_manifest_path(config.staged);
   FERRY_CHECK(fs::exists(path), "no staged layout at '", config.staged, "' (", path,
               " is missing): stage the model first with `ferry stage --model HF_DIR --nvme ",
               config.staged, " --mode fuyou ...`, or leave staged empty to load the model's weights");
+  lock = DirectoryLock::acquire(config.staged, "staged layout", config.nvme_env);
   NvmeLayout layout = read_nvme_layout(path);
+  const std::string copied = nvme_layout_binding_mismatch(layout);
+  FERRY_CHECK(copied.empty(), "staged layout '", config.staged, "' is not the layout it was staged as: ", copied,
+              ". A copy would share its identity (and a copy's manifest once named the original's files); ferry ",
+              "refuses it: run `ferry stage` with the same arguments on it, which verifies every bundle and makes it ",
+              "a layout of its own, or stage the model afresh");
   if (config.nvme_directories.empty()) config.nvme_directories = layout.directories;
-  FERRY_CHECK(config.nvme_directories == layout.directories, "staged layout '", config.staged,
+  FERRY_CHECK(same_directories(config.nvme_directories, layout.directories), "staged layout '", config.staged,
               "' is striped over ", join(layout.directories), " but the job's NVMe directories are ",
               join(config.nvme_directories), ": pass --nvme ", join(layout.directories),
               " (or no --nvme) with --staged");
@@ -175,6 +190,99 @@ void check_staged_layout(const NvmeLayout& layout, const std::vector<Part>& part
               "--model HF_DIR --nvme DIR ...`), or run the job with the staged settings");
 }
 
+namespace {
+
+// The tensors of `part` whose bytes overlap [begin, end) of a bundle of `element_bytes` elements.
+std::string tensors_in(const Part& part, std::uint64_t element_bytes, std::uint64_t begin, std::uint64_t end) {
+  std::string names;
+  for (const ParameterSlice& slice : part.slices) {
+    const std::uint64_t first = static_cast<std::uint64_t>(slice.offset) * element_bytes;
+    const std::uint64_t last = first + static_cast<std::uint64_t>(slice.numel) * element_bytes;
+    if (first < end && begin < last) names += (names.empty() ? "" : ", ") + part.name + "." + slice.name;
+  }
+  return names;
+}
+
+}  // namespace
+
+void verify_staged_layout(const NvmeLayout& layout, const std::vector<Part>& parts,
+                          const EngineConfig& config) {
+  const Verify level = config.verify == Verify::kAuto ? Verify::kSampled : config.verify;
+  if (level == Verify::kNone) return;
+  struct Chunk {
+    const LayoutBundle* bundle;
+    std::uint64_t index;
+  };
+  std::vector<Chunk> chunks, chosen;
+  std::uint64_t total = 0;
+  std::mt19937_64 random(std::random_device{}());
+  for (const LayoutBundle& bundle : layout.bundles) {
+    if (!bundle.holds_data || !bundle.complete || bundle.bytes == 0) continue;
+    const std::uint64_t count = (bundle.bytes + kLayoutChunkBytes - 1) / kLayoutChunkBytes;
+    FERRY_CHECK(bundle.chunk_checksums.size() == count, "staged layout '", config.staged, "' records no ",
+                "per-chunk checksums of bundle '", bundle.name, "': an earlier ferry staged it; run `ferry stage` ",
+                "again with the same arguments (it verifies the bundles and records them)");
+    total += bundle.bytes;
+    if (level == Verify::kSampled) {
+      // Every bundle once, at a random chunk; the rest of the sample below.
+      const std::uint64_t pick = std::uniform_int_distribution<std::uint64_t>(0, count - 1)(random);
+      chosen.push_back({&bundle, pick});
+      for (std::uint64_t i = 0; i < count; ++i) {
+        if (i != pick) chunks.push_back({&bundle, i});
+      }
+    } else {
+      for (std::uint64_t i = 0; i < count; ++i) chosen.push_back({&bundle, i});
+    }
+  }
+  auto bytes_of = [](const Chunk& chunk) {
+    return std::min(kLayoutChunkBytes, chunk.bundle->bytes - chunk.index * kLayoutChunkBytes);
+  };
+  if (level == Verify::kSampled) {
+    std::uint64_t covered = 0;
+    for (const Chunk& chunk : chosen) covered += bytes_of(chunk);
+    std::shuffle(chunks.begin(), chunks.end(), random);
+    for (const Chunk& chunk : chunks) {
+      if (covered * 16 >= total) break;
+      chosen.push_back(chunk);
+      covered += bytes_of(chunk);
+    }
+  }
+  if (chosen.empty()) return;
+  std::sort(chosen.begin(), chosen.end(), [](const Chunk& a, const Chunk& b) {
+    return a.bundle->nvme_offset + a.index * kLayoutChunkBytes < b.bundle->nvme_offset + b.index * kLayoutChunkBytes;
+  });
+  const auto file = StripedFile::open(env_or_posix(config.nvme_env), layout.directories, layout.file_name,
+                                      OpenMode::kRead, layout.stripe_bytes, /*try_direct=*/false);
+  std::vector<unsigned char> buffer(kLayoutChunkBytes);
+  std::vector<StripedFile::Piece> pieces;
+  const std::uint64_t compute_bytes = static_cast<std::uint64_t>(c10::elementSize(scalar_type(config.precision)));
+  for (const Chunk& chunk : chosen) {
+    const std::uint64_t begin = chunk.index * kLayoutChunkBytes, bytes = bytes_of(chunk);
+    pieces.clear();
+    file->map(chunk.bundle->nvme_offset + begin, bytes, &pieces);
+    for (const StripedFile::Piece& piece : pieces) {
+      piece.file->read(piece.file_offset, buffer.data() + (piece.logical_offset - chunk.bundle->nvme_offset - begin),
+                       piece.length);
+    }
+    const std::uint64_t read = xxh64(buffer.data(), bytes);
+    const std::uint64_t recorded = chunk.bundle->chunk_checksums[chunk.index];
+    if (read == recorded) continue;
+    // Which tensors those bytes hold: the bundle is "<part>.<role>".
+    std::string tensors;
+    const std::string& name = chunk.bundle->name;
+    for (const Part& part : parts) {
+      if (name.rfind(part.name + ".", 0) != 0) continue;
+      const std::string role = name.substr(part.name.size() + 1);
+      tensors = tensors_in(part, role == "master" ? 4 : compute_bytes, begin, begin + bytes);
+    }
+    FERRY_CHECK(false, "staged layout '", config.staged, "' is corrupt: bundle '", name, "' does not match its ",
+                "checksum in bytes [", begin, ", ", begin + bytes, ") (xxh64 ", hex(recorded), " recorded, ", hex(read),
+                " read)", tensors.empty() ? "" : ", which hold " + tensors,
+                ": its NVMe file was changed or damaged. Run `ferry stage` again with the same arguments (it rewrites "
+                "what differs), or adopt it with verify none at your own risk");
+  }
+}
+
 BundleId adopt_staged(Store& store, const NvmeLayout& layout, const BundleSpec& spec) {
   const LayoutBundle* entry = layout.find(spec.name);
   FERRY_CHECK(entry != nullptr && entry->bytes == spec.bytes, "the staged layout lacks bundle '",
@@ -191,9 +299,9 @@ torch::Tensor read_seed(Store& store, const Part& part, torch::ScalarType dtype)
   return values;
 }
 
-void mark_staged_live(NvmeLayout layout, const std::string& dir) {
+void mark_staged_live(NvmeLayout layout, const std::string& dir, Env* env) {
   layout.live = true;
-  write_nvme_layout(layout, stage_manifest_path(dir));
+  write_nvme_layout(layout, stage_manifest_path(dir), env);
 }
 
 }  // namespace detail
@@ -223,9 +331,11 @@ class Stager {
   void check_continues(const NvmeLayout& previous) const;
   // Checks the budgets and the disks, opens the staging store and places every NVMe bundle.
   void lay_out_store();
-  // Reads a done bundle back and compares its checksum; false when it does not match.
-  bool verify(const StagedBundle& staged, const LayoutBundle& entry);
-  std::uint64_t fill_and_write(const StagedBundle& staged);
+  // Reads a done bundle back and compares its checksum; false when it does not match. Records
+  // the chunks' checksums when an earlier ferry did not.
+  bool verify(const StagedBundle& staged, LayoutBundle& entry);
+  // Fills the bundle from the checkpoint, writes it and records its checksums in `entry`.
+  void fill_and_write(const StagedBundle& staged, LayoutBundle& entry);
 
   const StageOptions& options_;
   EngineConfig config_;
@@ -237,6 +347,7 @@ class Stager {
   std::unique_ptr<Store> store_;
   std::vector<StagedBundle> staged_;
   NvmeLayout layout_;
+  std::vector<DirectoryLock> locks_;  // every NVMe directory, while staging
 };
 
 Stager::Stager(const StageOptions& options)
@@ -248,6 +359,9 @@ Stager::Stager(const StageOptions& options)
 
 void Stager::lay_out() {
   config_.staged.clear();
+  for (const std::string& directory : config_.nvme_directories) {
+    locks_.push_back(DirectoryLock::acquire(directory, "NVMe directory", config_.nvme_env));
+  }
   manifest_path_ = detail::stage_manifest_path(config_.nvme_directories.front());
   if (fs::exists(manifest_path_)) previous_ = read_nvme_layout(manifest_path_);
 
@@ -274,7 +388,7 @@ void Stager::check_continues(const NvmeLayout& previous) const {
               "NVMe directory '", config_.nvme_directories.front(), "' holds a layout staged "
               "from another checkpoint of this model: stage into another directory, or remove ",
               manifest_path_, " and ", layout_.file_name, " there to start over");
-  FERRY_CHECK(previous.directories == layout_.directories &&
+  FERRY_CHECK(detail::same_directories(previous.directories, layout_.directories) &&
                   previous.stripe_bytes == layout_.stripe_bytes,
               "the layout in '", config_.nvme_directories.front(), "' is striped over ",
               detail::join(previous.directories), " but this run names ",
@@ -346,18 +460,28 @@ void Stager::lay_out_store() {
     }
     layout_.bundles.push_back(entry);
   }
-  write_nvme_layout(layout_, manifest_path_);
+  // Note: a layout keeps its identity while it stays where it was staged. A copy (or a layout an
+  // earlier ferry staged) gets a new one here, once run() has verified every bundle it holds, so
+  // the copy becomes a layout of its own and never again shares anything with the original.
+  if (previous_ && nvme_layout_binding_mismatch(*previous_).empty()) {
+    layout_.layout_id = previous_->layout_id;
+    layout_.bindings = previous_->bindings;
+  } else {
+    bind_nvme_layout(layout_);
+  }
+  write_nvme_layout(layout_, manifest_path_, config_.nvme_env);
 }
 
-bool Stager::verify(const StagedBundle& staged, const LayoutBundle& entry) {
+bool Stager::verify(const StagedBundle& staged, LayoutBundle& entry) {
   store_->fetch(staged.id, Tier::kHost).wait();
   const torch::Tensor bytes = store_->tensor(staged.id, Tier::kHost);
   const bool matches = xxh64(bytes.data_ptr(), entry.bytes) == entry.checksum;
+  if (matches && entry.chunk_checksums.empty()) entry.chunk_checksums = chunk_checksums(bytes.data_ptr(), entry.bytes);
   store_->evict(staged.id, Tier::kHost);
   return matches;
 }
 
-std::uint64_t Stager::fill_and_write(const StagedBundle& staged) {
+void Stager::fill_and_write(const StagedBundle& staged, LayoutBundle& entry) {
   const detail::Part& part = parts_[staged.part];
   store_->allocate(staged.id, Tier::kHost);
   const torch::Tensor values =
@@ -367,11 +491,11 @@ std::uint64_t Stager::fill_and_write(const StagedBundle& staged) {
                       values.narrow(0, slice.offset, slice.numel).view(slice.shape));
   }
   const torch::Tensor bytes = store_->tensor(staged.id, Tier::kHost);
-  const std::uint64_t checksum = xxh64(bytes.data_ptr(), static_cast<std::size_t>(bytes.numel()));
+  entry.checksum = xxh64(bytes.data_ptr(), static_cast<std::size_t>(bytes.numel()));
+  entry.chunk_checksums = chunk_checksums(bytes.data_ptr(), static_cast<std::uint64_t>(bytes.numel()));
   store_->write_back(staged.id, Tier::kHost, Tier::kNvme).wait();
   store_->evict(staged.id, Tier::kHost);
   store_->sync_nvme();
-  return checksum;
 }
 
 StageReport Stager::run() {
@@ -397,18 +521,21 @@ StageReport Stager::run() {
       }
     }
     if (!entry.complete) {
-      entry.checksum = fill_and_write(staged_[i]);
+      fill_and_write(staged_[i], entry);
       entry.complete = true;
       ++report.bundles_written;
       report.bytes_written += entry.bytes;
-      write_nvme_layout(layout_, manifest_path_);
+      write_nvme_layout(layout_, manifest_path_, config_.nvme_env);
     }
     done += entry.bytes;
     if (options_.progress) options_.progress(entry.name, done, total);
   }
+  // The chunks' checksums of bundles an earlier ferry staged, and a copy's new identity, are only
+  // recorded once every bundle is verified.
+  write_nvme_layout(layout_, manifest_path_, config_.nvme_env);
   if (layout_.live) {
     layout_.live = false;
-    write_nvme_layout(layout_, manifest_path_);
+    write_nvme_layout(layout_, manifest_path_, config_.nvme_env);
   }
   report.peak_host_bytes = store_->stats().tiers[static_cast<int>(Tier::kHost)].peak_bytes;
   report.seconds = std::chrono::duration<double>(Clock::now() - start).count();

@@ -9,6 +9,7 @@
 
 #include "engine/parts.h"
 #include "ferry/engine.h"
+#include "ferry/lock.h"
 #include "ferry/store.h"
 
 namespace ferry::detail {
@@ -28,19 +29,25 @@ std::map<std::string, std::string> stage_identity(const std::vector<Part>& parts
 // them. The engine reads this seed once at set-up, so the layout stays exactly the engine's own.
 bool needs_seed(const PartPlacement& home);
 
-// For an engine given config.staged: reads the manifest and checks it against the settings known
-// before the model is described (the mode, the NVMe directories, that staging finished and no
-// earlier run updated the layout). Fills config.nvme_directories from the manifest when empty.
-// Throws ferry::Error with the reason and the fix.
-NvmeLayout open_staged_layout(EngineConfig& config);
+// For an engine given config.staged: locks the layout (`lock` holds it; another process's job on
+// it is refused, naming the holder), reads the manifest and checks it against the settings known
+// before the model is described (the mode, the NVMe directories, that staging finished, that it
+// is the layout it was staged as and not a copy, and that no earlier run updated it). Fills
+// config.nvme_directories from the manifest when empty. Throws ferry::Error with the reason and
+// the fix.
+NvmeLayout open_staged_layout(EngineConfig& config, DirectoryLock& lock);
 // Checks the layout was made for these parts and settings (stage_identity), naming what differs.
 void check_staged_layout(const NvmeLayout& layout, const std::vector<Part>& parts,
                          const EngineConfig& config);
+// Reads the layout's chunks that config.verify asks for (auto: sampled) and compares them with
+// their checksums; a mismatch throws naming the bundle, the byte range and the tensors in it.
+void verify_staged_layout(const NvmeLayout& layout, const std::vector<Part>& parts,
+                          const EngineConfig& config);
 // Adopts bundle `spec` at the offset the layout records for it.
 BundleId adopt_staged(Store& store, const NvmeLayout& layout, const BundleSpec& spec);
 // Reads part's seed (its parameters in `dtype`) from its gradients bundle, through host memory.
 torch::Tensor read_seed(Store& store, const Part& part, torch::ScalarType dtype);
 // Records in the manifest that the engine now updates the layout in place (NvmeLayout::live).
-void mark_staged_live(NvmeLayout layout, const std::string& dir);
+void mark_staged_live(NvmeLayout layout, const std::string& dir, Env* env);
 
 }  // namespace ferry::detail

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ferry/check.h"
+#include "ferry/io.h"
 
 namespace ferry::detail {
 namespace {
@@ -89,9 +90,8 @@ void Tracer::write(const std::string& path) const {
                       {"tid", static_cast<int>(span.track)}, {"ts", span.start_us},
                       {"dur", span.end_us - span.start_us}});
   }
-  std::ofstream out(path);
-  out << nlohmann::json{{"traceEvents", events}, {"displayTimeUnit", "ms"}}.dump() << "\n";
-  FERRY_CHECK(out.good(), "cannot write the trace to '", path, "'");
+  write_file_durably(Env::posix(), path,
+                     nlohmann::json{{"traceEvents", events}, {"displayTimeUnit", "ms"}}.dump() + "\n");
 }
 
 void trace_transfers(StoreOptions& options, const std::shared_ptr<Tracer>& tracer) {

@@ -1,10 +1,13 @@
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <map>
 #include <mutex>
 
@@ -17,6 +20,12 @@ namespace {
 
 IoError whole_file_error(int error_number, IoOp op, const std::string& path, uint64_t length = 0) {
   return IoError{error_number, op, path, 0, length};
+}
+
+IoError call_error(int error_number, const std::string& path, std::string call) {
+  IoError error{error_number, IoOp::kWrite, path, 0, 0};
+  error.call = std::move(call);
+  return error;
 }
 
 }  // namespace
@@ -61,7 +70,51 @@ uint64_t File::size() const {
 }
 
 void File::sync() {
-  if (::fdatasync(buffered_fd_) != 0) throw IoException(whole_file_error(errno, IoOp::kWrite, path_));
+  if (::fdatasync(buffered_fd_) != 0) throw IoException(call_error(errno, path_, "fdatasync"));
+}
+
+void File::close() {
+  int error = 0;
+  if (direct_fd_ >= 0 && ::close(direct_fd_) != 0) error = errno;
+  if (buffered_fd_ >= 0 && ::close(buffered_fd_) != 0 && error == 0) error = errno;
+  direct_fd_ = buffered_fd_ = -1;
+  if (error != 0) throw IoException(call_error(error, path_, "close"));
+}
+
+void File::write(uint64_t offset, const void* data, size_t length) {
+  const auto* cursor = static_cast<const char*>(data);
+  size_t done = 0;
+  while (done < length) {
+    const InjectedFault fault = before_transfer(IoOp::kWrite, offset + done, length - done);
+    if (fault.error_number != 0) {
+      throw IoException(IoError{fault.error_number, IoOp::kWrite, path_, offset + done, length - done});
+    }
+    const size_t chunk = std::min(length - done, fault.max_bytes);
+    const ssize_t put = ::pwrite(buffered_fd_, cursor + done, chunk, static_cast<off_t>(offset + done));
+    if (put < 0 && errno == EINTR) continue;
+    if (put <= 0) {
+      throw IoException(IoError{put < 0 ? errno : ENOSPC, IoOp::kWrite, path_, offset + done, length - done});
+    }
+    done += static_cast<size_t>(put);
+  }
+}
+
+void File::read(uint64_t offset, void* data, size_t length) {
+  auto* cursor = static_cast<char*>(data);
+  size_t done = 0;
+  while (done < length) {
+    const InjectedFault fault = before_transfer(IoOp::kRead, offset + done, length - done);
+    if (fault.error_number != 0) {
+      throw IoException(IoError{fault.error_number, IoOp::kRead, path_, offset + done, length - done});
+    }
+    const size_t chunk = std::min(length - done, fault.max_bytes);
+    const ssize_t got = ::pread(buffered_fd_, cursor + done, chunk, static_cast<off_t>(offset + done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      throw IoException(IoError{got < 0 ? errno : ENODATA, IoOp::kRead, path_, offset + done, length - done});
+    }
+    done += static_cast<size_t>(got);
+  }
 }
 
 void File::allocate(uint64_t bytes) {
@@ -80,9 +133,68 @@ std::unique_ptr<File> Env::open(const std::string& path, OpenMode mode, bool try
   return std::make_unique<File>(path, fds.direct, fds.buffered);
 }
 
+void Env::rename(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0) {
+    throw IoException(call_error(errno, from, detail::concat("rename to '", to, "'")));
+  }
+}
+
+void Env::exchange(const std::string& a, const std::string& b) {
+  if (::syscall(SYS_renameat2, AT_FDCWD, a.c_str(), AT_FDCWD, b.c_str(), RENAME_EXCHANGE) != 0) {
+    throw IoException(call_error(errno, a, detail::concat("exchange with '", b, "'")));
+  }
+}
+
+void Env::sync_directory(const std::string& directory) {
+  const int fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw IoException(call_error(errno, directory, "open of the directory to fsync it"));
+  const int result = ::fsync(fd);
+  const int error = errno;
+  ::close(fd);
+  if (result != 0) throw IoException(call_error(error, directory, "fsync of the directory"));
+}
+
 Env& Env::posix() {
   static Env env;
   return env;
+}
+
+// --- DurableFile ---------------------------------------------------------------------------
+
+DurableFile::DurableFile(Env& env, std::string path) : env_(env), path_(std::move(path)) {
+  const std::string temporary = temporary_path();
+  ::unlink(temporary.c_str());  // a temporary a crash left behind
+  file_ = env_.open(temporary, OpenMode::kCreate, /*try_direct=*/false);
+}
+
+DurableFile::~DurableFile() {
+  if (committed_) return;
+  file_.reset();
+  ::unlink(temporary_path().c_str());
+}
+
+void DurableFile::write(uint64_t offset, const void* data, size_t length) {
+  FERRY_CHECK(!committed_ && file_ != nullptr, "write to '", path_, "' after it was committed");
+  file_->write(offset, data, length);
+  end_ = std::max<uint64_t>(end_, offset + length);
+}
+
+void DurableFile::append(const void* data, size_t length) { write(end_, data, length); }
+
+void DurableFile::commit() {
+  FERRY_CHECK(!committed_ && file_ != nullptr, "'", path_, "' was committed twice");
+  file_->sync();
+  file_->close();
+  file_.reset();
+  env_.rename(temporary_path(), path_);
+  committed_ = true;
+  env_.sync_directory(fs::parent_directory(path_));
+}
+
+void write_file_durably(Env& env, const std::string& path, std::string_view bytes) {
+  DurableFile file(env, path);
+  file.write(0, bytes.data(), bytes.size());
+  file.commit();
 }
 
 bool supports_direct_io(const std::string& directory) {

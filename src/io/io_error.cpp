@@ -23,6 +23,10 @@ IoBackendKind parse_io_backend(std::string_view name) {
 }
 
 std::string IoError::to_string() const {
+  if (!call.empty()) {
+    return detail::concat(call, " failed on ", path, ": ", std::strerror(error_number), " (errno ",
+                          error_number, ")");
+  }
   std::string what = error_number == ENODATA && op == IoOp::kRead
                          ? std::string("read past the end of the file")
                          : std::strerror(error_number);

@@ -9,6 +9,7 @@
 
 #include "ferry/check.h"
 #include "ferry/fs.h"
+#include "ferry/io.h"
 #include "ferry/model.h"
 
 namespace ferry::models {
@@ -87,18 +88,6 @@ std::vector<ParameterSpec> specs_of(const ModelConfig& config, Part part) {
   }
   FERRY_ASSERT(false, "unknown part");
   return {};
-}
-
-void write_text_atomically(const std::string& path, const std::string& text) {
-  const std::string temporary = path + ".tmp";
-  {
-    std::ofstream stream(temporary, std::ios::trunc);
-    stream << text;
-    stream.flush();
-    FERRY_CHECK(stream.good(), "cannot write ", temporary);
-  }
-  FERRY_CHECK(std::rename(temporary.c_str(), path.c_str()) == 0, "cannot rename ", temporary,
-              " to ", path);
 }
 
 }  // namespace
@@ -258,7 +247,7 @@ void save_pretrained(const LayeredModel& model, const std::string& dir,
   }
   add(Part::kHead, 0, *model.head());
   safetensors::write_checkpoint(dir, views, max_shard_bytes);
-  write_text_atomically(dir + "/config.json", config.to_hf_json());
+  write_file_durably(Env::posix(), dir + "/config.json", config.to_hf_json());
 }
 
 }  // namespace ferry::models

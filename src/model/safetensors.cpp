@@ -17,6 +17,7 @@
 
 #include "ferry/check.h"
 #include "ferry/fs.h"
+#include "ferry/io.h"
 
 namespace ferry::safetensors {
 namespace {
@@ -60,20 +61,6 @@ void pread_fully(int fd, void* dst, std::uint64_t bytes, std::uint64_t offset,
   }
 }
 
-void write_fully(int fd, const void* src, std::uint64_t bytes, std::uint64_t offset,
-                 const std::string& path) {
-  const auto* cursor = static_cast<const unsigned char*>(src);
-  std::uint64_t done = 0;
-  while (done < bytes) {
-    ssize_t put = ::pwrite(fd, cursor + done, bytes - done, static_cast<off_t>(offset + done));
-    if (put < 0 && errno == EINTR) {
-      continue;
-    }
-    FERRY_CHECK(put > 0, io_failure("pwrite", path, offset + done, bytes - done, errno));
-    done += static_cast<std::uint64_t>(put);
-  }
-}
-
 // An owned file descriptor.
 class File {
  public:
@@ -104,24 +91,6 @@ std::uint64_t file_size(int fd, const std::string& path) {
   struct stat info {};
   FERRY_CHECK(::fstat(fd, &info) == 0, io_failure("fstat", path, 0, 0, errno));
   return static_cast<std::uint64_t>(info.st_size);
-}
-
-// Writes `bytes` to `path` through a temporary file, fsync and rename, so that a crash leaves
-// either the old file or the new one.
-void write_atomically(const std::string& path, const std::string& bytes) {
-  const std::string temporary = path + ".tmp";
-  {
-    File file(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    write_fully(file.fd(), bytes.data(), bytes.size(), 0, temporary);
-    file.sync();
-  }
-  FERRY_CHECK(::rename(temporary.c_str(), path.c_str()) == 0,
-              "cannot rename ", temporary, " to ", path, ": ", std::strerror(errno));
-}
-
-void sync_directory(const std::string& dir) {
-  File directory(dir, O_RDONLY | O_DIRECTORY);
-  directory.sync();
 }
 
 std::uint64_t tensor_bytes(DType dtype, const std::vector<std::int64_t>& shape) {
@@ -343,8 +312,6 @@ struct PlannedFile {
   std::size_t first = 0;
   std::size_t end = 0;
   std::string header;  // the file's first bytes: the 8-byte length, then the padded JSON
-
-  std::string temporary_path() const { return path + ".tmp"; }
 };
 
 }  // namespace
@@ -353,6 +320,7 @@ struct Writer::Impl {
   enum class Kind { kFile, kCheckpoint };
 
   Kind kind = Kind::kFile;
+  Env* env = nullptr;
   std::string target;  // the file or the checkpoint directory, for messages
   std::string dir;
   std::vector<TensorSpec> tensors;
@@ -367,15 +335,8 @@ struct Writer::Impl {
   std::size_t current = 0;
   std::uint64_t current_bytes = 0;
   std::size_t files_done = 0;
-  std::optional<File> open;
+  std::unique_ptr<DurableFile> open;  // removes its temporary unless committed
   bool finished = false;
-
-  ~Impl() {
-    if (open) {
-      open.reset();
-      ::unlink(files[files_done].temporary_path().c_str());
-    }
-  }
 
   std::uint64_t written(std::size_t tensor) const {
     if (tensor < current) {
@@ -436,9 +397,8 @@ struct Writer::Impl {
   void start_file(std::size_t file) {
     FERRY_ASSERT(file == files_done && !open, "file ", file, " started out of turn");
     const PlannedFile& planned = files[file];
-    open.emplace(planned.temporary_path(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    write_fully(open->fd(), planned.header.data(), planned.header.size(), 0,
-                planned.temporary_path());
+    open = std::make_unique<DurableFile>(env_or_posix(env), planned.path);
+    open->write(0, planned.header.data(), planned.header.size());
   }
 
   // Puts every file before `file` in place: fsync, rename over the old one, fsync the directory.
@@ -447,14 +407,9 @@ struct Writer::Impl {
       if (!open) {
         start_file(files_done);
       }
-      const PlannedFile& planned = files[files_done];
-      open->sync();
+      open->commit();
       open.reset();
-      FERRY_CHECK(::rename(planned.temporary_path().c_str(), planned.path.c_str()) == 0,
-                  "cannot rename ", planned.temporary_path(), " to ", planned.path, ": ",
-                  std::strerror(errno));
       ++files_done;
-      sync_directory(dir);
     }
   }
 
@@ -469,9 +424,8 @@ struct Writer::Impl {
       }
     }
     Json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
-    write_atomically(dir + "/" + kIndexFileName, index.dump(2) + "\n");
-    std::remove((dir + "/" + kSingleFileName).c_str());
-    sync_directory(dir);
+    write_file_durably(env_or_posix(env), dir + "/" + kIndexFileName, index.dump(2) + "\n");
+    if (std::remove((dir + "/" + kSingleFileName).c_str()) == 0) env_or_posix(env).sync_directory(dir);
   }
 };
 
@@ -481,9 +435,10 @@ Writer::Writer(Writer&& other) noexcept = default;
 Writer& Writer::operator=(Writer&& other) noexcept = default;
 
 Writer Writer::file(const std::string& path, std::vector<TensorSpec> tensors,
-                    const std::map<std::string, std::string>& metadata) {
+                    const std::map<std::string, std::string>& metadata, Env* env) {
   auto impl = std::make_unique<Impl>();
   impl->kind = Impl::Kind::kFile;
+  impl->env = env;
   impl->target = path;
   impl->dir = fs::parent_directory(path);
   impl->declare(std::move(tensors));
@@ -494,10 +449,11 @@ Writer Writer::file(const std::string& path, std::vector<TensorSpec> tensors,
 }
 
 Writer Writer::checkpoint(const std::string& dir, std::vector<TensorSpec> tensors,
-                          std::uint64_t max_shard_bytes) {
+                          std::uint64_t max_shard_bytes, Env* env) {
   FERRY_CHECK(max_shard_bytes > 0, "max_shard_bytes must be positive, got 0");
   auto impl = std::make_unique<Impl>();
   impl->kind = Impl::Kind::kCheckpoint;
+  impl->env = env;
   impl->target = dir;
   impl->dir = dir;
   impl->declare(std::move(tensors));
@@ -561,9 +517,7 @@ void Writer::write(std::string_view name, const void* data, std::uint64_t bytes)
     impl.start_file(file);
   }
   const PlannedFile& planned = impl.files[file];
-  write_fully(impl.open->fd(), data, bytes,
-              planned.header.size() + impl.data_begin[index] + impl.current_bytes,
-              planned.temporary_path());
+  impl.open->write(planned.header.size() + impl.data_begin[index] + impl.current_bytes, data, bytes);
   impl.current_bytes += bytes;
 }
 
@@ -586,12 +540,17 @@ std::vector<std::string> Writer::finish() {
     if (impl.files.size() > 1) {
       impl.write_index();
       names.emplace_back(kIndexFileName);
-    } else {
-      std::remove((impl.dir + "/" + kIndexFileName).c_str());
-      sync_directory(impl.dir);
+    } else if (std::remove((impl.dir + "/" + kIndexFileName).c_str()) == 0) {
+      env_or_posix(impl.env).sync_directory(impl.dir);
     }
   }
   return names;
+}
+
+const std::string& Writer::file_of(std::string_view name) const {
+  auto found = impl_->index_of.find(name);
+  FERRY_CHECK(found != impl_->index_of.end(), impl_->target, ": no tensor '", name, "' was declared");
+  return impl_->files[impl_->file_of[found->second]].name;
 }
 
 namespace {
@@ -615,14 +574,14 @@ std::vector<std::string> write_from_memory(Writer writer, const std::vector<Tens
 }  // namespace
 
 void write_file(const std::string& path, const std::vector<TensorView>& tensors,
-                const std::map<std::string, std::string>& metadata) {
-  write_from_memory(Writer::file(path, specs_of(tensors), metadata), tensors);
+                const std::map<std::string, std::string>& metadata, Env* env) {
+  write_from_memory(Writer::file(path, specs_of(tensors), metadata, env), tensors);
 }
 
 std::vector<std::string> write_checkpoint(const std::string& dir,
                                           const std::vector<TensorView>& tensors,
-                                          std::uint64_t max_shard_bytes) {
-  return write_from_memory(Writer::checkpoint(dir, specs_of(tensors), max_shard_bytes), tensors);
+                                          std::uint64_t max_shard_bytes, Env* env) {
+  return write_from_memory(Writer::checkpoint(dir, specs_of(tensors), max_shard_bytes, env), tensors);
 }
 
 Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ferry/check.h"
+#include "ferry/io.h"
 #include "ferry/plan.h"
 
 namespace ferry {
@@ -208,9 +209,7 @@ Hardware Hardware::load(const std::string& path) {
 }
 
 void Hardware::save(const std::string& path) const {
-  std::ofstream out(path);
-  out << to_json();
-  FERRY_CHECK(out.good(), "cannot write the calibration file '", path, "'");
+  write_file_durably(Env::posix(), path, to_json());
 }
 
 Hardware hardware_preset(const std::string& name) {

@@ -9,6 +9,7 @@
 #include <torch/version.h>
 
 #include "ferry/check.h"
+#include "ferry/io.h"
 #include "ferry/memory.h"
 #include "engine/sizing.h"
 #include "ferry/plan.h"
@@ -217,9 +218,7 @@ void write_plan_trace(const Plan& plan, const std::string& path) {
                       {"tid", static_cast<int>(span.resource)}, {"ts", span.start_s * 1e6},
                       {"dur", (span.end_s - span.start_s) * 1e6}});
   }
-  std::ofstream out(path);
-  out << Json{{"traceEvents", events}, {"displayTimeUnit", "ms"}}.dump() << "\n";
-  FERRY_CHECK(out.good(), "cannot write the predicted trace to '", path, "'");
+  write_file_durably(Env::posix(), path, Json{{"traceEvents", events}, {"displayTimeUnit", "ms"}}.dump() + "\n");
 }
 
 }  // namespace ferry

@@ -14,6 +14,7 @@
 #include "store/extent_allocator.h"
 #include "store/fence.h"
 #include "ferry/fs.h"
+#include "ferry/lock.h"
 
 namespace ferry {
 
@@ -248,6 +249,8 @@ struct Store::Impl {
   const StoreOptions options;
   std::unique_ptr<detail::DeviceCopier> copier;
   std::shared_ptr<detail::TransferCounters> counters = std::make_shared<detail::TransferCounters>();
+  // One per NVMe directory, held while the store lives: released after the file below is closed.
+  std::vector<DirectoryLock> locks;
   std::unique_ptr<IoEngine> io;      // null without NVMe directories
   std::unique_ptr<StripedFile> file;  // the NVMe tier's one file
   std::unique_ptr<HostArena> arena;  // null with a zero host budget
@@ -277,9 +280,14 @@ Store::Impl::Impl(const StoreOptions& options_in) : options(options_in) {
     FERRY_CHECK(options.stripe_bytes > 0 && options.stripe_bytes % kIoAlignment == 0,
                 "store stripe size ", options.stripe_bytes,
                 " bytes is invalid: use a positive multiple of 4096");
-    for (const std::string& directory : options.nvme_directories) fs::make_directories(directory);
-    io = IoEngine::create(options.io);
     Env& env = options.env != nullptr ? *options.env : Env::posix();
+    // Note: the lock is the store file's, not the directory's, so that the ranks of one job (each
+    // with its own file, docs/distributed.md) share a directory while two jobs cannot.
+    for (const std::string& directory : options.nvme_directories) {
+      fs::make_directories(directory);
+      locks.push_back(DirectoryLock::acquire_beside(directory + "/" + options.nvme_file_name, "NVMe store file", &env));
+    }
+    io = IoEngine::create(options.io);
     file = StripedFile::open(env, options.nvme_directories, options.nvme_file_name,
                              OpenMode::kCreate, options.stripe_bytes, options.io.direct_io);
     // Note: announced once per store in every front end, as the I/O backend is: without O_DIRECT

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <climits>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -69,6 +70,68 @@ std::string make_temp_directory(const std::string& parent, const std::string& pr
   FERRY_CHECK(::mkdtemp(pattern.data()) != nullptr, "cannot create a directory under '", parent,
               "': ", std::strerror(errno));
   return pattern;
+}
+
+namespace {
+
+std::vector<std::string> components(const std::string& path) {
+  std::vector<std::string> parts;
+  std::size_t start = 0;
+  while (start <= path.size()) {
+    std::size_t slash = path.find('/', start);
+    if (slash == std::string::npos) slash = path.size();
+    const std::string part = path.substr(start, slash - start);
+    if (part == "..") {
+      if (!parts.empty()) parts.pop_back();
+    } else if (!part.empty() && part != ".") {
+      parts.push_back(part);
+    }
+    start = slash + 1;
+  }
+  return parts;
+}
+
+std::string from_components(const std::vector<std::string>& parts) {
+  std::string path;
+  for (const std::string& part : parts) path += "/" + part;
+  return path.empty() ? "/" : path;
+}
+
+}  // namespace
+
+std::string absolute_path(const std::string& path) {
+  char resolved[PATH_MAX];
+  if (::realpath(path.c_str(), resolved) != nullptr) return resolved;
+  std::string absolute = path;
+  if (path.empty() || path[0] != '/') {
+    FERRY_CHECK(::getcwd(resolved, sizeof resolved) != nullptr, "cannot read the working directory: ",
+                std::strerror(errno));
+    absolute = std::string(resolved) + "/" + path;
+  }
+  return from_components(components(absolute));
+}
+
+std::string relative_path(const std::string& target, const std::string& base) {
+  const std::vector<std::string> to = components(absolute_path(target));
+  const std::vector<std::string> from = components(absolute_path(base));
+  std::size_t common = 0;
+  while (common < to.size() && common < from.size() && to[common] == from[common]) ++common;
+  std::string relative;
+  for (std::size_t i = common; i < from.size(); ++i) relative += relative.empty() ? ".." : "/..";
+  for (std::size_t i = common; i < to.size(); ++i) relative += (relative.empty() ? "" : "/") + to[i];
+  return relative.empty() ? "." : relative;
+}
+
+std::string resolve(const std::string& base, const std::string& path) {
+  if (!path.empty() && path[0] == '/') return path;
+  if (path.empty() || path == ".") return base;
+  return base + "/" + path;
+}
+
+bool same_file(const std::string& a, const std::string& b) {
+  struct stat first, second;
+  return ::stat(a.c_str(), &first) == 0 && ::stat(b.c_str(), &second) == 0 &&
+         first.st_dev == second.st_dev && first.st_ino == second.st_ino;
 }
 
 }  // namespace ferry::fs

@@ -4,6 +4,7 @@
 // zo2_test.cpp.
 
 #include <cstdint>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -75,9 +76,13 @@ TEST_CASE("saving holds one part's values at a time and loading hands them back 
   CHECK(safetensors::Reader(checkpoint + "/optimizer.safetensors").header().tensors.size() ==
         2 * tensors);
 
+  // Every tensor read is checked against the XXH64 trainer_state.json records for it.
+  std::ifstream state_file(checkpoint + "/trainer_state.json");
+  const nlohmann::json state = nlohmann::json::parse(state_file);
+  REQUIRE(state.contains("checksums"));
   std::size_t next = 0;
-  ferry::detail::read_checkpoint(checkpoint, model, parts, OptimizerKind::kAdamW, 2,
-                          [&](std::size_t p, ferry::detail::PartValues values) {
+  ferry::detail::read_checkpoint(checkpoint, model, parts, OptimizerKind::kAdamW, 2, state["checksums"],
+                                 Verify::kFull, [&](std::size_t p, ferry::detail::PartValues values) {
                             INFO("part " << p);
                             REQUIRE(p == next++);
                             CHECK(torch::equal(values.weights, given[p].weights));
@@ -100,7 +105,8 @@ TEST_CASE("loading checks the whole checkpoint before it hands over a part") {
   auto consume = [&](std::size_t, ferry::detail::PartValues) { ++handed_over; };
   SECTION("optimizer states of another optimizer") {
     CHECK_THROWS_WITH(
-        ferry::detail::read_checkpoint(checkpoint, model, parts, OptimizerKind::kAdamW, 2, consume),
+        ferry::detail::read_checkpoint(checkpoint, model, parts, OptimizerKind::kAdamW, 2, nlohmann::json(),
+                                       Verify::kFull, consume),
         Catch::Contains("has no tensor '") &&
             Catch::Contains(".exp_avg' in optimizer.safetensors"));
   }
@@ -108,13 +114,15 @@ TEST_CASE("loading checks the whole checkpoint before it hands over a part") {
     ferry::detail::ParameterSlice& slice = parts.back().slices.back();
     slice.shape.push_back(1);
     CHECK_THROWS_WITH(
-        ferry::detail::read_checkpoint(checkpoint, model, parts, OptimizerKind::kSgd, 1, consume),
+        ferry::detail::read_checkpoint(checkpoint, model, parts, OptimizerKind::kSgd, 1, nlohmann::json(),
+                                       Verify::kFull, consume),
         Catch::Contains("but the model has F32") && Catch::Contains("another model"));
   }
   SECTION("a tensor missing from the last part") {
     parts.back().slices.back().name = "extra.weight";
     CHECK_THROWS_WITH(
-        ferry::detail::read_checkpoint(checkpoint, model, parts, OptimizerKind::kSgd, 1, consume),
+        ferry::detail::read_checkpoint(checkpoint, model, parts, OptimizerKind::kSgd, 1, nlohmann::json(),
+                                       Verify::kFull, consume),
         Catch::Contains("has no tensor '") && Catch::Contains("in the weights"));
   }
   CHECK(handed_over == 0);

@@ -3,6 +3,7 @@
 
 #include <cerrno>
 #include <fcntl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -11,7 +12,9 @@
 #include <torch/torch.h>
 
 #include "ferry/engine.h"
+#include "ferry/fs.h"
 #include "ferry/io_fault.h"
+#include "ferry/lock.h"
 #include "ferry/model.h"
 #include "ferry/stage.h"
 #include "ferry/store.h"
@@ -293,4 +296,112 @@ TEST_CASE("staging and adopting refuse bad inputs before any long work", "[stage
     CHECK_THROWS_WITH(staged_engine(config, dir.subdir("empty")),
                       Contains("no staged layout at") && Contains("ferry stage --model HF_DIR"));
   }
+}
+
+TEST_CASE("a copied layout is refused until staging makes it a layout of its own", "[stage]") {
+  TempDir dir;
+  const std::string hf = write_checkpoint(dir);
+  const std::string original = dir.subdir("original");
+  const EngineConfig config = fuyou_config(original);
+  stage_model(stage_options(hf, config));
+  const std::string manifest = original + "/" + kStageManifestName;
+  const std::string original_manifest = file_bytes(manifest);
+  const NvmeLayout staged = read_nvme_layout(manifest);
+  CHECK(staged.layout_id.size() == 32);
+  CHECK(file_bytes(manifest).find("\"directories\": [\n  \".\"\n ]") != std::string::npos);  // relative
+
+  const std::string copy = dir.file("copy");
+  REQUIRE(std::system(("cp -a " + original + " " + copy).c_str()) == 0);
+  // The copy's manifest names its own directory, never the original's.
+  CHECK(read_nvme_layout(copy + "/" + kStageManifestName).directories == std::vector<std::string>{copy});
+  CHECK_THROWS_WITH(staged_engine(config, copy),
+                    Contains("staged layout '" + copy + "' is not the layout it was staged as") &&
+                        Contains("it is a copy") && Contains("run `ferry stage` with the same arguments on it"));
+
+  // Staging into the copy verifies every bundle and gives it an identity of its own.
+  EngineConfig at_copy = config;
+  at_copy.nvme_directories = {copy};
+  const StageReport adopted = stage_model(stage_options(hf, at_copy));
+  CHECK(adopted.bundles_written == 0);
+  CHECK(adopted.bundles_verified > 0);
+  const NvmeLayout independent = read_nvme_layout(copy + "/" + kStageManifestName);
+  CHECK(independent.layout_id != staged.layout_id);
+  Engine loaded(models::from_pretrained(hf), fuyou_config(dir.subdir("loaded")));
+  const std::vector<double> expected = losses(loaded, 3);
+  {
+    Engine trained = staged_engine(config, copy);
+    CHECK(losses(trained, 3) == expected);
+  }
+  // Training on the copy left the original as staged: adoptable, and the same run.
+  CHECK(file_bytes(manifest) == original_manifest);
+  Engine again = staged_engine(config, original);
+  CHECK(losses(again, 3) == expected);
+}
+
+TEST_CASE("a flipped bit in a staged layout is caught on adoption, naming the bundle and the tensor", "[stage]") {
+  TempDir dir;
+  const std::string hf = write_checkpoint(dir);
+  EngineConfig config = fuyou_config(dir.subdir("staged"));
+  stage_model(stage_options(hf, config));
+  const std::string staged = dir.subdir("staged");
+  const NvmeLayout layout = read_nvme_layout(staged + "/" + kStageManifestName);
+  const LayoutBundle* master = layout.find("block.2.params");
+  REQUIRE(master != nullptr);
+  {
+    const std::string file = staged + "/ferry-store.bin";
+    const int fd = ::open(file.c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    char byte = 0;
+    const off_t offset = static_cast<off_t>(master->nvme_offset + 8);
+    REQUIRE(::pread(fd, &byte, 1, offset) == 1);
+    byte ^= 0x01;
+    REQUIRE(::pwrite(fd, &byte, 1, offset) == 1);
+    ::close(fd);
+  }
+  // A tiny model's bundles are one chunk each: even the default sample reads every bundle.
+  for (Verify verify : {Verify::kAuto, Verify::kSampled, Verify::kFull}) {
+    INFO(to_string(verify));
+    config.verify = verify;
+    CHECK_THROWS_WITH(staged_engine(config, staged),
+                      Contains("staged layout '" + staged + "' is corrupt: bundle 'block.2.params'") &&
+                          Contains("which hold block.2.") && Contains("ferry stage"));
+  }
+  CHECK_FALSE(read_nvme_layout(staged + "/" + kStageManifestName).live);  // refused before adoption
+  config.verify = Verify::kNone;
+  Engine unchecked = staged_engine(config, staged);
+  CHECK(unchecked.steps_taken() == 0);
+}
+
+TEST_CASE("a layout another process holds is refused, naming the holder", "[stage]") {
+  TempDir dir;
+  const std::string hf = write_checkpoint(dir);
+  const EngineConfig config = fuyou_config(dir.subdir("staged"));
+  stage_model(stage_options(hf, config));
+  const std::string staged = dir.subdir("staged");
+  int ready[2], done[2];
+  REQUIRE(::pipe(ready) == 0);
+  REQUIRE(::pipe(done) == 0);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    try {
+      DirectoryLock lock = DirectoryLock::acquire(staged, "staged layout");
+      (void)!::write(ready[1], "x", 1);
+      char byte;
+      (void)!::read(done[0], &byte, 1);
+    } catch (...) {
+    }
+    ::_exit(0);
+  }
+  char byte = 0;
+  REQUIRE(::read(ready[0], &byte, 1) == 1);
+  CHECK_THROWS_WITH(staged_engine(config, staged),
+                    Contains("staged layout '" + staged + "' is in use by another ferry process (pid " +
+                             std::to_string(pid)));
+  CHECK_THROWS_WITH(stage_model(stage_options(hf, config)), Contains("NVMe directory '" + staged + "' is in use"));
+  (void)!::write(done[1], "x", 1);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  Engine engine = staged_engine(config, staged);
+  CHECK(engine.steps_taken() == 0);
 }

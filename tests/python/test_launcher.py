@@ -107,8 +107,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_gives_the_same_losses(tmp_pa
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert latest.endswith(f"step-{stopped_at:06d}")
 
+    assert latest == f"checkpoints/step-{stopped_at:06d}"  # relative to the run directory
+
     resumed = run_ferry(build_dir, "--config", str(job), "--device", "cpu", "--resume", "auto")
-    assert f"resumed from {latest} at step {stopped_at}" in resumed.stderr
+    assert f"resumed from {out / latest} at step {stopped_at}" in resumed.stderr
     assert losses(out) == losses(uninterrupted / "run")
 
 
@@ -123,7 +125,8 @@ def test_bad_jobs_fail_before_any_weights_are_read(flags: List[str], message: st
     run = run_ferry(build_dir, *flags, "--device", "cpu", "--out", str(tmp_path / "run"), check=False)
     assert run.returncode != 0
     assert message in run.stderr
-    assert not (tmp_path / "run").exists()
+    # Nothing but the run directory's lock, released.
+    assert not (tmp_path / "run").exists() or [p.name for p in (tmp_path / "run").iterdir()] == [".ferry.lock"]
 
 
 def test_an_unwritable_nvme_directory_is_refused(tmp_path: Path, build_dir: Path) -> None:
@@ -206,3 +209,81 @@ def test_plan_for_a_gpu_machine_plans_fused_attention(tmp_path: Path, build_dir:
     result = subprocess.run([str(build_dir / "ferry"), "plan", "--model", "llama-13b", "--mode", "auto",
                              "--hardware", "h100"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "(13.02B parameters)" in result.stdout and "attention fused" in result.stdout, result.stdout
+
+
+def wait_for_records(process: subprocess.Popen, metrics: Path, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= count):
+        assert process.poll() is None and time.monotonic() < deadline, "the job ended too soon"
+        time.sleep(0.02)
+
+
+def test_a_second_job_on_a_run_or_nvme_directory_is_refused_naming_the_first(tmp_path: Path,
+                                                                            build_dir: Path) -> None:
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    out = tmp_path / "run"
+    common = ["--mode", "fuyou", "--nvme", str(nvme), "--fuyou-host-blocks", "0", "--activations", "nvme",
+              "--batch", "4", "--seq", "16", "--eval-problems", "1", "--export", "none", "--device", "cpu",
+              "--hardware", "h100", "--log-every", "1"]
+    first = subprocess.Popen([str(build_dir / "ferry"), "finetune", *common, "--steps", "100000", "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_records(first, out / "metrics.jsonl", 1)
+        same_out = run_ferry(build_dir, "--steps", "2", "--device", "cpu", "--out", str(out), "--resume", "auto",
+                             check=False)
+        assert same_out.returncode != 0
+        assert f"output directory '{out}' is in use by another ferry process (pid {first.pid}" in same_out.stderr
+        same_nvme = run_ferry(build_dir, *common, "--steps", "2", "--out", str(tmp_path / "other"), check=False)
+        assert same_nvme.returncode != 0
+        assert f"NVMe directory '{nvme}' is in use by another ferry process (pid {first.pid}" in same_nvme.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # Killed, it left its lock file but no lock: the next job takes it over and says whose it was.
+    taken = run_ferry(build_dir, *common, "--steps", "2", "--out", str(tmp_path / "after"))
+    assert f"note: {nvme} was locked by pid {first.pid}" in taken.stderr and "taken over" in taken.stderr
+    again = run_ferry(build_dir, "--steps", "1", "--eval-problems", "1", "--export", "none", "--device", "cpu",
+                      "--out", str(out), "--resume", "auto")
+    assert f"was locked by pid {first.pid}" in again.stderr and "taken over" in again.stderr
+
+
+def test_a_new_job_into_an_earlier_run_is_refused_unless_it_overwrites(tmp_path: Path, build_dir: Path) -> None:
+    out = tmp_path / "run"
+    flags = ["--steps", "2", "--eval-problems", "1", "--export", "none", "--device", "cpu", "--out", str(out)]
+    fresh = run_ferry(build_dir, *flags, "--resume", "auto")
+    assert f"resume auto: no checkpoint under {out} yet: starting fresh" in fresh.stderr
+    refused = run_ferry(build_dir, *flags, check=False)
+    assert refused.returncode != 0
+    assert "holds an earlier run" in refused.stderr and "--overwrite" in refused.stderr
+    assert sorted(losses(out)) == [1, 2]
+    replaced = run_ferry(build_dir, *flags, "--overwrite", "--steps", "3")
+    assert "is replaced" in replaced.stderr
+    assert sorted(losses(out)) == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000003"]
+    # The final checkpoint is written once, also when the last step saved already.
+    every = run_ferry(build_dir, *flags, "--overwrite", "--save-every", "1", "--keep-checkpoints", "2")
+    assert every.stderr.count("checkpoint (") == 2 and "checkpoint (final)" not in every.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000001", "step-000002"]
+
+
+def test_kill_9_mid_run_then_resume_auto_gives_the_bits_of_an_uninterrupted_run(tmp_path: Path,
+                                                                                 build_dir: Path) -> None:
+    steps = 30
+    flags = ["--steps", str(steps), "--batch", "8", "--seq", "16", "--eval-problems", "1", "--export", "none",
+             "--device", "cpu", "--log-every", "1", "--save-every", "1", "--keep-checkpoints", "3"]
+    reference = tmp_path / "reference"
+    run_ferry(build_dir, *flags, "--out", str(reference))
+    out = tmp_path / "killed"
+    process = subprocess.Popen([str(build_dir / "ferry"), "finetune", *flags, "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_records(process, out / "metrics.jsonl", 1 + int(os.urandom(1)[0]) % (steps // 2))
+    time.sleep(int(os.urandom(1)[0]) / 255 * 0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    run_ferry(build_dir, *flags, "--out", str(out), "--resume", "auto")
+    assert losses(out) == losses(reference)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == steps
+    final = f"checkpoints/step-{steps:06d}"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (out / final / name).read_bytes() == (reference / final / name).read_bytes()

@@ -105,7 +105,9 @@ TEST_CASE("a layout manifest round-trips and a corrupt one names the file", "[st
   layout.file_name = "ferry-store.bin";
   layout.stripe_bytes = 1 << 20;
   layout.live = true;
-  layout.bundles = {{"block.0.params", 12345, 0, true, true, 0xFEDCBA9876543210ULL},
+  layout.layout_id = "0123456789abcdef0123456789abcdef";
+  layout.bindings = {{11, 12, 13}, {21, 22, 0}};
+  layout.bundles = {{"block.0.params", 12345, 0, true, true, 0xFEDCBA9876543210ULL, {0x1234, 0xFFFFFFFFFFFFFFFFULL}},
                     {"block.0.state0", 4096, 16384, false, true, 0},
                     {"block.1.params", 12345, 20480, true, false, 0}};
   const std::string path = dir.file("layout.json");
@@ -113,7 +115,21 @@ TEST_CASE("a layout manifest round-trips and a corrupt one names the file", "[st
   const NvmeLayout read = read_nvme_layout(path);
   CHECK(read.identity == layout.identity);
   CHECK(read.metadata == layout.metadata);
-  CHECK(read.directories == layout.directories);
+  CHECK(read.directories == layout.directories);  // recorded relative to the manifest, read back resolved
+  CHECK(read.layout_id == layout.layout_id);
+  REQUIRE(read.bindings.size() == 2);
+  CHECK(read.bindings[1].file_inode == 22);
+  CHECK(read.bindings[0].file_birth_ns == 13);
+  CHECK(read.bundles.at(0).chunk_checksums == std::vector<std::uint64_t>{0x1234, 0xFFFFFFFFFFFFFFFFULL});
+  // Bound to other inodes than these (the test's), it reads as a copy.
+  CHECK_THAT(nvme_layout_binding_mismatch(read), Contains("is not the one layout " + layout.layout_id));
+  NvmeLayout here = read;
+  here.directories = {dir.subdir("a")};
+  here.bindings.clear();
+  CHECK_THAT(nvme_layout_binding_mismatch(here), Contains("records no identity"));
+  bind_nvme_layout(here);
+  CHECK(nvme_layout_binding_mismatch(here).empty());
+  CHECK(here.layout_id.size() == 32);
   CHECK(read.file_name == layout.file_name);
   CHECK(read.stripe_bytes == layout.stripe_bytes);
   CHECK(read.live);
