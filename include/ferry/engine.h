@@ -93,6 +93,14 @@ enum class ZoTransfer : std::uint8_t { kStorage, kBF16, kFp8 };
 const char* to_string(ZoTransfer transfer);
 ZoTransfer parse_zo_transfer(const std::string& name);  // "storage", "bf16", "fp8"
 
+// How the blocks' frozen parameters (a LoRA base) are stored wherever they live: in the compute
+// dtype, or in fp8 e4m3fn with one fp32 scale per output channel (a row of a matrix, an element of
+// a vector), decoded to the compute dtype on the device each time a block visits it (forward and
+// again in backward). The stem's and head's frozen parameters stay in the compute dtype.
+enum class BaseStorage : std::uint8_t { kCompute, kFp8 };
+const char* to_string(BaseStorage storage);
+BaseStorage parse_base_storage(const std::string& name);  // "compute", "fp8"
+
 // Zeroth-order training (mode zo2; MeZO, Malladi et al. 2023, as ZO2 runs it). Each step draws
 // `samples` directions z ~ N(0, I), regenerated from a counter-based generator keyed by the step's
 // seed and the part (never stored); the projected gradient of sample s is
@@ -215,6 +223,7 @@ struct EngineConfig {
   ScheduleConfig schedule;
   LossScaleConfig loss_scale;
   ZoConfig zo;        // mode zo2 only
+  BaseStorage base_storage = BaseStorage::kCompute;  // with frozen parameters only
   FuyouConfig fuyou;  // mode fuyou only
   DelayedUpdateConfig delayed_update;  // mode zero-offload only
   DropoutConfig dropout;
@@ -250,6 +259,7 @@ struct PartShape {
   std::string name;    // "stem", "block.0", ..., "head"
   std::int64_t numel;  // the trained parameters the part owns (a tied head owns none of the embedding)
   std::int64_t frozen_numel = 0;  // its frozen ones (a LoRA base): parameters only, read-only
+  std::int64_t frozen_channels = 0;  // their output channels: an fp8 base keeps a scale for each
 };
 std::vector<PartShape> part_shapes(const models::ModelConfig& config);
 
@@ -286,7 +296,7 @@ std::int64_t zo_gpu_blocks(const std::vector<PartShape>& parts, const EngineConf
 // "zo_write_back", for fuyou
 // "fuyou_host_blocks" and "fuyou_window" (FuyouConfig's blocks_in_flight), and "activations" (a
 // list, or one text with commas, of parse_block_activations names, one per block),
-// "micro_batch_order" ("batch-major" or "layer-major"), for zero-offload "delayed_update" (a bool)
+// "micro_batch_order" ("batch-major" or "layer-major"), "base_storage" ("compute" or "fp8"), for zero-offload "delayed_update" (a bool)
 // and "delayed_update_warmup" (DelayedUpdateConfig's warmup_steps), "dropout" (a rate for every
 // dropout of the model, or "auto" / null for config.json's); "seed" also seeds the dropout masks.
 // A missing key

@@ -52,7 +52,7 @@ class Engine:
     keep_graph_blocks, offload_checkpoints, optimizer_threads, trace, nvme (directories),
     nvme_budget, staged (a directory ``ferry stage`` filled), delayed_update and
     delayed_update_warmup (zero-offload), fuyou_host_blocks, fuyou_window, activations,
-    micro_batch_order, and for zo2: seed, zo_eps, zo_samples, zo_blocks (``"gpu"``, ``"host"``,
+    micro_batch_order, base_storage (``"compute"`` or ``"fp8"``: a LoRA base in fp8 e4m3), and for zo2: seed, zo_eps, zo_samples, zo_blocks (``"gpu"``, ``"host"``,
     ``"nvme"``), zo_gpu_blocks (a number or ``"auto"``), zo_host_blocks, zo_storage,
     zo_transfer (``"storage"``, ``"bf16"``, ``"fp8"``), zo_window, zo_write_back. A missing
     setting takes the C++

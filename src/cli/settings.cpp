@@ -126,6 +126,7 @@ std::vector<Setting> make_settings() {
       text("staged", ""),
       text_or_list("activations", "auto"),
       text("micro_batch_order", "auto"),
+      helped(text("base_storage", "compute"), "the LoRA base's storage, compute or fp8 (e4m3, a scale per channel); "),
       text("export", "auto"),
       boolean("delayed_update", false),
       integer("delayed_update_warmup", 0, 0),

@@ -149,11 +149,18 @@ void check_tensor(const safetensors::TensorInfo* info, const std::string& dir, c
 }
 
 // What a checkpoint of trained parameters needs of the frozen ones it was trained over: their
-// count, and the adapters' settings, which the tensors' names and shapes do not say.
-nlohmann::json base_identity(const LayeredModel& model, const std::vector<detail::Part>& parts) {
+// count, the adapters' settings, which the tensors' names and shapes do not say, and an fp8 base's
+// storage (its rounding is part of what the adapters were trained against).
+nlohmann::json base_identity(const LayeredModel& model, const std::vector<detail::Part>& parts,
+                             const EngineConfig& config) {
   std::int64_t frozen = 0;
-  for (const detail::Part& part : parts) frozen += part.frozen_numel;
+  bool fp8 = false;
+  for (const detail::Part& part : parts) {
+    frozen += part.frozen_numel;
+    fp8 = fp8 || detail::fp8_frozen(part, config);
+  }
   nlohmann::json base = {{"frozen_parameters", frozen}};
+  if (fp8) base["storage"] = to_string(BaseStorage::kFp8);
   if (model.config() && model.config()->lora.enabled()) {
     const models::LoraConfig& lora = model.config()->lora;
     base["lora"] = {{"rank", lora.rank}, {"alpha", lora.alpha}, {"dropout", lora.dropout}, {"targets", lora.targets}};
@@ -455,7 +462,7 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
   trainer.quiesce("save()");
   nlohmann::json state = trainer.checkpoint_state();
   state["extra"] = extra;
-  state["base"] = base_identity(trainer.model(), trainer.parts());
+  state["base"] = base_identity(trainer.model(), trainer.parts(), trainer.config());
   state["world_size"] = detail::world_size(trainer.config());
   // Note: every rank holds the same weights and optimizer states (they are replicated), so rank 0
   // writes them all; the others wait for it to succeed.
@@ -565,7 +572,7 @@ std::string Engine::load(const std::string& dir) {
   nlohmann::json state;
   detail::on_every_rank(trainer.config().communicator.get(), "load()", [&] {
     state = read_state(dir, config());
-    check_base(dir, state, base_identity(trainer.model(), trainer.parts()));
+    check_base(dir, state, base_identity(trainer.model(), trainer.parts(), trainer.config()));
     trainer.quiesce("load()");
     detail::read_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
                             trainer.state_count(), state.contains("checksums") ? state["checksums"] : nlohmann::json(),

@@ -164,6 +164,8 @@ const std::vector<Setting>& settings() {
        [](const Json& v, EngineConfig& c) { c.zo.blocks_in_flight = v.get<std::int64_t>(); }},
       {"zo_write_back",
        [](const Json& v, EngineConfig& c) { c.zo.write_back_interval = v.get<std::int64_t>(); }},
+      {"base_storage",
+       [](const Json& v, EngineConfig& c) { c.base_storage = parse_base_storage(v.get<std::string>()); }},
       {"micro_batch_order",
        [](const Json& v, EngineConfig& c) {
          c.micro_batch_order = parse_micro_batch_order(v.get<std::string>());
@@ -285,6 +287,19 @@ const char* to_string(ZoTransfer transfer) {
 ZoTransfer parse_zo_transfer(const std::string& name) {
   static const ZoTransfer kTransfers[] = {ZoTransfer::kStorage, ZoTransfer::kBF16, ZoTransfer::kFp8};
   return parse_choice(name, "zo transfer", kTransfers, to_string);
+}
+
+const char* to_string(BaseStorage storage) {
+  switch (storage) {
+    case BaseStorage::kCompute: return "compute";
+    case BaseStorage::kFp8: return "fp8";
+  }
+  return "unknown";
+}
+
+BaseStorage parse_base_storage(const std::string& name) {
+  static const BaseStorage kStorages[] = {BaseStorage::kCompute, BaseStorage::kFp8};
+  return parse_choice(name, "base storage", kStorages, to_string);
 }
 
 Tier parse_tier(const std::string& name) {

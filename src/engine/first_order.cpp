@@ -74,6 +74,10 @@ FirstOrderTrainer::FirstOrderTrainer(LayeredModel model, EngineConfig config)
     FERRY_CHECK(!staged_ || part.frozen_numel == 0, "a staged layout holds every parameter trained, but ", part.name,
                 " has frozen ones (a LoRA base): train it from the model's own weights, without staged");
   }
+  FERRY_CHECK(config_.base_storage == BaseStorage::kCompute ||
+                  std::any_of(parts_.begin(), parts_.end(), [&](const Part& part) { return fp8_frozen(part, config_); }),
+              "base storage fp8 stores the blocks' frozen parameters (a LoRA base), but no block has any: "
+              "add LoRA (lora rank > 0) or use base storage compute");
   placement_ = resolve_placement(config_, parts_.size());
   state_.resize(parts_.size());
   for (std::size_t p = 0; p < parts_.size(); ++p) state_[p].home = placement_.parts[p];
@@ -102,7 +106,7 @@ FirstOrderTrainer::~FirstOrderTrainer() {
 
 TierDemand FirstOrderTrainer::demand() const {
   std::vector<PartShape> shapes;
-  for (const Part& part : parts_) shapes.push_back({part.name, part.numel, part.frozen_numel});
+  for (const Part& part : parts_) shapes.push_back({part.name, part.numel, part.frozen_numel, part.frozen_channels});
   return engine_demand(shapes, config_);
 }
 
@@ -127,7 +131,7 @@ void FirstOrderTrainer::allocate_and_bind() {
       write_bundle(p, part.params, initial.to(compute_dtype_));
       if (separate_master) write_bundle(p, part.master, initial);
     }
-    if (part.frozen != kNoBundle) write_frozen(p, pack_slices(part.frozen_slices, part.frozen_numel).to(compute_dtype_));
+    if (part.frozen != kNoBundle) write_frozen(p, pack_slices(part.frozen_slices, part.frozen_numel));
     if (streamed(p)) {
       // The module's own tensors are freed; each visit to the device binds the copy there.
       for (const auto* slices : {&part.slices, &part.frozen_slices}) {
@@ -137,6 +141,7 @@ void FirstOrderTrainer::allocate_and_bind() {
       }
     } else {
       bind_device_copies(p, /*in_flight=*/false);
+      unbind_decoded_base(p);  // a resident fp8 base is decoded at each visit
     }
   }
 }
@@ -148,7 +153,25 @@ void FirstOrderTrainer::bind_device_copies(std::size_t p, bool in_flight) {
                      : view(id, Tier::kGpu, compute_dtype_, numel);
   };
   if (part.trainable()) bind_parameters(part, device_view(part.params, part.numel));
-  if (part.frozen != kNoBundle) bind_frozen(part, device_view(part.frozen, part.frozen_numel));
+  if (part.frozen == kNoBundle) return;
+  if (!fp8_frozen(part, config_)) {
+    bind_frozen(part, device_view(part.frozen, part.frozen_numel));
+    return;
+  }
+  // Decoded on the current stream, behind the upload; the copy lives until unbind_decoded_base.
+  void* bundle = in_flight ? store_->device_tensor_in_flight(part.frozen).data_ptr()
+                           : store_->tensor(part.frozen, Tier::kGpu).data_ptr();
+  bind_frozen(part, decode_fp8_frozen(part, bundle, compute_dtype_, config_.device));
+}
+
+// Note: a block's decoded fp8 base is working memory like its activations: the modules hold it
+// from the block's visit until here (and autograd until the block's backward when it keeps its
+// graph), never the whole base at once.
+void FirstOrderTrainer::unbind_decoded_base(std::size_t p) {
+  if (!fp8_frozen(parts_[p], config_)) return;
+  for (const ParameterSlice& slice : parts_[p].frozen_slices) {
+    slice.parameter.set_data(torch::empty({0}, torch::TensorOptions().dtype(compute_dtype_).device(config_.device)));
+  }
 }
 
 // Note: frozen parameters are written once, at set-up, straight into their home copy (through
@@ -160,7 +183,12 @@ void FirstOrderTrainer::write_frozen(std::size_t p, const torch::Tensor& values)
   const Tier home = store_->spec(part.frozen).home;
   const Tier tier = home == Tier::kNvme ? Tier::kHost : home;
   if (tier != home) store_->allocate(part.frozen, tier);
-  view(part.frozen, tier, compute_dtype_, part.frozen_numel).copy_(values.reshape({-1}));
+  if (fp8_frozen(part, config_)) {
+    const torch::Tensor bytes = encode_fp8_frozen(part, values);
+    view(part.frozen, tier, torch::kByte, bytes.numel()).copy_(bytes);
+  } else {
+    view(part.frozen, tier, compute_dtype_, part.frozen_numel).copy_(values.reshape({-1}));
+  }
   store_->mark_dirty(part.frozen, tier);
   if (tier == home) return;
   store_->write_back(part.frozen, tier, home).wait();
@@ -174,8 +202,14 @@ torch::Tensor FirstOrderTrainer::read_frozen(std::size_t p) {
   const Tier tier = home == Tier::kNvme ? Tier::kHost : home;
   const bool absent = store_->state(part.frozen, tier) == CopyState::kAbsent;
   store_->fetch(part.frozen, tier).wait();
-  torch::Tensor values =
-      view(part.frozen, tier, compute_dtype_, part.frozen_numel).to(torch::kCPU, torch::kFloat, false, true);
+  torch::Tensor values;
+  if (fp8_frozen(part, config_)) {
+    const std::int64_t bytes = static_cast<std::int64_t>(frozen_bytes(part, config_));
+    torch::Tensor codes = view(part.frozen, tier, torch::kByte, bytes).to(torch::kCPU, false, true);
+    values = decode_fp8_frozen(part, codes.data_ptr(), torch::kFloat, torch::kCPU);
+  } else {
+    values = view(part.frozen, tier, compute_dtype_, part.frozen_numel).to(torch::kCPU, torch::kFloat, false, true);
+  }
   if (absent) store_->evict(part.frozen, tier);
   return values;
 }
@@ -347,7 +381,7 @@ void FirstOrderTrainer::enter_block(std::size_t block, std::size_t visit) {
   const std::size_t p = block + 1;
   window_->arrive(visit);
   enter_part(p);
-  if (streamed(p)) bind_device_copies(p, /*in_flight=*/true);
+  if (streamed(p) || fp8_frozen(parts_[p], config_)) bind_device_copies(p, /*in_flight=*/streamed(p));
 }
 
 void FirstOrderTrainer::size_checkpoints(std::uint64_t bytes) {
@@ -433,6 +467,7 @@ void FirstOrderTrainer::forward_blocks(std::vector<PendingBackward>& micro) {
       micro[m].blocks.push_back(std::move(block));
     }
     window_->depart(i, {});
+    unbind_decoded_base(i + 1);
   }
   window_->finish();
   for (std::size_t m = 0; m < micro.size(); ++m) micro[m].head_input = hidden[m].detach().requires_grad_(true);
@@ -596,6 +631,7 @@ void FirstOrderTrainer::backward_blocks(std::vector<PendingBackward>& micro, boo
     // Its uploads are done before the optimizer writes into their host staging.
     window_->settle(k);
     window_->depart(k, {});
+    unbind_decoded_base(i + 1);
     gradients_ready(i + 1, summed);
   }
   window_->finish();
@@ -951,6 +987,7 @@ torch::Tensor FirstOrderTrainer::logits(const torch::Tensor& tokens, const torch
     enter_block(i, i);
     hidden = model_.blocks()[i]->forward(hidden, context);
     window_->depart(i, {});
+    unbind_decoded_base(i + 1);
   }
   window_->finish();
   enter_part(parts_.size() - 1);

@@ -118,6 +118,7 @@ class FirstOrderTrainer final : public Trainer {
   // Binds the part's modules to its device copies: those a visit may still be uploading, or
   // resident ones.
   void bind_device_copies(std::size_t part, bool in_flight);
+  void unbind_decoded_base(std::size_t part);
   void write_frozen(std::size_t part, const torch::Tensor& values);
   TierDemand demand() const;
 

@@ -71,7 +71,7 @@ StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement&
     for (std::size_t p = 0; p < parts.size(); ++p) {
       if (!counts(p)) continue;
       most = std::max(most, stored(static_cast<std::uint64_t>(parts[p].numel) * e) +
-                                stored(static_cast<std::uint64_t>(parts[p].frozen_numel) * e));
+                                stored(parts[p].frozen_numel > 0 ? frozen_bytes(parts[p], config) : 0));
     }
     return most;
   };
@@ -179,6 +179,8 @@ TierDemand count_first_order(const std::vector<PartShape>& shapes, const EngineC
     parts[p].name = shapes[p].name;
     parts[p].numel = shapes[p].numel;
     parts[p].frozen_numel = shapes[p].frozen_numel;
+    parts[p].frozen_channels = shapes[p].frozen_channels;
+    parts[p].kind = p == 0 ? models::Part::kStem : p + 1 == shapes.size() ? models::Part::kHead : models::Part::kBlock;
   }
   TierDemand demand;
   lay_out_parts(store, parts, placement, config, [&](const BundleSpec& spec, const char*) { return store.add(spec); },

@@ -1,5 +1,9 @@
 #include "engine/parts.h"
 
+#if FERRY_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 #include "engine/update.h"
 #include "ferry/check.h"
 
@@ -21,6 +25,7 @@ Part describe(std::string name, models::Part kind, std::int64_t index, torch::nn
     if (!slice.parameter.requires_grad()) {
       slice.offset = part.frozen_numel;
       part.frozen_numel += slice.numel;
+      part.frozen_channels += slice.shape.size() >= 2 ? slice.shape[0] : slice.numel;
       part.frozen_slices.push_back(std::move(slice));
       continue;
     }
@@ -39,7 +44,76 @@ Part describe(std::string name, models::Part kind, std::int64_t index, torch::nn
   return part;
 }
 
+std::uint64_t fp8_table_bytes(const Part& part) {
+  constexpr std::uint64_t kCodesAlignment = 16;
+  const std::uint64_t table = static_cast<std::uint64_t>(part.frozen_channels) * (sizeof(std::int64_t) + sizeof(float));
+  return (table + kCodesAlignment - 1) / kCodesAlignment * kCodesAlignment;
+}
+
 }  // namespace
+
+bool fp8_frozen(const Part& part, const EngineConfig& config) {
+  return config.base_storage == BaseStorage::kFp8 && part.kind == models::Part::kBlock && part.frozen_numel > 0;
+}
+
+std::uint64_t frozen_bytes(const Part& part, const EngineConfig& config) {
+  const auto numel = static_cast<std::uint64_t>(part.frozen_numel);
+  if (fp8_frozen(part, config)) return fp8_table_bytes(part) + numel;
+  return numel * torch::elementSize(scalar_type(config.precision));
+}
+
+optim::ZoTransferCopy fp8_frozen_copy(const Part& part, void* bundle) {
+  auto* bytes = static_cast<std::uint8_t*>(bundle);
+  optim::ZoTransferCopy copy;
+  copy.format = optim::ZoTransferFormat::kFp8E4M3;
+  copy.numel = part.frozen_numel;
+  copy.segments = static_cast<int>(part.frozen_channels);
+  copy.segment_ends = reinterpret_cast<const std::int64_t*>(bytes);
+  copy.scales = reinterpret_cast<float*>(bytes + sizeof(std::int64_t) * static_cast<std::size_t>(part.frozen_channels));
+  copy.codes = bytes + fp8_table_bytes(part);
+  return copy;
+}
+
+torch::Tensor decode_fp8_frozen(const Part& part, void* bundle, torch::ScalarType dtype, torch::Device device) {
+  torch::Tensor decoded = torch::empty({part.frozen_numel}, torch::TensorOptions().dtype(dtype).device(device));
+  const optim::DType out = dtype == torch::kBFloat16 ? optim::DType::kBF16
+                           : dtype == torch::kHalf   ? optim::DType::kF16
+                                                     : optim::DType::kF32;
+  const optim::ZoTransferCopy codes = fp8_frozen_copy(part, bundle);
+#if FERRY_WITH_CUDA
+  if (device.is_cuda()) {
+    optim::zo_perturb_transfer_cuda(codes, decoded.data_ptr(), out, {},
+                                    c10::cuda::getCurrentCUDAStream(device.index()).stream());
+    return decoded;
+  }
+#endif
+  FERRY_CHECK(!device.is_cuda(), "an fp8 base on ", device.str(), " needs ferry built with CUDA");
+  optim::zo_perturb_transfer(codes, decoded.data_ptr(), out, {});
+  return decoded;
+}
+
+torch::Tensor encode_fp8_frozen(const Part& part, const torch::Tensor& values) {
+  FERRY_CHECK(part.frozen_channels <= INT32_MAX, "an fp8 base keeps at most ", INT32_MAX,
+              " output channels per block; ", part.name, " has ", part.frozen_channels);
+  torch::Tensor weights = values.to(torch::kFloat).contiguous();
+  torch::Tensor bytes = torch::zeros({static_cast<std::int64_t>(fp8_table_bytes(part)) + part.frozen_numel},
+                                     torch::kByte);
+  auto* ends = reinterpret_cast<std::int64_t*>(bytes.data_ptr());
+  std::int64_t c = 0;
+  for (const ParameterSlice& slice : part.frozen_slices) {
+    const std::int64_t channels = slice.shape.size() >= 2 ? slice.shape[0] : slice.numel;
+    const std::int64_t length = channels > 0 ? slice.numel / channels : 0;
+    for (std::int64_t k = 0; k < channels; ++k) ends[c++] = slice.offset + (k + 1) * length;
+  }
+  FERRY_ASSERT(c == part.frozen_channels, "counted ", part.frozen_channels, " frozen channels in ", part.name,
+               ", laid out ", c);
+  optim::ZoTensors stored;
+  stored.weights = weights.data_ptr();
+  stored.weights_dtype = optim::DType::kF32;
+  stored.numel = part.frozen_numel;
+  optim::zo_update_and_encode(stored, nullptr, 0, fp8_frozen_copy(part, bytes.data_ptr()));
+  return bytes;
+}
 
 std::vector<Part> describe_parts(const LayeredModel& model) {
   std::vector<Part> parts;
@@ -73,9 +147,7 @@ void add_bundles(Part& part, const PartPlacement& home, const EngineConfig& conf
     return out;
   };
   if (part.frozen_numel > 0) {
-    const std::uint64_t frozen_bytes = static_cast<std::uint64_t>(part.frozen_numel) *
-                                       torch::elementSize(scalar_type(config.precision));
-    part.frozen = add(spec("frozen", frozen_bytes, home.params, pools.window), "frozen parameters");
+    part.frozen = add(spec("frozen", frozen_bytes(part, config), home.params, pools.window), "frozen parameters");
   }
   if (!part.trainable()) return;
   BundleSpec params = spec("params", compute_bytes, home.params, pools.window);

@@ -15,6 +15,7 @@
 #include "ferry/engine.h"
 #include "ferry/model.h"
 #include "ferry/store.h"
+#include "ferry/zo.h"
 
 namespace ferry::detail {
 
@@ -48,6 +49,7 @@ struct Part {
   std::int64_t decay_numel = 0;
   std::vector<ParameterSlice> frozen_slices;
   std::int64_t frozen_numel = 0;
+  std::int64_t frozen_channels = 0;  // output channels: a matrix's rows, a vector's elements
 
   bool trainable() const { return numel > 0; }
 
@@ -59,6 +61,19 @@ struct Part {
   BundleId accumulator = kNoBundle;  // fp32 gradient sum over micro-batches, when there are several
   BundleId frozen = kNoBundle;  // compute dtype, read-only; modules see views of its device copy
 };
+
+// Note: with BaseStorage::kFp8 a block's frozen bundle holds [channel ends (int64) | scales (fp32)
+// | codes (one byte an element)], each channel's codes scaled to fp8's whole range (the zo
+// transfer codec, optim::zo_update_and_encode), so one upload carries all of it and the device
+// decodes it with optim::zo_perturb_transfer_cuda into a compute-dtype copy the module binds.
+bool fp8_frozen(const Part& part, const EngineConfig& config);
+std::uint64_t frozen_bytes(const Part& part, const EngineConfig& config);
+// The codec's view of an fp8 frozen bundle's bytes at `bundle` (codes, scales and ends in place).
+optim::ZoTransferCopy fp8_frozen_copy(const Part& part, void* bundle);
+// The fp8 bundle at `bundle` (memory on `device`) decoded to `dtype`, on the current stream.
+torch::Tensor decode_fp8_frozen(const Part& part, void* bundle, torch::ScalarType dtype, torch::Device device);
+// The fp8 bundle's bytes for `values` (the frozen parameters in fp32, packed as frozen_slices).
+torch::Tensor encode_fp8_frozen(const Part& part, const torch::Tensor& values);
 
 // The parts of a model in execution order: stem, blocks, head. Slices are laid out, bundles
 // not yet allocated.

@@ -272,15 +272,22 @@ std::string TierDemand::describe(Tier tier) const {
 
 std::vector<PartShape> part_shapes(const models::ModelConfig& config) {
   // With LoRA the base is frozen and the blocks' adapters alone are trained.
-  auto shape = [&](std::string name, std::int64_t base, std::int64_t adapters) {
-    return config.lora.enabled() ? PartShape{std::move(name), adapters, base} : PartShape{std::move(name), base, 0};
+  auto shape = [&](std::string name, std::int64_t base, std::int64_t adapters, std::int64_t channels) {
+    return config.lora.enabled() ? PartShape{std::move(name), adapters, base, channels}
+                                 : PartShape{std::move(name), base, 0, 0};
   };
   std::vector<PartShape> parts;
-  parts.push_back(shape("stem", config.stem_parameter_count(), 0));
-  for (std::int64_t i = 0; i < config.num_layers; ++i) {
-    parts.push_back(shape("block." + std::to_string(i), config.block_parameter_count(), config.lora_parameter_count()));
+  // An fp8 base keeps a scale per output channel: a matrix's rows, a vector's elements.
+  std::int64_t block_channels = 0;
+  for (const models::ParameterSpec& spec : config.block_parameters()) {
+    block_channels += spec.shape.size() >= 2 ? spec.shape[0] : spec.numel();
   }
-  parts.push_back(shape("head", config.head_parameter_count(), 0));
+  parts.push_back(shape("stem", config.stem_parameter_count(), 0, 0));
+  for (std::int64_t i = 0; i < config.num_layers; ++i) {
+    parts.push_back(shape("block." + std::to_string(i), config.block_parameter_count(), config.lora_parameter_count(),
+                          block_channels));
+  }
+  parts.push_back(shape("head", config.head_parameter_count(), 0, 0));
   return parts;
 }
 
