@@ -119,6 +119,14 @@ void Communicator::all_reduce_sum(torch::Tensor& tensor, Group group) {
 #ifdef FERRY_WITH_NCCL
   if (auto* nccl = impl_->nccl_for(tensor, group)) return impl_->wait(nccl->allreduce(tensors), "all-reduce");
 #endif
+  // Note: Gloo in LibTorch 1.13 reduces no bf16: it reduces an fp32 copy (exact for the sums of
+  // two bf16 values rounded back as NCCL rounds them).
+  if (tensor.scalar_type() == torch::kBFloat16) {
+    std::vector<at::Tensor> widened{tensor.to(torch::kFloat)};
+    impl_->wait(impl_->gloo_for(group).allreduce(widened), "all-reduce");
+    tensor.copy_(widened[0]);
+    return;
+  }
   impl_->wait(impl_->gloo_for(group).allreduce(tensors), "all-reduce");
 }
 
@@ -156,7 +164,10 @@ void Communicator::reduce_scatter_sum(torch::Tensor& tensor, std::int64_t shard_
 void Communicator::all_gather(torch::Tensor& tensor, std::int64_t shard_numel, Group group) {
   FERRY_ASSERT(tensor.is_contiguous() && tensor.dim() == 1 && shard_numel * impl_->world_size >= tensor.numel(),
                "all_gather needs a flat contiguous tensor of at most world_size shards");
-  torch::Tensor whole = padded(tensor, shard_numel, impl_->world_size, /*copy=*/true);
+  // Gloo gathers bf16 as its fp32 values, which round back exactly.
+  const bool widen = !tensor.is_cuda() && tensor.scalar_type() == torch::kBFloat16;
+  torch::Tensor whole = widen ? padded(tensor.to(torch::kFloat), shard_numel, impl_->world_size, true)
+                              : padded(tensor, shard_numel, impl_->world_size, /*copy=*/true);
   std::vector<at::Tensor> input{whole.narrow(0, impl_->rank * shard_numel, shard_numel).clone()};
   std::vector<std::vector<at::Tensor>> outputs(1);
   for (int r = 0; r < impl_->world_size; ++r) outputs[0].push_back(whole.narrow(0, r * shard_numel, shard_numel));
