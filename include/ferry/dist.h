@@ -2,9 +2,10 @@
 
 // Data parallelism over PyTorch's c10d (docs/distributed.md): one process per device, launched by
 // torchrun or anything that sets its variables. The engine takes a Communicator in
-// EngineConfig::communicator; every rank then trains the same model on its own rows of each batch,
-// the gradients are summed across the ranks as each part's backward finishes, and every rank
-// applies the same update.
+// EngineConfig::communicator; every rank then trains the same model on its own rows of each batch
+// (ZeRO stage 2): as each part's backward finishes its gradients are reduce-scattered, each rank
+// updates its 1/N shard of the part's fp32 master and optimizer states, and the updated
+// parameters are all-gathered.
 //
 //   ferry::dist::World world = ferry::dist::World::from_environment();
 //   config.device = torch::Device(torch::kCUDA, world.local_rank);
@@ -41,8 +42,14 @@ struct CommunicatorOptions {
   std::chrono::milliseconds timeout = std::chrono::minutes(5);
 };
 
-// A process group of the world's ranks. Collectives are issued by one thread at a time, in the
-// same order on every rank (c10d's contract).
+// Which of the communicator's process groups a collective goes through. c10d matches collectives
+// by their order in a group, so each group is used by one thread only: kMain by the thread that
+// drives the step, kUpdate by the engine's CPU update worker (its all-gathers of updated
+// parameters), each in the same order on every rank.
+enum class Group { kMain, kUpdate };
+
+// A process group of the world's ranks. Collectives are issued by one thread at a time per
+// Group, in the same order on every rank (c10d's contract).
 class Communicator {
  public:
   ~Communicator();
@@ -55,7 +62,16 @@ class Communicator {
 
   // Sums `tensor` over the ranks in place; every rank ends with the same bits. A CUDA tensor is
   // reduced on the device: the current stream waits for the result, the host does not.
-  void all_reduce_sum(torch::Tensor& tensor);
+  void all_reduce_sum(torch::Tensor& tensor, Group group = Group::kMain);
+  // `tensor` is flat, its rank r's shard [r * shard_numel, (r + 1) * shard_numel) clipped to its
+  // size. reduce_scatter_sum leaves the sum over the ranks in this rank's shard (the rest is then
+  // unspecified); all_gather fills every shard from its rank.
+  //
+  // Note: ProcessGroupGloo in LibTorch 1.13 declares reduce_scatter but throws when called, so
+  // Gloo all-reduces the whole tensor (N times the traffic of a reduce-scatter, the same sums);
+  // NCCL reduce-scatters. Both pad a tensor shorter than world_size * shard_numel through a copy.
+  void reduce_scatter_sum(torch::Tensor& tensor, std::int64_t shard_numel, Group group = Group::kMain);
+  void all_gather(torch::Tensor& tensor, std::int64_t shard_numel, Group group = Group::kMain);
   // Every rank says how `what` went: `error` empty when it went well. Returns when it went well
   // everywhere; otherwise throws ferry::Error on every rank, naming each rank that failed and
   // its error. The way to keep one rank's failure from hanging the others at their next

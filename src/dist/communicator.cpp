@@ -8,6 +8,7 @@
 
 #include "ferry/dist.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -77,9 +78,19 @@ struct Communicator::Impl {
   std::chrono::milliseconds timeout{};
   std::string backend = "gloo";
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo;         // Group::kMain
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo_update;  // Group::kUpdate
 #ifdef FERRY_WITH_NCCL
   c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl;
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl_update;
+#endif
+
+  c10d::ProcessGroupGloo& gloo_for(Group group) { return group == Group::kMain ? *gloo : *gloo_update; }
+#ifdef FERRY_WITH_NCCL
+  c10d::ProcessGroupNCCL* nccl_for(const torch::Tensor& tensor, Group group) {
+    if (!tensor.is_cuda()) return nullptr;
+    return (group == Group::kMain ? nccl : nccl_update).get();
+  }
 #endif
   std::int64_t agreements = 0;  // the key of each agreement's errors in the store
 
@@ -102,13 +113,74 @@ int Communicator::rank() const { return impl_->rank; }
 int Communicator::world_size() const { return impl_->world_size; }
 const std::string& Communicator::backend() const { return impl_->backend; }
 
-void Communicator::all_reduce_sum(torch::Tensor& tensor) {
+void Communicator::all_reduce_sum(torch::Tensor& tensor, Group group) {
   FERRY_ASSERT(tensor.is_contiguous(), "all_reduce_sum needs a contiguous tensor");
   std::vector<at::Tensor> tensors{tensor};
 #ifdef FERRY_WITH_NCCL
-  if (tensor.is_cuda() && impl_->nccl) return impl_->wait(impl_->nccl->allreduce(tensors), "all-reduce");
+  if (auto* nccl = impl_->nccl_for(tensor, group)) return impl_->wait(nccl->allreduce(tensors), "all-reduce");
 #endif
-  impl_->wait(impl_->gloo->allreduce(tensors), "all-reduce");
+  // Note: Gloo in LibTorch 1.13 reduces no bf16: it reduces an fp32 copy (exact for the sums of
+  // two bf16 values rounded back as NCCL rounds them).
+  if (tensor.scalar_type() == torch::kBFloat16) {
+    std::vector<at::Tensor> widened{tensor.to(torch::kFloat)};
+    impl_->wait(impl_->gloo_for(group).allreduce(widened), "all-reduce");
+    tensor.copy_(widened[0]);
+    return;
+  }
+  impl_->wait(impl_->gloo_for(group).allreduce(tensors), "all-reduce");
+}
+
+namespace {
+
+// `tensor` as world_size shards of shard_numel: itself when it has exactly that many elements,
+// else a padded copy (of its values when `copy`).
+torch::Tensor padded(const torch::Tensor& tensor, std::int64_t shard_numel, int world_size, bool copy) {
+  const std::int64_t numel = shard_numel * world_size;
+  if (tensor.numel() == numel) return tensor;
+  torch::Tensor out = torch::zeros({numel}, tensor.options());
+  if (copy) out.narrow(0, 0, tensor.numel()).copy_(tensor);
+  return out;
+}
+
+}  // namespace
+
+void Communicator::reduce_scatter_sum(torch::Tensor& tensor, std::int64_t shard_numel, Group group) {
+  FERRY_ASSERT(tensor.is_contiguous() && tensor.dim() == 1 && shard_numel * impl_->world_size >= tensor.numel(),
+               "reduce_scatter_sum needs a flat contiguous tensor of at most world_size shards");
+#ifdef FERRY_WITH_NCCL
+  if (auto* nccl = impl_->nccl_for(tensor, group)) {
+    torch::Tensor input = padded(tensor, shard_numel, impl_->world_size, /*copy=*/true);
+    torch::Tensor output = input.narrow(0, impl_->rank * shard_numel, shard_numel).clone();
+    impl_->wait(nccl->_reduce_scatter_base(output, input), "reduce-scatter");
+    const std::int64_t begin = std::min<std::int64_t>(impl_->rank * shard_numel, tensor.numel());
+    const std::int64_t size = std::min<std::int64_t>(shard_numel, tensor.numel() - begin);
+    if (size > 0) tensor.narrow(0, begin, size).copy_(output.narrow(0, 0, size));
+    return;
+  }
+#endif
+  all_reduce_sum(tensor, group);
+}
+
+void Communicator::all_gather(torch::Tensor& tensor, std::int64_t shard_numel, Group group) {
+  FERRY_ASSERT(tensor.is_contiguous() && tensor.dim() == 1 && shard_numel * impl_->world_size >= tensor.numel(),
+               "all_gather needs a flat contiguous tensor of at most world_size shards");
+  // Gloo gathers bf16 as its fp32 values, which round back exactly.
+  const bool widen = !tensor.is_cuda() && tensor.scalar_type() == torch::kBFloat16;
+  torch::Tensor whole = widen ? padded(tensor.to(torch::kFloat), shard_numel, impl_->world_size, true)
+                              : padded(tensor, shard_numel, impl_->world_size, /*copy=*/true);
+  std::vector<at::Tensor> input{whole.narrow(0, impl_->rank * shard_numel, shard_numel).clone()};
+  std::vector<std::vector<at::Tensor>> outputs(1);
+  for (int r = 0; r < impl_->world_size; ++r) outputs[0].push_back(whole.narrow(0, r * shard_numel, shard_numel));
+#ifdef FERRY_WITH_NCCL
+  if (auto* nccl = impl_->nccl_for(tensor, group)) {
+    impl_->wait(nccl->allgather(outputs, input), "all-gather");
+  } else {
+    impl_->wait(impl_->gloo_for(group).allgather(outputs, input), "all-gather");
+  }
+#else
+  impl_->wait(impl_->gloo_for(group).allgather(outputs, input), "all-gather");
+#endif
+  if (!whole.is_same(tensor)) tensor.copy_(whole.narrow(0, 0, tensor.numel()));
 }
 
 void Communicator::barrier() { impl_->wait(impl_->gloo->barrier(), "barrier"); }
@@ -153,12 +225,18 @@ std::shared_ptr<Communicator> connect(const World& world, const CommunicatorOpti
     gloo_options->devices.push_back(gloo_device(world.master_addr));
     impl->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
         c10::make_intrusive<c10d::PrefixStore>("gloo", impl->store), world.rank, world.world_size, gloo_options);
+    impl->gloo_update = c10::make_intrusive<c10d::ProcessGroupGloo>(
+        c10::make_intrusive<c10d::PrefixStore>("gloo.update", impl->store), world.rank, world.world_size,
+        gloo_options);
 #ifdef FERRY_WITH_NCCL
     if (options.device.is_cuda()) {
       auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
       nccl_options->timeout = options.timeout;
       impl->nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
           c10::make_intrusive<c10d::PrefixStore>("nccl", impl->store), world.rank, world.world_size, nccl_options);
+      impl->nccl_update = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+          c10::make_intrusive<c10d::PrefixStore>("nccl.update", impl->store), world.rank, world.world_size,
+          nccl_options);
       impl->backend = "nccl";
     }
 #endif

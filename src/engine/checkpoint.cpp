@@ -456,6 +456,28 @@ Verify parse_verify(const std::string& name) {
   throw Error(detail::concat("unknown verify level '", name, "': valid are auto, full, sampled and none"));
 }
 
+namespace {
+
+// Rank 0 runs `write`; the others read what it reads alongside when the trainer's reads are
+// collective (the shards of the optimizer state gathered), and drop it. Every rank then learns
+// whether rank 0 succeeded.
+//
+// Note: `write` must read every trainable part once, in order (the writers here do). Should rank
+// 0 fail before its last read, the others wait in their next gather until the communicator's
+// timeout, and then fail with it.
+template <typename Write>
+void rank_zero_writes(detail::Trainer& trainer, const char* what, bool with_states, Write write) {
+  detail::on_every_rank(trainer.config().communicator.get(), what, [&] {
+    if (detail::rank(trainer.config()) == 0) return write();
+    if (!trainer.reads_collectively()) return;
+    for (std::size_t p = 0; p < trainer.parts().size(); ++p) {
+      if (trainer.parts()[p].trainable()) trainer.read_part(p, with_states);
+    }
+  });
+}
+
+}  // namespace
+
 void Engine::save(const std::string& dir, const std::string& extra_json) {
   const nlohmann::json extra = parse_extra(extra_json);
   detail::Trainer& trainer = *trainer_;
@@ -464,10 +486,11 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
   state["extra"] = extra;
   state["base"] = base_identity(trainer.model(), trainer.parts(), trainer.config());
   state["world_size"] = detail::world_size(trainer.config());
-  // Note: every rank holds the same weights and optimizer states (they are replicated), so rank 0
-  // writes them all; the others wait for it to succeed.
-  detail::on_every_rank(trainer.config().communicator.get(), "save()", [&] {
-    if (detail::rank(trainer.config()) != 0) return;
+  // Note: the checkpoint holds every part's whole optimizer state, gathered from the ranks'
+  // shards ("shards" records how they were split), so it loads into any world size: each rank
+  // keeps its own shard of what it reads (re-sharding on load).
+  state["shards"] = "even";
+  rank_zero_writes(trainer, "save()", /*with_states=*/true, [&] {
     detail::write_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
                              trainer.state_count(), state,
                              [&](std::size_t p) { return trainer.read_part(p, /*with_states=*/true); },
@@ -482,8 +505,7 @@ void Engine::export_pretrained(const std::string& dir, Precision precision,
   const DType dtype = to_dtype(detail::scalar_type(precision));
   detail::Trainer& trainer = *trainer_;
   trainer.quiesce("export_pretrained()");
-  detail::on_every_rank(trainer.config().communicator.get(), "export_pretrained()", [&] {
-    if (detail::rank(trainer.config()) != 0) return;
+  rank_zero_writes(trainer, "export_pretrained()", /*with_states=*/false, [&] {
     const std::vector<detail::Part>& parts = trainer.parts();
     const models::ModelConfig& config = *trainer.model().config();
     const std::vector<detail::Part> merged = merged_parts(parts);
@@ -512,8 +534,7 @@ void Engine::export_adapter(const std::string& dir, const std::string& base_mode
               "'): the model has no LoRA adapters (ModelConfig::lora.rank is 0)");
   detail::Trainer& trainer = *trainer_;
   trainer.quiesce("export_adapter()");
-  detail::on_every_rank(trainer.config().communicator.get(), "export_adapter()", [&] {
-    if (detail::rank(trainer.config()) != 0) return;
+  rank_zero_writes(trainer, "export_adapter()", /*with_states=*/false, [&] {
     const models::ModelConfig& config = *trainer.model().config();
     const std::vector<detail::Part>& parts = trainer.parts();
     Env& env = env_or_posix(trainer.config().checkpoint_env);
@@ -566,7 +587,7 @@ void Engine::export_adapter(const std::string& dir, const std::string& base_mode
   });
 }
 
-// Every rank reads the whole checkpoint, whatever world size wrote it: the states are replicated.
+// Every rank reads the whole checkpoint, whatever world size wrote it, and keeps its shard.
 std::string Engine::load(const std::string& dir) {
   detail::Trainer& trainer = *trainer_;
   nlohmann::json state;

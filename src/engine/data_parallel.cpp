@@ -1,5 +1,6 @@
 #include "engine/data_parallel.h"
 
+#include <algorithm>
 #include <vector>
 
 #include <torch/torch.h>
@@ -16,6 +17,15 @@ int rank(const EngineConfig& config) { return config.communicator ? config.commu
 
 void sum_across_ranks(const EngineConfig& config, torch::Tensor& tensor) {
   if (world_size(config) > 1) config.communicator->all_reduce_sum(tensor);
+}
+
+Shard shard_of(const EngineConfig& config, std::int64_t numel) {
+  const std::int64_t ranks = world_size(config);
+  Shard shard;
+  shard.padded = (numel + ranks - 1) / ranks;
+  shard.begin = std::min(numel, rank(config) * shard.padded);
+  shard.numel = std::min(shard.padded, numel - shard.begin);
+  return shard;
 }
 
 void require_same_schedule(const EngineConfig& config, std::int64_t parameter_count) {

@@ -19,6 +19,16 @@ int rank(const EngineConfig& config);
 // Sums `tensor` over the ranks in place; every rank ends with the same bits.
 void sum_across_ranks(const EngineConfig& config, torch::Tensor& tensor);
 
+// This rank's part of a flat range of `numel` elements (ZeRO's partition): an even split into
+// world_size shards of `padded` elements each, the last ones clipped to the range, so a shard
+// may be shorter than `padded` or empty. A world of one owns everything.
+struct Shard {
+  std::int64_t begin = 0;
+  std::int64_t numel = 0;
+  std::int64_t padded = 0;
+};
+Shard shard_of(const EngineConfig& config, std::int64_t numel);
+
 // Every rank must issue the same collectives in the same order: throws ferry::Error on every
 // rank, naming each rank whose mode, micro-batches, their order, zo2 samples or model size differ
 // from the others' (a plan chosen per rank from its own measurements may).

@@ -129,7 +129,7 @@ void FirstOrderTrainer::allocate_and_bind() {
     } else if (part.trainable()) {
       torch::Tensor initial = pack_slices(part.slices, part.numel);
       write_bundle(p, part.params, initial.to(compute_dtype_));
-      if (separate_master) write_bundle(p, part.master, initial);
+      if (separate_master) write_bundle(p, part.master, initial.narrow(0, part.shard.begin, part.shard.numel));
     }
     if (part.frozen != kNoBundle) write_frozen(p, pack_slices(part.frozen_slices, part.frozen_numel));
     if (streamed(p)) {
@@ -219,7 +219,27 @@ BundleId FirstOrderTrainer::master_bundle(std::size_t p) const {
 }
 
 torch::Tensor FirstOrderTrainer::master_view(std::size_t p) const {
-  return view(master_bundle(p), state_[p].update_tier(), torch::kFloat, parts_[p].numel);
+  const Part& part = parts_[p];
+  if (part.master != kNoBundle) return view(part.master, state_[p].update_tier(), torch::kFloat, part.shard.numel);
+  return view(part.params, state_[p].update_tier(), torch::kFloat, part.numel)
+      .narrow(0, part.shard.begin, part.shard.numel);
+}
+
+torch::Tensor FirstOrderTrainer::gather_shards(std::size_t p, const torch::Tensor& shard) {
+  const Part& part = parts_[p];
+  if (world_size(config_) == 1 || shard.numel() == part.numel) return shard;
+  torch::Tensor whole = torch::empty({part.numel}, shard.options());
+  whole.narrow(0, part.shard.begin, part.shard.numel).copy_(shard);
+  config_.communicator->all_gather(whole, part.shard.padded);
+  return whole;
+}
+
+void FirstOrderTrainer::gather_parameters(std::size_t p, const torch::Tensor& params) {
+  if (world_size(config_) == 1) return;
+  torch::Tensor flat = params;
+  const dist::Group group = state_[p].cpu_updated() ? dist::Group::kUpdate : dist::Group::kMain;
+  traced("gather " + parts_[p].name, Track::kOptimizer,
+         [&] { config_.communicator->all_gather(flat, parts_[p].shard.padded, group); });
 }
 
 BundleId FirstOrderTrainer::gradient_bundle(std::size_t p) const {
@@ -343,11 +363,11 @@ void FirstOrderTrainer::prefetch_optimizer_state(std::size_t p) {
   for (BundleId state : part.states) stage(p, state, false);
 }
 
-torch::Tensor FirstOrderTrainer::read_bundle(std::size_t p, BundleId id, torch::ScalarType dtype) {
+torch::Tensor FirstOrderTrainer::read_bundle(std::size_t p, BundleId id, torch::ScalarType dtype, std::int64_t numel) {
   const Tier tier = state_[p].update_tier();
   const bool absent = store_->state(id, tier) == CopyState::kAbsent;
   store_->fetch(id, tier).wait();
-  torch::Tensor values = view(id, tier, dtype, parts_[p].numel).to(torch::kCPU, torch::kFloat, false, true);
+  torch::Tensor values = view(id, tier, dtype, numel).to(torch::kCPU, torch::kFloat, false, true);
   if (absent) store_->evict(id, tier);
   return values;
 }
@@ -729,7 +749,8 @@ void FirstOrderTrainer::gradients_ready(std::size_t p, bool summed) {
   store_->mark_dirty(down, Tier::kGpu);  // autograd (or fold_gradients) wrote the device copy
   // Measured on the device as they go down: the worker then reads two numbers, not the gradients.
   if (last && (first || summed) && config_.device.is_cuda()) {
-    state.device_stats = measure_on_device(view(down, Tier::kGpu, summed ? torch::kFloat : compute_dtype_, part.numel));
+    state.device_stats = measure_on_device(view(down, Tier::kGpu, summed ? torch::kFloat : compute_dtype_, part.numel)
+                                               .narrow(0, part.shard.begin, part.shard.numel));
   }
   state.gradients_down = store_->write_back(down, Tier::kGpu, Tier::kHost);
   // The step's last use of the part's parameters is queued: the delayed update may go up.
@@ -753,29 +774,30 @@ void FirstOrderTrainer::gradients_ready(std::size_t p, bool summed) {
         if (staged_on_host(p, gradient)) commit(p, gradient);
         return;
       }
+      // Without loss scaling a part whose shard is non-finite is left as is; its parameters are
+      // still gathered, as every rank's are.
       state.updated = true;
-      if (state.stats.finite) {
-        update(p, {step, lr, 1.0, 1.0, true}, true);
-      } else {
-        release_staged(p, gradient);  // without loss scaling a non-finite part is left as is
-      }
+      update(p, {step, lr, 1.0, 1.0, true}, true, state.stats.finite);
     });
   });
   gradients_waiting_.push_back(p);
 }
 
-// Note: data parallelism (docs/distributed.md). A part's gradients are summed across the ranks
-// on the device as soon as its backward has produced them, before they are accumulated, measured
-// or sent down, so everything after (the norm, the overflow check, clipping, the update) sees the
-// same gradients on every rank and needs no collective of its own. Every rank calls this in the
-// same order, from this thread only (backward order, stem last), as c10d requires; batch-major
-// accumulation reduces each micro-batch's gradients, layer-major the step's sum once.
+// Note: data parallelism, ZeRO stage 2 (docs/distributed.md). A part's gradients are
+// reduce-scattered on the device as soon as its backward has produced them, before they are
+// accumulated, measured or sent down: afterwards only this rank's shard (Part::shard) of them is
+// the sum over the ranks, and only it is measured and read by the update, which changes this
+// rank's shard of the master and states; update() then all-gathers the parameters. The norm and
+// the overflow flags are the shards' summed in step(). Every rank calls this in the same order,
+// from this thread only (backward order, stem last), as c10d requires; batch-major accumulation
+// reduces each micro-batch's gradients, layer-major the step's sum once.
 void FirstOrderTrainer::reduce_gradients(std::size_t p, bool summed) {
   if (world_size(config_) == 1) return;
   const Part& part = parts_[p];
   torch::Tensor gradients = summed ? view(part.accumulator, Tier::kGpu, torch::kFloat, part.numel)
                                    : view(part.grads, Tier::kGpu, compute_dtype_, part.numel);
-  traced("reduce " + part.name, Track::kCompute, [&] { sum_across_ranks(config_, gradients); });
+  traced("reduce " + part.name, Track::kCompute,
+         [&] { config_.communicator->reduce_scatter_sum(gradients, part.shard.padded); });
 }
 
 void FirstOrderTrainer::accumulate_and_measure(std::size_t p, bool first_micro_batch, bool last_micro_batch,
@@ -802,7 +824,7 @@ void FirstOrderTrainer::accumulate_and_measure(std::size_t p, bool first_micro_b
     state.device_stats = torch::Tensor();
     return;
   }
-  torch::Tensor grad = gradient_view(p);
+  torch::Tensor grad = gradient_view(p).narrow(0, part.shard.begin, part.shard.numel);
   if (grad.device().is_cpu()) {
     state.stats = gradient_stats(grad);
   } else {
@@ -810,7 +832,7 @@ void FirstOrderTrainer::accumulate_and_measure(std::size_t p, bool first_micro_b
   }
 }
 
-bool FirstOrderTrainer::update(std::size_t p, const UpdateContext& context, bool upload) {
+bool FirstOrderTrainer::update(std::size_t p, const UpdateContext& context, bool upload, bool finite) {
   auto start = Clock::now();
   const Part& part = parts_[p];
   PartState& state = state_[p];
@@ -837,15 +859,23 @@ bool FirstOrderTrainer::update(std::size_t p, const UpdateContext& context, bool
   }
   for (const Fence& fence : staged) fence.wait();
 
+  const Shard& shard = part.shard;
   PartUpdate update;
   update.master = master_view(p);
-  for (BundleId id : part.states) update.states.push_back(view(id, tier, torch::kFloat, part.numel));
-  update.grad = gradient_view(p);
-  if (part.master != kNoBundle) update.output = view(part.params, tier, compute_dtype_, part.numel);
-  update.decay_numel = part.decay_numel;
-  const bool skipped = apply_update(config_.optimizer, context, update);
+  for (BundleId id : part.states) update.states.push_back(view(id, tier, torch::kFloat, shard.numel));
+  update.grad = gradient_view(p).narrow(0, shard.begin, shard.numel);
+  const torch::Tensor params = view(part.params, tier, compute_dtype_, part.numel);
+  if (part.master != kNoBundle) update.output = params.narrow(0, shard.begin, shard.numel);
+  update.decay_numel = std::clamp<std::int64_t>(part.decay_numel - shard.begin, 0, shard.numel);
+  const bool skipped = !finite || apply_update(config_.optimizer, context, update);
   release_staged(p, gradient);
-  if (skipped) {
+  if (skipped && world_size(config_) > 1) {
+    // The parameters were staged to be overwritten: this rank's shard of them is its master's.
+    torch::NoGradGuard no_grad;
+    if (update.output.defined()) update.output.copy_(update.master);
+  }
+  gather_parameters(p, params);
+  if (skipped && world_size(config_) == 1) {
     release_staged(p, master);
     for (BundleId id : part.states) release_staged(p, id);
     release_staged(p, part.params);
@@ -853,8 +883,8 @@ bool FirstOrderTrainer::update(std::size_t p, const UpdateContext& context, bool
     for (BundleId id : part.states) commit(p, id);
     if (part.master != kNoBundle) commit(p, part.master);
     if (upload) {
-      Fence params = commit(p, part.params);
-      if (state.home.params == Tier::kGpu) state.upload = params;
+      Fence uploaded = commit(p, part.params);
+      if (state.home.params == Tier::kGpu) state.upload = uploaded;
     } else {
       store_->mark_dirty(part.params, tier);  // upload_parameters sends it up
     }
@@ -874,6 +904,19 @@ void FirstOrderTrainer::read_device_stats() {
     state.stats = measured_stats(state.device_stats);
     state.device_stats = torch::Tensor();
   }
+}
+
+// Each rank measured its shards of the gradients: the step's norm and overflow flags are their sums.
+void FirstOrderTrainer::reduce_gradient_stats() {
+  if (world_size(config_) == 1) return;
+  torch::Tensor stats = torch::empty({static_cast<std::int64_t>(2 * state_.size())}, torch::kDouble);
+  double* values = stats.data_ptr<double>();
+  for (std::size_t p = 0; p < state_.size(); ++p) {
+    values[2 * p] = state_[p].stats.sum_squares;
+    values[2 * p + 1] = state_[p].stats.finite ? 0 : 1;
+  }
+  sum_across_ranks(config_, stats);
+  for (std::size_t p = 0; p < state_.size(); ++p) state_[p].stats = {values[2 * p], values[2 * p + 1] == 0};
 }
 
 void FirstOrderTrainer::wait_for_part(std::size_t p) {
@@ -915,6 +958,7 @@ StepResult FirstOrderTrainer::step() {
   wait_for_workers();
   release_gradients(0);
   read_device_stats();
+  reduce_gradient_stats();
 
   StepResult result;
   // The loss and tokens of every rank's rows: the mean loss, the sum of tokens.
@@ -1023,9 +1067,15 @@ PartValues FirstOrderTrainer::read_part(std::size_t p, bool with_states) {
     return {torch::empty({0}, torch::kFloat),
             std::vector<torch::Tensor>(with_states ? state_count() : 0, torch::empty({0}, torch::kFloat))};
   }
-  PartValues values{read_bundle(p, master_bundle(p), torch::kFloat), {}};
+  // Note: a collective when the world has several ranks (the shards are gathered): every rank
+  // reads every trainable part, in the same order.
+  const Part& part = parts_[p];
+  const std::int64_t master_numel = part.master != kNoBundle ? part.shard.numel : part.numel;
+  PartValues values{gather_shards(p, read_bundle(p, master_bundle(p), torch::kFloat, master_numel)), {}};
   if (with_states) {
-    for (BundleId id : parts_[p].states) values.states.push_back(read_bundle(p, id, torch::kFloat));
+    for (BundleId id : part.states) {
+      values.states.push_back(gather_shards(p, read_bundle(p, id, torch::kFloat, part.shard.numel)));
+    }
   }
   return values;
 }
@@ -1033,8 +1083,9 @@ PartValues FirstOrderTrainer::read_part(std::size_t p, bool with_states) {
 void FirstOrderTrainer::write_part(std::size_t p, const PartValues& values) {
   const Part& part = parts_[p];
   if (!part.trainable()) return;
-  write_bundle(p, master_bundle(p), values.weights);
-  for (std::size_t i = 0; i < part.states.size(); ++i) write_bundle(p, part.states[i], values.states[i]);
+  auto shard = [&](const torch::Tensor& whole) { return whole.reshape({-1}).narrow(0, part.shard.begin, part.shard.numel); };
+  write_bundle(p, master_bundle(p), part.master != kNoBundle ? shard(values.weights) : values.weights);
+  for (std::size_t i = 0; i < part.states.size(); ++i) write_bundle(p, part.states[i], shard(values.states[i]));
   if (part.master != kNoBundle) write_bundle(p, part.params, values.weights.to(compute_dtype_));
 }
 

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/data_parallel.h"
 #include "engine/layout.h"
 #include "engine/parts.h"
 #include "engine/sizing.h"
@@ -102,6 +103,7 @@ class FirstOrderTrainer final : public Trainer {
   nlohmann::json checkpoint_state() const override;
   void restore_state(const nlohmann::json& state) override;
   PartValues read_part(std::size_t part, bool with_states) override;
+  bool reads_collectively() const override { return world_size(config_) > 1; }
   torch::Tensor read_frozen(std::size_t part) override;
   void write_part(std::size_t part, const PartValues& values) override;
 
@@ -184,18 +186,24 @@ class FirstOrderTrainer final : public Trainer {
   // loss scaling or a delayed update need every gradient first.
   bool update_waits_for_step(std::size_t part) const;
   // `upload`: the new parameters go up to the device now; otherwise they wait on the host for
-  // upload_parameters (a delayed update).
-  bool update(std::size_t part, const UpdateContext& context, bool upload);
+  // upload_parameters (a delayed update). `finite`: this rank's shard of the gradients is; a
+  // non-finite one skips the update. Either way the parameters are gathered across the ranks.
+  bool update(std::size_t part, const UpdateContext& context, bool upload, bool finite = true);
+  void gather_parameters(std::size_t part, const torch::Tensor& params);
+  void reduce_gradient_stats();
   void wait_for_workers();
   void wait_for_part(std::size_t part);  // the worker is done with the part's earlier tasks
   void read_device_stats();
 
   // Whole-bundle reads and writes for set-up and checkpoints, through staging where needed.
-  torch::Tensor read_bundle(std::size_t part, BundleId id, torch::ScalarType dtype);
+  torch::Tensor read_bundle(std::size_t part, BundleId id, torch::ScalarType dtype, std::int64_t numel);
+  // The part's whole flat range from every rank's shard of it (a collective, in kMain).
+  torch::Tensor gather_shards(std::size_t part, const torch::Tensor& shard);
   void write_bundle(std::size_t part, BundleId id, const torch::Tensor& values);
 
   torch::Tensor view(BundleId id, Tier tier, torch::ScalarType dtype, std::int64_t numel) const;
   BundleId master_bundle(std::size_t part) const;
+  // This rank's shard of the part's fp32 master on its update tier.
   torch::Tensor master_view(std::size_t part) const;
   // What the optimizer reads: the fp32 accumulator when there is one, else the raw gradients.
   BundleId gradient_bundle(std::size_t part) const;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "engine/data_parallel.h"
 #include "engine/sizing.h"
 #include "ferry/check.h"
 
@@ -64,6 +65,7 @@ StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement&
   const std::size_t window = window_capacity(config, placement);
   const bool layer_major = config.micro_batch_order == MicroBatchOrder::kLayerMajor;
   const PlacementRoles roles = placement_roles(config);
+  for (Part& part : parts) part.shard = shard_of(config, part.numel);
 
   // A visit brings a part's parameters and its frozen ones; only the former wait for an update.
   auto visit_bytes = [&](auto counts) {
@@ -96,8 +98,9 @@ StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement&
     if (!cpu(p)) continue;
     const auto numel = static_cast<std::uint64_t>(parts[p].numel);
     std::uint64_t work = on_nvme(homes[p].params) ? stored(numel * e) : 0;
-    if (roles.master && on_nvme(homes[p].master)) work += stored(numel * 4);
-    for (int i = 0; i < roles.states; ++i) work += on_nvme(homes[p].states[i]) ? stored(numel * 4) : 0;
+    const auto shard = static_cast<std::uint64_t>(parts[p].shard.numel);
+    if (roles.master && on_nvme(homes[p].master)) work += stored(shard * 4);
+    for (int i = 0; i < roles.states; ++i) work += on_nvme(homes[p].states[i]) ? stored(shard * 4) : 0;
     if (roles.accumulator && on_nvme(homes[p].accumulator)) work += stored(numel * 4);
     nvme_work = std::max(nvme_work, work);
   }

@@ -154,13 +154,14 @@ void add_bundles(Part& part, const PartPlacement& home, const EngineConfig& conf
   if (home.params == Tier::kGpu) params.pools[static_cast<int>(Tier::kHost)] = pools.parameter_staging;
   part.params = add(params, "parameters");
   part.grads = add(spec("grads", compute_bytes, home.grads, pools.device_gradients), "gradients");
+  const auto shard_bytes = static_cast<std::uint64_t>(part.shard.numel) * 4;
   if (config.precision != Precision::kF32) {
-    part.master = add(spec("master", numel * 4, home.master, kNoPool), "fp32 master");
+    part.master = add(spec("master", shard_bytes, home.master, kNoPool), "fp32 master");
   }
   const int state_count = optimizer_state_count(config.optimizer);
   for (int i = 0; i < state_count; ++i) {
     const std::string role = "state" + std::to_string(i);
-    part.states.push_back(add(spec(role.c_str(), numel * 4, home.states[i], kNoPool), "optimizer states"));
+    part.states.push_back(add(spec(role.c_str(), shard_bytes, home.states[i], kNoPool), "optimizer states"));
   }
   if (config.grad_accumulation > 1) {
     part.accumulator = add(spec("accumulator", numel * 4, home.accumulator, pools.device_sums), "gradient accumulator");

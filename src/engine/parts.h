@@ -11,6 +11,7 @@
 #include <torch/nn/module.h>
 #include <torch/types.h>
 
+#include "engine/data_parallel.h"
 #include "engine/sizing.h"
 #include "ferry/engine.h"
 #include "ferry/model.h"
@@ -47,6 +48,9 @@ struct Part {
   std::vector<ParameterSlice> slices;
   std::int64_t numel = 0;
   std::int64_t decay_numel = 0;
+  // This rank's range of [0, numel): its fp32 master (when separate from the parameters) and
+  // optimizer states hold only it; the parameters, gradients and accumulator are whole.
+  Shard shard;
   std::vector<ParameterSlice> frozen_slices;
   std::int64_t frozen_numel = 0;
   std::int64_t frozen_channels = 0;  // output channels: a matrix's rows, a vector's elements

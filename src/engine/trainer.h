@@ -48,8 +48,11 @@ class Trainer {
   // The step count and what else a resumed run needs (loss scale, zo2's update count).
   virtual nlohmann::json checkpoint_state() const = 0;
   virtual void restore_state(const nlohmann::json& state) = 0;
-  // One part's fp32 weights (the master) and, with `with_states`, its optimizer states.
+  // One part's fp32 weights (the master) and, with `with_states`, its optimizer states. Where
+  // reads_collectively(), every rank must read every trainable part in the same order (the
+  // ranks' shards are gathered); write_part then keeps only this rank's shard.
   virtual PartValues read_part(std::size_t part, bool with_states) = 0;
+  virtual bool reads_collectively() const { return false; }
   virtual void write_part(std::size_t part, const PartValues& values) = 0;
   // One part's frozen parameters (Part::frozen_slices) in fp32 on the host; empty when none.
   virtual torch::Tensor read_frozen(std::size_t part) = 0;

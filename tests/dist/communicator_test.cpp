@@ -101,3 +101,25 @@ TEST_CASE("a rank that never comes stops the rendezvous at the timeout, naming t
                     Catch::Contains("rank 0 of 2 could not join") && Catch::Contains("127.0.0.1:"));
   CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(20));
 }
+
+TEST_CASE("reduce-scatter sums each rank's shard and all-gather fills every shard, padded") {
+  // 5 elements in shards of 3: rank 1's is [3, 5), shorter than the others', as an engine part's may be.
+  constexpr std::int64_t kNumel = 5, kShard = 3;
+  std::vector<torch::Tensor> reduced(2), gathered(2);
+  auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+    torch::Tensor values = torch::arange(kNumel, torch::kFloat) * (rank + 1);
+    communicator->reduce_scatter_sum(values, kShard);
+    reduced[static_cast<std::size_t>(rank)] = values.narrow(0, rank * kShard, rank == 0 ? kShard : kNumel - kShard).clone();
+    // Each rank's shard holds its own marks; the others' are overwritten by the gather.
+    torch::Tensor marks = torch::full({kNumel}, -1.0f);
+    marks.narrow(0, rank * kShard, rank == 0 ? kShard : kNumel - kShard).fill_(static_cast<float>(rank + 10));
+    communicator->all_gather(marks, kShard, dist::Group::kUpdate);
+    gathered[static_cast<std::size_t>(rank)] = marks;
+  });
+  REQUIRE(errors == std::vector<std::string>{"", ""});
+  CHECK(torch::equal(reduced[0], torch::tensor({0.0f, 3.0f, 6.0f})));
+  CHECK(torch::equal(reduced[1], torch::tensor({9.0f, 12.0f})));
+  const torch::Tensor expected = torch::tensor({10.0f, 10.0f, 10.0f, 11.0f, 11.0f});
+  CHECK(torch::equal(gathered[0], expected));
+  CHECK(torch::equal(gathered[1], expected));
+}

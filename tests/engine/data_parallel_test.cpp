@@ -13,6 +13,7 @@
 #include "ferry/data.h"
 #include "ferry/dist.h"
 #include "ferry/engine.h"
+#include "ferry/io.h"
 #include "ferry/model.h"
 #include "support/ranks.h"
 #include "support/temp_dir.h"
@@ -252,6 +253,91 @@ TEST_CASE("a two-rank run resumes exactly, and its checkpoint trains on in one r
     tail.steps.erase(tail.steps.begin(), tail.steps.begin() + kSaveAfter);
     require_close(tail, alone);
   }
+}
+
+// Note: ZeRO stage 2. Each rank's optimizer states (and an fp32 master apart from the parameters)
+// hold its half of every part; the parameters, gradients and staging stay whole. So the tier that
+// holds the states uses half of their bytes less than one rank does, give or take each bundle's
+// rounding to kIoAlignment.
+TEST_CASE("each of two ranks holds half of the optimizer states on their tier") {
+  const Mode mode = GENERATE(Mode::kZeroOffload, Mode::kFuyou);
+  const Precision precision = GENERATE(Precision::kF32, Precision::kBF16);
+  INFO(to_string(mode) << " " << to_string(precision));
+  TempDir dir;
+  EngineConfig config = first_order_config(mode, dir);
+  config.precision = precision;
+  const TierDemand alone_demand = engine_demand(part_shapes(model_config()), config);
+  const Tier tier = mode == Mode::kFuyou ? Tier::kNvme : Tier::kHost;
+  std::uint64_t sharded_alone = 0;  // the optimizer states' bytes and the fp32 master's, one rank
+  for (const TierDemand::Item& item : alone_demand.items[static_cast<int>(tier)]) {
+    if (item.role == "optimizer states" || item.role == "fp32 master") sharded_alone += item.bytes;
+  }
+  REQUIRE(sharded_alone > 0);
+  const auto used = [&](const Engine& engine) { return engine.stats().store.tiers[static_cast<int>(tier)].used_bytes; };
+  const std::uint64_t used_alone = used(Engine(models::build(model_config(), kModelSeed), config));
+  std::vector<std::uint64_t> used_ranks(2);
+  auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+    EngineConfig ranked = config;
+    ranked.communicator = communicator;
+    used_ranks[static_cast<std::size_t>(rank)] = used(Engine(models::build(model_config(), kModelSeed), ranked));
+  });
+  REQUIRE(errors == std::vector<std::string>{"", ""});
+  const std::size_t bundles = part_shapes(model_config()).size() * 3;  // two states and a master per part
+  for (std::uint64_t used_rank : used_ranks) {
+    const double saved = static_cast<double>(used_alone) - static_cast<double>(used_rank);
+    CHECK(std::abs(saved - static_cast<double>(sharded_alone) / 2) <= static_cast<double>(bundles * kIoAlignment));
+  }
+}
+
+TEST_CASE("a one-rank checkpoint trains on in two ranks as it does in one") {
+  TempDir dir;
+  EngineConfig config = first_order_config(Mode::kFuyou, dir);
+  config.grad_accumulation = 2;
+  config.max_grad_norm = 0.5;
+  const std::string checkpoint = dir.file("step-3");
+  constexpr int kSaveAfter = 3, kTotal = 8;
+  Engine engine(models::build(model_config(), kModelSeed), config);
+  train_on(engine, 0, 1, 0, kSaveAfter);
+  engine.save(checkpoint);
+  const Run alone = train_on(engine, 0, 1, kSaveAfter, kTotal);
+  std::vector<Run> ranks(2);
+  auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+    EngineConfig ranked = config;
+    ranked.communicator = communicator;
+    ranked.nvme_directories = {dir.subdir("nvme-two")};
+    Engine resumed(models::build(model_config(), kModelSeed + 1), ranked);
+    resumed.load(checkpoint);
+    ranks[static_cast<std::size_t>(rank)] = train_on(resumed, rank, 2, kSaveAfter, kTotal);
+  });
+  REQUIRE(errors == std::vector<std::string>{"", ""});
+  require_identical_ranks(ranks);
+  require_close(ranks[0], alone);
+}
+
+TEST_CASE("two ranks in bf16 keep identical weights, and their checkpoint resumes in one rank exactly") {
+  TempDir dir;
+  EngineConfig config = first_order_config(Mode::kZeroOffload, dir);
+  config.precision = Precision::kBF16;
+  config.max_grad_norm = 0.5;
+  const std::string checkpoint = dir.file("step-4");
+  std::vector<Run> ranks(2);
+  std::vector<Run> saved(2);
+  auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+    EngineConfig ranked = config;
+    ranked.communicator = communicator;
+    Engine engine(models::build(model_config(), kModelSeed), ranked);
+    ranks[static_cast<std::size_t>(rank)] = train_on(engine, rank, 2, 0, 4);
+    engine.save(checkpoint);
+    saved[static_cast<std::size_t>(rank)] = train_on(engine, rank, 2, 4, 4);  // the weights as saved
+  });
+  REQUIRE(errors == std::vector<std::string>{"", ""});
+  require_identical_ranks(ranks);
+  CHECK(ranks[0].steps.back().loss < ranks[0].steps.front().loss);
+  // The fp32 master gathered from both ranks' shards, read back whole by one rank.
+  Engine alone(models::build(model_config(), kModelSeed + 1), config);
+  alone.load(checkpoint);
+  const std::vector<torch::Tensor> loaded = weights_of(alone);
+  for (std::size_t i = 0; i < loaded.size(); ++i) CHECK(torch::equal(loaded[i], saved[0].weights[i]));
 }
 
 TEST_CASE("a rank that fails to start stops every rank, naming it, without hanging") {
