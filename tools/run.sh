@@ -13,7 +13,8 @@ fi
 
 tools/setup.sh
 jobs=$(nproc)
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DFERRY_BUILD_TESTS=$([[ $what == test ]] && echo ON || echo OFF)
+tests=$([[ $what == test ]] && echo ON || echo OFF)
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DFERRY_BUILD_TESTS=$tests -DFERRY_SANITIZED_TESTS=$tests
 cmake --build build -j "$jobs"
 
 if [[ $what == main ]]; then

@@ -65,6 +65,9 @@ FirstOrderTrainer::FirstOrderTrainer(LayeredModel model, EngineConfig config)
       compute_dtype_(scalar_type(config_.precision)),
       scaler_(config_.loss_scale, config_.loss_scale.enabled.value_or(config_.precision == Precision::kF16)),
       tracer_(std::make_shared<Tracer>(config_.trace)) {
+  FERRY_CHECK(config_.staged.empty() || world_size(config_) == 1, "the staged layout ", config_.staged,
+              " holds one rank's whole optimizer states, but this job has ", world_size(config_),
+              " ranks, each keeping a shard: train from the checkpoint it was staged from instead");
   if (!config_.staged.empty()) staged_ = open_staged_layout(config_, staged_lock_);
   validate(config_);
   if (config_.device.is_cuda() && !config_.device.has_index()) config_.device = torch::Device(torch::kCUDA, 0);

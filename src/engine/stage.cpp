@@ -400,6 +400,9 @@ void Stager::lay_out_store() {
   std::vector<PartShape> shapes;
   const Placement placement = detail::resolve_placement(config_, parts_.size());
   std::uint64_t extent_bytes = 0, largest_data = 0;
+  // Note: a layout holds every part's master and states whole, as one rank's engine keeps them;
+  // staging runs in one process, and a job of several ranks adopts no layout.
+  for (detail::Part& part : parts_) part.shard = {0, part.numel, part.numel};
   for (std::size_t p = 0; p < parts_.size(); ++p) {
     const detail::Part& part = parts_[p];
     shapes.push_back({part.name, part.numel});
