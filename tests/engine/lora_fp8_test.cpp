@@ -79,13 +79,6 @@ EngineConfig fp8_base(EngineConfig config) {
   return config;
 }
 
-PartPlacement everything_on(Tier params, Tier rest) {
-  PartPlacement home;
-  home.params = params;
-  home.grads = home.master = home.states[0] = home.states[1] = home.accumulator = rest;
-  return home;
-}
-
 }  // namespace
 
 TEST_CASE("an fp8 base computes what its dequantized weights compute, resident or streamed, and trains the adapters alone") {

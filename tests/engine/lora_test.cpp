@@ -193,13 +193,6 @@ Run train_lora(const EngineConfig& config, const TempDir& dir) {
   return run;
 }
 
-PartPlacement everything_on(Tier params, Tier rest) {
-  PartPlacement home;
-  home.params = params;
-  home.grads = home.master = home.states[0] = home.states[1] = home.accumulator = rest;
-  return home;
-}
-
 }  // namespace
 
 TEST_CASE("LoRA trains the adapters alone as a hand-written LoRA under torch's AdamW, with the base resident or streamed") {

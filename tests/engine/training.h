@@ -35,6 +35,15 @@ inline EngineConfig base_config(Mode mode) {
   return config;
 }
 
+// A part's placement: its parameters on one tier, its gradients, master, states and accumulator
+// on another.
+inline PartPlacement everything_on(Tier params, Tier rest) {
+  PartPlacement home;
+  home.params = params;
+  home.grads = home.master = home.states[0] = home.states[1] = home.accumulator = rest;
+  return home;
+}
+
 // Losses, skips and gradient norms equal, step by step.
 inline void require_same_steps(const std::vector<StepResult>& a, const std::vector<StepResult>& b) {
   REQUIRE(a.size() == b.size());
