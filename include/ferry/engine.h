@@ -53,6 +53,9 @@ Tier parse_tier(const std::string& name);  // "gpu", "host", "nvme"
 enum class Precision { kF32, kBF16, kF16 };
 const char* to_string(Precision precision);
 Precision parse_precision(const std::string& name);  // "fp32", "bf16", "fp16"
+// What precision "auto" means on `device`: bf16 on CUDA (ferry's kernels need sm_80 or newer,
+// which computes it natively), fp32 on the CPU.
+Precision preferred_precision(const torch::Device& device);
 
 enum class OptimizerKind { kAdamW, kAdam, kSgd, kAdagrad };
 const char* to_string(OptimizerKind kind);
@@ -282,7 +285,8 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
 std::int64_t zo_gpu_blocks(const std::vector<PartShape>& parts, const EngineConfig& config);
 
 // The engine's settings from a JSON object, under the names `ferry finetune` uses for its flags
-// and config file: "mode", "precision", "device" ("auto", "cpu", "cuda", "cuda:N"),
+// and config file: "mode", "precision" (or "auto": preferred_precision of the device), "device"
+// ("auto", "cpu", "cuda", "cuda:N"),
 // "gpu_budget" and "host_budget" (bytes or "24GiB"; 0: no limit), "gpu_working" (the part of the
 // gpu budget left for activations), "placement" (placement_to_json's object), "optimizer", "lr", "beta1",
 // "beta2", "eps", "weight_decay", "momentum", "nesterov", "schedule", "warmup", "steps" (the

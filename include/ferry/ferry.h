@@ -1,7 +1,7 @@
 #pragma once
 
 // Everything a program that uses ferry needs, in one include (docs/architecture.md lists what
-// each header holds). The test-support Env in ferry/io_fault.h is left out: include it where
+// each header holds). The test-support Env in ferry/testing/io_fault.h is left out: include it where
 // faults are injected.
 
 #include "ferry/check.h"
@@ -10,6 +10,7 @@
 #include "ferry/engine.h"
 #include "ferry/fs.h"
 #include "ferry/io.h"
+#include "ferry/job.h"
 #include "ferry/memory.h"
 #include "ferry/model.h"
 #include "ferry/model_config.h"

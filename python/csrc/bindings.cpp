@@ -18,6 +18,7 @@
 #include "ferry/engine.h"
 #include "ferry/fs.h"
 #include "ferry/io.h"
+#include "ferry/job.h"
 #include "ferry/memory.h"
 #include "ferry/optim.h"
 #include "ferry/plan.h"
@@ -290,6 +291,23 @@ void bind_engine(py::module_& module) {
       .def("__repr__", &describe);
 
   module.def("engine_config_keys", &engine_config_keys);
+  module.def(
+      "job_setting_keys",
+      [] {
+        std::vector<std::string> keys;
+        for (const JobSetting& setting : job_settings()) keys.push_back(setting.key);
+        return keys;
+      },
+      "Every setting of a job (ferry/job.h), as its job-file key.");
+  module.def(
+      "complete_job", [](const std::string& given) { return complete_job(nlohmann::json::parse(given)).dump(); },
+      py::arg("given"), "The job's settings (JSON) with every default filled in, as ferry finetune resolves them.");
+  module.def(
+      "job_warmup_steps",
+      [](const std::string& job, std::int64_t total_steps) {
+        return job_warmup_steps(nlohmann::json::parse(job), total_steps);
+      },
+      py::arg("job"), py::arg("total_steps"), "The warm-up steps of a completed job over a run of total_steps.");
   module.def("zo_step_seed", &zo_step_seed, py::arg("seed"), py::arg("step"), py::arg("sample"),
              "The seed of zo2's direction for one sample of one step (counted from 1).");
 

@@ -32,6 +32,28 @@ def engine_settings() -> List[str]:
     return list(_C.engine_config_keys())
 
 
+def _with_job_defaults(settings: Dict[str, Any], lora: Mapping[str, Any]) -> Dict[str, Any]:
+    """``settings`` with every engine setting they leave out at the default of a real job, as
+    ``ferry finetune`` and ``ferry plan`` have it (docs/launcher.md, "Defaults"). The loop is the
+    caller's, so the schedule's length is ``steps`` only: without it the learning rate is constant
+    after ``warmup`` steps (0 unless given)."""
+    keys = set(_C.job_setting_keys())
+    given = {key: value for key, value in settings.items() if key in keys}
+    given.update(lora)
+    given["data"] = ""  # a loop of its own is never the built-in demo
+    if "steps" not in given:
+        given.setdefault("schedule", "constant")
+        given.setdefault("warmup", 0)
+    job = json.loads(_C.complete_job(json.dumps(given)))
+    if "steps" in given and job["warmup"] == "auto":
+        job["warmup"] = _C.job_warmup_steps(json.dumps(job), int(given["steps"]))
+    completed = dict(settings)
+    for key in _C.engine_config_keys():
+        if key not in completed and key in job and job[key] != "auto":
+            completed[key] = job[key]
+    return completed
+
+
 class Engine:
     """Fine-tunes a model with ferry's runtime.
 
@@ -55,9 +77,12 @@ class Engine:
     micro_batch_order, base_storage (``"compute"`` or ``"fp8"``: a LoRA base in fp8 e4m3), and for zo2: seed, zo_eps, zo_samples, zo_blocks (``"gpu"``, ``"host"``,
     ``"nvme"``), zo_gpu_blocks (a number or ``"auto"``), zo_host_blocks, zo_storage,
     zo_transfer (``"storage"``, ``"bf16"``, ``"fp8"``), zo_window, zo_write_back. A missing
-    setting takes the C++
-    ``EngineConfig`` default (adamw, lr 1e-3, no weight decay, constant schedule, fp32,
-    zero-offload). They are parsed by the same C++ function the CLI uses.
+    setting takes the default of a real ``ferry finetune`` job (the same table: AdamW at lr 5e-5,
+    2e-4 with LoRA, weight decay 0.01, clipping at norm 1.0, precision bf16 on CUDA and fp32 on the
+    CPU, zero-offload; zo2: SGD at 1e-7, no decay or clipping), but for the schedule: the loop is
+    yours, so its length is ``steps``; with it the default is cosine with 3% warm-up, without it
+    the lr is constant after ``warmup`` steps (0 unless given). They are parsed by the same C++
+    function the CLI uses.
 
     With ``mode="auto"`` and no ``placement``, the engine is placed by :func:`ferry.plan` for
     micro-batches of ``batch`` x ``seq`` tokens (both required), with the hardware figures of
@@ -88,7 +113,7 @@ class Engine:
                     "hardware": merged.pop("hardware", None), "calibration": merged.pop("calibration", None)}
         for key in LOOP_KEYS:
             merged.pop(key, None)
-        merged.setdefault("device", "auto")
+        merged = _with_job_defaults(merged, lora)
         if model is None:
             model = name
         if model is None:
@@ -116,6 +141,7 @@ class Engine:
             self.plan = self._place(model, merged, **planning)
             merged["placement"] = self.plan["placement"]
             merged["gpu_working"] = self.plan["gpu_working"]
+        self._settings = merged
         self._engine = _C.Engine(self.model._model, json.dumps(merged))
         self.model._bound = True
 
@@ -285,6 +311,11 @@ class Engine:
     def parameters(self) -> List[torch.Tensor]:
         """The model's parameters, as views into the engine's memory."""
         return self._engine.parameters()
+
+    @property
+    def settings(self) -> Dict[str, Any]:
+        """The engine settings this engine was built with, every default filled in (a copy)."""
+        return dict(self._settings)
 
     @property
     def steps_taken(self) -> int:

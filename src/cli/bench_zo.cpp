@@ -15,6 +15,7 @@
 #include "cli/command.h"
 #include "ferry/check.h"
 #include "ferry/engine.h"
+#include "ferry/job.h"
 #include "ferry/memory.h"
 #include "ferry/model.h"
 #include "ferry/system.h"
@@ -53,9 +54,7 @@ struct Placement {
 };
 
 std::int64_t parse_count(const std::string& text, const std::string& placement) {
-  FERRY_CHECK(!text.empty() && text.find_first_not_of("0123456789") == std::string::npos, "placement '",
-              placement, "' is invalid: the part after ':' must be a number of blocks");
-  return std::stoll(text);
+  return parse_integer(text, "--placements " + placement + ": the block count", 0, 1 << 20);
 }
 
 Placement parse_placement(const std::string& text) {
@@ -204,13 +203,14 @@ int run_bench_zo(int argc, char** argv) {
       ("storage", "zo storage precision (default: the compute precision)",
        cxxopts::value<std::string>()->default_value(""))
       ("nvme", "directory for NVMe-resident blocks", cxxopts::value<std::string>()->default_value(""))
-      ("batch", "batch size", cxxopts::value<std::int64_t>()->default_value("8"))
-      ("seq", "sequence length", cxxopts::value<std::int64_t>()->default_value("512"))
-      ("precision", "compute precision", cxxopts::value<std::string>()->default_value("bf16"))
-      ("window", "zo blocks in flight", cxxopts::value<std::int64_t>()->default_value("3"))
-      ("write-back", "zo write-back interval", cxxopts::value<std::int64_t>()->default_value("4"))
-      ("warmup", "untimed steps", cxxopts::value<int>()->default_value("2"))
-      ("steps", "timed steps", cxxopts::value<int>()->default_value("5"))
+      ("batch", "sequences per step", cxxopts::value<std::string>()->default_value("8"))
+      ("seq", "tokens per sequence", cxxopts::value<std::string>()->default_value("512"))
+      ("precision", "compute precision: fp32, bf16 or fp16", cxxopts::value<std::string>()->default_value("bf16"))
+      ("window", "zo2 blocks on the device at once (2 or more)", cxxopts::value<std::string>()->default_value("3"))
+      ("write-back", "a streamed block goes home every N steps (1 to 8)",
+       cxxopts::value<std::string>()->default_value("4"))
+      ("warmup", "untimed steps before the timed ones", cxxopts::value<std::string>()->default_value("2"))
+      ("steps", "timed steps (1 or more)", cxxopts::value<std::string>()->default_value("5"))
       ("h,help", "show this help");
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
@@ -218,8 +218,11 @@ int run_bench_zo(int argc, char** argv) {
     return 0;
   }
   const torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
-  const BenchShape shape{args["batch"].as<std::int64_t>(), args["seq"].as<std::int64_t>(),
-                         args["warmup"].as<int>(), args["steps"].as<int>()};
+  auto integer = [&](const char* flag, std::int64_t low, std::int64_t high) {
+    return parse_integer(args[flag].as<std::string>(), std::string("--") + flag, low, high);
+  };
+  const BenchShape shape{integer("batch", 1, 1 << 20), integer("seq", 1, 1 << 24),
+                         static_cast<int>(integer("warmup", 0, 1000)), static_cast<int>(integer("steps", 1, 100000))};
   // What every run shares; measure() sets the placement and the transfer.
   EngineConfig base;
   base.mode = Mode::kZo2;
@@ -228,8 +231,8 @@ int run_bench_zo(int argc, char** argv) {
   base.optimizer.kind = OptimizerKind::kSgd;
   base.optimizer.lr = 1e-7;
   base.gpu_budget_bytes = parse_bytes(args["gpu-budget"].as<std::string>());
-  base.zo.blocks_in_flight = args["window"].as<std::int64_t>();
-  base.zo.write_back_interval = args["write-back"].as<std::int64_t>();
+  base.zo.blocks_in_flight = integer("window", 2, 1024);
+  base.zo.write_back_interval = integer("write-back", 1, optim::kMaxZoUpdates);
   const std::string storage = args["storage"].as<std::string>();
   if (!storage.empty()) base.zo.storage = parse_precision(storage);
   base.nvme_directories = {args["nvme"].as<std::string>()};

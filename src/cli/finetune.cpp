@@ -22,13 +22,14 @@
 #include <sstream>
 
 #include "cli/command.h"
-#include "cli/job_file.h"
 #include "cli/preflight.h"
-#include "cli/settings.h"
+#include "cli/progress.h"
+#include "cli/job_options.h"
 #include "ferry/data.h"
 #include "ferry/dist.h"
 #include "ferry/engine.h"
 #include "ferry/fs.h"
+#include "ferry/job.h"
 #include "ferry/io.h"
 #include "ferry/lock.h"
 #include "ferry/memory.h"
@@ -46,117 +47,13 @@ namespace {
 using Json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-// Every setting of a job is in the table of cli/settings.h: its default (flags and the job file
-// use the same names), its type and its valid range.
-std::vector<std::string> job_setting_names() {
-  std::vector<std::string> names;
-  for (const Setting& setting : job_settings()) names.push_back(setting.key);
-  std::sort(names.begin(), names.end());
-  return names;
+LayeredModel load_model(const Json& job) {
+  const std::string name = job["model"];
+  if (is_directory_name(name)) return models::from_pretrained(name, {std::nullopt, job_lora(job), job["seed"]});
+  models::ModelConfig config = models::truncated(models::preset(name), job["layers"]);
+  config.lora = job_lora(job);
+  return models::build(config, job["seed"]);
 }
-
-std::string joined(const std::vector<std::string>& names) {
-  std::string text;
-  for (const std::string& name : names) text += (text.empty() ? "" : ", ") + name;
-  return text;
-}
-
-std::string flag_name(std::string key) {
-  std::replace(key.begin(), key.end(), '_', '-');
-  return key;
-}
-
-// Note: cxxopts is told to let unknown flags through, so that the error can name the nearest
-// known one; a stray word is refused too, since every setting is a flag with a value.
-void refuse_unknown_flags(const cxxopts::ParseResult& args) {
-  if (args.unmatched().empty()) return;
-  const std::string& first = args.unmatched().front();
-  if (first.rfind("-", 0) != 0) {
-    throw Error(detail::concat("unexpected argument '", first, "': every setting is a flag with a value ",
-                               "(--steps 100); `ferry finetune --help` lists them"));
-  }
-  std::string name = first.substr(first.find_first_not_of('-'));
-  name = name.substr(0, name.find('='));
-  std::vector<std::string> flags = {"config", "hardware", "pack", "no-pack", "help"};
-  for (const auto& item : job_defaults().items()) flags.push_back(flag_name(item.key()));
-  const std::string hint = did_you_mean(name, flags);
-  throw Error(detail::concat("unknown flag '", first, "'", hint, hint.empty() ? ": `ferry finetune --help` lists "
-                             "the flags" : ""));
-}
-
-// Where zo2 needs other defaults than the first-order modes: no gradient to clip, and MeZO's
-// optimizer (plain ZO-SGD, no weight decay) at a step size its noisy gradient estimate tolerates.
-const Json& zo2_defaults() {
-  static const Json kDefaults = {
-      {"max_grad_norm", 0.0}, {"optimizer", "sgd"}, {"lr", 1e-4}, {"weight_decay", 0.0}};
-  return kDefaults;
-}
-
-// defaults (zo2's where the mode is zo2) <- config file <- flags given on the command line, each
-// value read strictly as its setting's type and range.
-Json resolve(const cxxopts::ParseResult& args) {
-  refuse_unknown_flags(args);
-  Json config = job_defaults();
-  std::set<std::string> given;  // set by the file or a flag
-  if (args.count("config")) {
-    const std::string path = args["config"].as<std::string>();
-    const Json file = read_job_file(path);
-    for (auto& [key, value] : file.items()) {
-      if (find_setting(key) == nullptr) {
-        const std::string hint = did_you_mean(key, job_setting_names());
-        throw Error(detail::concat("unknown setting '", key, "' in ", path, hint, hint.empty() ? "; valid settings: " : "",
-                                   hint.empty() ? joined(job_setting_names()) : ""));
-      }
-      config[key] = read_setting(key, value, detail::concat(key, " = ", value.dump(), " in ", path));
-      given.insert(key);
-    }
-  }
-  FERRY_CHECK(!(args.count("pack") && args.count("no-pack")), "--pack and --no-pack contradict each other: give one");
-  if (args.count("pack") || args.count("no-pack")) {
-    config["pack"] = args.count("pack") > 0;
-    given.insert("pack");
-  }
-  for (auto& item : job_defaults().items()) {
-    const std::string& key = item.key();
-    const std::string flag = flag_name(key);
-    if (key == "pack" || !args.count(flag)) continue;
-    const std::string text = args[flag].as<std::string>();
-    config[key] = read_setting(key, text, "--" + flag + " " + text);
-    given.insert(key);
-  }
-  if (config["mode"] == "zo2") {
-    for (auto& [key, value] : zo2_defaults().items()) {
-      if (!given.count(key)) config[key] = value;
-    }
-  }
-  return config;
-}
-
-// The job's engine settings, read by the parser the other front ends share. "auto" activations,
-// host blocks and micro-batch order are left for the plan (plan_fuyou; without one the order is
-// batch-major); one activations name stands for every block.
-EngineConfig engine_config(const Json& job, std::int64_t blocks) {
-  Json settings;
-  for (const std::string& key : engine_config_keys()) {
-    if (job.contains(key)) settings[key] = job[key];
-  }
-  if (settings["fuyou_host_blocks"] == "auto") settings.erase("fuyou_host_blocks");
-  const std::string order = settings["micro_batch_order"];
-  FERRY_CHECK(order == "auto" || order == "batch-major" || order == "layer-major", "micro_batch_order = '", order,
-              "' is invalid: use auto, batch-major or layer-major");
-  if (order == "auto") settings.erase("micro_batch_order");
-  const Json activations = settings["activations"];
-  settings.erase("activations");
-  EngineConfig config = engine_config_from_json(settings.dump());
-  if (activations.is_array()) {
-    config.placement.activations = engine_config_from_json(Json{{"activations", activations}}.dump()).placement.activations;
-  } else if (activations != "auto") {
-    config.placement.activations = parse_activations(activations.get<std::string>(), blocks);
-  }
-  return config;
-}
-
-bool is_directory_name(const std::string& model) { return model.find('/') != std::string::npos; }
 
 // Whether the job plans fuyou's activations or host blocks before it runs.
 bool plans_fuyou(const Json& job, const EngineConfig& config) {
@@ -189,58 +86,6 @@ void stage_if_needed(const std::string& model, const EngineConfig& config) {
   std::fprintf(stderr, "\nstage: %lld bundles written, %lld verified, %s on NVMe in %.1f s: %s\n",
                static_cast<long long>(report.bundles_written), static_cast<long long>(report.bundles_verified),
                format_bytes(report.nvme_bytes).c_str(), report.seconds, report.manifest_path.c_str());
-}
-
-// The job's LoRA settings; rank 0 trains every parameter. Targets are a list, or one text with commas.
-models::LoraConfig job_lora(const Json& job) {
-  models::LoraConfig lora;
-  lora.rank = job["lora_rank"];
-  lora.alpha = job["lora_alpha"];
-  lora.dropout = job["lora_dropout"];
-  const Json& targets = job["lora_targets"];
-  if (targets.is_array()) {
-    lora.targets = targets.get<std::vector<std::string>>();
-  } else {
-    lora.targets.clear();
-    std::stringstream text(targets.get<std::string>());
-    for (std::string name; std::getline(text, name, ',');) {
-      if (!name.empty()) lora.targets.push_back(name);
-    }
-  }
-  return lora;
-}
-
-// A preset, cut to `layers` blocks when not 0, or a Hugging Face directory (which keeps its own).
-models::ModelConfig preset_shape(const std::string& name, std::int64_t layers) {
-  return models::truncated(models::preset(name), layers);
-}
-
-LayeredModel load_model(const Json& job) {
-  const std::string name = job["model"];
-  if (is_directory_name(name)) return models::from_pretrained(name, {std::nullopt, job_lora(job), job["seed"]});
-  models::ModelConfig config = preset_shape(name, job["layers"]);
-  config.lora = job_lora(job);
-  return models::build(config, job["seed"]);
-}
-
-// The model's shape without its weights: a preset, or a Hugging Face directory's config.json.
-models::ModelConfig base_shape(const std::string& name, std::int64_t layers) {
-  if (!is_directory_name(name)) return preset_shape(name, layers);
-  FERRY_CHECK(layers == 0, "layers = ", layers, " truncates a preset; model '", name, "' is a Hugging Face "
-              "directory, which keeps its own blocks");
-  FERRY_CHECK(fs::is_directory(name), "model directory '", name, "' does not exist: give a Hugging Face model ",
-              "directory (config.json and safetensors) or a preset name (`ferry plan --help` lists them)");
-  FERRY_CHECK(fs::exists(name + "/config.json"), "model directory '", name, "' has no config.json: give the ",
-              "directory transformers' save_pretrained wrote, or a preset name");
-  return models::ModelConfig::from_hf_file(name + "/config.json");
-}
-
-// The same with the job's adapters.
-models::ModelConfig model_shape(const Json& job) {
-  models::ModelConfig shape = base_shape(job["model"], job["layers"]);
-  shape.lora = job_lora(job);
-  shape.validate();
-  return shape;
 }
 
 std::string describe_shape(const models::ModelConfig& shape) {
@@ -354,39 +199,6 @@ MeasuredCompute profile_fuyou(LayeredModel model, const EngineConfig& config, co
   return measured;
 }
 
-// The figures the plan runs on: --hardware names a calibration file (`ferry bench calibrate
-// --out FILE`) or a preset; without it, a quick calibration of this machine and the job's NVMe
-// directories (a few seconds).
-Hardware job_hardware(const std::string& name, const EngineConfig& config) {
-  if (!name.empty()) return fs::exists(name) ? Hardware::load(name) : hardware_preset(name);
-  CalibrationOptions options;
-  options.nvme_directories = config.nvme_directories;
-  options.nvme_bytes = std::uint64_t{32} << 20;
-  options.repeat = 1;
-  options.quick = true;
-  return calibrate(options);
-}
-
-// The job's plan: the placement, the sizes per tier against the budgets and the predicted step.
-// fuyou's "auto" settings are chosen here, from FLOP estimates before its profiling step and from
-// the measured compute after it.
-Plan plan_job(const Json& job, const EngineConfig& config, const models::ModelConfig& shape,
-              std::optional<MeasuredCompute> measured, Hardware hardware) {
-  PlanRequest request;
-  request.model_name = job["model"];
-  request.model = shape;
-  request.engine = config;
-  request.batch = job["batch"];
-  request.seq = job["seq"];
-  const bool fuyou = config.mode == Mode::kFuyou;
-  request.choose_activations = fuyou && job["activations"] == "auto";
-  request.choose_host_blocks = fuyou && job["fuyou_host_blocks"] == "auto" && config.staged.empty();
-  request.choose_micro_batch_order = fuyou && job["micro_batch_order"] == "auto";
-  request.measured = std::move(measured);
-  request.hardware = std::move(hardware);
-  return make_plan(request);
-}
-
 // What fuyou's profiling step (profile_fuyou) keeps on NVMe, by the same plan.
 std::uint64_t profiling_nvme_bytes(const Json& job, const EngineConfig& config, const models::ModelConfig& shape,
                                    const Hardware& hardware) {
@@ -421,6 +233,11 @@ void print_plan_summary(const Plan& plan) {
 // The job as it runs: the plan's choices in place of "auto", so that the file is an engine config
 // as it stands (the Python Engine takes it) and runs the same job again without planning.
 Json resolved_job(Json job, const EngineConfig& config) {
+  job["precision"] = to_string(config.precision);
+  job["steps"] = config.schedule.total_steps;
+  job["warmup"] = config.schedule.warmup_steps;
+  job.erase("epochs");  // the two are resolved into steps and warmup above
+  job.erase("warmup_ratio");
   job["fuyou_host_blocks"] = config.fuyou.host_blocks;
   job["micro_batch_order"] = to_string(config.micro_batch_order);
   if (!config.placement.parts.empty()) job["placement"] = Json::parse(placement_to_json(config.placement));
@@ -452,27 +269,6 @@ void compare_with_plan(const Plan& plan, const std::vector<double>& step_seconds
                measured / plan.step_seconds);
 }
 
-std::string format_duration(double seconds) {
-  const long total = std::lround(std::max(0.0, seconds));
-  char text[32];
-  std::snprintf(text, sizeof text, "%ld:%02ld", total / 60, total % 60);
-  return text;
-}
-
-void draw_progress(std::int64_t step, std::int64_t steps, const StepResult& result,
-                   double tokens_per_s, double elapsed, const std::optional<EvaluationResult>& eval) {
-  const int width = 24;
-  const int filled = static_cast<int>(width * step / std::max<std::int64_t>(1, steps));
-  const double eta = step > 0 ? elapsed / static_cast<double>(step) * static_cast<double>(steps - step) : 0;
-  char eval_text[64] = "";
-  if (eval) std::snprintf(eval_text, sizeof eval_text, "  eval %.4f (ppl %.2f)", eval->loss, eval->perplexity);
-  std::fprintf(stderr, "\r[%s%s] step %lld/%lld  loss %.4f%s  %.0f tok/s  ETA %s ",
-               std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
-               static_cast<long long>(step), static_cast<long long>(steps), result.loss, eval_text,
-               tokens_per_s, format_duration(eta).c_str());
-  std::fflush(stderr);
-}
-
 // The job's tokenizer: --tokenizer, else a Hugging Face model directory's own, else (a preset, the
 // demo) ferry's byte tokenizer. Null when the model directory has none and every data file is
 // tokenized already.
@@ -496,6 +292,7 @@ struct JobData {
   std::shared_ptr<const Tokenizer> tokenizer;
   std::shared_ptr<const data::Dataset> train, eval;
   data::LoaderOptions train_options, eval_options;
+  std::int64_t rows_per_epoch = 0;  // rows one pass over the training data fills
 };
 
 // Opens and checks the job's data before any weight is read: the tokenizer, every record
@@ -543,6 +340,7 @@ JobData prepare_data(const Json& job, const models::ModelConfig& shape) {
   if (demo) {
     data.train = data::addition_dataset(data::AdditionTask{job["demo_digits"], job["seed"]}, data::Split::kTrain, 20000);
     options.pack = false;
+    data.rows_per_epoch = data.train->size();
     return data;
   }
   data.train = data::open_dataset(train_path, seq, text);
@@ -552,6 +350,8 @@ JobData prepare_data(const Json& job, const models::ModelConfig& shape) {
   // Packing by default for text; one example per row for data with prompts to mask.
   const bool instructions = summary.learned_tokens < summary.tokens;
   options.pack = job["pack"].is_boolean() ? job["pack"].get<bool>() : !instructions;
+  // Note: a token file's examples are windows of --seq tokens, one row each, packed or not.
+  data.rows_per_epoch = token_file || !options.pack ? data.train->size() : (summary.tokens + seq - 1) / seq;
   if (!token_file) {
     std::fprintf(stderr, "data: %s: %lld examples, %lld tokens (%lld learned%s), the longest %lld; %s; %s\n",
                  train_path.c_str(), static_cast<long long>(summary.examples), static_cast<long long>(summary.tokens),
@@ -586,6 +386,23 @@ JobData prepare_data(const Json& job, const models::ModelConfig& shape) {
     }
   }
   return data;
+}
+
+// The run's length in optimizer steps: --steps, or --epochs passes over the data, each step
+// reading `rows_per_step` rows (the global batch times the accumulation).
+std::int64_t run_steps(const Json& job, std::int64_t rows_per_epoch, std::int64_t rows_per_step) {
+  if (job["steps"] != "auto") return job["steps"];
+  const double rows = job["epochs"].get<double>() * static_cast<double>(rows_per_epoch);
+  return std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(rows / static_cast<double>(rows_per_step))));
+}
+
+void warn_about_warmup(const Json& job, const ScheduleConfig& schedule) {
+  if (schedule.warmup_steps < schedule.total_steps) return;
+  const std::string given = job["warmup"] == "auto" ? "--warmup-ratio " + job["warmup_ratio"].dump()
+                                                    : "--warmup " + job["warmup"].dump();
+  std::fprintf(stderr, "warning: %s gives %lld warm-up steps, not fewer than the run's %lld: the learning rate never "
+               "reaches --lr; give fewer warm-up steps or a longer run\n", given.c_str(),
+               static_cast<long long>(schedule.warmup_steps), static_cast<long long>(schedule.total_steps));
 }
 
 EvaluationResult run_evaluation(Engine& engine, const JobData& data) {
@@ -655,51 +472,36 @@ double demo_accuracy(Engine& engine, const data::AdditionTask& task, std::int64_
 }
 
 int finetune(int argc, char** argv, const dist::World& world) {
-  cxxopts::Options options(argv[0], "Fine-tune a model (default: a tiny model on the built-in addition task). "
-                                    "Before reading any weights the job is checked and planned: the model's name, "
-                                    "the NVMe directories (present, writable, room for the plan), the budgets and "
-                                    "the checkpoint to resume; the plan's step time is compared with the measured "
-                                    "one at the end. Ends with a checkpoint and, with --export (default auto: "
-                                    "OUT/hf), the model as Hugging Face safetensors in the job's precision. SIGINT "
-                                    "or SIGTERM saves a checkpoint and exits with 130; --resume auto continues "
-                                    "from the latest. With --mode zo2 the defaults are optimizer sgd, lr 1e-4, "
-                                    "weight decay 0 and no clipping. With --mode fuyou and --activations or "
-                                    "--fuyou-host-blocks auto, a profiling step (every checkpoint on NVMe) measures "
-                                    "the model's compute and the planner chooses them (docs/plan.md); "
-                                    "--micro-batch-order auto (the default) lets that plan choose the order, and is "
-                                    "batch-major without one. --activations takes gpu, host, nvme or graph for "
-                                    "every block, or a comma list with one per block. Under torchrun (RANK, "
-                                    "WORLD_SIZE, ... in the environment) each rank trains on cuda:LOCAL_RANK with "
-                                    "--batch rows of every step's global batch, and rank 0 writes the outputs "
-                                    "(docs/distributed.md).");
-  options.add_options()("config", "job file, YAML (*.yaml, *.yml) or JSON, with any of the settings below and every "
-                        "engine setting (beta1, nesterov, loss_scale, ...); flags override it",
-                        cxxopts::value<std::string>());
-  options.add_options()("hardware", "the plan's figures: a calibration file (ferry bench calibrate) or a hardware "
-                        "preset; default: a quick calibration", cxxopts::value<std::string>());
-  for (const Setting& setting : job_settings()) {
-    const Json& value = setting.default_value;
-    if (value.is_null() || setting.key == "pack") continue;
-    // --overwrite alone means true (--overwrite=false to say no).
-    auto parsed = setting.key == "overwrite" ? cxxopts::value<std::string>()->implicit_value("true")
-                                             : cxxopts::value<std::string>();
-    options.add_options()(flag_name(setting.key), setting.help + "default: " +
-                          (value.is_string() ? value.get<std::string>() : value.dump()) + "; valid: " +
-                          valid_range(setting.key), parsed);
-  }
-  options.add_options()("pack", "pack examples into full rows (documents never see each other; default for text and "
-                        "token files)")("no-pack", "one example per row, padded (default for instruction and chat data)");
-  options.add_options()("h,help", "show this help");
+  cxxopts::Options options(argv[0], "Fine-tune a model (no arguments: the built-in demo, a tiny model learning "
+                                    "addition with the demo's own settings). Before reading any weights the job is "
+                                    "checked and planned: the model's name, the data, the NVMe directories (present, "
+                                    "writable, room for the plan), the budgets and the checkpoint to resume; the "
+                                    "plan's step time is compared with the measured one at the end. Ends with a "
+                                    "checkpoint and, with --export (default OUT/hf), the model as Hugging Face "
+                                    "safetensors. SIGINT or SIGTERM saves a checkpoint and exits with 130; --resume "
+                                    "auto continues from the latest. Defaults are for real jobs (docs/launcher.md, "
+                                    "\"Defaults\"); with --mode zo2 they are optimizer sgd, weight decay 0 and no "
+                                    "clipping. Under torchrun (RANK, WORLD_SIZE, ... in the environment) each rank "
+                                    "trains on cuda:LOCAL_RANK with --batch rows of every step's global batch, and "
+                                    "rank 0 writes the outputs (docs/distributed.md).");
+  add_job_options(options);
+  options.add_options("Job")("print-config", "print the job's settings, every default filled in, as JSON, and exit")(
+      "h,help", "show this help");
   options.allow_unrecognised_options();
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
-    std::cout << options.help() << "\n";
+    std::cout << job_help(options, {}) << "\n";
     return 0;
   }
 
-  const Json job = resolve(args);
+  const Json job = resolve_job(args, "finetune");
+  if (args.count("print-config")) {
+    Json printed = job;
+    if (job["steps"] != "auto") printed["warmup"] = job_warmup_steps(job, job["steps"]);
+    std::cout << printed.dump(2) << "\n";
+    return 0;
+  }
   const std::string out = job["out"];
-  const std::int64_t steps = job["steps"];
   const bool demo = job["data"] == "demo";
 
   // Note: everything that can be checked without the weights is checked before they are read:
@@ -724,7 +526,7 @@ int finetune(int argc, char** argv, const dist::World& world) {
     RunOptions run_options;
     run_options.out = out;
     run_options.resume = job["resume"];
-    run_options.overwrite = job["overwrite"].get<bool>() || (args.count("out") == 0 && out == job_defaults()["out"]);
+    run_options.overwrite = job["overwrite"].get<bool>() || (demo && args.count("out") == 0);
     run_options.keep_checkpoints = job["keep_checkpoints"];
     run.emplace(std::move(run_options));
     if (const auto& previous = run->lock().previous_holder()) {
@@ -751,12 +553,13 @@ int finetune(int argc, char** argv, const dist::World& world) {
     }
   }
   check_budgets(config);
-  const Hardware hardware = job_hardware(args.count("hardware") ? args["hardware"].as<std::string>() : "", config);
+  const Hardware hardware =
+      job_hardware(args.count("hardware") ? args["hardware"].as<std::string>() : "", config.nvme_directories);
   // The store's NVMe tier runs with the I/O settings calibration measured fastest there.
   const NvmeIoSettings io = hardware.nvme_io_for(config.nvme_directories);
   if (config.nvme_queue_depth == 0) config.nvme_queue_depth = io.queue_depth;
   if (config.nvme_block_bytes == 0) config.nvme_block_bytes = io.block_bytes;
-  Plan plan = plan_job(job, config, shape, std::nullopt, hardware);
+  Plan plan = make_plan(plan_request(job, config, shape, std::nullopt, hardware));
   require_fits(plan);
   if (config.mode == Mode::kAuto) config = plan_engine_config(plan);
   // A staged layout already holds the plan's NVMe bytes. fuyou's profiling step, which runs
@@ -798,6 +601,11 @@ int finetune(int argc, char** argv, const dist::World& world) {
   const data::LoaderOptions& loader_options = job_data.train_options;
   data::DataLoader loader(dataset, loader_options);
   data::AdditionTask task{job["demo_digits"], job["seed"]};
+  const std::int64_t rows_per_step = loader_options.batch_size * config.grad_accumulation;
+  const std::int64_t steps = run_steps(job, job_data.rows_per_epoch, rows_per_step);
+  const double epochs = static_cast<double>(steps * rows_per_step) / static_cast<double>(job_data.rows_per_epoch);
+  set_schedule(job, steps, &config);
+  if (lead) warn_about_warmup(job, config.schedule);
 
   if (!config.staged.empty()) stage_if_needed(job["model"], config);
   // Note: a staged job's weights are on NVMe already; its model is allocated, never initialised.
@@ -810,10 +618,11 @@ int finetune(int argc, char** argv, const dist::World& world) {
     data::DataLoader sample_loader(dataset, loader_options);
     const data::Batch sample = next_batch(sample_loader);
     MeasuredCompute measured = profile_fuyou(std::move(model), config, sample);
-    plan = plan_job(job, config, shape, std::move(measured), hardware);
+    plan = make_plan(plan_request(job, config, shape, std::move(measured), hardware));
     if (lead) std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
     require_fits(plan);
     config = plan_engine_config(plan);
+    set_schedule(job, steps, &config);
     model = load_model(job);
   }
   config.communicator = communicator;  // the profile above, and the plan's config, run without it
@@ -853,12 +662,14 @@ int finetune(int argc, char** argv, const dist::World& world) {
 
   if (lead) {
     std::fprintf(stderr,
-                 "ferry finetune: %s, %lld parameters (%lld trainable), mode %s, %s on %s, %lld steps of %lld x %lld "
-                 "tokens\n",
+                 "ferry finetune: %s, %lld parameters (%lld trainable), mode %s, %s on %s; %lld steps of %lld x %lld "
+                 "tokens (%.2f epochs of %lld rows); %s lr %.3g, %lld warm-up steps\n",
                  std::string(job["model"]).c_str(), static_cast<long long>(engine.parameter_count()),
                  static_cast<long long>(engine.trainable_parameter_count()), to_string(config.mode),
                  to_string(config.precision), config.device.str().c_str(), static_cast<long long>(steps),
-                 static_cast<long long>(loader_options.batch_size), static_cast<long long>(loader_options.sequence_length));
+                 static_cast<long long>(loader_options.batch_size), static_cast<long long>(loader_options.sequence_length),
+                 epochs, static_cast<long long>(job_data.rows_per_epoch), to_string(config.schedule.kind),
+                 config.optimizer.lr, static_cast<long long>(config.schedule.warmup_steps));
   }
   const std::int64_t eval_problems = job["eval_problems"];
   if (lead && demo && engine.steps_taken() == 0) {
@@ -866,6 +677,8 @@ int finetune(int argc, char** argv, const dist::World& world) {
                  100 * demo_accuracy(engine, task, eval_problems));
   }
 
+  const std::int64_t first_step = engine.steps_taken();
+  Progress progress(stderr, ::isatty(STDERR_FILENO) == 1, first_step, steps, job["log_every"]);
   // Each checkpoint once: the final one is skipped when the last step saved already.
   auto save = [&](const std::string& why) {
     if (last_saved_step == engine.steps_taken()) return;
@@ -880,16 +693,13 @@ int finetune(int argc, char** argv, const dist::World& world) {
       engine.save(dir, loader.state().to_json());
     }
     last_saved_step = engine.steps_taken();
-    if (!lead) return;
-    std::fprintf(stderr, "\ncheckpoint (%s): %s\n", why.c_str(), dir.c_str());
+    if (lead) progress.note("checkpoint (" + why + "): " + dir);
   };
 
   std::signal(SIGINT, request_stop);
   std::signal(SIGTERM, request_stop);
   const std::int64_t save_every = job["save_every"];
-  const std::int64_t log_every = job["log_every"];
   const auto start = Clock::now();
-  const std::int64_t first_step = engine.steps_taken();
   std::int64_t tokens = 0;
   StepResult last;
   std::vector<double> step_seconds;
@@ -939,16 +749,17 @@ int finetune(int argc, char** argv, const dist::World& world) {
     if (lead && job_data.eval != nullptr && eval_every > 0 && result->step % eval_every == 0 && result->step < steps) {
       evaluate_now(result->step);
     }
-    if (lead && (result->step % log_every == 0 || result->step == steps)) {
-      draw_progress(result->step - first_step, steps - first_step, *result, tokens_per_s, elapsed, last_eval);
+    if (lead) {
+      progress.step(result->step, result->loss, result->lr, tokens_per_s,
+                    last_eval ? std::optional(last_eval->loss) : std::nullopt,
+                    last_eval ? std::optional(last_eval->perplexity) : std::nullopt);
     }
     stop_if_diverged(false);
     if (save_every > 0 && result->step % save_every == 0) {
       if (nonfinite_losses == 0) {
         save("every " + std::to_string(save_every) + " steps");
       } else {
-        std::fprintf(stderr, "\nno checkpoint at step %lld: its loss is not finite\n",
-                     static_cast<long long>(result->step));
+        progress.note("no checkpoint at step " + std::to_string(result->step) + ": its loss is not finite");
       }
     }
     step_start = Clock::now();
@@ -961,7 +772,8 @@ int finetune(int argc, char** argv, const dist::World& world) {
   }
   if (lead && job_data.eval != nullptr) {
     evaluate_now(engine.steps_taken());
-    std::fprintf(stderr, "\neval after %lld steps: loss %.4f, perplexity %.3f (%lld tokens of %s)\n",
+    progress.note("");
+    std::fprintf(stderr, "eval after %lld steps: loss %.4f, perplexity %.3f (%lld tokens of %s)\n",
                  static_cast<long long>(engine.steps_taken()), last_eval->loss, last_eval->perplexity,
                  static_cast<long long>(last_eval->tokens), std::string(job["eval_data"]).c_str());
   }

@@ -15,6 +15,7 @@
 #include "ferry/check.h"
 #include "ferry/engine.h"
 #include "ferry/fs.h"
+#include "ferry/job.h"
 #include "ferry/model.h"
 #include "ferry/tokenizer.h"
 
@@ -63,10 +64,11 @@ int run_generate(int argc, char** argv) {
       "template", "with --chat: the chat template (default: the model's own, else plain)",
       cxxopts::value<std::string>()->default_value(""))(
       "max-new-tokens", "at most this many new tokens (default: generation_config.json's, else 128)",
-      cxxopts::value<std::int64_t>())("greedy", "always the most likely token")(
-      "temperature", "sampling temperature; 0 is greedy", cxxopts::value<double>())(
-      "top-p", "nucleus sampling: the smallest set of tokens with this much probability", cxxopts::value<double>())(
-      "top-k", "sample among the k most likely tokens (0: all)", cxxopts::value<std::int64_t>())(
+      cxxopts::value<std::string>())("greedy", "always the most likely token")(
+      "temperature", "sampling temperature, 0 or more; 0 is greedy", cxxopts::value<std::string>())(
+      "top-p", "nucleus sampling: the smallest set of tokens with this much probability, in (0, 1]",
+      cxxopts::value<std::string>())(
+      "top-k", "sample among the k most likely tokens (0: all)", cxxopts::value<std::string>())(
       "seed", "the sampling seed", cxxopts::value<std::uint64_t>()->default_value("0"))(
       "mode", "gpu, zero-offload, fuyou or zo2 (a model larger than the GPU streams through it)",
       cxxopts::value<std::string>()->default_value("gpu"))(
@@ -118,10 +120,13 @@ int run_generate(int argc, char** argv) {
     sampling.top_p = generation.value("top_p", 1.0);
     sampling.top_k = generation.value("top_k", std::int64_t{50});
   }
-  if (args.count("max-new-tokens")) sampling.max_new_tokens = args["max-new-tokens"].as<std::int64_t>();
-  if (args.count("temperature")) sampling.temperature = args["temperature"].as<double>();
-  if (args.count("top-p")) sampling.top_p = args["top-p"].as<double>();
-  if (args.count("top-k")) sampling.top_k = args["top-k"].as<std::int64_t>();
+  auto flag_text = [&](const char* flag) { return args[flag].as<std::string>(); };
+  if (args.count("max-new-tokens")) {
+    sampling.max_new_tokens = parse_integer(flag_text("max-new-tokens"), "--max-new-tokens", 1, std::int64_t{1} << 30);
+  }
+  if (args.count("temperature")) sampling.temperature = parse_number(flag_text("temperature"), "--temperature");
+  if (args.count("top-p")) sampling.top_p = parse_number(flag_text("top-p"), "--top-p");
+  if (args.count("top-k")) sampling.top_k = parse_integer(flag_text("top-k"), "--top-k", 0, std::int64_t{1} << 30);
   if (args.count("greedy")) sampling.temperature = 0;
 
   LayeredModel model = models::from_pretrained(model_path);

@@ -9,6 +9,8 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/command.h"
+#include "cli/job_options.h"
+#include "ferry/job.h"
 #include "ferry/memory.h"
 #include "ferry/stage.h"
 
@@ -19,7 +21,7 @@ using Json = nlohmann::json;
 
 // The engine settings of a job config (the keys engine_config_from_json knows), for staging
 // exactly what the job will adopt.
-Json job_settings(const std::string& path) {
+Json job_file_settings(const std::string& path) {
   std::ifstream in(path);
   FERRY_CHECK(in.good(), "cannot read the job config '", path, "'");
   std::stringstream text;
@@ -45,9 +47,9 @@ int run_stage(int argc, char** argv) {
       ("mode", "the job's mode (fuyou)", cxxopts::value<std::string>())
       ("precision", "the job's precision: fp32, bf16 or fp16", cxxopts::value<std::string>())
       ("optimizer", "the job's optimizer: adamw, adam, sgd or adagrad", cxxopts::value<std::string>())
-      ("momentum", "sgd momentum (a momentum buffer is one more state)", cxxopts::value<double>())
-      ("grad-accum", "the job's micro-batches per step", cxxopts::value<std::int64_t>())
-      ("fuyou-host-blocks", "blocks whose parameters the job keeps in host memory", cxxopts::value<std::int64_t>())
+      ("momentum", "sgd momentum (a momentum buffer is one more state)", cxxopts::value<std::string>())
+      ("grad-accum", "the job's micro-batches per step", cxxopts::value<std::string>())
+      ("fuyou-host-blocks", "blocks whose parameters the job keeps in host memory", cxxopts::value<std::string>())
       ("host-budget", "host memory staging may hold (0: the largest bundle)",
        cxxopts::value<std::string>()->default_value("0"))
       ("h,help", "show this help");
@@ -56,15 +58,16 @@ int run_stage(int argc, char** argv) {
     std::cout << options.help() << "\n";
     return 0;
   }
-  Json settings = args.count("config") ? job_settings(args["config"].as<std::string>()) : Json::object();
+  Json settings = args.count("config") ? job_file_settings(args["config"].as<std::string>()) : Json::object();
   if (!settings.contains("mode")) settings["mode"] = "fuyou";
   for (const char* flag : {"mode", "precision", "optimizer", "nvme"}) {
     if (args.count(flag)) settings[flag] = args[flag].as<std::string>();
   }
-  if (args.count("momentum")) settings["momentum"] = args["momentum"].as<double>();
-  if (args.count("grad-accum")) settings["grad_accum"] = args["grad-accum"].as<std::int64_t>();
-  if (args.count("fuyou-host-blocks")) {
-    settings["fuyou_host_blocks"] = args["fuyou-host-blocks"].as<std::int64_t>();
+  for (const char* key : {"momentum", "grad_accum", "fuyou_host_blocks"}) {
+    const std::string flag = flag_name(key);
+    if (!args.count(flag)) continue;
+    const std::string text = args[flag].as<std::string>();
+    settings[key] = read_job_setting(key, text, "--" + flag + " " + text);
   }
   FERRY_CHECK(!settings.contains("fuyou_host_blocks") || settings["fuyou_host_blocks"].is_number(),
               "fuyou_host_blocks = ", settings["fuyou_host_blocks"].dump(), " cannot be staged: "

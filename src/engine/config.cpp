@@ -85,8 +85,11 @@ struct Setting {
 const std::vector<Setting>& settings() {
   static const std::vector<Setting> kSettings = {
       {"mode", [](const Json& v, EngineConfig& c) { c.mode = parse_mode(v.get<std::string>()); }},
+      // "auto" is resolved once the device is known (engine_config_from_json).
       {"precision",
-       [](const Json& v, EngineConfig& c) { c.precision = parse_precision(v.get<std::string>()); }},
+       [](const Json& v, EngineConfig& c) {
+         if (v != "auto") c.precision = parse_precision(v.get<std::string>());
+       }},
       {"device",
        [](const Json& v, EngineConfig& c) { c.device = parse_device(v.get<std::string>()); }},
       {"gpu_budget", [](const Json& v, EngineConfig& c) { c.gpu_budget_bytes = parse_budget(v); }},
@@ -229,6 +232,7 @@ EngineConfig engine_config_from_json(const std::string& json_text) {
       throw Error(detail::concat("engine setting '", key, "' has the wrong type: ", value.dump()));
     }
   }
+  if (json.value("precision", "") == "auto") config.precision = preferred_precision(config.device);
   return config;
 }
 
@@ -314,6 +318,10 @@ const char* to_string(Precision precision) {
     case Precision::kF16: return "fp16";
   }
   return "unknown";
+}
+
+Precision preferred_precision(const torch::Device& device) {
+  return device.is_cuda() ? Precision::kBF16 : Precision::kF32;
 }
 
 Precision parse_precision(const std::string& name) {

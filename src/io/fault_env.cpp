@@ -1,6 +1,6 @@
 #include <cerrno>
 
-#include "ferry/io_fault.h"
+#include "ferry/testing/io_fault.h"
 #include "io/descriptors.h"
 
 namespace ferry {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <optional>
 
@@ -395,11 +396,36 @@ std::string describe_time(const Candidate& candidate) {
   return text;
 }
 
+// A size as a flag takes it, rounded up so that it holds `bytes`: "36.51GiB".
+std::string flag_size(std::uint64_t bytes) {
+  static const char* const kUnits[] = {"", "KiB", "MiB", "GiB", "TiB"};
+  int unit = 0;
+  double value = static_cast<double>(bytes);
+  while (value >= 1024 && unit < 4) {
+    value /= 1024;
+    ++unit;
+  }
+  char text[32];
+  std::snprintf(text, sizeof text, unit == 0 ? "%.0f%s" : "%.2f%s", unit == 0 ? value : std::ceil(value * 100) / 100,
+                kUnits[unit]);
+  return text;
+}
+
 // Note: the fixes, smallest first: what the budgets would have to be; the engine's activation
 // knobs; a smaller micro-batch (with accumulation keeping the tokens per step); another mode.
+// Each is planned with its change, and offered only when that plan fits.
 std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate& failed) {
   std::vector<std::string> fixes;
+  auto fitting = [&](const PlanRequest& changed) -> std::optional<Candidate> {
+    std::optional<Candidate> candidate = try_plan(changed);
+    if (candidate && candidate->fits) return candidate;
+    return std::nullopt;
+  };
   const char* flags[kTierCount] = {"--gpu-budget", "--host-budget", "--nvme-budget"};
+  PlanRequest raised = request;
+  std::uint64_t* budgets[kTierCount] = {&raised.engine.gpu_budget_bytes, &raised.engine.host_budget_bytes,
+                                        &raised.engine.nvme_budget_bytes};
+  std::string raises;
   for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
     const std::uint64_t needed = failed.sizing.tier_bytes[static_cast<int>(tier)];
     const std::uint64_t limit = detail::tier_limit(request, tier);
@@ -408,13 +434,13 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
                                    : tier == Tier::kHost ? request.hardware.host_memory_bytes
                                                          : 0;
     if (physical > 0 && needed > physical) continue;
-    fixes.push_back(detail::concat("raise ", flags[static_cast<int>(tier)], " to ", format_bytes(needed)));
+    const std::string size = flag_size(needed);
+    *budgets[static_cast<int>(tier)] = parse_bytes(size);  // planned as the user will type it
+    raises += detail::concat(raises.empty() ? "" : " ", flags[static_cast<int>(tier)], " ", size);
   }
-  auto fitting = [&](const PlanRequest& changed) -> std::optional<Candidate> {
-    std::optional<Candidate> candidate = try_plan(changed);
-    if (candidate && candidate->fits) return candidate;
-    return std::nullopt;
-  };
+  if (!raises.empty()) {
+    if (auto candidate = fitting(raised)) fixes.push_back("raise the budgets: " + raises + describe_time(*candidate));
+  }
   const Mode mode = request.engine.mode;
   const bool first_order_in_core = mode == Mode::kGpu || mode == Mode::kZeroOffload;
   if (first_order_in_core && request.engine.placement.activations.empty() && request.engine.keep_graph_blocks > 0) {
@@ -424,7 +450,7 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
                                      changed.engine.keep_graph_blocks = k;
                                      return fitting(changed).has_value();
                                    });
-    if (keep) fixes.push_back(detail::concat("keep fewer graphs: --keep-graph ", *keep));
+    if (keep) fixes.push_back(detail::concat("keep fewer graphs: --keep-graph-blocks ", *keep));
   }
   if (first_order_in_core && !request.engine.offload_checkpoints) {
     PlanRequest changed = request;
@@ -432,7 +458,7 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
     changed.engine.keep_graph_blocks = 0;
     changed.engine.placement.activations.clear();
     if (auto candidate = fitting(changed)) {
-      fixes.push_back("offload the checkpoints to the host: --offload-checkpoints --keep-graph 0" +
+      fixes.push_back("offload the checkpoints to the host: offload_checkpoints: true (job file), --keep-graph-blocks 0" +
                       describe_time(*candidate));
     }
   }
@@ -459,14 +485,14 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
     }
     if (auto candidate = fitting(changed)) {
       fixes.push_back(detail::concat("switch mode: --mode ", to_string(other), describe_time(*candidate)));
-    } else if ((other == Mode::kFuyou || other == Mode::kAuto) && request.engine.nvme_directories.empty()) {
-      fixes.push_back(detail::concat(to_string(other), " mode can keep parameters and optimizer states on NVMe: try "
-                                     "--mode ", to_string(other), " --nvme DIR[,DIR...]"));
     }
   }
   if (fixes.empty()) {
-    fixes.push_back("none found: the model does not fit this hardware in any mode at batch 1; "
-                    "add NVMe directories or memory");
+    fixes.push_back(request.engine.nvme_directories.empty()
+                        ? "none found: the model does not fit this hardware in any mode without NVMe; fuyou and auto "
+                          "can keep parameters and optimizer states there: --mode auto --nvme DIR[,DIR...]"
+                        : "none found: the model does not fit this hardware in any mode at batch 1; add NVMe "
+                          "directories or memory");
   }
   return fixes;
 }

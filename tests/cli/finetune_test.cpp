@@ -1,14 +1,13 @@
 // `ferry finetune` as a user runs it: the built binary, real files, bad input refused before any
 // weight is read, and a model that cannot train stopped with an error instead of exit 0.
 
-#include <sys/wait.h>
-
 #include <cstdio>
 #include <fstream>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
+#include "cli/run_ferry.h"
 #include "ferry/fs.h"
 #include "ferry/model.h"
 #include "support/catch.h"
@@ -19,22 +18,8 @@ namespace {
 
 using Catch::Contains;
 
-struct Run {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr
-};
-
-Run run_ferry(const std::string& arguments) {
-  const std::string command = std::string(FERRY_CLI_PATH) + " " + arguments + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  Run run;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) run.output += buffer;
-  const int status = ::pclose(pipe);
-  run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return run;
-}
+using Run = testing::FerryRun;
+using testing::run_ferry;
 
 // A demo job small enough for a test: planned with a preset's figures, not a calibration.
 std::string small_job(const testing::TempDir& dir) {
@@ -56,10 +41,10 @@ TEST_CASE("finetune refuses bad flags and job-file values, naming the setting, t
   std::ofstream(dir.file("text.yaml")) << "steps: 10\nseq: \"abc\"\n";
   std::ofstream(dir.file("typo.yaml")) << "seqq: 4\n";
   const Case cases[] = {
-      {"--steps 3.5", "--steps 3.5 is invalid: not a whole number: steps must be an integer >= 1"},
+      {"--steps 3.5", "--steps 3.5 is invalid: not a whole number: steps must be auto or an integer >= 1"},
       {"--steps 10x", "--steps 10x is invalid: not an integer"},
       {"--log-every 0", "--log-every 0 is invalid: log_every must be an integer >= 1"},
-      {"--lr abc", "--lr abc is invalid: not a number: lr must be a number >= 0"},
+      {"--lr abc", "--lr abc is invalid: not a number: lr must be auto or a number >= 0"},
       {"--gpu-budget 0.0001", "less than one byte"},
       {"--host-budget 1e30", "2^63"},
       {"--stpes 10", "unknown flag '--stpes' (did you mean 'steps'?)"},

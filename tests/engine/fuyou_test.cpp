@@ -9,7 +9,7 @@
 
 #include "ferry/data.h"
 #include "ferry/engine.h"
-#include "ferry/io_fault.h"
+#include "ferry/testing/io_fault.h"
 #include "ferry/model.h"
 #include "ferry/safetensors.h"
 #include "support/skip.h"

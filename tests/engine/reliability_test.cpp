@@ -21,7 +21,7 @@
 
 #include "ferry/engine.h"
 #include "ferry/fs.h"
-#include "ferry/io_fault.h"
+#include "ferry/testing/io_fault.h"
 #include "ferry/lock.h"
 #include "ferry/model.h"
 #include "ferry/run.h"

@@ -10,7 +10,7 @@
 
 #include "ferry/fs.h"
 #include "ferry/io.h"
-#include "ferry/io_fault.h"
+#include "ferry/testing/io_fault.h"
 #include "support/temp_dir.h"
 
 using namespace ferry;

@@ -5,7 +5,7 @@
 #include <random>
 
 #include "ferry/io.h"
-#include "ferry/io_fault.h"
+#include "ferry/testing/io_fault.h"
 #include "ferry/memory.h"
 #include "support/temp_dir.h"
 

@@ -149,7 +149,14 @@ TEST_CASE("planner: a job that does not fit names the shortfall and the changes 
   CHECK_FALSE(host_short.fits);
   fixes.clear();
   for (const std::string& fix : host_short.fixes) fixes += fix + "\n";
-  CHECK_THAT(fixes, Contains("raise --host-budget to") && Contains("--mode fuyou"));
+  CHECK_THAT(fixes, Contains("raise the budgets: --host-budget ") && Contains("--mode fuyou"));
+
+  // Each fix was planned with its change: the raised budget, applied, fits.
+  const std::string& raise = host_short.fixes.front();
+  REQUIRE_THAT(raise, Contains("raise the budgets: --host-budget "));
+  const std::size_t size_begin = raise.find("--host-budget ") + std::string("--host-budget ").size();
+  request.engine.host_budget_bytes = parse_bytes(raise.substr(size_begin, raise.find(' ', size_begin) - size_begin));
+  CHECK(make_plan(request).fits);
 }
 
 TEST_CASE("planner: bad input fails with the reason and the fix") {

@@ -150,12 +150,14 @@ def test_an_nvme_directory_too_small_for_the_plan_is_refused(tmp_path: Path, bui
                     str(nvme), "--fuyou-host-blocks", "0", "--activations", "nvme", "--batch", "1", "--seq", "64",
                     "--device", "cpu", "--hardware", "h100", "--out", str(tmp_path / "run"), check=False)
     assert run.returncode != 0
-    assert f"NVMe directory '{nvme}' has" in run.stderr and "free, but the job keeps" in run.stderr
+    # The plan holds NVMe to the directory's free space (--nvme-budget 0), so the job is refused
+    # by the plan, as `ferry plan` refuses it, before any weight is read.
+    assert "does not fit its budgets" in run.stderr and "nvme tier: needs" in run.stderr
 
 
 def test_resuming_a_checkpoint_of_another_model_is_refused_up_front(tmp_path: Path, build_dir: Path) -> None:
     other = tmp_path / "other"
-    run_ferry(build_dir, "--model", "tiny-gpt2", "--steps", "1", "--eval-problems", "1", "--export", "none",
+    run_ferry(build_dir, "--model", "tiny-gpt2", "--steps", "1", "--batch", "4", "--seq", "16", "--export", "none",
               "--device", "cpu", "--out", str(other))
     run = run_ferry(build_dir, "--model", "tiny-llama", "--resume", str(other / "checkpoints" / "step-000001"),
                     "--device", "cpu", "--out", str(tmp_path / "run"), check=False)

@@ -109,6 +109,9 @@ def plain_pytorch_losses(stem: nn.Module, blocks: List[nn.Module], head: nn.Modu
 
 def ferry_losses(stem: nn.Module, blocks: List[nn.Module], head: nn.Module, steps: int,
                  **settings) -> List[float]:
+    # As the plain loops: no clipping, and no weight decay unless given (a real job's defaults
+    # clip at 1.0 and decay by 0.01).
+    settings = {"max_grad_norm": 0.0, "weight_decay": 0.0, **settings}
     engine = ferry.Engine(ferry.LayeredModel(stem, blocks, head), device="cpu", **settings)
     return [engine.train_step(batch).loss for batch in batches(steps)]
 

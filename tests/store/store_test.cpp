@@ -10,7 +10,7 @@
 #include <torch/cuda.h>
 #include <torch/types.h>
 
-#include "ferry/io_fault.h"
+#include "ferry/testing/io_fault.h"
 #include "ferry/store.h"
 #include "io/descriptors.h"
 #include "support/random_bytes.h"
