@@ -445,6 +445,9 @@ Json complete_job(const Json& given) {
   if (setting("data") == "demo" && setting("model") == job_defaults()["model"]) overlay(demo_job_defaults());
   if (setting("mode") == "zo2") overlay(zo2_job_defaults());
   for (const auto& [key, value] : given.items()) job[key] = value;
+  // An overlay's count gives way to the ratio given in its place (the demo's 400 steps to --epochs).
+  if (given.contains("epochs") && !given.contains("steps")) job["steps"] = "auto";
+  if (given.contains("warmup_ratio") && !given.contains("warmup")) job["warmup"] = "auto";
   if (job["lr"] == "auto") {
     const bool lora = job["lora_rank"].is_number() && job["lora_rank"].get<double>() > 0;
     job["lr"] = job_default_lr(job["mode"].is_string() ? job["mode"].get<std::string>() : "",

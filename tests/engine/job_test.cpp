@@ -62,6 +62,8 @@ TEST_CASE("complete_job: real-job defaults, the demo's and zo2's where they appl
   CHECK(demo["warmup"] == 20);
   CHECK(demo["out"] == "runs/demo");
   CHECK(complete_job({{"batch", 4}})["batch"] == 4);
+  CHECK(complete_job({{"epochs", 2.0}})["steps"] == "auto");  // the demo's 400 steps give way
+  CHECK(complete_job({{"warmup_ratio", 0.1}})["warmup"] == "auto");
   CHECK(complete_job({{"model", "tiny-gpt2"}})["seq"] == 1024);  // another model on the demo data: a real job
 
   const Json zo2 = complete_job({{"data", "train.jsonl"}, {"mode", "zo2"}});

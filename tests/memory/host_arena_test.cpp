@@ -46,6 +46,23 @@ TEST_CASE("a request beyond the budget is refused with a message naming both") {
   CHECK(arena.stats().mapped_bytes == (3 << 20));
 }
 
+TEST_CASE("chunks hold a whole number of the blocks that map them, leaving no remainder to waste") {
+  // 151 MiB blocks, as a llama-2.7b job's bf16 bundles: 1 GiB chunks would hold 6 each and
+  // strand 118 MiB per chunk; chunks of 6 blocks fill the budget but for the last one's rest.
+  constexpr size_t kMiB = size_t{1} << 20;
+  HostArena arena({.budget_bytes = 4096 * kMiB, .chunk_bytes = 1024 * kMiB, .page_lock = false});
+  std::vector<HostBlock> blocks;
+  while (HostBlock block = arena.try_allocate(151 * kMiB)) blocks.push_back(std::move(block));
+  CHECK(blocks.size() == 4096 / 151);
+  CHECK(arena.stats().mapped_bytes <= 4096 * kMiB);
+  // Twice the size (an fp32 master) fits a chunk cut for the smaller blocks exactly.
+  blocks.erase(blocks.begin(), blocks.begin() + 6);
+  HostBlock master = arena.allocate(302 * kMiB);
+  HostBlock state = arena.allocate(302 * kMiB);
+  HostBlock other_state = arena.allocate(302 * kMiB);
+  CHECK_FALSE(arena.try_allocate(151 * kMiB));
+}
+
 TEST_CASE("freed neighbours coalesce into one range") {
   HostArena arena({.budget_bytes = 1 << 20, .chunk_bytes = 1 << 20});
   std::vector<HostBlock> blocks;
