@@ -440,35 +440,35 @@ std::int64_t integer_at(const py::handle& value, const std::string& where, const
   return result;
 }
 
-// One example's tokens: a 1-D integer tensor, or an iterable of ints (a list, a numpy array).
-std::vector<std::int64_t> example_tokens(const py::handle& item, std::size_t index) {
-  const std::string where = "examples[" + std::to_string(index) + "]";
+// One example's tokens (or labels, `of` names which): a 1-D integer tensor, or an iterable of ints
+// (a list, a numpy array).
+std::vector<std::int64_t> example_ids(const py::handle& item, const char* of, std::size_t index) {
+  const std::string where = std::string(of) + "[" + std::to_string(index) + "]";
   if (THPVariable_Check(item.ptr())) {
     const torch::Tensor tensor = item.cast<torch::Tensor>();
     const std::string dtype = py::str(item.attr("dtype")).cast<std::string>();
     if (!c10::isIntegralType(tensor.scalar_type(), /*includeBool=*/false)) {
-      throw py::type_error(where + " is a tensor of " + dtype + ": token ids are integers (torch.int64)");
+      throw py::type_error(where + " is a tensor of " + dtype + ": ids are integers (torch.int64)");
     }
     if (tensor.dim() != 1) {
       throw py::value_error(where + " has shape " + detail::concat(tensor.sizes()) +
-                            ": each example is one sequence of token ids, a 1-D tensor (for one sequence, "
-                            "pass [ids])");
+                            ": each is one sequence of ids, a 1-D tensor (for one sequence, pass [ids])");
     }
     const torch::Tensor ids = tensor.to(torch::kCPU, torch::kLong).contiguous();
     return {ids.data_ptr<std::int64_t>(), ids.data_ptr<std::int64_t>() + ids.numel()};
   }
   if (is_mapping(item)) {
-    throw py::type_error(where + " is a " + type_name(item) + ": each example is its token ids; of a Hugging Face "
-                         "dataset's rows, pass the column, dataset[\"input_ids\"]");
+    throw py::type_error(where + " is a " + type_name(item) + ": each is a sequence of ids; of a Hugging Face "
+                         "dataset's rows, pass the columns, dataset[\"input_ids\"]");
   }
   if (py::isinstance<py::str>(item) || py::isinstance<py::bytes>(item) || !py::isinstance<py::iterable>(item)) {
     throw py::type_error(where + " is " + py::repr(item).cast<std::string>() + " (" + type_name(item) +
-                         "): each example is a list of token ids or a 1-D integer tensor (text: tokenize it "
-                         "first, e.g. with ferry.Tokenizer.encode)");
+                         "): each is a list of ids or a 1-D integer tensor (text: tokenize it first, e.g. with "
+                         "ferry.Tokenizer.encode)");
   }
   std::vector<std::int64_t> ids;
   for (const py::handle value : item) {
-    ids.push_back(integer_at(value, where + "[" + std::to_string(ids.size()) + "]", "token ids"));
+    ids.push_back(integer_at(value, where + "[" + std::to_string(ids.size()) + "]", "ids"));
   }
   return ids;
 }
@@ -482,15 +482,55 @@ py::iterable iterable_argument(const py::object& argument, const char* name, con
   return py::reinterpret_borrow<py::iterable>(argument);
 }
 
+// Hugging Face's labels, aligned with the tokens: the token where it is learned, kIgnoreIndex where
+// not. They become the example's learned flags.
+void learn_from_labels(const py::object& labels, std::vector<data::Example>& examples) {
+  std::size_t index = 0;
+  for (const py::handle item : iterable_argument(labels, "labels", "label sequences, one per example")) {
+    const std::vector<std::int64_t> row = example_ids(item, "labels", index);
+    if (index >= examples.size()) {
+      ++index;
+      continue;
+    }
+    data::Example& example = examples[index];
+    if (row.size() != example.tokens.size()) {
+      throw py::value_error("labels[" + std::to_string(index) + "] has " + std::to_string(row.size()) +
+                            " labels for the " + std::to_string(example.tokens.size()) + " tokens of examples[" +
+                            std::to_string(index) + "]: give one per token");
+    }
+    example.learned.resize(row.size());
+    for (std::size_t position = 0; position < row.size(); ++position) {
+      const bool learned = row[position] != data::kIgnoreIndex;
+      if (learned && row[position] != example.tokens[position]) {
+        throw py::value_error(detail::concat(
+            "labels[", index, "][", position, "] is ", row[position], " but examples[", index, "][", position, "] is ",
+            example.tokens[position], ": labels are aligned with the tokens, not shifted: the token where it is "
+            "learned, ", data::kIgnoreIndex, " where not"));
+      }
+      example.learned[position] = learned;
+    }
+    ++index;
+  }
+  if (index != examples.size()) {
+    throw py::value_error("labels has " + std::to_string(index) + " sequences for " + std::to_string(examples.size()) +
+                          " examples: give one per example");
+  }
+}
+
 DatasetHolder dataset_from_lists(const py::object& examples, const py::object& prompt_lengths,
-                                 std::optional<std::int64_t> vocab_size, std::string name) {
+                                 const py::object& labels, std::optional<std::int64_t> vocab_size,
+                                 std::string name) {
   FERRY_CHECK(!vocab_size || *vocab_size > 0, "vocab_size = ", vocab_size.value_or(0),
               " is not valid: it must be at least 1 (or None)");
+  if (!prompt_lengths.is_none() && !labels.is_none()) {
+    throw py::type_error("give prompt_lengths or labels, not both: each says which tokens are learned");
+  }
   std::vector<data::Example> converted;
   for (const py::handle item : iterable_argument(examples, "examples", "examples, each a list of token ids or a "
                                                  "1-D integer tensor")) {
-    converted.push_back({example_tokens(item, converted.size()), 0, {}});
+    converted.push_back({example_ids(item, "examples", converted.size()), 0, {}});
   }
+  if (!labels.is_none()) learn_from_labels(labels, converted);
   if (!prompt_lengths.is_none()) {
     std::size_t index = 0;
     for (const py::handle value : iterable_argument(prompt_lengths, "prompt_lengths", "ints, one per example")) {
@@ -553,7 +593,7 @@ void bind_data(py::module_& module) {
       .def_property_readonly("name", &data::Dataset::name,
                              "Names the source in error messages: its path, or what made it.");
   module.def("make_dataset", &dataset_from_lists, py::arg("examples"), py::arg("prompt_lengths") = py::none(),
-             py::arg("vocab_size") = std::nullopt, py::arg("name") = "the examples",
+             py::arg("labels") = py::none(), py::arg("vocab_size") = std::nullopt, py::arg("name") = "the examples",
              "See ferry.data.make_dataset.");
   module.def(
       "open_dataset",

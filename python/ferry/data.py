@@ -33,7 +33,8 @@ TokenIds = Union[Sequence[int], torch.Tensor]
 
 
 def make_dataset(examples: Iterable[TokenIds], prompt_lengths: Optional[Iterable[int]] = None, *,
-                 vocab_size: Optional[int] = None, name: str = "the examples") -> Dataset:
+                 labels: Optional[Iterable[TokenIds]] = None, vocab_size: Optional[int] = None,
+                 name: str = "the examples") -> Dataset:
     """A dataset of your own token ids, held in memory, as ferry's C++ data layer holds the
     examples it tokenizes itself (``ferry::data::make_dataset``).
 
@@ -42,7 +43,11 @@ def make_dataset(examples: Iterable[TokenIds], prompt_lengths: Optional[Iterable
     example needs at least one token. ``prompt_lengths``, one per example, counts its leading
     tokens that answer-only training does not learn (a :class:`DataLoader` with
     ``answer_only=True`` sets their labels to -100, so the loss is on the completion alone);
-    without it every token is learned. With ``vocab_size`` every id must be in
+    without it every token is learned. Instead of prompt lengths, ``labels`` may say it per token
+    as Hugging Face's supervised fine-tuning data does: one sequence per example, aligned with its
+    tokens (not shifted), the token where it is learned and -100 where not (a multi-turn
+    conversation's assistant turns); like prompt lengths they take effect with
+    ``answer_only=True``. With ``vocab_size`` every id must be in
     ``[0, vocab_size)`` (pass the model's, ``engine.vocab_size``); without, ids must be
     non-negative. ``name`` names the dataset in error messages.
 
@@ -50,12 +55,13 @@ def make_dataset(examples: Iterable[TokenIds], prompt_lengths: Optional[Iterable
     packed rows concatenate examples, positions restarting at each; padded rows hold one example
     each, truncated or padded with ``pad_token`` (label -100, mask 0).
 
-    Raises ``TypeError`` for an example or length that is not ints (naming it:
-    ``examples[3][7] is 2.5 (float)``), :class:`ferry.Error` for an empty example, a prompt longer
-    than its example, or an id outside the vocabulary, naming the example, the position, the id
-    and the valid range.
+    Raises ``TypeError`` for an example, length or label that is not ints (naming it:
+    ``examples[3][7] is 2.5 (float)``), ``ValueError`` for lengths or labels that do not match the
+    examples (``labels[0][2] is 7 but examples[0][2] is 8``), :class:`ferry.Error` for an empty
+    example, a prompt longer than its example, or an id outside the vocabulary, naming the
+    example, the position, the id and the valid range.
     """
-    return _data.make_dataset(examples, prompt_lengths, vocab_size, name)
+    return _data.make_dataset(examples, prompt_lengths, labels, vocab_size, name)
 
 
 def open_dataset(path: Union[str, os.PathLike], example_tokens: int, tokenizer: Optional[Any] = None,

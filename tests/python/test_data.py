@@ -119,7 +119,7 @@ def test_make_dataset_names_the_bad_example_its_value_and_the_valid_ids() -> Non
         ferry.data.make_dataset([[1, 2]], [3])
     with pytest.raises(ValueError, match="prompt_lengths has 1 entries for 2 examples"):
         ferry.data.make_dataset([[1], [2]], [0])
-    with pytest.raises(TypeError, match=r"examples\[1\]\[2\] is 2.5 \(float\): token ids are ints"):
+    with pytest.raises(TypeError, match=r"examples\[1\]\[2\] is 2.5 \(float\): ids are ints"):
         ferry.data.make_dataset([[1], [1, 2, 2.5]])
     with pytest.raises(TypeError, match=r"examples\[0\] is 'hello' \(str\).*tokenize it first"):
         ferry.data.make_dataset(["hello"])
@@ -131,3 +131,24 @@ def test_make_dataset_names_the_bad_example_its_value_and_the_valid_ids() -> Non
         ferry.data.make_dataset([[1, 2]], [True])
     with pytest.raises(ferry.Error, match="vocab_size = 0 is not valid"):
         ferry.data.make_dataset([[1]], vocab_size=0)
+
+
+def test_make_dataset_learns_where_hugging_face_labels_say() -> None:
+    """labels (aligned, -100 where not learned) become per-token learned flags, which the loader
+    turns back into the same labels with answer_only=True."""
+    tokens = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    labels = [[-100, -100, 3, 4, -100, 6], torch.tensor([-100, 8, 9])]
+    dataset = ferry.data.make_dataset(tokens, labels=labels, vocab_size=10)
+    assert dataset.learned(0) == [False, False, True, True, False, True]
+    batch = next(ferry.data.DataLoader(dataset, 2, 6, pack=False, answer_only=True, shuffle=False,
+                                       vocab_size=10, pad_token=0))
+    assert batch["labels"].tolist() == [[-100, -100, 3, 4, -100, 6], [-100, 8, 9, -100, -100, -100]]
+    with pytest.raises(ValueError, match=r"labels\[1\]\[1\] is 9 but examples\[1\]\[1\] is 8: labels are "
+                                         r"aligned with the tokens, not shifted"):
+        ferry.data.make_dataset(tokens, labels=[labels[0], [-100, 9, -100]])  # shifted by one
+    with pytest.raises(ValueError, match=r"labels\[0\] has 2 labels for the 6 tokens of examples\[0\]"):
+        ferry.data.make_dataset(tokens, labels=[[1, 2], [7, 8, 9]])
+    with pytest.raises(ValueError, match="labels has 1 sequences for 2 examples"):
+        ferry.data.make_dataset(tokens, labels=labels[:1])
+    with pytest.raises(TypeError, match="prompt_lengths or labels, not both"):
+        ferry.data.make_dataset(tokens, [0, 0], labels=labels)
