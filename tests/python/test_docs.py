@@ -5,6 +5,7 @@ type stubs for the compiled core that match what it holds."""
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import pydoc
 import re
@@ -15,20 +16,17 @@ from typing import Any, Iterator, List, Tuple
 import pytest
 
 import ferry
-import ferry.engine
-import ferry.model
-import ferry.plan
-import ferry.tokenizer
 
-MODULES: List[ModuleType] = [ferry, ferry.data, ferry.optim, ferry.engine, ferry.model, ferry.plan,
-                             ferry.tokenizer]
+# Note: by name, since ferry.plan is the function plan() once the package has imported it.
+MODULES: List[ModuleType] = [importlib.import_module(name) for name in (
+    "ferry", "ferry.data", "ferry.optim", "ferry.engine", "ferry.model", "ferry.plan", "ferry.tokenizer")]
 STUBS = Path(ferry.__file__).parent / "_C"
 
 
 def is_documentable(value: Any) -> bool:
     """Classes, functions and properties carry their own docstrings; constants and type aliases
     (LOOP_KEYS, Batch) are described in their module's source and docs."""
-    return inspect.isclass(value) or callable(value) or isinstance(value, property)
+    return inspect.isclass(value) or inspect.isroutine(value) or isinstance(value, property)
 
 
 def public_names() -> Iterator[Tuple[str, Any]]:
@@ -93,8 +91,10 @@ def stub_names() -> Iterator[Tuple[str, List[str]]]:
         yield module, [node.name for node in top if node.name != "__getattr__"]
         for node in top:
             if isinstance(node, ast.ClassDef):
+                # Annotations without ClassVar are instance attributes (IoError's errno, path, ...).
                 members = [item.name for item in node.body if isinstance(item, ast.FunctionDef)]
-                members += [item.target.id for item in node.body if isinstance(item, ast.AnnAssign)]
+                members += [item.target.id for item in node.body if isinstance(item, ast.AnnAssign)
+                            and ast.unparse(item.annotation).startswith("ClassVar")]
                 yield f"{module}.{node.name}", members
 
 
