@@ -34,7 +34,7 @@ setup(
     version=build.version,
     description="Fine-tuning models larger than GPU memory: the Python face of the ferry runtime",
     packages=["ferry"],
-    package_data={"ferry": ["py.typed"]},
+    package_data={"ferry": ["py.typed", "_C/*.pyi"]},
     ext_modules=[
         extension_type(
             name="ferry._C",

@@ -132,8 +132,15 @@ struct DatasetSummary {
 };
 DatasetSummary summarize(const Dataset& dataset, int64_t sequence_length);
 
-// Examples held in memory; none may be empty.
-std::shared_ptr<const Dataset> make_dataset(std::string name, std::vector<Example> examples);
+// Throws ferry::Error unless a loader can read `example`: at least one token, prompt_tokens within
+// its tokens, one learned flag per token or none, every id in [0, vocab_size) (without vocab_size,
+// non-negative). The message places it as example `index` of `source` (a dataset's name).
+void check_example(const Example& example, int64_t index, const std::string& source,
+                   std::optional<int64_t> vocab_size = std::nullopt);
+
+// Examples held in memory, each checked by check_example when the dataset is made.
+std::shared_ptr<const Dataset> make_dataset(std::string name, std::vector<Example> examples,
+                                            std::optional<int64_t> vocab_size = std::nullopt);
 
 struct LoaderOptions {
   int64_t batch_size = 8;
@@ -159,6 +166,17 @@ struct Batch {
   at::Tensor attention_mask;  // 1 for real tokens, 0 for padding (never 0 when packing)
   at::Tensor position_ids;    // 0 at each example's start and at each row's start
 };
+
+// Throws ferry::Error, naming the tensor, unless `batch` is one a model can train on: input_ids and
+// labels integer tensors of one shape [batch, seq] with at least one row and one column;
+// attention_mask and position_ids undefined or of that shape too, the mask holding only 1 (a real
+// token) and 0 (padding), the positions integers from 0; input ids in [0, vocab_size) and labels
+// there or kIgnoreIndex (without vocab_size, non-negative). A bad value is named with its place:
+// `input_ids[1, 7] is 300: valid token ids are 0 to 258 (vocab_size 259)`. The engine checks every
+// batch it is handed with the model's vocabulary (Engine::vocab_size).
+void check_batch(const Batch& batch, std::optional<int64_t> vocab_size = std::nullopt);
+// The same for one tensor of token ids [batch, seq], called `name` in the message.
+void check_token_ids(const at::Tensor& ids, const char* name, std::optional<int64_t> vocab_size = std::nullopt);
 
 // Uniformly random tokens, labels equal to the inputs and no padding: a batch of the right shape
 // for benchmarks, where what is learned does not matter. Deterministic for a seed.

@@ -349,6 +349,10 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
+  // Note: forward, train_step and evaluate check the batch first (data::check_batch, with
+  // vocab_size()), and logits its tokens: a bad one throws ferry::Error naming the tensor, before
+  // any state changes.
+
   // One micro-batch: returns its loss (a scalar); backward() must follow before the next forward.
   // The first-order modes only: zo2 trains with train_step().
   torch::Tensor forward(const data::Batch& batch);
@@ -407,6 +411,9 @@ class Engine {
   // counts only those bound on the device at the moment); and the trainable ones alone.
   std::int64_t parameter_count() const;
   std::int64_t trainable_parameter_count() const;
+  // The token ids a batch may hold, [0, vocab_size): the model config's vocabulary, else the rows
+  // of the stem's token embedding; nullopt when the model names neither.
+  std::optional<std::int64_t> vocab_size() const;
   const EngineConfig& config() const;
   std::int64_t steps_taken() const;
   double current_lr() const;
@@ -414,6 +421,7 @@ class Engine {
 
  private:
   std::unique_ptr<detail::Trainer> trainer_;  // the first-order engine or zo2
+  std::optional<std::int64_t> vocab_size_;    // read before the trainer rebinds the parameters
 };
 
 // Sampling settings of generate(): greedy at temperature 0, else softmax(logits / temperature)

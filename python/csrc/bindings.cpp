@@ -119,22 +119,29 @@ void bind_errors(py::module_& module) {
 
 // --- batches and results ----------------------------------------------------------------------
 
-// A dict, or an object with attributes, holding input_ids and labels, and optionally
-// attention_mask and position_ids.
+// A dict, transformers' BatchEncoding (a UserDict), any collections.abc.Mapping.
+bool is_mapping(const py::handle& object) {
+  // Note: released, so that no reference is dropped after the interpreter has finalized.
+  static const py::handle mapping_type = py::object(py::module_::import("collections.abc").attr("Mapping")).release();
+  return py::isinstance(object, mapping_type);
+}
+
+// A batch is a mapping, or an object with attributes, holding input_ids and labels, and
+// optionally attention_mask and position_ids. Only whether each is a tensor is checked here; what
+// the tensors hold the engine checks (data::check_batch).
 data::Batch to_batch(const py::handle& batch) {
-  const bool is_dict = py::isinstance<py::dict>(batch);
+  const bool mapping = is_mapping(batch);
   auto field = [&](const char* name, bool required) -> torch::Tensor {
     py::object value = py::none();
-    if (is_dict) {
-      const auto dict = py::reinterpret_borrow<py::dict>(batch);
-      if (dict.contains(name)) value = dict[name];
+    if (mapping) {
+      if (batch.attr("__contains__")(name).cast<bool>()) value = batch[name];
     } else if (py::hasattr(batch, name)) {
       value = batch.attr(name);
     }
     if (value.is_none()) {
       if (!required) return {};
       throw py::type_error(std::string("a batch needs '") + name +
-                           "': pass a dict or an object with input_ids and labels tensors "
+                           "': pass a dict (any mapping) or an object with input_ids and labels tensors "
                            "(attention_mask and position_ids optional)");
     }
     if (!THPVariable_Check(value.ptr())) {
@@ -277,17 +284,22 @@ void bind_models(py::module_& module) {
 // --- engine -----------------------------------------------------------------------------------
 
 void bind_engine(py::module_& module) {
-  py::class_<StepResult>(module, "StepResult", "What one optimizer step did.")
-      .def_readonly("step", &StepResult::step)
-      .def_readonly("loss", &StepResult::loss)
-      .def_readonly("lr", &StepResult::lr)
-      .def_readonly("grad_norm", &StepResult::grad_norm)
-      .def_readonly("loss_scale", &StepResult::loss_scale)
-      .def_readonly("skipped", &StepResult::skipped)
-      .def_readonly("tokens", &StepResult::tokens)
-      .def_readonly("loss_plus", &StepResult::loss_plus)
-      .def_readonly("loss_minus", &StepResult::loss_minus)
-      .def_readonly("projected_grads", &StepResult::projected_grads)
+  py::class_<StepResult>(module, "StepResult",
+                         "What one optimizer step did: what Engine.train_step and Engine.step return.")
+      .def_readonly("step", &StepResult::step, "Optimizer steps taken so far, skipped ones included.")
+      .def_readonly("loss", &StepResult::loss,
+                    "Mean loss of the step's micro-batches (zo2: of both perturbed losses over the samples).")
+      .def_readonly("lr", &StepResult::lr, "The learning rate this step used.")
+      .def_readonly("grad_norm", &StepResult::grad_norm,
+                    "Global gradient norm before clipping; NaN when the gradients were not finite.")
+      .def_readonly("loss_scale", &StepResult::loss_scale, "The fp16 loss scale (1 otherwise).")
+      .def_readonly("skipped", &StepResult::skipped,
+                    "True when the gradients were not finite (fp16 overflow) and nothing was updated.")
+      .def_readonly("tokens", &StepResult::tokens, "Input tokens over the step's micro-batches.")
+      .def_readonly("loss_plus", &StepResult::loss_plus, "zo2: per sample, the loss at theta + eps z.")
+      .def_readonly("loss_minus", &StepResult::loss_minus, "zo2: per sample, the loss at theta - eps z.")
+      .def_readonly("projected_grads", &StepResult::projected_grads,
+                    "zo2: per sample, the projected gradient (loss_plus - loss_minus) / (2 eps).")
       .def("__repr__", &describe);
 
   module.def("engine_config_keys", &engine_config_keys);
@@ -395,6 +407,7 @@ void bind_engine(py::module_& module) {
       .def_property_readonly("current_lr", &Engine::current_lr)
       .def_property_readonly("parameter_count",
                              [](const Engine& engine) { return engine.parameter_count(); })
+      .def_property_readonly("vocab_size", &Engine::vocab_size)
       .def_property_readonly("num_blocks",
                              [](const Engine& engine) { return engine.model().num_blocks(); })
       .def_property_readonly("mode",
@@ -428,15 +441,146 @@ DatasetHolder hold(std::shared_ptr<const data::Dataset> dataset) {
   return std::const_pointer_cast<data::Dataset>(std::move(dataset));
 }
 
+// An int from Python (numpy's integers and one-element integer tensors included, bools not),
+// named `where` when it is none.
+std::int64_t integer_at(const py::handle& value, const std::string& where, const char* what) {
+  if (PyBool_Check(value.ptr()) || !PyIndex_Check(value.ptr())) {
+    throw py::type_error(where + " is " + py::repr(value).cast<std::string>() + " (" + type_name(value) + "): " +
+                         what + " are ints");
+  }
+  int overflow = 0;
+  const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
+  if (!index) throw py::error_already_set();
+  const long long result = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0) {
+    throw py::value_error(where + " is " + py::repr(value).cast<std::string>() + ", which does not fit in int64");
+  }
+  return result;
+}
+
+// One example's tokens (or labels, `of` names which): a 1-D integer tensor, or an iterable of ints
+// (a list, a numpy array).
+std::vector<std::int64_t> example_ids(const py::handle& item, const char* of, std::size_t index) {
+  const std::string where = std::string(of) + "[" + std::to_string(index) + "]";
+  if (THPVariable_Check(item.ptr())) {
+    const torch::Tensor tensor = item.cast<torch::Tensor>();
+    const std::string dtype = py::str(item.attr("dtype")).cast<std::string>();
+    if (!c10::isIntegralType(tensor.scalar_type(), /*includeBool=*/false)) {
+      throw py::type_error(where + " is a tensor of " + dtype + ": ids are integers (torch.int64)");
+    }
+    if (tensor.dim() != 1) {
+      throw py::value_error(where + " has shape " + detail::concat(tensor.sizes()) +
+                            ": each is one sequence of ids, a 1-D tensor (for one sequence, pass [ids])");
+    }
+    const torch::Tensor ids = tensor.to(torch::kCPU, torch::kLong).contiguous();
+    return {ids.data_ptr<std::int64_t>(), ids.data_ptr<std::int64_t>() + ids.numel()};
+  }
+  if (is_mapping(item)) {
+    throw py::type_error(where + " is a " + type_name(item) + ": each is a sequence of ids; of a Hugging Face "
+                         "dataset's rows, pass the columns, dataset[\"input_ids\"]");
+  }
+  if (py::isinstance<py::str>(item) || py::isinstance<py::bytes>(item) || !py::isinstance<py::iterable>(item)) {
+    throw py::type_error(where + " is " + py::repr(item).cast<std::string>() + " (" + type_name(item) +
+                         "): each is a list of ids or a 1-D integer tensor (text: tokenize it first, e.g. with "
+                         "ferry.Tokenizer.encode)");
+  }
+  std::vector<std::int64_t> ids;
+  for (const py::handle value : item) {
+    ids.push_back(integer_at(value, where + "[" + std::to_string(ids.size()) + "]", "ids"));
+  }
+  return ids;
+}
+
+// `argument`, which must be an iterable (not text), named in the message with what it holds.
+py::iterable iterable_argument(const py::object& argument, const char* name, const char* holding) {
+  if (py::isinstance<py::str>(argument) || !py::isinstance<py::iterable>(argument)) {
+    throw py::type_error(std::string(name) + " is " + py::repr(argument).cast<std::string>() + " (" +
+                         type_name(argument) + "): give an iterable of " + holding);
+  }
+  return py::reinterpret_borrow<py::iterable>(argument);
+}
+
+// Hugging Face's labels, aligned with the tokens: the token where it is learned, kIgnoreIndex where
+// not. They become the example's learned flags.
+void learn_from_labels(const py::object& labels, std::vector<data::Example>& examples) {
+  std::size_t index = 0;
+  for (const py::handle item : iterable_argument(labels, "labels", "label sequences, one per example")) {
+    const std::vector<std::int64_t> row = example_ids(item, "labels", index);
+    if (index >= examples.size()) {
+      ++index;
+      continue;
+    }
+    data::Example& example = examples[index];
+    if (row.size() != example.tokens.size()) {
+      throw py::value_error("labels[" + std::to_string(index) + "] has " + std::to_string(row.size()) +
+                            " labels for the " + std::to_string(example.tokens.size()) + " tokens of examples[" +
+                            std::to_string(index) + "]: give one per token");
+    }
+    example.learned.resize(row.size());
+    for (std::size_t position = 0; position < row.size(); ++position) {
+      const bool learned = row[position] != data::kIgnoreIndex;
+      if (learned && row[position] != example.tokens[position]) {
+        throw py::value_error(detail::concat(
+            "labels[", index, "][", position, "] is ", row[position], " but examples[", index, "][", position, "] is ",
+            example.tokens[position], ": labels are aligned with the tokens, not shifted: the token where it is "
+            "learned, ", data::kIgnoreIndex, " where not"));
+      }
+      example.learned[position] = learned;
+    }
+    ++index;
+  }
+  if (index != examples.size()) {
+    throw py::value_error("labels has " + std::to_string(index) + " sequences for " + std::to_string(examples.size()) +
+                          " examples: give one per example");
+  }
+}
+
+DatasetHolder dataset_from_lists(const py::object& examples, const py::object& prompt_lengths,
+                                 const py::object& labels, std::optional<std::int64_t> vocab_size,
+                                 std::string name) {
+  FERRY_CHECK(!vocab_size || *vocab_size > 0, "vocab_size = ", vocab_size.value_or(0),
+              " is not valid: it must be at least 1 (or None)");
+  if (!prompt_lengths.is_none() && !labels.is_none()) {
+    throw py::type_error("give prompt_lengths or labels, not both: each says which tokens are learned");
+  }
+  std::vector<data::Example> converted;
+  for (const py::handle item : iterable_argument(examples, "examples", "examples, each a list of token ids or a "
+                                                 "1-D integer tensor")) {
+    converted.push_back({example_ids(item, "examples", converted.size()), 0, {}});
+  }
+  if (!labels.is_none()) learn_from_labels(labels, converted);
+  if (!prompt_lengths.is_none()) {
+    std::size_t index = 0;
+    for (const py::handle value : iterable_argument(prompt_lengths, "prompt_lengths", "ints, one per example")) {
+      const std::string where = "prompt_lengths[" + std::to_string(index) + "]";
+      const std::int64_t length = integer_at(value, where, "prompt lengths");
+      if (index < converted.size()) converted[index].prompt_tokens = length;
+      ++index;
+    }
+    if (index != converted.size()) {
+      throw py::value_error("prompt_lengths has " + std::to_string(index) + " entries for " +
+                            std::to_string(converted.size()) + " examples: give one per example (0: learn it whole)");
+    }
+  }
+  return hold(data::make_dataset(std::move(name), std::move(converted), vocab_size));
+}
+
 void bind_data(py::module_& module) {
-  py::class_<data::Dataset, DatasetHolder>(module, "Dataset")
-      .def("__len__", &data::Dataset::size)
+  py::class_<data::Dataset, DatasetHolder>(
+      module, "Dataset",
+      "Random access to a dataset's examples (docs/data.md). ``len(dataset)`` examples; "
+      "``dataset[i]`` is the pair (token ids, prompt length): the number of leading tokens that "
+      "answer-only training does not learn. Made by :func:`ferry.data.make_dataset`, "
+      ":func:`ferry.data.open_dataset` and :func:`ferry.data.addition_dataset`; read in batches by "
+      ":class:`ferry.data.DataLoader`.")
+      .def("__len__", &data::Dataset::size, "The number of examples.")
       .def("__getitem__",
            [](const data::Dataset& dataset, std::int64_t index) {
              if (index < 0 || index >= dataset.size()) throw py::index_error();
              data::Example example = dataset.get(index);
              return py::make_tuple(example.tokens, example.prompt_tokens);
-           })
+           },
+           py::arg("index"), "Example ``index`` as (list of token ids, prompt length).")
       .def("learned",
            [](const data::Dataset& dataset, std::int64_t index) {
              if (index < 0 || index >= dataset.size()) throw py::index_error();
@@ -448,8 +592,27 @@ void bind_data(py::module_& module) {
              }
              return learned;
            },
-           py::arg("index"), "Per token, whether answer-only training learns it.")
-      .def_property_readonly("name", &data::Dataset::name);
+           py::arg("index"),
+           "Per token of example ``index``, whether answer-only training learns it: the tokens after "
+           "the prompt, or a conversation's assistant turns.")
+      .def(
+          "summary",
+          [](const data::Dataset& dataset, std::int64_t sequence_length) {
+            const data::DatasetSummary summary = data::summarize(dataset, sequence_length);
+            return py::dict(py::arg("examples") = summary.examples, py::arg("tokens") = summary.tokens,
+                            py::arg("longest") = summary.longest, py::arg("longer_than") = summary.longer_than,
+                            py::arg("learned_tokens") = summary.learned_tokens);
+          },
+          py::arg("sequence_length"),
+          "Counts over every example, as ``ferry finetune`` prints them before training: ``examples``, "
+          "``tokens``, ``learned_tokens`` (what answer-only training learns), ``longest`` (the longest "
+          "example's tokens) and ``longer_than`` (examples longer than ``sequence_length``, which a loader "
+          "without packing truncates).")
+      .def_property_readonly("name", &data::Dataset::name,
+                             "Names the source in error messages: its path, or what made it.");
+  module.def("make_dataset", &dataset_from_lists, py::arg("examples"), py::arg("prompt_lengths") = py::none(),
+             py::arg("labels") = py::none(), py::arg("vocab_size") = std::nullopt, py::arg("name") = "the examples",
+             "See ferry.data.make_dataset.");
   module.def(
       "open_dataset",
       [](const std::string& path, std::int64_t example_tokens, std::shared_ptr<Tokenizer> tokenizer,
@@ -462,7 +625,7 @@ void bind_data(py::module_& module) {
         return hold(data::open_dataset(path, example_tokens, options));
       },
       py::arg("path"), py::arg("example_tokens"), py::arg("tokenizer") = nullptr, py::arg("data_format") = "auto",
-      py::arg("chat_template") = "");
+      py::arg("chat_template") = "", "See ferry.data.open_dataset.");
   module.def(
       "addition_problems",
       [](std::int64_t max_digits, std::uint64_t seed, const std::string& split,
@@ -474,25 +637,31 @@ void bind_data(py::module_& module) {
         }
         return problems;
       },
-      py::arg("max_digits"), py::arg("seed"), py::arg("split"), py::arg("count"));
+      py::arg("max_digits"), py::arg("seed"), py::arg("split"), py::arg("count"),
+      "See ferry.data.addition_problems.");
   module.def(
       "addition_dataset",
       [](std::int64_t max_digits, std::uint64_t seed, const std::string& split,
          std::int64_t count) {
         return hold(data::addition_dataset({max_digits, seed}, parse_split(split), count));
       },
-      py::arg("max_digits"), py::arg("seed"), py::arg("split"), py::arg("count"));
+      py::arg("max_digits"), py::arg("seed"), py::arg("split"), py::arg("count"),
+      "See ferry.data.addition_dataset.");
 
-  py::class_<data::ByteTokenizer>(module, "ByteTokenizer")
+  py::class_<data::ByteTokenizer>(
+      module, "ByteTokenizer",
+      "The byte-level tokenizer of the presets and the demo task: ids 0-255 are the bytes of the UTF-8 "
+      "text, then BOS (256), EOS (257) and PAD (258); VOCAB_SIZE is 259.")
       .def(py::init<>())
-      .def("encode", &data::ByteTokenizer::encode)
-      .def("decode", &data::ByteTokenizer::decode)
-      .def_readonly_static("BOS", &data::ByteTokenizer::kBos)
-      .def_readonly_static("EOS", &data::ByteTokenizer::kEos)
-      .def_readonly_static("PAD", &data::ByteTokenizer::kPad)
-      .def_readonly_static("VOCAB_SIZE", &data::ByteTokenizer::kVocabSize);
+      .def("encode", &data::ByteTokenizer::encode, py::arg("text"), "The UTF-8 bytes of ``text`` as ids.")
+      .def("decode", &data::ByteTokenizer::decode, py::arg("ids"),
+           "The text of ``ids``, special tokens dropped; an id of 259 or above raises ferry.Error.")
+      .def_readonly_static("BOS", &data::ByteTokenizer::kBos, "The beginning-of-sequence id, 256.")
+      .def_readonly_static("EOS", &data::ByteTokenizer::kEos, "The end-of-sequence id, 257.")
+      .def_readonly_static("PAD", &data::ByteTokenizer::kPad, "The padding id, 258.")
+      .def_readonly_static("VOCAB_SIZE", &data::ByteTokenizer::kVocabSize, "The number of ids, 259.");
 
-  py::class_<data::DataLoader>(module, "DataLoader")
+  py::class_<data::DataLoader>(module, "DataLoader", "The C++ loader behind ferry.data.DataLoader.")
       .def(py::init([](DatasetHolder dataset, std::int64_t batch_size, std::int64_t sequence_length,
                        bool pack, bool answer_only, bool shuffle, std::uint64_t seed,
                        std::optional<std::int64_t> vocab_size, std::optional<std::int64_t> pad_token,
@@ -513,12 +682,13 @@ void bind_data(py::module_& module) {
            py::arg("answer_only"), py::arg("shuffle"), py::arg("seed"),
            py::arg("vocab_size") = std::nullopt, py::arg("pad_token") = std::nullopt,
            py::arg("single_pass") = false)
-      .def("next", [](data::DataLoader& loader) { return to_dict(loader.next()); })
-      .def_property_readonly("finished", &data::DataLoader::finished)
-      .def("state", [](const data::DataLoader& loader) { return loader.state().to_json(); })
+      .def("next", [](data::DataLoader& loader) { return to_dict(loader.next()); }, "The next batch, as a dict.")
+      .def_property_readonly("finished", &data::DataLoader::finished, "A single pass is over.")
+      .def("state", [](const data::DataLoader& loader) { return loader.state().to_json(); },
+           "The position in the stream, as JSON.")
       .def("restore", [](data::DataLoader& loader, const std::string& state) {
         loader.restore(data::LoaderState::from_json(state));
-      });
+      }, py::arg("state"), "Continues from what state() returned.");
 }
 
 // --- CPU optimizer kernels --------------------------------------------------------------------

@@ -57,7 +57,7 @@ torch::nn::Module& owner_of(torch::nn::Module& root, const std::string& dotted_n
 }
 
 template <class Base>
-class PythonPart final : public Base {
+class PythonPart : public Base {
  public:
   PythonPart(py::object module, models::Part kind, std::string name, bool pass_context,
              Registered& registered)
@@ -102,6 +102,9 @@ class PythonPart final : public Base {
     module_.attr("train")(on);
   }
 
+ protected:
+  const py::object& module() const { return module_; }
+
  private:
   // Note: a tensor may belong to one part only, because the engine packs each part's
   // parameters into that part's bundles. The one exception is a head that reuses the stem's
@@ -129,14 +132,36 @@ class PythonPart final : public Base {
   bool pass_context_;
 };
 
+// A stem whose token embedding is its one torch.nn.Embedding, which the engine checks a batch's ids
+// against. With none, or several (token and position embeddings alike), it names none: which one
+// holds the tokens is the module's business.
+class PythonStem final : public PythonPart<Stem> {
+ public:
+  PythonStem(py::object module, bool pass_context, Registered& registered)
+      : PythonPart<Stem>(std::move(module), models::Part::kStem, "stem", pass_context, registered) {
+    const py::object embedding_type = py::module_::import("torch.nn").attr("Embedding");
+    py::object found = py::none();
+    for (const py::handle submodule : this->module().attr("modules")()) {
+      if (!py::isinstance(submodule, embedding_type)) continue;
+      if (!found.is_none()) return;
+      found = py::reinterpret_borrow<py::object>(submodule);
+    }
+    if (!found.is_none()) token_embedding_ = found.attr("weight").cast<torch::Tensor>();
+  }
+
+  torch::Tensor token_embedding() const override { return token_embedding_; }
+
+ private:
+  torch::Tensor token_embedding_;
+};
+
 }  // namespace
 
 LayeredModel python_model(py::object stem, const py::sequence& blocks, py::object head,
                           bool pass_context) {
   FERRY_CHECK(py::len(blocks) > 0, "a model needs at least one block");
   Registered registered;
-  auto python_stem = std::make_shared<PythonPart<Stem>>(std::move(stem), models::Part::kStem,
-                                                        "stem", pass_context, registered);
+  auto python_stem = std::make_shared<PythonStem>(std::move(stem), pass_context, registered);
   std::vector<std::shared_ptr<Block>> python_blocks;
   for (std::size_t i = 0; i < py::len(blocks); ++i) {
     python_blocks.push_back(std::make_shared<PythonPart<Block>>(

@@ -31,6 +31,12 @@ if os.environ.get("FERRY_JIT") == "1":
 else:
     from . import _C
 
+    # Note: python/ferry/_C/ holds only the type stubs; without the built extension beside it,
+    # Python imports that folder as an empty namespace package.
+    if getattr(_C, "__file__", None) is None:
+        raise ImportError("ferry's extension ferry._C is not built: run `python3 setup.py build_ext --inplace` "
+                          "in python/ after building libferry with CMake, or set FERRY_JIT=1 (docs/python.md)")
+
 from . import data, optim
 from ._C import BudgetExceeded, Error, InternalError, IoError, StepContext, StepResult
 from .engine import Engine

@@ -15,9 +15,15 @@ from .model import LORA_KEYS, DTypeLike, LayeredModel
 from .plan import Plan, plan
 
 Batch = Union[Mapping[str, torch.Tensor], Any]
-"""A dict, or an object with attributes, holding ``input_ids`` and ``labels`` (int64
-``[batch, seq]``; labels aligned with input_ids, -100 where nothing is learned) and optionally
-``attention_mask`` (1 at real tokens) and ``position_ids``."""
+"""A mapping (a dict, transformers' ``BatchEncoding``), or an object with attributes, holding
+``input_ids`` and ``labels`` (integer ``[batch, seq]``, at least one row and column; labels
+aligned with input_ids, not shifted, -100 where nothing is learned) and optionally
+``attention_mask`` (``[batch, seq]``, 1 at real tokens, 0 at padding) and ``position_ids``
+(``[batch, seq]``, from 0; where they restart, a packed document starts). Ids must be in
+``[0, engine.vocab_size)``. The engine checks every batch before it computes anything: a bad one
+raises :class:`ferry.Error` naming the tensor, its dtype or shape, or the first bad value and its
+place (``input_ids[1, 7] is 300: valid token ids are 0 to 258 (vocab_size 259)``); a field that
+is not a tensor raises ``TypeError``."""
 
 # Keys of a `ferry finetune` job file that describe its training loop rather than the engine.
 # In Python the loop is yours, so the engine accepts and ignores them: a job file loads as is.
@@ -168,7 +174,8 @@ class Engine:
 
     def train_step(self, batch: Batch) -> Optional[_C.StepResult]:
         """forward, backward and, every ``grad_accum`` micro-batches, step. Returns the
-        step's :class:`ferry.StepResult` when one was taken, else None."""
+        step's :class:`ferry.StepResult` when one was taken, else None. ``batch`` is checked
+        first (:data:`Batch`)."""
         return self._engine.train_step(batch)
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -227,8 +234,8 @@ class Engine:
                 "batches": count}
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits ``[batch, seq, vocab]`` for int64 tokens ``[batch, seq]``, without
-        gradients."""
+        """Logits ``[batch, seq, vocab]`` for integer tokens ``[batch, seq]``, without
+        gradients; ``tokens`` is checked as a batch's ``input_ids`` are."""
         return self._engine.logits(tokens)
 
     def generate(self, prompt: Union[Sequence[int], torch.Tensor], max_new_tokens: int,
@@ -319,6 +326,7 @@ class Engine:
 
     @property
     def steps_taken(self) -> int:
+        """Optimizer steps taken so far (restored by :meth:`load`)."""
         return self._engine.steps_taken
 
     @property
@@ -328,15 +336,26 @@ class Engine:
 
     @property
     def mode(self) -> str:
+        """The mode the engine runs: ``"gpu"``, ``"zero-offload"``, ``"fuyou"``, ``"auto"`` or
+        ``"zo2"``."""
         return self._engine.mode
 
     @property
     def precision(self) -> str:
+        """The compute precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
         return self._engine.precision
 
     @property
     def device(self) -> torch.device:
+        """The device the model computes on."""
         return torch.device(self._engine.device)
+
+    @property
+    def vocab_size(self) -> Optional[int]:
+        """The token ids a batch may hold, ``[0, vocab_size)``: the model's vocabulary (a built-in
+        family's config, or the rows of the only ``torch.nn.Embedding`` of your own stem); None
+        when the model names none, and then ids need only be non-negative."""
+        return self._engine.vocab_size
 
     @property
     def rank(self) -> int:
@@ -346,9 +365,13 @@ class Engine:
 
     @property
     def world_size(self) -> int:
+        """The number of processes training together under torchrun (1 alone)."""
         return self._engine.world_size
 
     def __repr__(self) -> str:
         return (f"ferry.Engine(mode={self.mode!r}, precision={self.precision!r}, "
                 f"device={str(self.device)!r}, blocks={self._engine.num_blocks}, "
                 f"parameters={self._engine.parameter_count}, steps_taken={self.steps_taken})")
+
+
+__all__ = ["Batch", "Engine", "LOOP_KEYS", "engine_settings"]

@@ -117,10 +117,12 @@ class LayeredModel:
 
     @property
     def num_blocks(self) -> int:
+        """The number of blocks between the stem and the head."""
         return self._model.num_blocks
 
     @property
     def parameter_count(self) -> int:
+        """Parameters of stem, blocks and head, frozen ones included."""
         return self._model.parameter_count
 
     @property
@@ -149,6 +151,7 @@ class LayeredModel:
     __call__ = forward
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The model's loss of ``logits`` against aligned ``labels`` (:func:`causal_lm_loss`)."""
         return self._model.loss(logits, labels)
 
     def __repr__(self) -> str:
@@ -164,3 +167,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def preset_names() -> List[str]:
     """The names :meth:`LayeredModel.preset` and :class:`Engine` accept."""
     return _C.preset_names()
+
+
+__all__ = ["DTypeLike", "LORA_KEYS", "LayeredModel", "causal_lm_loss", "preset_names"]

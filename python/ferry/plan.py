@@ -22,14 +22,17 @@ class Plan:
 
     @property
     def fits(self) -> bool:
+        """Whether every tier's peak is within its budget."""
         return bool(self.data["fits"])
 
     @property
     def step_seconds(self) -> float:
+        """The predicted time of one optimizer step, in seconds."""
         return float(self.data["step_seconds"])
 
     @property
     def tokens_per_s(self) -> float:
+        """The predicted training throughput, tokens per second."""
         return float(self.data["tokens_per_s"])
 
     @property
@@ -97,3 +100,6 @@ def calibrate(nvme: Sequence[Union[str, os.PathLike]] = (), *, nvme_bytes: str =
     text = _C.calibrate([os.fspath(d) for d in nvme], str(nvme_bytes), int(repeat),
                         os.fspath(out) if out is not None else "", bool(verbose))
     return json.loads(text)
+
+
+__all__ = ["Plan", "calibrate", "plan"]

@@ -47,12 +47,16 @@ class Tokenizer:
         return self._tokenizer.encode_with_spans(text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The text of ``ids``; with ``skip_special_tokens``, without BOS, EOS and the other
+        special tokens."""
         return self._tokenizer.decode(list(ids), skip_special_tokens)
 
     def token_to_id(self, token: str) -> Optional[int]:
+        """The id of a token of the vocabulary (``"<|im_end|>"``), or None."""
         return self._tokenizer.token_to_id(token)
 
     def id_to_token(self, id: int) -> str:
+        """The vocabulary's token for ``id``, as written in tokenizer.json."""
         return self._tokenizer.id_to_token(id)
 
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = False,
@@ -70,30 +74,38 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """The number of ids, special tokens included (a model's embedding may have more rows)."""
         return self._tokenizer.vocab_size
 
     @property
     def kind(self) -> str:
+        """What the tokenizer is, for messages: ``"tokenizer.json (BPE)"``,
+        ``"tokenizer.model (SentencePiece)"`` or ``"byte-level"``."""
         return self._tokenizer.kind
 
     @property
     def bos_token(self) -> Optional[str]:
+        """The beginning-of-sequence token, or None."""
         return self._tokenizer.bos[0] if self._tokenizer.bos else None
 
     @property
     def bos_token_id(self) -> Optional[int]:
+        """The beginning-of-sequence token's id, or None."""
         return self._tokenizer.bos[1] if self._tokenizer.bos else None
 
     @property
     def eos_token(self) -> Optional[str]:
+        """The end-of-sequence token, or None."""
         return self._tokenizer.eos[0] if self._tokenizer.eos else None
 
     @property
     def eos_token_id(self) -> Optional[int]:
+        """The end-of-sequence token's id, or None."""
         return self._tokenizer.eos[1] if self._tokenizer.eos else None
 
     @property
     def pad_token_id(self) -> Optional[int]:
+        """The padding token's id, or None (pad with EOS then, as ``ferry finetune`` does)."""
         return self._tokenizer.pad[1] if self._tokenizer.pad else None
 
     @property

@@ -18,25 +18,6 @@ int64_t token_count(const Example& example) {
   return static_cast<int64_t>(example.tokens.size());
 }
 
-void check_example(const Example& example, int64_t index, const Dataset& dataset,
-                   const LoaderOptions& options) {
-  FERRY_CHECK(!example.tokens.empty(), "example ", index, " of ", dataset.name(),
-              " has no tokens: every example needs at least one");
-  FERRY_CHECK(example.prompt_tokens >= 0 && example.prompt_tokens <= token_count(example),
-              "example ", index, " of ", dataset.name(), " has prompt_tokens ",
-              example.prompt_tokens, ": valid are 0 to its ", token_count(example), " tokens");
-  FERRY_CHECK(example.learned.empty() || static_cast<int64_t>(example.learned.size()) == token_count(example),
-              "example ", index, " of ", dataset.name(), " has ", example.learned.size(), " learned flags for ",
-              token_count(example), " tokens: give one per token, or none");
-  int64_t vocab_size = options.vocab_size.value_or(INT64_MAX);
-  for (int64_t position = 0; position < token_count(example); ++position) {
-    int64_t id = example.tokens[position];
-    FERRY_CHECK(id >= 0 && id < vocab_size, "token id ", id, " at position ", position,
-                " of example ", index, " of ", dataset.name(), " is out of range: valid ids are 0 to ",
-                vocab_size - 1, options.vocab_size ? " (vocab_size)" : "");
-  }
-}
-
 bool is_learned(const Example& example, int64_t token_index, bool answer_only) {
   if (!answer_only) return true;
   if (!example.learned.empty()) return example.learned[token_index] != 0;
@@ -212,7 +193,7 @@ const Example& DataLoader::current_example() {
   if (!current_example_) {
     int64_t index = order_[position_];
     Example example = dataset_->get(index);
-    check_example(example, index, *dataset_, options_);
+    check_example(example, index, dataset_->name(), options_.vocab_size);
     current_example_ = std::move(example);
   }
   return *current_example_;
@@ -256,7 +237,7 @@ void DataLoader::restore(const LoaderState& state) {
       epoch_order(dataset_->size(), options_.seed, state.epoch, options_.shuffle);
   int64_t index = order[state.position];
   Example example = dataset_->get(index);
-  check_example(example, index, *dataset_, options_);
+  check_example(example, index, dataset_->name(), options_.vocab_size);
   FERRY_CHECK(state.token_offset >= 0 && state.token_offset < token_count(example),
               "loader state has token_offset ", state.token_offset, ": example ", index, " of ",
               dataset_->name(), " has ", token_count(example), " tokens");

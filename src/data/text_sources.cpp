@@ -16,21 +16,11 @@ namespace {
 
 using Json = nlohmann::json;
 
-void check_example_shape(const Example& example, std::size_t index, const std::string& name) {
-  FERRY_CHECK(!example.tokens.empty(), "example ", index, " of ", name, " has no tokens: every example needs at least one");
-  FERRY_CHECK(example.prompt_tokens >= 0 && example.prompt_tokens <= static_cast<int64_t>(example.tokens.size()),
-              "example ", index, " of ", name, " has prompt_tokens ", example.prompt_tokens, ": valid are 0 to its ",
-              example.tokens.size(), " tokens");
-  FERRY_CHECK(example.learned.empty() || example.learned.size() == example.tokens.size(), "example ", index, " of ",
-              name, " has ", example.learned.size(), " learned flags for ", example.tokens.size(),
-              " tokens: give one per token, or none");
-}
-
 class InMemoryDataset final : public Dataset {
  public:
-  InMemoryDataset(std::string name, std::vector<Example> examples)
+  InMemoryDataset(std::string name, std::vector<Example> examples, std::optional<int64_t> vocab_size)
       : name_(std::move(name)), examples_(std::move(examples)) {
-    for (std::size_t i = 0; i < examples_.size(); ++i) check_example_shape(examples_[i], i, name_);
+    for (int64_t i = 0; i < size(); ++i) check_example(examples_[i], i, name_, vocab_size);
   }
 
   int64_t size() const override { return static_cast<int64_t>(examples_.size()); }
@@ -250,8 +240,9 @@ std::shared_ptr<const Dataset> open_dataset(const std::string& path, int64_t exa
   return open_text(path, options);
 }
 
-std::shared_ptr<const Dataset> make_dataset(std::string name, std::vector<Example> examples) {
-  return std::make_shared<InMemoryDataset>(std::move(name), std::move(examples));
+std::shared_ptr<const Dataset> make_dataset(std::string name, std::vector<Example> examples,
+                                            std::optional<int64_t> vocab_size) {
+  return std::make_shared<InMemoryDataset>(std::move(name), std::move(examples), vocab_size);
 }
 
 DatasetSummary summarize(const Dataset& dataset, int64_t sequence_length) {

@@ -18,11 +18,20 @@ std::unique_ptr<detail::Trainer> make_trainer(LayeredModel model, EngineConfig c
   if (config.mode == Mode::kZo2) return detail::make_zo2_trainer(std::move(model), std::move(config));
   return detail::make_first_order_trainer(std::move(model), std::move(config));
 }
+
+// Read from the model as it is handed in: once a trainer holds it, an offloaded part's parameters
+// are empty between visits.
+std::optional<std::int64_t> model_vocab_size(const LayeredModel& model) {
+  if (model.config()) return model.config()->vocab_size;
+  const torch::Tensor embedding = model.stem()->token_embedding();
+  if (embedding.defined() && embedding.dim() == 2) return embedding.size(0);
+  return std::nullopt;
+}
 }  // namespace
 
 // A rank that fails to set up (a bad NVMe directory, a budget too small) stops every rank here,
 // each naming it, rather than leaving the others waiting at the first collective.
-Engine::Engine(LayeredModel model, EngineConfig config) {
+Engine::Engine(LayeredModel model, EngineConfig config) : vocab_size_(model_vocab_size(model)) {
   const std::shared_ptr<dist::Communicator> communicator = config.communicator;
   detail::on_every_rank(communicator.get(), "engine set-up",
                         [&] { trainer_ = make_trainer(std::move(model), std::move(config)); });
@@ -31,23 +40,33 @@ Engine::Engine(LayeredModel model, EngineConfig config) {
 
 Engine::~Engine() = default;
 
-torch::Tensor Engine::forward(const data::Batch& batch) { return trainer_->forward(batch); }
+torch::Tensor Engine::forward(const data::Batch& batch) {
+  data::check_batch(batch, vocab_size_);
+  return trainer_->forward(batch);
+}
 
 void Engine::backward(const torch::Tensor& loss) { trainer_->backward(loss); }
 
 StepResult Engine::step() { return trainer_->step(); }
 
-std::optional<StepResult> Engine::train_step(const data::Batch& batch) { return trainer_->train_step(batch); }
+std::optional<StepResult> Engine::train_step(const data::Batch& batch) {
+  data::check_batch(batch, vocab_size_);
+  return trainer_->train_step(batch);
+}
 
 void Engine::flush() { trainer_->flush(); }
 
 double Engine::evaluate(const data::Batch& batch) {
+  data::check_batch(batch, vocab_size_);
   torch::Tensor logits = trainer_->logits(batch.input_ids, batch.attention_mask, batch.position_ids);
   torch::NoGradGuard no_grad;
   return model().loss(logits, batch.labels.to(config().device, torch::kLong)).item<double>();
 }
 
-torch::Tensor Engine::logits(const torch::Tensor& tokens) { return trainer_->logits(tokens, torch::Tensor()); }
+torch::Tensor Engine::logits(const torch::Tensor& tokens) {
+  data::check_token_ids(tokens, "tokens", vocab_size_);
+  return trainer_->logits(tokens, torch::Tensor());
+}
 
 std::vector<std::int64_t> Engine::generate(const std::vector<std::int64_t>& prompt, std::int64_t max_new_tokens,
                                            std::optional<std::int64_t> stop_token) {
@@ -85,6 +104,8 @@ std::int64_t Engine::parameter_count() const {
   for (const detail::Part& part : trainer_->parts()) count += part.numel + part.frozen_numel;
   return count;
 }
+
+std::optional<std::int64_t> Engine::vocab_size() const { return vocab_size_; }
 
 std::int64_t Engine::trainable_parameter_count() const {
   std::int64_t count = 0;

@@ -21,6 +21,7 @@ struct Sum {
   double loss = 0;
   EvaluationResult result;
   void add(Engine& engine, const data::Batch& batch) {
+    data::check_batch(batch, engine.vocab_size());  // before counting, which reads the labels' shape
     const std::int64_t tokens = learned_tokens(batch);
     ++result.batches;
     if (tokens == 0) return;

@@ -444,10 +444,6 @@ void FirstOrderTrainer::start_step() {
 }
 
 PendingBackward FirstOrderTrainer::prepare_micro_batch(const data::Batch& batch, std::int64_t micro_batch) const {
-  FERRY_CHECK(batch.input_ids.defined() && batch.input_ids.dim() == 2, "a batch needs input_ids of shape [batch, seq]");
-  FERRY_CHECK(batch.labels.defined() && batch.labels.sizes() == batch.input_ids.sizes(),
-              "labels must have the shape of input_ids ", batch.input_ids.sizes(), "; got ",
-              batch.labels.defined() ? batch.labels.sizes() : torch::IntArrayRef{});
   PendingBackward saved;
   saved.tokens = batch.input_ids.to(config_.device, torch::kLong);
   saved.labels = batch.labels.to(config_.device, torch::kLong);

@@ -542,10 +542,6 @@ void detail::Zo2Trainer::sweep(std::vector<Pass>& passes, const StepContext& con
 // --- steps ------------------------------------------------------------------------------------
 
 std::optional<StepResult> detail::Zo2Trainer::train_step(const data::Batch& batch) {
-  FERRY_CHECK(batch.input_ids.defined() && batch.input_ids.dim() == 2, "a batch needs input_ids of shape [batch, seq]");
-  FERRY_CHECK(batch.labels.defined() && batch.labels.sizes() == batch.input_ids.sizes(),
-              "labels must have the shape of input_ids ", batch.input_ids.sizes(), "; got ",
-              batch.labels.defined() ? batch.labels.sizes() : torch::IntArrayRef{});
   auto start = Clock::now();
   const std::int64_t step = steps_ + 1;
   const double lr = detail::scheduled_lr(config_.schedule, config_.optimizer.lr, step);

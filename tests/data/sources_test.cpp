@@ -189,3 +189,11 @@ TEST_CASE("in-memory datasets reject empty examples and bad prompt lengths") {
   CHECK_THROWS_WITH(ferry::data::make_dataset("mine", {{{1}, 0}})->get(-1),
                     Contains("example index -1 of mine") && Contains("0 to 0"));
 }
+
+TEST_CASE("in-memory datasets with a vocabulary refuse ids outside it, naming the example") {
+  const auto dataset = ferry::data::make_dataset("mine", {{{0, 8}, 1, {}}}, 9);
+  CHECK(dataset->get(0).tokens == std::vector<int64_t>{0, 8});
+  CHECK_THROWS_WITH(ferry::data::make_dataset("mine", {{{1, 2}, 0, {}}, {{3, 9}, 0, {}}}, 9),
+                    Contains("token id 9 at position 1 of example 1 of mine") &&
+                        Contains("valid ids are 0 to 8 (vocab_size 9)"));
+}

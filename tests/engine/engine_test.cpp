@@ -199,6 +199,22 @@ TEST_CASE("bad engine settings give clear errors") {
   CHECK_THROWS_WITH(engine.load("/nonexistent/ckpt"), Catch::Contains("does not exist"));
 }
 
+TEST_CASE("every entry point checks its batch against the model's vocabulary before any step") {
+  for (const Mode mode : {Mode::kZeroOffload, Mode::kZo2}) {
+    Engine engine = make_engine("tiny-llama", base_config(mode));
+    REQUIRE(engine.vocab_size() == models::preset("tiny-llama").vocab_size);
+    data::Batch batch = demo_loader(1)->next();
+    batch.input_ids[2][5] = *engine.vocab_size();
+    const std::string place = "input_ids[2, 5] is " + std::to_string(*engine.vocab_size());
+    CHECK_THROWS_WITH(engine.train_step(batch), Catch::Contains(place) && Catch::Contains("valid token ids are 0"));
+    CHECK_THROWS_WITH(engine.evaluate(batch), Catch::Contains(place));
+    CHECK_THROWS_WITH(evaluate(engine, std::vector<data::Batch>{batch}), Catch::Contains(place));
+    if (mode != Mode::kZo2) CHECK_THROWS_WITH(engine.forward(batch), Catch::Contains(place));
+    CHECK_THROWS_WITH(engine.logits(batch.input_ids), Catch::Contains("tokens[2, 5]"));
+    CHECK(engine.steps_taken() == 0);
+  }
+}
+
 TEST_CASE("generation and evaluation run through the same parts") {
   Engine engine = make_engine("tiny-llama", base_config(Mode::kZeroOffload));
   auto loader = demo_loader(2);

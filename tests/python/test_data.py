@@ -74,3 +74,81 @@ def test_io_errors_are_oserrors_with_errno_and_path(tmp_path: Path) -> None:
         assert caught.value.errno == errno.ENOENT and caught.value.path == str(missing)
     assert issubclass(ferry.IoError, OSError) and issubclass(ferry.IoError, ferry.Error)
     assert issubclass(ferry.BudgetExceeded, MemoryError)
+
+
+# --- make_dataset: your own token ids ----------------------------------------------------------
+
+
+def test_make_dataset_holds_the_examples_with_their_prompts() -> None:
+    examples = [[5, 6, 7, 8], torch.tensor([9, 10, 11]), (12, 13)]
+    dataset = ferry.data.make_dataset(examples, [2, 1, 0], vocab_size=20, name="mine")
+    assert len(dataset) == 3 and dataset.name == "mine"
+    assert dataset[0] == ([5, 6, 7, 8], 2)
+    assert dataset[1] == ([9, 10, 11], 1)
+    assert dataset.learned(0) == [False, False, True, True]
+    assert dataset.summary(3) == {"examples": 3, "tokens": 9, "longest": 4, "longer_than": 1,
+                                  "learned_tokens": 6}
+    without_prompts = ferry.data.make_dataset(torch.arange(6).view(2, 3))  # the rows of a tensor
+    assert [without_prompts[i] for i in range(2)] == [([0, 1, 2], 0), ([3, 4, 5], 0)]
+
+
+def test_make_dataset_batches_as_the_loader_packs_and_pads_them() -> None:
+    """The loader treats these examples as the C++ data layer's own (docs/data.md): padded rows
+    mask the prompt and the padding, packed rows restart positions at each example."""
+    dataset = ferry.data.make_dataset([[1, 2, 3, 4], [5, 6, 7]], prompt_lengths=[2, 1], vocab_size=10)
+    padded = next(ferry.data.DataLoader(dataset, 2, 5, pack=False, answer_only=True, shuffle=False,
+                                        vocab_size=10, pad_token=0))
+    assert padded["input_ids"].tolist() == [[1, 2, 3, 4, 0], [5, 6, 7, 0, 0]]
+    assert padded["labels"].tolist() == [[-100, -100, 3, 4, -100], [-100, 6, 7, -100, -100]]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
+    packed = next(ferry.data.DataLoader(dataset, 1, 7, pack=True, shuffle=False))
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7]]
+    assert packed["labels"].tolist() == [[1, 2, 3, 4, 5, 6, 7]]  # not answer-only: every token
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+
+
+def test_make_dataset_names_the_bad_example_its_value_and_the_valid_ids() -> None:
+    with pytest.raises(ferry.Error, match=r"token id 300 at position 1 of example 2 of the examples "
+                                          r"is out of range: valid ids are 0 to 258 \(vocab_size 259\)"):
+        ferry.data.make_dataset([[1], [2, 3], [4, 300]], vocab_size=259)
+    with pytest.raises(ferry.Error, match=r"token id -1 at position 0 of example 0 .* 0 and above"):
+        ferry.data.make_dataset([[-1, 2]])
+    with pytest.raises(ferry.Error, match="example 1 of the examples has no tokens"):
+        ferry.data.make_dataset([[1], []])
+    with pytest.raises(ferry.Error, match="example 0 of the examples has prompt_tokens 3: valid are 0 to its 2"):
+        ferry.data.make_dataset([[1, 2]], [3])
+    with pytest.raises(ValueError, match="prompt_lengths has 1 entries for 2 examples"):
+        ferry.data.make_dataset([[1], [2]], [0])
+    with pytest.raises(TypeError, match=r"examples\[1\]\[2\] is 2.5 \(float\): ids are ints"):
+        ferry.data.make_dataset([[1], [1, 2, 2.5]])
+    with pytest.raises(TypeError, match=r"examples\[0\] is 'hello' \(str\).*tokenize it first"):
+        ferry.data.make_dataset(["hello"])
+    with pytest.raises(TypeError, match=r"examples\[0\] is a tensor of torch.float32"):
+        ferry.data.make_dataset([torch.ones(3)])
+    with pytest.raises(ValueError, match=r"examples\[0\] has shape \[\]"):
+        ferry.data.make_dataset(torch.tensor([1, 2, 3]))  # one sequence, not a list of them
+    with pytest.raises(TypeError, match=r"prompt_lengths\[0\] is True \(bool\)"):
+        ferry.data.make_dataset([[1, 2]], [True])
+    with pytest.raises(ferry.Error, match="vocab_size = 0 is not valid"):
+        ferry.data.make_dataset([[1]], vocab_size=0)
+
+
+def test_make_dataset_learns_where_hugging_face_labels_say() -> None:
+    """labels (aligned, -100 where not learned) become per-token learned flags, which the loader
+    turns back into the same labels with answer_only=True."""
+    tokens = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    labels = [[-100, -100, 3, 4, -100, 6], torch.tensor([-100, 8, 9])]
+    dataset = ferry.data.make_dataset(tokens, labels=labels, vocab_size=10)
+    assert dataset.learned(0) == [False, False, True, True, False, True]
+    batch = next(ferry.data.DataLoader(dataset, 2, 6, pack=False, answer_only=True, shuffle=False,
+                                       vocab_size=10, pad_token=0))
+    assert batch["labels"].tolist() == [[-100, -100, 3, 4, -100, 6], [-100, 8, 9, -100, -100, -100]]
+    with pytest.raises(ValueError, match=r"labels\[1\]\[1\] is 9 but examples\[1\]\[1\] is 8: labels are "
+                                         r"aligned with the tokens, not shifted"):
+        ferry.data.make_dataset(tokens, labels=[labels[0], [-100, 9, -100]])  # shifted by one
+    with pytest.raises(ValueError, match=r"labels\[0\] has 2 labels for the 6 tokens of examples\[0\]"):
+        ferry.data.make_dataset(tokens, labels=[[1, 2], [7, 8, 9]])
+    with pytest.raises(ValueError, match="labels has 1 sequences for 2 examples"):
+        ferry.data.make_dataset(tokens, labels=labels[:1])
+    with pytest.raises(TypeError, match="prompt_lengths or labels, not both"):
+        ferry.data.make_dataset(tokens, [0, 0], labels=labels)
