@@ -61,11 +61,6 @@ std::string joined(const std::vector<std::string>& names) {
   return text;
 }
 
-std::string flag_name(std::string key) {
-  std::replace(key.begin(), key.end(), '_', '-');
-  return key;
-}
-
 // Note: cxxopts is told to let unknown flags through, so that the error can name the nearest
 // known one; a stray word is refused too, since every setting is a flag with a value.
 void refuse_unknown_flags(const cxxopts::ParseResult& args) {
@@ -191,25 +186,6 @@ void stage_if_needed(const std::string& model, const EngineConfig& config) {
                format_bytes(report.nvme_bytes).c_str(), report.seconds, report.manifest_path.c_str());
 }
 
-// The job's LoRA settings; rank 0 trains every parameter. Targets are a list, or one text with commas.
-models::LoraConfig job_lora(const Json& job) {
-  models::LoraConfig lora;
-  lora.rank = job["lora_rank"];
-  lora.alpha = job["lora_alpha"];
-  lora.dropout = job["lora_dropout"];
-  const Json& targets = job["lora_targets"];
-  if (targets.is_array()) {
-    lora.targets = targets.get<std::vector<std::string>>();
-  } else {
-    lora.targets.clear();
-    std::stringstream text(targets.get<std::string>());
-    for (std::string name; std::getline(text, name, ',');) {
-      if (!name.empty()) lora.targets.push_back(name);
-    }
-  }
-  return lora;
-}
-
 // A preset, cut to `layers` blocks when not 0, or a Hugging Face directory (which keeps its own).
 models::ModelConfig preset_shape(const std::string& name, std::int64_t layers) {
   return models::truncated(models::preset(name), layers);
@@ -217,9 +193,9 @@ models::ModelConfig preset_shape(const std::string& name, std::int64_t layers) {
 
 LayeredModel load_model(const Json& job) {
   const std::string name = job["model"];
-  if (is_directory_name(name)) return models::from_pretrained(name, {std::nullopt, job_lora(job), job["seed"]});
+  if (is_directory_name(name)) return models::from_pretrained(name, {std::nullopt, lora_settings(job), job["seed"]});
   models::ModelConfig config = preset_shape(name, job["layers"]);
-  config.lora = job_lora(job);
+  config.lora = lora_settings(job);
   return models::build(config, job["seed"]);
 }
 
@@ -238,7 +214,7 @@ models::ModelConfig base_shape(const std::string& name, std::int64_t layers) {
 // The same with the job's adapters.
 models::ModelConfig model_shape(const Json& job) {
   models::ModelConfig shape = base_shape(job["model"], job["layers"]);
-  shape.lora = job_lora(job);
+  shape.lora = lora_settings(job);
   shape.validate();
   return shape;
 }

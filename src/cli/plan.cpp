@@ -111,6 +111,8 @@ int run_plan(int argc, char** argv) {
        cxxopts::value<std::int64_t>()->default_value("0"))
       ("lora-targets", "the linears LoRA adapts: PEFT target_modules names, comma-separated, or all-linear",
        cxxopts::value<std::string>()->default_value("all-linear"))
+      ("base-storage", "the LoRA base's storage: compute (the precision) or fp8 (e4m3, a scale per output channel)",
+       cxxopts::value<std::string>()->default_value("compute"))
       ("mode", "gpu, zero-offload, fuyou, auto (the planner places every part by the budgets) or zo2",
        cxxopts::value<std::string>()->default_value("zero-offload"))
       ("precision", "fp32, bf16 or fp16", cxxopts::value<std::string>()->default_value("bf16"))
@@ -187,6 +189,7 @@ int run_plan(int argc, char** argv) {
   EngineConfig& config = request.engine;
   config.mode = parse_mode(args["mode"].as<std::string>());
   config.precision = parse_precision(args["precision"].as<std::string>());
+  config.base_storage = parse_base_storage(args["base-storage"].as<std::string>());
   config.gpu_budget_bytes = parse_bytes(args["gpu-budget"].as<std::string>());
   config.host_budget_bytes = parse_bytes(args["host-budget"].as<std::string>());
   config.nvme_budget_bytes = parse_bytes(args["nvme-budget"].as<std::string>());

@@ -398,11 +398,39 @@ std::int64_t parse_integer(const std::string& text, const std::string& what, std
   return value;
 }
 
+std::string flag_name(std::string key) {
+  std::replace(key.begin(), key.end(), '_', '-');
+  return key;
+}
+
+models::LoraConfig lora_settings(const Json& job) {
+  models::LoraConfig lora;
+  lora.rank = job["lora_rank"];
+  lora.alpha = job["lora_alpha"];
+  lora.dropout = job["lora_dropout"];
+  const Json& targets = job["lora_targets"];
+  if (targets.is_array()) {
+    lora.targets = targets.get<std::vector<std::string>>();
+  } else {
+    lora.targets.clear();
+    std::stringstream text(targets.get<std::string>());
+    for (std::string name; std::getline(text, name, ',');) {
+      if (!name.empty()) lora.targets.push_back(name);
+    }
+  }
+  return lora;
+}
+
 double parse_number(const std::string& text, const std::string& what) {
   double value = 0;
   FERRY_CHECK(number_from_text(text, &value), what, " ", text, " is invalid: not a number: give a finite number ",
               "such as 3e-4 or 0.1");
   return value;
+}
+
+bool parse_boolean(const std::string& text, const std::string& what) {
+  FERRY_CHECK(text == "true" || text == "false", what, " ", text, " is invalid: give true or false");
+  return text == "true";
 }
 
 std::string did_you_mean(const std::string& name, const std::vector<std::string>& names) {

@@ -11,6 +11,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "ferry/model_config.h"
+
 namespace ferry::cli {
 
 enum class SettingKind {
@@ -51,9 +53,17 @@ const nlohmann::json& job_defaults();
 // in errors: "--steps 3.5" or "steps in job.yaml". Throws ferry::Error.
 nlohmann::json read_setting(const std::string& key, const nlohmann::json& value, const std::string& where);
 
+// The flag of setting `key`: "lora_rank" -> "lora-rank".
+std::string flag_name(std::string key);
+
+// The LoRA settings of a resolved job (lora_rank, lora_alpha, lora_dropout, lora_targets: a list,
+// or one text with commas); rank 0 trains every parameter.
+models::LoraConfig lora_settings(const nlohmann::json& job);
+
 // Strict readers for flags outside the table (`what` names the flag in errors).
 std::int64_t parse_integer(const std::string& text, const std::string& what, std::int64_t low, std::int64_t high);
 double parse_number(const std::string& text, const std::string& what);
+bool parse_boolean(const std::string& text, const std::string& what);  // "true" or "false"
 
 // " (did you mean 'steps'?)" for the nearest of `names` when `name` is a near miss, else "".
 std::string did_you_mean(const std::string& name, const std::vector<std::string>& names);

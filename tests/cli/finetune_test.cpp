@@ -1,8 +1,6 @@
 // `ferry finetune` as a user runs it: the built binary, real files, bad input refused before any
 // weight is read, and a model that cannot train stopped with an error instead of exit 0.
 
-#include <sys/wait.h>
-
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -11,6 +9,7 @@
 
 #include "ferry/fs.h"
 #include "ferry/model.h"
+#include "cli/run_ferry.h"
 #include "support/catch.h"
 #include "support/temp_dir.h"
 
@@ -19,22 +18,8 @@ namespace {
 
 using Catch::Contains;
 
-struct Run {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr
-};
-
-Run run_ferry(const std::string& arguments) {
-  const std::string command = std::string(FERRY_CLI_PATH) + " " + arguments + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  Run run;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof buffer, pipe) != nullptr) run.output += buffer;
-  const int status = ::pclose(pipe);
-  run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  return run;
-}
+using testing::Run;
+using testing::run_ferry;
 
 // A demo job small enough for a test: planned with a preset's figures, not a calibration.
 std::string small_job(const testing::TempDir& dir) {
