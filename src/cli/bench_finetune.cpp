@@ -480,8 +480,8 @@ int run_bench_finetune(int argc, char** argv) {
     }
     if (streams_lora) {
       pcie = measured;
-      std::printf("PCIe measured: up %.2f GB/s, down %.2f GB/s (pinned, 1 GiB copies)\n", pcie->pcie_h2d_gbps,
-                  pcie->pcie_d2h_gbps);
+      std::printf("PCIe measured: up %.2f GB/s, down %.2f GB/s (%s)\n", pcie->pcie_h2d_gbps, pcie->pcie_d2h_gbps,
+                  pcie->gpu_is_host ? "no CUDA device: host memory copies" : "pinned host memory, 1 GiB copies");
     }
   }
   std::printf("bench finetune: %s (%s parameters), sequence %lld, on %s, %s\n", model_name.c_str(),

@@ -15,6 +15,8 @@ using testing::run_ferry;
 
 const std::string kTiny = "bench finetune --model tiny-llama --batches 2 --seq 16 --warmup 0 --steps 1";
 
+// One case for each way a flag is read: a stray word, a boolean, an integer, a setting of the
+// finetune table (integer, number, size), a list, a name, and the LoRA checks.
 TEST_CASE("bench finetune refuses bad flags, naming the flag, the value and what is valid") {
   struct Case {
     std::string arguments, message;
@@ -22,24 +24,15 @@ TEST_CASE("bench finetune refuses bad flags, naming the flag, the value and what
   const Case cases[] = {
       {"--baseline false", "unexpected argument 'false'"},
       {"--baseline=maybe", "--baseline maybe is invalid: give true or false"},
-      {"--delayed-update=yes", "--delayed-update yes is invalid: give true or false"},
-      {"--trace-blocks false", "unexpected argument 'false'"},
       {"--steps 2.5", "--steps 2.5 is invalid: not a whole number"},
-      {"--warmup -1", "--warmup -1 is invalid"},
       {"--seq 0", "--seq 0 is invalid: seq must be an integer >= 1"},
       {"--batches 2,x", "--batches x is invalid: not an integer"},
-      {"--layers 1.5", "--layers 1.5 is invalid: not a whole number"},
-      {"--gpu-budget 12 GiB", "unexpected argument 'GiB'"},
       {"--host-budget 1e30", "2^63"},
       {"--modes gpu,fast", "--modes fast: "},
-      {"--micro-batch-order sideways", "--micro-batch-order sideways: "},
       {"--dtype F8", "--dtype F8 is invalid: give F32 or BF16"},
-      {"--lora-rank -1", "--lora-rank -1 is invalid"},
       {"--lora-rank 4 --lora-alpha 0", "--lora-alpha 0 is invalid"},
       {"--lora-rank 4 --lora-targets qkv", "'qkv'"},
-      {"--lora-rank 4 --base-storage int4", "--base-storage int4: "},
       {"--base-storage fp8", "--base-storage fp8 stores a LoRA base: give --lora-rank too"},
-      {"--base-home host", "--base-home host streams a LoRA base: give --lora-rank too"},
       {"--lora-rank 4 --base-home disk", "--base-home disk is invalid: give plan, host or nvme"},
   };
   for (const Case& bad : cases) {
@@ -67,6 +60,19 @@ TEST_CASE("bench finetune with LoRA runs the plain LoRA loop beside ferry's, and
   REQUIRE(run.exit_code == 0);
   CHECK_THAT(run.output, !Contains("plain LibTorch"));
   CHECK_THAT(run.output, Contains("| ferry gpu LoRA, bf16"));
+}
+
+TEST_CASE("bench finetune streams an fp8 LoRA base from host memory and prints the step's PCIe bound") {
+  const Run run = run_ferry(kTiny + " --modes gpu,auto --lora-rank 4 --base-storage fp8 --base-home host "
+                            "--keep-graph 0 --baseline=false");
+  INFO(run.output);
+  REQUIRE(run.exit_code == 0);
+  CHECK_THAT(run.output, Contains("PCIe measured: up "));
+  CHECK_THAT(run.output, Contains("| ferry gpu LoRA, bf16, fp8 base "));
+  CHECK_THAT(run.output, Contains("| ferry auto LoRA, bf16, fp8 base, base on host "));
+  CHECK_THAT(run.output, Contains("|   PCIe per step: up ") && Contains("(the gpu row, keeps 0 graphs)") &&
+                             Contains("step / bound = "));
+  CHECK_THAT(run.output, !Contains("failed"));
 }
 
 }  // namespace
