@@ -10,8 +10,10 @@
 // device-to-host one). With --delayed-update, each zero-offload row is followed by one with the
 // one-step delayed parameter update.
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cstdint>
 #include <cstdio>
 #include <cxxopts.hpp>
 #include <iostream>
@@ -377,7 +379,6 @@ int run_bench_finetune(int argc, char** argv) {
       ("lora-rank", "LoRA adapters of this rank over a frozen base in every run, the plain loop's too (0: train "
        "every parameter)", text(default_text("lora_rank")))
       ("lora-alpha", "LoRA's alpha", text(default_text("lora_alpha")))
-      ("lora-dropout", "dropout on the adapters' input", text(default_text("lora_dropout")))
       ("lora-targets", "the linears LoRA adapts: PEFT target_modules names, comma-separated, or all-linear",
        text(default_text("lora_targets")))
       ("base-storage", "ferry's LoRA base: compute (bf16) or fp8 (e4m3, a scale per output channel); the plain "
@@ -401,8 +402,9 @@ int run_bench_finetune(int argc, char** argv) {
   FERRY_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "--dtype ", flag_text(args, "dtype"),
               " is invalid: give F32 or BF16");
   config.dtype = *dtype;
-  Json lora;
-  for (const char* key : {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets"}) lora[key] = setting_flag(args, key);
+  // No adapter dropout: the plain loop's forward runs none (LayeredModel::forward).
+  Json lora = {{"lora_dropout", 0.0}};
+  for (const char* key : {"lora_rank", "lora_alpha", "lora_targets"}) lora[key] = setting_flag(args, key);
   config.lora = lora_settings(lora);
   config.validate();  // refuses unknown LoRA targets, naming the valid ones
   const std::int64_t keep_graph_flag = integer_flag(args, "keep-graph", -1);
