@@ -84,6 +84,7 @@ std::int64_t job_warmup_steps(const nlohmann::json& job, std::int64_t total_step
 // Strict readers for flags outside the table (`what` names the flag in errors).
 std::int64_t parse_integer(const std::string& text, const std::string& what, std::int64_t low, std::int64_t high);
 double parse_number(const std::string& text, const std::string& what);
+bool parse_boolean(const std::string& text, const std::string& what);  // "true" or "false"
 
 // " (did you mean 'steps'?)" for the nearest of `names` when `name` is a near miss, else "".
 std::string did_you_mean(const std::string& name, const std::vector<std::string>& names);

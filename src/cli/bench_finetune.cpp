@@ -1,22 +1,32 @@
-// `ferry bench finetune`: tokens/s, model TFLOPS (6 x parameters x tokens / s) and peak GPU
-// memory of ferry's modes on one model shape, against a plain LibTorch loop over the same model
-// in the same run (the whole model on the device in bf16: one autograd graph, torch's fused
-// AdamW where the LibTorch version has it). Fuyou rows add the NVMe bytes read and written per
-// step and the step's lower bound: max(the gpu mode's step with the same recomputation, NVMe
-// bytes / the NVMe bandwidth measured in the same run). With --delayed-update, each zero-offload
-// row is followed by one with the one-step delayed parameter update.
+// `ferry bench finetune`: tokens/s, model TFLOPS (6 x parameters x tokens / s; with LoRA 4 x: no
+// weight gradients for the frozen base) and peak GPU memory of ferry's modes on one model shape,
+// against a plain LibTorch loop over the same model in the same run (cli/plain_loop.h: the whole
+// model on the device in bf16, one autograd graph, torch's fused AdamW where the LibTorch version
+// has it; with LoRA the same adapters over the same frozen base, AdamW over the adapters alone).
+// Fuyou rows add the NVMe bytes read and written per step and the step's lower bound: max(the gpu
+// mode's step with the same recomputation, NVMe bytes / the NVMe bandwidth measured in the same
+// run). LoRA rows that stream add the PCIe bytes per step and the bound max(the gpu mode's step,
+// bytes up / the pinned host-to-device bandwidth measured in the same run, bytes down / the
+// device-to-host one). With --delayed-update, each zero-offload row is followed by one with the
+// one-step delayed parameter update.
 
+#include <algorithm>
 #include <chrono>
+#include <climits>
+#include <cstdint>
 #include <cstdio>
 #include <cxxopts.hpp>
 #include <iostream>
 #include <optional>
 
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
-#include <torch/version.h>
 
 #include "cli/command.h"
+#include "cli/job_options.h"
+#include "cli/plain_loop.h"
 #include "ferry/engine.h"
+#include "ferry/job.h"
 #include "ferry/memory.h"
 #include "ferry/model.h"
 #include "ferry/plan.h"
@@ -26,6 +36,10 @@ namespace ferry::cli {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using Json = nlohmann::json;
+
+// Every run's AdamW learning rate, ferry's and the plain loop's.
+constexpr double kLearningRate = 1e-5;
 
 struct Figures {
   std::string what;
@@ -36,9 +50,11 @@ struct Figures {
   double tflops = 0;
   std::uint64_t peak_bytes = 0;
   std::string note;
-  // Per timed step, through the NVMe tier.
+  // Per timed step, through the NVMe tier and over PCIe.
   std::uint64_t nvme_read_bytes = 0;
   std::uint64_t nvme_written_bytes = 0;
+  std::uint64_t pcie_up_bytes = 0;
+  std::uint64_t pcie_down_bytes = 0;
 };
 
 // What the offload modes get beyond the mode: budgets, NVMe and fuyou's settings.
@@ -56,6 +72,10 @@ struct OffloadSettings {
   // preset (`full` blocks, when --layers cut it) from the measured block times.
   bool trace_blocks = false;
   std::optional<models::ModelConfig> full;
+  BaseStorage base_storage = BaseStorage::kCompute;  // with LoRA
+  // Auto with LoRA: every block's base (and its adapters, which the CPU then updates) at home on
+  // this tier, streamed for each pass, instead of the planner's placement.
+  std::optional<Tier> base_home;
 };
 
 // The mean seconds of the plan's spans named `prefix` + "block.N", over the step it reports.
@@ -105,51 +125,53 @@ double seconds_per_step(int warmup, int steps, Step step) {
 Figures finish(Figures figures, const models::ModelConfig& config, std::int64_t seq) {
   const double tokens = static_cast<double>(figures.batch * seq * figures.micro_batches);
   figures.tokens_per_s = tokens / figures.seconds_per_step;
-  figures.tflops = 6.0 * static_cast<double>(config.parameter_count()) * figures.tokens_per_s / 1e12;
+  const double flops_per_parameter = config.lora.enabled() ? 4.0 : 6.0;
+  figures.tflops = flops_per_parameter * static_cast<double>(config.parameter_count()) * figures.tokens_per_s / 1e12;
   figures.peak_bytes = gpu_memory_stats().peak_allocated_bytes;
   return figures;
+}
+
+// "ferry gpu LoRA, bf16, fp8 base": what ran.
+std::string describe_run(const std::string& runner, const models::ModelConfig& config, BaseStorage base_storage) {
+  std::string what = runner + (config.lora.enabled() ? " LoRA" : "") + ", bf16";
+  if (base_storage == BaseStorage::kFp8) what += ", fp8 base";
+  return what;
 }
 
 Figures run_plain_libtorch(const models::ModelConfig& config, torch::Device device,
                            std::int64_t batch, std::int64_t seq, int warmup, int steps) {
   release_cached_gpu_memory();
   reset_gpu_peak_memory();
-  LayeredModel model = models::build(config, 1);
-  model.to(device, torch::kBFloat16);
-  std::vector<torch::Tensor> params = model.parameters();
-  Figures figures{"plain LibTorch, bf16", batch};
+  OptimizerConfig adamw;
+  adamw.lr = kLearningRate;
+  PlainLoop loop(config, 1, device, torch::kBFloat16, adamw);
+  Figures figures{describe_run("plain LibTorch", config, BaseStorage::kCompute), batch};
+  figures.note = loop.optimizer_name();
+  if (config.lora.enabled()) {
+    std::int64_t adapters = 0;
+    for (const torch::Tensor& p : loop.trained()) adapters += p.numel();
+    figures.note += " over the " + models::format_parameter_count(adapters) + " adapter parameters";
+  }
   std::vector<data::Batch> batches;
   for (int i = 0; i < 2; ++i) batches.push_back(data::random_batch(batch, seq, config.vocab_size, i));
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-  std::vector<torch::Tensor> exp_avg, exp_avg_sq, grads, state_steps;
-  for (const torch::Tensor& p : params) {
-    exp_avg.push_back(torch::zeros_like(p));
-    exp_avg_sq.push_back(torch::zeros_like(p));
-    state_steps.push_back(torch::zeros({}, p.options().dtype(torch::kFloat)));
-  }
-  figures.note = "at::_fused_adamw_";
-  auto optimizer_step = [&] {
-    torch::NoGradGuard no_grad;
-    grads.clear();
-    for (const torch::Tensor& p : params) grads.push_back(p.grad());
-    for (torch::Tensor& s : state_steps) s.add_(1);
-    at::_fused_adamw_(params, grads, exp_avg, exp_avg_sq, {}, state_steps, 1e-5, 0.9, 0.999, 0.0,
-                      1e-8, false, false);
-  };
-#else
-  torch::optim::AdamW adamw(params, torch::optim::AdamWOptions(1e-5).weight_decay(0.0));
-  figures.note = "torch::optim::AdamW";
-  auto optimizer_step = [&] { adamw.step(); };
-#endif
   figures.seconds_per_step = seconds_per_step(warmup, steps, [&](int i) {
-    const data::Batch& b = batches[static_cast<size_t>(i) % batches.size()];
-    torch::Tensor tokens = b.input_ids.to(device);
-    torch::Tensor loss = model.loss(model.forward(tokens), b.labels.to(device));
-    loss.backward();
-    optimizer_step();
-    for (torch::Tensor& p : params) p.mutable_grad() = torch::Tensor();
+    loop.step(batches[static_cast<size_t>(i) % batches.size()]);
   });
   return finish(figures, config, seq);
+}
+
+// Every block's base at home on `home` and streamed, its adapters updated by the CPU with their
+// gradients and states in host memory, every block recomputed from a checkpoint on the device (a
+// streamed block keeps no graph); the stem and the head (frozen alone) resident.
+Placement streamed_base(std::int64_t blocks, Tier home) {
+  PartPlacement block;
+  block.params = home;
+  block.grads = block.master = block.states[0] = block.states[1] = block.accumulator = Tier::kHost;
+  Placement placement;
+  placement.parts.assign(static_cast<std::size_t>(blocks) + 2, block);
+  placement.parts.front() = placement.parts.back() = PartPlacement{};
+  placement.activations.assign(static_cast<std::size_t>(blocks), BlockActivations{true, Tier::kGpu});
+  return placement;
 }
 
 Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device device,
@@ -163,7 +185,8 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
   engine_config.mode = mode;
   engine_config.precision = Precision::kBF16;
   engine_config.device = device;
-  engine_config.optimizer.lr = 1e-5;
+  engine_config.optimizer.lr = kLearningRate;
+  engine_config.base_storage = offload.base_storage;
   engine_config.keep_graph_blocks = mode == Mode::kFuyou ? 0 : keep_graph_blocks;
   if (mode != Mode::kGpu) {
     engine_config.gpu_budget_bytes = offload.gpu_budget;
@@ -179,9 +202,12 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
       engine_config.placement.activations = parse_activations(offload.activations, config.num_layers);
     }
   }
-  // Auto: the planner places the job within the budgets, and its prediction is compared.
+  // Auto: the planner places the job within the budgets, and its prediction is compared; or,
+  // with --base-home, the base is streamed from there.
   std::optional<Plan> plan;
-  if (mode == Mode::kAuto) {
+  if (mode == Mode::kAuto && offload.base_home) {
+    engine_config.placement = streamed_base(config.num_layers, *offload.base_home);
+  } else if (mode == Mode::kAuto) {
     PlanRequest request;
     request.model = config;
     request.engine = engine_config;
@@ -197,7 +223,9 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
   Engine engine(models::build(config, 1), engine_config);
   std::vector<data::Batch> batches;
   for (int i = 0; i < 2; ++i) batches.push_back(data::random_batch(batch, seq, config.vocab_size, i));
-  Figures figures{std::string("ferry ") + to_string(mode) + ", bf16", batch, offload.grad_accumulation};
+  Figures figures{describe_run(std::string("ferry ") + to_string(mode), config, offload.base_storage), batch,
+                  offload.grad_accumulation};
+  if (mode == Mode::kAuto && offload.base_home) figures.what += std::string(", base on ") + to_string(*offload.base_home);
   if (offload.grad_accumulation > 1) figures.what += std::string(", ") + to_string(offload.order);
   if (offload.delayed_update) figures.what += ", delayed update";
   StoreStats before;
@@ -216,6 +244,8 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
   };
   figures.nvme_read_bytes = per_step(Tier::kNvme, Tier::kHost);
   figures.nvme_written_bytes = per_step(Tier::kHost, Tier::kNvme);
+  figures.pcie_up_bytes = per_step(Tier::kHost, Tier::kGpu);
+  figures.pcie_down_bytes = per_step(Tier::kGpu, Tier::kHost);
   char note[160];
   std::snprintf(note, sizeof note, "optimizer %.0f ms/step, waited %.0f ms/step",
                 1e3 * stats.optimizer_seconds / (warmup + steps),
@@ -275,70 +305,154 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
   return finish(figures, config, seq);
 }
 
+// Note: every flag's value is read strictly (an error names the flag, the value and what is
+// valid), and a word no flag took is refused. cxxopts takes a true/false flag's value only after
+// '=' (--baseline=false; --baseline alone is true), so `--baseline false` would otherwise run the
+// baseline and drop "false".
+std::string flag_text(const cxxopts::ParseResult& args, const std::string& flag) { return args[flag].as<std::string>(); }
+
+std::int64_t integer_flag(const cxxopts::ParseResult& args, const std::string& flag, std::int64_t low,
+                          std::int64_t high = INT64_MAX) {
+  return parse_integer(flag_text(args, flag), "--" + flag, low, high);
+}
+
+bool boolean_flag(const cxxopts::ParseResult& args, const std::string& flag) {
+  return parse_boolean(flag_text(args, flag), "--" + flag);
+}
+
+// A flag `ferry finetune` has too (setting `key`), read by its table's rules.
+Json setting_flag(const cxxopts::ParseResult& args, const std::string& key) {
+  const std::string flag = flag_name(key);
+  const std::string text = flag_text(args, flag);
+  return read_job_setting(key, text, "--" + flag + " " + text);
+}
+
+// The table's default of setting `key`, as a flag's text.
+std::string default_text(const std::string& key) {
+  const Json& value = job_defaults().at(key);
+  return value.is_string() ? value.get<std::string>() : value.dump();
+}
+
+// `parse` of a flag's text, its error prefixed with the flag.
+template <typename Parse>
+auto parse_flag(const std::string& flag, const std::string& text, Parse parse) {
+  try {
+    return parse(text);
+  } catch (const Error& error) {
+    throw Error(detail::concat("--", flag, " ", text, ": ", error.what()));
+  }
+}
+
 int run_bench_finetune(int argc, char** argv) {
   cxxopts::Options options(argv[0], "Measure ferry's modes against a plain LibTorch loop");
+  auto text = [](const std::string& default_value) { return cxxopts::value<std::string>()->default_value(default_value); };
+  auto boolean = [](const std::string& default_value) {
+    return cxxopts::value<std::string>()->default_value(default_value)->implicit_value("true");
+  };
+  auto texts = [](const std::string& default_value) {
+    return cxxopts::value<std::vector<std::string>>()->default_value(default_value);
+  };
   options.add_options()
-      ("model", "preset", cxxopts::value<std::string>()->default_value("llama-1.3b"))
-      ("layers", "the preset's first N blocks only, every other dimension kept (0: all)",
-       cxxopts::value<std::int64_t>()->default_value("0"))
+      ("model", "preset", text("llama-1.3b"))
+      ("layers", "the preset's first N blocks only, every other dimension kept (0: all)", text("0"))
       ("trace-blocks", "auto rows: trace each part's compute against the plan's, and predict the whole preset "
        "from the measured block times")
       ("calibration", "auto: the hardware figures it plans with, from `ferry bench calibrate` (default: a quick "
-       "calibration of this machine)", cxxopts::value<std::string>()->default_value(""))
-      ("modes", "ferry modes", cxxopts::value<std::vector<std::string>>()->default_value("gpu,zero-offload"))
-      ("batches", "batch sizes", cxxopts::value<std::vector<std::int64_t>>()->default_value("8,16"))
-      ("seq", "sequence length", cxxopts::value<std::int64_t>()->default_value("1024"))
-      ("warmup", "untimed steps", cxxopts::value<int>()->default_value("2"))
-      ("steps", "timed steps", cxxopts::value<int>()->default_value("5"))
-      ("baseline", "also run the plain LibTorch loop", cxxopts::value<bool>()->default_value("true"))
-      ("keep-graph", "blocks that keep their graph (-1: all, no recomputation, like the baseline)",
-       cxxopts::value<std::int64_t>()->default_value("-1"))
-      ("dtype", "dtype the model is built in on the host before ferry takes it", cxxopts::value<std::string>()->default_value("F32"))
-      ("gpu-budget", "offload modes' GPU budget (0: none)", cxxopts::value<std::string>()->default_value("0"))
-      ("host-budget", "offload modes' host budget (0: none)", cxxopts::value<std::string>()->default_value("0"))
-      ("nvme", "NVMe directories (fuyou)", cxxopts::value<std::vector<std::string>>()->default_value(""))
-      ("activations", "fuyou's checkpoints: gpu, host or nvme for every block, or one per block", cxxopts::value<std::string>()->default_value("nvme"))
-      ("fuyou-host-blocks", "fuyou: blocks whose parameters stay in host memory", cxxopts::value<std::int64_t>()->default_value("0"))
-      ("fuyou-window", "fuyou: blocks on the device at once", cxxopts::value<std::int64_t>()->default_value("3"))
-      ("grad-accum", "ferry's micro-batches per step", cxxopts::value<std::int64_t>()->default_value("1"))
-      ("micro-batch-order", "batch-major or layer-major", cxxopts::value<std::string>()->default_value("batch-major"))
+       "calibration of this machine)", text(""))
+      ("modes", "ferry modes", texts("gpu,zero-offload"))
+      ("batches", "batch sizes", texts("8,16"))
+      ("seq", "sequence length", text("1024"))
+      ("warmup", "untimed steps", text("2"))
+      ("steps", "timed steps", text("5"))
+      ("baseline", "also run the plain LibTorch loop (--baseline=false: not)", boolean("true"))
+      ("keep-graph", "blocks that keep their graph (-1: all, no recomputation, like the baseline)", text("-1"))
+      ("dtype", "dtype the model is built in on the host before ferry takes it: F32 or BF16", text("F32"))
+      ("gpu-budget", "offload modes' GPU budget (0: none)", text("0"))
+      ("host-budget", "offload modes' host budget (0: none)", text("0"))
+      ("nvme", "NVMe directories (fuyou)", texts(""))
+      ("activations", "fuyou's checkpoints: gpu, host or nvme for every block, or one per block", text("nvme"))
+      ("fuyou-host-blocks", "fuyou: blocks whose parameters stay in host memory", text("0"))
+      ("fuyou-window", "fuyou: blocks on the device at once", text("3"))
+      ("grad-accum", "ferry's micro-batches per step", text("1"))
+      ("micro-batch-order", "batch-major or layer-major", text("batch-major"))
       ("delayed-update", "also run each zero-offload row with the one-step delayed parameter update",
-       cxxopts::value<bool>()->default_value("false"))
+       boolean("false"))
+      ("lora-rank", "LoRA adapters of this rank over a frozen base in every run, the plain loop's too (0: train "
+       "every parameter)", text(default_text("lora_rank")))
+      ("lora-alpha", "LoRA's alpha", text(default_text("lora_alpha")))
+      ("lora-targets", "the linears LoRA adapts: PEFT target_modules names, comma-separated, or all-linear",
+       text(default_text("lora_targets")))
+      ("base-storage", "ferry's LoRA base: compute (bf16) or fp8 (e4m3, a scale per output channel); the plain "
+       "loop's is bf16", text(default_text("base_storage")))
+      ("base-home", "auto rows with LoRA: plan (the planner places the job), or host or nvme: every block's base "
+       "there, streamed for each pass, its adapters updated by the CPU", text("plan"))
       ("h,help", "show this help");
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
     std::cout << options.help() << "\n";
     return 0;
   }
-  models::ModelConfig config =
-      models::truncated(models::preset(args["model"].as<std::string>()), args["layers"].as<std::int64_t>());
-  std::optional<DType> dtype = parse_dtype(args["dtype"].as<std::string>());
-  FERRY_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "--dtype must be F32 or BF16");
+  if (!args.unmatched().empty()) {
+    throw Error(detail::concat("unexpected argument '", args.unmatched().front(), "': a flag takes its value after ",
+                               "it (--steps 5), a true/false flag after '=' (--baseline=false); `ferry bench ",
+                               "finetune --help` lists the flags"));
+  }
+  const std::string model_name = flag_text(args, "model");
+  models::ModelConfig config = models::truncated(models::preset(model_name), setting_flag(args, "layers").get<std::int64_t>());
+  const std::optional<DType> dtype = parse_dtype(flag_text(args, "dtype"));
+  FERRY_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "--dtype ", flag_text(args, "dtype"),
+              " is invalid: give F32 or BF16");
   config.dtype = *dtype;
-  const std::int64_t keep_graph = args["keep-graph"].as<std::int64_t>() < 0
-                                      ? config.num_layers
-                                      : args["keep-graph"].as<std::int64_t>();
+  // No adapter dropout: the plain loop's forward runs none (LayeredModel::forward).
+  Json lora = {{"lora_dropout", 0.0}};
+  for (const char* key : {"lora_rank", "lora_alpha", "lora_targets"}) lora[key] = setting_flag(args, key);
+  config.lora = job_lora(lora);
+  config.validate();  // refuses unknown LoRA targets, naming the valid ones
+  const std::int64_t keep_graph_flag = integer_flag(args, "keep-graph", -1);
+  const std::int64_t keep_graph = keep_graph_flag < 0 ? config.num_layers : keep_graph_flag;
   const torch::Device device = torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
-  const std::int64_t seq = args["seq"].as<std::int64_t>();
-  const int warmup = args["warmup"].as<int>();
-  const int steps = args["steps"].as<int>();
+  const std::int64_t seq = setting_flag(args, "seq").get<std::int64_t>();
+  const int warmup = static_cast<int>(integer_flag(args, "warmup", 0, INT_MAX));
+  const int steps = static_cast<int>(integer_flag(args, "steps", 1, INT_MAX));
+  const bool baseline = boolean_flag(args, "baseline");
+  const bool delayed_update = boolean_flag(args, "delayed-update");
+  std::vector<Mode> modes;
+  for (const std::string& mode : args["modes"].as<std::vector<std::string>>()) {
+    modes.push_back(parse_flag("modes", mode, parse_mode));
+  }
+  std::vector<std::int64_t> batches;
+  for (const std::string& batch : args["batches"].as<std::vector<std::string>>()) {
+    batches.push_back(parse_integer(batch, "--batches", 1, INT64_MAX));
+  }
   OffloadSettings offload;
-  offload.gpu_budget = parse_bytes(args["gpu-budget"].as<std::string>());
-  offload.host_budget = parse_bytes(args["host-budget"].as<std::string>());
+  offload.gpu_budget = parse_bytes(setting_flag(args, "gpu_budget").get<std::string>());
+  offload.host_budget = parse_bytes(setting_flag(args, "host_budget").get<std::string>());
   for (const std::string& dir : args["nvme"].as<std::vector<std::string>>()) {
     if (!dir.empty()) offload.nvme.push_back(dir);
   }
-  offload.activations = args["activations"].as<std::string>();
-  offload.fuyou.host_blocks = args["fuyou-host-blocks"].as<std::int64_t>();
-  offload.fuyou.blocks_in_flight = args["fuyou-window"].as<std::int64_t>();
-  offload.grad_accumulation = args["grad-accum"].as<std::int64_t>();
-  offload.order = parse_micro_batch_order(args["micro-batch-order"].as<std::string>());
+  offload.activations = flag_text(args, "activations");
+  offload.fuyou.host_blocks = integer_flag(args, "fuyou-host-blocks", 0);
+  offload.fuyou.blocks_in_flight = setting_flag(args, "fuyou_window").get<std::int64_t>();
+  offload.grad_accumulation = setting_flag(args, "grad_accum").get<std::int64_t>();
+  offload.order = parse_flag("micro-batch-order", flag_text(args, "micro-batch-order"), parse_micro_batch_order);
   offload.trace_blocks = args.count("trace-blocks") > 0;
-  offload.full = models::preset(args["model"].as<std::string>());
+  offload.full = models::preset(model_name);
   offload.full->dtype = config.dtype;
-  for (const std::string& mode : args["modes"].as<std::vector<std::string>>()) {
-    if (parse_mode(mode) != Mode::kAuto || offload.hardware) continue;
-    const std::string file = args["calibration"].as<std::string>();
+  offload.full->lora = config.lora;
+  offload.base_storage = parse_flag("base-storage", flag_text(args, "base-storage"), parse_base_storage);
+  FERRY_CHECK(config.lora.enabled() || offload.base_storage == BaseStorage::kCompute, "--base-storage ",
+              to_string(offload.base_storage), " stores a LoRA base: give --lora-rank too");
+  const std::string base_home = flag_text(args, "base-home");
+  FERRY_CHECK(base_home == "plan" || base_home == "host" || base_home == "nvme", "--base-home ", base_home,
+              " is invalid: give plan, host or nvme");
+  if (base_home != "plan") {
+    FERRY_CHECK(config.lora.enabled(), "--base-home ", base_home, " streams a LoRA base: give --lora-rank too");
+    FERRY_CHECK(base_home == "host" || !offload.nvme.empty(), "--base-home nvme needs --nvme directories");
+    offload.base_home = parse_tier(base_home);
+  }
+  const bool plans = std::find(modes.begin(), modes.end(), Mode::kAuto) != modes.end() && !offload.base_home;
+  if (plans) {
+    const std::string file = flag_text(args, "calibration");
     if (!file.empty()) {
       offload.hardware = Hardware::load(file);
     } else {
@@ -350,27 +464,45 @@ int run_bench_finetune(int argc, char** argv) {
       offload.hardware = calibrate(quick);
     }
   }
-  // The NVMe figures the fuyou rows' lower bound divides by, measured here and now.
+  // The NVMe figures the fuyou rows' lower bound divides by, and the PCIe figures the streaming
+  // LoRA rows' divides by (pinned copies of 1 GiB), measured here and now.
+  const bool streams_lora = config.lora.enabled() &&
+                            std::any_of(modes.begin(), modes.end(), [](Mode mode) { return mode != Mode::kGpu; });
   std::optional<NvmeFigures> nvme;
-  if (!offload.nvme.empty()) {
+  std::optional<Hardware> pcie;
+  if (!offload.nvme.empty() || streams_lora) {
     CalibrationOptions calibration;
     calibration.nvme_directories = offload.nvme;
     calibration.nvme_bytes = std::uint64_t{2} << 30;
     calibration.repeat = 1;
     const Hardware measured = calibrate(calibration);
-    nvme = NvmeFigures{"", measured.nvme_read_gbps(), measured.nvme_write_gbps()};
-    std::printf("NVMe measured: read %.2f GB/s, write %.2f GB/s (io_uring, 2 GiB)\n", nvme->read_gbps,
-                nvme->write_gbps);
+    if (!offload.nvme.empty()) {
+      nvme = NvmeFigures{"", measured.nvme_read_gbps(), measured.nvme_write_gbps()};
+      std::printf("NVMe measured: read %.2f GB/s, write %.2f GB/s (io_uring, 2 GiB)\n", nvme->read_gbps,
+                  nvme->write_gbps);
+    }
+    if (streams_lora) {
+      pcie = measured;
+      std::printf("PCIe measured: up %.2f GB/s, down %.2f GB/s (%s)\n", pcie->pcie_h2d_gbps, pcie->pcie_d2h_gbps,
+                  pcie->gpu_is_host ? "no CUDA device: host memory copies" : "pinned host memory, 1 GiB copies");
+    }
   }
-  std::printf("bench finetune: %s (%s parameters), sequence %lld, on %s, %s\n",
-              args["model"].as<std::string>().c_str(), models::format_parameter_count(config.parameter_count()).c_str(),
-              static_cast<long long>(seq), device.str().c_str(), probe_gpu_tier().description.c_str());
+  std::printf("bench finetune: %s (%s parameters), sequence %lld, on %s, %s\n", model_name.c_str(),
+              models::format_parameter_count(config.parameter_count()).c_str(), static_cast<long long>(seq),
+              device.str().c_str(), probe_gpu_tier().description.c_str());
+  if (config.lora.enabled()) {
+    std::printf("LoRA rank %lld, alpha %g on %zu linears a block (%s adapter parameters), %s base; TFLOPS count "
+                "4 x parameters x tokens / s\n",
+                static_cast<long long>(config.lora.rank), config.lora.alpha, config.lora_targets().size(),
+                models::format_parameter_count(config.lora_parameter_count() * config.num_layers).c_str(),
+                to_string(offload.base_storage));
+  }
   std::printf("| %-40s | %5s | %8s | %9s | %7s | %9s | %8s | %s\n", "run", "batch", "s/step",
               "tokens/s", "TFLOPS", "peak GPU", "vs plain", "notes");
-  for (std::int64_t batch : args["batches"].as<std::vector<std::int64_t>>()) {
-    std::optional<Figures> baseline, gpu_mode;
+  for (std::int64_t batch : batches) {
+    std::optional<Figures> plain, gpu_mode;
     auto print = [&](const Figures& f) {
-      std::string ratio = baseline ? std::to_string(f.tokens_per_s / baseline->tokens_per_s).substr(0, 4) + "x" : "";
+      std::string ratio = plain ? std::to_string(f.tokens_per_s / plain->tokens_per_s).substr(0, 4) + "x" : "";
       const std::string batch_text = std::to_string(f.batch) + (f.micro_batches > 1 ? "x" + std::to_string(f.micro_batches) : "");
       std::printf("| %-40s | %5s | %8.3f | %9.0f | %7.1f | %9s | %8s | %s\n", f.what.c_str(),
                   batch_text.c_str(), f.seconds_per_step, f.tokens_per_s, f.tflops,
@@ -388,29 +520,44 @@ int run_bench_finetune(int argc, char** argv) {
         }
         std::printf("\n");
       }
+      if (pcie && f.pcie_up_bytes + f.pcie_down_bytes > 0) {
+        std::printf("|   PCIe per step: up %s, down %s", format_bytes(f.pcie_up_bytes).c_str(),
+                    format_bytes(f.pcie_down_bytes).c_str());
+        if (gpu_mode) {
+          // Note: PCIe carries both directions at once, each at its own measured rate.
+          const double up_seconds = static_cast<double>(f.pcie_up_bytes) / (pcie->pcie_h2d_gbps * 1e9);
+          const double down_seconds = static_cast<double>(f.pcie_down_bytes) / (pcie->pcie_d2h_gbps * 1e9);
+          const double bound = std::max({gpu_mode->seconds_per_step, up_seconds, down_seconds});
+          std::printf("; bound max(compute %.3f s (the gpu row, keeps %lld graphs), up %.3f s, down %.3f s) = %.3f s; "
+                      "step / bound = %.2fx",
+                      gpu_mode->seconds_per_step, static_cast<long long>(keep_graph), up_seconds, down_seconds, bound,
+                      f.seconds_per_step / bound);
+        }
+        std::printf("\n");
+      }
       std::fflush(stdout);
     };
-    if (args["baseline"].as<bool>()) {
+    if (baseline) {
       try {
-        baseline = run_plain_libtorch(config, device, batch, seq, warmup, steps);
-        print(*baseline);
+        plain = run_plain_libtorch(config, device, batch, seq, warmup, steps);
+        print(*plain);
       } catch (const std::exception& error) {
-        std::printf("| plain LibTorch, bf16 | %lld | failed: %s\n", static_cast<long long>(batch), error.what());
+        std::printf("| %s | %lld | failed: %s\n", describe_run("plain LibTorch", config, BaseStorage::kCompute).c_str(),
+                    static_cast<long long>(batch), error.what());
       }
     }
-    for (const std::string& mode : args["modes"].as<std::vector<std::string>>()) {
+    for (Mode mode : modes) {
       try {
-        const Mode parsed = parse_mode(mode);
-        Figures figures = run_ferry(config, parsed, device, batch, seq, warmup, steps, keep_graph, offload);
-        if (parsed == Mode::kGpu) gpu_mode = figures;
+        Figures figures = run_ferry(config, mode, device, batch, seq, warmup, steps, keep_graph, offload);
+        if (mode == Mode::kGpu) gpu_mode = figures;
         print(figures);
-        if (parsed == Mode::kZeroOffload && args["delayed-update"].as<bool>()) {
+        if (mode == Mode::kZeroOffload && delayed_update) {
           OffloadSettings delayed = offload;
           delayed.delayed_update = true;
-          print(run_ferry(config, parsed, device, batch, seq, warmup, steps, keep_graph, delayed));
+          print(run_ferry(config, mode, device, batch, seq, warmup, steps, keep_graph, delayed));
         }
       } catch (const std::exception& error) {
-        std::printf("| ferry %s | %lld | failed: %s\n", mode.c_str(), static_cast<long long>(batch), error.what());
+        std::printf("| ferry %s | %lld | failed: %s\n", to_string(mode), static_cast<long long>(batch), error.what());
       }
     }
   }

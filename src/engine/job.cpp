@@ -520,6 +520,11 @@ double parse_number(const std::string& text, const std::string& what) {
   return value;
 }
 
+bool parse_boolean(const std::string& text, const std::string& what) {
+  FERRY_CHECK(text == "true" || text == "false", what, " ", text, " is invalid: give true or false");
+  return text == "true";
+}
+
 std::string did_you_mean(const std::string& name, const std::vector<std::string>& names) {
   const std::string* best = nullptr;
   std::size_t best_distance = 0;

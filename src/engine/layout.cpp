@@ -35,6 +35,24 @@ std::size_t window_capacity(const EngineConfig& config, const Placement& placeme
   return streams ? static_cast<std::size_t>(config.fuyou.blocks_in_flight) : 2;
 }
 
+std::vector<Part> parts_of(const std::vector<PartShape>& shapes) {
+  std::vector<Part> parts(shapes.size());
+  for (std::size_t p = 0; p < shapes.size(); ++p) {
+    parts[p].name = shapes[p].name;
+    parts[p].numel = shapes[p].numel;
+    parts[p].frozen_numel = shapes[p].frozen_numel;
+    parts[p].frozen_channels = shapes[p].frozen_channels;
+    parts[p].kind = p == 0 ? models::Part::kStem : p + 1 == shapes.size() ? models::Part::kHead : models::Part::kBlock;
+  }
+  return parts;
+}
+
+std::uint64_t visit_bytes(const Part& part, const EngineConfig& config) {
+  const std::uint64_t e = torch::elementSize(scalar_type(config.precision));
+  return stored(static_cast<std::uint64_t>(part.numel) * e) +
+         stored(part.frozen_numel > 0 ? frozen_bytes(part, config) : 0);
+}
+
 void record(TierDemand* demand, Tier tier, const char* role, std::uint64_t bytes) {
   if (demand == nullptr || bytes == 0) return;
   const int t = static_cast<int>(tier);
@@ -68,16 +86,14 @@ StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement&
   for (Part& part : parts) part.shard = shard_of(config, part.numel);
 
   // A visit brings a part's parameters and its frozen ones; only the former wait for an update.
-  auto visit_bytes = [&](auto counts) {
+  auto largest_visit = [&](auto counts) {
     std::uint64_t most = 0;
     for (std::size_t p = 0; p < parts.size(); ++p) {
-      if (!counts(p)) continue;
-      most = std::max(most, stored(static_cast<std::uint64_t>(parts[p].numel) * e) +
-                                stored(parts[p].frozen_numel > 0 ? frozen_bytes(parts[p], config) : 0));
+      if (counts(p)) most = std::max(most, visit_bytes(parts[p], config));
     }
     return most;
   };
-  const std::uint64_t streamed = visit_bytes([&](std::size_t p) { return homes[p].streamed(); });
+  const std::uint64_t streamed = largest_visit([&](std::size_t p) { return homes[p].streamed(); });
   const std::uint64_t stem_grads = cpu(0) ? stored(static_cast<std::uint64_t>(parts[0].numel) * e) : 0;
   const std::uint64_t stem_sum = cpu(0) ? stored(static_cast<std::uint64_t>(parts[0].numel) * 4) : 0;
   const std::uint64_t sent = largest(parts, 1, e, cpu);
@@ -87,7 +103,7 @@ StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement&
     if (cpu(p) && homes[p].params == Tier::kGpu) resident_staging += stored(static_cast<std::uint64_t>(parts[p].numel) * e);
   }
   const std::uint64_t nvme_params = largest(parts, 0, e, [&](std::size_t p) { return on_nvme(homes[p].params); });
-  const std::uint64_t nvme_visit = visit_bytes([&](std::size_t p) { return on_nvme(homes[p].params); });
+  const std::uint64_t nvme_visit = largest_visit([&](std::size_t p) { return on_nvme(homes[p].params); });
   const std::uint64_t nvme_gradients = std::max(
       largest(parts, 0, e, [&](std::size_t p) { return cpu(p) && on_nvme(homes[p].grads); }),
       layer_major && roles.accumulator
@@ -177,14 +193,7 @@ TierDemand count_first_order(const std::vector<PartShape>& shapes, const EngineC
   options.count_only = true;
   options.gpu_budget_bytes = options.host_budget_bytes = options.nvme_budget_bytes = UINT64_MAX;
   Store store(options);
-  std::vector<Part> parts(shapes.size());
-  for (std::size_t p = 0; p < shapes.size(); ++p) {
-    parts[p].name = shapes[p].name;
-    parts[p].numel = shapes[p].numel;
-    parts[p].frozen_numel = shapes[p].frozen_numel;
-    parts[p].frozen_channels = shapes[p].frozen_channels;
-    parts[p].kind = p == 0 ? models::Part::kStem : p + 1 == shapes.size() ? models::Part::kHead : models::Part::kBlock;
-  }
+  std::vector<Part> parts = parts_of(shapes);
   TierDemand demand;
   lay_out_parts(store, parts, placement, config, [&](const BundleSpec& spec, const char*) { return store.add(spec); },
                 &demand);

@@ -33,6 +33,14 @@ constexpr std::size_t kPartsStaged = 3;
 // two (the checkpoints a block's backward brings back, and the next block's).
 std::size_t window_capacity(const EngineConfig& config, const Placement& placement);
 
+// The parts of `shapes` as the set-up sizes them: names, kinds and parameter counts, no slices
+// or modules. count_first_order lays them out; the planner times their visits.
+std::vector<Part> parts_of(const std::vector<PartShape>& shapes);
+
+// The bytes a visit brings to the device as the store moves them: the part's parameters bundle
+// and its frozen one (an fp8 base at one byte an element and its scales), each a whole bundle.
+std::uint64_t visit_bytes(const Part& part, const EngineConfig& config);
+
 // Records what a set-up takes, role by role, into a TierDemand.
 void record(TierDemand* demand, Tier tier, const char* role, std::uint64_t bytes);
 

@@ -72,6 +72,9 @@ class StepBuilder {
       : request_(request), sizing_(sizing), config_(sizing.config), hw_(request.hardware),
         timeline_(&out_, request.hardware.nvme_shared), parts_(part_shapes(request.model)),
         e_(compute_element_size(config_.precision)), tflops_(hw_.matmul_tflops(config_.precision)) {
+    // What a visit of a part brings to the device, as the engine's store moves it: its trained
+    // parameters and its frozen ones, in their storage (an fp8 base at about a byte an element).
+    for (const Part& part : parts_of(parts_)) visit_bytes_.push_back(visit_bytes(part, config_));
     states_ = static_cast<std::uint64_t>(optimizer_state_count(config_.optimizer));
     master_ = config_.precision != Precision::kF32 ? 1 : 0;
     // Clipping and loss scaling hold every update until backward has measured all gradients.
@@ -115,10 +118,6 @@ class StepBuilder {
  private:
   std::size_t blocks() const { return parts_.size() - 2; }
   std::uint64_t numel(std::size_t part) const { return static_cast<std::uint64_t>(parts_[part].numel); }
-  // What a visit of the part brings to the device: its trained parameters and its frozen ones.
-  std::uint64_t visit_numel(std::size_t part) const {
-    return numel(part) + static_cast<std::uint64_t>(parts_[part].frozen_numel);
-  }
   const BlockActivations& activations(std::size_t block) const { return config_.placement.activations[block]; }
   std::uint64_t activation_bytes(std::size_t block) const {
     return activations(block).recompute ? sizing_.block.checkpoint_bytes : sizing_.block.graph_bytes;
@@ -333,9 +332,9 @@ class StepBuilder {
       if (!homes[part].streamed()) return params_ready_[part];
       ready = std::max(ready, params_ready_[part]);
       if (nvme(homes[part].params)) {
-        ready = move(Resource::kNvmeRead, ready, visit_numel(part) * e_, "read " + parts_[part].name + " parameters");
+        ready = move(Resource::kNvmeRead, ready, visit_bytes_[part], "read " + parts_[part].name + " parameters");
       }
-      return move(Resource::kPcieUp, ready, visit_numel(part) * e_, parts_[part].name + " parameters up");
+      return move(Resource::kPcieUp, ready, visit_bytes_[part], parts_[part].name + " parameters up");
     };
     // In fp32 a part's parameters are its master: a part on NVMe reads them back to update them.
     auto read_states = [&](std::size_t part, double ready) {
@@ -452,6 +451,7 @@ class StepBuilder {
   StepPrediction out_;
   Timeline timeline_;
   const std::vector<PartShape> parts_;
+  std::vector<std::uint64_t> visit_bytes_;  // per part
   const std::uint64_t e_;
   const double tflops_;
   std::uint64_t states_ = 0;

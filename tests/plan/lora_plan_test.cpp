@@ -1,0 +1,87 @@
+// `ferry plan` for LoRA over a base streamed from host memory: each visit moves the bundles the
+// engine's store moves, an fp8 base at a byte an element and a scale a channel. The engine, run on
+// the CPU with the same placement, carries exactly the bytes the plan predicts.
+
+#include <torch/torch.h>
+
+#include "ferry/data.h"
+#include "ferry/engine.h"
+#include "ferry/model.h"
+#include "ferry/plan.h"
+#include "support/catch.h"
+
+using namespace ferry;
+
+namespace {
+
+constexpr std::int64_t kBatch = 4;
+constexpr std::int64_t kSeq = 32;
+
+// Figures for a CPU run; the bytes do not depend on them.
+Hardware cpu_figures() {
+  Hardware hw;
+  hw.name = "test CPU";
+  hw.gpu_is_host = true;
+  hw.gpu_memory_bytes = hw.host_memory_bytes = std::uint64_t{8} << 30;
+  hw.gpu_memory_gbps = 10;
+  hw.matmul_tflops_bf16 = hw.matmul_tflops_fp16 = hw.matmul_tflops_fp32 = 0.1;
+  hw.pcie_h2d_gbps = hw.pcie_d2h_gbps = 5;
+  hw.cpu_adam_params_per_s = 1e8;
+  return hw;
+}
+
+// Every block's base and adapters at home in host memory, the adapters updated by the CPU, every
+// block recomputed from a checkpoint on the device; the stem and the head resident.
+Placement base_on_host(std::int64_t blocks) {
+  PartPlacement block;
+  block.params = block.grads = block.master = block.states[0] = block.states[1] = block.accumulator = Tier::kHost;
+  Placement placement;
+  placement.parts.assign(static_cast<std::size_t>(blocks) + 2, block);
+  placement.parts.front() = placement.parts.back() = PartPlacement{};
+  placement.activations.assign(static_cast<std::size_t>(blocks), BlockActivations{true, Tier::kGpu});
+  return placement;
+}
+
+std::uint64_t host_to_device_bytes(const Engine& engine) {
+  return engine.stats().store.transfers[static_cast<int>(Tier::kHost)][static_cast<int>(Tier::kGpu)].bytes;
+}
+
+}  // namespace
+
+TEST_CASE("plan: a LoRA base streamed from host moves what the engine moves, fp8 or in the compute dtype") {
+  const BaseStorage storage = GENERATE(BaseStorage::kFp8, BaseStorage::kCompute);
+  INFO("base storage " << to_string(storage));
+  PlanRequest request;
+  request.model = models::preset("tiny-llama");
+  request.model.lora.rank = 4;
+  request.engine.mode = Mode::kAuto;
+  request.engine.precision = Precision::kF32;
+  request.engine.base_storage = storage;
+  request.engine.placement = base_on_host(request.model.num_layers);
+  request.batch = kBatch;
+  request.seq = kSeq;
+  request.hardware = cpu_figures();
+  const Plan plan = make_plan(request);
+  REQUIRE(plan.fits);
+  const std::uint64_t planned = plan.moved_bytes[static_cast<int>(Resource::kPcieUp)];
+
+  Engine engine(models::build(request.model, 1), plan_engine_config(plan));
+  torch::Generator generator = at::detail::createCPUGenerator(3);
+  data::Batch batch;
+  batch.input_ids = torch::randint(request.model.vocab_size, {kBatch, kSeq}, generator, torch::kLong);
+  batch.labels = batch.input_ids.clone();
+  engine.train_step(batch);
+  const std::uint64_t before = host_to_device_bytes(engine);
+  engine.train_step(batch);
+  CHECK(host_to_device_bytes(engine) - before == planned);
+
+  // Each block visits twice a step (forward, and backward's recomputation); an fp8 base is about a
+  // quarter of an fp32 one.
+  const auto blocks = static_cast<std::uint64_t>(request.model.num_layers);
+  const auto base = static_cast<std::uint64_t>(request.model.block_parameter_count());
+  if (storage == BaseStorage::kFp8) {
+    CHECK(planned < 2 * blocks * base * 4 / 2);
+  } else {
+    CHECK(planned >= 2 * blocks * base * 4);
+  }
+}
