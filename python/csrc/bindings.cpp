@@ -889,6 +889,10 @@ void bind_plan(py::module_& module) {
           quick.quick = true;
           request.hardware = calibrate(quick);
         }
+        // "auto" precision is the target's, as `ferry plan` has it: bf16 when it has a GPU.
+        if (nlohmann::json::parse(settings_json).value("precision", "") == "auto") {
+          request.engine.precision = request.hardware.gpu_is_host ? Precision::kF32 : Precision::kBF16;
+        }
         py::gil_scoped_release release;
         const Plan plan = make_plan(request);
         if (!trace_path.empty()) write_plan_trace(plan, trace_path);

@@ -12,6 +12,7 @@ import torch
 from . import _C
 from ._C import BudgetExceeded
 from .model import LORA_KEYS, DTypeLike, LayeredModel
+from .job import with_job_defaults
 from .plan import Plan, plan
 
 Batch = Union[Mapping[str, torch.Tensor], Any]
@@ -36,28 +37,6 @@ LOOP_KEYS = ("data", "out", "resume", "save_every", "eval_problems", "log_every"
 def engine_settings() -> List[str]:
     """The engine settings a config accepts, named as in ``ferry finetune``'s job files."""
     return list(_C.engine_config_keys())
-
-
-def _with_job_defaults(settings: Dict[str, Any], lora: Mapping[str, Any]) -> Dict[str, Any]:
-    """``settings`` with every engine setting they leave out at the default of a real job, as
-    ``ferry finetune`` and ``ferry plan`` have it (docs/launcher.md, "Defaults"). The loop is the
-    caller's, so the schedule's length is ``steps`` only: without it the learning rate is constant
-    after ``warmup`` steps (0 unless given)."""
-    keys = set(_C.job_setting_keys())
-    given = {key: value for key, value in settings.items() if key in keys}
-    given.update(lora)
-    given["data"] = ""  # a loop of its own is never the built-in demo
-    if "steps" not in given:
-        given.setdefault("schedule", "constant")
-        given.setdefault("warmup", 0)
-    job = json.loads(_C.complete_job(json.dumps(given)))
-    if "steps" in given and job["warmup"] == "auto":
-        job["warmup"] = _C.job_warmup_steps(json.dumps(job), int(given["steps"]))
-    completed = dict(settings)
-    for key in _C.engine_config_keys():
-        if key not in completed and key in job and job[key] != "auto":
-            completed[key] = job[key]
-    return completed
 
 
 class Engine:
@@ -119,7 +98,7 @@ class Engine:
                     "hardware": merged.pop("hardware", None), "calibration": merged.pop("calibration", None)}
         for key in LOOP_KEYS:
             merged.pop(key, None)
-        merged = _with_job_defaults(merged, lora)
+        merged = with_job_defaults(merged, lora)
         if model is None:
             model = name
         if model is None:

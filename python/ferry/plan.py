@@ -8,6 +8,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from . import _C
+from .job import with_job_defaults
 
 
 class Plan:
@@ -63,7 +64,7 @@ class Plan:
                 f"bottleneck={self.bottleneck!r})")
 
 
-def plan(model: Union[str, os.PathLike], mode: str = "zero-offload", *, batch: int = 1,
+def plan(model: Union[str, os.PathLike], mode: str = "zero-offload", *, batch: int = 8,
          seq: int = 1024, hardware: Optional[str] = None,
          calibration: Optional[Union[str, os.PathLike]] = None, attention: Optional[str] = None,
          trace: Optional[Union[str, os.PathLike]] = None, **settings: Any) -> Plan:
@@ -75,9 +76,12 @@ def plan(model: Union[str, os.PathLike], mode: str = "zero-offload", *, batch: i
     preset such as ``"h100"`` or ``"rtx4090-fuyou"``) and ``calibration`` (a file written by
     ``ferry bench calibrate``); with neither, a quick calibration of this machine. ``settings`` are engine settings as in
     :class:`ferry.Engine` (``precision``, ``gpu_budget``, ``host_budget``, ``nvme``, ...).
-    ``trace`` writes the predicted step as a Chrome trace. Raises :class:`ferry.Error` for a
-    request the engine would reject.
+    Settings left out take a real job's defaults, as ``ferry plan`` has them (batch 8, clipping
+    1.0, the optimizer family's lr, ...); precision ``"auto"``, the default, is the target's:
+    bf16 when the hardware has a GPU. ``trace`` writes the predicted step as a Chrome trace.
+    Raises :class:`ferry.Error` for a request the engine would reject.
     """
+    settings = with_job_defaults({"precision": "auto", **settings}, {})
     json_text, table = _C.plan(os.fspath(model), mode, int(batch), int(seq), hardware or "",
                                os.fspath(calibration) if calibration is not None else "",
                                attention or "", json.dumps(settings),

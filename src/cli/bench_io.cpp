@@ -14,6 +14,7 @@
 #include "cli/command.h"
 #include "plan/measure.h"
 #include "ferry/io.h"
+#include "ferry/job.h"
 #include "ferry/memory.h"
 
 namespace ferry::cli {
@@ -63,11 +64,12 @@ int run_bench_io(int argc, char** argv) {
   cxxopts::Options options(argv[0], "Measure ferry's I/O engine against a plain O_DIRECT loop");
   options.add_options()
       ("path", "directory on the disk to measure", cxxopts::value<std::string>()->default_value("."))
-      ("size", "bytes per pass", cxxopts::value<std::string>()->default_value("1GiB"))
-      ("depths", "queue depths", cxxopts::value<std::vector<unsigned>>()->default_value("1,4,8,16,32"))
-      ("blocks", "block sizes", cxxopts::value<std::vector<std::string>>()->default_value("256KiB,1MiB,4MiB"))
-      ("backends", "backends to sweep", cxxopts::value<std::vector<std::string>>()->default_value("io_uring,libaio,threads"))
-      ("repeat", "runs per figure; the median is printed", cxxopts::value<unsigned>()->default_value("3"))
+      ("size", "bytes per pass, a size such as 1GiB", cxxopts::value<std::string>()->default_value("1GiB"))
+      ("depths", "I/O requests in flight to sweep, comma-separated (1 to 4096 each)",
+       cxxopts::value<std::vector<std::string>>()->default_value("1,4,8,16,32"))
+      ("blocks", "bytes per request to sweep, comma-separated sizes (4KiB or more)", cxxopts::value<std::vector<std::string>>()->default_value("256KiB,1MiB,4MiB"))
+      ("backends", "backends to sweep: io_uring, libaio, threads", cxxopts::value<std::vector<std::string>>()->default_value("io_uring,libaio,threads"))
+      ("repeat", "runs per figure, 1 or more; the median is printed", cxxopts::value<std::string>()->default_value("3"))
       ("h,help", "show this help");
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
@@ -94,7 +96,7 @@ int run_bench_io(int argc, char** argv) {
 
   std::printf("bench io: %s, %.2f GiB per pass, baseline: one thread, sequential O_DIRECT 1 MiB\n",
               directory.c_str(), static_cast<double>(file_bytes) / (1 << 30));
-  const unsigned repeat = std::max(1u, args["repeat"].as<unsigned>());
+  const auto repeat = static_cast<unsigned>(parse_integer(args["repeat"].as<std::string>(), "--repeat", 1, 1000));
   auto baseline = [&](IoOp op) {
     return measure::median_of(repeat, [&] {
       return plain_loop_gbps(path, op, buffer.as<char>(), buffer_bytes, file_bytes);
@@ -109,7 +111,8 @@ int run_bench_io(int argc, char** argv) {
 
   std::vector<Row> rows;
   for (const std::string& name : args["backends"].as<std::vector<std::string>>()) {
-    for (unsigned depth : args["depths"].as<std::vector<unsigned>>()) {
+    for (const std::string& depth_text : args["depths"].as<std::vector<std::string>>()) {
+      const auto depth = static_cast<unsigned>(parse_integer(depth_text, "--depths", 1, 4096));
       for (size_t block : parse_sizes(args["blocks"].as<std::vector<std::string>>())) {
         IoOptions io;
         io.backend = parse_io_backend(name);

@@ -22,6 +22,7 @@
 #include "cli/command.h"
 #include "plan/measure.h"
 #include "ferry/check.h"
+#include "ferry/job.h"
 #include "ferry/optim.h"
 
 // LibTorch has a fused CPU AdamW kernel from 2.4 on.
@@ -99,11 +100,11 @@ int run_bench_optim(int argc, char** argv) {
   cxxopts::Options options(argv[0],
                            "Measure ferry's CPU AdamW against LibTorch's and the memory bandwidth");
   options.add_options()
-      ("elements", "parameters per span", cxxopts::value<std::int64_t>()->default_value("268435456"))
-      ("threads", "threads for ferry, LibTorch and the bandwidth loop (0: one per core)",
-       cxxopts::value<int>()->default_value("0"))
-      ("repeats", "timed steps per figure (the median is reported)",
-       cxxopts::value<int>()->default_value("5"))
+      ("elements", "parameters per span, 1 or more", cxxopts::value<std::string>()->default_value("268435456"))
+      ("threads", "threads for ferry, LibTorch and the bandwidth loop, 0 or more (0: one per core)",
+       cxxopts::value<std::string>()->default_value("0"))
+      ("repeats", "timed steps per figure, 1 or more (the median is reported)",
+       cxxopts::value<std::string>()->default_value("5"))
       ("isa", "ferry's kernels: scalar, avx2 or avx512 (default: the best this CPU has)",
        cxxopts::value<std::string>())
       ("h,help", "show this help");
@@ -112,12 +113,10 @@ int run_bench_optim(int argc, char** argv) {
     std::cout << options.help() << "\n";
     return 0;
   }
-  const std::int64_t elements = args["elements"].as<std::int64_t>();
-  const int repeats = args["repeats"].as<int>();
-  FERRY_CHECK(elements > 0, "--elements must be > 0; got ", elements);
-  FERRY_CHECK(repeats > 0, "--repeats must be > 0; got ", repeats);
+  const std::int64_t elements = parse_integer(args["elements"].as<std::string>(), "--elements", 1, std::int64_t{1} << 40);
+  const auto repeats = static_cast<int>(parse_integer(args["repeats"].as<std::string>(), "--repeats", 1, 1000));
   if (args.count("isa")) optim::set_isa(optim::parse_isa(args["isa"].as<std::string>()));
-  optim::set_num_threads(args["threads"].as<int>());
+  optim::set_num_threads(static_cast<int>(parse_integer(args["threads"].as<std::string>(), "--threads", 0, 4096)));
   const int threads = optim::num_threads();
   at::set_num_threads(threads);
 

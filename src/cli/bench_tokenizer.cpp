@@ -23,6 +23,7 @@
 #include "cli/command.h"
 #include "ferry/check.h"
 #include "ferry/fs.h"
+#include "ferry/job.h"
 #include "ferry/tokenizer.h"
 
 namespace ferry::cli {
@@ -140,8 +141,9 @@ int run_bench_tokenizer(int argc, char** argv) {
                                     "document; each figure is the best of --repeat passes.");
   options.add_options()("tokenizer", "a model directory, tokenizer.json or tokenizer.model", cxxopts::value<std::string>())(
       "data", "a text file (one document per line)", cxxopts::value<std::string>())(
-      "threads", "threads of the second measurement (0: every core)", cxxopts::value<int>()->default_value("0"))(
-      "repeat", "passes per figure; the best counts", cxxopts::value<int>()->default_value("3"))(
+      "threads", "threads of the second measurement, 0 or more (0: every core)",
+      cxxopts::value<std::string>()->default_value("0"))(
+      "repeat", "passes per figure, 1 or more; the best counts", cxxopts::value<std::string>()->default_value("3"))(
       "python", "the interpreter that has tokenizers", cxxopts::value<std::string>()->default_value("python3"))(
       "baseline", "tokenizer_baseline.py to run, or 'none' for ferry's figures alone",
       cxxopts::value<std::string>()->default_value(default_script(argv[0])))("h,help", "show this help");
@@ -153,9 +155,8 @@ int run_bench_tokenizer(int argc, char** argv) {
   FERRY_CHECK(args.count("tokenizer") && args.count("data"), "ferry bench tokenizer needs --tokenizer and --data");
   const std::string tokenizer_path = args["tokenizer"].as<std::string>();
   const std::string data = args["data"].as<std::string>();
-  const int repeat = args["repeat"].as<int>();
-  FERRY_CHECK(repeat >= 1, "--repeat is ", repeat, ": it must be at least 1");
-  int threads = args["threads"].as<int>();
+  const auto repeat = static_cast<int>(parse_integer(args["repeat"].as<std::string>(), "--repeat", 1, 1000));
+  auto threads = static_cast<int>(parse_integer(args["threads"].as<std::string>(), "--threads", 0, 4096));
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 
   const auto tokenizer = load_tokenizer(tokenizer_path);

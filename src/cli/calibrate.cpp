@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "cli/command.h"
+#include "ferry/job.h"
 #include "ferry/memory.h"
 #include "ferry/plan.h"
 
@@ -16,8 +17,8 @@ int run_calibrate(int argc, char** argv) {
   options.add_options()
       ("out", "the calibration file", cxxopts::value<std::string>()->default_value("ferry-calibration.json"))
       ("nvme", "NVMe directories to measure, comma-separated", cxxopts::value<std::vector<std::string>>())
-      ("nvme-size", "bytes per NVMe pass", cxxopts::value<std::string>()->default_value("1GiB"))
-      ("repeat", "runs per figure; the median is kept", cxxopts::value<unsigned>()->default_value("3"))
+      ("nvme-size", "bytes per NVMe pass, a size such as 1GiB", cxxopts::value<std::string>()->default_value("1GiB"))
+      ("repeat", "runs per figure, 1 or more; the median is kept", cxxopts::value<std::string>()->default_value("3"))
       ("quick", "small sizes: about a second on a CPU, rougher figures")
       ("h,help", "show this help");
   auto args = options.parse(argc, argv);
@@ -28,7 +29,7 @@ int run_calibrate(int argc, char** argv) {
   CalibrationOptions calibration;
   if (args.count("nvme")) calibration.nvme_directories = args["nvme"].as<std::vector<std::string>>();
   calibration.nvme_bytes = parse_bytes(args["nvme-size"].as<std::string>());
-  calibration.repeat = args["repeat"].as<unsigned>();
+  calibration.repeat = static_cast<unsigned>(parse_integer(args["repeat"].as<std::string>(), "--repeat", 1, 1000));
   calibration.quick = args.count("quick") > 0;
   const Hardware hw = calibrate(calibration, [](const std::string& line) { std::cout << line << "\n" << std::flush; });
   const std::string out = args["out"].as<std::string>();

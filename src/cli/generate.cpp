@@ -6,6 +6,7 @@
 #include <cxxopts.hpp>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -69,7 +70,7 @@ int run_generate(int argc, char** argv) {
       "top-p", "nucleus sampling: the smallest set of tokens with this much probability, in (0, 1]",
       cxxopts::value<std::string>())(
       "top-k", "sample among the k most likely tokens (0: all)", cxxopts::value<std::string>())(
-      "seed", "the sampling seed", cxxopts::value<std::uint64_t>()->default_value("0"))(
+      "seed", "the sampling seed, 0 or more", cxxopts::value<std::string>()->default_value("0"))(
       "mode", "gpu, zero-offload, fuyou or zo2 (a model larger than the GPU streams through it)",
       cxxopts::value<std::string>()->default_value("gpu"))(
       "device", "auto, cpu, cuda or cuda:N", cxxopts::value<std::string>()->default_value("auto"))(
@@ -113,7 +114,8 @@ int run_generate(int argc, char** argv) {
   GenerationOptions sampling;
   sampling.stop_ids = stop_ids;
   sampling.vocab_size = tokenizer->vocab_size();
-  sampling.seed = args["seed"].as<std::uint64_t>();
+  sampling.seed = static_cast<std::uint64_t>(
+      parse_integer(args["seed"].as<std::string>(), "--seed", 0, std::numeric_limits<std::int64_t>::max()));
   sampling.max_new_tokens = generation.value("max_new_tokens", std::int64_t{128});
   if (generation.value("do_sample", false)) {
     sampling.temperature = generation.value("temperature", 1.0);

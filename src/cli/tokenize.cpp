@@ -16,6 +16,7 @@
 #include "ferry/check.h"
 #include "ferry/data.h"
 #include "ferry/io.h"
+#include "ferry/job.h"
 #include "ferry/tokenizer.h"
 
 namespace ferry::cli {
@@ -67,8 +68,8 @@ int run_tokenize(int argc, char** argv) {
       cxxopts::value<std::string>()->default_value("auto"))(
       "template", "the chat template for conversations (default: the model's own, else plain)",
       cxxopts::value<std::string>()->default_value(""))(
-      "show", "with --data: print the first N examples as JSON lines of tokens and learned flags",
-      cxxopts::value<std::int64_t>()->default_value("0"))("h,help", "show this help");
+      "show", "with --data: print the first N examples (0 or more) as JSON lines of tokens and learned flags",
+      cxxopts::value<std::string>()->default_value("0"))("h,help", "show this help");
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
     std::cout << options.help() << "\n";
@@ -100,7 +101,7 @@ int run_tokenize(int argc, char** argv) {
   const auto start = std::chrono::steady_clock::now();
   const auto dataset = data::open_dataset(path, 1, text_options);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const std::int64_t show = args["show"].as<std::int64_t>();
+  const std::int64_t show = parse_integer(args["show"].as<std::string>(), "--show", 0, std::int64_t{1} << 40);
   for (std::int64_t i = 0; i < std::min(show, dataset->size()); ++i) {
     const data::Example example = dataset->get(i);
     std::vector<int> learned(example.tokens.size());

@@ -7,6 +7,7 @@
 #include "cli/run_ferry.h"
 #include "ferry/job.h"
 #include "support/catch.h"
+#include "support/temp_dir.h"
 
 namespace ferry::cli {
 namespace {
@@ -99,6 +100,26 @@ TEST_CASE("finetune and plan --help list every job setting under its group, with
     const std::string joined = std::regex_replace(run.output, std::regex(R"(\s+)"), " ");
     CHECK_THAT(joined, Contains("--steps arg optimizer steps of the run (auto: --epochs over the data) (default: auto; "
                                 "valid: auto or an integer >= 1)"));
+  }
+}
+
+TEST_CASE("a subcommand's numbers are read strictly, the error naming the flag, the value and the range") {
+  testing::TempDir dir;
+  struct Case {
+    std::string arguments, message;
+  };
+  const Case cases[] = {
+      {"bench optim --repeats 0", "--repeats 0 is invalid: out of range: give an integer from 1 to 1000"},
+      {"bench zo --steps 2.5", "--steps 2.5 is invalid: not a whole number"},
+      {"bench tokenizer --tokenizer t --data d --repeat x", "--repeat x is invalid: not an integer"},
+      {"bench calibrate --repeat 0 --out " + dir.file("hw.json"), "--repeat 0 is invalid"},
+      {"bench io --path " + dir.path() + " --size 4MiB --repeat 2x", "--repeat 2x is invalid: not an integer"},
+  };
+  for (const Case& bad : cases) {
+    INFO(bad.arguments);
+    const testing::FerryRun run = run_ferry(bad.arguments);
+    CHECK(run.exit_code != 0);
+    CHECK_THAT(run.output, Contains(bad.message));
   }
 }
 

@@ -9,6 +9,7 @@
 #include "ferry/model.h"
 #include "ferry/plan.h"
 #include "plan/costs.h"
+#include "plan/cpu_figures.h"
 #include "support/temp_dir.h"
 
 // glog, which LibTorch includes, defines a CHECK macro of its own; Catch's must win.
@@ -22,19 +23,7 @@ namespace {
 constexpr std::int64_t kBatch = 4;
 constexpr std::int64_t kSeq = 64;
 
-// Figures for a CPU run; the sizes do not depend on them.
-Hardware cpu_figures() {
-  Hardware hw;
-  hw.name = "test CPU";
-  hw.gpu_is_host = true;
-  hw.gpu_memory_bytes = std::uint64_t{8} << 30;
-  hw.gpu_memory_gbps = 10;
-  hw.matmul_tflops_bf16 = hw.matmul_tflops_fp16 = hw.matmul_tflops_fp32 = 0.1;
-  hw.pcie_h2d_gbps = hw.pcie_d2h_gbps = 5;
-  hw.cpu_adam_params_per_s = 1e8;
-  hw.host_memory_bytes = std::uint64_t{8} << 30;
-  return hw;
-}
+using testing::cpu_figures;
 
 PlanRequest tiny_request(const std::string& preset, Mode mode, std::int64_t keep_graph_blocks) {
   PlanRequest request;

@@ -8,6 +8,7 @@
 #include "ferry/engine.h"
 #include "ferry/model.h"
 #include "ferry/plan.h"
+#include "plan/cpu_figures.h"
 #include "support/catch.h"
 
 using namespace ferry;
@@ -17,18 +18,7 @@ namespace {
 constexpr std::int64_t kBatch = 4;
 constexpr std::int64_t kSeq = 32;
 
-// Figures for a CPU run; the bytes do not depend on them.
-Hardware cpu_figures() {
-  Hardware hw;
-  hw.name = "test CPU";
-  hw.gpu_is_host = true;
-  hw.gpu_memory_bytes = hw.host_memory_bytes = std::uint64_t{8} << 30;
-  hw.gpu_memory_gbps = 10;
-  hw.matmul_tflops_bf16 = hw.matmul_tflops_fp16 = hw.matmul_tflops_fp32 = 0.1;
-  hw.pcie_h2d_gbps = hw.pcie_d2h_gbps = 5;
-  hw.cpu_adam_params_per_s = 1e8;
-  return hw;
-}
+using testing::cpu_figures;
 
 // Every block's base and adapters at home in host memory, the adapters updated by the CPU, every
 // block recomputed from a checkpoint on the device; the stem and the head resident.
