@@ -315,6 +315,10 @@ void bind_engine(py::module_& module) {
       "complete_job", [](const std::string& given) { return complete_job(nlohmann::json::parse(given)).dump(); },
       py::arg("given"), "The job's settings (JSON) with every default filled in, as ferry finetune resolves them.");
   module.def(
+      "engine_precision",
+      [](const std::string& settings) { return std::string(to_string(engine_config_from_json(settings).precision)); },
+      py::arg("settings"), "The precision an engine built with these settings computes in (\"auto\" resolved).");
+  module.def(
       "job_warmup_steps",
       [](const std::string& job, std::int64_t total_steps) {
         return job_warmup_steps(nlohmann::json::parse(job), total_steps);

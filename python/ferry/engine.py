@@ -142,9 +142,11 @@ class Engine:
         else:
             raise TypeError("mode='auto' plans from the model's shape, which a model of your own modules "
                             "does not have: give a placement= (ferry.plan of an equal preset), or a preset mode")
+        # The plan is for this engine: its precision as the engine resolves it on its device.
+        planning = {k: v for k, v in settings.items() if k not in ("mode", "device", "seed")}
+        planning["precision"] = _C.engine_precision(json.dumps(settings))
         planned = plan(target, "auto", batch=int(batch), seq=int(seq), hardware=hardware,
-                       calibration=calibration,
-                       **{k: v for k, v in settings.items() if k not in ("mode", "device", "seed")})
+                       calibration=calibration, **planning)
         if not planned.fits:
             raise BudgetExceeded(f"mode='auto' finds no placement within the budgets:\n{planned}")
         return planned

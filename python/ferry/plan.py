@@ -81,7 +81,7 @@ def plan(model: Union[str, os.PathLike], mode: str = "zero-offload", *, batch: i
     bf16 when the hardware has a GPU. ``trace`` writes the predicted step as a Chrome trace.
     Raises :class:`ferry.Error` for a request the engine would reject.
     """
-    settings = with_job_defaults({"precision": "auto", **settings}, {})
+    settings = with_job_defaults({"precision": "auto", "mode": mode, **settings}, {})
     json_text, table = _C.plan(os.fspath(model), mode, int(batch), int(seq), hardware or "",
                                os.fspath(calibration) if calibration is not None else "",
                                attention or "", json.dumps(settings),

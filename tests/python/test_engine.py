@@ -238,7 +238,7 @@ def test_mode_auto_plans_the_placement_and_trains_as_the_gpu_mode_does() -> None
     placement computes the gpu mode's bits."""
     settings = dict(lr=3e-3, device="cpu", seed=3)
     reference = ferry.Engine("tiny-llama", mode="gpu", **settings)
-    roomy = ferry.plan("tiny-llama", "auto", batch=4, seq=16, hardware="h100", device="cpu")
+    roomy = ferry.plan("tiny-llama", "auto", batch=4, seq=16, hardware="h100", precision="fp32")
     budget = roomy.tier_bytes("gpu") * 2 // 3
     placed = ferry.Engine("tiny-llama", mode="auto", batch=4, seq=16, hardware="h100",
                           gpu_budget=budget, **settings)
