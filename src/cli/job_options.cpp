@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <limits>
-#include <set>
 #include <sstream>
 
 #include "cli/job_file.h"
@@ -57,7 +56,7 @@ models::ModelConfig base_shape(const std::string& name, std::int64_t layers) {
   FERRY_CHECK(layers == 0, "layers = ", layers, " truncates a preset; model '", name, "' is a Hugging Face "
               "directory, which keeps its own blocks");
   FERRY_CHECK(fs::is_directory(name), "model directory '", name, "' does not exist: give a Hugging Face model ",
-              "directory (config.json and safetensors) or a preset name (`ferry info` lists them)");
+              "directory (config.json and safetensors) or a preset name such as llama-7b");
   FERRY_CHECK(fs::exists(name + "/config.json"), "model directory '", name, "' has no config.json: give the ",
               "directory transformers' save_pretrained wrote, or a preset name");
   return models::ModelConfig::from_hf_file(name + "/config.json");

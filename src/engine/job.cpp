@@ -99,7 +99,8 @@ std::vector<JobSetting> make_settings() {
   const Json none = nullptr;
   TableBuilder table;
   table.group("Model");
-  table.add(text("model", "tiny-llama"), "a preset (`ferry info` lists them) or a Hugging Face model directory");
+  table.add(text("model", "tiny-llama"), "a preset (llama-7b, opt-13b, ...; an unknown name is refused with the list) "
+                                          "or a Hugging Face model directory");
   table.add(integer("layers", 0, 0), "a preset's first N blocks only, every other dimension kept (0: all)");
   table.add(or_words(fraction("dropout", "auto"), {"auto"}), "a rate for every dropout of the model (auto: config.json's)");
   table.add(integer("seed", 1, 0), "seeds a preset's initialisation, the data order, dropout and zo2's perturbations");
