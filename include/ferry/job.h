@@ -66,6 +66,11 @@ const nlohmann::json& zo2_job_defaults();
 // in errors: "--steps 3.5" or "steps in job.yaml". Throws ferry::Error.
 nlohmann::json read_job_setting(const std::string& key, const nlohmann::json& value, const std::string& where);
 
+// Throws ferry::Error for the first key of `values` that is no setting: "unknown setting 'stpes'
+// in job.yaml (did you mean 'steps'?)", or the list of valid ones when none is near. `origin`
+// names where the keys come from ("" for none).
+void check_job_setting_names(const nlohmann::json& values, const std::string& origin);
+
 // The settings a job gives (each read by read_job_setting already), completed: the real-job
 // defaults, then the demo's for the demo job and zo2's where mode is zo2, then `given`; an
 // "auto" lr becomes the optimizer family's (job_default_lr). Throws ferry::Error for an unknown key

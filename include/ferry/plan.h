@@ -107,6 +107,10 @@ Hardware calibrate(const CalibrationOptions& options,
 Hardware hardware_preset(const std::string& name);
 std::vector<std::string> hardware_preset_names();
 
+// What precision "auto" means on a planned machine, as preferred_precision(device) on the one a
+// job runs on: bf16 when it has a GPU, fp32 when the "GPU" is the host.
+Precision preferred_precision(const Hardware& hardware);
+
 // --- the request ------------------------------------------------------------------------------
 
 // How attention keeps its scores: fused (SDPA flash / memory-efficient kernels: LibTorch >= 2 on

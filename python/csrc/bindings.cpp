@@ -895,7 +895,7 @@ void bind_plan(py::module_& module) {
         }
         // "auto" precision is the target's, as `ferry plan` has it: bf16 when it has a GPU.
         if (nlohmann::json::parse(settings_json).value("precision", "") == "auto") {
-          request.engine.precision = request.hardware.gpu_is_host ? Precision::kF32 : Precision::kBF16;
+          request.engine.precision = preferred_precision(request.hardware);
         }
         py::gil_scoped_release release;
         const Plan plan = make_plan(request);

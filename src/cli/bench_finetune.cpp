@@ -327,12 +327,6 @@ Json setting_flag(const cxxopts::ParseResult& args, const std::string& key) {
   return read_job_setting(key, text, "--" + flag + " " + text);
 }
 
-// The table's default of setting `key`, as a flag's text.
-std::string default_text(const std::string& key) {
-  const Json& value = job_defaults().at(key);
-  return value.is_string() ? value.get<std::string>() : value.dump();
-}
-
 // `parse` of a flag's text, its error prefixed with the flag.
 template <typename Parse>
 auto parse_flag(const std::string& flag, const std::string& text, Parse parse) {
@@ -378,12 +372,12 @@ int run_bench_finetune(int argc, char** argv) {
       ("delayed-update", "also run each zero-offload row with the one-step delayed parameter update",
        boolean("false"))
       ("lora-rank", "LoRA adapters of this rank over a frozen base in every run, the plain loop's too (0: train "
-       "every parameter)", text(default_text("lora_rank")))
-      ("lora-alpha", "LoRA's alpha", text(default_text("lora_alpha")))
+       "every parameter)", text(flag_default("lora_rank")))
+      ("lora-alpha", "LoRA's alpha", text(flag_default("lora_alpha")))
       ("lora-targets", "the linears LoRA adapts: PEFT target_modules names, comma-separated, or all-linear",
-       text(default_text("lora_targets")))
+       text(flag_default("lora_targets")))
       ("base-storage", "ferry's LoRA base: compute (bf16) or fp8 (e4m3, a scale per output channel); the plain "
-       "loop's is bf16", text(default_text("base_storage")))
+       "loop's is bf16", text(flag_default("base_storage")))
       ("base-home", "auto rows with LoRA: plan (the planner places the job), or host or nvme: every block's base "
        "there, streamed for each pass, its adapters updated by the CPU", text("plan"))
       ("h,help", "show this help");

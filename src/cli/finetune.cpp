@@ -199,16 +199,12 @@ MeasuredCompute profile_fuyou(LayeredModel model, const EngineConfig& config, co
   return measured;
 }
 
-// What fuyou's profiling step (profile_fuyou) keeps on NVMe, by the same plan.
+// What fuyou's profiling step (profile_fuyou) keeps on NVMe, by the same plan: its placement as
+// profiling_config sets it, nothing left for the plan to choose.
 std::uint64_t profiling_nvme_bytes(const Json& job, const EngineConfig& config, const models::ModelConfig& shape,
                                    const Hardware& hardware) {
-  PlanRequest request;
-  request.model_name = job["model"];
-  request.model = shape;
-  request.engine = profiling_config(config, shape.num_layers);
-  request.batch = job["batch"];
-  request.seq = job["seq"];
-  request.hardware = hardware;
+  PlanRequest request = plan_request(job, profiling_config(config, shape.num_layers), shape, std::nullopt, hardware);
+  request.choose_activations = request.choose_host_blocks = request.choose_micro_batch_order = false;
   return make_plan(request).tier_bytes[static_cast<int>(Tier::kNvme)];
 }
 

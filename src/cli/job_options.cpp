@@ -20,8 +20,7 @@ constexpr const char* kDefaultCalibration = "ferry-calibration.json";
 
 // " (default: 400; valid: an integer >= 1)": a text's valid values are in its help.
 std::string default_and_range(const JobSetting& setting) {
-  const Json& value = setting.default_value;
-  std::string text = value.is_string() ? value.get<std::string>() : value.dump();
+  std::string text = flag_default(setting.key);
   if (text.empty()) text = "empty";
   if (setting.kind == JobSettingKind::kText) return " (default: " + text + ")";
   return " (default: " + text + "; valid: " + job_setting_range(setting.key) + ")";
@@ -42,12 +41,6 @@ void refuse_unknown_flags(const cxxopts::ParseResult& args, const std::string& c
   const std::string hint = did_you_mean(name, flags);
   throw Error(detail::concat("unknown flag '", first, "'", hint, hint.empty() ? ": `ferry " + command + " --help` "
                              "lists the flags" : ""));
-}
-
-std::string joined(const std::vector<std::string>& names) {
-  std::string text;
-  for (const std::string& name : names) text += (text.empty() ? "" : ", ") + name;
-  return text;
 }
 
 // A preset, cut to `layers` blocks when not 0, or a Hugging Face directory (which keeps its own).
@@ -95,6 +88,11 @@ std::string flag_name(std::string key) {
   return key;
 }
 
+std::string flag_default(const std::string& key) {
+  const Json& value = job_defaults().at(key);
+  return value.is_string() ? value.get<std::string>() : value.dump();
+}
+
 void add_job_options(cxxopts::Options& options) {
   options.set_width(110);
   options.add_options("Job")("config", "a job file, YAML (*.yaml, *.yml) or JSON, with any setting below and every "
@@ -125,23 +123,16 @@ std::string job_help(const cxxopts::Options& options, const std::vector<std::str
 
 Json resolve_job(const cxxopts::ParseResult& args, const std::string& command) {
   std::vector<std::string> flags = {"config", "hardware", "pack", "no-pack", "help"};
-  std::vector<std::string> keys;
   for (const JobSetting& setting : job_settings()) {
     if (setting.flag) flags.push_back(flag_name(setting.key));
-    keys.push_back(setting.key);
   }
   refuse_unknown_flags(args, command, flags);
   Json given = Json::object();
   if (args.count("config")) {
     const std::string path = args["config"].as<std::string>();
     const Json file = read_job_file(path);
+    check_job_setting_names(file, path);
     for (auto& [key, value] : file.items()) {
-      if (find_job_setting(key) == nullptr) {
-        std::sort(keys.begin(), keys.end());
-        const std::string hint = did_you_mean(key, keys);
-        throw Error(detail::concat("unknown setting '", key, "' in ", path, hint, hint.empty() ? "; valid settings: " : "",
-                                   hint.empty() ? joined(keys) : ""));
-      }
       given[key] = read_job_setting(key, value, detail::concat(key, " = ", value.dump(), " in ", path));
     }
   }

@@ -22,6 +22,9 @@ namespace ferry::cli {
 // "gpu_budget" -> "gpu-budget".
 std::string flag_name(std::string key);
 
+// The real-job default of setting `key` as its flag takes it: "400", "auto", "all-linear".
+std::string flag_default(const std::string& key);
+
 // Adds every job setting's flag under its group's heading, with its help, default and valid
 // range, and --config, --hardware, --pack and --no-pack.
 void add_job_options(cxxopts::Options& options);

@@ -22,10 +22,9 @@ namespace {
 // Hardware figures: --hardware (a calibration file or a preset), else --calibration, else
 // ferry-calibration.json here, else a quick calibration; then the flags on top.
 Hardware resolve_hardware(const cxxopts::ParseResult& args, const std::vector<std::string>& directories) {
-  Hardware hw = job_hardware(args.count("hardware")      ? args["hardware"].as<std::string>()
-                             : args.count("calibration") ? args["calibration"].as<std::string>()
-                                                         : "",
-                             directories);
+  Hardware hw = args.count("calibration") && !args.count("hardware")
+                    ? Hardware::load(args["calibration"].as<std::string>())
+                    : job_hardware(args.count("hardware") ? args["hardware"].as<std::string>() : "", directories);
   auto figure = [&](const char* flag) { return parse_number(args[flag].as<std::string>(), std::string("--") + flag); };
   auto override_figure = [&](const char* flag, double* value) {
     if (args.count(flag)) *value = figure(flag);
@@ -102,7 +101,7 @@ int run_plan(int argc, char** argv) {
     request.attention = AttentionKernel::kFused;
   }
   if (job["precision"] == "auto") {
-    request.engine.precision = request.hardware.gpu_is_host ? Precision::kF32 : Precision::kBF16;
+    request.engine.precision = preferred_precision(request.hardware);
   }
 
   const Plan plan = make_plan(request);

@@ -418,18 +418,23 @@ double job_default_lr(const std::string& mode, const std::string& optimizer, boo
   return 1e-2;
 }
 
-Json complete_job(const Json& given) {
-  FERRY_CHECK(given.is_object(), "a job's settings must be a mapping of setting names to values; got ", given.dump());
+void check_job_setting_names(const Json& values, const std::string& origin) {
   std::vector<std::string> names;
   for (const JobSetting& setting : job_settings()) names.push_back(setting.key);
-  for (const auto& item : given.items()) {
+  std::sort(names.begin(), names.end());
+  for (const auto& item : values.items()) {
     if (find_job_setting(item.key()) != nullptr) continue;
     const std::string hint = did_you_mean(item.key(), names);
     std::string valid;
     for (const std::string& name : names) valid += (valid.empty() ? "" : ", ") + name;
-    throw Error(detail::concat("unknown setting '", item.key(), "'", hint, hint.empty() ? "; valid settings: " : "",
-                               hint.empty() ? valid : ""));
+    throw Error(detail::concat("unknown setting '", item.key(), "'", origin.empty() ? "" : " in " + origin, hint,
+                               hint.empty() ? "; valid settings: " + valid : ""));
   }
+}
+
+Json complete_job(const Json& given) {
+  FERRY_CHECK(given.is_object(), "a job's settings must be a mapping of setting names to values; got ", given.dump());
+  check_job_setting_names(given, "");
   // Two ways of saying one thing: one of them, or neither.
   for (const auto& [count, ratio] : {std::pair{"steps", "epochs"}, std::pair{"warmup", "warmup_ratio"}}) {
     FERRY_CHECK(!(given.contains(count) && given[count] != "auto" && given.contains(ratio)), count, " = ",

@@ -212,6 +212,10 @@ void Hardware::save(const std::string& path) const {
   write_file_durably(Env::posix(), path, to_json());
 }
 
+Precision preferred_precision(const Hardware& hardware) {
+  return hardware.gpu_is_host ? Precision::kF32 : Precision::kBF16;
+}
+
 Hardware hardware_preset(const std::string& name) {
   auto found = presets().find(name);
   if (found == presets().end()) {
