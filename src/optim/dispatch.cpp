@@ -162,5 +162,16 @@ void parallel_tiles(std::int64_t size, const std::function<void(Tile)>& body) {
   });
 }
 
+void parallel_indices(std::int64_t count, const std::function<void(std::int64_t)>& body) {
+  if (count <= 0) return;
+  const std::shared_ptr<tbb::task_arena> arena = current_arena();
+  arena->execute([&] {
+    tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, count),
+                      [&](const tbb::blocked_range<std::int64_t>& range) {
+                        for (std::int64_t i = range.begin(); i != range.end(); ++i) body(i);
+                      });
+  });
+}
+
 }  // namespace detail
 }  // namespace ferry::optim

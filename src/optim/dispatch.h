@@ -19,4 +19,7 @@ const KernelTable& active_kernels();
 // Calls body once for each tile of [0, size), in parallel on the optim arena.
 void parallel_tiles(std::int64_t size, const std::function<void(Tile)>& body);
 
+// Calls body once for each index of [0, count), in parallel on the optim arena.
+void parallel_indices(std::int64_t count, const std::function<void(std::int64_t)>& body);
+
 }  // namespace ferry::optim::detail

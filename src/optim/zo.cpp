@@ -147,6 +147,8 @@ float segment_amax(const ZoTensors& stored, std::int64_t begin, std::int64_t end
   return tile_max.empty() ? 0.0f : *std::max_element(tile_max.begin(), tile_max.end());
 }
 
+// Note: an fp8 base's segments are its output channels, a few thousand elements each, so the
+// segments run side by side; a segment of many tiles splits its own work in tiles as well.
 void encode_fp8(const ZoTensors& stored, const ZoTransferCopy& transfer) {
   auto* codes = static_cast<std::uint8_t*>(transfer.codes);
   std::int64_t begin = 0;
@@ -154,18 +156,22 @@ void encode_fp8(const ZoTensors& stored, const ZoTransferCopy& transfer) {
     const std::int64_t end = transfer.segment_ends[s];
     FERRY_CHECK(end >= begin && end <= transfer.numel, "fp8 transfer segment ", s, " ends at ", end,
                 ": segment ends must ascend from 0 to ", transfer.numel);
-    const float amax = segment_amax(stored, begin, end);
-    const float scale = amax > 0.0f ? amax / kFp8E4M3Max : 1.0f;
-    transfer.scales[s] = scale;
-    detail::parallel_tiles(end - begin, [&](detail::Tile tile) {
-      for (std::int64_t i = begin + tile.begin; i < begin + tile.end; ++i) {
-        codes[i] = detail::fp8_e4m3_encode(load(stored.weights, stored.weights_dtype, i) / scale);
-      }
-    });
     begin = end;
   }
   FERRY_CHECK(begin == transfer.numel, "fp8 transfer segments end at ", begin, "; the last must end at ",
               transfer.numel);
+  detail::parallel_indices(transfer.segments, [&](std::int64_t s) {
+    const std::int64_t first = s == 0 ? 0 : transfer.segment_ends[s - 1];
+    const std::int64_t end = transfer.segment_ends[s];
+    const float amax = segment_amax(stored, first, end);
+    const float scale = amax > 0.0f ? amax / kFp8E4M3Max : 1.0f;
+    transfer.scales[s] = scale;
+    detail::parallel_tiles(end - first, [&](detail::Tile tile) {
+      for (std::int64_t i = first + tile.begin; i < first + tile.end; ++i) {
+        codes[i] = detail::fp8_e4m3_encode(load(stored.weights, stored.weights_dtype, i) / scale);
+      }
+    });
+  });
 }
 
 float decode(const ZoTransferCopy& transfer, std::int64_t i, int& segment) {
