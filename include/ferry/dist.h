@@ -12,6 +12,7 @@
 //   config.communicator = ferry::dist::connect(world, {config.device});
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -48,6 +49,22 @@ struct CommunicatorOptions {
 // parameters), each in the same order on every rank.
 enum class Group { kMain, kUpdate };
 
+// A collective in flight. Its result is in place once wait() has returned; for a CUDA tensor,
+// once the stream that was current at wait() reaches that point (the host does not block). A
+// default-made one has nothing to wait for.
+class Pending {
+ public:
+  Pending() = default;
+  bool pending() const { return static_cast<bool>(finish_); }
+  // Throws ferry::Error when the collective failed or timed out; later calls return at once.
+  void wait();
+
+ private:
+  friend class Communicator;
+  explicit Pending(std::function<void()> finish) : finish_(std::move(finish)) {}
+  std::function<void()> finish_;
+};
+
 // A process group of the world's ranks. Collectives are issued by one thread at a time per
 // Group, in the same order on every rank (c10d's contract).
 class Communicator {
@@ -71,6 +88,10 @@ class Communicator {
   // Gloo all-reduces the whole tensor (N times the traffic of a reduce-scatter, the same sums);
   // NCCL reduce-scatters. Both pad a tensor shorter than world_size * shard_numel through a copy.
   void reduce_scatter_sum(torch::Tensor& tensor, std::int64_t shard_numel, Group group = Group::kMain);
+  // reduce_scatter_sum without waiting: the caller overlaps it with work that does not touch
+  // `tensor`, and waits before it reads or writes `tensor` again.
+  Pending start_reduce_scatter_sum(const torch::Tensor& tensor, std::int64_t shard_numel,
+                                   Group group = Group::kMain);
   void all_gather(torch::Tensor& tensor, std::int64_t shard_numel, Group group = Group::kMain);
   // Every rank says how `what` went: `error` empty when it went well. Returns when it went well
   // everywhere; otherwise throws ferry::Error on every rank, naming each rank that failed and

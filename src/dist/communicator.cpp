@@ -144,21 +144,44 @@ torch::Tensor padded(const torch::Tensor& tensor, std::int64_t shard_numel, int 
 
 }  // namespace
 
+void Pending::wait() {
+  if (!finish_) return;
+  std::function<void()> finish = std::move(finish_);
+  finish_ = nullptr;
+  finish();
+}
+
 void Communicator::reduce_scatter_sum(torch::Tensor& tensor, std::int64_t shard_numel, Group group) {
+  start_reduce_scatter_sum(tensor, shard_numel, group).wait();
+}
+
+// Note: c10d runs a Gloo collective on the group's own threads and an NCCL one on its own
+// stream, each holding its tensors until done; the closure keeps the copies it reads back from.
+Pending Communicator::start_reduce_scatter_sum(const torch::Tensor& tensor, std::int64_t shard_numel, Group group) {
   FERRY_ASSERT(tensor.is_contiguous() && tensor.dim() == 1 && shard_numel * impl_->world_size >= tensor.numel(),
                "reduce_scatter_sum needs a flat contiguous tensor of at most world_size shards");
+  Impl* impl = impl_.get();
 #ifdef FERRY_WITH_NCCL
-  if (auto* nccl = impl_->nccl_for(tensor, group)) {
-    torch::Tensor input = padded(tensor, shard_numel, impl_->world_size, /*copy=*/true);
-    torch::Tensor output = input.narrow(0, impl_->rank * shard_numel, shard_numel).clone();
-    impl_->wait(nccl->_reduce_scatter_base(output, input), "reduce-scatter");
-    const std::int64_t begin = std::min<std::int64_t>(impl_->rank * shard_numel, tensor.numel());
-    const std::int64_t size = std::min<std::int64_t>(shard_numel, tensor.numel() - begin);
-    if (size > 0) tensor.narrow(0, begin, size).copy_(output.narrow(0, 0, size));
-    return;
+  if (auto* nccl = impl->nccl_for(tensor, group)) {
+    torch::Tensor input = padded(tensor, shard_numel, impl->world_size, /*copy=*/true);
+    torch::Tensor output = input.narrow(0, impl->rank * shard_numel, shard_numel).clone();
+    auto work = nccl->_reduce_scatter_base(output, input);
+    return Pending([impl, work, tensor, output, shard_numel] {
+      impl->wait(work, "reduce-scatter");
+      const std::int64_t begin = std::min<std::int64_t>(impl->rank * shard_numel, tensor.numel());
+      const std::int64_t size = std::min<std::int64_t>(shard_numel, tensor.numel() - begin);
+      if (size > 0) tensor.narrow(0, begin, size).copy_(output.narrow(0, 0, size));
+    });
   }
 #endif
-  all_reduce_sum(tensor, group);
+  // Gloo in LibTorch 1.13 reduces no bf16 (all_reduce_sum's Note): an fp32 copy is reduced.
+  const bool widen = tensor.scalar_type() == torch::kBFloat16;
+  std::vector<at::Tensor> tensors{widen ? tensor.to(torch::kFloat) : tensor};
+  auto work = impl->gloo_for(group).allreduce(tensors);
+  return Pending([impl, work, tensor, reduced = tensors[0], widen] {
+    impl->wait(work, "all-reduce");
+    if (widen) tensor.copy_(reduced);
+  });
 }
 
 void Communicator::all_gather(torch::Tensor& tensor, std::int64_t shard_numel, Group group) {

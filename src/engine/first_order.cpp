@@ -121,7 +121,7 @@ void FirstOrderTrainer::allocate_and_bind() {
   torch::NoGradGuard no_grad;
   const bool separate_master = compute_dtype_ != torch::kFloat;
   move_buffers(model_, config_.device);
-  lay_out_parts(*store_, parts_, placement_, config_, [&](const BundleSpec& spec, const char*) {
+  lay_out_parts(*store_, parts_, placement_, config_, ranks_of(config_), [&](const BundleSpec& spec, const char*) {
     return staged_ && spec.home == Tier::kNvme ? adopt_staged(*store_, *staged_, spec) : store_->add(spec);
   }, nullptr);
   for (std::size_t p = 0; p < parts_.size(); ++p) {
@@ -273,7 +273,7 @@ bool FirstOrderTrainer::delays_update() const {
 // Note: a delayed update (ZeRO-Offload's DPU). step() of step t hands every CPU-updated part's
 // update to the worker and returns; the worker writes the new parameters into the part's host
 // copy (marked dirty) while the device runs step t+1 with the parameters of before step t. Once
-// the part's last backward of step t+1 is queued, gradients_ready waits for step t's update of
+// the part's last backward of step t+1 is queued, gradients_reduced waits for step t's update of
 // the part (the host gradients it reads are about to be overwritten anyway) and sends the new
 // parameters up behind that backward on the device's stream; the next forward waits for them
 // (enter_part), and step t+1's update, which starts from them on the host, waits for the copy to
@@ -663,6 +663,7 @@ void FirstOrderTrainer::backward_stem(std::vector<PendingBackward>& micro, bool 
     if (summed) fold_gradients(0, false);  // the head's backward began the stem's sum
   }
   gradients_ready(0, summed);
+  finish_reductions(0);
 }
 
 void FirstOrderTrainer::backward(const torch::Tensor& loss) {
@@ -729,14 +730,41 @@ void FirstOrderTrainer::fold_gradients(std::size_t p, bool first) {
   }
 }
 
+// Note: data parallelism, ZeRO stage 2 (docs/distributed.md). A part's gradients are
+// reduce-scattered on the device as soon as its backward has produced them, before they are
+// accumulated, measured or sent down: afterwards only this rank's shard (Part::shard) of them is
+// the sum over the ranks, and only it is measured and read by the update, which changes this
+// rank's shard of the master and states; update() then all-gathers the parameters. The norm and
+// the overflow flags are the shards' summed in step(). Every rank starts the reductions in the
+// same order, from this thread only (backward order, stem last), as c10d requires; batch-major
+// accumulation reduces each micro-batch's gradients, layer-major the step's sum once. Nothing
+// touches a part's gradients between the start of its reduction and gradients_reduced.
 void FirstOrderTrainer::gradients_ready(std::size_t p, bool summed) {
+  const Part& part = parts_[p];
+  if (!part.trainable()) return;
+  if (!summed) collect_gradients(p);
+  if (world_size(config_) == 1) return gradients_reduced(p, summed);
+  torch::Tensor gradients = summed ? view(part.accumulator, Tier::kGpu, torch::kFloat, part.numel)
+                                   : view(part.grads, Tier::kGpu, compute_dtype_, part.numel);
+  state_[p].reduction = config_.communicator->start_reduce_scatter_sum(gradients, part.shard.padded);
+  reducing_.emplace_back(p, summed);
+  finish_reductions(kReductionsInFlight);
+}
+
+void FirstOrderTrainer::finish_reductions(std::size_t keep) {
+  while (reducing_.size() > keep) {
+    const auto [p, summed] = reducing_.front();
+    reducing_.pop_front();
+    traced("reduce " + parts_[p].name, Track::kCompute, [&] { state_[p].reduction.wait(); });
+    gradients_reduced(p, summed);
+  }
+}
+
+void FirstOrderTrainer::gradients_reduced(std::size_t p, bool summed) {
   const bool first = micro_batches_ == 0;
   const bool last = micro_batches_ + 1 == config_.grad_accumulation;
   const Part& part = parts_[p];
   PartState& state = state_[p];
-  if (!part.trainable()) return;
-  if (!summed) collect_gradients(p);
-  reduce_gradients(p, summed);
   if (!state.cpu_updated()) {
     accumulate_and_measure(p, first, last, summed);
     return;
@@ -780,23 +808,6 @@ void FirstOrderTrainer::gradients_ready(std::size_t p, bool summed) {
     });
   });
   gradients_waiting_.push_back(p);
-}
-
-// Note: data parallelism, ZeRO stage 2 (docs/distributed.md). A part's gradients are
-// reduce-scattered on the device as soon as its backward has produced them, before they are
-// accumulated, measured or sent down: afterwards only this rank's shard (Part::shard) of them is
-// the sum over the ranks, and only it is measured and read by the update, which changes this
-// rank's shard of the master and states; update() then all-gathers the parameters. The norm and
-// the overflow flags are the shards' summed in step(). Every rank calls this in the same order,
-// from this thread only (backward order, stem last), as c10d requires; batch-major accumulation
-// reduces each micro-batch's gradients, layer-major the step's sum once.
-void FirstOrderTrainer::reduce_gradients(std::size_t p, bool summed) {
-  if (world_size(config_) == 1) return;
-  const Part& part = parts_[p];
-  torch::Tensor gradients = summed ? view(part.accumulator, Tier::kGpu, torch::kFloat, part.numel)
-                                   : view(part.grads, Tier::kGpu, compute_dtype_, part.numel);
-  traced("reduce " + part.name, Track::kCompute,
-         [&] { config_.communicator->reduce_scatter_sum(gradients, part.shard.padded); });
 }
 
 void FirstOrderTrainer::accumulate_and_measure(std::size_t p, bool first_micro_batch, bool last_micro_batch,

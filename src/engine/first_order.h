@@ -78,6 +78,7 @@ struct PartState {
   // until the part's backward in the next step is done.
   bool stale_on_device = false;
   Fence gradients_down;            // the gradients going down to the host
+  dist::Pending reduction;         // the gradients being reduce-scattered across the ranks
   std::shared_future<void> work;   // the worker's latest task for the part
 
   bool cpu_updated() const { return !home.updated_on_gpu(); }
@@ -162,8 +163,13 @@ class FirstOrderTrainer final : public Trainer {
   // Evicts device gradients that have gone down, waiting for the oldest while more than `keep`
   // are still on the device.
   void release_gradients(std::size_t keep);
+  // A part's gradients are complete: reduced across the ranks, then measured, accumulated and
+  // sent to its update. With several ranks the reduction runs while backward goes on, and the
+  // rest follows in gradients_reduced once kReductionsInFlight later parts' have started, or at
+  // finish_reductions (end of backward).
   void gradients_ready(std::size_t part, bool summed);
-  void reduce_gradients(std::size_t part, bool summed);  // across the ranks
+  void gradients_reduced(std::size_t part, bool summed);
+  void finish_reductions(std::size_t keep);
   void accumulate_and_measure(std::size_t part, bool first_micro_batch, bool last_micro_batch,
                               bool summed_on_device);
   // Where gradients wait on the host for the CPU optimizer, backward lets at most
@@ -263,6 +269,7 @@ class FirstOrderTrainer final : public Trainer {
   // Parts whose device gradients (or their sum) are not dropped yet, with the bundle sent down.
   std::deque<std::pair<std::size_t, BundleId>> gradients_on_device_;
   std::deque<std::size_t> gradients_waiting_;  // parts whose gradients went to the worker
+  std::deque<std::pair<std::size_t, bool>> reducing_;  // parts (and summed) whose reduction is in flight
   struct GoingHome {
     std::size_t part;
     BundleId id;

@@ -67,15 +67,17 @@ void record(TierDemand* demand, Tier tier, const char* role, std::uint64_t bytes
 
 // Note: what each pool holds at most, from the bounds the step keeps (first_order.cpp):
 // - window: the visits the device window holds, each with a streamed block's parameters;
-// - device gradients: the stem's (kept through backward), the part in backward and the
-//   kGradientsGoingDown before it still on their way down; their fp32 sums likewise, layer-major;
+// - device gradients: the stem's (kept through backward), the part in backward, the
+//   kReductionsInFlight before it being reduced across the ranks (several ranks only) and the
+//   kGradientsGoingDown before those still on their way down; their fp32 sums likewise,
+//   layer-major;
 // - parameter staging: every resident part the CPU updates keeps a host copy it writes into;
 // - NVMe staging: streamed blocks' parameters passing through (the window's, with their frozen
 //   ones, and those kept for an update the worker has not reached: kGradientsAhead + 1, which
 //   never includes frozen ones), gradients (or their sums) waiting
 //   for the worker (kGradientsAhead + 1), and the optimizer state of kPartsStaged parts.
 StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement& placement,
-                        const EngineConfig& config, const AddBundle& add, TierDemand* demand) {
+                        const EngineConfig& config, const Ranks& ranks, const AddBundle& add, TierDemand* demand) {
   const std::uint64_t e = torch::elementSize(scalar_type(config.precision));
   const auto& homes = placement.parts;
   auto cpu = [&](std::size_t p) { return !homes[p].updated_on_gpu(); };
@@ -83,7 +85,7 @@ StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement&
   const std::size_t window = window_capacity(config, placement);
   const bool layer_major = config.micro_batch_order == MicroBatchOrder::kLayerMajor;
   const PlacementRoles roles = placement_roles(config);
-  for (Part& part : parts) part.shard = shard_of(config, part.numel);
+  for (Part& part : parts) part.shard = shard_of(ranks, part.numel);
 
   // A visit brings a part's parameters and its frozen ones; only the former wait for an update.
   auto largest_visit = [&](auto counts) {
@@ -122,13 +124,15 @@ StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement&
   }
   const bool sends = std::any_of(homes.begin(), homes.end(), [](const PartPlacement& h) { return !h.updated_on_gpu(); });
 
+  const std::size_t reducing = ranks.world_size > 1 ? kReductionsInFlight : 0;
+  const std::size_t sending = kGradientsGoingDown + reducing + 1;
   StepPools pools;
   pools.window = reserve(store, Tier::kGpu, window * streamed, "blocks in flight", demand);
   if (sends) {
-    pools.device_gradients = reserve(store, Tier::kGpu, stem_grads + (kGradientsGoingDown + 1) * sent,
+    pools.device_gradients = reserve(store, Tier::kGpu, stem_grads + sending * sent,
                                      "gradients on their way down", demand);
     if (layer_major) {
-      pools.device_sums = reserve(store, Tier::kGpu, stem_sum + (kGradientsGoingDown + 1) * summed,
+      pools.device_sums = reserve(store, Tier::kGpu, stem_sum + sending * summed,
                                   "fp32 gradient sums on their way down", demand);
     }
   }
@@ -187,7 +191,7 @@ void lay_out_checkpoints(Store& store, const std::vector<Part>& parts, const Pla
 }
 
 TierDemand count_first_order(const std::vector<PartShape>& shapes, const EngineConfig& config,
-                             std::uint64_t checkpoint_bytes) {
+                             std::uint64_t checkpoint_bytes, const Ranks& ranks) {
   const Placement placement = resolve_placement(config, shapes.size());
   StoreOptions options = store_options(config);
   options.count_only = true;
@@ -195,7 +199,7 @@ TierDemand count_first_order(const std::vector<PartShape>& shapes, const EngineC
   Store store(options);
   std::vector<Part> parts = parts_of(shapes);
   TierDemand demand;
-  lay_out_parts(store, parts, placement, config, [&](const BundleSpec& spec, const char*) { return store.add(spec); },
+  lay_out_parts(store, parts, placement, config, ranks, [&](const BundleSpec& spec, const char*) { return store.add(spec); },
                 &demand);
   if (checkpoint_bytes > 0) {
     CheckpointLayout checkpoints;

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "engine/data_parallel.h"
 #include "engine/parts.h"
 #include "ferry/engine.h"
 #include "ferry/store.h"
@@ -23,6 +24,9 @@ constexpr std::size_t kGradientsAhead = 2;
 // One is enough while PCIe moves a part's gradients faster than the device computes the next
 // part's backward, and a gpt3-175b block's are 3.6 GB.
 constexpr std::size_t kGradientsGoingDown = 1;
+// Parts whose gradients are being reduced across the ranks while backward goes on: the next
+// part's backward overlaps each reduction. Their device gradients come on top of the others.
+constexpr std::size_t kReductionsInFlight = 1;
 // Swapped checkpoints on their way down while forward saves the next one.
 constexpr std::size_t kCheckpointsGoingDown = 1;
 // Parts whose optimizer state is staged on the host at once: the one being updated, the next
@@ -47,7 +51,7 @@ void record(TierDemand* demand, Tier tier, const char* role, std::uint64_t bytes
 // Reserves the step's pools on `store` (parts described, bundles not yet added) and adds every
 // part's bundles at home through `add` (the engine places them, or adopts a staged layout's).
 StepPools lay_out_parts(Store& store, std::vector<Part>& parts, const Placement& placement,
-                        const EngineConfig& config, const AddBundle& add, TierDemand* demand);
+                        const EngineConfig& config, const Ranks& ranks, const AddBundle& add, TierDemand* demand);
 
 // Activation checkpoints of `bytes` each (one block's input for one micro-batch): a bundle per
 // recomputed block and micro-batch of a step at its activations' tier, and the pools of their
@@ -63,8 +67,9 @@ void lay_out_checkpoints(Store& store, const std::vector<Part>& parts, const Pla
                          const EngineConfig& config, std::uint64_t bytes, CheckpointLayout& layout,
                          TierDemand* demand);
 
-// The set-up counted: TierDemand of `parts`, with checkpoints of `checkpoint_bytes` when not 0.
+// The set-up of `ranks`' rank counted: TierDemand of `parts`, with checkpoints of
+// `checkpoint_bytes` when not 0.
 TierDemand count_first_order(const std::vector<PartShape>& parts, const EngineConfig& config,
-                             std::uint64_t checkpoint_bytes);
+                             std::uint64_t checkpoint_bytes, const Ranks& ranks);
 
 }  // namespace ferry::detail

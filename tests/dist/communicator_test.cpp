@@ -123,3 +123,25 @@ TEST_CASE("reduce-scatter sums each rank's shard and all-gather fills every shar
   CHECK(torch::equal(gathered[0], expected));
   CHECK(torch::equal(gathered[1], expected));
 }
+
+TEST_CASE("reductions started together complete in any order of waiting, bf16 included") {
+  std::vector<torch::Tensor> first(2), second(2);
+  auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+    torch::Tensor a = torch::arange(6, torch::kFloat) + rank;
+    torch::Tensor b = (torch::arange(4, torch::kFloat) * (rank + 1)).to(torch::kBFloat16);
+    dist::Pending reducing_a = communicator->start_reduce_scatter_sum(a, 3);
+    dist::Pending reducing_b = communicator->start_reduce_scatter_sum(b, 2);
+    CHECK(reducing_a.pending());
+    reducing_b.wait();
+    reducing_a.wait();
+    reducing_a.wait();  // a second wait returns at once
+    CHECK_FALSE(reducing_a.pending());
+    first[static_cast<std::size_t>(rank)] = a.narrow(0, rank * 3, 3).clone();
+    second[static_cast<std::size_t>(rank)] = b.narrow(0, rank * 2, 2).to(torch::kFloat);
+  });
+  REQUIRE(errors == std::vector<std::string>{"", ""});
+  CHECK(torch::equal(first[0], torch::tensor({1.0f, 3.0f, 5.0f})));
+  CHECK(torch::equal(first[1], torch::tensor({7.0f, 9.0f, 11.0f})));
+  CHECK(torch::equal(second[0], torch::tensor({0.0f, 3.0f})));
+  CHECK(torch::equal(second[1], torch::tensor({6.0f, 9.0f})));
+}
