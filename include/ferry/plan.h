@@ -5,7 +5,8 @@
 // tiers with the engine's own sizing (engine_demand), adds the activations, checks the budgets
 // and, when they do not hold, names the smallest changes that would make the job fit. The step
 // time comes from replaying one step's schedule, block by block, on six resources: GPU compute,
-// PCIe up, PCIe down, NVMe read, NVMe write and the CPU optimizer. See docs/plan.md.
+// PCIe up, PCIe down, NVMe read, NVMe write, the CPU optimizer and, with several ranks, their
+// collectives. See docs/plan.md.
 //
 //   ferry::PlanRequest request;
 //   request.model = ferry::models::preset("gpt3-175b");
@@ -68,6 +69,10 @@ struct Hardware {
   // bounds its kernels, more than their memory traffic. 0: unknown (memory traffic only).
   double zo_normals_per_s = 0;
   std::uint64_t host_memory_bytes = 0;
+  // The collectives between data-parallel ranks: a reduce-scatter's or all-gather's bus bandwidth
+  // (NCCL's "busbw", GB/s: a buffer of B bytes over N ranks takes B (N - 1) / N / busbw). Not
+  // calibrated by one machine alone; 0: unknown.
+  double link_gbps = 0;
 
   double matmul_tflops(Precision precision) const;
   // The aggregate over `directories`, striped: the sum of their figures. A directory without a
@@ -164,12 +169,19 @@ struct PlanRequest {
   std::int64_t max_batch = 0;
   std::optional<MeasuredCompute> measured;
   Hardware hardware;
+  // Data-parallel ranks on one host (torchrun's --nproc-per-node, one device each), each with
+  // the budgets above (a host budget of 0: the host's memory shared evenly) and the hardware's
+  // figures: the plan is one rank's, whose ZeRO-2 shards of the fp32 master
+  // and optimizer states are 1/world_size of the model's, and its step includes the gradients'
+  // reduce-scatter and the parameters' all-gather (Hardware::link_gbps; without it they are
+  // not timed, and the report says so). tokens_per_s and the TFLOPS are one rank's too.
+  int world_size = 1;
 };
 
 // --- the plan ---------------------------------------------------------------------------------
 
-enum class Resource { kCompute, kPcieUp, kPcieDown, kNvmeRead, kNvmeWrite, kCpuOptimizer };
-constexpr int kResourceCount = 6;
+enum class Resource { kCompute, kPcieUp, kPcieDown, kNvmeRead, kNvmeWrite, kCpuOptimizer, kCollectives };
+constexpr int kResourceCount = 7;
 const char* to_string(Resource resource);
 
 struct PlanItem {
@@ -209,8 +221,8 @@ struct Plan {
   double tokens_per_s = 0;
   double model_tflops = 0;     // useful FLOPs / step time (6 N T first-order, 4 N T per zo sample)
   double hardware_tflops = 0;  // FLOPs executed (recomputation and attention included) / step time
-  double busy_seconds[kResourceCount] = {0, 0, 0, 0, 0, 0};
-  std::uint64_t moved_bytes[kResourceCount] = {0, 0, 0, 0, 0, 0};  // per step; compute: 0
+  double busy_seconds[kResourceCount] = {};
+  std::uint64_t moved_bytes[kResourceCount] = {};  // per step; compute: 0
   Resource bottleneck = Resource::kCompute;  // the resource busy longest
   std::vector<PlanSpan> spans;
 };

@@ -844,7 +844,7 @@ void bind_plan(py::module_& module) {
       "plan",
       [](const std::string& model, const std::string& mode, std::int64_t batch, std::int64_t seq,
          const std::string& hardware, const std::string& calibration, const std::string& attention,
-         const std::string& settings_json, const std::string& trace_path) {
+         const std::string& settings_json, const std::string& trace_path, int world_size, double link_gbps) {
         PlanRequest request;
         request.model_name = model;
         if (!model.empty() && model.front() == '{') {  // a model's config.json, as text
@@ -893,6 +893,8 @@ void bind_plan(py::module_& module) {
           quick.quick = true;
           request.hardware = calibrate(quick);
         }
+        if (link_gbps > 0) request.hardware.link_gbps = link_gbps;
+        request.world_size = world_size;
         // "auto" precision is the target's, as `ferry plan` has it: bf16 when it has a GPU.
         if (nlohmann::json::parse(settings_json).value("precision", "") == "auto") {
           request.engine.precision = preferred_precision(request.hardware);
@@ -904,6 +906,7 @@ void bind_plan(py::module_& module) {
       },
       py::arg("model"), py::arg("mode"), py::arg("batch"), py::arg("seq"), py::arg("hardware"),
       py::arg("calibration"), py::arg("attention"), py::arg("settings_json"), py::arg("trace_path"),
+      py::arg("world_size"), py::arg("link_gbps"),
       "The planner's dry run (include/ferry/plan.h): (the plan as JSON, the table ferry plan prints).");
   module.def(
       "calibrate",

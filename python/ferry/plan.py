@@ -67,7 +67,8 @@ class Plan:
 def plan(model: Union[str, os.PathLike], mode: str = "zero-offload", *, batch: int = 8,
          seq: int = 1024, hardware: Optional[str] = None,
          calibration: Optional[Union[str, os.PathLike]] = None, attention: Optional[str] = None,
-         trace: Optional[Union[str, os.PathLike]] = None, **settings: Any) -> Plan:
+         trace: Optional[Union[str, os.PathLike]] = None, gpus: int = 1,
+         link_gbps: Optional[float] = None, **settings: Any) -> Plan:
     """Plans a job as ``ferry plan`` does: the same sizing code the engine allocates with.
 
     ``model`` is a preset name, a Hugging Face directory or a model's config.json as text;
@@ -79,13 +80,17 @@ def plan(model: Union[str, os.PathLike], mode: str = "zero-offload", *, batch: i
     Settings left out take a real job's defaults, as ``ferry plan`` has them (batch 8, clipping
     1.0, the optimizer family's lr, ...); precision ``"auto"``, the default, is the target's:
     bf16 when the hardware has a GPU. ``trace`` writes the predicted step as a Chrome trace.
+    ``gpus`` plans one rank of a data-parallel job of that many (``ferry plan --gpus``): its
+    1/N shard of the fp32 master and optimizer states, and its step with the collectives, timed
+    at ``link_gbps`` (the GPUs' reduce-scatter bus bandwidth, GB/s; untimed without it).
     Raises :class:`ferry.Error` for a request the engine would reject.
     """
     settings = with_job_defaults({"precision": "auto", "mode": mode, **settings}, {})
     json_text, table = _C.plan(os.fspath(model), mode, int(batch), int(seq), hardware or "",
                                os.fspath(calibration) if calibration is not None else "",
                                attention or "", json.dumps(settings),
-                               os.fspath(trace) if trace is not None else "")
+                               os.fspath(trace) if trace is not None else "", int(gpus),
+                               float(link_gbps or 0))
     return Plan(json_text, table)
 
 

@@ -7,6 +7,7 @@
 
 #include "cli/job_file.h"
 #include "ferry/check.h"
+#include "ferry/dist.h"
 #include "ferry/fs.h"
 #include "ferry/job.h"
 #include "ferry/system.h"
@@ -243,6 +244,7 @@ PlanRequest plan_request(const Json& job, const EngineConfig& config, const mode
   request.choose_micro_batch_order = fuyou && job["micro_batch_order"] == "auto";
   request.measured = std::move(measured);
   request.hardware = std::move(hardware);
+  request.world_size = config.communicator ? config.communicator->world_size() : 1;
   return request;
 }
 

@@ -36,6 +36,7 @@ Hardware resolve_hardware(const cxxopts::ParseResult& args, const std::vector<st
   override_figure("pcie-h2d-gbps", &hw.pcie_h2d_gbps);
   override_figure("pcie-d2h-gbps", &hw.pcie_d2h_gbps);
   override_figure("cpu-adam-params-per-s", &hw.cpu_adam_params_per_s);
+  override_figure("link-gbps", &hw.link_gbps);
   if (args.count("gpu-memory")) hw.gpu_memory_bytes = parse_bytes(args["gpu-memory"].as<std::string>());
   if (args.count("host-memory")) hw.host_memory_bytes = parse_bytes(args["host-memory"].as<std::string>());
   // Aggregate NVMe figures are shared evenly by the directories they are given for.
@@ -58,6 +59,9 @@ int run_plan(int argc, char** argv) {
                                     "the same defaults, and gives the verdict finetune's check gives.");
   add_job_options(options);
   options.add_options("Plan")
+      ("gpus", "data-parallel ranks, one GPU each (torchrun's world size): the plan is one rank's, its fp32 master "
+       "and optimizer states a 1/N shard, its step with the collectives (needs --link-gbps)",
+       cxxopts::value<std::string>()->default_value("1"))
       ("max-batch", "choose the micro-batch: the fastest power of two up to this that fits, in sequences (0: --batch)",
        cxxopts::value<std::string>()->default_value("0"))
       ("attention", "the attention kernel to plan: fused or materialized (default: fused for a GPU target, else what "
@@ -78,6 +82,8 @@ int run_plan(int argc, char** argv) {
       ("nvme-read-gbps", "NVMe reads over all directories, GB/s", cxxopts::value<std::string>())
       ("nvme-write-gbps", "NVMe writes over all directories, GB/s", cxxopts::value<std::string>())
       ("cpu-adam-params-per-s", "CPU AdamW, parameters per second", cxxopts::value<std::string>())
+      ("link-gbps", "the ranks' collectives: reduce-scatter bus bandwidth between their GPUs (nccl-tests' busbw), GB/s",
+       cxxopts::value<std::string>())
       ("host-memory", "host memory, bytes or a size such as 512GiB", cxxopts::value<std::string>());
   options.allow_unrecognised_options();
   auto args = options.parse(argc, argv);
@@ -92,6 +98,11 @@ int run_plan(int argc, char** argv) {
   Hardware hardware = resolve_hardware(args, config.nvme_directories);
   PlanRequest request = plan_request(job, config, shape, std::nullopt, std::move(hardware));
   request.max_batch = parse_integer(args["max-batch"].as<std::string>(), "--max-batch", 0, 1 << 20);
+  request.world_size = static_cast<int>(parse_integer(args["gpus"].as<std::string>(), "--gpus", 1, 1 << 16));
+  FERRY_CHECK(request.world_size == 1 || request.engine.mode == Mode::kZo2 || request.hardware.link_gbps > 0,
+              "--gpus ", request.world_size, " plans the ranks' collectives, but the hardware figures ('",
+              request.hardware.name, "') have no link bandwidth: give --link-gbps (the bus bandwidth nccl-tests' ",
+              "reduce_scatter_perf reports between the GPUs) or link_gbps in the hardware file");
   // Note: a GPU target runs a CUDA build of ferry, which is LibTorch 2's (docs/gpu-machine.md), so
   // it has SDPA's fused kernels even when this build, planning for it, has not. "auto" precision
   // is the target's: bf16 on a GPU.

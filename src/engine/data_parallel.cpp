@@ -19,11 +19,12 @@ void sum_across_ranks(const EngineConfig& config, torch::Tensor& tensor) {
   if (world_size(config) > 1) config.communicator->all_reduce_sum(tensor);
 }
 
-Shard shard_of(const EngineConfig& config, std::int64_t numel) {
-  const std::int64_t ranks = world_size(config);
+Ranks ranks_of(const EngineConfig& config) { return {rank(config), world_size(config)}; }
+
+Shard shard_of(const Ranks& ranks, std::int64_t numel) {
   Shard shard;
-  shard.padded = (numel + ranks - 1) / ranks;
-  shard.begin = std::min(numel, rank(config) * shard.padded);
+  shard.padded = (numel + ranks.world_size - 1) / ranks.world_size;
+  shard.begin = std::min(numel, ranks.rank * shard.padded);
   shard.numel = std::min(shard.padded, numel - shard.begin);
   return shard;
 }

@@ -16,6 +16,14 @@ namespace ferry::detail {
 int world_size(const EngineConfig& config);
 int rank(const EngineConfig& config);
 
+// One rank of a world: the one whose share a set-up lays out (the engine's own), or sizes (the
+// planner's rank 0 of a planned world, whose shards are the largest).
+struct Ranks {
+  int rank = 0;
+  int world_size = 1;
+};
+Ranks ranks_of(const EngineConfig& config);
+
 // Sums `tensor` over the ranks in place; every rank ends with the same bits.
 void sum_across_ranks(const EngineConfig& config, torch::Tensor& tensor);
 
@@ -27,7 +35,7 @@ struct Shard {
   std::int64_t numel = 0;
   std::int64_t padded = 0;
 };
-Shard shard_of(const EngineConfig& config, std::int64_t numel);
+Shard shard_of(const Ranks& ranks, std::int64_t numel);
 
 // Every rank must issue the same collectives in the same order: throws ferry::Error on every
 // rank, naming each rank whose mode, micro-batches, their order, zo2 samples or model size differ

@@ -360,6 +360,11 @@ TierDemand zo_demand(const std::vector<PartShape>& parts, const EngineConfig& co
 
 TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig& config,
                          std::uint64_t checkpoint_bytes) {
+  return detail::rank_demand(parts, config, checkpoint_bytes, detail::ranks_of(config));
+}
+
+TierDemand detail::rank_demand(const std::vector<PartShape>& parts, const EngineConfig& config,
+                               std::uint64_t checkpoint_bytes, const Ranks& ranks) {
   detail::validate(config);
   FERRY_CHECK(parts.size() >= 2, "a model needs a stem and a head; got ", parts.size(), " parts");
   if (config.mode == Mode::kZo2) {
@@ -367,7 +372,7 @@ TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig
     resolved.zo.gpu_blocks = zo_gpu_blocks(parts, config);
     return zo_demand(parts, resolved);
   }
-  return detail::count_first_order(parts, config, checkpoint_bytes);
+  return detail::count_first_order(parts, config, checkpoint_bytes, ranks);
 }
 
 std::int64_t zo_gpu_blocks(const std::vector<PartShape>& parts, const EngineConfig& config) {

@@ -3,6 +3,7 @@
 // What the engine's modes share about their configuration: validation, budgets, and where each
 // part keeps what.
 
+#include "engine/data_parallel.h"
 #include "ferry/engine.h"
 
 namespace ferry::detail {
@@ -12,6 +13,11 @@ void validate(const EngineConfig& config);
 
 // The store's share of the gpu budget: the budget less what is left for activations (0: none).
 std::uint64_t store_gpu_budget(const EngineConfig& config);
+
+// engine_demand for one rank of `ranks.world_size`: engine_demand's is the communicator's world,
+// the planner's rank 0 of a planned one (ZeRO-2's shards are largest there).
+TierDemand rank_demand(const std::vector<PartShape>& parts, const EngineConfig& config,
+                       std::uint64_t checkpoint_bytes, const Ranks& ranks);
 
 // Throws BudgetExceeded naming the tier, what it would hold and the shortfall.
 void check_budgets(const TierDemand& needed, const EngineConfig& config);

@@ -153,6 +153,7 @@ std::string Hardware::to_json() const {
   out["cpu_adam_params_per_s"] = cpu_adam_params_per_s;
   out["zo_normals_per_s"] = zo_normals_per_s;
   out["host_memory_bytes"] = host_memory_bytes;
+  out["link_gbps"] = link_gbps;
   return out.dump(2) + "\n";
 }
 
@@ -178,6 +179,8 @@ Hardware Hardware::from_json(const std::string& text, const std::string& file) {
   // Optional: files calibrated before zo2's kernels were timed lack it.
   if (root.contains("zo_normals_per_s")) hw.zo_normals_per_s = number(root, "zo_normals_per_s", file);
   hw.host_memory_bytes = static_cast<std::uint64_t>(number(root, "host_memory_bytes", file));
+  // Optional: one machine's calibration does not measure it.
+  if (root.contains("link_gbps")) hw.link_gbps = number(root, "link_gbps", file);
   if (root.contains("nvme_shared")) {
     FERRY_CHECK(root.at("nvme_shared").is_boolean(), file,
                 ": field nvme_shared must be true or false, got ", root.at("nvme_shared").dump());

@@ -93,7 +93,10 @@ std::uint64_t tier_limit(const PlanRequest& request, Tier tier) {
     case Tier::kGpu:
       return config.gpu_budget_bytes ? config.gpu_budget_bytes : request.hardware.gpu_memory_bytes;
     case Tier::kHost:
-      return config.host_budget_bytes ? config.host_budget_bytes : request.hardware.host_memory_bytes;
+      // The ranks of a data-parallel job share one host's memory (one host: `--gpus N` is torchrun's
+      // --nproc-per-node).
+      return config.host_budget_bytes ? config.host_budget_bytes
+                                      : request.hardware.host_memory_bytes / static_cast<std::uint64_t>(request.world_size);
     case Tier::kNvme:
       return config.nvme_budget_bytes;
   }
@@ -120,7 +123,8 @@ Sizing size_tiers(const PlanRequest& request, const EngineConfig& config) {
   sizing.block = block_costs(model, shape);
   sizing.head = head_costs(model, shape);
   if (!zo2) sizing.placement = resolve_placement(config, static_cast<std::size_t>(model.num_layers) + 2);
-  const TierDemand demand = engine_demand(part_shapes(model), config, zo2 ? 0 : sizing.block.checkpoint_bytes);
+  const TierDemand demand = rank_demand(part_shapes(model), config, zo2 ? 0 : sizing.block.checkpoint_bytes,
+                                        Ranks{0, request.world_size});
   for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
     for (const TierDemand::Item& item : demand.items[static_cast<int>(tier)]) {
       add(&sizing, tier, item.role, item.bytes);

@@ -379,6 +379,9 @@ void check_hardware(const PlanRequest& request) {
     need(hw.nvme_read_gbps(config.nvme_directories), "NVMe read bandwidth", "nvme-read-gbps");
     need(hw.nvme_write_gbps(config.nvme_directories), "NVMe write bandwidth", "nvme-write-gbps");
   }
+  FERRY_CHECK(request.world_size >= 1, "world_size = ", request.world_size, " is invalid: at least 1 rank");
+  FERRY_CHECK(hw.link_gbps >= 0 && std::isfinite(hw.link_gbps), "link_gbps = ", hw.link_gbps,
+              " is invalid: a bandwidth in GB/s, or 0 when unknown");
 }
 
 std::optional<Candidate> try_plan(const PlanRequest& request) {
@@ -431,7 +434,8 @@ std::vector<std::string> find_fixes(const PlanRequest& request, const Candidate&
     const std::uint64_t limit = detail::tier_limit(request, tier);
     if (limit == 0 || needed <= limit) continue;
     const std::uint64_t physical = tier == Tier::kGpu    ? request.hardware.gpu_memory_bytes
-                                   : tier == Tier::kHost ? request.hardware.host_memory_bytes
+                                   : tier == Tier::kHost ? request.hardware.host_memory_bytes /
+                                                                               static_cast<std::uint64_t>(request.world_size)
                                                          : 0;
     if (physical > 0 && needed > physical) continue;
     const std::string size = flag_size(needed);

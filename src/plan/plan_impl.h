@@ -45,8 +45,8 @@ Sizing size_tiers(const PlanRequest& request, const EngineConfig& config);
 struct StepPrediction {
   double step_seconds = 0;
   double executed_flops = 0;  // recomputation and attention included
-  double busy_seconds[kResourceCount] = {0, 0, 0, 0, 0, 0};
-  std::uint64_t moved_bytes[kResourceCount] = {0, 0, 0, 0, 0, 0};
+  double busy_seconds[kResourceCount] = {};
+  std::uint64_t moved_bytes[kResourceCount] = {};
   std::vector<PlanSpan> spans;
 };
 

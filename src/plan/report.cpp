@@ -85,6 +85,7 @@ const char* to_string(Resource resource) {
     case Resource::kNvmeRead: return "NVMe read";
     case Resource::kNvmeWrite: return "NVMe write";
     case Resource::kCpuOptimizer: return "CPU optimizer";
+    case Resource::kCollectives: return "collectives";
   }
   return "?";
 }
@@ -100,7 +101,16 @@ std::string format_plan(const Plan& plan) {
       to_string(request.engine.precision), static_cast<long long>(request.batch),
       static_cast<long long>(request.seq), static_cast<long long>(request.engine.grad_accumulation),
       static_cast<long long>(tokens), to_string(request.attention));
-  out += "hardware: " + request.hardware.name + (request.hardware.gpu_is_host ? " (no GPU: the GPU tier is host memory)" : "") + "\n\n";
+  out += "hardware: " + request.hardware.name + (request.hardware.gpu_is_host ? " (no GPU: the GPU tier is host memory)" : "") + "\n";
+  if (request.world_size > 1) {
+    out += printf_string("ranks: %d data-parallel, one device each; bytes, budgets and step are one rank's (rank 0: "
+                         "ZeRO-2 shards of the fp32 master and optimizer states, 1/%d each)%s\n",
+                         request.world_size, request.world_size,
+                         request.hardware.link_gbps > 0 || request.engine.mode == Mode::kZo2
+                             ? ""
+                             : "; collectives not timed: no link bandwidth (--link-gbps)");
+  }
+  out += "\n";
   out += printf_string("%-5s %-36s %12s\n", "tier", "role", "bytes");
   for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
     const int t = static_cast<int>(tier);
@@ -140,8 +150,13 @@ std::string format_plan(const Plan& plan) {
     out += printf_string("compute: measured at batch %lld x seq %lld, scaled by tokens\n",
                          static_cast<long long>(request.measured->batch), static_cast<long long>(request.measured->seq));
   }
-  out += printf_string("\nstep %.3f s, %.0f tokens/s, %.1f model TFLOPS (%.1f executed, recomputation included)\n",
-                       plan.step_seconds, plan.tokens_per_s, plan.model_tflops, plan.hardware_tflops);
+  out += printf_string("\nstep %.3f s, %.0f tokens/s, %.1f model TFLOPS (%.1f executed, recomputation included)%s\n",
+                       plan.step_seconds, plan.tokens_per_s, plan.model_tflops, plan.hardware_tflops,
+                       request.world_size > 1 ? " per rank" : "");
+  if (request.world_size > 1) {
+    out += printf_string("the job: %.0f tokens/s over %d ranks\n", plan.tokens_per_s * request.world_size,
+                         request.world_size);
+  }
   out += printf_string("%-14s %9s %7s %12s\n", "resource", "busy s", "of step", "moved");
   for (int r = 0; r < kResourceCount; ++r) {
     if (plan.busy_seconds[r] == 0) continue;
@@ -195,6 +210,7 @@ std::string plan_to_json(const Plan& plan) {
   out["graph_bytes"] = plan.graph_bytes;
   out["host_blocks"] = plan.host_blocks;
   out["measured_compute"] = request.measured.has_value();
+  out["world_size"] = request.world_size;
   out["step_seconds"] = plan.step_seconds;
   out["tokens_per_s"] = plan.tokens_per_s;
   out["model_tflops"] = plan.model_tflops;

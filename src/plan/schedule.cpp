@@ -1,4 +1,4 @@
-// One step replayed on six resources. A task starts once its inputs are ready, in the first gap
+// One step replayed on six resources (seven with several ranks: their collectives). A task starts once its inputs are ready, in the first gap
 // of its resource that holds it: transfers and updates are issued ahead with many in flight, so
 // a task that waits for its inputs does not hold back one queued after it that is ready. The step
 // ends with its last task; the bottleneck is the resource busy longest.
@@ -71,7 +71,8 @@ class StepBuilder {
   StepBuilder(const PlanRequest& request, const Sizing& sizing)
       : request_(request), sizing_(sizing), config_(sizing.config), hw_(request.hardware),
         timeline_(&out_, request.hardware.nvme_shared), parts_(part_shapes(request.model)),
-        e_(compute_element_size(config_.precision)), tflops_(hw_.matmul_tflops(config_.precision)) {
+        e_(compute_element_size(config_.precision)), tflops_(hw_.matmul_tflops(config_.precision)),
+        ranks_{0, request.world_size} {
     // What a visit of a part brings to the device, as the engine's store moves it: its trained
     // parameters and its frozen ones, in their storage (an fp8 base at about a byte an element).
     for (const Part& part : parts_of(parts_)) visit_bytes_.push_back(visit_bytes(part, config_));
@@ -118,6 +119,10 @@ class StepBuilder {
  private:
   std::size_t blocks() const { return parts_.size() - 2; }
   std::uint64_t numel(std::size_t part) const { return static_cast<std::uint64_t>(parts_[part].numel); }
+  // This rank's ZeRO-2 shard of a part: what its master and optimizer states hold and its update reads.
+  std::uint64_t shard(std::size_t part) const {
+    return static_cast<std::uint64_t>(shard_of(ranks_, parts_[part].numel).numel);
+  }
   const BlockActivations& activations(std::size_t block) const { return config_.placement.activations[block]; }
   std::uint64_t activation_bytes(std::size_t block) const {
     return activations(block).recompute ? sizing_.block.checkpoint_bytes : sizing_.block.graph_bytes;
@@ -131,6 +136,7 @@ class StepBuilder {
       case Resource::kNvmeRead: return b / (hw_.nvme_read_gbps(config_.nvme_directories) * 1e9);
       case Resource::kNvmeWrite: return b / (hw_.nvme_write_gbps(config_.nvme_directories) * 1e9);
       case Resource::kCompute: return b / (hw_.gpu_memory_gbps * 1e9);
+      case Resource::kCollectives: return b / (hw_.link_gbps * 1e9);
       case Resource::kCpuOptimizer: break;
     }
     FERRY_ASSERT(false, "no byte rate for ", to_string(resource));
@@ -201,13 +207,32 @@ class StepBuilder {
                    "forward and backward head");
   }
 
+  double cpu_update_seconds(std::size_t part) const {
+    return static_cast<double>(shard(part)) / hw_.cpu_adam_params_per_s;
+  }
   double cpu_update(double ready, std::size_t part) {
-    return timeline_.run(Resource::kCpuOptimizer, ready,
-                         static_cast<double>(numel(part)) / hw_.cpu_adam_params_per_s,
-                         "optimizer " + parts_[part].name);
+    return timeline_.run(Resource::kCpuOptimizer, ready, cpu_update_seconds(part), "optimizer " + parts_[part].name);
   }
 
-  std::uint64_t optimizer_bytes(std::size_t part) const { return (master_ + states_) * 4 * numel(part); }
+  // Note: the engine's collectives (first_order.cpp, docs/distributed.md): a part's gradients
+  // (`element` bytes each) are reduce-scattered when its backward ends, and its parameters
+  // all-gathered after its update; each moves (N - 1) / N of the buffer at the link's bus
+  // bandwidth. Gloo, without reduce-scatter, all-reduces the gradients: twice the traffic.
+  double reduce_gradients(double ready, std::size_t part, std::uint64_t element) {
+    if (!times_collectives()) return ready;
+    const std::uint64_t factor = hw_.gpu_is_host ? 2 : 1;
+    return move(Resource::kCollectives, ready, factor * collective_bytes(part, element),
+                "reduce-scatter " + parts_[part].name + " gradients");
+  }
+  double gather_parameters(double ready, std::size_t part) {
+    if (!times_collectives()) return ready;
+    return move(Resource::kCollectives, ready, collective_bytes(part, e_), "all-gather " + parts_[part].name);
+  }
+  bool times_collectives() const { return ranks_.world_size > 1 && hw_.link_gbps > 0; }
+  std::uint64_t collective_bytes(std::size_t part, std::uint64_t element) const {
+    const auto ranks = static_cast<std::uint64_t>(ranks_.world_size);
+    return numel(part) * element * (ranks - 1) / ranks;
+  }
 
   // Note: the micro-batch order. Batch-major makes M passes over the model, one micro-batch
   // each, and sends each part's compute-dtype gradients down every pass. Layer-major makes one
@@ -321,12 +346,13 @@ class StepBuilder {
       const PartPlacement& home = homes[part];
       std::uint64_t per = master_ && nvme(home.master) ? 4 : 0;
       for (std::uint64_t k = 0; k < states_; ++k) per += nvme(home.states[k]) ? 4 : 0;
-      return per * numel(part);
+      return per * shard(part);
     };
     std::vector<double> forward_end(count, 0), backward_end(count, 0);
     std::vector<std::vector<double>> activation_home(count, std::vector<double>(order.per_pass, 0));
     std::vector<double> gradients_at_home(parts_.size(), 0), states_read(parts_.size(), 0);
     double c = 0;
+    double reduced = 0;  // the last reduction of a part's gradients
     auto fetch_block = [&](std::size_t block, double ready) {
       const std::size_t part = block + 1;
       if (!homes[part].streamed()) return params_ready_[part];
@@ -352,8 +378,9 @@ class StepBuilder {
       return std::nullopt;
     };
     auto optimize = [&](std::size_t part, double ready) {
-      const double updated = cpu_update(std::max(ready, states_read[part]), part);
-      const double started = updated - static_cast<double>(numel(part)) / hw_.cpu_adam_params_per_s;
+      const double optimized = cpu_update(std::max(ready, states_read[part]), part);
+      const double started = optimized - cpu_update_seconds(part);
+      const double updated = gather_parameters(optimized, part);
       if (auto next = next_cpu_part(part)) read_states(*next, started);
       const std::uint64_t written = nvme_state_bytes(part) + (nvme(homes[part].params) ? numel(part) * e_ : 0);
       states_ready_[part] = written == 0 ? updated
@@ -367,6 +394,8 @@ class StepBuilder {
     for (std::size_t pass = 0; pass < order.passes; ++pass) {
       const bool update_now = pass + 1 == order.passes && !deferred_;
       auto finished = [&](std::size_t part, double at) {
+        at = reduce_gradients(at, part, order.gradient_size);
+        reduced = std::max(reduced, at);
         if (!cpu(part)) return;
         double down = move(Resource::kPcieDown, at, numel(part) * order.gradient_size,
                            parts_[part].name + " gradients down");
@@ -439,9 +468,13 @@ class StepBuilder {
     // states and reading the gradients.
     std::uint64_t device_bytes = 0;
     for (std::size_t part = 0; part < parts_.size(); ++part) {
-      if (!cpu(part)) device_bytes += numel(part) * (3 * e_ + 2 * 4 * (master_ + states_));
+      if (!cpu(part)) device_bytes += shard(part) * (3 * e_ + 2 * 4 * (master_ + states_));
     }
-    if (device_bytes > 0) compute(c, seconds(Resource::kCompute, device_bytes), 0, "optimizer (device)");
+    if (device_bytes == 0) return;
+    const double updated = compute(std::max(c, reduced), seconds(Resource::kCompute, device_bytes), 0, "optimizer (device)");
+    for (std::size_t part = 0; part < parts_.size(); ++part) {
+      if (!cpu(part)) params_ready_[part] = std::max(params_ready_[part], gather_parameters(updated, part));
+    }
   }
 
   const PlanRequest& request_;
@@ -454,6 +487,7 @@ class StepBuilder {
   std::vector<std::uint64_t> visit_bytes_;  // per part
   const std::uint64_t e_;
   const double tflops_;
+  const Ranks ranks_;
   std::uint64_t states_ = 0;
   std::uint64_t master_ = 0;
   bool deferred_ = false;

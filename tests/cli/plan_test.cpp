@@ -66,4 +66,17 @@ TEST_CASE("plan reads the job's flags and file strictly, as finetune does") {
 }
 
 }  // namespace
+TEST_CASE("plan --gpus N plans one rank of a data-parallel job, and needs the link's bandwidth for it") {
+  const testing::FerryRun ranks = run_ferry("plan --hardware h100 --mode zero-offload --gpus 4 --link-gbps 150");
+  INFO(ranks.output);
+  CHECK(ranks.exit_code == 0);
+  CHECK_THAT(ranks.output, Contains("ranks: 4 data-parallel") && Contains("collectives") && Contains("over 4 ranks"));
+  const testing::FerryRun no_link = run_ferry("plan --hardware h100 --mode zero-offload --gpus 4");
+  CHECK(no_link.exit_code != 0);
+  CHECK_THAT(no_link.output, Contains("--gpus 4") && Contains("--link-gbps"));
+  const testing::FerryRun none = run_ferry("plan --hardware h100 --gpus 0 --link-gbps 150");
+  CHECK(none.exit_code != 0);
+  CHECK_THAT(none.output, Contains("--gpus"));
+}
+
 }  // namespace ferry::cli

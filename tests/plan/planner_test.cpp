@@ -437,3 +437,42 @@ TEST_CASE("planner: zo2 uploads only streamed blocks, writes them home on their 
   const Plan traffic_only = plan(0, 4);
   CHECK(traffic_only.busy_seconds[compute] < every_fourth.busy_seconds[compute]);
 }
+
+TEST_CASE("planner: a rank of a data-parallel job holds a 1/N shard of the states and pays for the collectives") {
+  PlanRequest request = fuyou_request(8);
+  request.engine.mode = Mode::kZeroOffload;
+  request.engine.nvme_directories.clear();
+  request.engine.gpu_budget_bytes = 0;
+  request.engine.host_budget_bytes = 0;
+  request.hardware.link_gbps = 100;
+  const Plan one = make_plan(request);
+  request.world_size = 4;
+  const Plan four = make_plan(request);
+  auto role_bytes = [](const Plan& plan, Tier tier, const std::string& role) {
+    std::uint64_t bytes = 0;
+    for (const PlanItem& item : plan.items) bytes += item.tier == tier && item.role == role ? item.bytes : 0;
+    return static_cast<double>(bytes);
+  };
+  // Shards are padded to the rank count and stored whole pages: a quarter within a page per part.
+  for (const std::string& role : {"fp32 master", "optimizer states"}) {
+    INFO(role);
+    CHECK(role_bytes(one, Tier::kHost, role) > 0);
+    CHECK(role_bytes(four, Tier::kHost, role) == Approx(role_bytes(one, Tier::kHost, role) / 4).epsilon(0.01));
+  }
+  const int optimizer = static_cast<int>(Resource::kCpuOptimizer);
+  CHECK(four.busy_seconds[optimizer] == Approx(one.busy_seconds[optimizer] / 4).epsilon(0.01));
+  // Each part's bf16 gradients reduce-scattered and its parameters all-gathered: 3/4 of each buffer.
+  const int collectives = static_cast<int>(Resource::kCollectives);
+  const double expected = 2.0 * 2 * static_cast<double>(request.model.parameter_count()) * 3 / 4;
+  CHECK(one.moved_bytes[collectives] == 0);
+  CHECK(static_cast<double>(four.moved_bytes[collectives]) == Approx(expected).epsilon(1e-6));
+  CHECK(four.busy_seconds[collectives] == Approx(expected / 100e9).epsilon(1e-6));
+  CHECK_THAT(format_plan(four), Contains("ranks: 4") && Contains("over 4 ranks"));
+
+  request.hardware.link_gbps = 0;
+  const Plan untimed = make_plan(request);
+  CHECK(untimed.moved_bytes[collectives] == 0);
+  CHECK_THAT(format_plan(untimed), Contains("collectives not timed"));
+  request.world_size = 0;
+  CHECK_THROWS_WITH(make_plan(request), Contains("world_size = 0"));
+}

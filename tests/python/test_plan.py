@@ -20,6 +20,16 @@ def test_plan_reports_tiers_time_and_bottleneck():
     assert "llama-1.3b" in repr(plan)
 
 
+def test_plan_of_one_rank_among_several():
+    one = ferry.plan("llama-1.3b", "zero-offload", hardware="h100", precision="bf16")
+    four = ferry.plan("llama-1.3b", "zero-offload", hardware="h100", precision="bf16", gpus=4,
+                      link_gbps=150)
+    assert four.data["world_size"] == 4
+    assert four.tier_bytes("host") < one.tier_bytes("host") / 2
+    assert four.data["resources"]["collectives"]["moved_bytes"] > 0
+    assert "ranks: 4" in str(four)
+
+
 def test_plan_that_does_not_fit_names_a_fix(tmp_path):
     plan = ferry.plan("llama-6.7b", "gpu", batch=4, seq=1024, hardware="h100", precision="bf16",
                       gpu_budget="16GiB", trace=tmp_path / "step.json")
