@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 
 #include "ferry/check.h"
 #include "ferry/model.h"
@@ -408,11 +409,58 @@ class LlamaHead final : public Head {
   torch::Tensor lm_head_;
 };
 
+// A model's random draws: one generator for its tensors in order, and for each tensor of more
+// than kChunkedDraws elements chunks drawn side by side.
+//
+// Note: CPU generators draw on one thread; a 70B-shaped model's tens of billions of values took
+// minutes so. A large tensor's chunk c draws from its own generator, seeded from the model's seed,
+// the tensor's place among the large ones and c: as deterministic, whatever the thread count.
+// Tensors up to kChunkedDraws (every tiny test model's) draw from the one generator as before.
+class Draws {
+ public:
+  static constexpr std::int64_t kChunkedDraws = std::int64_t{1} << 22;
+
+  Draws(std::uint64_t seed, std::uint64_t stream)
+      : generator_(at::detail::createCPUGenerator(seed ^ stream)), seed_(seed ^ stream) {}
+
+  template <typename Draw>
+  void fill(torch::Tensor& values, Draw draw) {
+    const std::int64_t numel = values.numel();
+    if (numel <= kChunkedDraws) return draw(values, generator_);
+    const std::uint64_t tensor = large_tensors_++;
+    torch::Tensor flat = values.view({-1});
+    const std::int64_t chunks = (numel + kChunkedDraws - 1) / kChunkedDraws;
+    at::parallel_for(0, chunks, 1, [&](std::int64_t begin, std::int64_t end) {
+      for (std::int64_t c = begin; c < end; ++c) {
+        at::Generator own = at::detail::createCPUGenerator(mix(seed_, tensor, static_cast<std::uint64_t>(c)));
+        torch::Tensor chunk = flat.narrow(0, c * kChunkedDraws, std::min(kChunkedDraws, numel - c * kChunkedDraws));
+        draw(chunk, own);
+      }
+    });
+  }
+
+ private:
+  // splitmix64's finaliser over the three.
+  static std::uint64_t mix(std::uint64_t seed, std::uint64_t tensor, std::uint64_t chunk) {
+    std::uint64_t z = seed + 0x9E3779B97F4A7C15ull * (1 + tensor) + 0xBF58476D1CE4E5B9ull * (1 + chunk);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+
+  at::Generator generator_;
+  const std::uint64_t seed_;
+  std::uint64_t large_tensors_ = 0;
+};
+
 void initialize_part(torch::nn::Module& part, const std::vector<ParameterSpec>& specs,
-                     const ModelConfig& config, at::Generator& generator) {
+                     const ModelConfig& config, Draws& draws) {
   torch::NoGradGuard no_grad;
   auto named = part.named_parameters();
   const double init_std = config.initializer_range;
+  auto normal = [&](torch::Tensor& values, double std) {
+    draws.fill(values, [std](torch::Tensor& out, at::Generator& generator) { out.normal_(0.0, std, generator); });
+  };
   for (const ParameterSpec& spec : specs) {
     const torch::Tensor* parameter = named.find(spec.name);
     FERRY_CHECK(parameter != nullptr, "cannot initialise '", spec.name,
@@ -420,13 +468,13 @@ void initialize_part(torch::nn::Module& part, const std::vector<ParameterSpec>& 
     torch::Tensor values = torch::empty(spec.shape, torch::kFloat);
     switch (spec.init) {
       case Init::kNormal:
-        values.normal_(0.0, init_std, generator);
+        normal(values, init_std);
         break;
       case Init::kResidualNormal:
-        values.normal_(0.0, init_std / std::sqrt(2.0 * config.num_layers), generator);
+        normal(values, init_std / std::sqrt(2.0 * config.num_layers));
         break;
       case Init::kEmbedding:
-        values.normal_(0.0, init_std, generator);
+        normal(values, init_std);
         if (config.pad_token_id >= 0 && config.pad_token_id < spec.shape[0]) {
           values[config.pad_token_id].zero_();
         }
@@ -440,7 +488,7 @@ void initialize_part(torch::nn::Module& part, const std::vector<ParameterSpec>& 
       case Init::kKaimingUniform: {
         // kaiming_uniform_(a = sqrt(5)): gain sqrt(2 / (1 + a^2)) times sqrt(3 / fan_in).
         const double bound = 1.0 / std::sqrt(static_cast<double>(spec.shape[1]));
-        values.uniform_(-bound, bound, generator);
+        draws.fill(values, [bound](torch::Tensor& out, at::Generator& generator) { out.uniform_(-bound, bound, generator); });
         break;
       }
     }
@@ -524,12 +572,12 @@ void initialize(LayeredModel& model, std::uint64_t seed) {
               "initialize() follows a built-in family's scheme; this model was assembled by hand "
               "and has no ModelConfig");
   const ModelConfig& config = *model.config();
-  at::Generator generator = at::detail::createCPUGenerator(seed);
-  initialize_part(*model.stem(), config.stem_parameters(), config, generator);
+  Draws draws(seed, 0);
+  initialize_part(*model.stem(), config.stem_parameters(), config, draws);
   for (const auto& block : model.blocks()) {
-    initialize_part(*block, config.block_parameters(), config, generator);
+    initialize_part(*block, config.block_parameters(), config, draws);
   }
-  initialize_part(*model.head(), config.head_parameters(), config, generator);
+  initialize_part(*model.head(), config.head_parameters(), config, draws);
   if (config.lora.enabled()) initialize_adapters(model, seed);
 }
 
@@ -538,8 +586,8 @@ void initialize_adapters(LayeredModel& model, std::uint64_t seed) {
               "initialize_adapters(): the model has no LoRA adapters (ModelConfig::lora.rank is 0)");
   const ModelConfig& config = *model.config();
   // Its own stream, so that the base is drawn as it is without adapters.
-  at::Generator generator = at::detail::createCPUGenerator(seed ^ 0x4c6f5241u);
-  for (const auto& block : model.blocks()) initialize_part(*block, config.lora_parameters(), config, generator);
+  Draws draws(seed, 0x4c6f5241u);
+  for (const auto& block : model.blocks()) initialize_part(*block, config.lora_parameters(), config, draws);
 }
 
 LayeredModel build(const ModelConfig& config, std::uint64_t seed) {

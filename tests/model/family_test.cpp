@@ -4,6 +4,7 @@
 #include <map>
 #include <string>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include "ferry/check.h"
@@ -232,6 +233,32 @@ TEST_CASE("family: random initialisation follows transformers' scheme", "[family
   auto embedding = opt.stem()->named_parameters()["embed_tokens.weight"];
   CHECK(torch::equal(embedding[1], torch::zeros({32})));  // OPT's padding row
   CHECK(embedding[2].abs().sum().item<double>() > 0);
+}
+
+TEST_CASE("family: a large tensor is drawn in parallel chunks, the same values on any thread count", "[family]") {
+  ModelConfig config = preset("tiny-llama");
+  config.num_layers = 1;
+  config.vocab_size = 80000;  // an 80000 x 64 embedding: more than 2^22 values, drawn in chunks
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  LayeredModel serial = models::build(config, 3);
+  at::set_num_threads(std::max(2, threads));
+  LayeredModel parallel = models::build(config, 3);
+  at::set_num_threads(threads);
+  const torch::Tensor embedding = serial.stem()->named_parameters()["embed_tokens.weight"];
+  CHECK(torch::equal(embedding, parallel.stem()->named_parameters()["embed_tokens.weight"]));
+  CHECK(embedding.std().item<double>() == Approx(config.initializer_range).epsilon(0.01));
+  // Chunks draw from generators of their own: no chunk repeats the first.
+  const torch::Tensor flat = embedding.reshape({-1});
+  const std::int64_t chunk = std::int64_t{1} << 22;
+  CHECK_FALSE(torch::equal(flat.narrow(0, 0, 1000), flat.narrow(0, chunk, 1000)));
+  // The tensors of a tiny model are drawn from the seed's one generator, as torch draws them.
+  LayeredModel tiny = models::build(preset("tiny-llama"), 3);
+  at::Generator generator = at::detail::createCPUGenerator(3);
+  torch::Tensor expected = torch::empty(tiny.stem()->named_parameters()["embed_tokens.weight"].sizes(), torch::kFloat);
+  expected.normal_(0.0, preset("tiny-llama").initializer_range, generator);
+  if (preset("tiny-llama").pad_token_id >= 0) expected[preset("tiny-llama").pad_token_id].zero_();
+  CHECK(torch::equal(tiny.stem()->named_parameters()["embed_tokens.weight"], expected));
 }
 
 TEST_CASE("family: a GPT-2 block matches the reference math", "[family]") {
