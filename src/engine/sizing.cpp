@@ -358,7 +358,7 @@ TierDemand zo_demand(const std::vector<PartShape>& parts, const EngineConfig& co
     add(tier, "frozen parameters", frozen[static_cast<int>(tier)]);
   }
   add(Tier::kHost, "block transfer copies", transfer_copies);
-  if (home[static_cast<int>(Tier::kNvme)] > 0) {
+  if (home[static_cast<int>(Tier::kNvme)] + frozen[static_cast<int>(Tier::kNvme)] > 0) {
     add(Tier::kHost, "NVMe staging", in_flight * (block_bytes + block_states));
   }
   return demand;
