@@ -131,7 +131,9 @@ void FirstOrderTrainer::allocate_and_bind() {
       write_bundle(p, part.params, initial.to(compute_dtype_));
       if (separate_master) write_bundle(p, part.master, initial.narrow(0, part.shard.begin, part.shard.numel));
     }
-    if (part.frozen != kNoBundle) write_frozen(*store_, part, config_, pack_slices(part.frozen_slices, part.frozen_numel));
+    if (part.frozen != kNoBundle) {
+      write_frozen(*store_, part, config_, pack_slices(part.frozen_slices, part.frozen_numel));
+    }
     if (streamed(p)) {
       // The module's own tensors are freed; each visit to the device binds the copy there.
       for (const auto* slices : {&part.slices, &part.frozen_slices}) {

@@ -187,7 +187,8 @@ class Reference {
       if (!item.value().requires_grad()) continue;
       const bool decays = !is_no_decay(item.key(), item.value());
       (decays ? decayed : others).push_back(item.value());
-      const std::string name = model_.config() ? models::hf_name(*model_.config(), kind, index, item.key()) : item.key();
+      const std::string name =
+          model_.config() ? models::hf_name(*model_.config(), kind, index, item.key()) : item.key();
       (decays ? decayed_names : other_names).push_back(name);
     }
     std::vector<torch::Tensor> ordered = decayed;
@@ -345,7 +346,9 @@ void require_follows_reference(Engine& engine, Reference& reference, int steps) 
   const std::vector<torch::Tensor> weights = saved_weights(engine, dir.path() + "/ckpt");
   const std::vector<torch::Tensor> expected = reference.weights();
   REQUIRE(weights.size() == expected.size());
-  for (std::size_t i = 0; i < weights.size(); ++i) require_same_weights(weights[i], expected[i], "parameter " + std::to_string(i));
+  for (std::size_t i = 0; i < weights.size(); ++i) {
+    require_same_weights(weights[i], expected[i], "parameter " + std::to_string(i));
+  }
 }
 
 // MeZO's ZO-LoRA setting: adapters on the attention's query and value projections.
@@ -382,7 +385,9 @@ Named hf_parameters(const LayeredModel& model) {
     }
   };
   add(models::Part::kStem, 0, *model.stem());
-  for (std::size_t i = 0; i < model.num_blocks(); ++i) add(models::Part::kBlock, static_cast<std::int64_t>(i), *model.blocks()[i]);
+  for (std::size_t i = 0; i < model.num_blocks(); ++i) {
+    add(models::Part::kBlock, static_cast<std::int64_t>(i), *model.blocks()[i]);
+  }
   add(models::Part::kHead, 0, *model.head());
   return named;
 }
@@ -705,8 +710,8 @@ TEST_CASE("zo2 with LoRA equals plain MeZO over the adapters alone, the base res
       CHECK(torch::equal(values, initial.at(name)));
       continue;
     }
-    const torch::Tensor delta =
-        torch::matmul(adapters.at(module + ".lora_B.weight"), adapters.at(module + ".lora_A.weight")) * shape.lora.scale();
+    const torch::Tensor delta = torch::matmul(adapters.at(module + ".lora_B.weight"),
+                                              adapters.at(module + ".lora_A.weight")) * shape.lora.scale();
     CHECK(torch::equal(values, initial.at(name) + delta));
   }
 
@@ -718,7 +723,8 @@ TEST_CASE("zo2 with LoRA equals plain MeZO over the adapters alone, the base res
     INFO(to_string(tier));
     CHECK(store.tiers[static_cast<int>(tier)].peak_bytes <= demand.bytes[static_cast<int>(tier)]);
   }
-  const std::uint64_t adapter_bytes = (static_cast<std::uint64_t>(shape.lora_parameter_count()) * 4 + 4095) / 4096 * 4096;
+  const std::uint64_t adapter_bytes =
+      (static_cast<std::uint64_t>(shape.lora_parameter_count()) * 4 + kIoAlignment - 1) / kIoAlignment * kIoAlignment;
   const auto& down = store.transfers[static_cast<int>(Tier::kGpu)][static_cast<int>(Tier::kHost)];
   CHECK(down.bytes <= (kSteps + 1) * static_cast<std::uint64_t>(shape.num_layers) * 2 * adapter_bytes);
 }
