@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 
@@ -78,8 +79,11 @@ EngineConfig zo_config() {
 // generator. Frozen ones (requires_grad = False: a LoRA base) are never perturbed or updated.
 class Reference {
  public:
-  Reference(const models::ModelConfig& config, const EngineConfig& engine_config)
+  // `freeze` may set requires_grad = False on some of the model's parameters first.
+  Reference(const models::ModelConfig& config, const EngineConfig& engine_config,
+            const std::function<void(const LayeredModel&)>& freeze = {})
       : model_(models::build(config, kModelSeed)), config_(engine_config) {
+    if (freeze) freeze(model_);
     model_.to(engine_config.device);
     model_.train(false);
     add_part(models::Part::kStem, 0, *model_.stem());
@@ -727,6 +731,33 @@ TEST_CASE("zo2 with LoRA equals plain MeZO over the adapters alone, the base res
       (static_cast<std::uint64_t>(shape.lora_parameter_count()) * 4 + kIoAlignment - 1) / kIoAlignment * kIoAlignment;
   const auto& down = store.transfers[static_cast<int>(Tier::kGpu)][static_cast<int>(Tier::kHost)];
   CHECK(down.bytes <= (kSteps + 1) * static_cast<std::uint64_t>(shape.num_layers) * 2 * adapter_bytes);
+}
+
+TEST_CASE("zo2 over a model of frozen parameters trains the others alone: a whole stem, a whole block, one weight") {
+  auto freeze = [](const LayeredModel& model) {
+    model.stem()->parameters()[0].requires_grad_(false);
+    for (torch::Tensor& parameter : model.blocks()[1]->parameters()) parameter.requires_grad_(false);
+    for (const auto& item : model.blocks()[0]->named_parameters()) {
+      if (item.key() == "self_attn.q_proj.weight") item.value().requires_grad_(false);
+    }
+  };
+  TempDir dir;
+  EngineConfig config = zo_config();
+  config.optimizer.momentum = 0.9;
+  const models::ModelConfig shape = model_config("tiny-llama");
+  Reference reference(shape, config, freeze);
+  LayeredModel model = models::build(shape, kModelSeed);
+  freeze(model);
+  Engine engine(std::move(model), config);
+  require_steps_follow_reference(engine, reference, 6);
+  engine.save(dir.path() + "/ckpt");
+  const Named trained = directory_tensors(dir.path() + "/ckpt");
+  const Named expected = reference.named_weights();
+  REQUIRE(trained.size() == expected.size());
+  for (const auto& [name, values] : expected) {
+    REQUIRE(trained.count(name) == 1);
+    require_same_weights(trained.at(name), values, name);
+  }
 }
 
 TEST_CASE("zo2 keeps the device tier within its budget") {
