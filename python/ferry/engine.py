@@ -64,7 +64,7 @@ class Engine:
     zo_transfer (``"storage"``, ``"bf16"``, ``"fp8"``), zo_window, zo_write_back. A missing
     setting takes the default of a real ``ferry finetune`` job (the same table: AdamW at lr 5e-5,
     2e-4 with LoRA, weight decay 0.01, clipping at norm 1.0, precision bf16 on CUDA and fp32 on the
-    CPU, zero-offload; zo2: SGD at 1e-7, no decay or clipping), but for the schedule: the loop is
+    CPU, zero-offload; zo2: SGD at 1e-7, 1e-4 with LoRA, no decay or clipping), but for the schedule: the loop is
     yours, so its length is ``steps``; with it the default is cosine with 3% warm-up, without it
     the lr is constant after ``warmup`` steps (0 unless given). They are parsed by the same C++
     function the CLI uses.

@@ -13,6 +13,7 @@
 #include <torch/torch.h>
 
 #include "cli/command.h"
+#include "cli/job_options.h"
 #include "ferry/check.h"
 #include "ferry/engine.h"
 #include "ferry/job.h"
@@ -211,6 +212,13 @@ int run_bench_zo(int argc, char** argv) {
        cxxopts::value<std::string>()->default_value("4"))
       ("warmup", "untimed steps before the timed ones", cxxopts::value<std::string>()->default_value("2"))
       ("steps", "timed steps (1 or more)", cxxopts::value<std::string>()->default_value("5"))
+      ("lora-rank", "ZO-LoRA: adapters of this rank over a frozen base, which streams read-only (0: train "
+       "every parameter)", cxxopts::value<std::string>()->default_value(flag_default("lora_rank")))
+      ("lora-alpha", "LoRA's alpha", cxxopts::value<std::string>()->default_value(flag_default("lora_alpha")))
+      ("lora-targets", "the linears LoRA adapts: PEFT target_modules names, comma-separated, or all-linear",
+       cxxopts::value<std::string>()->default_value(flag_default("lora_targets")))
+      ("base-storage", "the LoRA base's storage: compute or fp8 (e4m3, a scale per output channel)",
+       cxxopts::value<std::string>()->default_value(flag_default("base_storage")))
       ("h,help", "show this help");
   auto args = options.parse(argc, argv);
   if (args.count("help")) {
@@ -223,13 +231,24 @@ int run_bench_zo(int argc, char** argv) {
   };
   const BenchShape shape{integer("batch", 1, 1 << 20), integer("seq", 1, 1 << 24),
                          static_cast<int>(integer("warmup", 0, 1000)), static_cast<int>(integer("steps", 1, 100000))};
+  // LoRA's flags, read by `ferry finetune`'s rules; no adapter dropout.
+  nlohmann::json lora_settings = {{"lora_dropout", 0.0}};
+  for (const char* key : {"lora_rank", "lora_alpha", "lora_targets"}) {
+    const std::string flag = flag_name(key);
+    const std::string text = args[flag].as<std::string>();
+    lora_settings[key] = read_job_setting(key, text, "--" + flag + " " + text);
+  }
+  const models::LoraConfig lora = job_lora(lora_settings);
   // What every run shares; measure() sets the placement and the transfer.
   EngineConfig base;
   base.mode = Mode::kZo2;
   base.precision = parse_precision(args["precision"].as<std::string>());
   base.device = device;
   base.optimizer.kind = OptimizerKind::kSgd;
-  base.optimizer.lr = 1e-7;
+  base.optimizer.lr = job_default_lr("zo2", "sgd", lora.enabled());
+  base.base_storage = parse_base_storage(args["base-storage"].as<std::string>());
+  FERRY_CHECK(lora.enabled() || base.base_storage == BaseStorage::kCompute, "--base-storage ",
+              to_string(base.base_storage), " stores a LoRA base: give --lora-rank too");
   base.gpu_budget_bytes = parse_bytes(args["gpu-budget"].as<std::string>());
   base.zo.blocks_in_flight = integer("window", 2, 1024);
   base.zo.write_back_interval = integer("write-back", 1, optim::kMaxZoUpdates);
@@ -238,6 +257,12 @@ int run_bench_zo(int argc, char** argv) {
   base.nvme_directories = {args["nvme"].as<std::string>()};
   std::printf("bench zo: batch %lld x sequence %lld, on %s, %s\n", static_cast<long long>(shape.batch),
               static_cast<long long>(shape.seq), device.str().c_str(), probe_gpu_tier().description.c_str());
+  if (lora.enabled()) {
+    std::string targets;
+    for (const std::string& target : lora.targets) targets += (targets.empty() ? "" : ",") + target;
+    std::printf("ZO-LoRA: rank %lld, alpha %g on %s, the base in %s, lr %g\n", static_cast<long long>(lora.rank),
+                lora.alpha, targets.c_str(), to_string(base.base_storage), base.optimizer.lr);
+  }
   std::printf("| %-9s | %-18s | %8s | %9s | %9s | %8s | %s\n", "model", "blocks on", "s/step",
               "tokens/s", "peak GPU", "vs gpu", "transfers");
   std::vector<ZoTransfer> transfers;
@@ -247,6 +272,8 @@ int run_bench_zo(int argc, char** argv) {
   for (const std::string& name : args["models"].as<std::vector<std::string>>()) {
     models::ModelConfig config = models::preset(name);
     config.dtype = DType::kBF16;
+    config.lora = lora;
+    config.validate();  // refuses unknown LoRA targets, naming the valid ones
     for (ZoTransfer transfer : transfers) {
       if (transfer != ZoTransfer::kStorage) print_encode_rate(name, config, transfer, 3);
     }

@@ -77,10 +77,7 @@ FirstOrderTrainer::FirstOrderTrainer(LayeredModel model, EngineConfig config)
     FERRY_CHECK(!staged_ || part.frozen_numel == 0, "a staged layout holds every parameter trained, but ", part.name,
                 " has frozen ones (a LoRA base): train it from the model's own weights, without staged");
   }
-  FERRY_CHECK(config_.base_storage == BaseStorage::kCompute ||
-                  std::any_of(parts_.begin(), parts_.end(), [&](const Part& part) { return fp8_frozen(part, config_); }),
-              "base storage fp8 stores the blocks' frozen parameters (a LoRA base), but no block has any: "
-              "add LoRA (lora rank > 0) or use base storage compute");
+  check_base_storage(parts_, config_);
   placement_ = resolve_placement(config_, parts_.size());
   state_.resize(parts_.size());
   for (std::size_t p = 0; p < parts_.size(); ++p) state_[p].home = placement_.parts[p];
@@ -134,7 +131,9 @@ void FirstOrderTrainer::allocate_and_bind() {
       write_bundle(p, part.params, initial.to(compute_dtype_));
       if (separate_master) write_bundle(p, part.master, initial.narrow(0, part.shard.begin, part.shard.numel));
     }
-    if (part.frozen != kNoBundle) write_frozen(p, pack_slices(part.frozen_slices, part.frozen_numel));
+    if (part.frozen != kNoBundle) {
+      write_frozen(*store_, part, config_, pack_slices(part.frozen_slices, part.frozen_numel));
+    }
     if (streamed(p)) {
       // The module's own tensors are freed; each visit to the device binds the copy there.
       for (const auto* slices : {&part.slices, &part.frozen_slices}) {
@@ -151,71 +150,21 @@ void FirstOrderTrainer::allocate_and_bind() {
 
 void FirstOrderTrainer::bind_device_copies(std::size_t p, bool in_flight) {
   const Part& part = parts_[p];
-  auto device_view = [&](BundleId id, std::int64_t numel) {
-    return in_flight ? typed_device_view(*store_, id, compute_dtype_, numel)
-                     : view(id, Tier::kGpu, compute_dtype_, numel);
-  };
-  if (part.trainable()) bind_parameters(part, device_view(part.params, part.numel));
-  if (part.frozen == kNoBundle) return;
-  if (!fp8_frozen(part, config_)) {
-    bind_frozen(part, device_view(part.frozen, part.frozen_numel));
-    return;
+  if (part.trainable()) {
+    bind_parameters(part, in_flight ? typed_device_view(*store_, part.params, compute_dtype_, part.numel)
+                                    : view(part.params, Tier::kGpu, compute_dtype_, part.numel));
   }
-  // Decoded on the current stream, behind the upload; the copy lives until unbind_decoded_base.
-  void* bundle = in_flight ? store_->device_tensor_in_flight(part.frozen).data_ptr()
-                           : store_->tensor(part.frozen, Tier::kGpu).data_ptr();
-  bind_frozen(part, decode_fp8_frozen(part, bundle, compute_dtype_, config_.device));
+  bind_frozen_device_copy(*store_, part, config_, in_flight);
 }
 
 // Note: a block's decoded fp8 base is working memory like its activations: the modules hold it
 // from the block's visit until here (and autograd until the block's backward when it keeps its
 // graph), never the whole base at once.
 void FirstOrderTrainer::unbind_decoded_base(std::size_t p) {
-  if (!fp8_frozen(parts_[p], config_)) return;
-  for (const ParameterSlice& slice : parts_[p].frozen_slices) {
-    slice.parameter.set_data(torch::empty({0}, torch::TensorOptions().dtype(compute_dtype_).device(config_.device)));
-  }
+  if (fp8_frozen(parts_[p], config_)) unbind_frozen(parts_[p], config_);
 }
 
-// Note: frozen parameters are written once, at set-up, straight into their home copy (through
-// the NVMe staging for an NVMe home), and never staged for an update; reads (exports) go the same
-// way.
-void FirstOrderTrainer::write_frozen(std::size_t p, const torch::Tensor& values) {
-  torch::NoGradGuard no_grad;
-  const Part& part = parts_[p];
-  const Tier home = store_->spec(part.frozen).home;
-  const Tier tier = home == Tier::kNvme ? Tier::kHost : home;
-  if (tier != home) store_->allocate(part.frozen, tier);
-  if (fp8_frozen(part, config_)) {
-    const torch::Tensor bytes = encode_fp8_frozen(part, values);
-    view(part.frozen, tier, torch::kByte, bytes.numel()).copy_(bytes);
-  } else {
-    view(part.frozen, tier, compute_dtype_, part.frozen_numel).copy_(values.reshape({-1}));
-  }
-  store_->mark_dirty(part.frozen, tier);
-  if (tier == home) return;
-  store_->write_back(part.frozen, tier, home).wait();
-  store_->evict(part.frozen, tier);
-}
-
-torch::Tensor FirstOrderTrainer::read_frozen(std::size_t p) {
-  const Part& part = parts_[p];
-  if (part.frozen == kNoBundle) return torch::empty({0}, torch::kFloat);
-  const Tier home = store_->spec(part.frozen).home;
-  const Tier tier = home == Tier::kNvme ? Tier::kHost : home;
-  const bool absent = store_->state(part.frozen, tier) == CopyState::kAbsent;
-  store_->fetch(part.frozen, tier).wait();
-  torch::Tensor values;
-  if (fp8_frozen(part, config_)) {
-    const std::int64_t bytes = static_cast<std::int64_t>(frozen_bytes(part, config_));
-    torch::Tensor codes = view(part.frozen, tier, torch::kByte, bytes).to(torch::kCPU, false, true);
-    values = decode_fp8_frozen(part, codes.data_ptr(), torch::kFloat, torch::kCPU);
-  } else {
-    values = view(part.frozen, tier, compute_dtype_, part.frozen_numel).to(torch::kCPU, torch::kFloat, false, true);
-  }
-  if (absent) store_->evict(part.frozen, tier);
-  return values;
-}
+torch::Tensor FirstOrderTrainer::read_frozen(std::size_t p) { return detail::read_frozen(*store_, parts_[p], config_); }
 
 BundleId FirstOrderTrainer::master_bundle(std::size_t p) const {
   return parts_[p].master != kNoBundle ? parts_[p].master : parts_[p].params;

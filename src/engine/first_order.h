@@ -122,7 +122,6 @@ class FirstOrderTrainer final : public Trainer {
   // resident ones.
   void bind_device_copies(std::size_t part, bool in_flight);
   void unbind_decoded_base(std::size_t part);
-  void write_frozen(std::size_t part, const torch::Tensor& values);
   TierDemand demand() const;
 
   // The step: forward, backward and step for one micro-batch at a time (batch-major), or

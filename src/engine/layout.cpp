@@ -49,8 +49,11 @@ std::vector<Part> parts_of(const std::vector<PartShape>& shapes) {
 
 std::uint64_t visit_bytes(const Part& part, const EngineConfig& config) {
   const std::uint64_t e = torch::elementSize(scalar_type(config.precision));
-  return stored(static_cast<std::uint64_t>(part.numel) * e) +
-         stored(part.frozen_numel > 0 ? frozen_bytes(part, config) : 0);
+  return stored(static_cast<std::uint64_t>(part.numel) * e) + frozen_visit_bytes(part, config);
+}
+
+std::uint64_t frozen_visit_bytes(const Part& part, const EngineConfig& config) {
+  return stored(part.frozen_numel > 0 ? frozen_bytes(part, config) : 0);
 }
 
 void record(TierDemand* demand, Tier tier, const char* role, std::uint64_t bytes) {

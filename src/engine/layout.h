@@ -44,6 +44,8 @@ std::vector<Part> parts_of(const std::vector<PartShape>& shapes);
 // The bytes a visit brings to the device as the store moves them: the part's parameters bundle
 // and its frozen one (an fp8 base at one byte an element and its scales), each a whole bundle.
 std::uint64_t visit_bytes(const Part& part, const EngineConfig& config);
+// The frozen bundle's share of it (0: none), which a zo2 visit brings beside the stored weights.
+std::uint64_t frozen_visit_bytes(const Part& part, const EngineConfig& config);
 
 // Records what a set-up takes, role by role, into a TierDemand.
 void record(TierDemand* demand, Tier tier, const char* role, std::uint64_t bytes);

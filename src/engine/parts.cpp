@@ -1,5 +1,7 @@
 #include "engine/parts.h"
 
+#include <algorithm>
+
 #if FERRY_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -113,6 +115,69 @@ torch::Tensor encode_fp8_frozen(const Part& part, const torch::Tensor& values) {
   stored.numel = part.frozen_numel;
   optim::zo_update_and_encode(stored, nullptr, 0, fp8_frozen_copy(part, bytes.data_ptr()));
   return bytes;
+}
+
+void check_base_storage(const std::vector<Part>& parts, const EngineConfig& config) {
+  FERRY_CHECK(config.base_storage == BaseStorage::kCompute ||
+                  std::any_of(parts.begin(), parts.end(), [&](const Part& part) { return fp8_frozen(part, config); }),
+              "base storage fp8 stores the blocks' frozen parameters (a LoRA base), but no block has any: "
+              "add LoRA (lora rank > 0) or use base storage compute");
+}
+
+void write_frozen(Store& store, const Part& part, const EngineConfig& config, const torch::Tensor& values) {
+  torch::NoGradGuard no_grad;
+  const Tier home = store.spec(part.frozen).home;
+  const Tier tier = home == Tier::kNvme ? Tier::kHost : home;
+  if (tier != home) store.allocate(part.frozen, tier);
+  if (fp8_frozen(part, config)) {
+    const torch::Tensor bytes = encode_fp8_frozen(part, values);
+    typed_view(store, part.frozen, tier, torch::kByte, bytes.numel()).copy_(bytes);
+  } else {
+    typed_view(store, part.frozen, tier, scalar_type(config.precision), part.frozen_numel).copy_(values.reshape({-1}));
+  }
+  store.mark_dirty(part.frozen, tier);
+  if (tier == home) return;
+  store.write_back(part.frozen, tier, home).wait();
+  store.evict(part.frozen, tier);
+}
+
+torch::Tensor read_frozen(Store& store, const Part& part, const EngineConfig& config) {
+  if (part.frozen == kNoBundle) return torch::empty({0}, torch::kFloat);
+  const Tier home = store.spec(part.frozen).home;
+  const Tier tier = home == Tier::kNvme ? Tier::kHost : home;
+  const bool absent = store.state(part.frozen, tier) == CopyState::kAbsent;
+  store.fetch(part.frozen, tier).wait();
+  torch::Tensor values;
+  if (fp8_frozen(part, config)) {
+    const auto bytes = static_cast<std::int64_t>(frozen_bytes(part, config));
+    torch::Tensor codes = typed_view(store, part.frozen, tier, torch::kByte, bytes).to(torch::kCPU, false, true);
+    values = decode_fp8_frozen(part, codes.data_ptr(), torch::kFloat, torch::kCPU);
+  } else {
+    values = typed_view(store, part.frozen, tier, scalar_type(config.precision), part.frozen_numel)
+                 .to(torch::kCPU, torch::kFloat, false, true);
+  }
+  if (absent) store.evict(part.frozen, tier);
+  return values;
+}
+
+void bind_frozen_device_copy(const Store& store, const Part& part, const EngineConfig& config, bool in_flight) {
+  if (part.frozen == kNoBundle) return;
+  const torch::ScalarType dtype = scalar_type(config.precision);
+  if (!fp8_frozen(part, config)) {
+    bind_frozen(part, in_flight ? typed_device_view(store, part.frozen, dtype, part.frozen_numel)
+                                : typed_view(store, part.frozen, Tier::kGpu, dtype, part.frozen_numel));
+    return;
+  }
+  void* bundle = in_flight ? store.device_tensor_in_flight(part.frozen).data_ptr()
+                           : store.tensor(part.frozen, Tier::kGpu).data_ptr();
+  bind_frozen(part, decode_fp8_frozen(part, bundle, dtype, config.device));
+}
+
+void unbind_frozen(const Part& part, const EngineConfig& config) {
+  for (const ParameterSlice& slice : part.frozen_slices) {
+    slice.parameter.set_data(
+        torch::empty({0}, torch::TensorOptions().dtype(scalar_type(config.precision)).device(config.device)));
+  }
 }
 
 std::vector<Part> describe_parts(const LayeredModel& model) {

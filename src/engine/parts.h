@@ -78,6 +78,26 @@ optim::ZoTransferCopy fp8_frozen_copy(const Part& part, void* bundle);
 torch::Tensor decode_fp8_frozen(const Part& part, void* bundle, torch::ScalarType dtype, torch::Device device);
 // The fp8 bundle's bytes for `values` (the frozen parameters in fp32, packed as frozen_slices).
 torch::Tensor encode_fp8_frozen(const Part& part, const torch::Tensor& values);
+// Refuses base storage fp8 when no block of `parts` has frozen parameters to store in it.
+void check_base_storage(const std::vector<Part>& parts, const EngineConfig& config);
+
+// Note: frozen parameters are written once, at set-up, straight into their home copy (through
+// the NVMe staging for an NVMe home), and never staged for an update or written back; reads
+// (exports) go the same way. Both modes keep them so (first_order.cpp, zo2.cpp).
+// Writes `values` (fp32, packed as frozen_slices) into the part's frozen bundle at its home: in
+// the compute dtype, or encoded (fp8_frozen).
+void write_frozen(Store& store, const Part& part, const EngineConfig& config, const torch::Tensor& values);
+// The part's frozen parameters read back from home, in fp32 on the host (an fp8 base decoded);
+// empty when it has none.
+torch::Tensor read_frozen(Store& store, const Part& part, const EngineConfig& config);
+// Binds the part's frozen parameters to its frozen bundle's device copy: the copy a visit may still
+// be uploading (`in_flight`, read behind the upload on the current stream) or a resident one. An
+// fp8 base is decoded into a compute-dtype copy on the current stream, which the modules hold until
+// unbind_frozen.
+void bind_frozen_device_copy(const Store& store, const Part& part, const EngineConfig& config, bool in_flight);
+// Points the part's frozen parameters at empty tensors on the device, so that the modules keep
+// neither a decoded base nor a device copy that is dropped.
+void unbind_frozen(const Part& part, const EngineConfig& config);
 
 // The parts of a model in execution order: stem, blocks, head. Slices are laid out, bundles
 // not yet allocated.

@@ -301,9 +301,11 @@ void add_item(TierDemand& demand, Tier tier, const char* role, std::uint64_t byt
 
 // Note: the sizing follows Zo2::allocate_and_bind and its sweep. Stem and head live on the
 // device with their states; each block lives on its home tier (the resident ones on the device)
-// and the streamed ones visit the device (stored weights and states, or a compressed block's
-// transfer copy alone) a few at a time; every block computes from one of the compute slots.
-// gpu_blocks must be resolved.
+// and the streamed ones visit the device (stored weights and states with the frozen parameters,
+// or a compressed block's transfer copy alone) a few at a time; every block computes from one of
+// the compute slots. Frozen parameters (a LoRA base) live with their part's weights, read-only:
+// one bundle each, in the compute dtype or fp8 (frozen_visit_bytes). Parts without trained
+// parameters have no weights, states or compute copy. gpu_blocks must be resolved.
 TierDemand zo_demand(const std::vector<PartShape>& parts, const EngineConfig& config) {
   TierDemand demand;
   auto add = [&](Tier tier, const char* role, std::uint64_t bytes) { add_item(demand, tier, role, bytes); };
@@ -313,18 +315,23 @@ TierDemand zo_demand(const std::vector<PartShape>& parts, const EngineConfig& co
   std::uint64_t resident = 0, resident_compute = 0, resident_states = 0;
   std::uint64_t home[kTierCount] = {0, 0, 0}, home_states[kTierCount] = {0, 0, 0};
   std::uint64_t block_bytes = 0, block_states = 0, block_compute = 0, transfer_copies = 0;
+  std::uint64_t frozen[kTierCount] = {0, 0, 0};
   const auto blocks = static_cast<std::int64_t>(parts.size()) - 2;
+  const std::vector<detail::Part> described = detail::parts_of(parts);
   for (std::size_t i = 0; i < parts.size(); ++i) {
     const auto numel = static_cast<std::uint64_t>(parts[i].numel);
+    const std::uint64_t frozen_bytes = detail::frozen_visit_bytes(described[i], config);
     const bool is_block = i > 0 && i + 1 < parts.size();
     if (!is_block) {
       resident += round_up(numel * storage_size);
       resident_compute += round_up(numel * compute_size);
       resident_states += state_count * round_up(numel * 4);
+      frozen[static_cast<int>(Tier::kGpu)] += frozen_bytes;
       continue;
     }
     const auto block = static_cast<std::int64_t>(i - 1);
     const Tier tier = detail::zo_block_home(config.zo, block, blocks);
+    frozen[static_cast<int>(tier)] += frozen_bytes;
     home[static_cast<int>(tier)] += round_up(numel * storage_size);
     home_states[static_cast<int>(tier)] += state_count * round_up(numel * 4);
     block_compute = std::max(block_compute, round_up(numel * compute_size));
@@ -335,7 +342,7 @@ TierDemand zo_demand(const std::vector<PartShape>& parts, const EngineConfig& co
       block_bytes = std::max(block_bytes, transfer);
       continue;
     }
-    block_bytes = std::max(block_bytes, round_up(numel * storage_size));
+    block_bytes = std::max(block_bytes, round_up(numel * storage_size) + frozen_bytes);
     block_states = std::max(block_states, state_count * round_up(numel * 4));
   }
   const std::uint64_t in_flight = static_cast<std::uint64_t>(config.zo.blocks_in_flight);
@@ -348,9 +355,10 @@ TierDemand zo_demand(const std::vector<PartShape>& parts, const EngineConfig& co
     add(tier, tier == Tier::kGpu ? "resident block weights" : "block weights", home[static_cast<int>(tier)]);
     add(tier, tier == Tier::kGpu ? "resident block optimizer states" : "block optimizer states",
         home_states[static_cast<int>(tier)]);
+    add(tier, "frozen parameters", frozen[static_cast<int>(tier)]);
   }
   add(Tier::kHost, "block transfer copies", transfer_copies);
-  if (home[static_cast<int>(Tier::kNvme)] > 0) {
+  if (home[static_cast<int>(Tier::kNvme)] + frozen[static_cast<int>(Tier::kNvme)] > 0) {
     add(Tier::kHost, "NVMe staging", in_flight * (block_bytes + block_states));
   }
   return demand;

@@ -122,13 +122,15 @@ detail::Zo2Trainer::Zo2Trainer(LayeredModel model_in, EngineConfig config_in)
   if (config_.device.is_cuda() && !config_.device.has_index()) config_.device = torch::Device(torch::kCUDA, 0);
   if (config_.optimizer_threads > 0) optim::set_num_threads(config_.optimizer_threads);
   parts_ = detail::describe_parts(model_);
+  detail::check_base_storage(parts_, config_);
   for (const Part& part : parts_) {
-    FERRY_CHECK(part.frozen_numel == 0, "mode zo2 trains every parameter, but ", part.name, " has ",
-                part.frozen_numel, " frozen ones (requires_grad = False, or a LoRA base): train them in a "
-                "first-order mode (gpu, zero-offload, fuyou, auto)");
+    FERRY_CHECK(config_.zo.transfer == ZoTransfer::kStorage || part.frozen_numel == 0, "zo transfer ",
+                to_string(config_.zo.transfer), " compresses a streamed block's trained weights, but ", part.name,
+                " has frozen parameters (a LoRA base) beside them: use zo transfer storage, and base storage fp8 "
+                "to send the base in fp8");
   }
   std::vector<PartShape> shapes;
-  for (const Part& part : parts_) shapes.push_back({part.name, part.numel});
+  for (const Part& part : parts_) shapes.push_back({part.name, part.numel, part.frozen_numel, part.frozen_channels});
   config_.zo.gpu_blocks = zo_gpu_blocks(shapes, config_);
   detail::check_budgets(engine_demand(shapes, config_), config_);
   StoreOptions store_options = detail::store_options(config_);
@@ -167,7 +169,7 @@ void detail::Zo2Trainer::allocate_and_bind() {
   segment_counts.assign(parts_.size(), 0);
   const std::size_t slot_count = std::min<std::size_t>(detail::kZoComputeSlots, model_.num_blocks());
   std::vector<BundleId> slots;
-  for (std::size_t i = 0; i < slot_count; ++i) {
+  for (std::size_t i = 0; i < slot_count && largest_block > 0; ++i) {
     slots.push_back(store->add({"block slot " + std::to_string(i),
                                 static_cast<std::uint64_t>(largest_block) * compute_size, Tier::kGpu}));
   }
@@ -175,11 +177,22 @@ void detail::Zo2Trainer::allocate_and_bind() {
   bundles.resize(parts_.size());
   const auto blocks = static_cast<std::int64_t>(model_.num_blocks());
   for (std::size_t p = 0; p < parts_.size(); ++p) {
-    const Part& part = parts_[p];
+    Part& part = parts_[p];
     PartBundles& b = bundles[p];
     const bool block = part.kind == models::Part::kBlock;
     const auto numel = static_cast<std::uint64_t>(part.numel);
     b.home = block ? detail::zo_block_home(config_.zo, part.index, blocks) : Tier::kGpu;
+    if (part.frozen_numel > 0) {
+      // Read-only at home; a resident one is bound once, an fp8 or streamed one at each visit.
+      part.frozen = store->add({part.name + ".frozen", detail::frozen_bytes(part, config_), b.home});
+      detail::write_frozen(*store, part, config_, detail::pack_slices(part.frozen_slices, part.frozen_numel));
+      if (b.home == Tier::kGpu && !detail::fp8_frozen(part, config_)) {
+        detail::bind_frozen_device_copy(*store, part, config_, /*in_flight=*/false);
+      } else {
+        detail::unbind_frozen(part, config_);
+      }
+    }
+    if (!part.trainable()) continue;  // no weights, states or compute copy to keep
     b.weights = store->add({part.name + ".weights", numel * storage_size, b.home});
     for (int i = 0; i < state_count; ++i) {
       b.states.push_back(store->add({part.name + ".state" + std::to_string(i), numel * 4, b.home}));
@@ -436,7 +449,10 @@ void detail::Zo2Trainer::apply(std::size_t p, const std::vector<optim::ZoUpdate>
 // resident on the device cannot save. Returns the pass that then reads the weights' device copy
 // (SIZE_MAX: none).
 std::size_t detail::Zo2Trainer::opposite_in_place(std::size_t p, bool dropped, const std::vector<Pass>& passes) const {
-  if (!dropped || bundles[p].compressed || storage_dtype != compute_dtype || passes.size() < 2) return SIZE_MAX;
+  if (!dropped || bundles[p].compressed || !parts_[p].trainable() || storage_dtype != compute_dtype ||
+      passes.size() < 2) {
+    return SIZE_MAX;
+  }
   const Pass& first = passes[passes.size() - 2];
   const Pass& second = passes.back();
   if (second.seed != first.seed || second.scale != -first.scale) return SIZE_MAX;
@@ -448,27 +464,36 @@ void detail::Zo2Trainer::sweep(std::vector<Pass>& passes, const StepContext& con
   torch::NoGradGuard no_grad;
   const bool flushing = passes.empty();
   if (flushing) finish_encoding();  // the compressed blocks are flushed on the host
+  // A flush has nothing to do for the compressed blocks, nor for parts without trained parameters.
+  auto passed_over = [&](std::size_t p) { return flushing && (bundles[p].compressed || !parts_[p].trainable()); };
   std::vector<std::vector<BundleId>> visits;
   std::vector<std::size_t> visit_of(parts_.size(), SIZE_MAX), visiting;
   for (std::size_t p = 0; p < parts_.size(); ++p) {
+    const Part& part = parts_[p];
     const PartBundles& b = bundles[p];
-    if (parts_[p].kind != models::Part::kBlock || b.home == Tier::kGpu || (b.compressed && flushing)) continue;
+    if (part.kind != models::Part::kBlock || b.home == Tier::kGpu || passed_over(p)) continue;
     visit_of[p] = visits.size();
     visiting.push_back(p);
     if (b.compressed) {
       visits.push_back({b.transfer});
       continue;
     }
-    visits.push_back({b.weights});
-    visits.back().insert(visits.back().end(), b.states.begin(), b.states.end());
+    std::vector<BundleId> visit;
+    if (part.trainable()) {
+      visit.push_back(b.weights);
+      visit.insert(visit.end(), b.states.begin(), b.states.end());
+    }
+    if (!flushing && part.frozen != kNoBundle) visit.push_back(part.frozen);
+    visits.push_back(std::move(visit));
   }
   window->begin(std::move(visits));
   for (std::size_t p = 0; p < parts_.size(); ++p) {
     const Part& part = parts_[p];
     const PartBundles& b = bundles[p];
     const bool streamed = visit_of[p] != SIZE_MAX;
-    if (flushing && b.compressed) continue;
-    if (part.kind == models::Part::kBlock) {
+    if (!part.trainable()) home_updates[p] = update_count;  // nothing of it ever changes
+    if (passed_over(p)) continue;
+    if (part.kind == models::Part::kBlock && part.trainable()) {
       detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
     }
     if (streamed) {
@@ -478,6 +503,11 @@ void detail::Zo2Trainer::sweep(std::vector<Pass>& passes, const StepContext& con
       for (std::size_t k = visit_of[p]; k < last; ++k) await_encoded(visiting[k]);
       window->arrive(visit_of[p]);
     }
+    // The frozen parameters are never perturbed: every pass reads the same copy, a streamed
+    // visit's (read behind its upload) or a decoded fp8 base, which the modules hold for this
+    // part's passes alone.
+    const bool binds_frozen = !flushing && part.frozen != kNoBundle && (streamed || detail::fp8_frozen(part, config_));
+    if (binds_frozen) detail::bind_frozen_device_copy(*store, part, config_, /*in_flight=*/streamed);
     std::vector<optim::ZoUpdate> part_updates;
     for (const PendingUpdate& pending : updates) {
       if (pending.number > home_updates[p]) part_updates.push_back(update_for(p, pending));
@@ -491,7 +521,7 @@ void detail::Zo2Trainer::sweep(std::vector<Pass>& passes, const StepContext& con
       Pass& pass = passes[j];
       if (j == in_place) {
         detail::bind_parameters(part, detail::typed_device_view(*store, b.weights, compute_dtype, part.numel));
-      } else {
+      } else if (part.trainable()) {
         apply(p, j == 0 ? part_updates : none, &pass, j + 1 == in_place);
       }
       switch (part.kind) {
@@ -500,7 +530,7 @@ void detail::Zo2Trainer::sweep(std::vector<Pass>& passes, const StepContext& con
         case models::Part::kHead:
           // Note: the stem's compute copy holds the last pass's perturbation by now; a head that
           // reads the stem's weights (tied embeddings) must see this pass's, so it is rewritten.
-          if (passes.size() > 1) apply(0, none, &pass);
+          if (passes.size() > 1 && parts_[0].trainable()) apply(0, none, &pass);
           pass.hidden = model_.head()->forward(pass.hidden, context);
           // Each pass's logits become its loss at once, so only one pass's logits (0.4 GiB for
           // OPT's vocabulary at batch 8 x 512 in bf16, the step's largest activation) are alive.
@@ -512,6 +542,7 @@ void detail::Zo2Trainer::sweep(std::vector<Pass>& passes, const StepContext& con
     if (in_place != SIZE_MAX) {
       detail::bind_parameters(part, detail::typed_view(*store, b.compute, Tier::kGpu, compute_dtype, part.numel));
     }
+    if (binds_frozen) detail::unbind_frozen(part, config_);
     record_compute(p, compute_start);
     if (streamed) window->settle(visit_of[p]);
     if (b.compressed) {  // its device copy is dropped unchanged
@@ -660,12 +691,19 @@ void detail::Zo2Trainer::restore_state(const nlohmann::json& state) {
 }
 
 detail::PartValues detail::Zo2Trainer::read_part(std::size_t p, bool with_states) {
+  if (!parts_[p].trainable()) {
+    return {torch::empty({0}, torch::kFloat),
+            std::vector<torch::Tensor>(with_states ? state_count() : 0, torch::empty({0}, torch::kFloat))};
+  }
   return {read_weights(p), with_states ? read_states(p) : std::vector<torch::Tensor>{}};
 }
 
 void detail::Zo2Trainer::write_part(std::size_t p, const PartValues& values) {
+  if (!parts_[p].trainable()) return;
   write_home(p, values.weights.to(storage_dtype), values.states);
 }
+
+torch::Tensor detail::Zo2Trainer::read_frozen(std::size_t p) { return detail::read_frozen(*store, parts_[p], config_); }
 
 EngineStats detail::Zo2Trainer::stats() const {
   EngineStats stats = stats_;

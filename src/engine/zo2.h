@@ -13,6 +13,7 @@
 #include "engine/parts.h"
 #include "engine/trace.h"
 #include "engine/trainer.h"
+#include "engine/update.h"
 #include "engine/window.h"
 #include "ferry/engine.h"
 #include "ferry/zo.h"
@@ -37,12 +38,14 @@ class Zo2Trainer final : public Trainer {
   void flush() override;
 
   void quiesce(const char* call) override;
-  std::size_t state_count() const override { return bundles.front().states.size(); }
+  std::size_t state_count() const override {
+    return static_cast<std::size_t>(detail::optimizer_state_count(config_.optimizer));
+  }
   nlohmann::json checkpoint_state() const override;
   void restore_state(const nlohmann::json& state) override;
   PartValues read_part(std::size_t part, bool with_states) override;
   void write_part(std::size_t part, const PartValues& values) override;
-  torch::Tensor read_frozen(std::size_t) override { return torch::empty({0}, torch::kFloat); }  // none
+  torch::Tensor read_frozen(std::size_t part) override;
 
   const LayeredModel& model() const override { return model_; }
   const EngineConfig& config() const override { return config_; }
@@ -77,14 +80,16 @@ class Zo2Trainer final : public Trainer {
   };
 
   struct PartBundles {
+    // A part without trained parameters (a LoRA stem or head) has none of these: only its frozen
+    // bundle (Part::frozen, with them at `home`), which is never perturbed, updated or written back.
     Tier home = Tier::kGpu;
-    BundleId weights = 0;          // storage dtype, at home
+    BundleId weights = kNoBundle;  // storage dtype, at home
     std::vector<BundleId> states;  // fp32, at home
-    BundleId compute = 0;          // compute dtype, on the device: the part's own or a block slot
+    BundleId compute = kNoBundle;  // compute dtype, on the device: the part's own or a block slot
     // A compressed block (zo.transfer): the copy that is uploaded in place of `weights`, at home
     // on the host. The weights and states never leave home; the CPU updates them there.
     bool compressed = false;
-    BundleId transfer = 0;
+    BundleId transfer = kNoBundle;
   };
 
   // The worker that applies updates to the compressed blocks and encodes their next transfer

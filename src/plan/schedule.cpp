@@ -11,6 +11,7 @@
 #include "engine/sizing.h"
 #include "engine/update.h"
 #include "ferry/check.h"
+#include "ferry/io.h"
 #include "plan/plan_impl.h"
 
 namespace ferry::detail {
@@ -75,7 +76,10 @@ class StepBuilder {
         ranks_{0, request.world_size} {
     // What a visit of a part brings to the device, as the engine's store moves it: its trained
     // parameters and its frozen ones, in their storage (an fp8 base at about a byte an element).
-    for (const Part& part : parts_of(parts_)) visit_bytes_.push_back(visit_bytes(part, config_));
+    for (const Part& part : parts_of(parts_)) {
+      visit_bytes_.push_back(visit_bytes(part, config_));
+      frozen_bytes_.push_back(frozen_visit_bytes(part, config_));
+    }
     states_ = static_cast<std::uint64_t>(optimizer_state_count(config_.optimizer));
     master_ = config_.precision != Precision::kF32 ? 1 : 0;
     // Clipping and loss scaling hold every update until backward has measured all gradients.
@@ -253,11 +257,18 @@ class StepBuilder {
   // stream up (from NVMe through host memory for those at home there), a few in flight, and go
   // back down on their write-back turns. A visit's kernels draw z once per sample for each update
   // they apply and once per forward, but once for the last sample's pair when the block's copy is
-  // dropped after its passes (zo2.cpp, opposite_in_place). Compressed transfers are not modelled.
+  // dropped after its passes (zo2.cpp, opposite_in_place). A block's frozen parameters (a LoRA base)
+  // come up with each visit and never go down; the kernels touch the trained ones alone.
+  // Compressed transfers are not modelled.
   void zeroth_order(int step) {
     const ZoConfig& zo = config_.zo;
     const std::uint64_t storage = compute_element_size(zo_storage(config_));
     const std::uint64_t home_bytes = storage + states_ * 4;  // per parameter, what crosses PCIe
+    // A streamed block's stored weights and states as the store moves them: whole bundles.
+    auto whole = [](std::uint64_t bytes) { return (bytes + kIoAlignment - 1) / kIoAlignment * kIoAlignment; };
+    auto block_home_bytes = [&](std::size_t part) {
+      return whole(numel(part) * storage) + states_ * whole(numel(part) * 4);
+    };
     const auto samples = static_cast<double>(zo.samples);
     const auto interval = zo.write_back_interval;
     auto kernels = [&](std::size_t part, std::int64_t updates, bool pair_in_place) {
@@ -294,12 +305,13 @@ class StepBuilder {
       const std::int64_t updates_so_far = step + interval;
       const std::int64_t lag = (updates_so_far + static_cast<std::int64_t>(part) - 1) % interval + 1;
       const bool goes_home = lag == interval;
-      const std::uint64_t bytes = numel(part) * home_bytes;
+      const std::uint64_t bytes = block_home_bytes(part);
+      const std::uint64_t up_bytes = bytes + frozen_bytes_[part];
       // A window place frees when the visit `in_flight` places earlier (in this step or the last)
       // has left the device.
       double ready = std::max(params_ready_[part], released_[(visit + streamed.size() - in_flight) % streamed.size()]);
-      if (home == Tier::kNvme) ready = move(Resource::kNvmeRead, ready, bytes, "read " + name);
-      const double up = move(Resource::kPcieUp, ready, bytes, "upload " + name);
+      if (home == Tier::kNvme) ready = move(Resource::kNvmeRead, ready, up_bytes, "read " + name);
+      const double up = move(Resource::kPcieUp, ready, up_bytes, "upload " + name);
       const bool pair_in_place = !goes_home && zo_storage(config_) == config_.precision;
       c = compute(std::max(c, up), kernels(part, lag, pair_in_place) + forwards_s, flops,
                   name + ": " + std::to_string(lag) + " updates, perturb, forwards");
@@ -485,6 +497,7 @@ class StepBuilder {
   Timeline timeline_;
   const std::vector<PartShape> parts_;
   std::vector<std::uint64_t> visit_bytes_;  // per part
+  std::vector<std::uint64_t> frozen_bytes_;  // per part: its frozen bundle's share of visit_bytes_
   const std::uint64_t e_;
   const double tflops_;
   const Ranks ranks_;

@@ -111,6 +111,8 @@ TEST_CASE("a subcommand's numbers are read strictly, the error naming the flag, 
   const Case cases[] = {
       {"bench optim --repeats 0", "--repeats 0 is invalid: out of range: give an integer from 1 to 1000"},
       {"bench zo --steps 2.5", "--steps 2.5 is invalid: not a whole number"},
+      {"bench zo --lora-rank 1.5", "--lora-rank 1.5 is invalid"},
+      {"bench zo --base-storage fp8", "--base-storage fp8 stores a LoRA base: give --lora-rank too"},
       {"bench tokenizer --tokenizer t --data d --repeat x", "--repeat x is invalid: not an integer"},
       {"bench calibrate --repeat 0 --out " + dir.file("hw.json"), "--repeat 0 is invalid"},
       {"bench io --path " + dir.path() + " --size 4MiB --repeat 2x", "--repeat 2x is invalid: not an integer"},

@@ -154,3 +154,31 @@ TEST_CASE("an fp8 base is sized as one byte an element plus a scale per channel,
                     Catch::Contains("base storage fp8") && Catch::Contains("compute"));
   CHECK_THROWS_WITH(parse_base_storage("int4"), Catch::Contains("compute") && Catch::Contains("fp8"));
 }
+
+TEST_CASE("zo2 with LoRA over an fp8 base equals zo2 over its dequantized weights in the compute dtype") {
+  TempDir dir;
+  const models::ModelConfig model = lora_llama();
+  EngineConfig config = base_config(Mode::kZo2);
+  config.optimizer.kind = OptimizerKind::kSgd;
+  config.optimizer.momentum = 0.9;
+  config.zo.seed = 42;
+  // The fp8 path is the same for every home but the device's (the copy a visit brings, or the
+  // resident one); zo2_test.cpp streams a LoRA base from NVMe.
+  SECTION("the base resident, decoded at each visit") { config.zo.block_tier = G; }
+  SECTION("the base in host memory, streamed") { config.zo.block_tier = H; }
+  Engine reference(dequantized_model(model), config);
+  Engine engine(models::build(model, 7), fp8_base(config));
+  auto reference_loader = demo_loader(3), loader = demo_loader(3);
+  for (int i = 0; i < 6; ++i) {
+    INFO("step " << i + 1);
+    const StepResult expected = *reference.train_step(reference_loader->next());
+    const StepResult result = *engine.train_step(loader->next());
+    CHECK(result.loss_plus == expected.loss_plus);
+    CHECK(result.loss_minus == expected.loss_minus);
+    CHECK(result.projected_grads == expected.projected_grads);
+  }
+  reference.export_adapter(dir.file("reference-adapter"), "tiny-llama");
+  engine.export_adapter(dir.file("adapter"), "tiny-llama");
+  CHECK(contents(dir.file("adapter/adapter_model.safetensors")) ==
+        contents(dir.file("reference-adapter/adapter_model.safetensors")));
+}

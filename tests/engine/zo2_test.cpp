@@ -1,8 +1,11 @@
-// The zo2 mode against MeZO written plainly over an in-memory model, with the same seeds.
+// The zo2 mode against MeZO written plainly over an in-memory model, with the same seeds; with
+// LoRA (MeZO's ZO-LoRA), over the adapters alone with the base frozen.
 
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <iterator>
+#include <map>
 
 #include <torch/torch.h>
 #include <torch/version.h>
@@ -10,6 +13,7 @@
 #include "ferry/data.h"
 #include "ferry/engine.h"
 #include "ferry/model.h"
+#include "ferry/safetensors.h"
 #include "ferry/system.h"
 #include "ferry/zo.h"
 #include "engine/sizing.h"
@@ -70,17 +74,23 @@ EngineConfig zo_config() {
   return config;
 }
 
-// MeZO (Malladi et al. 2023, Algorithm 1) over a whole model held in memory: the parameters of
-// each part laid out as the engine documents (decayed ones first), z from the same generator.
+// MeZO (Malladi et al. 2023, Algorithm 1) over a whole model held in memory: the trainable
+// parameters of each part laid out as the engine documents (decayed ones first), z from the same
+// generator. Frozen ones (requires_grad = False: a LoRA base) are never perturbed or updated.
 class Reference {
  public:
-  Reference(const models::ModelConfig& config, const EngineConfig& engine_config)
+  // `freeze` may set requires_grad = False on some of the model's parameters first.
+  Reference(const models::ModelConfig& config, const EngineConfig& engine_config,
+            const std::function<void(const LayeredModel&)>& freeze = {})
       : model_(models::build(config, kModelSeed)), config_(engine_config) {
+    if (freeze) freeze(model_);
     model_.to(engine_config.device);
     model_.train(false);
-    add_part(*model_.stem());
-    for (const auto& block : model_.blocks()) add_part(*block);
-    add_part(*model_.head());
+    add_part(models::Part::kStem, 0, *model_.stem());
+    for (std::size_t i = 0; i < model_.num_blocks(); ++i) {
+      add_part(models::Part::kBlock, static_cast<std::int64_t>(i), *model_.blocks()[i]);
+    }
+    add_part(models::Part::kHead, 0, *model_.head());
   }
 
   struct Step {
@@ -162,16 +172,33 @@ class Reference {
     return all;
   }
 
+  // The trained parameters under their Hugging Face names.
+  std::map<std::string, torch::Tensor> named_weights() const {
+    std::map<std::string, torch::Tensor> named;
+    for (std::size_t p = 0; p < names_.size(); ++p) {
+      for (std::size_t i = 0; i < names_[p].size(); ++i) named[names_[p][i]] = theta_[p][i];
+    }
+    return named;
+  }
+
   const LayeredModel& model() const { return model_; }
 
  private:
-  void add_part(torch::nn::Module& module) {
+  void add_part(models::Part kind, std::int64_t index, torch::nn::Module& module) {
     std::vector<torch::Tensor> decayed, others;
+    std::vector<std::string> decayed_names, other_names;
     for (const auto& item : module.named_parameters()) {
-      (is_no_decay(item.key(), item.value()) ? others : decayed).push_back(item.value());
+      if (!item.value().requires_grad()) continue;
+      const bool decays = !is_no_decay(item.key(), item.value());
+      (decays ? decayed : others).push_back(item.value());
+      const std::string name =
+          model_.config() ? models::hf_name(*model_.config(), kind, index, item.key()) : item.key();
+      (decays ? decayed_names : other_names).push_back(name);
     }
     std::vector<torch::Tensor> ordered = decayed;
     ordered.insert(ordered.end(), others.begin(), others.end());
+    decayed_names.insert(decayed_names.end(), other_names.begin(), other_names.end());
+    names_.push_back(decayed_names);
     parts_.push_back(ordered);
     std::vector<torch::Tensor> theta;
     std::vector<bool> decays;
@@ -236,6 +263,7 @@ class Reference {
   EngineConfig config_;
   std::int64_t step_ = 0;
   std::vector<std::vector<torch::Tensor>> parts_;
+  std::vector<std::vector<std::string>> names_;
   std::vector<std::vector<torch::Tensor>> theta_;
   std::vector<std::vector<bool>> decays_;
   std::vector<std::vector<torch::Tensor>> momentum_;  // or Adam's exp_avg
@@ -282,9 +310,8 @@ void require_continuation(Engine& engine, const std::vector<StepResult>& straigh
 }
 
 // Trains the engine and the plain reference side by side on the same batches: each step's losses
-// and projected gradients agree (exactly, or within LibTorch 2.x's tolerance: kExactReference),
-// and so do the weights a checkpoint of the engine holds at the end.
-void require_follows_reference(Engine& engine, Reference& reference, int steps) {
+// and projected gradients agree (exactly, or within LibTorch 2.x's tolerance: kExactReference).
+void require_steps_follow_reference(Engine& engine, Reference& reference, int steps) {
   auto batches = loader(3);
   for (int step = 0; step < steps; ++step) {
     INFO("step " << step + 1);
@@ -303,19 +330,70 @@ void require_follows_reference(Engine& engine, Reference& reference, int steps) 
       }
     }
   }
+}
+
+// The weights agree as the parameter at `what` allows: bit for bit, or within kWeightTolerance.
+void require_same_weights(const torch::Tensor& weights, const torch::Tensor& expected, const std::string& what) {
+  INFO(what << " " << torch::IntArrayRef(weights.sizes()) << ", largest difference "
+            << (weights - expected).abs().max().item<double>());
+  if (kExactReference) {
+    CHECK(torch::equal(weights, expected));
+  } else {
+    CHECK(torch::allclose(weights, expected, /*rtol=*/0, /*atol=*/kWeightTolerance));
+  }
+}
+
+// The steps as above, and the weights a checkpoint of the engine holds at the end.
+void require_follows_reference(Engine& engine, Reference& reference, int steps) {
+  require_steps_follow_reference(engine, reference, steps);
   TempDir dir;
   const std::vector<torch::Tensor> weights = saved_weights(engine, dir.path() + "/ckpt");
   const std::vector<torch::Tensor> expected = reference.weights();
   REQUIRE(weights.size() == expected.size());
   for (std::size_t i = 0; i < weights.size(); ++i) {
-    INFO("parameter " << i << " " << torch::IntArrayRef(weights[i].sizes()) << ", largest difference "
-                      << (weights[i] - expected[i]).abs().max().item<double>());
-    if (kExactReference) {
-      CHECK(torch::equal(weights[i], expected[i]));
-    } else {
-      CHECK(torch::allclose(weights[i], expected[i], /*rtol=*/0, /*atol=*/kWeightTolerance));
-    }
+    require_same_weights(weights[i], expected[i], "parameter " + std::to_string(i));
   }
+}
+
+// MeZO's ZO-LoRA setting: adapters on the attention's query and value projections.
+models::ModelConfig lora_shape(const std::string& preset) {
+  models::ModelConfig config = model_config(preset);
+  config.lora.rank = 4;
+  config.lora.alpha = 8;
+  config.lora.targets = {"q_proj", "v_proj"};
+  return config;
+}
+
+using Named = std::map<std::string, torch::Tensor>;
+
+// Every tensor of a weights directory (a checkpoint or an export), in fp32.
+Named directory_tensors(const std::string& dir) {
+  safetensors::Checkpoint checkpoint(dir);
+  Named named;
+  for (const std::string& name : checkpoint.names()) {
+    const safetensors::TensorInfo& info = checkpoint.tensor(name);
+    REQUIRE(info.dtype == DType::kF32);
+    torch::Tensor values = torch::empty(info.shape, torch::kFloat);
+    checkpoint.read_into(name, values.data_ptr(), info.bytes());
+    named[name] = values;
+  }
+  return named;
+}
+
+// Every parameter of a model under its Hugging Face name.
+Named hf_parameters(const LayeredModel& model) {
+  Named named;
+  auto add = [&](models::Part part, std::int64_t index, const torch::nn::Module& module) {
+    for (const auto& item : module.named_parameters()) {
+      named[models::hf_name(*model.config(), part, index, item.key())] = item.value().detach().clone();
+    }
+  };
+  add(models::Part::kStem, 0, *model.stem());
+  for (std::size_t i = 0; i < model.num_blocks(); ++i) {
+    add(models::Part::kBlock, static_cast<std::int64_t>(i), *model.blocks()[i]);
+  }
+  add(models::Part::kHead, 0, *model.head());
+  return named;
 }
 
 }  // namespace
@@ -590,6 +668,96 @@ TEST_CASE("zo2 resumes from a checkpoint with the same losses as an uninterrupte
   resumed.load(dir.path() + "/ckpt");
   CHECK(resumed.steps_taken() == 3);
   require_continuation(resumed, expected);
+}
+
+TEST_CASE("zo2 with LoRA equals plain MeZO over the adapters alone, the base resident or streamed and untouched") {
+  TempDir dir;
+  EngineConfig config = zo_config();
+  std::string preset = "tiny-llama";
+  SECTION("the base resident on the device") { config.zo.block_tier = Tier::kGpu; }
+  SECTION("OPT (its head reads the frozen embedding) streamed from host memory, momentum and two samples") {
+    preset = "tiny-opt";
+    config.optimizer.momentum = 0.9;
+    config.zo.samples = 2;
+  }
+  SECTION("the base streamed from NVMe") {
+    config.zo.block_tier = Tier::kNvme;
+    config.nvme_directories = {dir.subdir("nvme")};
+  }
+  const models::ModelConfig shape = lora_shape(preset);
+  const Named initial = hf_parameters(models::build(shape, kModelSeed));
+  Reference reference(shape, config);
+  Engine engine(models::build(shape, kModelSeed), config);
+  constexpr int kSteps = 10;
+  require_steps_follow_reference(engine, reference, kSteps);
+
+  // The checkpoint holds the adapters alone, trained as MeZO trained them.
+  engine.save(dir.path() + "/ckpt");
+  const Named adapters = directory_tensors(dir.path() + "/ckpt");
+  const Named expected = reference.named_weights();
+  REQUIRE(adapters.size() == expected.size());
+  REQUIRE(adapters.size() == static_cast<std::size_t>(4 * shape.num_layers));
+  for (const auto& [name, values] : expected) {
+    REQUIRE(adapters.count(name) == 1);
+    CHECK(!torch::equal(values, initial.at(name)));
+    require_same_weights(adapters.at(name), values, name);
+  }
+  // The base, read back from its home through the merged export, is what it was bit for bit:
+  // every tensor but the adapted ones as it was, those the base plus scale * B A of the adapters.
+  engine.export_pretrained(dir.path() + "/merged", Precision::kF32);
+  const Named merged = directory_tensors(dir.path() + "/merged");
+  REQUIRE(merged.size() == initial.size() - adapters.size());
+  for (const auto& [name, values] : merged) {
+    INFO(name);
+    const std::string module = name.substr(0, name.rfind('.'));
+    if (name != module + ".weight" || adapters.count(module + ".lora_A.weight") == 0) {
+      CHECK(torch::equal(values, initial.at(name)));
+      continue;
+    }
+    const torch::Tensor delta = torch::matmul(adapters.at(module + ".lora_B.weight"),
+                                              adapters.at(module + ".lora_A.weight")) * shape.lora.scale();
+    CHECK(torch::equal(values, initial.at(name) + delta));
+  }
+
+  // The sizing holds what the store took, and nothing of the base ever went home: what left the
+  // device is the adapters' weights and momenta on their write-back turns.
+  const TierDemand demand = engine_demand(part_shapes(shape), config);
+  const StoreStats store = engine.stats().store;
+  for (Tier tier : {Tier::kGpu, Tier::kHost}) {
+    INFO(to_string(tier));
+    CHECK(store.tiers[static_cast<int>(tier)].peak_bytes <= demand.bytes[static_cast<int>(tier)]);
+  }
+  const std::uint64_t adapter_bytes =
+      (static_cast<std::uint64_t>(shape.lora_parameter_count()) * 4 + kIoAlignment - 1) / kIoAlignment * kIoAlignment;
+  const auto& down = store.transfers[static_cast<int>(Tier::kGpu)][static_cast<int>(Tier::kHost)];
+  CHECK(down.bytes <= (kSteps + 1) * static_cast<std::uint64_t>(shape.num_layers) * 2 * adapter_bytes);
+}
+
+TEST_CASE("zo2 over a model of frozen parameters trains the others alone: a whole stem, a whole block, one weight") {
+  auto freeze = [](const LayeredModel& model) {
+    model.stem()->parameters()[0].requires_grad_(false);
+    for (torch::Tensor& parameter : model.blocks()[1]->parameters()) parameter.requires_grad_(false);
+    for (const auto& item : model.blocks()[0]->named_parameters()) {
+      if (item.key() == "self_attn.q_proj.weight") item.value().requires_grad_(false);
+    }
+  };
+  TempDir dir;
+  EngineConfig config = zo_config();
+  config.optimizer.momentum = 0.9;
+  const models::ModelConfig shape = model_config("tiny-llama");
+  Reference reference(shape, config, freeze);
+  LayeredModel model = models::build(shape, kModelSeed);
+  freeze(model);
+  Engine engine(std::move(model), config);
+  require_steps_follow_reference(engine, reference, 6);
+  engine.save(dir.path() + "/ckpt");
+  const Named trained = directory_tensors(dir.path() + "/ckpt");
+  const Named expected = reference.named_weights();
+  REQUIRE(trained.size() == expected.size());
+  for (const auto& [name, values] : expected) {
+    REQUIRE(trained.count(name) == 1);
+    require_same_weights(trained.at(name), values, name);
+  }
 }
 
 TEST_CASE("zo2 keeps the device tier within its budget") {
