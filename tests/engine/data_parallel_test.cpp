@@ -487,6 +487,9 @@ TEST_CASE("a two-rank checkpoint re-shards into three ranks and back into one, b
     });
   };
   REQUIRE(train_and_save(2, "", two) == std::vector<std::string>{"", ""});
+  // The weights as the ranks computed with them, loadable as a Hugging Face model.
+  CHECK(safetensors::Checkpoint(two).tensor("model.embed_tokens.weight").dtype == DType::kBF16);
+  CHECK(models::from_pretrained(two).num_blocks() == models::build(model_config(), kModelSeed).num_blocks());
   REQUIRE(train_and_save(3, two, three) == std::vector<std::string>{"", "", ""});
   CHECK(fs::exists(three + "/optimizer.rank2.safetensors"));
   // One rank writes what it loaded whole (one file): the same from either checkpoint.
