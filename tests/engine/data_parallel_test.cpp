@@ -467,15 +467,19 @@ TEST_CASE("two ranks save each its half of the optimizer states, in a file of it
   }
 }
 
-// Three ranks split every part where two did not, so each reads pieces of both rank files.
+// Three ranks split every part where two did not, so each reads pieces of both rank files. The
+// three ranks run another placement than the others (the checkpoint does not depend on it).
 TEST_CASE("a two-rank checkpoint re-shards into three ranks and back into one, bit for bit") {
+  const Mode three_ranks_mode = GENERATE(Mode::kGpu, Mode::kFuyou);
+  INFO(to_string(three_ranks_mode));
   TempDir dir;
   EngineConfig config = first_order_config(Mode::kZeroOffload, dir);
   config.precision = Precision::kBF16;  // the fp32 master in the rank files, bf16 weights
   const std::string two = dir.file("two"), three = dir.file("three");
   auto train_and_save = [&](int world, const std::string& load, const std::string& save) {
     return run_ranks(world, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
-      EngineConfig ranked = config;
+      EngineConfig ranked = world == 3 ? first_order_config(three_ranks_mode, dir) : config;
+      ranked.precision = config.precision;
       ranked.communicator = communicator;
       Engine engine(models::build(model_config(), kModelSeed), ranked);
       if (load.empty()) {
