@@ -4,6 +4,8 @@
 // directory, every file fsynced, then swapped in atomically, so a failure or a crash mid-save
 // leaves the previous checkpoint intact. Saving and loading go one part at a time through the
 // strategies' per-part readers and writers; loading checks what it reads against the checksums.
+// With several ranks whose states are sharded, each rank writes its shards into a file of its own
+// and loading re-shards them into any world size (the rank files section below).
 
 #include "engine/checkpoint.h"
 
