@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <sstream>
 
@@ -513,6 +514,26 @@ TEST_CASE("a rank that fails to write its shard stops every rank, naming it, and
   EngineConfig config = first_order_config(Mode::kZeroOffload, dir);
   const std::string checkpoint = dir.file("checkpoint");
   FaultInjectingEnv envs[2];
+  // Which rank fails, how, and what its error names. (Made here, not by GENERATE, which keeps
+  // its values across the runs of the test case and so an earlier run's directory.)
+  struct Fault {
+    int rank;
+    std::function<void(FaultInjectingEnv&)> arm;
+    std::string names;
+  };
+  const std::string staged = checkpoint + ".partial";
+  const Fault fault =
+      GENERATE(1, 0) == 1
+          ? Fault{1, [](FaultInjectingEnv& env) { env.fail(IoOp::kWrite, "/optimizer.rank1.safetensors", 0, ENOSPC); },
+                  "optimizer.rank1.safetensors"}
+          // Rank 0's swap of the staged directory into place, after every rank has written its files.
+          : Fault{0, [staged](FaultInjectingEnv& env) {
+                    env.on_each_call([&env, staged](const std::string& what, const std::string& path) {
+                      if (what == "rename" && path == staged) env.fail_call(EnvCall::kRename, path, EIO, 1);
+                    });
+                  },
+                  "exchange with"};
+  INFO("rank " << fault.rank << " fails: " << fault.names);
   std::map<std::string, std::string> before;
   std::vector<std::string> failures(2);
   auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
@@ -524,7 +545,7 @@ TEST_CASE("a rank that fails to write its shard stops every rank, naming it, and
     engine.save(checkpoint);
     if (rank == 0) before = files_in(checkpoint);
     train_on(engine, rank, 2, 1, 2);
-    if (rank == 1) envs[1].fail(IoOp::kWrite, "/optimizer.rank1.safetensors", 0, ENOSPC);
+    if (rank == fault.rank) fault.arm(envs[rank]);
     try {
       engine.save(checkpoint);
     } catch (const std::exception& e) {
@@ -532,11 +553,14 @@ TEST_CASE("a rank that fails to write its shard stops every rank, naming it, and
     }
   });
   REQUIRE(errors == std::vector<std::string>{"", ""});
-  CHECK(envs[1].faults_injected() > 0);
-  CHECK_THAT(failures[0], Catch::StartsWith("save() failed on rank 1:") && Catch::Contains("optimizer.rank1.safetensors"));
-  CHECK_THAT(failures[1], Catch::Contains("optimizer.rank1.safetensors"));
+  CHECK(envs[fault.rank].faults_injected() > 0);
+  const int other = 1 - fault.rank;
+  CHECK_THAT(failures[static_cast<std::size_t>(other)],
+             Catch::StartsWith("save() failed on rank " + std::to_string(fault.rank) + ":") &&
+                 Catch::Contains(fault.names));
+  CHECK_THAT(failures[static_cast<std::size_t>(fault.rank)], Catch::Contains(fault.names));
   CHECK(files_in(checkpoint) == before);
-  CHECK_FALSE(fs::exists(checkpoint + ".partial"));
+  CHECK_FALSE(fs::exists(staged));
   Engine loaded(models::build(model_config(), kModelSeed + 1), config);
   loaded.load(checkpoint);
   CHECK(loaded.steps_taken() == 1);
