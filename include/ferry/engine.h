@@ -385,9 +385,12 @@ class Engine {
   // (a LoRA base) are not saved, only their count and the adapters' settings, which load()
   // checks. Written atomically: into "<dir>.partial", every file fsynced, then swapped in place
   // of `dir` and the parent directory fsynced; a failure or a crash at any point leaves `dir` as
-  // it was.
+  // it was. With several ranks whose optimizer states are sharded, every rank writes its own
+  // shard (optimizer.rank<r>.safetensors, the fp32 master among them) and rank 0 the weights in
+  // the compute dtype (docs/distributed.md); a failure on any rank stops every rank, naming it.
   void save(const std::string& dir, const std::string& extra_json = "{}");
-  // Restores what save wrote; returns `extra`. The model must have the same shape. The tensors
+  // Restores what save wrote, with any world size (each rank reads its own shard of a
+  // checkpoint of several ranks); returns `extra`. The model must have the same shape. The tensors
   // read are checked against their checksums as config().verify says; a mismatch throws naming
   // the tensor and its file (the engine's state is then undefined: load another checkpoint).
   std::string load(const std::string& dir);

@@ -4,6 +4,8 @@
 // directory, every file fsynced, then swapped in atomically, so a failure or a crash mid-save
 // leaves the previous checkpoint intact. Saving and loading go one part at a time through the
 // strategies' per-part readers and writers; loading checks what it reads against the checksums.
+// With several ranks whose states are sharded, each rank writes its shards into a file of its own
+// and loading re-shards them into any world size (the rank files section below).
 
 #include "engine/checkpoint.h"
 
@@ -30,6 +32,10 @@ namespace ferry {
 namespace {
 
 constexpr const char* kFormat = "ferry-checkpoint-1";
+// A checkpoint of several ranks whose optimizer states are sharded: each rank's shards in a file of
+// its own (rank_file), the weights in the compute dtype (docs/distributed.md).
+constexpr const char* kRankFilesFormat = "ferry-checkpoint-2";
+constexpr const char* kMasterState = "master";  // the fp32 master's shards, in rank files
 constexpr const char* kOptimizerFile = "optimizer.safetensors";
 constexpr const char* kStateFile = "trainer_state.json";
 
@@ -48,6 +54,8 @@ std::string tensor_name(const LayeredModel& model, const detail::Part& part,
   if (model.config()) return models::hf_name(*model.config(), part.kind, part.index, slice.name);
   return part.name + "." + slice.name;
 }
+
+std::string rank_file(int rank) { return "optimizer.rank" + std::to_string(rank) + ".safetensors"; }
 
 std::string read_text_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -119,8 +127,9 @@ nlohmann::json read_state(const std::string& dir, const EngineConfig& config) {
   } catch (const nlohmann::json::exception& error) {
     throw Error(detail::concat(dir, "/", kStateFile, " is not valid JSON: ", error.what()));
   }
-  FERRY_CHECK(state.value("format", "") == kFormat, dir, "/", kStateFile, " has format '",
-              state.value("format", ""), "'; this ferry reads '", kFormat, "'");
+  const std::string format = state.value("format", "");
+  FERRY_CHECK(format == kFormat || format == kRankFilesFormat, dir, "/", kStateFile, " has format '", format,
+              "'; this ferry reads '", kFormat, "' and '", kRankFilesFormat, "'");
   FERRY_CHECK(state.value("optimizer", "") == to_string(config.optimizer.kind), "checkpoint '",
               dir, "' holds ", state.value("optimizer", "?"), " state but the engine runs ",
               to_string(config.optimizer.kind));
@@ -131,11 +140,41 @@ nlohmann::json read_state(const std::string& dir, const EngineConfig& config) {
   return state;
 }
 
-const float* part_data(const torch::Tensor& values, const detail::Part& part, const char* what) {
+const float* flat_data(const torch::Tensor& values, std::int64_t numel, const detail::Part& part, const char* what) {
   FERRY_ASSERT(values.device().is_cpu() && values.scalar_type() == torch::kFloat &&
-                   values.is_contiguous() && values.numel() == part.numel,
-               part.name, "'s ", what, " must be ", part.numel, " contiguous fp32 values on the host");
+                   values.is_contiguous() && values.numel() == numel,
+               part.name, "'s ", what, " must be ", numel, " contiguous fp32 values on the host");
   return values.data_ptr<float>();
+}
+
+const float* part_data(const torch::Tensor& values, const detail::Part& part, const char* what) {
+  return flat_data(values, part.numel, part, what);
+}
+
+// The checksum trainer_state.json records for tensor `name` in `file`.
+std::string recorded_checksum(const std::string& dir, const nlohmann::json& checksums, const std::string& file,
+                              const std::string& name) {
+  const nlohmann::json& files = checksums.at("files");
+  FERRY_CHECK(files.contains(file) && files[file].contains(name), "checkpoint '", dir, "': trainer_state.json ",
+              "records no checksum for tensor '", name, "' in ", file, ": the checkpoint is damaged; load ",
+              "another one (or this one with verify none, at your own risk)");
+  return files[file][name].get<std::string>();
+}
+
+void check_checksum(const std::string& dir, const std::string& file, const std::string& name, const std::string& sum,
+                    const void* data, std::uint64_t bytes) {
+  const std::string read = hex(xxh64(data, bytes));
+  FERRY_CHECK(read == sum, "checkpoint '", dir, "' is corrupt: tensor '", name, "' in ", file,
+              " does not match the checksum recorded when it was saved (xxh64 ", sum, " recorded, ", read,
+              " read): the file was changed or damaged on disk. Load an earlier checkpoint, or this one with ",
+              "verify none to read it anyway");
+}
+
+void write_model_config(Env& env, const std::string& staged, const LayeredModel& model, DType weight_dtype) {
+  if (!model.config()) return;
+  models::ModelConfig config = *model.config();
+  config.dtype = weight_dtype;
+  write_file_durably(env, staged + "/config.json", config.to_hf_json());
 }
 
 void check_tensor(const safetensors::TensorInfo* info, const std::string& dir, const char* file,
@@ -335,11 +374,7 @@ void stage_weights_directory(const std::string& staged, const LayeredModel& mode
   weights.finish();
   if (optimizer) optimizer->finish();
 
-  if (model.config()) {
-    models::ModelConfig config = *model.config();
-    config.dtype = weight_dtype;
-    write_file_durably(env, staged + "/config.json", config.to_hf_json());
-  }
+  write_model_config(env, staged, model, weight_dtype);
   for (const auto& [name, contents] : extra_files) {
     FERRY_CHECK(!name.empty() && name.find('/') == std::string::npos && name != kStateFile, "extra file '", name,
                 "' is not a file name this directory may take");
@@ -373,15 +408,7 @@ void read_checkpoint(const std::string& dir, const LayeredModel& model,
   auto record = [&](const std::string& name, const std::string& path, std::uint64_t bytes) {
     const std::size_t slash = path.find_last_of('/');
     const std::string file = slash == std::string::npos ? path : path.substr(slash + 1);
-    std::string sum;
-    if (!checksums.is_null()) {
-      const nlohmann::json& files = checksums.at("files");
-      FERRY_CHECK(files.contains(file) && files[file].contains(name), "checkpoint '", dir, "': trainer_state.json ",
-                  "records no checksum for tensor '", name, "' in ", file, ": the checkpoint is damaged; load ",
-                  "another one (or this one with verify none, at your own risk)");
-      sum = files[file][name].get<std::string>();
-    }
-    recorded[name] = {file, sum};
+    recorded[name] = {file, checksums.is_null() ? "" : recorded_checksum(dir, checksums, file, name)};
     sizes.emplace_back(name, bytes);
   };
   for (const Part& part : parts) {
@@ -407,11 +434,7 @@ void read_checkpoint(const std::string& dir, const LayeredModel& model,
   auto check_read = [&](const std::string& name, const void* data, std::uint64_t bytes) {
     if (!verified.count(name)) return;
     const auto& [file, sum] = recorded.at(name);
-    const std::string read = hex(xxh64(data, bytes));
-    FERRY_CHECK(read == sum, "checkpoint '", dir, "' is corrupt: tensor '", name, "' in ", file,
-                " does not match the checksum recorded when it was saved (xxh64 ", sum, " recorded, ", read,
-                " read): the file was changed or damaged on disk. Load an earlier checkpoint, or this one with ",
-                "verify none to read it anyway");
+    check_checksum(dir, file, name, sum, data, bytes);
   };
 
   for (std::size_t p = 0; p < parts.size(); ++p) {
@@ -435,6 +458,15 @@ void read_checkpoint(const std::string& dir, const LayeredModel& model,
     }
     consume(p, std::move(values));
   }
+}
+
+PartShard Trainer::read_shard(std::size_t part, bool) {
+  FERRY_ASSERT(false, "a trainer without sharded states was asked for part ", part, "'s shard");
+  return {};
+}
+
+void Trainer::write_shard(std::size_t part, const PartShard&) {
+  FERRY_ASSERT(false, "a trainer without sharded states was given part ", part, "'s shard");
 }
 
 }  // namespace detail
@@ -469,12 +501,409 @@ template <typename Write>
 void rank_zero_writes(detail::Trainer& trainer, const char* what, bool with_states, Write write) {
   detail::on_every_rank(trainer.config().communicator.get(), what, [&] {
     if (detail::rank(trainer.config()) == 0) return write();
-    if (!trainer.reads_collectively()) return;
+    if (!trainer.shards_states()) return;
     for (std::size_t p = 0; p < trainer.parts().size(); ++p) {
       if (trainer.parts()[p].trainable()) trainer.read_part(p, with_states);
     }
   });
 }
+
+// --- checkpoints of several ranks ----------------------------------------------------------------
+//
+// Note: with ZeRO stage 2 every rank holds the parameters whole and only its shard of each part's
+// fp32 master and optimizer states. So each rank writes its shards into a file of its own, and rank
+// 0 writes the parameters, in the compute dtype, as the checkpoint's weights: nothing is gathered.
+// The ranks write into one staged directory (they share the filesystem) and agree on each stage
+// before rank 0 swaps it in. The format is in docs/distributed.md.
+
+// Elements [begin, end) of a parameter, flattened in row-major order.
+struct ElementRange {
+  std::int64_t begin = 0;
+  std::int64_t end = 0;
+
+  bool empty() const { return begin >= end; }
+  std::int64_t numel() const { return end - begin; }
+  bool operator==(const ElementRange& other) const { return begin == other.begin && end == other.end; }
+};
+
+// The elements of `slice` that its part's flat range [begin, begin + numel) holds.
+ElementRange overlap(const detail::ParameterSlice& slice, std::int64_t begin, std::int64_t numel) {
+  return {std::max<std::int64_t>(begin - slice.offset, 0), std::min<std::int64_t>(begin + numel - slice.offset, slice.numel)};
+}
+
+// Whether the trainer keeps an fp32 master apart from its parameters (a compute dtype other than fp32).
+bool separate_master(const detail::Trainer& trainer) {
+  return detail::scalar_type(trainer.config().precision) != torch::kFloat;
+}
+
+// What a rank file holds of each parameter: its fp32 master where that is apart from the weights,
+// then the optimizer's states.
+std::vector<std::string> rank_file_states(const detail::Trainer& trainer) {
+  std::vector<std::string> states;
+  if (separate_master(trainer)) states.push_back(kMasterState);
+  const std::vector<std::string> optimizer = state_names(trainer.config().optimizer.kind);
+  states.insert(states.end(), optimizer.begin(), optimizer.begin() + static_cast<std::ptrdiff_t>(trainer.state_count()));
+  return states;
+}
+
+// Writes this rank's file into `staged`, and on rank 0 the weights and config.json, each durable,
+// one part at a time. Returns the XXH64 of every tensor written, by file.
+nlohmann::json stage_rank_files(const std::string& staged, detail::Trainer& trainer, Env& env) {
+  const LayeredModel& model = trainer.model();
+  const std::vector<detail::Part>& parts = trainer.parts();
+  const int rank = detail::rank(trainer.config());
+  const bool writes_weights = rank == 0;
+  const std::vector<std::string> states = rank_file_states(trainer);
+  const DType weight_dtype = to_dtype(detail::scalar_type(trainer.config().precision));
+  const std::string file = rank_file(rank);
+
+  // Every tensor of a rank file is one state of the elements of one parameter that the rank's
+  // shard holds; its metadata says which, so the file reads without this code.
+  std::vector<safetensors::TensorSpec> weight_specs, shard_specs;
+  std::map<std::string, std::string> metadata = {
+      {"ferry", "optimizer shard"}, {"rank", std::to_string(rank)},
+      {"world_size", std::to_string(detail::world_size(trainer.config()))}};
+  for (const detail::Part& part : parts) {
+    for (const detail::ParameterSlice& slice : part.slices) {
+      const std::string name = tensor_name(model, part, slice);
+      if (writes_weights) weight_specs.push_back({name, weight_dtype, slice.shape});
+      const ElementRange range = overlap(slice, part.shard.begin, part.shard.numel);
+      if (range.empty()) continue;
+      for (const std::string& state : states) {
+        shard_specs.push_back({name + "." + state, DType::kF32, {range.numel()}});
+        metadata[name + "." + state] = nlohmann::json{{"part", part.name},      {"parameter", name},
+                                                      {"state", state},         {"begin", range.begin},
+                                                      {"end", range.end},       {"shape", slice.shape}}
+                                           .dump();
+      }
+    }
+  }
+  std::optional<safetensors::Writer> weights;
+  if (writes_weights) {
+    weights.emplace(safetensors::Writer::checkpoint(staged, std::move(weight_specs), models::kDefaultMaxShardBytes, &env));
+  }
+  safetensors::Writer shard = safetensors::Writer::file(staged + "/" + file, std::move(shard_specs), metadata, &env);
+  nlohmann::json checksums = nlohmann::json::object();
+  auto write_summed = [&](safetensors::Writer& writer, const std::string& in_file, const std::string& name,
+                          const void* data, std::uint64_t bytes) {
+    writer.write(name, data, bytes);
+    checksums[in_file][name] = hex(xxh64(data, bytes));
+  };
+  const std::uint64_t weight_size = dtype_size(weight_dtype);
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    const detail::Part& part = parts[p];
+    if (!part.trainable()) continue;
+    const detail::PartShard values = trainer.read_shard(p, writes_weights);
+    std::vector<const float*> shards;  // by state, from the shard's first element
+    if (values.master.defined()) shards.push_back(flat_data(values.master, part.shard.numel, part, "fp32 master"));
+    for (const torch::Tensor& state : values.states) {
+      shards.push_back(flat_data(state, part.shard.numel, part, "optimizer state"));
+    }
+    FERRY_ASSERT(shards.size() == states.size(), part.name, " came with ", shards.size(), " shards, not ", states.size());
+    torch::Tensor part_weights;
+    if (writes_weights) {
+      part_data(values.parameters, part, "parameters");
+      part_weights = values.parameters.to(to_scalar_type(weight_dtype));
+    }
+    for (const detail::ParameterSlice& slice : part.slices) {
+      const std::string name = tensor_name(model, part, slice);
+      if (writes_weights) {
+        write_summed(*weights, weights->file_of(name), name,
+                     static_cast<const char*>(part_weights.data_ptr()) + slice.offset * weight_size,
+                     static_cast<std::uint64_t>(slice.numel) * weight_size);
+      }
+      const ElementRange range = overlap(slice, part.shard.begin, part.shard.numel);
+      if (range.empty()) continue;
+      const std::int64_t first = slice.offset + range.begin - part.shard.begin;
+      for (std::size_t i = 0; i < states.size(); ++i) {
+        write_summed(shard, file, name + "." + states[i], shards[i] + first, static_cast<std::uint64_t>(range.numel()) * 4);
+      }
+    }
+  }
+  if (weights) weights->finish();
+  shard.finish();
+  if (writes_weights) write_model_config(env, staged, model, weight_dtype);
+  return checksums;
+}
+
+// save() with several ranks whose states are sharded: rank 0 makes the staged directory, every
+// rank writes its files into it, rank 0 adds trainer_state.json with every rank's checksums and
+// swaps it in. Each stage ends with the ranks agreeing, so a rank's failure stops every rank,
+// naming it, and leaves the previous checkpoint at `dir`.
+void write_rank_files(const std::string& dir, detail::Trainer& trainer, nlohmann::json state) {
+  const EngineConfig& config = trainer.config();
+  dist::Communicator* communicator = config.communicator.get();
+  Env& env = env_or_posix(config.checkpoint_env);
+  const int rank = detail::rank(config);
+  const std::string staged = dir + ".partial";
+  auto remove_staged = [&] {
+    if (rank != 0) return;
+    try {
+      fs::remove_tree(staged);
+    } catch (const Error&) {
+      // The save's own error says more; the next save removes what is left.
+    }
+  };
+  detail::on_every_rank(communicator, "save()", [&] {
+    if (rank != 0) return;
+    fs::remove_tree(staged);  // what a failed or interrupted save left
+    fs::make_directories(staged);
+  });
+  nlohmann::json checksums;
+  try {
+    detail::on_every_rank(communicator, "save()", [&] { checksums = stage_rank_files(staged, trainer, env); });
+    const std::vector<std::string> every_rank = detail::gather_text(config, checksums.dump());
+    detail::on_every_rank(communicator, "save()", [&] {
+      if (rank != 0) return;
+      nlohmann::json files = nlohmann::json::object();
+      std::vector<std::string> names;
+      for (std::size_t r = 0; r < every_rank.size(); ++r) {
+        files.update(nlohmann::json::parse(every_rank[r]));
+        names.push_back(rank_file(static_cast<int>(r)));
+      }
+      state["format"] = kRankFilesFormat;
+      state["optimizer"] = to_string(config.optimizer.kind);
+      state["shards"] = {{"layout", "rank files"},
+                         {"files", names},
+                         {"master", separate_master(trainer) ? "rank files" : "weights"}};
+      state["checksums"] = {{"algorithm", kChecksumAlgorithm}, {"files", files}};
+      write_file_durably(env, staged + "/" + kStateFile, state.dump(2));
+      env.sync_directory(staged);
+      swap_into_place(env, staged, dir);
+    });
+  } catch (...) {
+    remove_staged();
+    throw;
+  }
+}
+
+// One tensor of a rank file: elements `range` of one state of one parameter.
+struct Fragment {
+  std::size_t reader = 0;
+  std::string file;
+  std::string tensor;
+  ElementRange range;
+  std::vector<std::int64_t> shape;  // the parameter's
+};
+
+// load() of a checkpoint in rank files, into any world size: each rank reads the whole weights
+// and, of the rank files, the elements its own shards hold. With the world size that saved it,
+// that is its own rank file alone (unless the master must be read whole: a change of precision).
+class RankFilesReader {
+ public:
+  RankFilesReader(const std::string& dir, detail::Trainer& trainer, const nlohmann::json& state)
+      : dir_(dir), trainer_(trainer), weights_(dir) {
+    const nlohmann::json shards = state.value("shards", nlohmann::json());
+    FERRY_CHECK(shards.is_object() && shards.value("layout", "") == "rank files" && shards.contains("files") &&
+                    shards["files"].is_array() && !shards["files"].empty() &&
+                    (shards.value("master", "") == "rank files" || shards.value("master", "") == "weights"),
+                "checkpoint '", dir, "': trainer_state.json's \"shards\" is ", shards.dump(), "; a checkpoint of ",
+                "format ", kRankFilesFormat, " records {\"layout\": \"rank files\", \"files\": [...], \"master\": ",
+                "\"rank files\" or \"weights\"}");
+    const std::vector<std::string> files = shards["files"].get<std::vector<std::string>>();
+    master_in_files_ = shards["master"] == "rank files";
+    if (state.contains("checksums")) {
+      checksums_ = state["checksums"];
+      FERRY_CHECK(checksums_.value("algorithm", "") == kChecksumAlgorithm, "checkpoint '", dir, "': checksums of ",
+                  "algorithm '", checksums_.value("algorithm", ""), "'; this ferry checks ", kChecksumAlgorithm);
+    }
+    check_weights();
+    const bool separate = separate_master(trainer);
+    const DType compute = to_dtype(detail::scalar_type(trainer.config().precision));
+    parameters_from_weights_ = !master_in_files_ || (separate && weight_dtype_ == compute);
+    const bool whole_master = master_in_files_ && !parameters_from_weights_;
+    const int rank = detail::rank(trainer.config());
+    const bool own_file_only = static_cast<int>(files.size()) == detail::world_size(trainer.config()) && !whole_master;
+    for (std::size_t k = 0; k < files.size(); ++k) {
+      if (!own_file_only || static_cast<int>(k) == rank) open(files[k]);
+    }
+    for (auto& [key, list] : fragments_) {
+      std::sort(list.begin(), list.end(),
+                [](const Fragment& a, const Fragment& b) { return a.range.begin < b.range.begin; });
+    }
+  }
+
+  // Checks every part's tensors (throwing before anything is handed over) and chooses which to
+  // verify, then reads one part at a time into the trainer.
+  void load() {
+    const std::vector<detail::Part>& parts = trainer_.parts();
+    for (std::size_t p = 0; p < parts.size(); ++p) {
+      if (parts[p].trainable()) part_shard(parts[p], /*read=*/false);
+    }
+    if (!checksums_.is_null()) verified_ = tensors_to_verify(sizes_, trainer_.config().verify);
+    for (std::size_t p = 0; p < parts.size(); ++p) {
+      if (parts[p].trainable()) trainer_.write_shard(p, part_shard(parts[p], /*read=*/true));
+    }
+  }
+
+ private:
+  void check_weights() {
+    for (const detail::Part& part : trainer_.parts()) {
+      for (const detail::ParameterSlice& slice : part.slices) {
+        const std::string name = tensor_name(trainer_.model(), part, slice);
+        FERRY_CHECK(weights_.contains(name), "checkpoint '", dir_, "' has no tensor '", name, "' in the weights: it ",
+                    "was written for another model");
+        const safetensors::TensorInfo& info = weights_.tensor(name);
+        if (!weight_dtype_) weight_dtype_ = info.dtype;
+        const bool floating = info.dtype == DType::kF32 || info.dtype == DType::kBF16 || info.dtype == DType::kF16;
+        FERRY_CHECK(info.shape == slice.shape && info.dtype == *weight_dtype_ && floating &&
+                        (master_in_files_ || info.dtype == DType::kF32),
+                    "checkpoint '", dir_, "': tensor '", name, "' is ", dtype_name(info.dtype), " ",
+                    torch::IntArrayRef(info.shape), " but the model has ", torch::IntArrayRef(slice.shape), " in ",
+                    master_in_files_ ? dtype_name(*weight_dtype_) : "F32", ": it was written for another model");
+      }
+    }
+  }
+
+  void open(const std::string& file) {
+    FERRY_CHECK(file.find('/') == std::string::npos, "checkpoint '", dir_, "': rank file '", file,
+                "' is not a file name in the checkpoint's directory");
+    readers_.emplace_back(dir_ + "/" + file);
+    const safetensors::Header& header = readers_.back().header();
+    for (const safetensors::TensorInfo& info : header.tensors) {
+      const auto found = header.metadata.find(info.name);
+      FERRY_CHECK(found != header.metadata.end(), "checkpoint '", dir_, "': tensor '", info.name, "' in ", file,
+                  " has no metadata saying which parameter and elements it holds: the file is damaged");
+      Fragment fragment{readers_.size() - 1, file, info.name, {}, {}};
+      std::string key;
+      try {
+        const nlohmann::json meta = nlohmann::json::parse(found->second);
+        key = meta.at("parameter").get<std::string>() + "." + meta.at("state").get<std::string>();
+        fragment.range = {meta.at("begin").get<std::int64_t>(), meta.at("end").get<std::int64_t>()};
+        fragment.shape = meta.at("shape").get<std::vector<std::int64_t>>();
+      } catch (const nlohmann::json::exception& error) {
+        throw Error(detail::concat("checkpoint '", dir_, "': the metadata of tensor '", info.name, "' in ", file,
+                                   " is not what ferry writes: ", error.what()));
+      }
+      FERRY_CHECK(info.dtype == DType::kF32 && info.shape == std::vector<std::int64_t>{fragment.range.numel()} &&
+                      fragment.range.begin >= 0 && !fragment.range.empty(),
+                  "checkpoint '", dir_, "': tensor '", info.name, "' in ", file, " is ", dtype_name(info.dtype), " ",
+                  torch::IntArrayRef(info.shape), " but its metadata says F32 elements [", fragment.range.begin, ", ",
+                  fragment.range.end, "): the file is damaged");
+      fragments_[key].push_back(std::move(fragment));
+    }
+  }
+
+  // The part's shard as the trainer takes it (write_shard); with `read` false, only checked, and
+  // the tensors it would read recorded for the choice of those to verify.
+  detail::PartShard part_shard(const detail::Part& part, bool read) {
+    detail::PartShard values;
+    const bool separate = separate_master(trainer_);
+    const bool weights_needed = !master_in_files_ || (separate && parameters_from_weights_);
+    const torch::Tensor weights = weights_needed ? read_weights(part, read) : torch::Tensor();
+    auto master = [&](std::int64_t begin, std::int64_t numel) {
+      if (master_in_files_) return read_range(part, kMasterState, begin, numel, read);
+      return read ? weights.narrow(0, begin, numel) : torch::Tensor();
+    };
+    const std::vector<std::string> states = state_names(trainer_.config().optimizer.kind);
+    for (std::size_t i = 0; i < trainer_.state_count(); ++i) {
+      values.states.push_back(read_range(part, states[i], part.shard.begin, part.shard.numel, read));
+    }
+    if (separate) {
+      values.master = master(part.shard.begin, part.shard.numel);
+      values.parameters = parameters_from_weights_ ? weights : master(0, part.numel);
+    } else {
+      values.parameters = master(0, part.numel);
+    }
+    return values;
+  }
+
+  // The part's weights, whole, in fp32 (of the dtype they were saved in).
+  torch::Tensor read_weights(const detail::Part& part, bool read) {
+    const std::uint64_t size = dtype_size(*weight_dtype_);
+    torch::Tensor values = read ? torch::empty({part.numel}, to_scalar_type(*weight_dtype_)) : torch::Tensor();
+    for (const detail::ParameterSlice& slice : part.slices) {
+      const std::string name = tensor_name(trainer_.model(), part, slice);
+      const std::string& path = weights_.file_of(name);
+      const std::string file = path.substr(path.find_last_of('/') + 1);
+      const std::uint64_t bytes = static_cast<std::uint64_t>(slice.numel) * size;
+      if (!read) {
+        record(file, name, bytes);
+        continue;
+      }
+      char* data = static_cast<char*>(values.data_ptr()) + slice.offset * size;
+      weights_.read_into(name, data, bytes);
+      check(file, name, data, bytes);
+    }
+    return read ? values.to(torch::kFloat) : values;
+  }
+
+  // Elements [begin, begin + numel) of the part's flat range of `state`, from the fragments that
+  // hold them.
+  torch::Tensor read_range(const detail::Part& part, const std::string& state, std::int64_t begin, std::int64_t numel,
+                           bool read) {
+    torch::Tensor values = read ? torch::empty({numel}, torch::kFloat) : torch::Tensor();
+    for (const detail::ParameterSlice& slice : part.slices) {
+      const ElementRange wanted = overlap(slice, begin, numel);
+      if (wanted.empty()) continue;
+      const std::string name = tensor_name(trainer_.model(), part, slice);
+      std::int64_t covered = wanted.begin;
+      for (const Fragment& fragment : fragments_[name + "." + state]) {
+        if (fragment.range.end <= covered || fragment.range.begin >= wanted.end) continue;
+        FERRY_CHECK(fragment.shape == slice.shape, "checkpoint '", dir_, "': tensor '", fragment.tensor, "' in ",
+                    fragment.file, " holds elements of a parameter of shape ", torch::IntArrayRef(fragment.shape),
+                    " but the model's '", name, "' is ", torch::IntArrayRef(slice.shape),
+                    ": it was written for another model");
+        if (fragment.range.begin > covered) break;
+        const ElementRange piece{covered, std::min(fragment.range.end, wanted.end)};
+        const std::uint64_t bytes = static_cast<std::uint64_t>(fragment.range.numel()) * 4;
+        if (read) {
+          read_fragment(fragment, piece, values.data_ptr<float>() + slice.offset + piece.begin - begin);
+        } else {
+          record(fragment.file, fragment.tensor, bytes);
+        }
+        covered = piece.end;
+      }
+      FERRY_CHECK(covered >= wanted.end, "checkpoint '", dir_, "' holds no ", state, " for elements [", covered, ", ",
+                  wanted.end, ") of '", name, "' in the rank files read: one is missing, or they were written for ",
+                  "another model");
+    }
+    return values;
+  }
+
+  // Note: a fragment is read whole even where only some of it is wanted (another world size), so
+  // that its checksum can be checked.
+  void read_fragment(const Fragment& fragment, const ElementRange& piece, float* to) {
+    const std::uint64_t bytes = static_cast<std::uint64_t>(fragment.range.numel()) * 4;
+    const safetensors::Reader& reader = readers_[fragment.reader];
+    if (piece == fragment.range) {
+      reader.read_into(fragment.tensor, to, bytes);
+      check(fragment.file, fragment.tensor, to, bytes);
+      return;
+    }
+    std::vector<float> whole(static_cast<std::size_t>(fragment.range.numel()));
+    reader.read_into(fragment.tensor, whole.data(), bytes);
+    check(fragment.file, fragment.tensor, whole.data(), bytes);
+    std::copy_n(whole.data() + (piece.begin - fragment.range.begin), piece.numel(), to);
+  }
+
+  static std::string key(const std::string& file, const std::string& tensor) { return file + "\n" + tensor; }
+
+  void record(const std::string& file, const std::string& tensor, std::uint64_t bytes) {
+    if (checksums_.is_null() || !recorded_.emplace(key(file, tensor), recorded_checksum(dir_, checksums_, file, tensor)).second) {
+      return;
+    }
+    sizes_.emplace_back(key(file, tensor), bytes);
+  }
+
+  void check(const std::string& file, const std::string& tensor, const void* data, std::uint64_t bytes) const {
+    if (!verified_.count(key(file, tensor))) return;
+    check_checksum(dir_, file, tensor, recorded_.at(key(file, tensor)), data, bytes);
+  }
+
+  std::string dir_;
+  detail::Trainer& trainer_;
+  safetensors::Checkpoint weights_;
+  std::optional<DType> weight_dtype_;
+  bool master_in_files_ = false;
+  bool parameters_from_weights_ = true;
+  std::vector<safetensors::Reader> readers_;
+  std::map<std::string, std::vector<Fragment>> fragments_;  // by "<parameter>.<state>", in element order
+  nlohmann::json checksums_;
+  std::map<std::string, std::string> recorded_;  // by key(file, tensor)
+  std::vector<std::pair<std::string, std::uint64_t>> sizes_;
+  std::set<std::string> verified_;
+};
 
 }  // namespace
 
@@ -486,9 +915,10 @@ void Engine::save(const std::string& dir, const std::string& extra_json) {
   state["extra"] = extra;
   state["base"] = base_identity(trainer.model(), trainer.parts(), trainer.config());
   state["world_size"] = detail::world_size(trainer.config());
-  // Note: the checkpoint holds every part's whole optimizer state, gathered from the ranks'
-  // shards ("shards" records how they were split), so it loads into any world size: each rank
-  // keeps its own shard of what it reads (re-sharding on load).
+  if (trainer.shards_states()) return write_rank_files(dir, trainer, state);
+  // Note: the states are whole on every rank (one rank, or zo2's replicated states): rank 0
+  // writes them in one file, which loads into any world size, each rank keeping its own shard of
+  // what it reads. "even" is also what a consolidated checkpoint of several ranks recorded.
   state["shards"] = "even";
   rank_zero_writes(trainer, "save()", /*with_states=*/true, [&] {
     detail::write_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
@@ -587,7 +1017,8 @@ void Engine::export_adapter(const std::string& dir, const std::string& base_mode
   });
 }
 
-// Every rank reads the whole checkpoint, whatever world size wrote it, and keeps its shard.
+// Of a checkpoint in one file every rank reads the whole, whatever world size wrote it, and keeps
+// its shard; of one in rank files, the weights and the elements of its own shards.
 std::string Engine::load(const std::string& dir) {
   detail::Trainer& trainer = *trainer_;
   nlohmann::json state;
@@ -595,6 +1026,7 @@ std::string Engine::load(const std::string& dir) {
     state = read_state(dir, config());
     check_base(dir, state, base_identity(trainer.model(), trainer.parts(), trainer.config()));
     trainer.quiesce("load()");
+    if (state["format"] == kRankFilesFormat) return RankFilesReader(dir, trainer, state).load();
     detail::read_checkpoint(dir, trainer.model(), trainer.parts(), trainer.config().optimizer.kind,
                             trainer.state_count(), state.contains("checksums") ? state["checksums"] : nlohmann::json(),
                             trainer.config().verify,

@@ -1048,6 +1048,27 @@ void FirstOrderTrainer::write_part(std::size_t p, const PartValues& values) {
   if (part.master != kNoBundle) write_bundle(p, part.params, values.weights.to(compute_dtype_));
 }
 
+PartShard FirstOrderTrainer::read_shard(std::size_t p, bool with_parameters) {
+  const Part& part = parts_[p];
+  FERRY_ASSERT(part.trainable(), part.name, " has no trainable parameters, so no shard");
+  PartShard values;
+  if (with_parameters) values.parameters = read_bundle(p, part.params, compute_dtype_, part.numel);
+  if (part.master != kNoBundle) values.master = read_bundle(p, part.master, torch::kFloat, part.shard.numel);
+  for (BundleId id : part.states) values.states.push_back(read_bundle(p, id, torch::kFloat, part.shard.numel));
+  return values;
+}
+
+void FirstOrderTrainer::write_shard(std::size_t p, const PartShard& values) {
+  const Part& part = parts_[p];
+  FERRY_ASSERT(part.trainable() && values.parameters.numel() == part.numel &&
+                   values.master.defined() == (part.master != kNoBundle) && values.states.size() == part.states.size(),
+               part.name, " takes its whole parameters, ", part.states.size(), " states and ",
+               part.master != kNoBundle ? "a" : "no", " master shard");
+  write_bundle(p, part.params, values.parameters.to(compute_dtype_));
+  if (part.master != kNoBundle) write_bundle(p, part.master, values.master);
+  for (std::size_t i = 0; i < part.states.size(); ++i) write_bundle(p, part.states[i], values.states[i]);
+}
+
 EngineStats FirstOrderTrainer::stats() const {
   EngineStats stats;
   {

@@ -104,9 +104,11 @@ class FirstOrderTrainer final : public Trainer {
   nlohmann::json checkpoint_state() const override;
   void restore_state(const nlohmann::json& state) override;
   PartValues read_part(std::size_t part, bool with_states) override;
-  bool reads_collectively() const override { return world_size(config_) > 1; }
   torch::Tensor read_frozen(std::size_t part) override;
   void write_part(std::size_t part, const PartValues& values) override;
+  bool shards_states() const override { return world_size(config_) > 1; }
+  PartShard read_shard(std::size_t part, bool with_parameters) override;
+  void write_shard(std::size_t part, const PartShard& values) override;
 
   const LayeredModel& model() const override { return model_; }
   const EngineConfig& config() const override { return config_; }

@@ -26,6 +26,16 @@ struct PartValues {
   std::vector<torch::Tensor> states;
 };
 
+// One part as a rank of several holds it (ZeRO stage 2), and as a checkpoint of several ranks
+// stores it: the whole parameters, and this rank's shard (Part::shard) of the fp32 master and the
+// optimizer states. On the host, flat and contiguous.
+struct PartShard {
+  torch::Tensor parameters;  // part.numel: the compute dtype's values, held in fp32
+  torch::Tensor master;      // shard.numel fp32; undefined where the compute dtype is fp32 (the
+                             // parameters are then the master)
+  std::vector<torch::Tensor> states;  // shard.numel fp32 each
+};
+
 class Trainer {
  public:
   virtual ~Trainer() = default;
@@ -49,11 +59,19 @@ class Trainer {
   virtual nlohmann::json checkpoint_state() const = 0;
   virtual void restore_state(const nlohmann::json& state) = 0;
   // One part's fp32 weights (the master) and, with `with_states`, its optimizer states. Where
-  // reads_collectively(), every rank must read every trainable part in the same order (the
-  // ranks' shards are gathered); write_part then keeps only this rank's shard.
+  // shards_states(), every rank must read every trainable part in the same order (the ranks'
+  // shards are gathered); write_part then keeps only this rank's shard.
   virtual PartValues read_part(std::size_t part, bool with_states) = 0;
-  virtual bool reads_collectively() const { return false; }
   virtual void write_part(std::size_t part, const PartValues& values) = 0;
+  // Whether each rank holds only its shard (Part::shard) of the optimizer states: the first-order
+  // trainer with several ranks. save() then has every rank write its own shard (read_shard).
+  virtual bool shards_states() const { return false; }
+  // This rank's shard of one trainable part, with its whole parameters when `with_parameters`,
+  // and no collective. write_shard takes the same: the parameters (whole, in any floating dtype),
+  // the master shard where the compute dtype is not fp32, and the states' shards. Only the
+  // trainers whose parts have shards (the first-order one) implement them.
+  virtual PartShard read_shard(std::size_t part, bool with_parameters);
+  virtual void write_shard(std::size_t part, const PartShard& values);
   // One part's frozen parameters (Part::frozen_slices) in fp32 on the host; empty when none.
   virtual torch::Tensor read_frozen(std::size_t part) = 0;
 
