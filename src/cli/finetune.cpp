@@ -555,7 +555,7 @@ int finetune(int argc, char** argv, const dist::World& world) {
   const NvmeIoSettings io = hardware.nvme_io_for(config.nvme_directories);
   if (config.nvme_queue_depth == 0) config.nvme_queue_depth = io.queue_depth;
   if (config.nvme_block_bytes == 0) config.nvme_block_bytes = io.block_bytes;
-  Plan plan = make_plan(plan_request(job, config, shape, std::nullopt, hardware));
+  Plan plan = make_plan(plan_request(job, config, shape, std::nullopt, hardware, world.world_size));
   require_fits(plan);
   if (config.mode == Mode::kAuto) config = plan_engine_config(plan);
   // A staged layout already holds the plan's NVMe bytes. fuyou's profiling step, which runs
@@ -614,7 +614,7 @@ int finetune(int argc, char** argv, const dist::World& world) {
     data::DataLoader sample_loader(dataset, loader_options);
     const data::Batch sample = next_batch(sample_loader);
     MeasuredCompute measured = profile_fuyou(std::move(model), config, sample);
-    plan = make_plan(plan_request(job, config, shape, std::move(measured), hardware));
+    plan = make_plan(plan_request(job, config, shape, std::move(measured), hardware, world.world_size));
     if (lead) std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
     require_fits(plan);
     config = plan_engine_config(plan);

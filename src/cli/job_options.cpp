@@ -7,7 +7,6 @@
 
 #include "cli/job_file.h"
 #include "ferry/check.h"
-#include "ferry/dist.h"
 #include "ferry/fs.h"
 #include "ferry/job.h"
 #include "ferry/system.h"
@@ -227,7 +226,7 @@ std::uint64_t nvme_budget(const EngineConfig& config) {
 }
 
 PlanRequest plan_request(const Json& job, const EngineConfig& config, const models::ModelConfig& shape,
-                         std::optional<MeasuredCompute> measured, Hardware hardware) {
+                         std::optional<MeasuredCompute> measured, Hardware hardware, int world_size) {
   PlanRequest request;
   request.model_name = job["model"];
   request.model = shape;
@@ -244,7 +243,7 @@ PlanRequest plan_request(const Json& job, const EngineConfig& config, const mode
   request.choose_micro_batch_order = fuyou && job["micro_batch_order"] == "auto";
   request.measured = std::move(measured);
   request.hardware = std::move(hardware);
-  request.world_size = config.communicator ? config.communicator->world_size() : 1;
+  request.world_size = world_size;
   return request;
 }
 

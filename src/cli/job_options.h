@@ -61,8 +61,9 @@ Hardware job_hardware(const std::string& hardware, const std::vector<std::string
 // says less (0: the free space). Throws when a directory does not exist.
 std::uint64_t nvme_budget(const EngineConfig& config);
 
-// The plan's request for the job: the placement's choices fuyou leaves to "auto", its micro-batch.
+// The plan's request for the job: the placement's choices fuyou leaves to "auto", its micro-batch,
+// one rank's share of `world_size` ranks.
 PlanRequest plan_request(const nlohmann::json& job, const EngineConfig& config, const models::ModelConfig& shape,
-                         std::optional<MeasuredCompute> measured, Hardware hardware);
+                         std::optional<MeasuredCompute> measured, Hardware hardware, int world_size = 1);
 
 }  // namespace ferry::cli

@@ -8,6 +8,7 @@
 #include <iostream>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <vector>
 
 #include "store/device_copy.h"
@@ -47,6 +48,35 @@ constexpr std::uint64_t kMaxHostChunkBytes = std::uint64_t{256} << 20;
 constexpr double kYearSeconds = 365.0 * 24 * 3600;
 
 int index(Tier tier) { return static_cast<int>(tier); }
+
+// Note: directory locks are shared within a process (ferry/lock.h), so they cannot tell two
+// stores of one process on one file apart, and the second would overwrite the first's data. This
+// process-wide list of the store files open does.
+class StoreFileClaim {
+ public:
+  explicit StoreFileClaim(std::string path) : path_(std::move(path)) {
+    std::lock_guard<std::mutex> lock(mutex());
+    FERRY_CHECK(open_files().insert(path_).second, "NVMe store file ", path_,
+                " is open in another engine of this process: give each engine its own NVMe directories");
+  }
+  ~StoreFileClaim() {
+    std::lock_guard<std::mutex> lock(mutex());
+    open_files().erase(path_);
+  }
+  StoreFileClaim(const StoreFileClaim&) = delete;
+  StoreFileClaim& operator=(const StoreFileClaim&) = delete;
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::set<std::string>& open_files() {
+    static std::set<std::string> files;
+    return files;
+  }
+  const std::string path_;
+};
 
 std::uint64_t round_up(std::uint64_t bytes) {
   return (bytes + kIoAlignment - 1) / kIoAlignment * kIoAlignment;
@@ -250,6 +280,7 @@ struct Store::Impl {
   std::unique_ptr<detail::DeviceCopier> copier;
   std::shared_ptr<detail::TransferCounters> counters = std::make_shared<detail::TransferCounters>();
   // One per NVMe directory, held while the store lives: released after the file below is closed.
+  std::vector<std::unique_ptr<StoreFileClaim>> claims;
   std::vector<DirectoryLock> locks;
   std::unique_ptr<IoEngine> io;      // null without NVMe directories
   std::unique_ptr<StripedFile> file;  // the NVMe tier's one file
@@ -285,6 +316,7 @@ Store::Impl::Impl(const StoreOptions& options_in) : options(options_in) {
     // with its own file, docs/distributed.md) share a directory while two jobs cannot.
     for (const std::string& directory : options.nvme_directories) {
       fs::make_directories(directory);
+      claims.push_back(std::make_unique<StoreFileClaim>(fs::absolute_path(directory) + "/" + options.nvme_file_name));
       locks.push_back(DirectoryLock::acquire_beside(directory + "/" + options.nvme_file_name, "NVMe store file", &env));
     }
     io = IoEngine::create(options.io);

@@ -605,3 +605,15 @@ TEST_CASE("a pool holds the copies that name it, and the tier counts it from its
   CHECK(counted.stats().tiers[static_cast<int>(Tier::kNvme)].used_bytes == 3 * kMiB);
   CHECK_THROWS_WITH(counted.fetch(0, Tier::kHost), Contains("counting store"));
 }
+
+TEST_CASE("two stores of one process cannot share an NVMe store file; the next one may once the first is gone") {
+  TempDir dir;
+  auto first = std::make_unique<Store>(options_in(dir, torch::kCPU));
+  CHECK_THROWS_WITH(Store(options_in(dir, torch::kCPU)),
+                    Contains("ferry-store.bin") && Contains("open in another engine of this process"));
+  StoreOptions own_file = options_in(dir, torch::kCPU);
+  own_file.nvme_file_name = "ferry-store.rank1.bin";
+  CHECK_NOTHROW(Store(own_file));
+  first.reset();
+  CHECK_NOTHROW(Store(options_in(dir, torch::kCPU)));
+}
