@@ -606,7 +606,7 @@ TEST_CASE("a pool holds the copies that name it, and the tier counts it from its
   CHECK_THROWS_WITH(counted.fetch(0, Tier::kHost), Contains("counting store"));
 }
 
-TEST_CASE("two stores of one process cannot share an NVMe store file; the next one may once the first is gone") {
+TEST_CASE("two stores of one process cannot share an NVMe store file, and the next one may once the first is gone") {
   TempDir dir;
   auto first = std::make_unique<Store>(options_in(dir, torch::kCPU));
   CHECK_THROWS_WITH(Store(options_in(dir, torch::kCPU)),
