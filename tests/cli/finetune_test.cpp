@@ -72,6 +72,25 @@ TEST_CASE("finetune --steps 1e1 runs exactly ten steps") {
   CHECK(records.back()["skipped"] == false);
 }
 
+TEST_CASE("ferry launch runs finetune as two ranks, and stops them all when they fail") {
+  testing::TempDir dir;
+  const Run two = run_ferry("launch --nproc-per-node 2 --master-port 0 -- " + small_job(dir) + " --steps 3 --device cpu");
+  INFO(two.output);
+  REQUIRE(two.exit_code == 0);
+  CHECK_THAT(two.output, Contains("launch: 2 ranks of 'ferry finetune'") && Contains("data parallel: 2 ranks"));
+  CHECK(metrics(dir).size() == 3);  // rank 0 alone writes them
+
+  const Run failing = run_ferry("launch --nproc-per-node 2 --master-port 0 -- finetune --stpes 3");
+  CHECK(failing.exit_code == 1);
+  CHECK_THAT(failing.output, Contains("exited with 1") && Contains("of 2: unknown flag '--stpes'"));
+  const Run no_command = run_ferry("launch --nproc-per-node 2");
+  CHECK(no_command.exit_code != 0);
+  CHECK_THAT(no_command.output, Contains("after --"));
+  const Run no_ranks = run_ferry("launch --nproc-per-node 0 -- info");
+  CHECK(no_ranks.exit_code != 0);
+  CHECK_THAT(no_ranks.output, Contains("--nproc-per-node 0 is invalid"));
+}
+
 TEST_CASE("a model with NaN weights stops with an error after max_nonfinite_losses, saving nothing") {
   testing::TempDir dir;
   LayeredModel model = models::build(models::preset("tiny-llama"), 1);
