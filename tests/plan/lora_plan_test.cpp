@@ -36,25 +36,26 @@ std::uint64_t host_to_device_bytes(const Engine& engine) {
   return engine.stats().store.transfers[static_cast<int>(Tier::kHost)][static_cast<int>(Tier::kGpu)].bytes;
 }
 
-}  // namespace
-
-TEST_CASE("plan: a LoRA base streamed from host moves what the engine moves, fp8 or in the compute dtype") {
-  const BaseStorage storage = GENERATE(BaseStorage::kFp8, BaseStorage::kCompute);
-  INFO("base storage " << to_string(storage));
+// A tiny LLaMA with rank-4 adapters on every target, its base stored as `storage`, in fp32.
+PlanRequest lora_request(Mode mode, BaseStorage storage) {
   PlanRequest request;
   request.model = models::preset("tiny-llama");
   request.model.lora.rank = 4;
-  request.engine.mode = Mode::kAuto;
+  request.engine.mode = mode;
   request.engine.precision = Precision::kF32;
   request.engine.base_storage = storage;
-  request.engine.placement = base_on_host(request.model.num_layers);
   request.batch = kBatch;
   request.seq = kSeq;
   request.hardware = cpu_figures();
+  return request;
+}
+
+// The host-to-device bytes the plan predicts per step, checked against what the engine, run with
+// the plan's settings, moves in its second step.
+std::uint64_t planned_and_moved_up(const PlanRequest& request) {
   const Plan plan = make_plan(request);
   REQUIRE(plan.fits);
   const std::uint64_t planned = plan.moved_bytes[static_cast<int>(Resource::kPcieUp)];
-
   Engine engine(models::build(request.model, 1), plan_engine_config(plan));
   torch::Generator generator = at::detail::createCPUGenerator(3);
   data::Batch batch;
@@ -64,6 +65,17 @@ TEST_CASE("plan: a LoRA base streamed from host moves what the engine moves, fp8
   const std::uint64_t before = host_to_device_bytes(engine);
   engine.train_step(batch);
   CHECK(host_to_device_bytes(engine) - before == planned);
+  return planned;
+}
+
+}  // namespace
+
+TEST_CASE("plan: a LoRA base streamed from host moves what the engine moves, fp8 or in the compute dtype") {
+  const BaseStorage storage = GENERATE(BaseStorage::kFp8, BaseStorage::kCompute);
+  INFO("base storage " << to_string(storage));
+  PlanRequest request = lora_request(Mode::kAuto, storage);
+  request.engine.placement = base_on_host(request.model.num_layers);
+  const std::uint64_t planned = planned_and_moved_up(request);
 
   // Each block visits twice a step (forward, and backward's recomputation); an fp8 base is about a
   // quarter of an fp32 one.
@@ -77,35 +89,12 @@ TEST_CASE("plan: a LoRA base streamed from host moves what the engine moves, fp8
 }
 
 TEST_CASE("plan: zo2 with LoRA uploads each streamed block's base with its adapters, as the engine does") {
-  // The bytes up per step, planned and checked against the engine's.
-  auto planned_up = [](BaseStorage storage) {
-    INFO("base storage " << to_string(storage));
-    PlanRequest request;
-    request.model = models::preset("tiny-llama");
-    request.model.lora.rank = 4;
-    request.engine.mode = Mode::kZo2;
-    request.engine.precision = Precision::kF32;
+  auto zo2_request = [](BaseStorage storage) {
+    PlanRequest request = lora_request(Mode::kZo2, storage);
     request.engine.optimizer.kind = OptimizerKind::kSgd;
     request.engine.optimizer.momentum = 0.9;
-    request.engine.base_storage = storage;
     request.engine.zo.block_tier = Tier::kHost;
-    request.batch = kBatch;
-    request.seq = kSeq;
-    request.hardware = cpu_figures();
-    const Plan plan = make_plan(request);
-    REQUIRE(plan.fits);
-    const std::uint64_t planned = plan.moved_bytes[static_cast<int>(Resource::kPcieUp)];
-
-    Engine engine(models::build(request.model, 1), plan_engine_config(plan));
-    torch::Generator generator = at::detail::createCPUGenerator(3);
-    data::Batch batch;
-    batch.input_ids = torch::randint(request.model.vocab_size, {kBatch, kSeq}, generator, torch::kLong);
-    batch.labels = batch.input_ids.clone();
-    engine.train_step(batch);
-    const std::uint64_t before = host_to_device_bytes(engine);
-    engine.train_step(batch);
-    CHECK(host_to_device_bytes(engine) - before == planned);
-    return planned;
+    return request;
   };
-  CHECK(planned_up(BaseStorage::kFp8) < planned_up(BaseStorage::kCompute));
+  CHECK(planned_and_moved_up(zo2_request(BaseStorage::kFp8)) < planned_and_moved_up(zo2_request(BaseStorage::kCompute)));
 }

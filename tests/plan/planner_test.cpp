@@ -44,6 +44,16 @@ PlanRequest fuyou_request(double nvme_gbps) {
   return request;
 }
 
+// llama-1.3b in zero-offload without budgets.
+PlanRequest zero_offload_request() {
+  PlanRequest request = fuyou_request(8);
+  request.engine.mode = Mode::kZeroOffload;
+  request.engine.nvme_directories.clear();
+  request.engine.gpu_budget_bytes = 0;
+  request.engine.host_budget_bytes = 0;
+  return request;
+}
+
 std::int64_t count(const Plan& plan, bool recompute) {
   std::int64_t n = 0;
   for (const BlockActivations& block : plan.activations) n += block.recompute == recompute ? 1 : 0;
@@ -113,11 +123,7 @@ TEST_CASE("planner: the step is as long as its busiest resource at least, and mo
 }
 
 TEST_CASE("planner: zero-offload hides the CPU optimizer behind backward until it is the bottleneck") {
-  PlanRequest request = fuyou_request(8);
-  request.engine.mode = Mode::kZeroOffload;
-  request.engine.nvme_directories.clear();
-  request.engine.gpu_budget_bytes = 0;
-  request.engine.host_budget_bytes = 0;
+  PlanRequest request = zero_offload_request();
   request.hardware.cpu_adam_params_per_s = 1e12;
   const Plan fast_cpu = make_plan(request);
   CHECK(fast_cpu.bottleneck == Resource::kCompute);
@@ -439,11 +445,7 @@ TEST_CASE("planner: zo2 uploads only streamed blocks, writes them home on their 
 }
 
 TEST_CASE("planner: a rank of a data-parallel job holds a 1/N shard of the states and pays for the collectives") {
-  PlanRequest request = fuyou_request(8);
-  request.engine.mode = Mode::kZeroOffload;
-  request.engine.nvme_directories.clear();
-  request.engine.gpu_budget_bytes = 0;
-  request.engine.host_budget_bytes = 0;
+  PlanRequest request = zero_offload_request();
   request.hardware.link_gbps = 100;
   const Plan one = make_plan(request);
   request.world_size = 4;
