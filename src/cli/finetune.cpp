@@ -182,8 +182,13 @@ EngineConfig profiling_config(EngineConfig config, std::int64_t blocks) {
   return config;
 }
 
-MeasuredCompute profile_fuyou(LayeredModel model, const EngineConfig& config, const data::Batch& batch) {
+// Note: under torchrun every rank profiles, as one data-parallel engine (its NVMe files are the
+// rank's own), and the ranks then plan from the mean of their figures: the same plan everywhere,
+// so that every rank issues the same collectives (require_same_schedule).
+MeasuredCompute profile_fuyou(LayeredModel model, EngineConfig config, const data::Batch& batch,
+                              const std::shared_ptr<dist::Communicator>& communicator) {
   const std::int64_t blocks = static_cast<std::int64_t>(model.num_blocks());
+  config.communicator = communicator;
   Engine engine(std::move(model), profiling_config(config, blocks));
   engine.train_step(batch);
   const EngineStats warm_up = engine.stats();
@@ -196,16 +201,62 @@ MeasuredCompute profile_fuyou(LayeredModel model, const EngineConfig& config, co
     measured.part_forward_seconds.push_back(both.part_forward_seconds[part] - warm_up.part_forward_seconds[part]);
     measured.part_backward_seconds.push_back(both.part_backward_seconds[part] - warm_up.part_backward_seconds[part]);
   }
+  if (!communicator) return measured;
+  std::vector<double> seconds = measured.part_forward_seconds;
+  seconds.insert(seconds.end(), measured.part_backward_seconds.begin(), measured.part_backward_seconds.end());
+  torch::Tensor summed = torch::tensor(seconds, torch::kDouble);
+  communicator->all_reduce_sum(summed);
+  summed /= communicator->world_size();
+  const std::size_t parts = measured.part_forward_seconds.size();
+  for (std::size_t part = 0; part < parts; ++part) {
+    measured.part_forward_seconds[part] = summed[static_cast<std::int64_t>(part)].item<double>();
+    measured.part_backward_seconds[part] = summed[static_cast<std::int64_t>(parts + part)].item<double>();
+  }
   return measured;
 }
 
 // What fuyou's profiling step (profile_fuyou) keeps on NVMe, by the same plan: its placement as
 // profiling_config sets it, nothing left for the plan to choose.
 std::uint64_t profiling_nvme_bytes(const Json& job, const EngineConfig& config, const models::ModelConfig& shape,
-                                   const Hardware& hardware) {
-  PlanRequest request = plan_request(job, profiling_config(config, shape.num_layers), shape, std::nullopt, hardware);
+                                   const Hardware& hardware, int world_size) {
+  PlanRequest request =
+      plan_request(job, profiling_config(config, shape.num_layers), shape, std::nullopt, hardware, world_size);
   request.choose_activations = request.choose_host_blocks = request.choose_micro_batch_order = false;
   return make_plan(request).tier_bytes[static_cast<int>(Tier::kNvme)];
+}
+
+// Rank 0's `text` on every rank (the others' is ignored).
+std::string from_rank_zero(dist::Communicator& communicator, const std::string& text) {
+  const bool lead = communicator.rank() == 0;
+  torch::Tensor size = torch::tensor({lead ? static_cast<std::int64_t>(text.size()) : std::int64_t{0}}, torch::kLong);
+  communicator.all_reduce_sum(size);
+  torch::Tensor codes = torch::zeros({size.item<std::int64_t>()}, torch::kInt);
+  if (lead) {
+    for (std::size_t i = 0; i < text.size(); ++i) codes[static_cast<std::int64_t>(i)] = static_cast<unsigned char>(text[i]);
+  }
+  communicator.all_reduce_sum(codes);
+  std::string out(static_cast<std::size_t>(codes.numel()), '\0');
+  const int* values = codes.data_ptr<int>();
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = static_cast<char>(values[i]);
+  return out;
+}
+
+// The figures the job plans with. Under torchrun rank 0's, on every rank: each rank measuring its
+// own (a quick calibration, side by side on shared drives) would give each its own plan.
+Hardware agreed_hardware(const std::string& hardware, const std::vector<std::string>& directories,
+                         const std::shared_ptr<dist::Communicator>& communicator) {
+  if (!communicator) return job_hardware(hardware, directories);
+  Hardware figures;
+  std::string error;
+  if (communicator->rank() == 0) {
+    try {
+      figures = job_hardware(hardware, directories);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  communicator->agree("reading the hardware figures", error);
+  return Hardware::from_json(from_rank_zero(*communicator, figures.to_json()), "rank 0's hardware figures");
 }
 
 // Fails, with the plan and its fixes, when the job does not fit its budgets.
@@ -549,8 +600,8 @@ int finetune(int argc, char** argv, const dist::World& world) {
     }
   }
   check_budgets(config);
-  const Hardware hardware =
-      job_hardware(args.count("hardware") ? args["hardware"].as<std::string>() : "", config.nvme_directories);
+  const Hardware hardware = agreed_hardware(args.count("hardware") ? args["hardware"].as<std::string>() : "",
+                                            config.nvme_directories, communicator);
   // The store's NVMe tier runs with the I/O settings calibration measured fastest there.
   const NvmeIoSettings io = hardware.nvme_io_for(config.nvme_directories);
   if (config.nvme_queue_depth == 0) config.nvme_queue_depth = io.queue_depth;
@@ -562,7 +613,7 @@ int finetune(int argc, char** argv, const dist::World& world) {
   // before the job with every checkpoint on NVMe, may need more than the job.
   if (!staged_before) {
     std::uint64_t nvme_bytes = plan.tier_bytes[static_cast<int>(Tier::kNvme)];
-    if (plans_fuyou(job, config)) nvme_bytes = std::max(nvme_bytes, profiling_nvme_bytes(job, config, shape, hardware));
+    if (plans_fuyou(job, config)) nvme_bytes = std::max(nvme_bytes, profiling_nvme_bytes(job, config, shape, hardware, world.world_size));
     check_nvme_room(config.nvme_directories, nvme_bytes);
   }
   std::string resume;
@@ -613,7 +664,7 @@ int finetune(int argc, char** argv, const dist::World& world) {
                          "then planning\n");
     data::DataLoader sample_loader(dataset, loader_options);
     const data::Batch sample = next_batch(sample_loader);
-    MeasuredCompute measured = profile_fuyou(std::move(model), config, sample);
+    MeasuredCompute measured = profile_fuyou(std::move(model), config, sample, communicator);
     plan = make_plan(plan_request(job, config, shape, std::move(measured), hardware, world.world_size));
     if (lead) std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
     require_fits(plan);
@@ -621,7 +672,7 @@ int finetune(int argc, char** argv, const dist::World& world) {
     set_schedule(job, steps, &config);
     model = load_model(job);
   }
-  config.communicator = communicator;  // the profile above, and the plan's config, run without it
+  config.communicator = communicator;  // the plan's config runs without it
   if (world.world_size > 1) {
     if (lead) {
       std::fprintf(stderr, "data parallel: %d ranks over %s, %lld rows each of a global batch of %lld\n",

@@ -80,6 +80,14 @@ TEST_CASE("ferry launch runs finetune as two ranks, and stops them all when they
   CHECK_THAT(two.output, Contains("launch: 2 ranks of 'ferry finetune'") && Contains("data parallel: 2 ranks"));
   CHECK(metrics(dir).size() == 3);  // rank 0 alone writes them
 
+  // fuyou's profiling step runs on both ranks over one NVMe directory, and both plan alike.
+  testing::TempDir shared;
+  const Run fuyou = run_ferry("launch --nproc-per-node 2 --master-port 0 -- " + small_job(shared) +
+                              " --steps 2 --device cpu --mode fuyou --nvme " + shared.subdir("nvme"));
+  INFO(fuyou.output);
+  CHECK(fuyou.exit_code == 0);
+  CHECK_THAT(fuyou.output, Contains("fuyou: profiling two steps"));
+
   const Run failing = run_ferry("launch --nproc-per-node 2 --master-port 0 -- finetune --stpes 3");
   CHECK(failing.exit_code == 1);
   CHECK_THAT(failing.output, Contains("exited with 1") && Contains("of 2: unknown flag '--stpes'"));
