@@ -532,8 +532,9 @@ std::vector<LoraTarget> ModelConfig::lora_targets() const {
     if (!matched) {
       std::string valid = "all-linear";
       for (const LoraTarget& candidate : candidates) valid += ", " + candidate.module;
-      FERRY_CHECK(false, "lora target '", target, "' matches no linear of a ", model_type,
-                  " block (valid: ", valid, ", or the last part of a name: q_proj, c_attn...)");
+      const std::string& example = candidates.front().module;
+      FERRY_CHECK(false, "lora target '", target, "' matches no linear of a ", model_type, " block (valid: ", valid,
+                  ", or the last part of one, such as ", example.substr(example.find_last_of('.') + 1), ")");
     }
   }
   std::vector<LoraTarget> targets;

@@ -56,7 +56,9 @@ TEST_CASE("LoRA targets name the blocks' linears as PEFT's target_modules do") {
   const models::ModelConfig gpt2 = with_lora("tiny-gpt2", {"c_attn"});
   CHECK(gpt2.lora_targets().front().fan_in_fan_out);
   CHECK(gpt2.lora_targets().front().out == 3 * gpt2.hidden_size);
-  CHECK_THROWS_WITH(with_lora("tiny-gpt2", {"q"}).validate(), Catch::Contains("'q'") && Catch::Contains("attn.c_attn"));
+  CHECK_THROWS_WITH(with_lora("tiny-gpt2", {"q"}).validate(), Catch::Contains("'q'") && Catch::Contains("attn.c_attn") &&
+                                                                  Catch::Contains("such as c_attn"));
+  CHECK_THROWS_WITH(with_lora("tiny-llama", {"c_attn"}).validate(), Catch::Contains("such as q_proj"));
   CHECK_THROWS_WITH(with_lora("tiny-llama", {"q"}, -1).validate(), Catch::Contains("lora rank = -1"));
   CHECK(with_lora("tiny-llama", {}, 0).lora_parameters().empty());
 }
