@@ -15,6 +15,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <torch/types.h>
 
@@ -93,6 +94,9 @@ class Communicator {
   Pending start_reduce_scatter_sum(const torch::Tensor& tensor, std::int64_t shard_numel,
                                    Group group = Group::kMain);
   void all_gather(torch::Tensor& tensor, std::int64_t shard_numel, Group group = Group::kMain);
+  // Every rank's `text`, in rank order, on every rank: one all-reduce of the lengths and one
+  // all-gather of the bytes, padded to the longest.
+  std::vector<std::string> all_gather_text(const std::string& text, Group group = Group::kMain);
   // Every rank says how `what` went: `error` empty when it went well. Returns when it went well
   // everywhere; otherwise throws ferry::Error on every rank, naming each rank that failed and
   // its error. The way to keep one rank's failure from hanging the others at their next

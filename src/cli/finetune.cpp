@@ -225,22 +225,6 @@ std::uint64_t profiling_nvme_bytes(const Json& job, const EngineConfig& config, 
   return make_plan(request).tier_bytes[static_cast<int>(Tier::kNvme)];
 }
 
-// Rank 0's `text` on every rank (the others' is ignored).
-std::string from_rank_zero(dist::Communicator& communicator, const std::string& text) {
-  const bool lead = communicator.rank() == 0;
-  torch::Tensor size = torch::tensor({lead ? static_cast<std::int64_t>(text.size()) : std::int64_t{0}}, torch::kLong);
-  communicator.all_reduce_sum(size);
-  torch::Tensor codes = torch::zeros({size.item<std::int64_t>()}, torch::kInt);
-  if (lead) {
-    for (std::size_t i = 0; i < text.size(); ++i) codes[static_cast<std::int64_t>(i)] = static_cast<unsigned char>(text[i]);
-  }
-  communicator.all_reduce_sum(codes);
-  std::string out(static_cast<std::size_t>(codes.numel()), '\0');
-  const int* values = codes.data_ptr<int>();
-  for (std::size_t i = 0; i < out.size(); ++i) out[i] = static_cast<char>(values[i]);
-  return out;
-}
-
 // The figures the job plans with. Under torchrun rank 0's, on every rank: each rank measuring its
 // own (a quick calibration, side by side on shared drives) would give each its own plan.
 Hardware agreed_hardware(const std::string& hardware, const std::vector<std::string>& directories,
@@ -256,7 +240,8 @@ Hardware agreed_hardware(const std::string& hardware, const std::vector<std::str
     }
   }
   communicator->agree("reading the hardware figures", error);
-  return Hardware::from_json(from_rank_zero(*communicator, figures.to_json()), "rank 0's hardware figures");
+  const std::string text = communicator->rank() == 0 ? figures.to_json() : "";
+  return Hardware::from_json(communicator->all_gather_text(text).front(), "rank 0's hardware figures");
 }
 
 // Fails, with the plan and its fixes, when the job does not fit its budgets.

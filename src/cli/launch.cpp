@@ -10,6 +10,7 @@
 
 extern char** environ;
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -17,6 +18,7 @@ extern char** environ;
 #include <cstring>
 #include <cxxopts.hpp>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -100,38 +102,32 @@ void signal_running(std::vector<Rank>& ranks, int signal) {
 // SIGTERM, which ferry finetune takes as a stop request, and SIGKILL after `grace`.
 int wait_for_ranks(std::vector<Rank>& ranks, std::chrono::seconds grace) {
   int result = 0;
-  int running = static_cast<int>(ranks.size());
-  std::chrono::steady_clock::time_point stopping_since{};
-  bool stopping = false;
-  while (running > 0) {
-    if (g_stop_signal != 0 && !stopping) {
-      signal_running(ranks, g_stop_signal);
-      stopping = true;
-      stopping_since = std::chrono::steady_clock::now();
-    }
-    if (stopping && std::chrono::steady_clock::now() - stopping_since > grace) {
-      signal_running(ranks, SIGKILL);
-    }
+  std::optional<std::chrono::steady_clock::time_point> stopping_since;
+  auto stop = [&](int signal) {
+    if (stopping_since) return;
+    signal_running(ranks, signal);
+    stopping_since = std::chrono::steady_clock::now();
+  };
+  auto any_running = [&] {
+    return std::any_of(ranks.begin(), ranks.end(), [](const Rank& rank) { return rank.running; });
+  };
+  while (any_running()) {
+    if (g_stop_signal != 0) stop(g_stop_signal);
+    if (stopping_since && std::chrono::steady_clock::now() - *stopping_since > grace) signal_running(ranks, SIGKILL);
     int status = 0;
     const pid_t pid = ::waitpid(-1, &status, WNOHANG);
     if (pid <= 0) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
       continue;
     }
-    for (std::size_t r = 0; r < ranks.size(); ++r) {
-      if (ranks[r].pid != pid) continue;
-      ranks[r].running = false;
-      --running;
-      const int code = exit_code(status);
-      if (code == 0 || result != 0) break;
-      result = code;
-      std::fprintf(stderr, "launch: rank %zu exited with %d; stopping the others\n", r, code);
-      if (!stopping) {
-        signal_running(ranks, SIGTERM);
-        stopping = true;
-        stopping_since = std::chrono::steady_clock::now();
-      }
-    }
+    const auto rank = std::find_if(ranks.begin(), ranks.end(), [&](const Rank& r) { return r.pid == pid; });
+    if (rank == ranks.end()) continue;
+    rank->running = false;
+    const int code = exit_code(status);
+    if (code == 0 || result != 0) continue;
+    result = code;
+    std::fprintf(stderr, "launch: rank %td exited with %d; stopping the others\n", rank - ranks.begin(), code);
+    stop(SIGTERM);
   }
   return g_stop_signal != 0 && result == 0 ? 128 + g_stop_signal : result;
 }

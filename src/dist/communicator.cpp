@@ -206,6 +206,24 @@ void Communicator::all_gather(torch::Tensor& tensor, std::int64_t shard_numel, G
   if (!whole.is_same(tensor)) tensor.copy_(whole.narrow(0, 0, tensor.numel()));
 }
 
+std::vector<std::string> Communicator::all_gather_text(const std::string& text, Group group) {
+  const int ranks = impl_->world_size;
+  torch::Tensor lengths = torch::zeros({ranks}, torch::kLong);
+  lengths[impl_->rank] = static_cast<std::int64_t>(text.size());
+  all_reduce_sum(lengths, group);
+  const std::int64_t longest = lengths.max().item<std::int64_t>();
+  std::vector<std::string> texts(static_cast<std::size_t>(ranks));
+  if (longest == 0) return texts;
+  torch::Tensor bytes = torch::zeros({ranks * longest}, torch::kByte);
+  std::memcpy(bytes.data_ptr<std::uint8_t>() + impl_->rank * longest, text.data(), text.size());
+  all_gather(bytes, longest, group);
+  for (int r = 0; r < ranks; ++r) {
+    texts[static_cast<std::size_t>(r)].assign(reinterpret_cast<const char*>(bytes.data_ptr<std::uint8_t>()) + r * longest,
+                                              static_cast<std::size_t>(lengths[r].item<std::int64_t>()));
+  }
+  return texts;
+}
+
 void Communicator::barrier() { impl_->wait(impl_->gloo->barrier(), "barrier"); }
 
 void Communicator::agree(const std::string& what, const std::string& error) {

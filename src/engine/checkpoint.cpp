@@ -652,7 +652,7 @@ void write_rank_files(const std::string& dir, detail::Trainer& trainer, nlohmann
   nlohmann::json checksums;
   try {
     detail::on_every_rank(communicator, "save()", [&] { checksums = stage_rank_files(staged, trainer, env); });
-    const std::vector<std::string> every_rank = detail::gather_text(config, checksums.dump());
+    const std::vector<std::string> every_rank = communicator->all_gather_text(checksums.dump());
     detail::on_every_rank(communicator, "save()", [&] {
       if (rank != 0) return;
       nlohmann::json files = nlohmann::json::object();

@@ -1,7 +1,6 @@
 #include "engine/data_parallel.h"
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include <torch/torch.h>
@@ -18,25 +17,6 @@ int rank(const EngineConfig& config) { return config.communicator ? config.commu
 
 void sum_across_ranks(const EngineConfig& config, torch::Tensor& tensor) {
   if (world_size(config) > 1) config.communicator->all_reduce_sum(tensor);
-}
-
-std::vector<std::string> gather_text(const EngineConfig& config, const std::string& text) {
-  const int ranks = world_size(config);
-  if (ranks == 1) return {text};
-  torch::Tensor lengths = torch::zeros({ranks}, torch::kLong);
-  lengths[rank(config)] = static_cast<std::int64_t>(text.size());
-  sum_across_ranks(config, lengths);
-  const std::int64_t longest = lengths.max().item<std::int64_t>();
-  std::vector<std::string> texts(static_cast<std::size_t>(ranks));
-  if (longest == 0) return texts;
-  torch::Tensor bytes = torch::zeros({ranks * longest}, torch::kByte);
-  std::memcpy(bytes.data_ptr<std::uint8_t>() + rank(config) * longest, text.data(), text.size());
-  config.communicator->all_gather(bytes, longest);
-  for (int r = 0; r < ranks; ++r) {
-    texts[static_cast<std::size_t>(r)].assign(reinterpret_cast<const char*>(bytes.data_ptr<std::uint8_t>()) + r * longest,
-                                              static_cast<std::size_t>(lengths[r].item<std::int64_t>()));
-  }
-  return texts;
 }
 
 Ranks ranks_of(const EngineConfig& config) { return {rank(config), world_size(config)}; }

@@ -28,9 +28,6 @@ Ranks ranks_of(const EngineConfig& config);
 // Sums `tensor` over the ranks in place; every rank ends with the same bits.
 void sum_across_ranks(const EngineConfig& config, torch::Tensor& tensor);
 
-// Every rank's `text`, in rank order, on every rank: one all-reduce of the lengths and one
-// all-gather of the bytes, padded to the longest. A world of one gets {text}.
-std::vector<std::string> gather_text(const EngineConfig& config, const std::string& text);
 
 // This rank's part of a flat range of `numel` elements (ZeRO's partition): an even split into
 // world_size shards of `padded` elements each, the last ones clipped to the range, so a shard

@@ -124,22 +124,30 @@ TEST_CASE("reduce-scatter sums each rank's shard and all-gather fills every shar
   CHECK(torch::equal(gathered[1], expected));
 }
 
-TEST_CASE("reductions started together complete in any order of waiting, bf16 included") {
+TEST_CASE("reductions started together complete in any order of waiting, bf16 included, and texts gather") {
+  // Catch's assertions are not for threads: each rank records, the test checks after.
   std::vector<torch::Tensor> first(2), second(2);
+  std::vector<std::vector<std::string>> texts(2);
+  std::vector<int> pending_before(2), pending_after(2);
   auto errors = run_ranks(2, [&](int rank, std::shared_ptr<dist::Communicator> communicator) {
+    const auto r = static_cast<std::size_t>(rank);
     torch::Tensor a = torch::arange(6, torch::kFloat) + rank;
     torch::Tensor b = (torch::arange(4, torch::kFloat) * (rank + 1)).to(torch::kBFloat16);
     dist::Pending reducing_a = communicator->start_reduce_scatter_sum(a, 3);
     dist::Pending reducing_b = communicator->start_reduce_scatter_sum(b, 2);
-    CHECK(reducing_a.pending());
+    pending_before[r] = reducing_a.pending();
     reducing_b.wait();
     reducing_a.wait();
     reducing_a.wait();  // a second wait returns at once
-    CHECK_FALSE(reducing_a.pending());
-    first[static_cast<std::size_t>(rank)] = a.narrow(0, rank * 3, 3).clone();
-    second[static_cast<std::size_t>(rank)] = b.narrow(0, rank * 2, 2).to(torch::kFloat);
+    pending_after[r] = reducing_a.pending();
+    texts[r] = communicator->all_gather_text(rank == 0 ? "rank zero" : "");
+    first[r] = a.narrow(0, rank * 3, 3).clone();
+    second[r] = b.narrow(0, rank * 2, 2).to(torch::kFloat);
   });
   REQUIRE(errors == std::vector<std::string>{"", ""});
+  CHECK(pending_before == std::vector<int>{1, 1});
+  CHECK(pending_after == std::vector<int>{0, 0});
+  for (const auto& gathered : texts) CHECK(gathered == std::vector<std::string>{"rank zero", ""});
   CHECK(torch::equal(first[0], torch::tensor({1.0f, 3.0f, 5.0f})));
   CHECK(torch::equal(first[1], torch::tensor({7.0f, 9.0f, 11.0f})));
   CHECK(torch::equal(second[0], torch::tensor({0.0f, 3.0f})));
