@@ -332,6 +332,10 @@ struct EngineStats {
   double backward_seconds = 0;
   double optimizer_seconds = 0;        // CPU or device time inside optimizer updates
   double optimizer_wait_seconds = 0;   // time the step waited for updates still running
+  // Of optimizer_seconds, the CPU worker's arithmetic on the parts it updates (staging waits
+  // left out), and the elements it updated: its rate while the step's copies share the host.
+  double cpu_update_seconds = 0;
+  std::int64_t cpu_updated_elements = 0;
   // Per part (stem, blocks, head), with EngineConfig::trace on (the device is then synchronized
   // after each span, so these are compute alone): seconds of forward, and of backward with its
   // recomputation. Empty without tracing.

@@ -107,8 +107,9 @@ struct CalibrationOptions {
 Hardware calibrate(const CalibrationOptions& options,
                    const std::function<void(const std::string&)>& report = {});
 
-// Named machines: "h100" (ferry's GPU machine, docs/benchmarks.md), "rtx4090-fuyou" (the server
-// of the Fuyou paper), "h100-zo2" (ZO2's). Throws, listing the valid names, for an unknown one.
+// Named machines: "h100" and "h200" (ferry's GPU machines, docs/benchmarks.md), "rtx4090-fuyou"
+// (the server of the Fuyou paper), "h100-zo2" (ZO2's). Throws, listing the valid names, for an
+// unknown one.
 Hardware hardware_preset(const std::string& name);
 std::vector<std::string> hardware_preset_names();
 
@@ -136,7 +137,25 @@ struct MeasuredCompute {
   std::int64_t seq = 0;
   std::vector<double> part_forward_seconds;
   std::vector<double> part_backward_seconds;
+  // The CPU worker's AdamW rate in the step (EngineStats::cpu_updated_elements over
+  // cpu_update_seconds), where the step's copies share the host's memory with it; replaces
+  // Hardware::cpu_adam_params_per_s, measured alone. 0: not measured (no part updated by the CPU).
+  double cpu_update_params_per_s = 0;
 };
+
+// The engine settings profile_compute measures with: `config` with every block recomputed, each
+// checkpoint where `config` keeps it and a block that keeps its graph checkpointing on the GPU
+// (so it fits wherever `config` does); fuyou, whose plan chooses the checkpoints after the
+// profile, every checkpoint on NVMe and no block's parameters in host memory. One micro-batch a
+// step, tracing on.
+EngineConfig profiling_config(EngineConfig config, std::int64_t blocks);
+
+// Measures the compute the plan replays, on the real model and device: two training steps of
+// `batch` on an engine of its own with profiling_config(config); the second is measured (the
+// first pays for first-touch allocations and the page cache). With config.communicator, as one
+// data-parallel engine whose ranks all get their mean (the same plan everywhere). The steps change
+// the model's weights: the job builds or loads its model again.
+MeasuredCompute profile_compute(LayeredModel model, const EngineConfig& config, const data::Batch& batch);
 
 // Activations as the front ends take them: one parse_block_activations name for every block
 // ("nvme"), or a comma list with one per block. Throws ferry::Error for an unknown name or a list

@@ -197,6 +197,8 @@ py::dict to_dict(const EngineStats& stats) {
   dict["backward_seconds"] = stats.backward_seconds;
   dict["optimizer_seconds"] = stats.optimizer_seconds;
   dict["optimizer_wait_seconds"] = stats.optimizer_wait_seconds;
+  dict["cpu_update_seconds"] = stats.cpu_update_seconds;
+  dict["cpu_updated_elements"] = stats.cpu_updated_elements;
   dict["tiers"] = tiers;
   dict["transfers"] = transfers;
   return dict;

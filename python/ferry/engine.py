@@ -286,7 +286,9 @@ class Engine:
     def stats(self) -> Dict[str, Any]:
         """Seconds per phase and the residency manager's figures: ``steps``,
         ``forward_seconds``, ``backward_seconds``, ``optimizer_seconds``,
-        ``optimizer_wait_seconds``, ``tiers`` (per tier: budget, used, peak bytes, refusals)
+        ``optimizer_wait_seconds``, ``cpu_update_seconds`` and ``cpu_updated_elements`` (the
+        CPU worker's arithmetic and the elements it updated), ``tiers`` (per tier: budget, used,
+        peak bytes, refusals)
         and ``transfers`` (per ``"from->to"`` pair: bytes, transfers, busy and waited
         seconds)."""
         return self._engine.stats()

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cxxopts.hpp>
+#include <filesystem>
 #include <iostream>
 #include <optional>
 
@@ -36,6 +37,7 @@ namespace ferry::cli {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
 using Json = nlohmann::json;
 
 // Every run's AdamW learning rate, ferry's and the plain loop's.
@@ -72,6 +74,9 @@ struct OffloadSettings {
   // preset (`full` blocks, when --layers cut it) from the measured block times.
   bool trace_blocks = false;
   std::optional<models::ModelConfig> full;
+  // Auto: plan again from a profile of the first plan's placement (profile_compute), as
+  // `ferry finetune` does; off: the plan from FLOPs and the hardware figures alone runs.
+  bool profile = true;
   BaseStorage base_storage = BaseStorage::kCompute;  // with LoRA
   // Auto with LoRA: every block's base (and its adapters, which the CPU then updates) at home on
   // this tier, streamed for each pass, instead of the planner's placement.
@@ -95,6 +100,9 @@ double planned_block_seconds(const Plan& plan, const std::string& prefix) {
 MeasuredCompute at_depth(const EngineStats& stats, int steps, std::int64_t batch, std::int64_t seq,
                          std::int64_t blocks) {
   MeasuredCompute measured{batch, seq, {}, {}};
+  if (stats.cpu_update_seconds > 0) {
+    measured.cpu_update_params_per_s = static_cast<double>(stats.cpu_updated_elements) / stats.cpu_update_seconds;
+  }
   const std::size_t parts = stats.part_forward_seconds.size();
   auto mean_block = [&](const std::vector<double>& seconds) {
     double sum = 0;
@@ -204,7 +212,10 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
   }
   // Auto: the planner places the job within the budgets, and its prediction is compared; or,
   // with --base-home, the base is streamed from there.
+  std::vector<data::Batch> batches;
+  for (int i = 0; i < 2; ++i) batches.push_back(data::random_batch(batch, seq, config.vocab_size, i));
   std::optional<Plan> plan;
+  double from_flops = 0;  // the first plan's step, before the profile
   if (mode == Mode::kAuto && offload.base_home) {
     engine_config.placement = streamed_base(config.num_layers, *offload.base_home);
   } else if (mode == Mode::kAuto) {
@@ -217,12 +228,19 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
     request.hardware = *offload.hardware;
     plan = make_plan(request);
     FERRY_CHECK(plan->fits, "auto finds no placement within the budgets:\n", format_plan(*plan));
+    from_flops = plan->step_seconds;
+    if (offload.profile) {
+      request.measured = profile_compute(models::build(config, 1), plan_engine_config(*plan), batches.front());
+      release_cached_gpu_memory();
+      reset_gpu_peak_memory();
+      plan = make_plan(request);
+      FERRY_CHECK(plan->fits, "auto finds no placement within the budgets with the profiled compute:\n",
+                  format_plan(*plan));
+    }
     engine_config = plan_engine_config(*plan);
     engine_config.trace = offload.trace_blocks;
   }
   Engine engine(models::build(config, 1), engine_config);
-  std::vector<data::Batch> batches;
-  for (int i = 0; i < 2; ++i) batches.push_back(data::random_batch(batch, seq, config.vocab_size, i));
   Figures figures{describe_run(std::string("ferry ") + to_string(mode), config, offload.base_storage), batch,
                   offload.grad_accumulation};
   if (mode == Mode::kAuto && offload.base_home) figures.what += std::string(", base on ") + to_string(*offload.base_home);
@@ -258,14 +276,16 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
       streamed += home.streamed();
     }
     for (const BlockActivations& block : plan->placement.activations) recomputed += block.recompute;
-    char placed[256];
+    char placed[384];
     std::snprintf(placed, sizeof placed,
                   "; auto: %zu of %zu parts updated by the cpu, %zu blocks recomputed, %zu streamed; gpu %s, host %s, "
-                  "nvme %s planned; plan predicts %.3f s (measured / predicted %.2f)",
+                  "nvme %s planned; plan predicts %.3f s (measured / predicted %.2f%s); from FLOPs alone %.3f s "
+                  "(%.2f)",
                   cpu, plan->placement.parts.size(), recomputed, streamed,
                   format_bytes(plan->tier_bytes[0]).c_str(), format_bytes(plan->tier_bytes[1]).c_str(),
                   format_bytes(plan->tier_bytes[2]).c_str(), plan->step_seconds,
-                  figures.seconds_per_step / plan->step_seconds);
+                  figures.seconds_per_step / plan->step_seconds, offload.profile ? ", profiled compute" : "",
+                  from_flops, figures.seconds_per_step / from_flops);
     figures.note = note + std::string(placed);
     if (offload.trace_blocks) {
       const MeasuredCompute measured = at_depth(stats, warmup + steps, batch, seq, config.num_layers);
@@ -351,8 +371,10 @@ int run_bench_finetune(int argc, char** argv) {
       ("layers", "the preset's first N blocks only, every other dimension kept (0: all)", text("0"))
       ("trace-blocks", "auto rows: trace each part's compute against the plan's, and predict the whole preset "
        "from the measured block times")
-      ("calibration", "auto: the hardware figures it plans with, from `ferry bench calibrate` (default: a quick "
-       "calibration of this machine)", text(""))
+      ("calibration", "auto: the hardware figures it plans with, a file from `ferry bench calibrate` or a "
+       "hardware preset (default: a quick calibration of this machine)", text(""))
+      ("profile", "auto rows: plan again from a profile of two steps of the first plan's placement, as `ferry "
+       "finetune` does (--profile=false: the plan from FLOPs runs)", boolean("true"))
       ("modes", "ferry modes", texts("gpu,zero-offload"))
       ("batches", "batch sizes", texts("8,16"))
       ("seq", "sequence length", text("1024"))
@@ -430,6 +452,7 @@ int run_bench_finetune(int argc, char** argv) {
   offload.grad_accumulation = setting_flag(args, "grad_accum").get<std::int64_t>();
   offload.order = parse_flag("micro-batch-order", flag_text(args, "micro-batch-order"), parse_micro_batch_order);
   offload.trace_blocks = args.count("trace-blocks") > 0;
+  offload.profile = boolean_flag(args, "profile");
   offload.full = models::preset(model_name);
   offload.full->dtype = config.dtype;
   offload.full->lora = config.lora;
@@ -448,7 +471,7 @@ int run_bench_finetune(int argc, char** argv) {
   if (plans) {
     const std::string file = flag_text(args, "calibration");
     if (!file.empty()) {
-      offload.hardware = Hardware::load(file);
+      offload.hardware = fs::exists(file) ? Hardware::load(file) : hardware_preset(file);
     } else {
       CalibrationOptions quick;
       quick.nvme_directories = offload.nvme;

@@ -19,6 +19,7 @@
 #include "ferry/job.h"
 #include "ferry/memory.h"
 #include "ferry/model.h"
+#include "ferry/plan.h"
 #include "ferry/system.h"
 #include "ferry/zo.h"
 
@@ -120,11 +121,46 @@ struct BenchShape {
   int steps = 0;
 };
 
+// With --hardware: the plan of the run as it ran (the engine's resolved settings), and of the
+// whole preset when --layers cut it, with the same settings.
+struct PlanCheck {
+  Hardware hardware;
+  std::optional<models::ModelConfig> full;
+};
+
+std::string planned(const models::ModelConfig& config, const EngineConfig& engine_config, const BenchShape& shape,
+                    double measured_seconds, const PlanCheck& check) {
+  PlanRequest request;
+  request.model = config;
+  request.engine = engine_config;
+  request.batch = shape.batch;
+  request.seq = shape.seq;
+  request.hardware = check.hardware;
+  const Plan plan = make_plan(request);
+  char line[384];
+  std::snprintf(line, sizeof line, "; plan predicts %.3f s, bottleneck %s (measured / predicted %.2f)",
+                plan.step_seconds, to_string(plan.bottleneck), measured_seconds / plan.step_seconds);
+  std::string text = line;
+  if (check.full && check.full->num_layers > config.num_layers) {
+    request.model = *check.full;
+    const Plan whole = make_plan(request);
+    std::snprintf(line, sizeof line,
+                  "; the whole model (%lld blocks), these settings: %s, %.3f s/step, gpu %s, host %s, nvme %s, "
+                  "bottleneck %s",
+                  static_cast<long long>(check.full->num_layers), whole.fits ? "fits" : "does NOT fit",
+                  whole.step_seconds, format_bytes(whole.tier_bytes[0]).c_str(),
+                  format_bytes(whole.tier_bytes[1]).c_str(), format_bytes(whole.tier_bytes[2]).c_str(),
+                  to_string(whole.bottleneck));
+    text += line;
+  }
+  return text;
+}
+
 // One zo2 run of `model` placed and transferred as given: prints its table row. The all-GPU row
 // sets `baseline`, which later rows are compared with.
 void measure(const std::string& model, const models::ModelConfig& config, const Placement& placement,
              ZoTransfer transfer, const EngineConfig& base, const BenchShape& shape,
-             std::optional<double>& baseline) {
+             const std::optional<PlanCheck>& check, std::optional<double>& baseline) {
   try {
     EngineConfig engine_config = base;
     engine_config.zo.block_tier = placement.tier;
@@ -173,6 +209,7 @@ void measure(const std::string& model, const models::ModelConfig& config, const 
                     (after_steps.optimizer_wait_seconds - before_steps.optimizer_wait_seconds) / shape.steps);
       host_work = line;
     }
+    if (check) host_work += planned(config, engine.config(), shape, seconds, *check);
     const double tokens_per_s = static_cast<double>(shape.batch * shape.seq) / seconds;
     if (placement.tier == Tier::kGpu) baseline = tokens_per_s;
     const std::string ratio = baseline && placement.tier != Tier::kGpu
@@ -192,6 +229,10 @@ int run_bench_zo(int argc, char** argv) {
   cxxopts::Options options(argv[0], "Measure the zo2 mode against the same code with every weight on the GPU");
   options.add_options()
       ("models", "presets", cxxopts::value<std::vector<std::string>>()->default_value("opt-1.3b,opt-13b"))
+      ("layers", "every preset's first N blocks only, every other dimension kept (0: all)",
+       cxxopts::value<std::string>()->default_value("0"))
+      ("hardware", "compare each row with the plan for these figures: a hardware preset or a file from `ferry "
+       "bench calibrate` (and, with --layers, plan the whole preset)", cxxopts::value<std::string>()->default_value(""))
       ("placements", "gpu (the baseline), host, nvme, split:N (N blocks on host, the rest on NVMe) or "
        "host+gpu:N (N blocks resident on the GPU, spread evenly, the rest on host; N = auto: as many as "
        "--gpu-budget holds)",
@@ -269,11 +310,19 @@ int run_bench_zo(int argc, char** argv) {
   for (const std::string& text : args["transfers"].as<std::vector<std::string>>()) {
     transfers.push_back(parse_zo_transfer(text));
   }
+  const std::int64_t layers = integer("layers", 0, 1 << 20);
+  const std::string hardware = args["hardware"].as<std::string>();
   for (const std::string& name : args["models"].as<std::vector<std::string>>()) {
-    models::ModelConfig config = models::preset(name);
+    models::ModelConfig config = models::truncated(models::preset(name), layers);
     config.dtype = DType::kBF16;
     config.lora = lora;
     config.validate();  // refuses unknown LoRA targets, naming the valid ones
+    std::optional<PlanCheck> check;
+    if (!hardware.empty()) {
+      check = PlanCheck{job_hardware(hardware, {}), models::preset(name)};
+      check->full->dtype = config.dtype;
+      check->full->lora = lora;
+    }
     for (ZoTransfer transfer : transfers) {
       if (transfer != ZoTransfer::kStorage) print_encode_rate(name, config, transfer, 3);
     }
@@ -282,7 +331,7 @@ int run_bench_zo(int argc, char** argv) {
       const Placement placement = parse_placement(placement_text);
       for (ZoTransfer transfer : transfers) {
         if (placement.tier == Tier::kGpu && transfer != ZoTransfer::kStorage) continue;  // nothing crosses
-        measure(name, config, placement, transfer, base, shape, baseline);
+        measure(name, config, placement, transfer, base, shape, check, baseline);
       }
     }
   }

@@ -55,12 +55,6 @@ LayeredModel load_model(const Json& job) {
   return models::build(config, job["seed"]);
 }
 
-// Whether the job plans fuyou's activations or host blocks before it runs.
-bool plans_fuyou(const Json& job, const EngineConfig& config) {
-  return config.mode == Mode::kFuyou && config.staged.empty() &&
-         (job["activations"] == "auto" || job["fuyou_host_blocks"] == "auto");
-}
-
 // Stages the job's checkpoint into its NVMe directories unless a layout with every bundle
 // complete is there already; the engine then checks that it was made for this job. An unfinished
 // layout is continued (finished bundles are verified against their checksums, not rewritten).
@@ -167,55 +161,21 @@ void check_resume_checkpoint(const std::string& dir, const models::ModelConfig& 
               "--resume none");
 }
 
-// Note: fuyou's profiling step runs on an engine of its own, dropped before the job's is built:
-// an engine's activations are fixed when it is built, and the job's come from the plan, which
-// needs the profile. Every checkpoint goes to NVMe and tracing is on (each part's span is then
-// compute alone); two steps train on one batch of the job's shape and the second is measured (the
-// first pays for first-touch allocations and the page cache). The steps change the model's
-// weights, so the job loads its model again.
-EngineConfig profiling_config(EngineConfig config, std::int64_t blocks) {
-  config.placement.activations.assign(static_cast<std::size_t>(blocks), {true, Tier::kNvme});
-  config.fuyou.host_blocks = 0;
-  config.grad_accumulation = 1;
-  config.micro_batch_order = MicroBatchOrder::kBatchMajor;  // one micro-batch has no order
-  config.trace = true;
-  return config;
+// Note: fuyou and auto plan twice. The first plan places the job from FLOPs and the hardware
+// figures; a profile of two steps on an engine of its own (profile_compute) then measures the
+// parts' compute and the CPU worker's rate on the real model, and the job runs the plan made from
+// them. An engine's activations are fixed when it is built, so the job's engine is built after
+// the profile, and the profile's steps changed the weights, so the job loads its model again.
+// fuyou's profile keeps every checkpoint on NVMe (its plan then chooses them); auto's runs the
+// first plan's placement with every block recomputed. A staged job's weights are not loaded
+// twice: it runs its first plan.
+bool profiles_first(const Json& job, const EngineConfig& config) {
+  if (!config.staged.empty()) return false;
+  return config.mode == Mode::kAuto || (config.mode == Mode::kFuyou && (job["activations"] == "auto" ||
+                                                                        job["fuyou_host_blocks"] == "auto"));
 }
 
-// Note: under torchrun every rank profiles, as one data-parallel engine (its NVMe files are the
-// rank's own), and the ranks then plan from the mean of their figures: the same plan everywhere,
-// so that every rank issues the same collectives (require_same_schedule).
-MeasuredCompute profile_fuyou(LayeredModel model, EngineConfig config, const data::Batch& batch,
-                              const std::shared_ptr<dist::Communicator>& communicator) {
-  const std::int64_t blocks = static_cast<std::int64_t>(model.num_blocks());
-  config.communicator = communicator;
-  Engine engine(std::move(model), profiling_config(config, blocks));
-  engine.train_step(batch);
-  const EngineStats warm_up = engine.stats();
-  engine.train_step(batch);
-  const EngineStats both = engine.stats();
-  MeasuredCompute measured;
-  measured.batch = batch.input_ids.size(0);
-  measured.seq = batch.input_ids.size(1);
-  for (std::size_t part = 0; part < both.part_forward_seconds.size(); ++part) {
-    measured.part_forward_seconds.push_back(both.part_forward_seconds[part] - warm_up.part_forward_seconds[part]);
-    measured.part_backward_seconds.push_back(both.part_backward_seconds[part] - warm_up.part_backward_seconds[part]);
-  }
-  if (!communicator) return measured;
-  std::vector<double> seconds = measured.part_forward_seconds;
-  seconds.insert(seconds.end(), measured.part_backward_seconds.begin(), measured.part_backward_seconds.end());
-  torch::Tensor summed = torch::tensor(seconds, torch::kDouble);
-  communicator->all_reduce_sum(summed);
-  summed /= communicator->world_size();
-  const std::size_t parts = measured.part_forward_seconds.size();
-  for (std::size_t part = 0; part < parts; ++part) {
-    measured.part_forward_seconds[part] = summed[static_cast<std::int64_t>(part)].item<double>();
-    measured.part_backward_seconds[part] = summed[static_cast<std::int64_t>(parts + part)].item<double>();
-  }
-  return measured;
-}
-
-// What fuyou's profiling step (profile_fuyou) keeps on NVMe, by the same plan: its placement as
+// What fuyou's profile (profile_compute) keeps on NVMe, by the same plan: its placement as
 // profiling_config sets it, nothing left for the plan to choose.
 std::uint64_t profiling_nvme_bytes(const Json& job, const EngineConfig& config, const models::ModelConfig& shape,
                                    const Hardware& hardware, int world_size) {
@@ -593,12 +553,13 @@ int finetune(int argc, char** argv, const dist::World& world) {
   if (config.nvme_block_bytes == 0) config.nvme_block_bytes = io.block_bytes;
   Plan plan = make_plan(plan_request(job, config, shape, std::nullopt, hardware, world.world_size));
   require_fits(plan);
+  const EngineConfig requested = config;
   if (config.mode == Mode::kAuto) config = plan_engine_config(plan);
   // A staged layout already holds the plan's NVMe bytes. fuyou's profiling step, which runs
   // before the job with every checkpoint on NVMe, may need more than the job.
   if (!staged_before) {
     std::uint64_t nvme_bytes = plan.tier_bytes[static_cast<int>(Tier::kNvme)];
-    if (plans_fuyou(job, config)) nvme_bytes = std::max(nvme_bytes, profiling_nvme_bytes(job, config, shape, hardware, world.world_size));
+    if (profiles_first(job, config) && config.mode == Mode::kFuyou) nvme_bytes = std::max(nvme_bytes, profiling_nvme_bytes(job, config, shape, hardware, world.world_size));
     check_nvme_room(config.nvme_directories, nvme_bytes);
   }
   std::string resume;
@@ -644,13 +605,18 @@ int finetune(int argc, char** argv, const dist::World& world) {
   LayeredModel model = config.staged.empty() ? load_model(job)
                                              : models::allocate(staged_model_config(config.staged));
 
-  if (plans_fuyou(job, config)) {
-    std::fprintf(stderr, "fuyou: profiling two steps with every checkpoint on NVMe (the second is measured), "
-                         "then planning\n");
+  if (profiles_first(job, requested)) {
+    if (lead) {
+      std::fprintf(stderr, "%s: profiling two steps %s (the second is measured), then planning again\n",
+                   to_string(config.mode), config.mode == Mode::kFuyou ? "with every checkpoint on NVMe"
+                                                                      : "of this placement, every block recomputed");
+    }
     data::DataLoader sample_loader(dataset, loader_options);
     const data::Batch sample = next_batch(sample_loader);
-    MeasuredCompute measured = profile_fuyou(std::move(model), config, sample, communicator);
-    plan = make_plan(plan_request(job, config, shape, std::move(measured), hardware, world.world_size));
+    EngineConfig profiled = config;
+    profiled.communicator = communicator;
+    MeasuredCompute measured = profile_compute(std::move(model), profiled, sample);
+    plan = make_plan(plan_request(job, requested, shape, std::move(measured), hardware, world.world_size));
     if (lead) std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
     require_fits(plan);
     config = plan_engine_config(plan);

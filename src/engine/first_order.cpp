@@ -826,7 +826,9 @@ bool FirstOrderTrainer::update(std::size_t p, const UpdateContext& context, bool
   const torch::Tensor params = view(part.params, tier, compute_dtype_, part.numel);
   if (part.master != kNoBundle) update.output = params.narrow(0, shard.begin, shard.numel);
   update.decay_numel = std::clamp<std::int64_t>(part.decay_numel - shard.begin, 0, shard.numel);
+  const auto arithmetic = Clock::now();
   const bool skipped = !finite || apply_update(config_.optimizer, context, update);
+  const double arithmetic_seconds = seconds_since(arithmetic);
   release_staged(p, gradient);
   if (skipped && world_size(config_) > 1) {
     // The parameters were staged to be overwritten: this rank's shard of them is its master's.
@@ -850,6 +852,10 @@ bool FirstOrderTrainer::update(std::size_t p, const UpdateContext& context, bool
   }
   std::lock_guard<std::mutex> lock(stats_mutex_);
   stats_.optimizer_seconds += seconds_since(start);
+  if (state.cpu_updated() && !skipped) {
+    stats_.cpu_update_seconds += arithmetic_seconds;
+    stats_.cpu_updated_elements += shard.numel;
+  }
   return skipped;
 }
 

@@ -67,6 +67,27 @@ Hardware h100() {
   return hw;
 }
 
+Hardware h200() {
+  Hardware hw;
+  hw.name = "h200: ferry's GPU machine since 2026-12 (H200 141GB, 16 Sapphire Rapids cores, virtio disk)";
+  // What the caching allocator reports as the device's capacity there (139.80 GiB).
+  hw.gpu_memory_bytes = static_cast<std::uint64_t>(139.8 * static_cast<double>(kGiB));
+  // Measured there by `ferry bench calibrate --nvme /tmp/nvme` (2026-12-03, docs/benchmarks.md,
+  // "Placement by budget"): device copies, 8192^3 matmuls, pinned copies of 1 GiB, AdamW on 16
+  // threads, zo2's kernel, the disk at the fastest queue depth and block size tried.
+  hw.gpu_memory_gbps = 4157.6;
+  hw.matmul_tflops_bf16 = 780.8;
+  hw.matmul_tflops_fp16 = 745.6;
+  hw.matmul_tflops_fp32 = 50.9;
+  hw.pcie_h2d_gbps = 55.4;
+  hw.pcie_d2h_gbps = 55.3;
+  hw.nvme = {{"/", 2.34, 3.58, 8, std::uint64_t{4} << 20}};
+  hw.cpu_adam_params_per_s = 5.09e9;
+  hw.zo_normals_per_s = 2.4017e11;
+  hw.host_memory_bytes = 125 * kGiB;
+  return hw;
+}
+
 // The server of the Fuyou paper (Liao et al. 2024): one RTX 4090, 768 GB DDR4, 12 NVMe SSDs in
 // RAID-0 on PCIe 4.0.
 Hardware rtx4090_fuyou() {
@@ -99,7 +120,7 @@ Hardware h100_zo2() {
 
 const std::map<std::string, std::function<Hardware()>>& presets() {
   static const std::map<std::string, std::function<Hardware()>> table = {
-      {"h100", h100}, {"h100-zo2", h100_zo2}, {"rtx4090-fuyou", rtx4090_fuyou}};
+      {"h100", h100}, {"h100-zo2", h100_zo2}, {"h200", h200}, {"rtx4090-fuyou", rtx4090_fuyou}};
   return table;
 }
 

@@ -541,6 +541,9 @@ void check_measured(const PlanRequest& request) {
                   " s: it must be finite and >= 0");
     }
   }
+  FERRY_CHECK(measured.cpu_update_params_per_s >= 0 && std::isfinite(measured.cpu_update_params_per_s),
+              "measured CPU update rate ", measured.cpu_update_params_per_s,
+              " parameters/s is invalid: give a finite rate > 0, or 0 for none measured");
 }
 
 }  // namespace

@@ -149,6 +149,11 @@ std::string format_plan(const Plan& plan) {
   if (request.measured) {
     out += printf_string("compute: measured at batch %lld x seq %lld, scaled by tokens\n",
                          static_cast<long long>(request.measured->batch), static_cast<long long>(request.measured->seq));
+    if (request.measured->cpu_update_params_per_s > 0) {
+      out += printf_string("CPU updates: measured in the step, %.2fe9 parameters/s (calibrated alone: %.2fe9)\n",
+                           request.measured->cpu_update_params_per_s / 1e9,
+                           request.hardware.cpu_adam_params_per_s / 1e9);
+    }
   }
   out += printf_string("\nstep %.3f s, %.0f tokens/s, %.1f model TFLOPS (%.1f executed, recomputation included)%s\n",
                        plan.step_seconds, plan.tokens_per_s, plan.model_tflops, plan.hardware_tflops,

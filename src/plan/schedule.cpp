@@ -212,7 +212,8 @@ class StepBuilder {
   }
 
   double cpu_update_seconds(std::size_t part) const {
-    return static_cast<double>(shard(part)) / hw_.cpu_adam_params_per_s;
+    const double measured = request_.measured ? request_.measured->cpu_update_params_per_s : 0;
+    return static_cast<double>(shard(part)) / (measured > 0 ? measured : hw_.cpu_adam_params_per_s);
   }
   double cpu_update(double ready, std::size_t part) {
     return timeline_.run(Resource::kCpuOptimizer, ready, cpu_update_seconds(part), "optimizer " + parts_[part].name);

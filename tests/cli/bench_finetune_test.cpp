@@ -75,5 +75,22 @@ TEST_CASE("bench finetune streams an fp8 LoRA base from host memory and prints t
   CHECK_THAT(run.output, !Contains("failed"));
 }
 
+TEST_CASE("bench finetune plans an auto row from FLOPs, then from a profile, and predicts the whole preset") {
+  const Run run = run_ferry(kTiny + " --modes auto --layers 1 --trace-blocks --calibration h200 --baseline=false");
+  INFO(run.output);
+  REQUIRE(run.exit_code == 0);
+  CHECK_THAT(run.output, Contains("| ferry auto, bf16") && Contains("(measured / predicted ") &&
+                             Contains(", profiled compute); from FLOPs alone ") &&
+                             Contains("traced (the device syncs at each part)") &&
+                             Contains("the whole model (2 blocks) with these block times: fits"));
+  const Run unprofiled = run_ferry(kTiny + " --modes auto --calibration h200 --baseline=false --profile=false");
+  INFO(unprofiled.output);
+  REQUIRE(unprofiled.exit_code == 0);
+  CHECK_THAT(unprofiled.output, Contains("| ferry auto, bf16") && !Contains("profiled compute"));
+  const Run unknown = run_ferry(kTiny + " --modes auto --calibration h300");
+  CHECK(unknown.exit_code == 1);
+  CHECK_THAT(unknown.output, Contains("unknown hardware preset 'h300' (valid: h100, h100-zo2, h200, rtx4090-fuyou"));
+}
+
 }  // namespace
 }  // namespace ferry::cli

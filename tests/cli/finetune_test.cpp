@@ -72,6 +72,24 @@ TEST_CASE("finetune --steps 1e1 runs exactly ten steps") {
   CHECK(records.back()["skipped"] == false);
 }
 
+TEST_CASE("finetune --mode auto plans again from a profile of its first plan, and trains as the gpu mode does") {
+  testing::TempDir on_gpu, placed;
+  const std::string common = " --steps 3 --device cpu --precision fp32 --log-every 1";
+  const Run reference = run_ferry(small_job(on_gpu) + common + " --mode gpu");
+  REQUIRE(reference.exit_code == 0);
+  // 2 MiB holds one part's optimizer state: the CPU updates the other three.
+  const Run run = run_ferry(small_job(placed) + common + " --mode auto --gpu-budget 2MiB");
+  INFO(run.output);
+  REQUIRE(run.exit_code == 0);
+  CHECK_THAT(run.output, Contains("auto: profiling two steps of this placement, every block recomputed") &&
+                             Contains("compute: measured at batch 4 x seq 16") &&
+                             Contains("CPU updates: measured in the step") && Contains("measured / predicted"));
+  const std::vector<nlohmann::json> expected = metrics(on_gpu), got = metrics(placed);
+  REQUIRE(got.size() == 3);
+  REQUIRE(expected.size() == 3);
+  for (std::size_t step = 0; step < got.size(); ++step) CHECK(got[step]["loss"] == expected[step]["loss"]);
+}
+
 TEST_CASE("ferry launch runs finetune as two ranks, and stops them all when they fail") {
   testing::TempDir dir;
   const Run two = run_ferry("launch --nproc-per-node 2 --master-port 0 -- " + small_job(dir) + " --steps 3 --device cpu");

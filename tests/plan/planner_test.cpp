@@ -301,6 +301,20 @@ TEST_CASE("planner: measured block times replace the compute estimates, scaled b
   CHECK_THROWS_WITH(make_plan(request), Contains("the model has 26 parts"));
 }
 
+TEST_CASE("planner: a CPU update rate measured in the step replaces the calibrated one") {
+  PlanRequest request = zero_offload_request();
+  request.measured = uniform_times(request.model.num_layers, request.batch, 0.01, 0.03);
+  auto cpu_busy = [&] { return make_plan(request).busy_seconds[static_cast<int>(Resource::kCpuOptimizer)]; };
+  const double calibrated = cpu_busy();
+  CHECK(calibrated == Approx(static_cast<double>(request.model.parameter_count()) /
+                             request.hardware.cpu_adam_params_per_s));
+  request.measured->cpu_update_params_per_s = request.hardware.cpu_adam_params_per_s / 2;
+  CHECK(cpu_busy() == Approx(2 * calibrated));
+  CHECK_THAT(format_plan(make_plan(request)), Contains("CPU updates: measured in the step, 1.50e9 parameters/s"));
+  request.measured->cpu_update_params_per_s = -1;
+  CHECK_THROWS_WITH(make_plan(request), Contains("measured CPU update rate -1 parameters/s is invalid"));
+}
+
 namespace {
 
 std::uint64_t nvme_moved(const Plan& plan) {
