@@ -245,6 +245,9 @@ ZoLayout lay_out_zo(Store& store, std::vector<Part>& parts, const EngineConfig& 
   const std::uint64_t storage_size = torch::elementSize(scalar_type(zo_storage(config)));
   const int state_count = optimizer_state_count(config.optimizer);
   const auto blocks = static_cast<std::int64_t>(parts.size()) - 2;
+  auto weights_bytes = [&](const Part& part) { return static_cast<std::uint64_t>(part.numel) * storage_size; };
+  auto state_bytes = [&](const Part& part) { return static_cast<std::uint64_t>(part.numel) * 4; };
+  auto transfer_bytes = [&](const Part& part) { return zo_transfer_bytes(config.zo.transfer, part.numel); };
   ZoLayout layout;
   layout.parts.resize(parts.size());
   std::int64_t largest_block = 0;
@@ -258,10 +261,9 @@ ZoLayout lay_out_zo(Store& store, std::vector<Part>& parts, const EngineConfig& 
     b.home = zo_block_home(config.zo, part.index, blocks);
     b.compressed = part.trainable() && zo_compressed(config.zo, part.index, blocks);
     if (b.home == Tier::kGpu) continue;
-    const auto numel = static_cast<std::uint64_t>(part.numel);
-    const std::uint64_t bytes =
-        b.compressed ? stored(zo_transfer_bytes(config.zo.transfer, part.numel))
-                     : stored(numel * storage_size) + state_count * stored(numel * 4) + frozen_visit_bytes(part, config);
+    const std::uint64_t bytes = b.compressed ? stored(transfer_bytes(part))
+                                             : stored(weights_bytes(part)) + state_count * stored(state_bytes(part)) +
+                                                   frozen_visit_bytes(part, config);
     visit = std::max(visit, bytes);
     ++streamed;
     if (b.home != Tier::kNvme) continue;
@@ -299,20 +301,19 @@ ZoLayout lay_out_zo(Store& store, std::vector<Part>& parts, const EngineConfig& 
       part.frozen = add(part.name + ".frozen", frozen_bytes(part, config), b.home, "frozen parameters");
     }
     if (!part.trainable()) continue;  // no weights, states or compute copy to keep
-    const auto numel = static_cast<std::uint64_t>(part.numel);
-    b.weights = add(part.name + ".weights", numel * storage_size, b.home,
+    b.weights = add(part.name + ".weights", weights_bytes(part), b.home,
                     !block ? "stem and head" : resident ? "resident block weights" : "block weights");
     for (int i = 0; i < state_count; ++i) {
-      b.states.push_back(add(part.name + ".state" + std::to_string(i), numel * 4, b.home,
+      b.states.push_back(add(part.name + ".state" + std::to_string(i), state_bytes(part), b.home,
                              !block      ? "stem and head"
                              : resident ? "resident block optimizer states"
                                         : "block optimizer states"));
     }
     b.compute = block ? slots[static_cast<std::size_t>(part.index) % slot_count]
-                      : add(part.name + ".compute", numel * compute_size, Tier::kGpu, "stem and head compute copies");
+                      : add(part.name + ".compute", static_cast<std::uint64_t>(part.numel) * compute_size, Tier::kGpu,
+                            "stem and head compute copies");
     if (b.compressed) {
-      b.transfer = add(part.name + ".transfer", zo_transfer_bytes(config.zo.transfer, part.numel), Tier::kHost,
-                       "block transfer copies");
+      b.transfer = add(part.name + ".transfer", transfer_bytes(part), Tier::kHost, "block transfer copies");
     }
   }
   return layout;
