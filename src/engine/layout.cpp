@@ -1,9 +1,11 @@
 #include "engine/layout.h"
 
 #include <algorithm>
+#include <functional>
 
 #include "engine/data_parallel.h"
 #include "engine/sizing.h"
+#include "engine/update.h"
 #include "ferry/check.h"
 
 namespace ferry::detail {
@@ -43,6 +45,7 @@ std::vector<Part> parts_of(const std::vector<PartShape>& shapes) {
     parts[p].frozen_numel = shapes[p].frozen_numel;
     parts[p].frozen_channels = shapes[p].frozen_channels;
     parts[p].kind = p == 0 ? models::Part::kStem : p + 1 == shapes.size() ? models::Part::kHead : models::Part::kBlock;
+    if (parts[p].kind == models::Part::kBlock) parts[p].index = static_cast<std::int64_t>(p) - 1;
   }
   return parts;
 }
@@ -193,27 +196,134 @@ void lay_out_checkpoints(Store& store, const std::vector<Part>& parts, const Pla
   }
 }
 
-TierDemand count_first_order(const std::vector<PartShape>& shapes, const EngineConfig& config,
-                             std::uint64_t checkpoint_bytes, const Ranks& ranks) {
-  const Placement placement = resolve_placement(config, shapes.size());
+namespace {
+
+// Runs `lay_out` against a counting store without budgets and returns what it recorded.
+TierDemand count(const EngineConfig& config, const std::function<void(Store&, TierDemand*)>& lay_out) {
   StoreOptions options = store_options(config);
   options.count_only = true;
   options.gpu_budget_bytes = options.host_budget_bytes = options.nvme_budget_bytes = UINT64_MAX;
   Store store(options);
-  std::vector<Part> parts = parts_of(shapes);
   TierDemand demand;
-  lay_out_parts(store, parts, placement, config, ranks, [&](const BundleSpec& spec, const char*) { return store.add(spec); },
-                &demand);
-  if (checkpoint_bytes > 0) {
-    CheckpointLayout checkpoints;
-    lay_out_checkpoints(store, parts, placement, config, checkpoint_bytes, checkpoints, &demand);
-  }
+  lay_out(store, &demand);
   const StoreStats counted = store.stats();
   for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
     FERRY_ASSERT(counted.tiers[static_cast<int>(tier)].used_bytes == demand.bytes[static_cast<int>(tier)],
                  "the counted set-up and its record disagree on the ", to_string(tier), " tier");
   }
   return demand;
+}
+
+}  // namespace
+
+TierDemand count_first_order(const std::vector<PartShape>& shapes, const EngineConfig& config,
+                             std::uint64_t checkpoint_bytes, const Ranks& ranks) {
+  const Placement placement = resolve_placement(config, shapes.size());
+  return count(config, [&](Store& store, TierDemand* demand) {
+    std::vector<Part> parts = parts_of(shapes);
+    lay_out_parts(store, parts, placement, config, ranks,
+                  [&](const BundleSpec& spec, const char*) { return store.add(spec); }, demand);
+    if (checkpoint_bytes > 0) {
+      CheckpointLayout checkpoints;
+      lay_out_checkpoints(store, parts, placement, config, checkpoint_bytes, checkpoints, demand);
+    }
+  });
+}
+
+// Note: what each zo2 pool holds at most, from the bounds its sweep keeps (zo2.cpp):
+// - window: the device window's visits (zo.blocks_in_flight, or fewer when fewer blocks stream),
+//   each one streamed block's stored weights, states and frozen parameters, or a compressed
+//   block's transfer copy alone;
+// - NVMe staging: the host copies of the visits' bundles at home on NVMe, which the window drops
+//   with their device copies; between sweeps, one bundle written or read at home (write_home,
+//   read_home, the frozen parameters at set-up).
+// Everything else is at home: stem and head (weights, states, compute copies) and the resident
+// blocks on the device, the compute slots every block computes from, the other blocks on their
+// home tier and the compressed blocks' transfer copies in host memory.
+ZoLayout lay_out_zo(Store& store, std::vector<Part>& parts, const EngineConfig& config, TierDemand* demand) {
+  const std::uint64_t compute_size = torch::elementSize(scalar_type(config.precision));
+  const std::uint64_t storage_size = torch::elementSize(scalar_type(zo_storage(config)));
+  const int state_count = optimizer_state_count(config.optimizer);
+  const auto blocks = static_cast<std::int64_t>(parts.size()) - 2;
+  auto weights_bytes = [&](const Part& part) { return static_cast<std::uint64_t>(part.numel) * storage_size; };
+  auto state_bytes = [&](const Part& part) { return static_cast<std::uint64_t>(part.numel) * 4; };
+  auto transfer_bytes = [&](const Part& part) { return zo_transfer_bytes(config.zo.transfer, part.numel); };
+  ZoLayout layout;
+  layout.parts.resize(parts.size());
+  std::int64_t largest_block = 0;
+  std::uint64_t visit = 0, nvme_visit = 0;
+  std::size_t streamed = 0, on_nvme = 0;
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    const Part& part = parts[p];
+    ZoBundles& b = layout.parts[p];
+    if (part.kind != models::Part::kBlock) continue;
+    largest_block = std::max(largest_block, part.numel);
+    b.home = zo_block_home(config.zo, part.index, blocks);
+    b.compressed = part.trainable() && zo_compressed(config.zo, part.index, blocks);
+    if (b.home == Tier::kGpu) continue;
+    const std::uint64_t bytes = b.compressed ? stored(transfer_bytes(part))
+                                             : stored(weights_bytes(part)) + state_count * stored(state_bytes(part)) +
+                                                   frozen_visit_bytes(part, config);
+    visit = std::max(visit, bytes);
+    ++streamed;
+    if (b.home != Tier::kNvme) continue;
+    nvme_visit = std::max(nvme_visit, bytes);
+    ++on_nvme;
+  }
+  const auto in_flight = static_cast<std::size_t>(config.zo.blocks_in_flight);
+  layout.window = reserve(store, Tier::kGpu, std::min(in_flight, streamed) * visit, "blocks in flight", demand);
+  layout.nvme_staging =
+      reserve(store, Tier::kHost, std::min(in_flight, on_nvme) * nvme_visit, "NVMe staging", demand);
+
+  auto add = [&](const std::string& name, std::uint64_t bytes, Tier home, const char* role) {
+    BundleSpec spec{name, bytes, home};
+    if (home != Tier::kGpu) spec.pools[static_cast<int>(Tier::kGpu)] = layout.window;
+    if (home == Tier::kNvme) spec.pools[static_cast<int>(Tier::kHost)] = layout.nvme_staging;
+    record(demand, home, role, stored(bytes));
+    return store.add(spec);
+  };
+  // Note: a block computes from one of two device slots, block i from slot i % 2: while one
+  // block's forwards read one slot, the next block's perturbed copy is written into the other.
+  // The slot's previous user, block i - 2, queued its forwards earlier on the same stream, so
+  // writing the slot needs no other ordering.
+  const std::size_t slot_count = std::min<std::size_t>(kZoComputeSlots, static_cast<std::size_t>(blocks));
+  std::vector<BundleId> slots;
+  for (std::size_t i = 0; i < slot_count && largest_block > 0; ++i) {
+    slots.push_back(add("block slot " + std::to_string(i), static_cast<std::uint64_t>(largest_block) * compute_size,
+                        Tier::kGpu, "block compute slots"));
+  }
+  for (std::size_t p = 0; p < parts.size(); ++p) {
+    Part& part = parts[p];
+    ZoBundles& b = layout.parts[p];
+    const bool block = part.kind == models::Part::kBlock;
+    const bool resident = b.home == Tier::kGpu;
+    if (part.frozen_numel > 0) {
+      part.frozen = add(part.name + ".frozen", frozen_bytes(part, config), b.home, "frozen parameters");
+    }
+    if (!part.trainable()) continue;  // no weights, states or compute copy to keep
+    b.weights = add(part.name + ".weights", weights_bytes(part), b.home,
+                    !block ? "stem and head" : resident ? "resident block weights" : "block weights");
+    for (int i = 0; i < state_count; ++i) {
+      b.states.push_back(add(part.name + ".state" + std::to_string(i), state_bytes(part), b.home,
+                             !block      ? "stem and head"
+                             : resident ? "resident block optimizer states"
+                                        : "block optimizer states"));
+    }
+    b.compute = block ? slots[static_cast<std::size_t>(part.index) % slot_count]
+                      : add(part.name + ".compute", static_cast<std::uint64_t>(part.numel) * compute_size, Tier::kGpu,
+                            "stem and head compute copies");
+    if (b.compressed) {
+      b.transfer = add(part.name + ".transfer", transfer_bytes(part), Tier::kHost, "block transfer copies");
+    }
+  }
+  return layout;
+}
+
+TierDemand count_zo(const std::vector<PartShape>& shapes, const EngineConfig& config) {
+  return count(config, [&](Store& store, TierDemand* demand) {
+    std::vector<Part> parts = parts_of(shapes);
+    lay_out_zo(store, parts, config, demand);
+  });
 }
 
 }  // namespace ferry::detail

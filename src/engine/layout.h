@@ -1,10 +1,11 @@
 #pragma once
 
-// The first-order engine's set-up as one piece of code that the engine performs and its sizing
-// counts: each part's bundles at home, and the pools its step draws every copy away from home
-// from. engine_demand runs it against a counting store (StoreOptions::count_only), so the bytes
-// `ferry plan` reports per tier are the ones the engine takes; and since no copy away from home
-// comes from anywhere but a pool, the step cannot take more than the set-up counted.
+// The engine's set-up, the first-order modes' and zo2's, as one piece of code each that the engine
+// performs and its sizing counts: each part's bundles at home, and the pools its step draws every
+// copy away from home from. engine_demand runs it against a counting store
+// (StoreOptions::count_only), so the bytes `ferry plan` reports per tier are the ones the engine
+// takes; and since no copy away from home comes from anywhere but a pool, the step cannot take
+// more than the set-up counted.
 
 #include <cstdint>
 #include <vector>
@@ -73,5 +74,35 @@ void lay_out_checkpoints(Store& store, const std::vector<Part>& parts, const Pla
 // `checkpoint_bytes` when not 0.
 TierDemand count_first_order(const std::vector<PartShape>& parts, const EngineConfig& config,
                              std::uint64_t checkpoint_bytes, const Ranks& ranks);
+
+// --- zo2 --------------------------------------------------------------------------------------
+
+// One part's zo2 bundles. A part without trained parameters (a LoRA stem or head) has none of
+// these: only its frozen bundle (Part::frozen, with them at `home`), which is never perturbed,
+// updated or written back.
+struct ZoBundles {
+  Tier home = Tier::kGpu;
+  BundleId weights = kNoBundle;  // storage dtype, at home
+  std::vector<BundleId> states;  // fp32, at home
+  BundleId compute = kNoBundle;  // compute dtype, on the device: the part's own or a block slot
+  // A compressed block (zo.transfer): the copy that is uploaded in place of `weights`, at home
+  // on the host. The weights and states never leave home; the CPU updates them there.
+  bool compressed = false;
+  BundleId transfer = kNoBundle;
+};
+
+struct ZoLayout {
+  std::vector<ZoBundles> parts;
+  PoolId window = kNoPool;        // gpu: the streamed blocks' visits in flight
+  PoolId nvme_staging = kNoPool;  // host: what lives on NVMe, passing through
+};
+
+// Reserves zo2's pools on `store` and adds every part's bundles at home, zero-filled (zo.gpu_blocks
+// resolved; `parts` described, their frozen bundles not yet added: Part::frozen is set here). The
+// device window holds zo.blocks_in_flight visits.
+ZoLayout lay_out_zo(Store& store, std::vector<Part>& parts, const EngineConfig& config, TierDemand* demand);
+
+// zo2's set-up counted (zo.gpu_blocks resolved).
+TierDemand count_zo(const std::vector<PartShape>& parts, const EngineConfig& config);
 
 }  // namespace ferry::detail

@@ -16,10 +16,6 @@
 namespace ferry {
 namespace {
 
-std::uint64_t round_up(std::uint64_t bytes) { return (bytes + 4095) / 4096 * 4096; }
-
-std::uint64_t element_size(Precision precision) { return precision == Precision::kF32 ? 4 : 2; }
-
 std::string describe_gpu_blocks(const ZoConfig& zo) {
   return zo.gpu_blocks == ZoConfig::kAutoGpuBlocks ? "auto" : std::to_string(zo.gpu_blocks);
 }
@@ -291,81 +287,6 @@ std::vector<PartShape> part_shapes(const models::ModelConfig& config) {
   return parts;
 }
 
-namespace {
-
-void add_item(TierDemand& demand, Tier tier, const char* role, std::uint64_t bytes) {
-  if (bytes == 0) return;
-  demand.bytes[static_cast<int>(tier)] += bytes;
-  demand.items[static_cast<int>(tier)].push_back({role, bytes});
-}
-
-// Note: the sizing follows Zo2::allocate_and_bind and its sweep. Stem and head live on the
-// device with their states; each block lives on its home tier (the resident ones on the device)
-// and the streamed ones visit the device (stored weights and states with the frozen parameters,
-// or a compressed block's transfer copy alone) a few at a time; every block computes from one of
-// the compute slots. Frozen parameters (a LoRA base) live with their part's weights, read-only:
-// one bundle each, in the compute dtype or fp8 (frozen_visit_bytes). Parts without trained
-// parameters have no weights, states or compute copy. gpu_blocks must be resolved.
-TierDemand zo_demand(const std::vector<PartShape>& parts, const EngineConfig& config) {
-  TierDemand demand;
-  auto add = [&](Tier tier, const char* role, std::uint64_t bytes) { add_item(demand, tier, role, bytes); };
-  const std::uint64_t compute_size = element_size(config.precision);
-  const int state_count = detail::optimizer_state_count(config.optimizer);
-  const std::uint64_t storage_size = element_size(detail::zo_storage(config));
-  std::uint64_t resident = 0, resident_compute = 0, resident_states = 0;
-  std::uint64_t home[kTierCount] = {0, 0, 0}, home_states[kTierCount] = {0, 0, 0};
-  std::uint64_t block_bytes = 0, block_states = 0, block_compute = 0, transfer_copies = 0;
-  std::uint64_t frozen[kTierCount] = {0, 0, 0};
-  const auto blocks = static_cast<std::int64_t>(parts.size()) - 2;
-  const std::vector<detail::Part> described = detail::parts_of(parts);
-  for (std::size_t i = 0; i < parts.size(); ++i) {
-    const auto numel = static_cast<std::uint64_t>(parts[i].numel);
-    const std::uint64_t frozen_bytes = detail::frozen_visit_bytes(described[i], config);
-    const bool is_block = i > 0 && i + 1 < parts.size();
-    if (!is_block) {
-      resident += round_up(numel * storage_size);
-      resident_compute += round_up(numel * compute_size);
-      resident_states += state_count * round_up(numel * 4);
-      frozen[static_cast<int>(Tier::kGpu)] += frozen_bytes;
-      continue;
-    }
-    const auto block = static_cast<std::int64_t>(i - 1);
-    const Tier tier = detail::zo_block_home(config.zo, block, blocks);
-    frozen[static_cast<int>(tier)] += frozen_bytes;
-    home[static_cast<int>(tier)] += round_up(numel * storage_size);
-    home_states[static_cast<int>(tier)] += state_count * round_up(numel * 4);
-    block_compute = std::max(block_compute, round_up(numel * compute_size));
-    if (tier == Tier::kGpu) continue;  // resident: never in flight
-    if (detail::zo_compressed(config.zo, block, blocks)) {  // only the transfer copy travels
-      const std::uint64_t transfer = round_up(detail::zo_transfer_bytes(config.zo.transfer, parts[i].numel));
-      transfer_copies += transfer;
-      block_bytes = std::max(block_bytes, transfer);
-      continue;
-    }
-    block_bytes = std::max(block_bytes, round_up(numel * storage_size) + frozen_bytes);
-    block_states = std::max(block_states, state_count * round_up(numel * 4));
-  }
-  const std::uint64_t in_flight = static_cast<std::uint64_t>(config.zo.blocks_in_flight);
-  add(Tier::kGpu, "stem and head", resident + resident_states);
-  add(Tier::kGpu, "stem and head compute copies", resident_compute);
-  const std::uint64_t slots = std::min<std::uint64_t>(detail::kZoComputeSlots, parts.size() - 2);
-  add(Tier::kGpu, "blocks in flight", in_flight * (block_bytes + block_states));
-  add(Tier::kGpu, "block compute slots", slots * block_compute);
-  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
-    add(tier, tier == Tier::kGpu ? "resident block weights" : "block weights", home[static_cast<int>(tier)]);
-    add(tier, tier == Tier::kGpu ? "resident block optimizer states" : "block optimizer states",
-        home_states[static_cast<int>(tier)]);
-    add(tier, "frozen parameters", frozen[static_cast<int>(tier)]);
-  }
-  add(Tier::kHost, "block transfer copies", transfer_copies);
-  if (home[static_cast<int>(Tier::kNvme)] + frozen[static_cast<int>(Tier::kNvme)] > 0) {
-    add(Tier::kHost, "NVMe staging", in_flight * (block_bytes + block_states));
-  }
-  return demand;
-}
-
-}  // namespace
-
 TierDemand engine_demand(const std::vector<PartShape>& parts, const EngineConfig& config,
                          std::uint64_t checkpoint_bytes) {
   return detail::rank_demand(parts, config, checkpoint_bytes, detail::ranks_of(config));
@@ -378,7 +299,7 @@ TierDemand detail::rank_demand(const std::vector<PartShape>& parts, const Engine
   if (config.mode == Mode::kZo2) {
     EngineConfig resolved = config;
     resolved.zo.gpu_blocks = zo_gpu_blocks(parts, config);
-    return zo_demand(parts, resolved);
+    return detail::count_zo(parts, resolved);
   }
   return detail::count_first_order(parts, config, checkpoint_bytes, ranks);
 }
@@ -398,7 +319,7 @@ std::int64_t zo_gpu_blocks(const std::vector<PartShape>& parts, const EngineConf
   EngineConfig trial = config;
   for (std::int64_t n = blocks; n > 0; --n) {
     trial.zo.gpu_blocks = n;
-    if (zo_demand(parts, trial).bytes[static_cast<int>(Tier::kGpu)] <= config.gpu_budget_bytes) return n;
+    if (detail::count_zo(parts, trial).bytes[static_cast<int>(Tier::kGpu)] <= config.gpu_budget_bytes) return n;
   }
   return 0;
 }

@@ -154,37 +154,13 @@ detail::Zo2Trainer::~Zo2Trainer() {
 void detail::Zo2Trainer::allocate_and_bind() {
   torch::NoGradGuard no_grad;
   detail::move_buffers(model_, config_.device);
-  const int state_count = detail::optimizer_state_count(config_.optimizer);
-  const std::uint64_t compute_size = torch::elementSize(compute_dtype);
-  const std::uint64_t storage_size = torch::elementSize(storage_dtype);
-
-  // Note: a block computes from one of two device slots, block i from slot i % 2: while one
-  // block's forwards read one slot, the next block's perturbed copy is written into the other.
-  // The slot's previous user, block i - 2, queued its forwards earlier on the same stream, so
-  // writing the slot needs no other ordering.
-  std::int64_t largest_block = 0;
-  for (const Part& part : parts_) {
-    if (part.kind == models::Part::kBlock) largest_block = std::max(largest_block, part.numel);
-  }
+  bundles = detail::lay_out_zo(*store, parts_, config_, nullptr).parts;
   segment_counts.assign(parts_.size(), 0);
-  const std::size_t slot_count = std::min<std::size_t>(detail::kZoComputeSlots, model_.num_blocks());
-  std::vector<BundleId> slots;
-  for (std::size_t i = 0; i < slot_count && largest_block > 0; ++i) {
-    slots.push_back(store->add({"block slot " + std::to_string(i),
-                                static_cast<std::uint64_t>(largest_block) * compute_size, Tier::kGpu}));
-  }
-
-  bundles.resize(parts_.size());
-  const auto blocks = static_cast<std::int64_t>(model_.num_blocks());
   for (std::size_t p = 0; p < parts_.size(); ++p) {
-    Part& part = parts_[p];
-    PartBundles& b = bundles[p];
-    const bool block = part.kind == models::Part::kBlock;
-    const auto numel = static_cast<std::uint64_t>(part.numel);
-    b.home = block ? detail::zo_block_home(config_.zo, part.index, blocks) : Tier::kGpu;
-    if (part.frozen_numel > 0) {
+    const Part& part = parts_[p];
+    const ZoBundles& b = bundles[p];
+    if (part.frozen != kNoBundle) {
       // Read-only at home; a resident one is bound once, an fp8 or streamed one at each visit.
-      part.frozen = store->add({part.name + ".frozen", detail::frozen_bytes(part, config_), b.home});
       detail::write_frozen(*store, part, config_, detail::pack_slices(part.frozen_slices, part.frozen_numel));
       if (b.home == Tier::kGpu && !detail::fp8_frozen(part, config_)) {
         detail::bind_frozen_device_copy(*store, part, config_, /*in_flight=*/false);
@@ -192,20 +168,8 @@ void detail::Zo2Trainer::allocate_and_bind() {
         detail::unbind_frozen(part, config_);
       }
     }
-    if (!part.trainable()) continue;  // no weights, states or compute copy to keep
-    b.weights = store->add({part.name + ".weights", numel * storage_size, b.home});
-    for (int i = 0; i < state_count; ++i) {
-      b.states.push_back(store->add({part.name + ".state" + std::to_string(i), numel * 4, b.home}));
-    }
-    b.compute = block ? slots[static_cast<std::size_t>(part.index) % slot_count]
-                      : store->add({part.name + ".compute", numel * compute_size, Tier::kGpu});
-    b.compressed = block && detail::zo_compressed(config_.zo, part.index, blocks);
-    if (b.compressed) {
-      b.transfer = store->add({part.name + ".transfer", detail::zo_transfer_bytes(config_.zo.transfer, part.numel),
-                               Tier::kHost});
-      if (config_.zo.transfer == ZoTransfer::kFp8) write_segment_ends(p);
-    }
-
+    if (!part.trainable()) continue;
+    if (b.compressed && config_.zo.transfer == ZoTransfer::kFp8) write_segment_ends(p);
     torch::Tensor initial = torch::empty({part.numel}, torch::TensorOptions().dtype(storage_dtype));
     for (const detail::ParameterSlice& slice : part.slices) {
       initial.narrow(0, slice.offset, slice.numel).copy_(slice.parameter.detach().reshape({-1}));
@@ -232,7 +196,7 @@ void detail::Zo2Trainer::write_segment_ends(std::size_t p) {
 }
 
 optim::ZoTensors detail::Zo2Trainer::stored_tensors(std::size_t p) const {
-  const PartBundles& b = bundles[p];
+  const ZoBundles& b = bundles[p];
   auto host_memory = [&](BundleId id) { return store->tensor(id, Tier::kHost).data_ptr(); };
   optim::ZoTensors tensors;
   tensors.weights = host_memory(b.weights);
@@ -267,7 +231,7 @@ optim::ZoTransferCopy detail::Zo2Trainer::transfer_copy(std::size_t p, Tier tier
 void detail::Zo2Trainer::write_home(std::size_t p, const torch::Tensor& weights,
                              const std::vector<torch::Tensor>& states) {
   finish_encoding();
-  const PartBundles& b = bundles[p];
+  const ZoBundles& b = bundles[p];
   const std::int64_t numel = parts_[p].numel;
   auto put = [&](BundleId id, torch::ScalarType dtype, const torch::Tensor& values) {
     const Tier staging = b.home == Tier::kNvme ? Tier::kHost : b.home;
@@ -338,7 +302,7 @@ void detail::Zo2Trainer::finish_encoding() {
 
 void detail::Zo2Trainer::mark_encoded(std::size_t p) {
   if (home_updates[p] == encoding_updates) return;
-  const PartBundles& b = bundles[p];
+  const ZoBundles& b = bundles[p];
   store->mark_dirty(b.weights, Tier::kHost);
   for (BundleId id : b.states) store->mark_dirty(id, Tier::kHost);
   store->mark_dirty(b.transfer, Tier::kHost);
@@ -406,7 +370,7 @@ bool detail::Zo2Trainer::writes_back(std::size_t p, bool flushing) const {
 
 void detail::Zo2Trainer::apply(std::size_t p, const std::vector<optim::ZoUpdate>& part_updates, const Pass* pass,
                         bool opposite_in_place) {
-  const PartBundles& b = bundles[p];
+  const ZoBundles& b = bundles[p];
   auto device_memory = [&](BundleId id) { return store->device_tensor_in_flight(id).data_ptr(); };
   if (b.compressed) {
     FERRY_ASSERT(pass && part_updates.empty(), "a compressed block is updated on the host, not on the device");
@@ -470,7 +434,7 @@ void detail::Zo2Trainer::sweep(std::vector<Pass>& passes, const StepContext& con
   std::vector<std::size_t> visit_of(parts_.size(), SIZE_MAX), visiting;
   for (std::size_t p = 0; p < parts_.size(); ++p) {
     const Part& part = parts_[p];
-    const PartBundles& b = bundles[p];
+    const ZoBundles& b = bundles[p];
     if (part.kind != models::Part::kBlock || b.home == Tier::kGpu || passed_over(p)) continue;
     visit_of[p] = visits.size();
     visiting.push_back(p);
@@ -489,7 +453,7 @@ void detail::Zo2Trainer::sweep(std::vector<Pass>& passes, const StepContext& con
   window->begin(std::move(visits));
   for (std::size_t p = 0; p < parts_.size(); ++p) {
     const Part& part = parts_[p];
-    const PartBundles& b = bundles[p];
+    const ZoBundles& b = bundles[p];
     const bool streamed = visit_of[p] != SIZE_MAX;
     if (!part.trainable()) home_updates[p] = update_count;  // nothing of it ever changes
     if (passed_over(p)) continue;

@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "engine/layout.h"
 #include "engine/parts.h"
 #include "engine/trace.h"
 #include "engine/trainer.h"
@@ -79,19 +80,6 @@ class Zo2Trainer final : public Trainer {
     torch::Tensor hidden;
   };
 
-  struct PartBundles {
-    // A part without trained parameters (a LoRA stem or head) has none of these: only its frozen
-    // bundle (Part::frozen, with them at `home`), which is never perturbed, updated or written back.
-    Tier home = Tier::kGpu;
-    BundleId weights = kNoBundle;  // storage dtype, at home
-    std::vector<BundleId> states;  // fp32, at home
-    BundleId compute = kNoBundle;  // compute dtype, on the device: the part's own or a block slot
-    // A compressed block (zo.transfer): the copy that is uploaded in place of `weights`, at home
-    // on the host. The weights and states never leave home; the CPU updates them there.
-    bool compressed = false;
-    BundleId transfer = kNoBundle;
-  };
-
   // The worker that applies updates to the compressed blocks and encodes their next transfer
   // copies (see the Note in zo2.cpp).
   class Encoder;
@@ -129,7 +117,7 @@ class Zo2Trainer final : public Trainer {
   torch::ScalarType storage_dtype;
   std::unique_ptr<Store> store;
   std::vector<Part> parts_;
-  std::vector<PartBundles> bundles;
+  std::vector<ZoBundles> bundles;  // by part (lay_out_zo)
 
   // Updates not yet in every part's stored copy at home, oldest first.
   std::deque<PendingUpdate> updates;

@@ -760,6 +760,62 @@ TEST_CASE("zo2 over a model of frozen parameters trains the others alone: a whol
   }
 }
 
+// Note: as in the first-order modes (placement_test.cpp), zo2's sizing is its set-up counted
+// (engine/layout.h): every copy away from home draws from a pool the set-up reserved, so the
+// store's peak per tier is exactly the count, and a pool too small for what the sweep holds would
+// stall the step and fail it, not pass unnoticed. Each pool is also exactly as large as the sweep
+// fills it: the set-up reserves no more than the window really fetches.
+TEST_CASE("zo2's sizing is its set-up counted: the store's peak per tier, wherever the blocks live") {
+  TempDir dir;
+  EngineConfig config = zo_config();
+  config.optimizer.momentum = 0.9;  // a state per part, which visits with its block
+  models::ModelConfig shape = model_config("tiny-llama");
+  auto on_nvme = [&] {
+    config.zo.block_tier = Tier::kNvme;
+    config.nvme_directories = {dir.subdir("nvme")};
+  };
+  SECTION("resident on the device") { config.zo.block_tier = Tier::kGpu; }
+  SECTION("two resident, the others streamed from host memory") { config.zo.gpu_blocks = 2; }
+  SECTION("on NVMe") { on_nvme(); }
+  SECTION("split between host memory and NVMe, three in flight") {
+    on_nvme();
+    config.zo.host_blocks = 2;
+    config.zo.blocks_in_flight = 3;
+  }
+  SECTION("compressed to bf16 over an fp32 master") {
+    config.zo.storage = Precision::kF32;
+    config.zo.transfer = ZoTransfer::kBF16;
+  }
+  SECTION("compressed to fp8 over an fp32 master, one block resident") {
+    config.zo.storage = Precision::kF32;
+    config.zo.transfer = ZoTransfer::kFp8;
+    config.zo.gpu_blocks = 1;
+  }
+  SECTION("a LoRA base in fp8 streamed from host memory") {
+    shape = lora_shape("tiny-llama");
+    config.base_storage = BaseStorage::kFp8;
+  }
+  SECTION("a LoRA base on NVMe") {
+    shape = lora_shape("tiny-opt");
+    on_nvme();
+  }
+  Engine engine(models::build(shape, kModelSeed), config);
+  train(engine, 2);
+  const TierDemand counted = engine_demand(part_shapes(shape), engine.config());
+  const StoreStats store = engine.stats().store;
+  for (Tier tier : {Tier::kGpu, Tier::kHost, Tier::kNvme}) {
+    INFO(to_string(tier) << ": " << counted.describe(tier));
+    CHECK(store.tiers[static_cast<int>(tier)].peak_bytes == counted.bytes[static_cast<int>(tier)]);
+  }
+  // The window when blocks stream, and the NVMe staging when they live there.
+  const Tier blocks = config.zo.block_tier;
+  REQUIRE(store.pools.size() == (blocks == Tier::kGpu ? 0 : blocks == Tier::kHost ? 1 : 2));
+  for (const PoolStats& pool : store.pools) {
+    INFO(pool.name);
+    CHECK(pool.peak_bytes == pool.bytes);
+  }
+}
+
 TEST_CASE("zo2 keeps the device tier within its budget") {
   EngineConfig config = zo_config();
   const models::ModelConfig shape = model_config("tiny-llama");
