@@ -319,7 +319,7 @@ std::int64_t zo_gpu_blocks(const std::vector<PartShape>& parts, const EngineConf
   EngineConfig trial = config;
   for (std::int64_t n = blocks; n > 0; --n) {
     trial.zo.gpu_blocks = n;
-    if (detail::count_zo(parts, trial).bytes[static_cast<int>(Tier::kGpu)] <= config.gpu_budget_bytes) return n;
+    if (detail::count_zo(parts, trial).bytes[static_cast<int>(Tier::kGpu)] <= detail::store_gpu_budget(config)) return n;
   }
   return 0;
 }

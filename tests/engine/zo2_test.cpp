@@ -557,6 +557,14 @@ TEST_CASE("zo2 gpu_blocks = auto keeps as many blocks resident as the gpu budget
   train(engine, 3);
   CHECK(engine.stats().store.tiers[gpu].peak_bytes <= config.gpu_budget_bytes);
 
+  // What the budget keeps for autograd (gpu_working_bytes) is not the store's to fill.
+  config.gpu_budget_bytes = two_resident + 1024;
+  CHECK(zo_gpu_blocks(parts, config) == 2);
+  config.gpu_working_bytes = 2048;
+  CHECK(zo_gpu_blocks(parts, config) == 1);
+  CHECK_NOTHROW(Engine(models::build(shape, kModelSeed), config));
+  config.gpu_working_bytes = 0;
+
   config.gpu_budget_bytes = streaming - 1;  // not even the window fits: the budget check says so
   CHECK(zo_gpu_blocks(parts, config) == 0);
   CHECK_THROWS_WITH(Engine(models::build(shape, kModelSeed), config),
