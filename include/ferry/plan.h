@@ -157,6 +157,11 @@ EngineConfig profiling_config(EngineConfig config, std::int64_t blocks);
 // the model's weights: the job builds or loads its model again.
 MeasuredCompute profile_compute(LayeredModel model, const EngineConfig& config, const data::Batch& batch);
 
+// MeasuredCompute as a JSON object of its fields, and back (the Python front end passes profiles
+// so); from_json throws ferry::Error naming `origin` and the field that is missing or wrong.
+std::string measured_compute_to_json(const MeasuredCompute& measured);
+MeasuredCompute measured_compute_from_json(const std::string& text, const std::string& origin);
+
 // Activations as the front ends take them: one parse_block_activations name for every block
 // ("nvme"), or a comma list with one per block. Throws ferry::Error for an unknown name or a list
 // of another length.

@@ -846,7 +846,8 @@ void bind_plan(py::module_& module) {
       "plan",
       [](const std::string& model, const std::string& mode, std::int64_t batch, std::int64_t seq,
          const std::string& hardware, const std::string& calibration, const std::string& attention,
-         const std::string& settings_json, const std::string& trace_path, int world_size, double link_gbps) {
+         const std::string& settings_json, const std::string& trace_path, int world_size, double link_gbps,
+         const std::string& measured_json) {
         PlanRequest request;
         request.model_name = model;
         if (!model.empty() && model.front() == '{') {  // a model's config.json, as text
@@ -897,6 +898,7 @@ void bind_plan(py::module_& module) {
         }
         if (link_gbps > 0) request.hardware.link_gbps = link_gbps;
         request.world_size = world_size;
+        if (!measured_json.empty()) request.measured = measured_compute_from_json(measured_json, "plan(measured=)");
         // "auto" precision is the target's, as `ferry plan` has it: bf16 when it has a GPU.
         if (nlohmann::json::parse(settings_json).value("precision", "") == "auto") {
           request.engine.precision = preferred_precision(request.hardware);
@@ -908,8 +910,19 @@ void bind_plan(py::module_& module) {
       },
       py::arg("model"), py::arg("mode"), py::arg("batch"), py::arg("seq"), py::arg("hardware"),
       py::arg("calibration"), py::arg("attention"), py::arg("settings_json"), py::arg("trace_path"),
-      py::arg("world_size"), py::arg("link_gbps"),
+      py::arg("world_size"), py::arg("link_gbps"), py::arg("measured_json"),
       "The planner's dry run (include/ferry/plan.h): (the plan as JSON, the table ferry plan prints).");
+  module.def(
+      "profile_compute",
+      [](const LayeredModel& model, const std::string& settings_json, const py::handle& batch) {
+        EngineConfig config = engine_config_from_json(settings_json);
+        data::Batch converted = to_batch(batch);
+        py::gil_scoped_release release;
+        return measured_compute_to_json(profile_compute(model, config, converted));
+      },
+      py::arg("model"), py::arg("settings_json"), py::arg("batch"),
+      "Two profiled training steps of the settings' placement on a model of its own (profile_compute, "
+      "include/ferry/plan.h): the measured compute as JSON. The steps change the model's weights.");
   module.def(
       "calibrate",
       [](const std::vector<std::string>& nvme, const std::string& nvme_bytes, unsigned repeat,

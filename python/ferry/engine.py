@@ -72,7 +72,11 @@ class Engine:
     With ``mode="auto"`` and no ``placement``, the engine is placed by :func:`ferry.plan` for
     micro-batches of ``batch`` x ``seq`` tokens (both required), with the hardware figures of
     ``hardware=`` (a preset) or ``calibration=`` (a file), or a quick calibration of this
-    machine; ``engine.plan`` is that plan.
+    machine; ``engine.plan`` is that plan. As ``ferry finetune`` does, it plans twice: the
+    placement of a first plan trains two profiled steps of random tokens on a model built again
+    from the same preset or checkpoint (its weights are read twice), and the plan made from the
+    measured compute and CPU update rate places the engine. ``profile=False``, or a
+    :class:`ferry.LayeredModel` of your own (which cannot be built again), keeps the first plan.
 
     Besides the engine settings: ``model`` (when the argument is not given), ``seed`` (also the
     random initialisation of a preset, default 0, as in the CLI), ``dtype`` (a preset's or
@@ -95,7 +99,8 @@ class Engine:
         lora = {key: merged.pop(key) for key in LORA_KEYS if key in merged}
         # What mode="auto" plans with; batch and seq are also loop keys, dropped below.
         planning = {"batch": merged.get("batch"), "seq": merged.get("seq"),
-                    "hardware": merged.pop("hardware", None), "calibration": merged.pop("calibration", None)}
+                    "hardware": merged.pop("hardware", None), "calibration": merged.pop("calibration", None),
+                    "profile": bool(merged.pop("profile", True))}
         for key in LOOP_KEYS:
             merged.pop(key, None)
         merged = with_job_defaults(merged, lora)
@@ -104,6 +109,7 @@ class Engine:
         if model is None:
             raise TypeError("Engine needs a model: a preset name, a Hugging Face directory or "
                             "a ferry.LayeredModel")
+        rebuild: Optional[Any] = None  # builds the model again, for mode="auto"'s profile
         if isinstance(model, LayeredModel):
             if model._bound:
                 raise ValueError("this LayeredModel already belongs to an Engine, which has "
@@ -116,22 +122,26 @@ class Engine:
             path = os.fspath(model)
             if os.path.isdir(path) and layers:
                 raise ValueError(f"layers={layers} truncates a preset; {path} is a Hugging Face directory")
-            self.model = (LayeredModel.from_pretrained(path, dtype, seed, **lora) if os.path.isdir(path)
-                          else LayeredModel.preset(path, seed, dtype, layers, **lora))
+
+            def build() -> LayeredModel:
+                return (LayeredModel.from_pretrained(path, dtype, seed, **lora) if os.path.isdir(path)
+                        else LayeredModel.preset(path, seed, dtype, layers, **lora))
+            rebuild = build
+            self.model = build()
         else:
             raise TypeError(f"model must be a preset name, a Hugging Face directory or a "
                             f"ferry.LayeredModel, not {type(model).__name__}")
         self.plan: Optional[Plan] = None
         if merged.get("mode") == "auto" and "placement" not in merged:
-            self.plan = self._place(model, merged, **planning)
+            self.plan = self._place(model, rebuild, merged, **planning)
             merged["placement"] = self.plan["placement"]
             merged["gpu_working"] = self.plan["gpu_working"]
         self._settings = merged
         self._engine = _C.Engine(self.model._model, json.dumps(merged))
         self.model._bound = True
 
-    def _place(self, source: Any, settings: Dict[str, Any], batch: Optional[int], seq: Optional[int],
-               hardware: Optional[str], calibration: Optional[str]) -> Plan:
+    def _place(self, source: Any, rebuild: Optional[Any], settings: Dict[str, Any], batch: Optional[int],
+               seq: Optional[int], hardware: Optional[str], calibration: Optional[str], profile: bool) -> Plan:
         if batch is None or seq is None:
             raise TypeError("mode='auto' plans the placement for the micro-batch it will train on: "
                             "give batch= and seq= (or a placement=)")
@@ -149,6 +159,17 @@ class Engine:
                        calibration=calibration, **planning)
         if not planned.fits:
             raise BudgetExceeded(f"mode='auto' finds no placement within the budgets:\n{planned}")
+        if not profile or rebuild is None or self.model.hf_config is None:
+            return planned
+        placed = {**settings, "placement": planned["placement"], "gpu_working": planned["gpu_working"]}
+        tokens = torch.randint(json.loads(self.model.hf_config)["vocab_size"], (int(batch), int(seq)))
+        measured = json.loads(_C.profile_compute(rebuild()._model, json.dumps(placed),
+                                                 {"input_ids": tokens, "labels": tokens}))
+        planned = plan(target, "auto", batch=int(batch), seq=int(seq), hardware=hardware,
+                       calibration=calibration, measured=measured, **planning)
+        if not planned.fits:
+            raise BudgetExceeded(f"mode='auto' finds no placement within the budgets with the profiled "
+                                 f"compute:\n{planned}")
         return planned
 
     # --- training -------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _C
 from .job import with_job_defaults
@@ -68,7 +68,8 @@ def plan(model: Union[str, os.PathLike], mode: str = "zero-offload", *, batch: i
          seq: int = 1024, hardware: Optional[str] = None,
          calibration: Optional[Union[str, os.PathLike]] = None, attention: Optional[str] = None,
          trace: Optional[Union[str, os.PathLike]] = None, gpus: int = 1,
-         link_gbps: Optional[float] = None, **settings: Any) -> Plan:
+         link_gbps: Optional[float] = None, measured: Optional[Mapping[str, Any]] = None,
+         **settings: Any) -> Plan:
     """Plans a job as ``ferry plan`` does: the same sizing code the engine allocates with.
 
     ``model`` is a preset name, a Hugging Face directory or a model's config.json as text;
@@ -83,6 +84,10 @@ def plan(model: Union[str, os.PathLike], mode: str = "zero-offload", *, batch: i
     ``gpus`` plans one rank of a data-parallel job of that many (``ferry plan --gpus``): its
     1/N shard of the fp32 master and optimizer states, and its step with the collectives, timed
     at ``link_gbps`` (the GPUs' reduce-scatter bus bandwidth, GB/s; untimed without it).
+    ``measured`` is a profile of the model (what :class:`ferry.Engine` measures with
+    ``mode="auto"``: ``batch``, ``seq``, ``part_forward_seconds``, ``part_backward_seconds`` and
+    ``cpu_update_params_per_s``): the plan then replays those seconds and that CPU update rate
+    instead of its estimates (docs/plan.md, "Measured compute").
     Raises :class:`ferry.Error` for a request the engine would reject.
     """
     settings = with_job_defaults({"precision": "auto", "mode": mode, **settings}, {})
@@ -90,7 +95,7 @@ def plan(model: Union[str, os.PathLike], mode: str = "zero-offload", *, batch: i
                                os.fspath(calibration) if calibration is not None else "",
                                attention or "", json.dumps(settings),
                                os.fspath(trace) if trace is not None else "", int(gpus),
-                               float(link_gbps or 0))
+                               float(link_gbps or 0), json.dumps(dict(measured)) if measured else "")
     return Plan(json_text, table)
 
 

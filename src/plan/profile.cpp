@@ -1,8 +1,12 @@
 // Profiling: the compute a plan replays, measured on the real model before the job's plan is
 // made (fuyou and auto in `ferry finetune`, auto rows of `ferry bench finetune`).
 
+#include <algorithm>
+
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "ferry/check.h"
 #include "ferry/dist.h"
 #include "ferry/plan.h"
 
@@ -74,6 +78,48 @@ MeasuredCompute profile_compute(LayeredModel model, const EngineConfig& config, 
   engine.train_step(batch);
   MeasuredCompute measured = second_step(first, engine.stats(), batch);
   if (config.communicator) average_over_ranks(*config.communicator, &measured);
+  return measured;
+}
+
+std::string measured_compute_to_json(const MeasuredCompute& measured) {
+  nlohmann::json out;
+  out["batch"] = measured.batch;
+  out["seq"] = measured.seq;
+  out["part_forward_seconds"] = measured.part_forward_seconds;
+  out["part_backward_seconds"] = measured.part_backward_seconds;
+  out["cpu_update_params_per_s"] = measured.cpu_update_params_per_s;
+  return out.dump();
+}
+
+MeasuredCompute measured_compute_from_json(const std::string& text, const std::string& origin) {
+  const nlohmann::json root = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  FERRY_CHECK(!root.is_discarded() && root.is_object(), origin, ": measured compute must be a JSON object");
+  auto field = [&](const char* key) -> const nlohmann::json& {
+    FERRY_CHECK(root.contains(key), origin, ": measured compute has no '", key, "'");
+    return root.at(key);
+  };
+  auto integer = [&](const char* key) {
+    FERRY_CHECK(field(key).is_number_integer(), origin, ": measured compute's '", key, "' must be an integer, got ",
+                field(key).dump());
+    return field(key).get<std::int64_t>();
+  };
+  auto seconds = [&](const char* key) {
+    const nlohmann::json& list = field(key);
+    FERRY_CHECK(list.is_array() && std::all_of(list.begin(), list.end(), [](const auto& v) { return v.is_number(); }),
+                origin, ": measured compute's '", key, "' must be a list of seconds, got ", list.dump());
+    return list.get<std::vector<double>>();
+  };
+  MeasuredCompute measured;
+  measured.batch = integer("batch");
+  measured.seq = integer("seq");
+  measured.part_forward_seconds = seconds("part_forward_seconds");
+  measured.part_backward_seconds = seconds("part_backward_seconds");
+  if (root.contains("cpu_update_params_per_s")) {
+    FERRY_CHECK(root.at("cpu_update_params_per_s").is_number(), origin,
+                ": measured compute's 'cpu_update_params_per_s' must be a number, got ",
+                root.at("cpu_update_params_per_s").dump());
+    measured.cpu_update_params_per_s = root.at("cpu_update_params_per_s").get<double>();
+  }
   return measured;
 }
 

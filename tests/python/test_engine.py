@@ -240,12 +240,22 @@ def test_mode_auto_plans_the_placement_and_trains_as_the_gpu_mode_does() -> None
     reference = ferry.Engine("tiny-llama", mode="gpu", **settings)
     roomy = ferry.plan("tiny-llama", "auto", batch=4, seq=16, hardware="h100", precision="fp32")
     budget = roomy.tier_bytes("gpu") * 2 // 3
+    # The plan from FLOPs alone (profile=False) splits the updates between the two sides.
     placed = ferry.Engine("tiny-llama", mode="auto", batch=4, seq=16, hardware="h100",
-                          gpu_budget=budget, **settings)
+                          gpu_budget=budget, profile=False, **settings)
     assert placed.plan is not None and placed.plan.fits
     assert placed.plan.tier_bytes("gpu") <= budget
+    assert "compute: measured" not in placed.plan.table
     updates = [part["grads"] for part in placed.plan["placement"]["parts"]]
     assert "host" in updates and "gpu" in updates  # both sides update some parts
-    assert losses(placed, loader(), 5) == losses(reference, loader(), 5)
+    expected = losses(reference, loader(), 5)
+    assert losses(placed, loader(), 5) == expected
+    # By default it plans twice: the second plan replays a profile of the first one's placement.
+    profiled = ferry.Engine("tiny-llama", mode="auto", batch=4, seq=16, hardware="h100",
+                            gpu_budget=budget, **settings)
+    assert profiled.plan.fits and profiled.plan.tier_bytes("gpu") <= budget
+    assert "compute: measured at batch 4 x seq 16" in profiled.plan.table
+    assert "CPU updates: measured in the step" in profiled.plan.table
+    assert losses(profiled, loader(), 5) == expected
     with pytest.raises(TypeError, match="batch= and seq="):
         ferry.Engine("tiny-llama", mode="auto", hardware="h100", **settings)

@@ -47,6 +47,23 @@ def test_plan_rejects_bad_requests():
         ferry.plan("tiny-llama", "sideways", hardware="h100")
 
 
+def test_plan_replays_measured_compute():
+    # tiny-llama: the stem, 2 blocks and the head; blocks of 10 ms forward, 30 ms backward with
+    # recomputation, measured at the planned micro-batch.
+    measured = {"batch": 4, "seq": 16, "part_forward_seconds": [0.001, 0.01, 0.01, 0.002],
+                "part_backward_seconds": [0.001, 0.03, 0.03, 0.004], "cpu_update_params_per_s": 2e9}
+    plan = ferry.plan("tiny-llama", "gpu", batch=4, seq=16, hardware="h100", precision="fp32",
+                      measured=measured)
+    assert "compute: measured at batch 4 x seq 16" in str(plan)
+    assert plan.data["measured_compute"]
+    # Every block recomputed: the measured seconds, and the device's AdamW (microseconds) on top.
+    assert plan.data["resources"]["GPU compute"]["busy_seconds"] == pytest.approx(0.088, rel=1e-4)
+    with pytest.raises(ferry.Error, match="measured compute has no 'seq'"):
+        ferry.plan("tiny-llama", hardware="h100", measured={"batch": 4})
+    with pytest.raises(ferry.Error, match="the model has 4 parts"):
+        ferry.plan("tiny-llama", hardware="h100", measured={**measured, "part_forward_seconds": [0.1]})
+
+
 def test_calibrate_measures_this_machine_and_plan_reads_the_file(tmp_path):
     figures = ferry.calibrate([tmp_path], nvme_bytes="8MiB", repeat=1, out=tmp_path / "hw.json")
     assert figures["cpu_adam_params_per_s"] > 0
