@@ -615,8 +615,10 @@ int finetune(int argc, char** argv, const dist::World& world) {
     const data::Batch sample = next_batch(sample_loader);
     EngineConfig profiled = config;
     profiled.communicator = communicator;
-    MeasuredCompute measured = profile_compute(std::move(model), profiled, sample);
-    plan = make_plan(plan_request(job, requested, shape, std::move(measured), hardware, world.world_size));
+    const MeasuredCompute measured = profile_compute(std::move(model), profiled, sample);
+    // `ferry plan --profile OUT/profile.json` plans with what the job measured.
+    if (run) write_file_durably(Env::posix(), out + "/profile.json", measured_compute_to_json(measured) + "\n");
+    plan = make_plan(plan_request(job, requested, shape, measured, hardware, world.world_size));
     if (lead) std::fprintf(stderr, "%s\n", format_plan(plan).c_str());
     require_fits(plan);
     config = plan_engine_config(plan);

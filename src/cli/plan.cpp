@@ -1,7 +1,9 @@
 // `ferry plan`: where a job's bytes live, whether it fits, and the predicted step, for a model
 // that is never built (docs/plan.md).
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <cxxopts.hpp>
 #include <fstream>
 #include <iostream>
@@ -52,6 +54,16 @@ Hardware resolve_hardware(const cxxopts::ParseResult& args, const std::vector<st
   return hw;
 }
 
+// --profile FILE: a run's profile.json.
+MeasuredCompute read_profile(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  FERRY_CHECK(in.good(), "--profile ", file, ": cannot be read (", std::strerror(errno),
+              "); give the profile.json a `ferry finetune` run in mode auto or fuyou wrote into its --out");
+  std::ostringstream text;
+  text << in.rdbuf();
+  return measured_compute_from_json(text.str(), file);
+}
+
 int run_plan(int argc, char** argv) {
   cxxopts::Options options(argv[0], "Plan a fine-tuning job without building it: the bytes per tier, whether it fits "
                                     "its budgets (exit 3 when not, with fixes that were planned to fit), and the "
@@ -67,6 +79,9 @@ int run_plan(int argc, char** argv) {
       ("attention", "the attention kernel to plan: fused or materialized (default: fused for a GPU target, else what "
        "this build runs)", cxxopts::value<std::string>())
       ("calibration", "hardware figures from `ferry bench calibrate --out FILE` (the same as --hardware FILE)",
+       cxxopts::value<std::string>())
+      ("profile", "plan from this measured compute: the profile.json a `ferry finetune` run in auto or fuyou "
+       "writes into its --out (every part's seconds and the CPU worker's update rate, at its batch and seq)",
        cxxopts::value<std::string>())
       ("json", "print the plan as JSON")
       ("simulate", "write the predicted step to this file as a Chrome trace", cxxopts::value<std::string>())
@@ -96,7 +111,9 @@ int run_plan(int argc, char** argv) {
   const models::ModelConfig shape = model_shape(job);
   const EngineConfig config = engine_config(job, shape.num_layers);
   Hardware hardware = resolve_hardware(args, config.nvme_directories);
-  PlanRequest request = plan_request(job, config, shape, std::nullopt, std::move(hardware));
+  std::optional<MeasuredCompute> measured;
+  if (args.count("profile")) measured = read_profile(args["profile"].as<std::string>());
+  PlanRequest request = plan_request(job, config, shape, std::move(measured), std::move(hardware));
   request.max_batch = parse_integer(args["max-batch"].as<std::string>(), "--max-batch", 0, 1 << 20);
   request.world_size = static_cast<int>(parse_integer(args["gpus"].as<std::string>(), "--gpus", 1, 1 << 16));
   FERRY_CHECK(request.world_size == 1 || request.engine.mode == Mode::kZo2 || request.hardware.link_gbps > 0,

@@ -88,6 +88,18 @@ TEST_CASE("finetune --mode auto plans again from a profile of its first plan, an
   REQUIRE(got.size() == 3);
   REQUIRE(expected.size() == 3);
   for (std::size_t step = 0; step < got.size(); ++step) CHECK(got[step]["loss"] == expected[step]["loss"]);
+
+  // `ferry plan --profile` plans the same job from the profile the run wrote.
+  const std::string plan = "plan --hardware h100 --batch 4 --precision fp32 --mode auto --gpu-budget 2MiB";
+  const Run replanned = run_ferry(plan + " --profile " + placed.file("run/profile.json"));
+  INFO(replanned.output);
+  CHECK(replanned.exit_code == 0);
+  CHECK_THAT(replanned.output, Contains("compute: measured at batch 4 x seq 16") &&
+                                   Contains("CPU updates: measured in the step"));
+  std::ofstream(placed.file("bad.json")) << "{\"batch\": 4}";
+  const Run bad = run_ferry(plan + " --profile " + placed.file("bad.json"));
+  CHECK(bad.exit_code == 1);
+  CHECK_THAT(bad.output, Contains(placed.file("bad.json") + ": measured compute has no 'seq'"));
 }
 
 TEST_CASE("ferry launch runs finetune as two ranks, and stops them all when they fail") {
