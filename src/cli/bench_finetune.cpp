@@ -231,7 +231,6 @@ Figures run_ferry(const models::ModelConfig& config, Mode mode, torch::Device de
     from_flops = plan->step_seconds;
     if (offload.profile) {
       request.measured = profile_compute(models::build(config, 1), plan_engine_config(*plan), batches.front());
-      release_cached_gpu_memory();
       reset_gpu_peak_memory();
       plan = make_plan(request);
       FERRY_CHECK(plan->fits, "auto finds no placement within the budgets with the profiled compute:\n",

@@ -9,6 +9,7 @@
 #include "ferry/check.h"
 #include "ferry/dist.h"
 #include "ferry/plan.h"
+#include "ferry/system.h"
 
 namespace ferry {
 
@@ -70,13 +71,20 @@ void average_over_ranks(dist::Communicator& communicator, MeasuredCompute* measu
 
 }  // namespace
 
+// Note: the profile's device memory goes back to the device when its engine is dropped. Left in
+// the caching allocator, its blocks would be split under the job's allocations, which plan for
+// an empty device.
 MeasuredCompute profile_compute(LayeredModel model, const EngineConfig& config, const data::Batch& batch) {
   const auto blocks = static_cast<std::int64_t>(model.num_blocks());
-  Engine engine(std::move(model), profiling_config(config, blocks));
-  engine.train_step(batch);
-  const EngineStats first = engine.stats();
-  engine.train_step(batch);
-  MeasuredCompute measured = second_step(first, engine.stats(), batch);
+  MeasuredCompute measured;
+  {
+    Engine engine(std::move(model), profiling_config(config, blocks));
+    engine.train_step(batch);
+    const EngineStats first = engine.stats();
+    engine.train_step(batch);
+    measured = second_step(first, engine.stats(), batch);
+  }
+  release_cached_gpu_memory();
   if (config.communicator) average_over_ranks(*config.communicator, &measured);
   return measured;
 }
